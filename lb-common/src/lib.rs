@@ -1,0 +1,270 @@
+//! The `#[repr(C)]` keys and values of every BPF map, shared by the XDP program
+//! (`lb-ebpf`) and userspace (`lb-userspace`), so neither side keeps its own copy.
+//!
+//! Rules for these types: no `bool`, `Option` or enums (their layout is not a kernel
+//! ABI); padding is spelled out as `_pad` fields so `aya::Pod` is sound; byte order is
+//! in the field name (`_be` = network byte order) or its doc. Sizes are asserted at
+//! compile time so a change that would silently break the other side does not build.
+#![no_std]
+
+pub mod hash;
+
+/// Address family tags used in keys. Our own values, not the kernel's `AF_*`, so the
+/// key layout does not depend on the platform's headers.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// IP protocol numbers the balancer steers.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Default Maglev table size: prime, and large enough that one backend more or less
+/// moves a share of flows close to the ideal 1/N.
+pub const MAGLEV_DEFAULT_SIZE: u32 = 65537;
+/// Marks a ring entry that has no backend (a service with no usable backend).
+pub const RING_EMPTY: u32 = u32::MAX;
+
+/// Capacity of the address, VIP, backend and route tables. The ring array and the
+/// connection table are sized by the loader at load time instead (they dominate memory).
+pub const MAX_VIP_ADDRS: u32 = 1024;
+pub const MAX_VIPS: u32 = 1024;
+pub const MAX_BACKENDS: u32 = 8192;
+pub const MAX_TX_PORTS: u32 = 64;
+
+/// Map names, as the XDP program declares them and the loader looks them up.
+pub mod map_names {
+    pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const VIPS: &str = "VIPS";
+    pub const MAGLEV_RING: &str = "MAGLEV_RING";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const ROUTES: &str = "ROUTES";
+    pub const TX_PORTS: &str = "TX_PORTS";
+    pub const CONNS: &str = "CONNS";
+    pub const VIP_STATS: &str = "VIP_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
+}
+
+/// Program names in the object.
+pub mod program_names {
+    /// The balancer.
+    pub const BALANCER: &str = "lb_xdp";
+    /// Passes everything: attached to a veth peer so that `XDP_TX` frames arrive.
+    pub const PASS: &str = "lb_xdp_pass";
+    /// Swaps MACs and returns `XDP_TX`: the benchmark's baseline.
+    pub const SWAP_MACS: &str = "lb_xdp_swap_macs";
+}
+
+/// Key of `VIP_ADDRS`: every address that has at least one VIP. The XDP program looks
+/// the destination address up here before anything else, so traffic that is not ours
+/// leaves after one lookup and packets too broken to carry ports can still be told
+/// apart ("addressed to us, drop") from foreign traffic ("not ours, pass").
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AddrKey {
+    /// IPv4 in the first 4 bytes (rest zero) or IPv6, network byte order.
+    pub addr: [u8; 16],
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `VIP_ADDRS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AddrMeta {
+    /// `ADDR_F_*` flags. Fragments carry no ports, so the fragment/option policy is
+    /// per address: the OR of the policies of the services on that address.
+    pub flags: u32,
+}
+
+/// Send fragments and packets with IP options/extension headers to the kernel
+/// (`XDP_PASS`) instead of dropping them.
+pub const ADDR_F_PASS_IRREGULAR: u32 = 1 << 0;
+
+/// Key of `VIPS`. A port of 0 is the port-less fallback entry of the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipKey {
+    /// As in [`AddrKey::addr`].
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// Value of `VIPS`. Replaced whole by userspace (a hash map update swaps the element
+/// atomically), which is what makes a Maglev table flip atomic: the new table is
+/// written to the spare slot first, then one update points `ring_offset` at it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipMeta {
+    /// Index of the service in `VIP_STATS`.
+    pub vip_id: u32,
+    /// `VIP_F_*` flags.
+    pub flags: u32,
+    /// First entry of the service's current table in `MAGLEV_RING`.
+    pub ring_offset: u32,
+    /// Entries in that table (a prime). 0 means the service has no table yet.
+    pub ring_size: u32,
+}
+
+/// Per-service flag: this service wants fragments and packets with IP options passed
+/// to the kernel; folded into [`ADDR_F_PASS_IRREGULAR`] of its address.
+pub const VIP_F_PASS_IRREGULAR: u32 = 1 << 0;
+
+/// Value of `BACKENDS`, indexed by backend id. A backend is one real server of one
+/// service; the same host serving two services has two ids (and two counters).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    /// The real server's address, as in [`AddrKey::addr`]. Not needed to forward in
+    /// L2 mode; an encapsulating mode uses it as the inner destination's real.
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: u8,
+    /// `BACKEND_F_*`.
+    pub flags: u16,
+    /// Changes every time the id is given to a different backend. Connection entries
+    /// remember it, so a flow never follows a recycled id to a stranger.
+    pub gen: u32,
+    /// Index in `ROUTES`: how to reach this backend.
+    pub route_id: u32,
+}
+
+/// The backend may receive packets: established flows keep using it. New flows reach
+/// it only through the Maglev table (a drained backend is active but not in the table).
+pub const BACKEND_F_ACTIVE: u16 = 1 << 0;
+
+/// Value of `ROUTES`: how a frame for a backend leaves this node. `mode` says which
+/// fields mean something; an encapsulating mode gets a new `mode` value and new fields
+/// after these, and the L2 fields keep their meaning.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Route {
+    /// `ROUTE_MODE_*`. 0 is "no route": the packet is dropped and counted.
+    pub mode: u32,
+    /// 0: out of the interface the packet came in on (`XDP_TX`). Otherwise the key of
+    /// the egress interface in `TX_PORTS` (`XDP_REDIRECT`).
+    pub tx_port: u32,
+    /// The backend's MAC, or its next hop's.
+    pub dst_mac: [u8; 6],
+    /// Our MAC on the egress interface.
+    pub src_mac: [u8; 6],
+}
+
+/// L2 direct server return: rewrite the MACs, keep the IP packet as it is.
+pub const ROUTE_MODE_L2_DSR: u32 = 1;
+
+/// Key of the connection table `CONNS` (per-CPU LRU hash).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `CONNS`. A zero `backend_gen` is "no entry": per-CPU maps hold a zeroed
+/// value for every CPU other than the one that inserted the key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConnEntry {
+    pub backend_id: u32,
+    pub backend_gen: u32,
+}
+
+/// Packets and bytes (whole frames), per CPU, in `VIP_STATS` and `BACKEND_STATS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Global counters, per CPU, in `GLOBAL_STATS[0]`. Every packet ends in exactly one
+/// `pass_*`, `drop_*`, `tx` or `redirect` field; `lru_*` count lookups besides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GlobalStats {
+    /// Not IPv4/IPv6 (ARP, VLAN-tagged, unknown ethertype) or too short for Ethernet.
+    pub pass_not_ip: u64,
+    /// The IP header is too short to read the destination: the kernel judges it.
+    pub pass_unparsed: u64,
+    /// Destination is not a VIP address.
+    pub pass_not_vip: u64,
+    /// To a VIP address but neither TCP nor UDP (ICMP, ...): the node's stack answers.
+    pub pass_not_l4: u64,
+    /// To a VIP address and protocol, but no service on that port and no fallback.
+    pub pass_no_service: u64,
+    /// Fragment or IP options to a VIP address whose policy is to pass them.
+    pub pass_irregular: u64,
+    /// To a VIP address with a bad IP or L4 header (version, lengths, truncation).
+    pub drop_malformed: u64,
+    /// IPv4 fragment or IPv6 fragment header, to a VIP address.
+    pub drop_fragment: u64,
+    /// IPv4 options or IPv6 extension headers, to a VIP address.
+    pub drop_ip_options: u64,
+    /// The service has no usable backend.
+    pub drop_no_backend: u64,
+    /// The backend's route is missing or has an unknown mode.
+    pub drop_no_route: u64,
+    /// `XDP_REDIRECT` to the route's egress interface failed.
+    pub drop_redirect_failed: u64,
+    pub tx: u64,
+    pub redirect: u64,
+    /// Connection table hit with a live backend.
+    pub lru_hit: u64,
+    /// No entry: the flow went through the Maglev table.
+    pub lru_miss: u64,
+    /// An entry whose backend was removed or recycled: re-steered as a new flow.
+    pub lru_stale: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], made of integers and byte arrays, with any
+    // padding written out as fields, so every bit pattern is valid and none is uninit.
+    unsafe impl aya::Pod for AddrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AddrMeta {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for VipKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for VipMeta {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Route {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ConnEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Counter {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for GlobalStats {}
+}
+
+macro_rules! assert_layout {
+    ($t:ty, $size:expr, $align:expr) => {
+        const _: () = assert!(core::mem::size_of::<$t>() == $size);
+        const _: () = assert!(core::mem::align_of::<$t>() == $align);
+    };
+}
+assert_layout!(AddrKey, 20, 1);
+assert_layout!(AddrMeta, 4, 4);
+assert_layout!(VipKey, 20, 2);
+assert_layout!(VipMeta, 16, 4);
+assert_layout!(Backend, 28, 4);
+assert_layout!(Route, 20, 4);
+assert_layout!(FlowKey, 40, 2);
+assert_layout!(ConnEntry, 8, 4);
+assert_layout!(Counter, 16, 8);
+assert_layout!(GlobalStats, 17 * 8, 8);

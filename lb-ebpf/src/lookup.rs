@@ -1,0 +1,96 @@
+//! Which service, which backend: the connection table first, the Maglev table second.
+
+use aya_ebpf::programs::XdpContext;
+use aya_log_ebpf::error;
+use lb_common::{
+    hash::flow_hash, AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, VipKey, VipMeta,
+    BACKEND_F_ACTIVE, RING_EMPTY,
+};
+
+use crate::{
+    maps::{BACKENDS, CONNS, MAGLEV_RING, VIPS, VIP_ADDRS},
+    stats::{self, Exit},
+};
+
+#[inline(always)]
+pub fn vip_addr(flow: &FlowKey) -> Result<AddrMeta, Exit> {
+    let key = AddrKey {
+        addr: flow.dst,
+        family: flow.family,
+        _pad: [0; 3],
+    };
+    // SAFETY: AddrMeta is plain data; a concurrent update at worst gives the old value.
+    unsafe { VIP_ADDRS.get(&key) }.copied().ok_or(Exit::NotVip)
+}
+
+/// The service on (address, port, protocol), else the address's port-less fallback.
+#[inline(always)]
+pub fn vip(flow: &FlowKey) -> Result<VipMeta, Exit> {
+    let mut key = VipKey {
+        addr: flow.dst,
+        port_be: flow.dport_be,
+        proto: flow.proto,
+        family: flow.family,
+    };
+    // SAFETY: hash map values are swapped whole by updates; we copy out at once.
+    if let Some(meta) = unsafe { VIPS.get(&key) } {
+        return Ok(*meta);
+    }
+    key.port_be = 0;
+    // SAFETY: as above.
+    unsafe { VIPS.get(&key) }.copied().ok_or(Exit::NoService)
+}
+
+#[inline(always)]
+fn live_backend(id: u32, gen: u32) -> Option<Backend> {
+    let b = BACKENDS.get(id)?;
+    (b.flags & BACKEND_F_ACTIVE != 0 && b.gen == gen).then_some(*b)
+}
+
+#[inline(always)]
+pub fn backend(ctx: &XdpContext, flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), Exit> {
+    // SAFETY: this CPU's value of a per-CPU map; copied out at once.
+    if let Some(conn) = unsafe { CONNS.get(flow) }.copied() {
+        // A zero generation is another CPU's key: no entry of ours.
+        if conn.backend_gen != 0 {
+            if let Some(b) = live_backend(conn.backend_id, conn.backend_gen) {
+                stats::count_lru_hit();
+                return Ok((conn.backend_id, b));
+            }
+            stats::count_lru_stale();
+        } else {
+            stats::count_lru_miss();
+        }
+    } else {
+        stats::count_lru_miss();
+    }
+
+    if vip.ring_size == 0 {
+        return Err(Exit::NoBackend);
+    }
+    let index = vip.ring_offset + flow_hash(flow) % vip.ring_size;
+    let id = *MAGLEV_RING.get(index).ok_or(Exit::NoBackend)?;
+    if id == RING_EMPTY {
+        return Err(Exit::NoBackend);
+    }
+    let Some(b) = BACKENDS
+        .get(id)
+        .copied()
+        .filter(|b| b.flags & BACKEND_F_ACTIVE != 0)
+    else {
+        // The control plane writes backends before the tables that name them.
+        error!(
+            ctx,
+            "vip {}: Maglev entry {} names inactive backend {}", vip.vip_id, index, id
+        );
+        return Err(Exit::NoBackend);
+    };
+    let entry = ConnEntry {
+        backend_id: id,
+        backend_gen: b.gen,
+    };
+    // A full LRU evicts its oldest entry; an insert only fails on a kernel error, and
+    // then the flow still goes to the right backend for this packet.
+    let _ = CONNS.insert(flow, &entry, 0);
+    Ok((id, b))
+}

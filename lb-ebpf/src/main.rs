@@ -1,0 +1,83 @@
+//! The balancer's XDP program. `lb_xdp` reads top to bottom as a packet's path:
+//! parse L3 → is the destination a VIP address → is the packet regular → parse L4 →
+//! which service → which backend (connection table, then Maglev) → forward.
+//! Each stage returns `Result<_, Exit>`; an `Exit` carries the reason, and the reason
+//! decides both the verdict and the counter, in one place (`stats::count_exit`).
+#![no_std]
+#![no_main]
+
+mod forward;
+mod lookup;
+mod maps;
+mod parse;
+mod stats;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    macros::xdp,
+    programs::XdpContext,
+};
+use lb_common::FlowKey;
+use network_types::eth::EthHdr;
+use stats::Exit;
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    match balance(&ctx) {
+        Ok(action) => action,
+        Err(exit) => {
+            stats::count_exit(exit);
+            exit.action()
+        }
+    }
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> Result<u32, Exit> {
+    let mut flow = FlowKey::default();
+    let l3 = parse::l3(ctx, &mut flow)?;
+    let addr = lookup::vip_addr(&flow)?;
+    parse::check_regular(l3.irregular, addr.flags)?;
+    parse::l4(ctx, &l3, &mut flow)?;
+    let vip = lookup::vip(&flow)?;
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    stats::count_vip(vip.vip_id, frame_len);
+    let (backend_id, backend) = lookup::backend(ctx, &flow, &vip)?;
+    let action = forward::l2(ctx, &backend)?;
+    stats::count_backend(backend_id, frame_len);
+    Ok(action)
+}
+
+/// Passes everything. Attached to the peer of a veth that `lb_xdp` transmits on:
+/// without an XDP program there, veth drops `XDP_TX`/`XDP_REDIRECT` frames.
+#[xdp]
+pub fn lb_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+/// The benchmark's baseline: the least a forwarding XDP program can do.
+#[xdp]
+pub fn lb_swap_macs(ctx: XdpContext) -> u32 {
+    let Ok(eth) = parse::ptr_at_mut::<EthHdr>(&ctx, 0) else {
+        return XDP_DROP;
+    };
+    // SAFETY: ptr_at_mut checked that a whole EthHdr lies inside the packet.
+    unsafe {
+        let dst = (*eth).dst_addr;
+        (*eth).dst_addr = (*eth).src_addr;
+        (*eth).src_addr = dst;
+    }
+    XDP_TX
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects any program with a reachable panic path, so a
+    // program that loaded never gets here.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

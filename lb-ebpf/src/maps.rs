@@ -1,0 +1,43 @@
+//! Every map of the program. Sizes of the ring and the connection table are only
+//! defaults: the loader sets them at load time (they dominate memory).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMap, HashMap, LruPerCpuHashMap, PerCpuArray},
+};
+use lb_common::{
+    AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, Route, VipKey, VipMeta,
+    MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, MAX_VIP_ADDRS,
+};
+
+#[map]
+pub static VIP_ADDRS: HashMap<AddrKey, AddrMeta> = HashMap::with_max_entries(MAX_VIP_ADDRS, 0);
+
+#[map]
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// All services' Maglev tables back to back; a service owns two slots and flips
+/// between them (see `VipMeta`).
+#[map]
+pub static MAGLEV_RING: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+#[map]
+pub static ROUTES: Array<Route> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+#[map]
+pub static TX_PORTS: DevMap = DevMap::with_max_entries(MAX_TX_PORTS, 0);
+
+#[map]
+pub static CONNS: LruPerCpuHashMap<FlowKey, ConnEntry> = LruPerCpuHashMap::with_max_entries(1, 0);
+
+#[map]
+pub static VIP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+#[map]
+pub static GLOBAL_STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);

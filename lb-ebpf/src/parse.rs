@@ -1,0 +1,173 @@
+//! Header parsing. The only module that knows byte offsets; every packet access goes
+//! through `ptr_at`, which proves to the verifier (and to a hostile packet) that the
+//! whole header lies inside the frame.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{FlowKey, ADDR_F_PASS_IRREGULAR, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
+
+use crate::stats::Exit;
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPV4_MF_AND_OFFSET: u16 = 0x3fff;
+/// IPv6 extension headers we do not walk: hop-by-hop, routing, destination options,
+/// mobility, HIP, shim6. Ports behind them cannot be read at a fixed offset.
+const IPV6_EXT_HEADERS: [u8; 6] = [0, 43, 60, 135, 139, 140];
+const IPV6_FRAGMENT: u8 = 44;
+
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return Err(());
+    }
+    Ok((start + offset) as *const T)
+}
+
+#[inline(always)]
+pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
+    ptr_at::<T>(ctx, offset).map(|p| p as *mut T)
+}
+
+/// What is wrong with an IP packet whose destination we could read. Judged only once
+/// we know the packet is addressed to a VIP: foreign traffic is the kernel's business.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Irregular {
+    None,
+    Malformed,
+    Fragment,
+    Options,
+}
+
+pub struct L3 {
+    pub irregular: Irregular,
+    /// Offset of the L4 header (fixed: packets with options never reach L4 parsing).
+    pub l4_off: usize,
+    /// Offset one past the IP packet's last byte, from its own length field.
+    pub ip_end: usize,
+}
+
+/// Reads the IP header into `flow` (addresses, protocol, family).
+#[inline(always)]
+pub fn l3(ctx: &XdpContext, flow: &mut FlowKey) -> Result<L3, Exit> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).map_err(|_| Exit::NotIp)?;
+    // SAFETY: ptr_at checked the bounds.
+    let ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    let frame_len = ctx.data_end() - ctx.data();
+    match ether_type {
+        ETH_P_IP => ipv4(ctx, flow, frame_len),
+        ETH_P_IPV6 => ipv6(ctx, flow, frame_len),
+        _ => Err(Exit::NotIp),
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, flow: &mut FlowKey, frame_len: usize) -> Result<L3, Exit> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).map_err(|_| Exit::Unparsed)?;
+    // SAFETY: ptr_at checked the bounds.
+    let ip = unsafe { &*ip };
+    flow.family = FAMILY_V4;
+    flow.proto = ip.proto;
+    flow.src[..4].copy_from_slice(&ip.src_addr);
+    flow.dst[..4].copy_from_slice(&ip.dst_addr);
+    let version = ip.vihl >> 4;
+    let header_len = ((ip.vihl & 0x0f) as usize) * 4;
+    let total_len = u16::from_be_bytes(ip.tot_len) as usize;
+    let frags = u16::from_be_bytes(ip.frags);
+    let irregular = if version != 4
+        || header_len < Ipv4Hdr::LEN
+        || total_len < header_len
+        || EthHdr::LEN + total_len > frame_len
+    {
+        Irregular::Malformed
+    } else if frags & IPV4_MF_AND_OFFSET != 0 {
+        Irregular::Fragment
+    } else if header_len > Ipv4Hdr::LEN {
+        Irregular::Options
+    } else {
+        Irregular::None
+    };
+    Ok(L3 {
+        irregular,
+        l4_off: EthHdr::LEN + Ipv4Hdr::LEN,
+        ip_end: EthHdr::LEN + total_len,
+    })
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, flow: &mut FlowKey, frame_len: usize) -> Result<L3, Exit> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, EthHdr::LEN).map_err(|_| Exit::Unparsed)?;
+    // SAFETY: ptr_at checked the bounds.
+    let ip = unsafe { &*ip };
+    flow.family = FAMILY_V6;
+    flow.proto = ip.next_hdr;
+    flow.src = ip.src_addr;
+    flow.dst = ip.dst_addr;
+    let version = ip.vcf[0] >> 4;
+    let total_len = Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize;
+    let irregular = if version != 6 || EthHdr::LEN + total_len > frame_len {
+        Irregular::Malformed
+    } else if ip.next_hdr == IPV6_FRAGMENT {
+        Irregular::Fragment
+    } else if IPV6_EXT_HEADERS.contains(&ip.next_hdr) {
+        Irregular::Options
+    } else {
+        Irregular::None
+    };
+    Ok(L3 {
+        irregular,
+        l4_off: EthHdr::LEN + Ipv6Hdr::LEN,
+        ip_end: EthHdr::LEN + total_len,
+    })
+}
+
+/// The fragment/option policy, applied once the destination is known to be ours.
+#[inline(always)]
+pub fn check_regular(irregular: Irregular, addr_flags: u32) -> Result<(), Exit> {
+    let pass = addr_flags & ADDR_F_PASS_IRREGULAR != 0;
+    match irregular {
+        Irregular::None => Ok(()),
+        Irregular::Malformed => Err(Exit::Malformed),
+        Irregular::Fragment if pass => Err(Exit::PassIrregular),
+        Irregular::Fragment => Err(Exit::Fragment),
+        Irregular::Options if pass => Err(Exit::PassIrregular),
+        Irregular::Options => Err(Exit::IpOptions),
+    }
+}
+
+/// Reads the ports into `flow`. Only TCP and UDP are balanced; anything else to a VIP
+/// address is the node's own stack's (ping, ICMP errors).
+#[inline(always)]
+pub fn l4(ctx: &XdpContext, l3: &L3, flow: &mut FlowKey) -> Result<(), Exit> {
+    match flow.proto {
+        PROTO_TCP => {
+            let tcp: *const TcpHdr = ptr_at(ctx, l3.l4_off).map_err(|_| Exit::Malformed)?;
+            // SAFETY: ptr_at checked the bounds.
+            let tcp = unsafe { &*tcp };
+            let header_len = (tcp.doff() as usize) * 4;
+            if header_len < TcpHdr::LEN || l3.l4_off + header_len > l3.ip_end {
+                return Err(Exit::Malformed);
+            }
+            flow.sport_be = u16::from_ne_bytes(tcp.source);
+            flow.dport_be = u16::from_ne_bytes(tcp.dest);
+            Ok(())
+        }
+        PROTO_UDP => {
+            let udp: *const UdpHdr = ptr_at(ctx, l3.l4_off).map_err(|_| Exit::Malformed)?;
+            // SAFETY: ptr_at checked the bounds.
+            let udp = unsafe { &*udp };
+            let len = u16::from_be_bytes(udp.len) as usize;
+            if len < UdpHdr::LEN || l3.l4_off + len > l3.ip_end {
+                return Err(Exit::Malformed);
+            }
+            flow.sport_be = u16::from_ne_bytes(udp.src);
+            flow.dport_be = u16::from_ne_bytes(udp.dst);
+            Ok(())
+        }
+        _ => Err(Exit::NotL4),
+    }
+}
