@@ -226,6 +226,46 @@ pub struct GlobalStats {
     pub lru_stale: u64,
 }
 
+/// Field-wise helpers of `GlobalStats` (summing per-CPU values, naming fields for
+/// printing), generated from one list so no use site keeps its own list of fields.
+macro_rules! global_stats_fields {
+    ($($field:ident),* $(,)?) => {
+        impl GlobalStats {
+            /// Field names, in declaration order.
+            pub const FIELDS: &'static [&'static str] = &[$(stringify!($field)),*];
+
+            /// Adds `other` into `self`, field by field.
+            pub fn accumulate(&mut self, other: &GlobalStats) {
+                $(self.$field += other.$field;)*
+            }
+
+            /// The value of each field, in the order of [`Self::FIELDS`].
+            pub fn values(&self) -> [u64; 17] {
+                [$(self.$field),*]
+            }
+        }
+    };
+}
+global_stats_fields!(
+    pass_not_ip,
+    pass_unparsed,
+    pass_not_vip,
+    pass_not_l4,
+    pass_no_service,
+    pass_irregular,
+    drop_malformed,
+    drop_fragment,
+    drop_ip_options,
+    drop_no_backend,
+    drop_no_route,
+    drop_redirect_failed,
+    tx,
+    redirect,
+    lru_hit,
+    lru_miss,
+    lru_stale,
+);
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;

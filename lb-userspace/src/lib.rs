@@ -3,3 +3,10 @@
 //! pure Maglev table builder ([`maglev`]). The daemon and CLI build on these.
 
 pub mod maglev;
+pub mod error;
+pub mod loader;
+pub mod manager;
+
+pub use error::DataplaneError;
+pub use loader::{Dataplane, LoadOptions, Program};
+pub use manager::{BackendConfig, Egress, L2Route, MapManager, Proto, ServiceConfig, ServiceKey};

@@ -1,0 +1,589 @@
+//! Typed access to the balancer's maps, in operator verbs: add or change a service,
+//! set its backends (which rebuilds its Maglev table), remove it, read its counters.
+//!
+//! Ordering rules that keep every packet consistent while maps change:
+//! - a backend and its route are written before any table names it;
+//! - a new table goes to the service's spare ring slot, and one `VIPS` update (atomic
+//!   for a hash map) flips the service to it;
+//! - a removed backend is deactivated only after the flip, so no live table names an
+//!   inactive backend, and its old connections then fail the data plane's check and are
+//!   re-steered.
+//! Only cells that differ from what the spare slot already holds are written.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
+
+use aya::{
+    maps::{Array, DevMap, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    Ebpf,
+};
+use lb_common::{
+    map_names, AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, Route,
+    VipKey, VipMeta, ADDR_F_PASS_IRREGULAR, BACKEND_F_ACTIVE, FAMILY_V4, FAMILY_V6,
+    MAGLEV_DEFAULT_SIZE, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, ROUTE_MODE_L2_DSR,
+    VIP_F_PASS_IRREGULAR,
+};
+
+use crate::{
+    error::{DataplaneError, MapResultExt, Result},
+    loader::LoadOptions,
+    maglev::{self, MaglevBackend},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// A service: what clients address. Port 0 is the address's port-less fallback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let port = match self.port {
+            0 => "*".to_string(),
+            p => p.to_string(),
+        };
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{}/{a}:{port}", self.proto),
+            IpAddr::V6(a) => write!(f, "{}/[{a}]:{port}", self.proto),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Entries of the service's Maglev table; a prime.
+    pub maglev_size: u32,
+    /// Pass fragments and packets with IP options to the kernel instead of dropping them.
+    pub pass_irregular: bool,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            maglev_size: MAGLEV_DEFAULT_SIZE,
+            pass_irregular: false,
+        }
+    }
+}
+
+/// Where a frame for a backend leaves this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Egress {
+    /// Back out of the interface it came in on (`XDP_TX`).
+    Ingress,
+    /// Out of another interface (`XDP_REDIRECT` through the devmap).
+    Interface { ifindex: u32 },
+}
+
+/// L2 direct server return: the frame goes to `dst_mac` (the backend's, or its next
+/// hop's) from `src_mac` (ours on the egress interface).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L2Route {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub egress: Egress,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub addr: IpAddr,
+    /// Share of new flows; 0 drains the backend (established flows stay on it).
+    pub weight: u32,
+    pub route: L2Route,
+}
+
+/// What a change wrote to the ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableUpdate {
+    pub table_size: u32,
+    pub cells_written: u32,
+}
+
+#[derive(Clone, Debug)]
+struct BackendState {
+    id: u32,
+    weight: u32,
+    route: Route,
+}
+
+#[derive(Clone, Debug)]
+struct ServiceState {
+    vip_id: u32,
+    config: ServiceConfig,
+    /// The ring slot (0 or 1) the service's `VipMeta` points at.
+    active_slot: usize,
+    /// The table in the active slot; `None` before the first `set_backends`.
+    table: Option<Vec<u32>>,
+    backends: BTreeMap<IpAddr, BackendState>,
+}
+
+pub struct MapManager {
+    vip_addrs: HashMap<MapData, AddrKey, AddrMeta>,
+    vips: HashMap<MapData, VipKey, VipMeta>,
+    ring: Array<MapData, u32>,
+    backends: Array<MapData, Backend>,
+    routes: Array<MapData, Route>,
+    tx_ports: DevMap<MapData>,
+    conns: PerCpuHashMap<MapData, FlowKey, ConnEntry>,
+    vip_stats: PerCpuArray<MapData, Counter>,
+    backend_stats: PerCpuArray<MapData, Counter>,
+    global_stats: PerCpuArray<MapData, GlobalStats>,
+
+    nr_cpus: usize,
+    max_services: u32,
+    ring_stride: u32,
+    services: BTreeMap<ServiceKey, ServiceState>,
+    /// What each ring slot holds, by `vip_id * 2 + slot`; shorter than the stride means
+    /// the rest is still zero, as the kernel created it.
+    ring_shadow: Vec<Vec<u32>>,
+    free_backend_ids: BTreeSet<u32>,
+    next_gen: u32,
+    tx_port_slots: BTreeMap<u32, u32>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map>,
+{
+    ebpf.take_map(name)
+        .and_then(|m| T::try_from(m).ok())
+        .ok_or(DataplaneError::MapShape { name })
+}
+
+/// An address as the maps store it: IPv4 in the first 4 bytes.
+pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
+    let mut bytes = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => {
+            bytes[..4].copy_from_slice(&a.octets());
+            (bytes, FAMILY_V4)
+        }
+        IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+    }
+}
+
+/// Seeds a backend's Maglev permutation from its address, so that every node derives
+/// the same permutation whatever ids it gave out.
+fn maglev_key(addr: IpAddr) -> u64 {
+    let (b, family) = addr_bytes(addr);
+    let hi = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
+    let lo = u64::from_be_bytes(b[8..].try_into().expect("8 bytes"));
+    hi ^ lo.rotate_left(29) ^ family as u64
+}
+
+impl MapManager {
+    pub(crate) fn new(ebpf: &mut Ebpf, options: &LoadOptions) -> Result<Self> {
+        let nr_cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| DataplaneError::Options(format!("reading {what}: {e}")))?;
+        Ok(Self {
+            vip_addrs: take(ebpf, map_names::VIP_ADDRS)?,
+            vips: take(ebpf, map_names::VIPS)?,
+            ring: take(ebpf, map_names::MAGLEV_RING)?,
+            backends: take(ebpf, map_names::BACKENDS)?,
+            routes: take(ebpf, map_names::ROUTES)?,
+            tx_ports: take(ebpf, map_names::TX_PORTS)?,
+            conns: take(ebpf, map_names::CONNS)?,
+            vip_stats: take(ebpf, map_names::VIP_STATS)?,
+            backend_stats: take(ebpf, map_names::BACKEND_STATS)?,
+            global_stats: take(ebpf, map_names::GLOBAL_STATS)?,
+            nr_cpus,
+            max_services: options.max_services,
+            ring_stride: options.maglev_max_size,
+            services: BTreeMap::new(),
+            ring_shadow: vec![Vec::new(); options.max_services as usize * 2],
+            free_backend_ids: (0..MAX_BACKENDS).collect(),
+            next_gen: 1,
+            tx_port_slots: BTreeMap::new(),
+        })
+    }
+
+    fn vip_key(key: &ServiceKey) -> VipKey {
+        let (addr, family) = addr_bytes(key.addr);
+        VipKey {
+            addr,
+            port_be: key.port.to_be(),
+            proto: key.proto.number(),
+            family,
+        }
+    }
+
+    fn zero_counter(&mut self, which: CounterMap, index: u32) -> Result<()> {
+        let zeros = PerCpuValues::try_from(vec![Counter::default(); self.nr_cpus])
+            .map_err(|e| DataplaneError::Options(format!("per-CPU values: {e}")))?;
+        match which {
+            CounterMap::Vip => self.vip_stats.set(index, zeros, 0).map_ctx(map_names::VIP_STATS),
+            CounterMap::Backend => self
+                .backend_stats
+                .set(index, zeros, 0)
+                .map_ctx(map_names::BACKEND_STATS),
+        }
+    }
+
+    /// Adds a service or changes its configuration. A new service has no backend
+    /// (its packets are dropped and counted) until `set_backends`.
+    pub fn upsert_service(&mut self, key: ServiceKey, config: ServiceConfig) -> Result<()> {
+        if config.maglev_size > self.ring_stride {
+            return Err(DataplaneError::RingTooLarge {
+                service: key,
+                size: config.maglev_size,
+                max: self.ring_stride,
+            });
+        }
+        if !maglev::is_prime(config.maglev_size) {
+            return Err(maglev::MaglevError::SizeNotPrime {
+                size: config.maglev_size,
+            }
+            .into());
+        }
+        match self.services.get_mut(&key) {
+            Some(state) => {
+                let resize = state.config.maglev_size != config.maglev_size;
+                state.config = config;
+                if resize && state.table.is_some() {
+                    self.rebuild(key)?;
+                } else {
+                    self.write_vip(key)?;
+                }
+            }
+            None => {
+                let used: BTreeSet<u32> = self.services.values().map(|s| s.vip_id).collect();
+                let vip_id = (0..self.max_services)
+                    .find(|id| !used.contains(id))
+                    .ok_or(DataplaneError::TooManyServices {
+                        service: key,
+                        max: self.max_services,
+                    })?;
+                self.zero_counter(CounterMap::Vip, vip_id)?;
+                self.services.insert(
+                    key,
+                    ServiceState {
+                        vip_id,
+                        config,
+                        active_slot: 0,
+                        table: None,
+                        backends: BTreeMap::new(),
+                    },
+                );
+                self.write_vip(key)?;
+            }
+        }
+        self.write_addr(key.addr)
+    }
+
+    /// Removes a service and its backends. Its connections die with it.
+    pub fn remove_service(&mut self, key: ServiceKey) -> Result<()> {
+        let state = self
+            .services
+            .remove(&key)
+            .ok_or(DataplaneError::UnknownService(key))?;
+        match self.vips.remove(&Self::vip_key(&key)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(DataplaneError::Map { name: map_names::VIPS, source: e }),
+        }
+        for backend in state.backends.values() {
+            self.deactivate(backend.id)?;
+        }
+        self.write_addr(key.addr)
+    }
+
+    /// Sets the service's backends to exactly `backends`: adds the new ones, updates
+    /// weights and routes, removes the ones not listed, and rebuilds the Maglev table.
+    pub fn set_backends(&mut self, key: ServiceKey, backends: &[BackendConfig]) -> Result<TableUpdate> {
+        let state = self.services.get(&key).ok_or(DataplaneError::UnknownService(key))?;
+        let mut listed = BTreeSet::new();
+        for b in backends {
+            if b.addr.is_ipv4() != key.addr.is_ipv4() {
+                return Err(DataplaneError::FamilyMismatch { service: key, backend: b.addr });
+            }
+            if !listed.insert(b.addr) {
+                return Err(DataplaneError::DuplicateBackend { service: key, backend: b.addr });
+            }
+        }
+        let newcomers = backends
+            .iter()
+            .filter(|b| !state.backends.contains_key(&b.addr))
+            .count();
+        if newcomers > self.free_backend_ids.len() {
+            let backend = backends
+                .iter()
+                .find(|b| !state.backends.contains_key(&b.addr))
+                .map(|b| b.addr)
+                .expect("there is a newcomer");
+            return Err(DataplaneError::TooManyBackends {
+                service: key,
+                backend,
+                max: MAX_BACKENDS,
+            });
+        }
+
+        // Backends and routes first: nothing names them yet.
+        for b in backends {
+            let route = self.route(&b.route)?;
+            let existing = self
+                .services
+                .get(&key)
+                .and_then(|s| s.backends.get(&b.addr))
+                .cloned();
+            match existing {
+                Some(mut current) => {
+                    if current.route != route {
+                        // In place: a packet racing this write may see part of the old
+                        // MACs and be lost, as during any route change; never another
+                        // backend's MAC, since the slot is this backend's alone.
+                        self.routes.set(current.id, route, 0).map_ctx(map_names::ROUTES)?;
+                        current.route = route;
+                    }
+                    current.weight = b.weight;
+                    self.state_mut(key).backends.insert(b.addr, current);
+                }
+                None => {
+                    let id = self.free_backend_ids.pop_first().expect("counted above");
+                    let gen = self.next_gen;
+                    self.next_gen = self.next_gen.wrapping_add(1).max(1);
+                    self.routes.set(id, route, 0).map_ctx(map_names::ROUTES)?;
+                    self.zero_counter(CounterMap::Backend, id)?;
+                    let (addr, family) = addr_bytes(b.addr);
+                    let entry = Backend {
+                        addr,
+                        family,
+                        _pad: 0,
+                        flags: BACKEND_F_ACTIVE,
+                        gen,
+                        route_id: id,
+                    };
+                    self.backends.set(id, entry, 0).map_ctx(map_names::BACKENDS)?;
+                    self.state_mut(key).backends.insert(
+                        b.addr,
+                        BackendState {
+                            id,
+                            weight: b.weight,
+                            route,
+                        },
+                    );
+                }
+            }
+        }
+        let gone: Vec<IpAddr> = self.services[&key]
+            .backends
+            .keys()
+            .filter(|a| !listed.contains(*a))
+            .copied()
+            .collect();
+        let mut removed = Vec::new();
+        for addr in gone {
+            removed.push(self.state_mut(key).backends.remove(&addr).expect("listed").id);
+        }
+
+        let update = self.rebuild(key)?;
+        // After the flip: no table names these any more.
+        for id in removed {
+            self.deactivate(id)?;
+        }
+        Ok(update)
+    }
+
+    fn state_mut(&mut self, key: ServiceKey) -> &mut ServiceState {
+        self.services.get_mut(&key).expect("caller checked the service exists")
+    }
+
+    fn deactivate(&mut self, id: u32) -> Result<()> {
+        self.backends
+            .set(id, Backend::default(), 0)
+            .map_ctx(map_names::BACKENDS)?;
+        self.free_backend_ids.insert(id);
+        Ok(())
+    }
+
+    fn route(&mut self, route: &L2Route) -> Result<Route> {
+        let tx_port = match route.egress {
+            Egress::Ingress => 0,
+            Egress::Interface { ifindex } => self.tx_port(ifindex)?,
+        };
+        Ok(Route {
+            mode: ROUTE_MODE_L2_DSR,
+            tx_port,
+            dst_mac: route.dst_mac,
+            src_mac: route.src_mac,
+        })
+    }
+
+    /// The devmap slot of an egress interface; slot 0 stays "same interface".
+    fn tx_port(&mut self, ifindex: u32) -> Result<u32> {
+        if let Some(&slot) = self.tx_port_slots.get(&ifindex) {
+            return Ok(slot);
+        }
+        let slot = self.tx_port_slots.len() as u32 + 1;
+        if slot >= MAX_TX_PORTS {
+            return Err(DataplaneError::TooManyTxPorts { max: MAX_TX_PORTS - 1 });
+        }
+        self.tx_ports
+            .set(slot, ifindex, None, 0)
+            .map_err(|e| DataplaneError::Options(format!("devmap slot {slot} for ifindex {ifindex}: {e}")))?;
+        self.tx_port_slots.insert(ifindex, slot);
+        Ok(slot)
+    }
+
+    /// Builds the service's table from its backends into the spare slot and flips.
+    fn rebuild(&mut self, key: ServiceKey) -> Result<TableUpdate> {
+        let stride = self.ring_stride;
+        let state = &self.services[&key];
+        let size = state.config.maglev_size;
+        let members: Vec<MaglevBackend> = state
+            .backends
+            .iter()
+            .map(|(addr, b)| MaglevBackend {
+                id: b.id,
+                key: maglev_key(*addr),
+                weight: b.weight,
+            })
+            .collect();
+        let table = maglev::build(&members, size, state.table.as_deref())?;
+        let spare = 1 - state.active_slot;
+        let shadow_index = state.vip_id as usize * 2 + spare;
+        let offset = shadow_index as u32 * stride;
+
+        let shadow = &mut self.ring_shadow[shadow_index];
+        if shadow.len() < table.len() {
+            shadow.resize(table.len(), 0);
+        }
+        let mut written = 0;
+        for (cell, id) in maglev::delta(&shadow[..table.len()], &table) {
+            self.ring.set(offset + cell, id, 0).map_ctx(map_names::MAGLEV_RING)?;
+            written += 1;
+        }
+        shadow[..table.len()].copy_from_slice(&table);
+
+        let state = self.state_mut(key);
+        state.active_slot = spare;
+        state.table = Some(table);
+        self.write_vip(key)?;
+        Ok(TableUpdate {
+            table_size: size,
+            cells_written: written,
+        })
+    }
+
+    fn write_vip(&mut self, key: ServiceKey) -> Result<()> {
+        let state = &self.services[&key];
+        let slot = state.vip_id * 2 + state.active_slot as u32;
+        let meta = VipMeta {
+            vip_id: state.vip_id,
+            flags: if state.config.pass_irregular { VIP_F_PASS_IRREGULAR } else { 0 },
+            ring_offset: slot * self.ring_stride,
+            ring_size: state.table.as_ref().map_or(0, |t| t.len() as u32),
+        };
+        self.vips
+            .insert(Self::vip_key(&key), meta, 0)
+            .map_ctx(map_names::VIPS)
+    }
+
+    /// Keeps `VIP_ADDRS` equal to the set of service addresses, with the OR of their
+    /// fragment policies.
+    fn write_addr(&mut self, addr: IpAddr) -> Result<()> {
+        let (bytes, family) = addr_bytes(addr);
+        let key = AddrKey {
+            addr: bytes,
+            family,
+            _pad: [0; 3],
+        };
+        let mut on_addr = self.services.iter().filter(|(k, _)| k.addr == addr).peekable();
+        if on_addr.peek().is_none() {
+            return match self.vip_addrs.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(DataplaneError::Map { name: map_names::VIP_ADDRS, source: e }),
+            };
+        }
+        let pass = on_addr.any(|(_, s)| s.config.pass_irregular);
+        let meta = AddrMeta {
+            flags: if pass { ADDR_F_PASS_IRREGULAR } else { 0 },
+        };
+        self.vip_addrs.insert(key, meta, 0).map_ctx(map_names::VIP_ADDRS)
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &ServiceKey> {
+        self.services.keys()
+    }
+
+    /// The data-plane id of a backend of a service (the index of its counters).
+    pub fn backend_id(&self, key: ServiceKey, addr: IpAddr) -> Result<u32> {
+        self.services
+            .get(&key)
+            .ok_or(DataplaneError::UnknownService(key))?
+            .backends
+            .get(&addr)
+            .map(|b| b.id)
+            .ok_or(DataplaneError::UnknownBackend { service: key, backend: addr })
+    }
+
+    fn sum(values: PerCpuValues<Counter>) -> Counter {
+        values.iter().fold(Counter::default(), |acc, c| Counter {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        })
+    }
+
+    pub fn service_counter(&self, key: ServiceKey) -> Result<Counter> {
+        let id = self.services.get(&key).ok_or(DataplaneError::UnknownService(key))?.vip_id;
+        self.vip_stats
+            .get(&id, 0)
+            .map(Self::sum)
+            .map_ctx(map_names::VIP_STATS)
+    }
+
+    pub fn backend_counter(&self, key: ServiceKey, addr: IpAddr) -> Result<Counter> {
+        let id = self.backend_id(key, addr)?;
+        self.backend_stats
+            .get(&id, 0)
+            .map(Self::sum)
+            .map_ctx(map_names::BACKEND_STATS)
+    }
+
+    pub fn global_stats(&self) -> Result<GlobalStats> {
+        let per_cpu = self.global_stats.get(&0, 0).map_ctx(map_names::GLOBAL_STATS)?;
+        let mut total = GlobalStats::default();
+        for s in per_cpu.iter() {
+            total.accumulate(s);
+        }
+        Ok(total)
+    }
+
+    /// Entries in the connection table (all CPUs share the key space).
+    pub fn conn_count(&self) -> usize {
+        self.conns.keys().filter(|k| k.is_ok()).count()
+    }
+}
+
+#[derive(Clone, Copy)]
+enum CounterMap {
+    Vip,
+    Backend,
+}
