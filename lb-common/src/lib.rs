@@ -50,9 +50,9 @@ pub mod program_names {
     /// The balancer.
     pub const BALANCER: &str = "lb_xdp";
     /// Passes everything: attached to a veth peer so that `XDP_TX` frames arrive.
-    pub const PASS: &str = "lb_xdp_pass";
+    pub const PASS: &str = "lb_pass";
     /// Swaps MACs and returns `XDP_TX`: the benchmark's baseline.
-    pub const SWAP_MACS: &str = "lb_xdp_swap_macs";
+    pub const SWAP_MACS: &str = "lb_swap_macs";
 }
 
 /// Key of `VIP_ADDRS`: every address that has at least one VIP. The XDP program looks

@@ -1,0 +1,527 @@
+//! The XDP program driven with crafted frames through `BPF_PROG_TEST_RUN`: verdicts,
+//! output bytes and counters. Needs root (CAP_BPF, CAP_NET_ADMIN), as CI has.
+
+mod support;
+
+use std::{collections::HashMap, net::IpAddr};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_common::GlobalStats;
+use lb_userspace::{
+    BackendConfig, Dataplane, Egress, L2Route, LoadOptions, MapManager, Program, Proto,
+    ServiceConfig, ServiceKey,
+};
+use support::{backend_mac, macs, Frame, L4, CLIENT_MAC, ETH_LEN, IPV4_LEN, LB_MAC};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const VIP4: &str = "198.18.0.100";
+const VIP6: &str = "2001:db8::100";
+const CLIENT4: &str = "198.18.1.10";
+const CLIENT6: &str = "2001:db8:1::10";
+
+struct Lb {
+    dp: Dataplane,
+    maps: MapManager,
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Per-CPU connection table: every run of a test must happen on the same CPU, or a flow
+/// inserted on one CPU is a miss on another.
+fn pin_to_cpu0() {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+}
+
+fn load_lb() -> Lb {
+    assert!(
+        is_root(),
+        "the data-plane tests load XDP programs and must run as root (sudo cargo xtask test)"
+    );
+    pin_to_cpu0();
+    let options = LoadOptions {
+        max_services: 8,
+        conn_table_size: 1 << 15,
+        ..LoadOptions::default()
+    };
+    let (dp, maps) = Dataplane::load(&options).expect("loading the XDP object");
+    Lb { dp, maps }
+}
+
+fn service(addr: &str, port: u16, proto: Proto) -> ServiceKey {
+    ServiceKey {
+        addr: addr.parse().unwrap(),
+        port,
+        proto,
+    }
+}
+
+fn backend(addr: &str, i: u8, weight: u32) -> BackendConfig {
+    BackendConfig {
+        addr: addr.parse().unwrap(),
+        weight,
+        route: L2Route {
+            dst_mac: backend_mac(i),
+            src_mac: LB_MAC,
+            egress: Egress::Ingress,
+        },
+    }
+}
+
+fn backends4(n: u8) -> Vec<BackendConfig> {
+    (1..=n).map(|i| backend(&format!("198.18.0.{}", i), i, 1)).collect()
+}
+
+fn backends6(n: u8) -> Vec<BackendConfig> {
+    (1..=n).map(|i| backend(&format!("2001:db8::{i}"), i, 1)).collect()
+}
+
+impl Lb {
+    fn add(&mut self, key: ServiceKey, backends: &[BackendConfig]) {
+        self.add_with(key, ServiceConfig::default(), backends)
+    }
+
+    fn add_with(&mut self, key: ServiceKey, config: ServiceConfig, backends: &[BackendConfig]) {
+        self.maps.upsert_service(key, config).unwrap();
+        self.maps.set_backends(key, backends).unwrap();
+    }
+
+    fn run_prog(&self, program: Program, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 512];
+        let result = self
+            .dp
+            .program(program)
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run_prog(Program::Balancer, frame)
+    }
+
+    /// Sends a frame that must be forwarded; returns the backend index its MAC names.
+    fn forward(&self, frame: &Frame) -> u8 {
+        let bytes = frame.build();
+        let (verdict, out) = self.run(&bytes);
+        assert_eq!(verdict, XDP_TX, "frame {frame:?} not transmitted");
+        let (dst, src) = macs(&out);
+        assert_eq!(src, LB_MAC);
+        assert_eq!(dst[..5], backend_mac(0)[..5], "not a backend MAC: {dst:02x?}");
+        dst[5]
+    }
+
+    fn stats(&self) -> GlobalStats {
+        self.maps.global_stats().unwrap()
+    }
+}
+
+/// Flow `i` of a family: distinct client addresses and ports.
+fn flow(l4: L4, v6: bool, i: u32, dport: u16) -> Frame {
+    let sport = 1024 + (i % 60000) as u16;
+    let host = i / 60000 + 10;
+    let src: IpAddr = if v6 {
+        format!("2001:db8:1::{:x}", host).parse().unwrap()
+    } else {
+        format!("198.18.1.{}", host).parse().unwrap()
+    };
+    let dst: IpAddr = if v6 { VIP6 } else { VIP4 }.parse().unwrap();
+    Frame::new(src, dst, l4, sport, dport)
+}
+
+fn flows(n: u32, dport: u16) -> Vec<Frame> {
+    // Spread the clients over addresses too, not only ports.
+    (0..n)
+        .map(|i| {
+            let mut f = flow(L4::Tcp, false, i, dport);
+            f.src = format!("198.18.1.{}", 10 + i % 200).parse().unwrap();
+            f.sport = 1024 + (i / 200) as u16 * 7 + (i % 7) as u16;
+            f
+        })
+        .collect()
+}
+
+#[test]
+fn forwards_tcp_and_udp_to_v4_and_v6_vips_rewriting_only_the_macs() {
+    let mut lb = load_lb();
+    lb.add(service(VIP4, 80, Proto::Tcp), &backends4(1));
+    lb.add(service(VIP4, 53, Proto::Udp), &backends4(1));
+    lb.add(service(VIP6, 80, Proto::Tcp), &backends6(1));
+    lb.add(service(VIP6, 53, Proto::Udp), &backends6(1));
+    let frames = [
+        Frame::tcp(CLIENT4, VIP4, 40000, 80),
+        Frame::udp(CLIENT4, VIP4, 40000, 53),
+        Frame::tcp(CLIENT6, VIP6, 40000, 80),
+        Frame::udp(CLIENT6, VIP6, 40000, 53),
+    ];
+    for frame in &frames {
+        let input = frame.build();
+        let (verdict, out) = lb.run(&input);
+        assert_eq!(verdict, XDP_TX, "{frame:?}");
+        assert_eq!(out.len(), input.len());
+        assert_eq!(macs(&out), (backend_mac(1), LB_MAC), "{frame:?}");
+        assert_eq!(out[12..], input[12..], "IP packet changed for {frame:?}");
+    }
+    let stats = lb.stats();
+    assert_eq!(stats.tx, 4);
+    assert_eq!(stats.lru_miss, 4);
+}
+
+#[test]
+fn the_same_five_tuple_always_goes_to_the_same_backend() {
+    let mut lb = load_lb();
+    let key = service(VIP4, 80, Proto::Tcp);
+    lb.add(key, &backends4(3));
+    let frames = flows(300, 80);
+    let first: Vec<u8> = frames.iter().map(|f| lb.forward(f)).collect();
+    for _ in 0..3 {
+        let again: Vec<u8> = frames.iter().map(|f| lb.forward(f)).collect();
+        assert_eq!(again, first);
+    }
+    // A second balancer with the same configuration and an empty connection table picks
+    // the same backends: the choice is the Maglev table's, not an accident of the LRU.
+    let mut other = load_lb();
+    other.add(key, &backends4(3));
+    let fresh: Vec<u8> = frames.iter().map(|f| other.forward(f)).collect();
+    assert_eq!(fresh, first);
+    assert_eq!(lb.stats().lru_hit, 900);
+    assert!(first.iter().collect::<std::collections::BTreeSet<_>>().len() == 3);
+}
+
+#[test]
+fn ten_thousand_flows_spread_evenly_over_three_backends() {
+    let mut lb = load_lb();
+    lb.add(service(VIP4, 80, Proto::Tcp), &backends4(3));
+    let mut per_backend: HashMap<u8, u32> = HashMap::new();
+    for f in flows(10_000, 80) {
+        *per_backend.entry(lb.forward(&f)).or_default() += 1;
+    }
+    assert_eq!(per_backend.len(), 3, "{per_backend:?}");
+    for (b, n) in &per_backend {
+        let share = *n as f64 / 10_000.0;
+        assert!(
+            (share - 1.0 / 3.0).abs() <= 0.1 / 3.0,
+            "backend {b} got {n} of 10000 flows: {per_backend:?}"
+        );
+    }
+}
+
+#[test]
+fn weights_set_the_share_of_new_flows() {
+    let mut lb = load_lb();
+    let mut bs = backends4(2);
+    bs[0].weight = 3;
+    bs[1].weight = 1;
+    lb.add(service(VIP4, 80, Proto::Tcp), &bs);
+    let mut per_backend: HashMap<u8, u32> = HashMap::new();
+    for f in flows(8000, 80) {
+        *per_backend.entry(lb.forward(&f)).or_default() += 1;
+    }
+    let heavy = per_backend[&1] as f64 / 8000.0;
+    assert!((heavy - 0.75).abs() < 0.05, "weight 3:1 gave {per_backend:?}");
+}
+
+#[test]
+fn established_flows_keep_their_backend_when_one_is_added() {
+    let mut lb = load_lb();
+    let key = service(VIP4, 80, Proto::Tcp);
+    lb.add(key, &backends4(3));
+    let old = flows(3000, 80);
+    let before: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+
+    lb.maps.set_backends(key, &backends4(4)).unwrap();
+    let after: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+    assert_eq!(after, before, "an established flow changed backend");
+    assert_eq!(lb.stats().lru_hit, 3000);
+
+    // The LRU is what kept them: with the new table alone, some would have moved.
+    let mut fresh = load_lb();
+    fresh.add(key, &backends4(4));
+    let table_only: Vec<u8> = old.iter().map(|f| fresh.forward(f)).collect();
+    let moved = table_only.iter().filter(|&&b| b == 4).count();
+    assert!(moved > 3000 / 8, "only {moved} flows would have moved to the new backend");
+
+    // New flows do reach the new backend.
+    let new: Vec<u8> = flows(6000, 80)[3000..].iter().map(|f| lb.forward(f)).collect();
+    let on_new = new.iter().filter(|&&b| b == 4).count();
+    assert!(on_new > 3000 / 8, "only {on_new} of 3000 new flows went to the new backend");
+}
+
+#[test]
+fn a_removed_backend_gets_no_packet_even_from_its_old_flows() {
+    let mut lb = load_lb();
+    let key = service(VIP4, 80, Proto::Tcp);
+    lb.add(key, &backends4(3));
+    let old = flows(3000, 80);
+    let before: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+    let on_removed = before.iter().filter(|&&b| b == 3).count() as u64;
+    assert!(on_removed > 0);
+
+    lb.maps.set_backends(key, &backends4(2)).unwrap();
+    let hits_before = lb.stats().lru_hit;
+    let after: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+    for (b, a) in before.iter().zip(&after) {
+        assert_ne!(*a, 3, "a packet went to the removed backend");
+        if *b != 3 {
+            assert_eq!(a, b, "a flow of a remaining backend moved");
+        }
+    }
+    let stats = lb.stats();
+    assert_eq!(stats.lru_stale, on_removed);
+    assert_eq!(stats.lru_hit - hits_before, 3000 - on_removed);
+
+    // Its id may be reused by the next backend; the old flows still must not follow it.
+    lb.maps
+        .set_backends(key, &[backends4(2), vec![backend("198.18.0.9", 9, 1)]].concat())
+        .unwrap();
+    let again: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+    assert_eq!(again, after, "re-steered flows moved again when a backend was added");
+}
+
+#[test]
+fn a_port_less_service_catches_every_port_of_its_address() {
+    let mut lb = load_lb();
+    lb.add(service(VIP4, 0, Proto::Tcp), &backends4(1));
+    lb.add(service(VIP4, 443, Proto::Tcp), &[backend("198.18.0.2", 2, 1)]);
+    assert_eq!(lb.forward(&Frame::tcp(CLIENT4, VIP4, 5000, 8080)), 1);
+    assert_eq!(lb.forward(&Frame::tcp(CLIENT4, VIP4, 5000, 443)), 2);
+    // The fallback is per protocol.
+    let (verdict, _) = lb.run(&Frame::udp(CLIENT4, VIP4, 5000, 8080).build());
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(lb.stats().pass_no_service, 1);
+}
+
+/// Asserts the frame comes back unmodified with `verdict` and bumps exactly one global
+/// counter, the one `counter` names.
+fn assert_untouched(lb: &Lb, input: &[u8], verdict: u32, counter: &str) {
+    assert_untouched_counting(lb, input, verdict, &[counter])
+}
+
+/// As `assert_untouched`, for a packet that also passes counted stages on the way.
+fn assert_untouched_counting(lb: &Lb, input: &[u8], verdict: u32, counters: &[&str]) {
+    let counter = counters[0];
+    let before = lb.stats();
+    let (got, out) = lb.run(input);
+    assert_eq!(got, verdict, "verdict for the `{counter}` case");
+    assert_eq!(out, input, "frame modified in the `{counter}` case");
+    let after = lb.stats();
+    for ((name, b), a) in GlobalStats::FIELDS.iter().zip(before.values()).zip(after.values()) {
+        let expected = if counters.contains(name) { b + 1 } else { b };
+        assert_eq!(a, expected, "counter {name} in the `{counter}` case");
+    }
+}
+
+#[test]
+fn traffic_not_for_a_service_passes_unchanged() {
+    let mut lb = load_lb();
+    lb.add(service(VIP4, 80, Proto::Tcp), &backends4(1));
+    lb.add(service(VIP6, 80, Proto::Tcp), &backends6(1));
+    // Another address.
+    assert_untouched(&lb, &Frame::tcp(CLIENT4, "198.18.0.200", 1, 80).build(), XDP_PASS, "pass_not_vip");
+    assert_untouched(&lb, &Frame::tcp(CLIENT6, "2001:db8::200", 1, 80).build(), XDP_PASS, "pass_not_vip");
+    // The VIP, another port.
+    assert_untouched(&lb, &Frame::tcp(CLIENT4, VIP4, 1, 22).build(), XDP_PASS, "pass_no_service");
+    // The VIP, another protocol.
+    assert_untouched(&lb, &Frame::udp(CLIENT6, VIP6, 1, 80).build(), XDP_PASS, "pass_no_service");
+    // ICMP to the VIP is the node's own (ping, PMTU errors).
+    let mut icmp = Frame::tcp(CLIENT4, VIP4, 0, 0);
+    icmp.l4 = L4::Other(1);
+    icmp.payload = vec![8, 0, 0, 0, 0, 1, 0, 1];
+    assert_untouched(&lb, &icmp.build(), XDP_PASS, "pass_not_l4");
+    // ARP and other ethertypes.
+    let mut arp = Frame::tcp(CLIENT4, VIP4, 1, 80).build();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    assert_untouched(&lb, &arp, XDP_PASS, "pass_not_ip");
+    let mut vlan = Frame::tcp(CLIENT4, VIP4, 1, 80).build();
+    vlan[12..14].copy_from_slice(&0x8100u16.to_be_bytes());
+    assert_untouched(&lb, &vlan, XDP_PASS, "pass_not_ip");
+}
+
+#[test]
+fn malformed_frames_to_a_vip_are_never_forwarded_or_modified() {
+    let mut lb = load_lb();
+    lb.add(service(VIP4, 80, Proto::Tcp), &backends4(1));
+    lb.add(service(VIP4, 53, Proto::Udp), &backends4(1));
+    lb.add(service(VIP6, 80, Proto::Tcp), &backends6(1));
+    let tcp4 = Frame::tcp(CLIENT4, VIP4, 1000, 80).build();
+    let udp4 = Frame::udp(CLIENT4, VIP4, 1000, 53).build();
+    let tcp6 = Frame::tcp(CLIENT6, VIP6, 1000, 80).build();
+
+    // Only an Ethernet header, or a cut IP header: not parseable, the kernel's to drop.
+    assert_untouched(&lb, &tcp4[..ETH_LEN], XDP_PASS, "pass_unparsed");
+    assert_untouched(&lb, &tcp4[..ETH_LEN + 12], XDP_PASS, "pass_unparsed");
+    assert_untouched(&lb, &tcp6[..ETH_LEN + 30], XDP_PASS, "pass_unparsed");
+
+    // IP header complete, L4 cut off: the IP total length lies.
+    assert_untouched(&lb, &tcp4[..ETH_LEN + IPV4_LEN + 10], XDP_DROP, "drop_malformed");
+    assert_untouched(&lb, &tcp6[..ETH_LEN + 40 + 10], XDP_DROP, "drop_malformed");
+    // Total length larger than the frame.
+    let mut long = tcp4.clone();
+    long[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&2000u16.to_be_bytes());
+    assert_untouched(&lb, &long, XDP_DROP, "drop_malformed");
+    // Total length shorter than the IP header.
+    let mut short = tcp4.clone();
+    short[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&10u16.to_be_bytes());
+    assert_untouched(&lb, &short, XDP_DROP, "drop_malformed");
+    // Header length field below 20 bytes.
+    let mut ihl = tcp4.clone();
+    ihl[ETH_LEN] = 0x44;
+    assert_untouched(&lb, &ihl, XDP_DROP, "drop_malformed");
+    // Wrong IP version in an IPv4 frame.
+    let mut version = tcp4.clone();
+    version[ETH_LEN] = 0x65;
+    assert_untouched(&lb, &version, XDP_DROP, "drop_malformed");
+    // TCP data offset below 5 words, and beyond the packet.
+    let mut doff = tcp4.clone();
+    doff[ETH_LEN + IPV4_LEN + 12] = 0x40;
+    assert_untouched(&lb, &doff, XDP_DROP, "drop_malformed");
+    let mut doff = tcp4.clone();
+    doff[ETH_LEN + IPV4_LEN + 12] = 0xf0;
+    assert_untouched(&lb, &doff, XDP_DROP, "drop_malformed");
+    // UDP length beyond the IP packet, and below its own header.
+    let mut ulen = udp4.clone();
+    ulen[ETH_LEN + IPV4_LEN + 4..ETH_LEN + IPV4_LEN + 6].copy_from_slice(&500u16.to_be_bytes());
+    assert_untouched(&lb, &ulen, XDP_DROP, "drop_malformed");
+    let mut ulen = udp4.clone();
+    ulen[ETH_LEN + IPV4_LEN + 4..ETH_LEN + IPV4_LEN + 6].copy_from_slice(&4u16.to_be_bytes());
+    assert_untouched(&lb, &ulen, XDP_DROP, "drop_malformed");
+    // IPv6 payload length beyond the frame.
+    let mut plen = tcp6.clone();
+    plen[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&3000u16.to_be_bytes());
+    assert_untouched(&lb, &plen, XDP_DROP, "drop_malformed");
+
+    // Trailing bytes after the IP packet (Ethernet padding) are fine.
+    let mut padded = tcp4.clone();
+    padded.extend_from_slice(&[0; 6]);
+    assert_eq!(lb.run(&padded).0, XDP_TX);
+}
+
+#[test]
+fn fragments_and_ip_options_are_dropped_by_default_and_passed_when_configured() {
+    let mut lb = load_lb();
+    let strict = service(VIP4, 80, Proto::Tcp);
+    lb.add(strict, &backends4(1));
+    lb.add(service(VIP6, 80, Proto::Tcp), &backends6(1));
+
+    let mut more_fragments = Frame::tcp(CLIENT4, VIP4, 1000, 80);
+    more_fragments.ipv4_frag = 0x2000;
+    let mut later_fragment = Frame::tcp(CLIENT4, VIP4, 1000, 80);
+    later_fragment.ipv4_frag = 185; // offset 1480 bytes, last fragment
+    let mut options = Frame::tcp(CLIENT4, VIP4, 1000, 80);
+    options.ipv4_options = vec![1, 1, 1, 0]; // NOP NOP NOP END
+    let mut v6_fragment = Frame::tcp(CLIENT6, VIP6, 1000, 80);
+    v6_fragment.ipv6_ext = Some(44);
+    let mut v6_hop_by_hop = Frame::tcp(CLIENT6, VIP6, 1000, 80);
+    v6_hop_by_hop.ipv6_ext = Some(0);
+    let mut v6_dest_opts = Frame::tcp(CLIENT6, VIP6, 1000, 80);
+    v6_dest_opts.ipv6_ext = Some(60);
+
+    assert_untouched(&lb, &more_fragments.build(), XDP_DROP, "drop_fragment");
+    assert_untouched(&lb, &later_fragment.build(), XDP_DROP, "drop_fragment");
+    assert_untouched(&lb, &options.build(), XDP_DROP, "drop_ip_options");
+    assert_untouched(&lb, &v6_fragment.build(), XDP_DROP, "drop_fragment");
+    assert_untouched(&lb, &v6_hop_by_hop.build(), XDP_DROP, "drop_ip_options");
+    assert_untouched(&lb, &v6_dest_opts.build(), XDP_DROP, "drop_ip_options");
+
+    // Not ours: the same oddities to another address are the kernel's business.
+    let mut foreign = more_fragments.clone();
+    foreign.dst = "198.18.0.200".parse().unwrap();
+    assert_untouched(&lb, &foreign.build(), XDP_PASS, "pass_not_vip");
+
+    // A service that asks for them gets them passed to its node's stack.
+    let config = ServiceConfig {
+        pass_irregular: true,
+        ..ServiceConfig::default()
+    };
+    lb.maps.upsert_service(strict, config).unwrap();
+    assert_untouched(&lb, &more_fragments.build(), XDP_PASS, "pass_irregular");
+    assert_untouched(&lb, &options.build(), XDP_PASS, "pass_irregular");
+    // The flag is the service's: the IPv6 one still drops.
+    assert_untouched(&lb, &v6_fragment.build(), XDP_DROP, "drop_fragment");
+    // And back.
+    lb.maps.upsert_service(strict, ServiceConfig::default()).unwrap();
+    assert_untouched(&lb, &options.build(), XDP_DROP, "drop_ip_options");
+}
+
+#[test]
+fn a_service_without_backends_drops_and_counts() {
+    let mut lb = load_lb();
+    let key = service(VIP4, 80, Proto::Tcp);
+    lb.maps.upsert_service(key, ServiceConfig::default()).unwrap();
+    // The connection table is asked first (a miss), then the empty service drops.
+    assert_untouched_counting(
+        &lb,
+        &Frame::tcp(CLIENT4, VIP4, 1, 80).build(),
+        XDP_DROP,
+        &["drop_no_backend", "lru_miss"],
+    );
+    lb.maps.set_backends(key, &backends4(1)).unwrap();
+    assert_eq!(lb.forward(&Frame::tcp(CLIENT4, VIP4, 1, 80)), 1);
+    lb.maps.set_backends(key, &[]).unwrap();
+    assert_eq!(lb.run(&Frame::tcp(CLIENT4, VIP4, 1, 80).build()).0, XDP_DROP);
+    // Removing the service makes its address foreign again.
+    lb.maps.remove_service(key).unwrap();
+    assert_untouched(&lb, &Frame::tcp(CLIENT4, VIP4, 1, 80).build(), XDP_PASS, "pass_not_vip");
+}
+
+#[test]
+fn a_backend_behind_another_interface_is_reached_by_redirect() {
+    let mut lb = load_lb();
+    let mut b = backend("198.18.0.1", 1, 1);
+    b.route.egress = Egress::Interface { ifindex: 1 }; // lo: any existing interface will do
+    lb.add(service(VIP4, 80, Proto::Tcp), &[b]);
+    let input = Frame::tcp(CLIENT4, VIP4, 1000, 80).build();
+    let (verdict, out) = lb.run(&input);
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(macs(&out), (backend_mac(1), LB_MAC));
+    assert_eq!(lb.stats().redirect, 1);
+}
+
+#[test]
+fn service_and_backend_counters_count_packets_and_bytes() {
+    let mut lb = load_lb();
+    let key = service(VIP4, 80, Proto::Tcp);
+    lb.add(key, &backends4(2));
+    let frames = flows(100, 80);
+    let len = frames[0].build().len() as u64;
+    for f in &frames {
+        lb.forward(f);
+    }
+    let svc = lb.maps.service_counter(key).unwrap();
+    assert_eq!((svc.packets, svc.bytes), (100, 100 * len));
+    let per: Vec<_> = ["198.18.0.1", "198.18.0.2"]
+        .iter()
+        .map(|a| lb.maps.backend_counter(key, a.parse().unwrap()).unwrap())
+        .collect();
+    assert_eq!(per[0].packets + per[1].packets, 100);
+    assert!(per[0].packets > 0 && per[1].packets > 0);
+    assert_eq!(per[0].bytes + per[1].bytes, 100 * len);
+}
+
+#[test]
+fn the_baseline_program_swaps_macs() {
+    let lb = load_lb();
+    let input = Frame::tcp(CLIENT4, VIP4, 1, 80).build();
+    let (verdict, out) = lb.run_prog(Program::SwapMacs, &input);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(macs(&out), (CLIENT_MAC, LB_MAC));
+}
