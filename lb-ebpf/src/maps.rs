@@ -31,7 +31,8 @@ pub static ROUTES: Array<Route> = Array::with_max_entries(MAX_BACKENDS, 0);
 pub static TX_PORTS: DevMap = DevMap::with_max_entries(MAX_TX_PORTS, 0);
 
 #[map]
-pub static CONNS: LruPerCpuHashMap<FlowKey, ConnEntry> = LruPerCpuHashMap::with_max_entries(1, 0);
+// BPF_F_NO_COMMON_LRU (2): each CPU evicts from its own LRU list, no shared lock.
+pub static CONNS: LruPerCpuHashMap<FlowKey, ConnEntry> = LruPerCpuHashMap::with_max_entries(1, 2);
 
 #[map]
 pub static VIP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_VIPS, 0);

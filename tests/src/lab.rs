@@ -2,7 +2,10 @@
 //! one bridge that lives in a namespace of its own (so nothing touches the host's
 //! network). Addresses come from the benchmark range 198.18.0.0/24.
 
-use std::net::Ipv4Addr;
+use std::{
+    net::Ipv4Addr,
+    sync::atomic::{AtomicU32, Ordering},
+};
 
 use anyhow::{Context, Result};
 
@@ -45,7 +48,11 @@ pub struct Lab {
     // Hosts drop (and their namespaces go) before the bridge's.
     hosts: Vec<Host>,
     pub bridge: Netns,
+    /// Distinguishes labs of one process (tests run in parallel threads).
+    id: u32,
 }
+
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
 pub fn mac_string(mac: &[u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
@@ -58,18 +65,20 @@ impl Lab {
             "the lab creates network namespaces and must run as root"
         );
         netns::remove_orphans();
-        let bridge = Netns::create("br")?;
+        let id = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
+        let bridge = Netns::create(&format!("{id}-br"))?;
         bridge.ip("link add br0 type bridge")?;
         bridge.ip("link set br0 up")?;
         Ok(Lab {
             hosts: Vec::new(),
             bridge,
+            id,
         })
     }
 
     /// Adds host `tag` (at most 10 characters) with address 198.18.0.`octet`.
     pub fn add_host(&mut self, tag: &str, octet: u8) -> Result<&Host> {
-        let ns = Netns::create(tag)?;
+        let ns = Netns::create(&format!("{}-{tag}", self.id))?;
         let ip = Ipv4Addr::new(198, 18, 0, octet);
         let mac = [0x02, 0x1b, 0, 0, 0, octet];
         let port = format!("v-{tag}");

@@ -1,1 +1,99 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's build, test and benchmark entry points. Every
+//! command that needs the eBPF toolchain installs what is missing first, so a fresh
+//! clone needs nothing else.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test and benchmark the load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain (Debian rustc for BPF, bpf-linker, bpftool, iproute2...).
+    Setup,
+    /// Build the XDP object (through lb-userspace's build script) and the userspace crates.
+    BuildEbpf {
+        /// Build in release mode.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Install what is missing, then run every test: unit, data-plane, end to end.
+    /// Needs root (XDP programs, network namespaces).
+    Test {
+        /// Passed to `cargo test` after `--` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Install what is missing, then run the data-plane benchmark.
+    Bench,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn status(mut cmd: Command, what: &str) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    let script = workspace_root().join("scripts/install-toolchain.sh");
+    status(Command::new(&script), "scripts/install-toolchain.sh")
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf { release } => {
+            setup()?;
+            let mut cmd = cargo();
+            cmd.args(["build", "--package", "lb-userspace"]);
+            if release {
+                cmd.arg("--release");
+            }
+            status(cmd, "cargo build")?;
+            let object = workspace_root().join("target/bpf/bpfel-unknown-none/release/lb-ebpf");
+            println!("XDP object: {}", object.display());
+            Ok(())
+        }
+        Cmd::Test { args } => {
+            setup()?;
+            let mut cmd = cargo();
+            // The default members: every crate but lb-ebpf, which only builds for BPF.
+            cmd.arg("test");
+            if !args.is_empty() {
+                cmd.arg("--").args(args);
+            }
+            status(cmd, "cargo test")
+        }
+        Cmd::Bench => {
+            setup()?;
+            let mut cmd = cargo();
+            cmd.args(["bench", "--package", "lb-userspace", "--bench", "dataplane"]);
+            status(cmd, "cargo bench")
+        }
+    }
+}
