@@ -86,9 +86,16 @@ fn tcp_requests_to_the_vip_are_answered_by_both_backends() -> Result<()> {
     dataplane.flush_logs();
     eprintln!("answers: {answers:?}; data plane: {stats:?}");
     assert_eq!(answers.values().sum::<usize>(), CONNECTIONS);
-    assert_eq!(answers.keys().collect::<Vec<_>>(), ["b1", "b2"], "answers: {answers:?}");
+    assert_eq!(
+        answers.keys().collect::<Vec<_>>(),
+        ["b1", "b2"],
+        "answers: {answers:?}"
+    );
     for (name, n) in &answers {
-        assert!(*n >= CONNECTIONS / 5, "{name} served only {n} of {CONNECTIONS}");
+        assert!(
+            *n >= CONNECTIONS / 5,
+            "{name} served only {n} of {CONNECTIONS}"
+        );
     }
     // Every client packet of those connections went through the balancer (SYN, ACK,
     // FIN at least), and each backend's share was counted.

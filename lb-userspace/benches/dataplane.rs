@@ -82,7 +82,12 @@ fn measure(
 /// Writes a distinct source (address, port) for flow `n` into a built IPv4/TCP frame.
 /// Checksums are left stale: the program does not read them.
 fn set_flow(frame: &mut [u8], n: u64) {
-    let src = Ipv4Addr::new(198, 19, (n >> 24) as u8 ^ ((n >> 16) as u8), (n >> 16) as u8);
+    let src = Ipv4Addr::new(
+        198,
+        19,
+        (n >> 24) as u8 ^ ((n >> 16) as u8),
+        (n >> 16) as u8,
+    );
     frame[ETH_LEN + 12..ETH_LEN + 16].copy_from_slice(&src.octets());
     frame[ETH_LEN + 20..ETH_LEN + 22].copy_from_slice(&(n as u16).to_be_bytes());
 }
@@ -117,27 +122,51 @@ fn main() -> Result<()> {
     let to_vip = Frame::tcp("198.19.0.1", VIP, 40000, 80).build();
     let to_other = Frame::tcp("198.19.0.1", "198.18.0.200", 40000, 80).build();
 
-    let baseline = measure(&dp, "baseline: swap MACs, XDP_TX", Program::SwapMacs, XDP_TX, |_, f| {
-        if f.is_empty() {
-            *f = to_vip.clone();
-        }
-    })?;
-    let new_flow = measure(&dp, "new flow (LRU miss + Maglev)", Program::Balancer, XDP_TX, |n, f| {
-        if f.is_empty() {
-            *f = to_vip.clone();
-        }
-        set_flow(f, n);
-    })?;
-    let established = measure(&dp, "established flow (LRU hit)", Program::Balancer, XDP_TX, |_, f| {
-        if f.is_empty() {
-            *f = to_vip.clone();
-        }
-    })?;
-    let non_vip = measure(&dp, "non-VIP packet (XDP_PASS)", Program::Balancer, XDP_PASS, |_, f| {
-        if f.is_empty() {
-            *f = to_other.clone();
-        }
-    })?;
+    let baseline = measure(
+        &dp,
+        "baseline: swap MACs, XDP_TX",
+        Program::SwapMacs,
+        XDP_TX,
+        |_, f| {
+            if f.is_empty() {
+                *f = to_vip.clone();
+            }
+        },
+    )?;
+    let new_flow = measure(
+        &dp,
+        "new flow (LRU miss + Maglev)",
+        Program::Balancer,
+        XDP_TX,
+        |n, f| {
+            if f.is_empty() {
+                *f = to_vip.clone();
+            }
+            set_flow(f, n);
+        },
+    )?;
+    let established = measure(
+        &dp,
+        "established flow (LRU hit)",
+        Program::Balancer,
+        XDP_TX,
+        |_, f| {
+            if f.is_empty() {
+                *f = to_vip.clone();
+            }
+        },
+    )?;
+    let non_vip = measure(
+        &dp,
+        "non-VIP packet (XDP_PASS)",
+        Program::Balancer,
+        XDP_PASS,
+        |_, f| {
+            if f.is_empty() {
+                *f = to_other.clone();
+            }
+        },
+    )?;
 
     let stats = maps.global_stats()?;
     println!(

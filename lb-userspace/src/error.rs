@@ -11,7 +11,9 @@ use crate::{maglev::MaglevError, manager::ServiceKey};
 pub enum DataplaneError {
     #[error("loading the XDP object failed (run as root with CAP_BPF; see the verifier log): {0}")]
     Load(#[from] EbpfError),
-    #[error("XDP program {name} is missing from the object; the build of lb-ebpf is stale or broken")]
+    #[error(
+        "XDP program {name} is missing from the object; the build of lb-ebpf is stale or broken"
+    )]
     MissingProgram { name: &'static str },
     #[error("XDP program {name} was rejected by the kernel: {source}")]
     ProgramLoad {
@@ -57,13 +59,22 @@ pub enum DataplaneError {
         max: u32,
     },
     #[error("backend {backend} of {service} is not of the service's address family")]
-    FamilyMismatch { service: ServiceKey, backend: IpAddr },
+    FamilyMismatch {
+        service: ServiceKey,
+        backend: IpAddr,
+    },
     #[error("backend {backend} is listed twice for {service}")]
-    DuplicateBackend { service: ServiceKey, backend: IpAddr },
+    DuplicateBackend {
+        service: ServiceKey,
+        backend: IpAddr,
+    },
     #[error("no such service: {0}")]
     UnknownService(ServiceKey),
     #[error("no backend {backend} in {service}")]
-    UnknownBackend { service: ServiceKey, backend: IpAddr },
+    UnknownBackend {
+        service: ServiceKey,
+        backend: IpAddr,
+    },
     #[error("too many egress interfaces: the XDP devmap holds {max}")]
     TooManyTxPorts { max: u32 },
     #[error(transparent)]

@@ -2,9 +2,9 @@
 //! ([`loader`]), writing services and backends into its maps ([`manager`]), and the
 //! pure Maglev table builder ([`maglev`]). The daemon and CLI build on these.
 
-pub mod maglev;
 pub mod error;
 pub mod loader;
+pub mod maglev;
 pub mod manager;
 
 pub use error::DataplaneError;

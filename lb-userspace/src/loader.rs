@@ -94,7 +94,9 @@ impl Dataplane {
                 ))
             })?;
         if options.conn_table_size == 0 {
-            return Err(DataplaneError::Options("conn_table_size must be positive".into()));
+            return Err(DataplaneError::Options(
+                "conn_table_size must be positive".into(),
+            ));
         }
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map_names::MAGLEV_RING, ring_entries)
@@ -106,7 +108,9 @@ impl Dataplane {
             let xdp: &mut Xdp = ebpf
                 .program_mut(program.name())
                 .and_then(|p| p.try_into().ok())
-                .ok_or(DataplaneError::MissingProgram { name: program.name() })?;
+                .ok_or(DataplaneError::MissingProgram {
+                    name: program.name(),
+                })?;
             xdp.load().map_err(|source| DataplaneError::ProgramLoad {
                 name: program.name(),
                 source,

@@ -21,10 +21,9 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    map_names, AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, Route,
-    VipKey, VipMeta, ADDR_F_PASS_IRREGULAR, BACKEND_F_ACTIVE, FAMILY_V4, FAMILY_V6,
-    MAGLEV_DEFAULT_SIZE, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, ROUTE_MODE_L2_DSR,
-    VIP_F_PASS_IRREGULAR,
+    map_names, AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, Route, VipKey,
+    VipMeta, ADDR_F_PASS_IRREGULAR, BACKEND_F_ACTIVE, FAMILY_V4, FAMILY_V6, MAGLEV_DEFAULT_SIZE,
+    MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, ROUTE_MODE_L2_DSR, VIP_F_PASS_IRREGULAR,
 };
 
 use crate::{
@@ -240,7 +239,10 @@ impl MapManager {
         let zeros = PerCpuValues::try_from(vec![Counter::default(); self.nr_cpus])
             .map_err(|e| DataplaneError::Options(format!("per-CPU values: {e}")))?;
         match which {
-            CounterMap::Vip => self.vip_stats.set(index, zeros, 0).map_ctx(map_names::VIP_STATS),
+            CounterMap::Vip => self
+                .vip_stats
+                .set(index, zeros, 0)
+                .map_ctx(map_names::VIP_STATS),
             CounterMap::Backend => self
                 .backend_stats
                 .set(index, zeros, 0)
@@ -276,12 +278,12 @@ impl MapManager {
             }
             None => {
                 let used: BTreeSet<u32> = self.services.values().map(|s| s.vip_id).collect();
-                let vip_id = (0..self.max_services)
-                    .find(|id| !used.contains(id))
-                    .ok_or(DataplaneError::TooManyServices {
+                let vip_id = (0..self.max_services).find(|id| !used.contains(id)).ok_or(
+                    DataplaneError::TooManyServices {
                         service: key,
                         max: self.max_services,
-                    })?;
+                    },
+                )?;
                 self.zero_counter(CounterMap::Vip, vip_id)?;
                 self.services.insert(
                     key,
@@ -307,7 +309,12 @@ impl MapManager {
             .ok_or(DataplaneError::UnknownService(key))?;
         match self.vips.remove(&Self::vip_key(&key)) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(DataplaneError::Map { name: map_names::VIPS, source: e }),
+            Err(e) => {
+                return Err(DataplaneError::Map {
+                    name: map_names::VIPS,
+                    source: e,
+                })
+            }
         }
         for backend in state.backends.values() {
             self.deactivate(backend.id)?;
@@ -317,15 +324,28 @@ impl MapManager {
 
     /// Sets the service's backends to exactly `backends`: adds the new ones, updates
     /// weights and routes, removes the ones not listed, and rebuilds the Maglev table.
-    pub fn set_backends(&mut self, key: ServiceKey, backends: &[BackendConfig]) -> Result<TableUpdate> {
-        let state = self.services.get(&key).ok_or(DataplaneError::UnknownService(key))?;
+    pub fn set_backends(
+        &mut self,
+        key: ServiceKey,
+        backends: &[BackendConfig],
+    ) -> Result<TableUpdate> {
+        let state = self
+            .services
+            .get(&key)
+            .ok_or(DataplaneError::UnknownService(key))?;
         let mut listed = BTreeSet::new();
         for b in backends {
             if b.addr.is_ipv4() != key.addr.is_ipv4() {
-                return Err(DataplaneError::FamilyMismatch { service: key, backend: b.addr });
+                return Err(DataplaneError::FamilyMismatch {
+                    service: key,
+                    backend: b.addr,
+                });
             }
             if !listed.insert(b.addr) {
-                return Err(DataplaneError::DuplicateBackend { service: key, backend: b.addr });
+                return Err(DataplaneError::DuplicateBackend {
+                    service: key,
+                    backend: b.addr,
+                });
             }
         }
         let newcomers = backends
@@ -359,7 +379,9 @@ impl MapManager {
                         // In place: a packet racing this write may see part of the old
                         // MACs and be lost, as during any route change; never another
                         // backend's MAC, since the slot is this backend's alone.
-                        self.routes.set(current.id, route, 0).map_ctx(map_names::ROUTES)?;
+                        self.routes
+                            .set(current.id, route, 0)
+                            .map_ctx(map_names::ROUTES)?;
                         current.route = route;
                     }
                     current.weight = b.weight;
@@ -380,7 +402,9 @@ impl MapManager {
                         gen,
                         route_id: id,
                     };
-                    self.backends.set(id, entry, 0).map_ctx(map_names::BACKENDS)?;
+                    self.backends
+                        .set(id, entry, 0)
+                        .map_ctx(map_names::BACKENDS)?;
                     self.state_mut(key).backends.insert(
                         b.addr,
                         BackendState {
@@ -400,7 +424,13 @@ impl MapManager {
             .collect();
         let mut removed = Vec::new();
         for addr in gone {
-            removed.push(self.state_mut(key).backends.remove(&addr).expect("listed").id);
+            removed.push(
+                self.state_mut(key)
+                    .backends
+                    .remove(&addr)
+                    .expect("listed")
+                    .id,
+            );
         }
 
         let update = self.rebuild(key)?;
@@ -412,7 +442,9 @@ impl MapManager {
     }
 
     fn state_mut(&mut self, key: ServiceKey) -> &mut ServiceState {
-        self.services.get_mut(&key).expect("caller checked the service exists")
+        self.services
+            .get_mut(&key)
+            .expect("caller checked the service exists")
     }
 
     fn deactivate(&mut self, id: u32) -> Result<()> {
@@ -443,11 +475,13 @@ impl MapManager {
         }
         let slot = self.tx_port_slots.len() as u32 + 1;
         if slot >= MAX_TX_PORTS {
-            return Err(DataplaneError::TooManyTxPorts { max: MAX_TX_PORTS - 1 });
+            return Err(DataplaneError::TooManyTxPorts {
+                max: MAX_TX_PORTS - 1,
+            });
         }
-        self.tx_ports
-            .set(slot, ifindex, None, 0)
-            .map_err(|e| DataplaneError::Options(format!("devmap slot {slot} for ifindex {ifindex}: {e}")))?;
+        self.tx_ports.set(slot, ifindex, None, 0).map_err(|e| {
+            DataplaneError::Options(format!("devmap slot {slot} for ifindex {ifindex}: {e}"))
+        })?;
         self.tx_port_slots.insert(ifindex, slot);
         Ok(slot)
     }
@@ -477,7 +511,9 @@ impl MapManager {
         }
         let mut written = 0;
         for (cell, id) in maglev::delta(&shadow[..table.len()], &table) {
-            self.ring.set(offset + cell, id, 0).map_ctx(map_names::MAGLEV_RING)?;
+            self.ring
+                .set(offset + cell, id, 0)
+                .map_ctx(map_names::MAGLEV_RING)?;
             written += 1;
         }
         shadow[..table.len()].copy_from_slice(&table);
@@ -497,7 +533,11 @@ impl MapManager {
         let slot = state.vip_id * 2 + state.active_slot as u32;
         let meta = VipMeta {
             vip_id: state.vip_id,
-            flags: if state.config.pass_irregular { VIP_F_PASS_IRREGULAR } else { 0 },
+            flags: if state.config.pass_irregular {
+                VIP_F_PASS_IRREGULAR
+            } else {
+                0
+            },
             ring_offset: slot * self.ring_stride,
             ring_size: state.table.as_ref().map_or(0, |t| t.len() as u32),
         };
@@ -515,18 +555,27 @@ impl MapManager {
             family,
             _pad: [0; 3],
         };
-        let mut on_addr = self.services.iter().filter(|(k, _)| k.addr == addr).peekable();
+        let mut on_addr = self
+            .services
+            .iter()
+            .filter(|(k, _)| k.addr == addr)
+            .peekable();
         if on_addr.peek().is_none() {
             return match self.vip_addrs.remove(&key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(e) => Err(DataplaneError::Map { name: map_names::VIP_ADDRS, source: e }),
+                Err(e) => Err(DataplaneError::Map {
+                    name: map_names::VIP_ADDRS,
+                    source: e,
+                }),
             };
         }
         let pass = on_addr.any(|(_, s)| s.config.pass_irregular);
         let meta = AddrMeta {
             flags: if pass { ADDR_F_PASS_IRREGULAR } else { 0 },
         };
-        self.vip_addrs.insert(key, meta, 0).map_ctx(map_names::VIP_ADDRS)
+        self.vip_addrs
+            .insert(key, meta, 0)
+            .map_ctx(map_names::VIP_ADDRS)
     }
 
     pub fn services(&self) -> impl Iterator<Item = &ServiceKey> {
@@ -541,7 +590,10 @@ impl MapManager {
             .backends
             .get(&addr)
             .map(|b| b.id)
-            .ok_or(DataplaneError::UnknownBackend { service: key, backend: addr })
+            .ok_or(DataplaneError::UnknownBackend {
+                service: key,
+                backend: addr,
+            })
     }
 
     fn sum(values: PerCpuValues<Counter>) -> Counter {
@@ -552,7 +604,11 @@ impl MapManager {
     }
 
     pub fn service_counter(&self, key: ServiceKey) -> Result<Counter> {
-        let id = self.services.get(&key).ok_or(DataplaneError::UnknownService(key))?.vip_id;
+        let id = self
+            .services
+            .get(&key)
+            .ok_or(DataplaneError::UnknownService(key))?
+            .vip_id;
         self.vip_stats
             .get(&id, 0)
             .map(Self::sum)
@@ -568,7 +624,10 @@ impl MapManager {
     }
 
     pub fn global_stats(&self) -> Result<GlobalStats> {
-        let per_cpu = self.global_stats.get(&0, 0).map_ctx(map_names::GLOBAL_STATS)?;
+        let per_cpu = self
+            .global_stats
+            .get(&0, 0)
+            .map_ctx(map_names::GLOBAL_STATS)?;
         let mut total = GlobalStats::default();
         for s in per_cpu.iter() {
             total.accumulate(s);

@@ -11,7 +11,7 @@ use lb_userspace::{
     BackendConfig, Dataplane, Egress, L2Route, LoadOptions, MapManager, Program, Proto,
     ServiceConfig, ServiceKey,
 };
-use support::{backend_mac, macs, Frame, L4, CLIENT_MAC, ETH_LEN, IPV4_LEN, LB_MAC};
+use support::{backend_mac, macs, Frame, CLIENT_MAC, ETH_LEN, IPV4_LEN, L4, LB_MAC};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -83,11 +83,15 @@ fn backend(addr: &str, i: u8, weight: u32) -> BackendConfig {
 }
 
 fn backends4(n: u8) -> Vec<BackendConfig> {
-    (1..=n).map(|i| backend(&format!("198.18.0.{}", i), i, 1)).collect()
+    (1..=n)
+        .map(|i| backend(&format!("198.18.0.{}", i), i, 1))
+        .collect()
 }
 
 fn backends6(n: u8) -> Vec<BackendConfig> {
-    (1..=n).map(|i| backend(&format!("2001:db8::{i}"), i, 1)).collect()
+    (1..=n)
+        .map(|i| backend(&format!("2001:db8::{i}"), i, 1))
+        .collect()
 }
 
 impl Lb {
@@ -126,7 +130,11 @@ impl Lb {
         assert_eq!(verdict, XDP_TX, "frame {frame:?} not transmitted");
         let (dst, src) = macs(&out);
         assert_eq!(src, LB_MAC);
-        assert_eq!(dst[..5], backend_mac(0)[..5], "not a backend MAC: {dst:02x?}");
+        assert_eq!(
+            dst[..5],
+            backend_mac(0)[..5],
+            "not a backend MAC: {dst:02x?}"
+        );
         dst[5]
     }
 
@@ -204,7 +212,13 @@ fn the_same_five_tuple_always_goes_to_the_same_backend() {
     let fresh: Vec<u8> = frames.iter().map(|f| other.forward(f)).collect();
     assert_eq!(fresh, first);
     assert_eq!(lb.stats().lru_hit, 900);
-    assert!(first.iter().collect::<std::collections::BTreeSet<_>>().len() == 3);
+    assert!(
+        first
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            == 3
+    );
 }
 
 #[test]
@@ -237,7 +251,10 @@ fn weights_set_the_share_of_new_flows() {
         *per_backend.entry(lb.forward(&f)).or_default() += 1;
     }
     let heavy = per_backend[&1] as f64 / 8000.0;
-    assert!((heavy - 0.75).abs() < 0.05, "weight 3:1 gave {per_backend:?}");
+    assert!(
+        (heavy - 0.75).abs() < 0.05,
+        "weight 3:1 gave {per_backend:?}"
+    );
 }
 
 #[test]
@@ -258,12 +275,21 @@ fn established_flows_keep_their_backend_when_one_is_added() {
     fresh.add(key, &backends4(4));
     let table_only: Vec<u8> = old.iter().map(|f| fresh.forward(f)).collect();
     let moved = table_only.iter().filter(|&&b| b == 4).count();
-    assert!(moved > 3000 / 8, "only {moved} flows would have moved to the new backend");
+    assert!(
+        moved > 3000 / 8,
+        "only {moved} flows would have moved to the new backend"
+    );
 
     // New flows do reach the new backend.
-    let new: Vec<u8> = flows(6000, 80)[3000..].iter().map(|f| lb.forward(f)).collect();
+    let new: Vec<u8> = flows(6000, 80)[3000..]
+        .iter()
+        .map(|f| lb.forward(f))
+        .collect();
     let on_new = new.iter().filter(|&&b| b == 4).count();
-    assert!(on_new > 3000 / 8, "only {on_new} of 3000 new flows went to the new backend");
+    assert!(
+        on_new > 3000 / 8,
+        "only {on_new} of 3000 new flows went to the new backend"
+    );
 }
 
 #[test]
@@ -291,17 +317,26 @@ fn a_removed_backend_gets_no_packet_even_from_its_old_flows() {
 
     // Its id may be reused by the next backend; the old flows still must not follow it.
     lb.maps
-        .set_backends(key, &[backends4(2), vec![backend("198.18.0.9", 9, 1)]].concat())
+        .set_backends(
+            key,
+            &[backends4(2), vec![backend("198.18.0.9", 9, 1)]].concat(),
+        )
         .unwrap();
     let again: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
-    assert_eq!(again, after, "re-steered flows moved again when a backend was added");
+    assert_eq!(
+        again, after,
+        "re-steered flows moved again when a backend was added"
+    );
 }
 
 #[test]
 fn a_port_less_service_catches_every_port_of_its_address() {
     let mut lb = load_lb();
     lb.add(service(VIP4, 0, Proto::Tcp), &backends4(1));
-    lb.add(service(VIP4, 443, Proto::Tcp), &[backend("198.18.0.2", 2, 1)]);
+    lb.add(
+        service(VIP4, 443, Proto::Tcp),
+        &[backend("198.18.0.2", 2, 1)],
+    );
     assert_eq!(lb.forward(&Frame::tcp(CLIENT4, VIP4, 5000, 8080)), 1);
     assert_eq!(lb.forward(&Frame::tcp(CLIENT4, VIP4, 5000, 443)), 2);
     // The fallback is per protocol.
@@ -324,7 +359,11 @@ fn assert_untouched_counting(lb: &Lb, input: &[u8], verdict: u32, counters: &[&s
     assert_eq!(got, verdict, "verdict for the `{counter}` case");
     assert_eq!(out, input, "frame modified in the `{counter}` case");
     let after = lb.stats();
-    for ((name, b), a) in GlobalStats::FIELDS.iter().zip(before.values()).zip(after.values()) {
+    for ((name, b), a) in GlobalStats::FIELDS
+        .iter()
+        .zip(before.values())
+        .zip(after.values())
+    {
         let expected = if counters.contains(name) { b + 1 } else { b };
         assert_eq!(a, expected, "counter {name} in the `{counter}` case");
     }
@@ -336,12 +375,32 @@ fn traffic_not_for_a_service_passes_unchanged() {
     lb.add(service(VIP4, 80, Proto::Tcp), &backends4(1));
     lb.add(service(VIP6, 80, Proto::Tcp), &backends6(1));
     // Another address.
-    assert_untouched(&lb, &Frame::tcp(CLIENT4, "198.18.0.200", 1, 80).build(), XDP_PASS, "pass_not_vip");
-    assert_untouched(&lb, &Frame::tcp(CLIENT6, "2001:db8::200", 1, 80).build(), XDP_PASS, "pass_not_vip");
+    assert_untouched(
+        &lb,
+        &Frame::tcp(CLIENT4, "198.18.0.200", 1, 80).build(),
+        XDP_PASS,
+        "pass_not_vip",
+    );
+    assert_untouched(
+        &lb,
+        &Frame::tcp(CLIENT6, "2001:db8::200", 1, 80).build(),
+        XDP_PASS,
+        "pass_not_vip",
+    );
     // The VIP, another port.
-    assert_untouched(&lb, &Frame::tcp(CLIENT4, VIP4, 1, 22).build(), XDP_PASS, "pass_no_service");
+    assert_untouched(
+        &lb,
+        &Frame::tcp(CLIENT4, VIP4, 1, 22).build(),
+        XDP_PASS,
+        "pass_no_service",
+    );
     // The VIP, another protocol.
-    assert_untouched(&lb, &Frame::udp(CLIENT6, VIP6, 1, 80).build(), XDP_PASS, "pass_no_service");
+    assert_untouched(
+        &lb,
+        &Frame::udp(CLIENT6, VIP6, 1, 80).build(),
+        XDP_PASS,
+        "pass_no_service",
+    );
     // ICMP to the VIP is the node's own (ping, PMTU errors).
     let mut icmp = Frame::tcp(CLIENT4, VIP4, 0, 0);
     icmp.l4 = L4::Other(1);
@@ -372,7 +431,12 @@ fn malformed_frames_to_a_vip_are_never_forwarded_or_modified() {
     assert_untouched(&lb, &tcp6[..ETH_LEN + 30], XDP_PASS, "pass_unparsed");
 
     // IP header complete, L4 cut off: the IP total length lies.
-    assert_untouched(&lb, &tcp4[..ETH_LEN + IPV4_LEN + 10], XDP_DROP, "drop_malformed");
+    assert_untouched(
+        &lb,
+        &tcp4[..ETH_LEN + IPV4_LEN + 10],
+        XDP_DROP,
+        "drop_malformed",
+    );
     assert_untouched(&lb, &tcp6[..ETH_LEN + 40 + 10], XDP_DROP, "drop_malformed");
     // Total length larger than the frame.
     let mut long = tcp4.clone();
@@ -458,7 +522,9 @@ fn fragments_and_ip_options_are_dropped_by_default_and_passed_when_configured() 
     // The flag is the service's: the IPv6 one still drops.
     assert_untouched(&lb, &v6_fragment.build(), XDP_DROP, "drop_fragment");
     // And back.
-    lb.maps.upsert_service(strict, ServiceConfig::default()).unwrap();
+    lb.maps
+        .upsert_service(strict, ServiceConfig::default())
+        .unwrap();
     assert_untouched(&lb, &options.build(), XDP_DROP, "drop_ip_options");
 }
 
@@ -466,7 +532,9 @@ fn fragments_and_ip_options_are_dropped_by_default_and_passed_when_configured() 
 fn a_service_without_backends_drops_and_counts() {
     let mut lb = load_lb();
     let key = service(VIP4, 80, Proto::Tcp);
-    lb.maps.upsert_service(key, ServiceConfig::default()).unwrap();
+    lb.maps
+        .upsert_service(key, ServiceConfig::default())
+        .unwrap();
     // The connection table is asked first (a miss), then the empty service drops.
     assert_untouched_counting(
         &lb,
@@ -477,10 +545,18 @@ fn a_service_without_backends_drops_and_counts() {
     lb.maps.set_backends(key, &backends4(1)).unwrap();
     assert_eq!(lb.forward(&Frame::tcp(CLIENT4, VIP4, 1, 80)), 1);
     lb.maps.set_backends(key, &[]).unwrap();
-    assert_eq!(lb.run(&Frame::tcp(CLIENT4, VIP4, 1, 80).build()).0, XDP_DROP);
+    assert_eq!(
+        lb.run(&Frame::tcp(CLIENT4, VIP4, 1, 80).build()).0,
+        XDP_DROP
+    );
     // Removing the service makes its address foreign again.
     lb.maps.remove_service(key).unwrap();
-    assert_untouched(&lb, &Frame::tcp(CLIENT4, VIP4, 1, 80).build(), XDP_PASS, "pass_not_vip");
+    assert_untouched(
+        &lb,
+        &Frame::tcp(CLIENT4, VIP4, 1, 80).build(),
+        XDP_PASS,
+        "pass_not_vip",
+    );
 }
 
 #[test]

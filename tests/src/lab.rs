@@ -38,7 +38,9 @@ impl Host {
 
     /// Adds an address to `eth0` (a VIP the host owns and answers ARP for).
     pub fn add_addr(&self, addr: Ipv4Addr) -> Result<()> {
-        self.ns.ip(&format!("addr add {addr}/32 dev eth0")).map(drop)
+        self.ns
+            .ip(&format!("addr add {addr}/32 dev eth0"))
+            .map(drop)
     }
 }
 
@@ -55,7 +57,10 @@ pub struct Lab {
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
 pub fn mac_string(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 impl Lab {

@@ -18,10 +18,9 @@ pub const PREFIX: &str = "lbt";
 
 /// Runs a command, failing with its stderr if it fails.
 pub fn run(program: &str, args: &[&str]) -> Result<Output> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program} (is it installed? scripts/install-toolchain.sh installs it)"))?;
+    let out = Command::new(program).args(args).output().with_context(|| {
+        format!("running {program} (is it installed? scripts/install-toolchain.sh installs it)")
+    })?;
     if !out.status.success() {
         bail!(
             "{program} {} failed: {}",
@@ -73,7 +72,8 @@ impl Netns {
 
     /// Sets a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.exec("sysctl", &["-qw", &format!("{key}={value}")]).map(drop)
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")])
+            .map(drop)
     }
 
     fn path(&self) -> String {
@@ -86,7 +86,8 @@ impl Netns {
     pub fn enter<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let home = File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
         let target = File::open(self.path()).with_context(|| format!("opening {}", self.path()))?;
-        setns(&target, CloneFlags::CLONE_NEWNET).with_context(|| format!("entering {}", self.name))?;
+        setns(&target, CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {}", self.name))?;
         let result = f();
         setns(&home, CloneFlags::CLONE_NEWNET).context("returning to the original netns")?;
         result

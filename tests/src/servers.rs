@@ -30,7 +30,8 @@ impl NameServer {
         let name = name.to_string();
         let flag = stop.clone();
         let thread = ns.spawn(move || {
-            let listener = TcpListener::bind(("0.0.0.0", port)).context("binding the name server")?;
+            let listener =
+                TcpListener::bind(("0.0.0.0", port)).context("binding the name server")?;
             listener.set_nonblocking(true)?;
             let _ = ready_tx.send(());
             let mut served = 0;
@@ -66,7 +67,9 @@ impl NameServer {
     fn shutdown(&mut self) -> Result<u64> {
         self.stop.store(true, Ordering::Relaxed);
         match self.thread.take() {
-            Some(t) => t.join().map_err(|_| anyhow::anyhow!("name server panicked"))?,
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow::anyhow!("name server panicked"))?,
             None => Ok(0),
         }
     }
@@ -80,7 +83,8 @@ impl Drop for NameServer {
 
 /// Connects, reads the server's answer to EOF, returns it trimmed.
 pub fn ask_name(addr: SocketAddr, timeout: Duration) -> Result<String> {
-    let mut conn = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connecting to {addr}"))?;
+    let mut conn = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
     conn.set_read_timeout(Some(timeout))?;
     let mut answer = String::new();
     conn.read_to_string(&mut answer)

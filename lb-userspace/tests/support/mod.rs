@@ -72,11 +72,23 @@ impl Frame {
     }
 
     pub fn tcp(src: &str, dst: &str, sport: u16, dport: u16) -> Self {
-        Self::new(src.parse().unwrap(), dst.parse().unwrap(), L4::Tcp, sport, dport)
+        Self::new(
+            src.parse().unwrap(),
+            dst.parse().unwrap(),
+            L4::Tcp,
+            sport,
+            dport,
+        )
     }
 
     pub fn udp(src: &str, dst: &str, sport: u16, dport: u16) -> Self {
-        Self::new(src.parse().unwrap(), dst.parse().unwrap(), L4::Udp, sport, dport)
+        Self::new(
+            src.parse().unwrap(),
+            dst.parse().unwrap(),
+            L4::Udp,
+            sport,
+            dport,
+        )
     }
 
     fn l4_bytes(&self) -> (IpNextHeaderProtocol, Vec<u8>) {
@@ -92,8 +104,12 @@ impl Frame {
                 tcp.set_window(65535);
                 tcp.set_payload(&self.payload);
                 let sum = match (self.src, self.dst) {
-                    (IpAddr::V4(s), IpAddr::V4(d)) => tcp::ipv4_checksum(&tcp.to_immutable(), &s, &d),
-                    (IpAddr::V6(s), IpAddr::V6(d)) => tcp::ipv6_checksum(&tcp.to_immutable(), &s, &d),
+                    (IpAddr::V4(s), IpAddr::V4(d)) => {
+                        tcp::ipv4_checksum(&tcp.to_immutable(), &s, &d)
+                    }
+                    (IpAddr::V6(s), IpAddr::V6(d)) => {
+                        tcp::ipv6_checksum(&tcp.to_immutable(), &s, &d)
+                    }
                     _ => panic!("mixed families"),
                 };
                 tcp.set_checksum(sum);
@@ -107,8 +123,12 @@ impl Frame {
                 udp.set_length((UDP_LEN + self.payload.len()) as u16);
                 udp.set_payload(&self.payload);
                 let sum = match (self.src, self.dst) {
-                    (IpAddr::V4(s), IpAddr::V4(d)) => udp::ipv4_checksum(&udp.to_immutable(), &s, &d),
-                    (IpAddr::V6(s), IpAddr::V6(d)) => udp::ipv6_checksum(&udp.to_immutable(), &s, &d),
+                    (IpAddr::V4(s), IpAddr::V4(d)) => {
+                        udp::ipv4_checksum(&udp.to_immutable(), &s, &d)
+                    }
+                    (IpAddr::V6(s), IpAddr::V6(d)) => {
+                        udp::ipv6_checksum(&udp.to_immutable(), &s, &d)
+                    }
                     _ => panic!("mixed families"),
                 };
                 udp.set_checksum(sum);
