@@ -43,6 +43,18 @@ pub mod map_names {
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
+    pub const ALL: [&str; 10] = [
+        VIP_ADDRS,
+        VIPS,
+        MAGLEV_RING,
+        BACKENDS,
+        ROUTES,
+        TX_PORTS,
+        CONNS,
+        VIP_STATS,
+        BACKEND_STATS,
+        GLOBAL_STATS,
+    ];
 }
 
 /// Program names in the object.

@@ -8,5 +8,7 @@ pub mod maglev;
 pub mod manager;
 
 pub use error::DataplaneError;
-pub use loader::{Dataplane, LoadOptions, Program};
-pub use manager::{BackendConfig, Egress, L2Route, MapManager, Proto, ServiceConfig, ServiceKey};
+pub use loader::{Attached, Dataplane, LoadOptions, Program};
+pub use manager::{
+    BackendConfig, Egress, L2Route, MapManager, Proto, ServiceConfig, ServiceKey, Snapshot,
+};

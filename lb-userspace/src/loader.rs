@@ -1,9 +1,17 @@
 //! Loading the XDP object, attaching its programs to interfaces, detaching them.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
 use aya::{
-    programs::{xdp::XdpLinkId, Xdp, XdpMode},
+    maps::MapInfo,
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
@@ -51,6 +59,9 @@ pub struct LoadOptions {
     pub maglev_max_size: u32,
     /// Entries of the per-CPU LRU connection table.
     pub conn_table_size: u32,
+    /// A bpffs directory to pin the maps in. A later load with the same directory
+    /// reuses them, contents and all: what a restarting daemon needs.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -59,6 +70,7 @@ impl Default for LoadOptions {
             max_services: 64,
             maglev_max_size: MAGLEV_DEFAULT_SIZE,
             conn_table_size: 1 << 18,
+            pin_dir: None,
         }
     }
 }
@@ -69,6 +81,43 @@ pub struct Dataplane {
     // Owns the log ring buffer: dropping it would close the map the program writes to.
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
     links: HashMap<(Program, String), XdpLinkId>,
+    pin_dir: Option<PathBuf>,
+}
+
+/// How `attach_pinned` found the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// Nothing of ours was attached; a new link was made and pinned.
+    New,
+    /// A pinned link from an earlier run was there; its program was replaced
+    /// atomically, with no moment without a program.
+    Replaced,
+}
+
+/// A pinned map made with other sizes would be reused as it is, silently ignoring the
+/// new options: refuse instead.
+fn check_pinned_size(dir: &Path, name: &str, expected: u32, option: &str) -> Result<()> {
+    let path = dir.join(name);
+    if !path.exists() {
+        return Ok(());
+    }
+    let info = MapInfo::from_pin(&path).map_err(|source| DataplaneError::Map {
+        name: map_names::ALL
+            .iter()
+            .find(|n| **n == name)
+            .copied()
+            .unwrap_or("?"),
+        source,
+    })?;
+    if info.max_entries() != expected {
+        return Err(DataplaneError::Options(format!(
+            "the pinned map {} has {} entries but {option} now asks for {expected}; \
+             detach the balancer (lbctl shutdown --detach) to apply new sizes",
+            path.display(),
+            info.max_entries()
+        )));
+    }
+    Ok(())
 }
 
 impl Dataplane {
@@ -98,10 +147,34 @@ impl Dataplane {
                 "conn_table_size must be positive".into(),
             ));
         }
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(map_names::MAGLEV_RING, ring_entries)
-            .map_max_entries(map_names::CONNS, options.conn_table_size)
-            .load(OBJECT)?;
+            .map_max_entries(map_names::CONNS, options.conn_table_size);
+        if let Some(dir) = &options.pin_dir {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                DataplaneError::Options(format!(
+                    "creating pin directory {} (is bpffs mounted on /sys/fs/bpf?): {e}",
+                    dir.display()
+                ))
+            })?;
+            check_pinned_size(
+                dir,
+                map_names::MAGLEV_RING,
+                ring_entries,
+                "max_services or maglev_max_size",
+            )?;
+            check_pinned_size(
+                dir,
+                map_names::CONNS,
+                options.conn_table_size,
+                "conn_table_size",
+            )?;
+            for name in map_names::ALL {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         // The program logs only on control-plane inconsistencies; no log map means none.
         let logger = EbpfLogger::init(&mut ebpf).ok();
         for program in Program::ALL {
@@ -121,6 +194,7 @@ impl Dataplane {
             ebpf,
             logger,
             links: HashMap::new(),
+            pin_dir: options.pin_dir.clone(),
         };
         Ok((dataplane, maps))
     }
@@ -164,6 +238,100 @@ impl Dataplane {
                     source,
                 })?;
         }
+        Ok(())
+    }
+
+    fn link_pin_path(&self, program: Program, interface: &str) -> Result<PathBuf> {
+        let dir = self.pin_dir.as_ref().ok_or_else(|| {
+            DataplaneError::Options("pinned attach needs LoadOptions::pin_dir".into())
+        })?;
+        Ok(dir.join(format!("link-{}-{interface}", program.name())))
+    }
+
+    /// Attaches `program` to `interface` through a link pinned in the pin directory, so
+    /// that it outlives this process. If an earlier run left such a link, its program
+    /// is replaced by this one in one step: traffic never goes unhandled.
+    pub fn attach_pinned(
+        &mut self,
+        program: Program,
+        interface: &str,
+        mode: XdpMode,
+    ) -> Result<Attached> {
+        let path = self.link_pin_path(program, interface)?;
+        let attach_err = |source| DataplaneError::Attach {
+            program: program.name(),
+            interface: interface.to_string(),
+            source,
+        };
+        if path.exists() {
+            let old = PinnedLink::from_pin(&path).map_err(|e| {
+                DataplaneError::Options(format!("opening pinned link {}: {e}", path.display()))
+            })?;
+            let link = XdpLink::try_from(FdLink::from(old)).map_err(|e| {
+                DataplaneError::Options(format!(
+                    "pinned link {} is not an XDP link: {e}",
+                    path.display()
+                ))
+            })?;
+            let id = self
+                .program_mut(program)
+                .attach_to_link(link)
+                .map_err(attach_err)?;
+            self.links.insert((program, interface.to_string()), id);
+            return Ok(Attached::Replaced);
+        }
+        let xdp = self.program_mut(program);
+        let id = xdp.attach(interface, mode).map_err(attach_err)?;
+        let link = xdp.take_link(id).map_err(attach_err)?;
+        let fd_link = FdLink::try_from(link).map_err(|e| {
+            DataplaneError::Options(format!(
+                "the kernel attached {} to {interface} without a BPF link, which cannot be pinned: {e}",
+                program.name()
+            ))
+        })?;
+        // Pinned, the link lives on when this fd closes.
+        fd_link.pin(&path).map_err(|e| {
+            DataplaneError::Options(format!("pinning the link at {}: {e}", path.display()))
+        })?;
+        Ok(Attached::New)
+    }
+
+    /// Removes the pinned link of `program` on `interface`: the program comes off the
+    /// interface once this process closes its own handles too.
+    pub fn detach_pinned(&mut self, program: Program, interface: &str) -> Result<()> {
+        let path = self.link_pin_path(program, interface)?;
+        if let Some(id) = self.links.remove(&(program, interface.to_string())) {
+            let _ = self.program_mut(program).detach(id);
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DataplaneError::Options(format!(
+                "removing {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
+    /// Removes the pinned maps and the pin directory (after `detach_pinned` on every
+    /// interface): the next load starts empty.
+    pub fn unpin_maps(&self) -> Result<()> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok(());
+        };
+        for name in map_names::ALL {
+            match std::fs::remove_file(dir.join(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(DataplaneError::Options(format!(
+                        "unpinning {name} in {}: {e}",
+                        dir.display()
+                    )))
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
         Ok(())
     }
 

@@ -16,6 +16,8 @@ use std::{
     net::IpAddr,
 };
 
+use serde::{Deserialize, Serialize};
+
 use aya::{
     maps::{Array, DevMap, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     Ebpf,
@@ -32,7 +34,8 @@ use crate::{
     maglev::{self, MaglevBackend},
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Proto {
     Tcp,
     Udp,
@@ -57,7 +60,7 @@ impl fmt::Display for Proto {
 }
 
 /// A service: what clients address. Port 0 is the address's port-less fallback.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ServiceKey {
     pub addr: IpAddr,
     pub port: u16,
@@ -77,7 +80,7 @@ impl fmt::Display for ServiceKey {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {
     /// Entries of the service's Maglev table; a prime.
     pub maglev_size: u32,
@@ -95,7 +98,7 @@ impl Default for ServiceConfig {
 }
 
 /// Where a frame for a backend leaves this node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Egress {
     /// Back out of the interface it came in on (`XDP_TX`).
     Ingress,
@@ -105,7 +108,7 @@ pub enum Egress {
 
 /// L2 direct server return: the frame goes to `dst_mac` (the backend's, or its next
 /// hop's) from `src_mac` (ours on the egress interface).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct L2Route {
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
@@ -639,6 +642,194 @@ impl MapManager {
     pub fn conn_count(&self) -> usize {
         self.conns.keys().filter(|k| k.is_ok()).count()
     }
+}
+
+/// What the manager knows that the maps do not say: which backend address owns
+/// which id, its weight and route, and the services' configurations. Saved after every
+/// change by the daemon; with the pinned maps it lets a restarted daemon carry on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub services: Vec<ServiceSnapshot>,
+    /// (ifindex, devmap slot)
+    pub tx_ports: Vec<(u32, u32)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSnapshot {
+    pub key: ServiceKey,
+    pub config: ServiceConfig,
+    pub backends: Vec<BackendSnapshot>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendSnapshot {
+    pub addr: IpAddr,
+    pub id: u32,
+    pub weight: u32,
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub tx_port: u32,
+}
+
+impl MapManager {
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            services: self
+                .services
+                .iter()
+                .map(|(key, s)| ServiceSnapshot {
+                    key: *key,
+                    config: s.config,
+                    backends: s
+                        .backends
+                        .iter()
+                        .map(|(addr, b)| BackendSnapshot {
+                            addr: *addr,
+                            id: b.id,
+                            weight: b.weight,
+                            dst_mac: b.route.dst_mac,
+                            src_mac: b.route.src_mac,
+                            tx_port: b.route.tx_port,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            tx_ports: self.tx_port_slots.iter().map(|(i, s)| (*i, *s)).collect(),
+        }
+    }
+
+    fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>> {
+        (offset..offset + len)
+            .map(|i| self.ring.get(&i, 0).map_ctx(map_names::MAGLEV_RING))
+            .collect()
+    }
+
+    /// Takes over maps that an earlier run filled (pinned maps), using its snapshot
+    /// for what the maps do not record. The maps are the truth where both speak: a
+    /// service's id, live table slot and table come from `VIPS` and the ring, so a
+    /// snapshot that missed the last change can never make the next table write go
+    /// to the live slot. Backends the snapshot names but the maps no longer hold
+    /// are dropped; call `collect_garbage` after reconciling with the desired state.
+    pub fn restore(&mut self, snapshot: &Snapshot) -> Result<()> {
+        let vips: Vec<(VipKey, VipMeta)> = self
+            .vips
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_ctx(map_names::VIPS)?;
+        let known: BTreeMap<ServiceKey, &ServiceSnapshot> =
+            snapshot.services.iter().map(|s| (s.key, s)).collect();
+        let mut max_gen = 0;
+        for id in 0..MAX_BACKENDS {
+            let b = self.backends.get(&id, 0).map_ctx(map_names::BACKENDS)?;
+            max_gen = max_gen.max(b.gen);
+        }
+        self.next_gen = max_gen.wrapping_add(1).max(1);
+        self.tx_port_slots = snapshot.tx_ports.iter().copied().collect();
+
+        for (vkey, meta) in vips {
+            let Some(key) = service_key_of(&vkey) else {
+                continue;
+            };
+            let slot = (meta.ring_offset / self.ring_stride) as usize % 2;
+            let table = if meta.ring_size > 0 {
+                Some(self.read_ring(meta.ring_offset, meta.ring_size)?)
+            } else {
+                None
+            };
+            let spare_offset = (meta.vip_id * 2 + (1 - slot) as u32) * self.ring_stride;
+            let spare_len = meta
+                .ring_size
+                .max(known.get(&key).map_or(0, |s| s.config.maglev_size));
+            let spare = self.read_ring(spare_offset, spare_len.min(self.ring_stride))?;
+            let mut config = known.get(&key).map(|s| s.config).unwrap_or_default();
+            config.pass_irregular = meta.flags & VIP_F_PASS_IRREGULAR != 0;
+            if let Some(t) = &table {
+                config.maglev_size = t.len() as u32;
+            }
+            let mut backends = BTreeMap::new();
+            for b in known
+                .get(&key)
+                .map(|s| s.backends.as_slice())
+                .unwrap_or(&[])
+            {
+                let live = self.backends.get(&b.id, 0).map_ctx(map_names::BACKENDS)?;
+                if live.flags & BACKEND_F_ACTIVE == 0 || addr_bytes(b.addr).0 != live.addr {
+                    continue;
+                }
+                self.free_backend_ids.remove(&b.id);
+                backends.insert(
+                    b.addr,
+                    BackendState {
+                        id: b.id,
+                        weight: b.weight,
+                        route: Route {
+                            mode: ROUTE_MODE_L2_DSR,
+                            tx_port: b.tx_port,
+                            dst_mac: b.dst_mac,
+                            src_mac: b.src_mac,
+                        },
+                    },
+                );
+            }
+            let base = meta.vip_id as usize * 2;
+            self.ring_shadow[base + slot] = table.clone().unwrap_or_default();
+            self.ring_shadow[base + 1 - slot] = spare;
+            self.services.insert(
+                key,
+                ServiceState {
+                    vip_id: meta.vip_id,
+                    config,
+                    active_slot: slot,
+                    table,
+                    backends,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Deactivates backends that are active in the map but owned by no service and
+    /// named by no live table: leftovers of a run that died between writing the maps
+    /// and saving its snapshot. Returns how many.
+    pub fn collect_garbage(&mut self) -> Result<u32> {
+        let mut in_use: BTreeSet<u32> = BTreeSet::new();
+        for s in self.services.values() {
+            in_use.extend(s.backends.values().map(|b| b.id));
+            if let Some(t) = &s.table {
+                in_use.extend(t.iter().copied().filter(|&id| id != lb_common::RING_EMPTY));
+            }
+        }
+        let mut collected = 0;
+        for id in 0..MAX_BACKENDS {
+            if in_use.contains(&id) {
+                continue;
+            }
+            let b = self.backends.get(&id, 0).map_ctx(map_names::BACKENDS)?;
+            if b.flags & BACKEND_F_ACTIVE != 0 {
+                self.deactivate(id)?;
+                collected += 1;
+            }
+        }
+        Ok(collected)
+    }
+}
+
+fn service_key_of(key: &VipKey) -> Option<ServiceKey> {
+    let addr = match key.family {
+        FAMILY_V4 => IpAddr::from(<[u8; 4]>::try_from(&key.addr[..4]).ok()?),
+        FAMILY_V6 => IpAddr::from(key.addr),
+        _ => return None,
+    };
+    let proto = match key.proto {
+        PROTO_TCP => Proto::Tcp,
+        PROTO_UDP => Proto::Udp,
+        _ => return None,
+    };
+    Some(ServiceKey {
+        addr,
+        port: u16::from_be(key.port_be),
+        proto,
+    })
 }
 
 #[derive(Clone, Copy)]

@@ -601,3 +601,72 @@ fn the_baseline_program_swaps_macs() {
     assert_eq!(verdict, XDP_TX);
     assert_eq!(macs(&out), (CLIENT_MAC, LB_MAC));
 }
+
+#[test]
+fn a_reload_on_pinned_maps_carries_on_where_the_last_run_stopped() {
+    let dir =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/lbtest-{}-restore", std::process::id()));
+    struct Unpin(std::path::PathBuf);
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Unpin(dir.clone());
+    assert!(is_root(), "must run as root");
+    pin_to_cpu0();
+    let options = LoadOptions {
+        max_services: 8,
+        conn_table_size: 1 << 15,
+        pin_dir: Some(dir.clone()),
+        ..LoadOptions::default()
+    };
+    let key = service(VIP4, 80, Proto::Tcp);
+    let old = flows(2000, 80);
+
+    let (before, snapshot) = {
+        let (dp, maps) = Dataplane::load(&options).expect("first load");
+        let mut lb = Lb { dp, maps };
+        lb.add(key, &backends4(3));
+        old.iter().for_each(|f| drop(lb.forward(f)));
+        // One more change, so the live table sits in the second slot.
+        lb.maps.set_backends(key, &backends4(2)).unwrap();
+        let before: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+        (before, lb.maps.snapshot())
+    };
+
+    let (dp, mut maps) = Dataplane::load(&options).expect("second load on the pinned maps");
+    maps.restore(&snapshot).unwrap();
+    assert_eq!(
+        maps.snapshot(),
+        snapshot,
+        "the restored state differs from the saved one"
+    );
+    assert_eq!(maps.collect_garbage().unwrap(), 0);
+    let lb = Lb { dp, maps };
+    let hits = lb.stats().lru_hit;
+    let after: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+    assert_eq!(after, before, "flows changed backend across the reload");
+    assert_eq!(
+        lb.stats().lru_hit - hits,
+        2000,
+        "the connection table did not survive"
+    );
+
+    // Changes after the reload write the spare slot, not the live one, and keep flows.
+    let mut lb = lb;
+    lb.maps.set_backends(key, &backends4(4)[..]).unwrap();
+    let again: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+    assert_eq!(again, before);
+    let mut fresh = 0;
+    for f in flows(4000, 80)[2000..].iter() {
+        if lb.forward(f) >= 3 {
+            fresh += 1;
+        }
+    }
+    assert!(
+        fresh > 500,
+        "only {fresh} new flows reached backends 3 and 4"
+    );
+    lb.dp.unpin_maps().unwrap();
+}
