@@ -2,6 +2,8 @@
 //! ([`loader`]), writing services and backends into its maps ([`manager`]), and the
 //! pure Maglev table builder ([`maglev`]). The daemon and CLI build on these.
 
+pub mod config;
+pub mod desired;
 pub mod error;
 pub mod loader;
 pub mod maglev;

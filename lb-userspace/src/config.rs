@@ -1,0 +1,592 @@
+//! The daemon's TOML configuration. Parsing is strict (unknown fields are errors, so a
+//! typo cannot silently become a default) and every error names the file, line and
+//! field. The file's services become a [`Desired`]; the rest says where the daemon
+//! runs and how the data plane is sized.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use serde::{de, Deserialize, Deserializer, Serialize};
+use toml::Spanned;
+
+use crate::{
+    desired::{BackendSpec, Desired, ServiceSpec},
+    loader::LoadOptions,
+    maglev::is_prime,
+    manager::{Proto, ServiceConfig, ServiceKey},
+};
+
+pub const DEFAULT_PATH: &str = "/etc/lb/lbd.toml";
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9469";
+
+/// A configuration error, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    /// 1-based; 0 when the error is about the file as a whole.
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.path.display(), self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.path.display(),
+                self.line,
+                self.column,
+                self.message
+            )
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn locate(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeName {
+    /// Native (driver) mode: the fast path.
+    #[default]
+    Driver,
+    /// Generic mode: works on any interface, slower.
+    Skb,
+    /// Let the kernel pick.
+    Auto,
+}
+
+impl XdpModeName {
+    pub fn mode(self) -> aya::programs::XdpMode {
+        use aya::programs::XdpMode;
+        match self {
+            XdpModeName::Driver => XdpMode::Driver,
+            XdpModeName::Skb => XdpMode::Skb,
+            XdpModeName::Auto => XdpMode::Default,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Interface {
+    pub name: String,
+    pub xdp_mode: XdpModeName,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub name: String,
+    pub api_socket: PathBuf,
+    pub metrics_listen: SocketAddr,
+    /// Where runtime changes and the map manager's snapshot are saved.
+    pub state_dir: PathBuf,
+    /// bpffs directory for the pinned maps and links.
+    pub pin_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub path: PathBuf,
+    pub node: NodeConfig,
+    pub interfaces: Vec<Interface>,
+    pub max_services: u32,
+    pub maglev_max_size: u32,
+    pub conn_table_size: u32,
+    pub desired: Desired,
+}
+
+impl Config {
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            max_services: self.max_services,
+            maglev_max_size: self.maglev_max_size,
+            conn_table_size: self.conn_table_size,
+            pin_dir: Some(self.node.pin_dir.clone()),
+        }
+    }
+}
+
+// ---- the file as written -------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    node: Spanned<NodeSection>,
+    #[serde(default)]
+    dataplane: Option<Spanned<DataplaneSection>>,
+    #[serde(default)]
+    service: Vec<Spanned<ServiceSection>>,
+}
+
+/// A services-only file, for `lbctl apply`: a full lbd config is accepted too and
+/// its other sections are ignored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServicesFile {
+    #[serde(default)]
+    #[allow(dead_code)] // Read so that a full lbd config applies as it is.
+    node: Option<toml::Value>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    dataplane: Option<toml::Value>,
+    #[serde(default)]
+    service: Vec<Spanned<ServiceSection>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeSection {
+    name: Spanned<String>,
+    api_socket: Option<PathBuf>,
+    metrics_listen: Option<SocketAddr>,
+    state_dir: Option<PathBuf>,
+    pin_dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InterfaceSection {
+    name: String,
+    #[serde(default)]
+    xdp_mode: XdpModeName,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataplaneSection {
+    #[serde(default)]
+    interfaces: Vec<InterfaceSection>,
+    max_services: Option<Spanned<u32>>,
+    maglev_max_size: Option<Spanned<u32>>,
+    conn_table_size: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceSection {
+    vip: IpAddr,
+    #[serde(default)]
+    port: u16,
+    protocol: Proto,
+    maglev_size: Option<Spanned<u32>>,
+    #[serde(default)]
+    pass_irregular: bool,
+    #[serde(default)]
+    backend: Vec<Spanned<BackendSection>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendSection {
+    address: IpAddr,
+    #[serde(default, deserialize_with = "de_mac")]
+    mac: Option<[u8; 6]>,
+    #[serde(default = "one")]
+    weight: u32,
+    #[serde(default)]
+    drain: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+pub fn mac_to_string(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn de_mac<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 6]>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_mac(&s).map(Some).ok_or_else(|| {
+        de::Error::custom(format!("`{s}` is not a MAC address like 02:00:00:00:00:01"))
+    })
+}
+
+// ---- from the file to the model ------------------------------------------------
+
+struct Ctx<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let (line, column) = locate(self.text, span.start);
+        ConfigError {
+            path: self.path.to_path_buf(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+
+    fn toml_err(&self, e: toml::de::Error) -> ConfigError {
+        let message = e.message().to_string();
+        match e.span() {
+            Some(span) => self.err(span, message),
+            None => ConfigError {
+                path: self.path.to_path_buf(),
+                line: 0,
+                column: 0,
+                message,
+            },
+        }
+    }
+}
+
+fn services(
+    ctx: &Ctx,
+    sections: Vec<Spanned<ServiceSection>>,
+    max_size: u32,
+) -> Result<Desired, ConfigError> {
+    let mut out = BTreeMap::new();
+    for section in sections {
+        let span = section.span();
+        let s = section.into_inner();
+        let key = ServiceKey {
+            addr: s.vip,
+            port: s.port,
+            proto: s.protocol,
+        };
+        let mut config = ServiceConfig {
+            pass_irregular: s.pass_irregular,
+            ..ServiceConfig::default()
+        };
+        if let Some(size) = s.maglev_size {
+            let v = *size.get_ref();
+            if !is_prime(v) {
+                return Err(ctx.err(
+                    size.span(),
+                    format!("maglev_size: {v} is not a prime (65537 is the default)"),
+                ));
+            }
+            if v > max_size {
+                return Err(ctx.err(
+                    size.span(),
+                    format!("maglev_size: {v} exceeds dataplane.maglev_max_size {max_size}"),
+                ));
+            }
+            config.maglev_size = v;
+        }
+        if config.maglev_size > max_size {
+            config.maglev_size = max_size;
+        }
+        let mut backends = BTreeMap::new();
+        for b in s.backend {
+            let bspan = b.span();
+            let b = b.into_inner();
+            if b.address.is_ipv4() != s.vip.is_ipv4() {
+                return Err(ctx.err(
+                    bspan,
+                    format!(
+                        "backend.address: {} is not of the same family as vip {}",
+                        b.address, s.vip
+                    ),
+                ));
+            }
+            let spec = BackendSpec {
+                mac: b.mac,
+                weight: b.weight,
+                drain: b.drain,
+            };
+            if backends.insert(b.address, spec).is_some() {
+                return Err(ctx.err(
+                    bspan,
+                    format!("backend.address: {} is listed twice in {key}", b.address),
+                ));
+            }
+        }
+        if out.insert(key, ServiceSpec { config, backends }).is_some() {
+            return Err(ctx.err(span, format!("service: {key} is defined twice")));
+        }
+    }
+    Ok(Desired { services: out })
+}
+
+fn sized(
+    ctx: &Ctx,
+    v: Option<Spanned<u32>>,
+    default: u32,
+    field: &str,
+    check: impl Fn(u32) -> Option<String>,
+) -> Result<u32, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => match check(*s.get_ref()) {
+            None => Ok(*s.get_ref()),
+            Some(why) => Err(ctx.err(s.span(), format!("dataplane.{field}: {why}"))),
+        },
+    }
+}
+
+impl Config {
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let ctx = Ctx { path, text };
+        let file: File = toml::from_str(text).map_err(|e| ctx.toml_err(e))?;
+        let node_span = file.node.span();
+        let node = file.node.into_inner();
+        let name = node.name.get_ref().clone();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ctx.err(
+                node.name.span(),
+                "node.name: use letters, digits, '-' and '_' only (it names files and directories)",
+            ));
+        }
+        let defaults = LoadOptions::default();
+        let (interfaces, max_services, maglev_max_size, conn_table_size) =
+            match file.dataplane {
+                None => return Err(ctx.err(
+                    node_span,
+                    "dataplane: missing; add [dataplane] with interfaces = [{ name = \"eth0\" }]",
+                )),
+                Some(dp) => {
+                    let span = dp.span();
+                    let dp = dp.into_inner();
+                    if dp.interfaces.is_empty() {
+                        return Err(ctx.err(
+                            span,
+                            "dataplane.interfaces: name at least one interface to attach to",
+                        ));
+                    }
+                    let max_services = sized(
+                        &ctx,
+                        dp.max_services,
+                        defaults.max_services,
+                        "max_services",
+                        |v| {
+                            (v == 0 || v > lb_common::MAX_VIPS)
+                                .then(|| format!("must be 1..={}", lb_common::MAX_VIPS))
+                        },
+                    )?;
+                    let maglev_max_size = sized(
+                        &ctx,
+                        dp.maglev_max_size,
+                        defaults.maglev_max_size,
+                        "maglev_max_size",
+                        |v| (!is_prime(v)).then(|| format!("{v} is not a prime")),
+                    )?;
+                    let conn_table_size = sized(
+                        &ctx,
+                        dp.conn_table_size,
+                        defaults.conn_table_size,
+                        "conn_table_size",
+                        |v| (v == 0).then(|| "must be positive".to_string()),
+                    )?;
+                    let interfaces = dp
+                        .interfaces
+                        .into_iter()
+                        .map(|i| Interface {
+                            name: i.name,
+                            xdp_mode: i.xdp_mode,
+                        })
+                        .collect();
+                    (interfaces, max_services, maglev_max_size, conn_table_size)
+                }
+            };
+        let desired = services(&ctx, file.service, maglev_max_size)?;
+        if desired.services.len() > max_services as usize {
+            return Err(ctx.err(
+                node_span,
+                format!(
+                    "service: {} services but dataplane.max_services is {max_services}",
+                    desired.services.len()
+                ),
+            ));
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            node: NodeConfig {
+                api_socket: node
+                    .api_socket
+                    .unwrap_or_else(|| PathBuf::from(format!("/run/lb/{name}.sock"))),
+                metrics_listen: node
+                    .metrics_listen
+                    .unwrap_or_else(|| DEFAULT_METRICS.parse().expect("valid default")),
+                state_dir: node
+                    .state_dir
+                    .unwrap_or_else(|| PathBuf::from(format!("/var/lib/lb/{name}"))),
+                pin_dir: node
+                    .pin_dir
+                    .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/lb/{name}"))),
+                name,
+            },
+            interfaces,
+            max_services,
+            maglev_max_size,
+            conn_table_size,
+            desired,
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read the config: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+}
+
+/// Parses the services of a file for `lbctl apply`.
+pub fn parse_services(path: &Path, text: &str) -> Result<Desired, ConfigError> {
+    let ctx = Ctx { path, text };
+    let file: ServicesFile = toml::from_str(text).map_err(|e| ctx.toml_err(e))?;
+    services(&ctx, file.service, u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+name = "lb1"
+
+[dataplane]
+interfaces = [{ name = "eth0", xdp_mode = "skb" }]
+conn_table_size = 4096
+
+[[service]]
+vip = "198.18.0.100"
+port = 80
+protocol = "tcp"
+
+[[service.backend]]
+address = "198.18.0.11"
+mac = "02:1b:00:00:00:0b"
+
+[[service.backend]]
+address = "198.18.0.12"
+weight = 3
+drain = true
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("lbd.toml"), text)
+    }
+
+    #[test]
+    fn a_good_file_gives_defaults_where_silent() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.node.name, "lb1");
+        assert_eq!(c.node.api_socket, PathBuf::from("/run/lb/lb1.sock"));
+        assert_eq!(c.node.pin_dir, PathBuf::from("/sys/fs/bpf/lb/lb1"));
+        assert_eq!(c.interfaces[0].xdp_mode, XdpModeName::Skb);
+        assert_eq!(c.conn_table_size, 4096);
+        assert_eq!(c.maglev_max_size, 65537);
+        let (key, svc) = c.desired.services.iter().next().unwrap();
+        assert_eq!(key.to_string(), "tcp/198.18.0.100:80");
+        let b: Vec<_> = svc.backends.values().collect();
+        assert_eq!(b[0].mac, Some([2, 0x1b, 0, 0, 0, 0x0b]));
+        assert_eq!((b[0].weight, b[0].drain), (1, false));
+        assert_eq!((b[1].weight, b[1].drain, b[1].mac), (3, true, None));
+    }
+
+    fn error_of(text: &str) -> ConfigError {
+        parse(text).expect_err("should not parse")
+    }
+
+    #[test]
+    fn a_typo_in_a_field_name_is_located() {
+        let e = error_of(&GOOD.replace("weight = 3", "wieght = 3"));
+        assert_eq!(e.line, 20, "{e}");
+        assert!(e.message.contains("unknown field `wieght`"), "{e}");
+        assert!(e.to_string().starts_with("lbd.toml:20:"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_located_and_named() {
+        let e = error_of(&GOOD.replace("\"198.18.0.12\"", "\"198.18.0.300\""));
+        assert_eq!(e.line, 19, "{e}");
+        let e = error_of(&GOOD.replace("02:1b:00:00:00:0b", "02:1b:00"));
+        assert_eq!(e.line, 16, "{e}");
+        assert!(e.message.contains("not a MAC"), "{e}");
+        let e = error_of(&GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""));
+        assert_eq!(e.line, 12, "{e}");
+        let e = error_of(&GOOD.replace("port = 80", "port = 80\nmaglev_size = 65536"));
+        assert_eq!(e.line, 12, "{e}");
+        assert!(
+            e.message.contains("maglev_size: 65536 is not a prime"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace("\"198.18.0.12\"", "\"2001:db8::12\""));
+        assert!(e.message.contains("not of the same family"), "{e}");
+        let e = error_of(&GOOD.replace("\"198.18.0.12\"", "\"198.18.0.11\""));
+        assert!(e.message.contains("listed twice"), "{e}");
+        let e = error_of(&GOOD.replace("name = \"lb1\"", "name = \"lb 1\""));
+        assert_eq!(e.line, 3, "{e}");
+    }
+
+    #[test]
+    fn missing_sections_say_what_to_add() {
+        let e = error_of("[node]\nname = \"x\"\n");
+        assert!(e.message.contains("[dataplane]"), "{e}");
+        let e = error_of("[dataplane]\ninterfaces = [{ name = \"eth0\" }]\n");
+        assert!(e.message.contains("node"), "{e}");
+    }
+
+    #[test]
+    fn apply_files_may_be_full_configs_or_services_only() {
+        let full = parse_services(Path::new("x"), GOOD).unwrap();
+        assert_eq!(full, parse(GOOD).unwrap().desired);
+        let only = parse_services(
+            Path::new("x"),
+            "[[service]]\nvip = \"198.18.0.1\"\nprotocol = \"udp\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            only.services.keys().next().unwrap().to_string(),
+            "udp/198.18.0.1:*"
+        );
+    }
+
+    #[test]
+    fn macs_round_trip() {
+        assert_eq!(
+            mac_to_string(&parse_mac("02:AB:00:00:00:0b").unwrap()),
+            "02:ab:00:00:00:0b"
+        );
+        assert_eq!(parse_mac("02:ab:00:00:00"), None);
+        assert_eq!(parse_mac("02:ab:00:00:00:0bb"), None);
+    }
+}

@@ -1,0 +1,283 @@
+//! The services an operator asked for, as data: what the config file and the runtime
+//! commands produce, what is saved so a restart keeps it, and what `diff` compares to
+//! tell what an `apply` changes. Pure: no maps, no I/O.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::manager::{ServiceConfig, ServiceKey};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendSpec {
+    /// Fixed MAC; `None` = resolve through the neighbour table.
+    pub mac: Option<[u8; 6]>,
+    pub weight: u32,
+    /// Takes no new flows; established ones stay until they end.
+    pub drain: bool,
+}
+
+impl Default for BackendSpec {
+    fn default() -> Self {
+        Self {
+            mac: None,
+            weight: 1,
+            drain: false,
+        }
+    }
+}
+
+impl BackendSpec {
+    /// The weight the Maglev table gets: none while draining.
+    pub fn effective_weight(&self) -> u32 {
+        if self.drain {
+            0
+        } else {
+            self.weight
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub config: ServiceConfig,
+    pub backends: BTreeMap<IpAddr, BackendSpec>,
+}
+
+/// Every service, keyed by (address, port, protocol).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Desired {
+    pub services: BTreeMap<ServiceKey, ServiceSpec>,
+}
+
+/// One difference between two `Desired`s.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum Change {
+    AddService {
+        service: ServiceKey,
+        config: ServiceConfig,
+    },
+    RemoveService {
+        service: ServiceKey,
+    },
+    ChangeService {
+        service: ServiceKey,
+        from: ServiceConfig,
+        to: ServiceConfig,
+    },
+    AddBackend {
+        service: ServiceKey,
+        backend: IpAddr,
+        spec: BackendSpec,
+    },
+    RemoveBackend {
+        service: ServiceKey,
+        backend: IpAddr,
+    },
+    ChangeBackend {
+        service: ServiceKey,
+        backend: IpAddr,
+        from: BackendSpec,
+        to: BackendSpec,
+    },
+}
+
+fn describe_backend(spec: &BackendSpec) -> String {
+    let mut s = format!("weight {}", spec.weight);
+    if spec.drain {
+        s.push_str(", draining");
+    }
+    if let Some(mac) = spec.mac {
+        s.push_str(&format!(", mac {}", crate::config::mac_to_string(&mac)));
+    }
+    s
+}
+
+fn describe_service(c: &ServiceConfig) -> String {
+    format!(
+        "maglev {}, pass_irregular {}",
+        c.maglev_size, c.pass_irregular
+    )
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Change::AddService { service, config } => {
+                write!(f, "+ service {service} ({})", describe_service(config))
+            }
+            Change::RemoveService { service } => write!(f, "- service {service}"),
+            Change::ChangeService { service, from, to } => write!(
+                f,
+                "~ service {service}: {} -> {}",
+                describe_service(from),
+                describe_service(to)
+            ),
+            Change::AddBackend {
+                service,
+                backend,
+                spec,
+            } => {
+                write!(
+                    f,
+                    "+ backend {backend} of {service} ({})",
+                    describe_backend(spec)
+                )
+            }
+            Change::RemoveBackend { service, backend } => {
+                write!(f, "- backend {backend} of {service}")
+            }
+            Change::ChangeBackend {
+                service,
+                backend,
+                from,
+                to,
+            } => write!(
+                f,
+                "~ backend {backend} of {service}: {} -> {}",
+                describe_backend(from),
+                describe_backend(to)
+            ),
+        }
+    }
+}
+
+/// What turns `old` into `new`, services in key order, each service's own change
+/// before its backends'.
+pub fn diff(old: &Desired, new: &Desired) -> Vec<Change> {
+    let mut changes = Vec::new();
+    for key in old.services.keys() {
+        if !new.services.contains_key(key) {
+            changes.push(Change::RemoveService { service: *key });
+        }
+    }
+    for (key, spec) in &new.services {
+        let empty = ServiceSpec::default();
+        let before = match old.services.get(key) {
+            None => {
+                changes.push(Change::AddService {
+                    service: *key,
+                    config: spec.config,
+                });
+                &empty
+            }
+            Some(before) => {
+                if before.config != spec.config {
+                    changes.push(Change::ChangeService {
+                        service: *key,
+                        from: before.config,
+                        to: spec.config,
+                    });
+                }
+                before
+            }
+        };
+        for addr in before.backends.keys() {
+            if !spec.backends.contains_key(addr) {
+                changes.push(Change::RemoveBackend {
+                    service: *key,
+                    backend: *addr,
+                });
+            }
+        }
+        for (addr, b) in &spec.backends {
+            match before.backends.get(addr) {
+                None => changes.push(Change::AddBackend {
+                    service: *key,
+                    backend: *addr,
+                    spec: *b,
+                }),
+                Some(a) if a != b => changes.push(Change::ChangeBackend {
+                    service: *key,
+                    backend: *addr,
+                    from: *a,
+                    to: *b,
+                }),
+                Some(_) => {}
+            }
+        }
+    }
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manager::Proto;
+
+    fn key(port: u16) -> ServiceKey {
+        ServiceKey {
+            addr: "198.18.0.100".parse().unwrap(),
+            port,
+            proto: Proto::Tcp,
+        }
+    }
+
+    fn desired(services: &[(u16, &[(&str, u32)])]) -> Desired {
+        Desired {
+            services: services
+                .iter()
+                .map(|(port, backends)| {
+                    (
+                        key(*port),
+                        ServiceSpec {
+                            config: ServiceConfig::default(),
+                            backends: backends
+                                .iter()
+                                .map(|(a, w)| {
+                                    (
+                                        a.parse().unwrap(),
+                                        BackendSpec {
+                                            weight: *w,
+                                            ..BackendSpec::default()
+                                        },
+                                    )
+                                })
+                                .collect(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn no_change_no_diff() {
+        let d = desired(&[(80, &[("198.18.0.11", 1)])]);
+        assert!(diff(&d, &d).is_empty());
+    }
+
+    #[test]
+    fn lists_every_kind_of_change() {
+        let old = desired(&[(80, &[("198.18.0.11", 1), ("198.18.0.12", 1)]), (443, &[])]);
+        let mut new = desired(&[(80, &[("198.18.0.11", 2), ("198.18.0.13", 1)]), (53, &[])]);
+        new.services
+            .get_mut(&key(53))
+            .unwrap()
+            .config
+            .pass_irregular = true;
+        let changes: Vec<String> = diff(&old, &new).iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            changes,
+            [
+                "- service tcp/198.18.0.100:443",
+                "+ service tcp/198.18.0.100:53 (maglev 65537, pass_irregular true)",
+                "- backend 198.18.0.12 of tcp/198.18.0.100:80",
+                "~ backend 198.18.0.11 of tcp/198.18.0.100:80: weight 1 -> weight 2",
+                "+ backend 198.18.0.13 of tcp/198.18.0.100:80 (weight 1)",
+            ]
+        );
+    }
+
+    #[test]
+    fn draining_takes_the_weight_out_of_the_table_only() {
+        let b = BackendSpec {
+            weight: 5,
+            drain: true,
+            mac: None,
+        };
+        assert_eq!(b.effective_weight(), 0);
+        assert_eq!(b.weight, 5);
+    }
+}
