@@ -281,3 +281,29 @@ mod tests {
         assert_eq!(b.weight, 5);
     }
 }
+
+#[cfg(test)]
+mod key_syntax {
+    use crate::manager::ServiceKey;
+
+    #[test]
+    fn service_keys_parse_back_from_their_display() {
+        for s in [
+            "tcp/198.18.0.100:80",
+            "udp/[2001:db8::1]:53",
+            "tcp/198.18.0.100:*",
+        ] {
+            let k: ServiceKey = s.parse().unwrap();
+            assert_eq!(k.to_string(), s);
+        }
+        for bad in [
+            "198.18.0.100:80",
+            "sctp/198.18.0.100:80",
+            "tcp/198.18.0.100",
+            "tcp/x:80",
+            "tcp/198.18.0.100:99999",
+        ] {
+            assert!(bad.parse::<ServiceKey>().is_err(), "{bad}");
+        }
+    }
+}

@@ -2,12 +2,17 @@
 //! ([`loader`]), writing services and backends into its maps ([`manager`]), and the
 //! pure Maglev table builder ([`maglev`]). The daemon and CLI build on these.
 
+pub mod api;
 pub mod config;
+pub mod daemon;
 pub mod desired;
 pub mod error;
 pub mod loader;
 pub mod maglev;
 pub mod manager;
+pub mod metrics;
+pub mod neighbor;
+pub mod server;
 
 pub use error::DataplaneError;
 pub use loader::{Attached, Dataplane, LoadOptions, Program};

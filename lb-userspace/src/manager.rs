@@ -80,6 +80,31 @@ impl fmt::Display for ServiceKey {
     }
 }
 
+impl std::str::FromStr for ServiceKey {
+    type Err = String;
+
+    /// The `Display` form: `tcp/198.18.0.100:80`, `udp/[2001:db8::1]:53`, `tcp/198.18.0.100:*`.
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let bad = || {
+            format!("`{s}` is not a service; write it as tcp/198.18.0.100:80, udp/[2001:db8::1]:53 or tcp/198.18.0.100:* (any port)")
+        };
+        let (proto, rest) = s.split_once('/').ok_or_else(bad)?;
+        let proto = match proto {
+            "tcp" => Proto::Tcp,
+            "udp" => Proto::Udp,
+            _ => return Err(bad()),
+        };
+        let (addr, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+        let addr = addr.trim_start_matches('[').trim_end_matches(']');
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let port = match port {
+            "*" => 0,
+            p => p.parse().map_err(|_| bad())?,
+        };
+        Ok(ServiceKey { addr, port, proto })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {
     /// Entries of the service's Maglev table; a prime.

@@ -1,0 +1,133 @@
+//! The management API's messages (version 1), shared by the daemon's server and
+//! lbctl's client. Paths are under `/v1/`; docs/API.md describes them.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    desired::{BackendSpec, Change, Desired},
+    manager::{ServiceConfig, ServiceKey},
+};
+
+pub const VERSION: &str = "v1";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub xdp_mode: String,
+    /// `new` (attached by this run) or `replaced` (took over a pinned link).
+    pub attach: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub version: String,
+    pub api: String,
+    pub uptime_seconds: u64,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub services: usize,
+    pub backends: usize,
+    pub unresolved_backends: usize,
+    pub conn_table_entries: usize,
+    /// The data plane's maps came from a previous run (hitless restart).
+    pub resumed: bool,
+    pub metrics: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackendView {
+    pub address: IpAddr,
+    pub weight: u32,
+    pub drain: bool,
+    /// The MAC frames are sent to; `None` while unresolved (no traffic then).
+    pub mac: Option<String>,
+    pub mac_source: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub service: String,
+    pub key: ServiceKey,
+    pub config: ServiceConfig,
+    pub packets: u64,
+    pub bytes: u64,
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Stats {
+    pub services: Vec<ServiceView>,
+    /// The data plane's global counters by name (passes, drops by reason, LRU).
+    pub global: Vec<(String, u64)>,
+    pub conn_table_entries: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceRef {
+    pub service: ServiceKey,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddService {
+    pub service: ServiceKey,
+    #[serde(default)]
+    pub config: Option<ServiceConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddBackend {
+    pub service: ServiceKey,
+    pub backend: IpAddr,
+    #[serde(default)]
+    pub spec: Option<BackendSpec>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackendRef {
+    pub service: ServiceKey,
+    pub backend: IpAddr,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DrainBackend {
+    pub service: ServiceKey,
+    pub backend: IpAddr,
+    /// `false` puts a drained backend back into rotation.
+    pub drain: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SetWeight {
+    pub service: ServiceKey,
+    pub backend: IpAddr,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Apply {
+    pub desired: Desired,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// The answer to every change: what it changed (empty: nothing to do).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Applied {
+    pub changes: Vec<Change>,
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Shutdown {
+    /// Also detach the XDP program and remove the pinned maps.
+    pub detach: bool,
+}

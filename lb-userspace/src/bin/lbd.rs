@@ -1,0 +1,176 @@
+//! lbd: the balancer daemon. Wires the config, the daemon state, the API and metrics
+//! listeners and the background refreshes; the logic lives in the library.
+
+use std::{collections::BTreeMap, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use lb_userspace::{
+    api::Shutdown,
+    config::{Config, DEFAULT_PATH},
+    daemon::Daemon,
+    neighbor::{nudge, NeighborTable},
+    server::{api_router, bind_api, metrics_router, AppState},
+};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, Mutex},
+};
+use tracing::{error, info, warn};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "The load balancer daemon: loads the XDP data plane and serves the management API"
+)]
+struct Args {
+    /// The configuration file.
+    #[arg(long, default_value = DEFAULT_PATH)]
+    config: PathBuf,
+    /// On exit, detach the XDP program and remove the pinned maps. Without it the data
+    /// plane keeps forwarding while lbd is down, and the next start takes it over.
+    #[arg(long)]
+    detach_on_exit: bool,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lbd: config error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!(
+            "{}: ok ({} services)",
+            args.config.display(),
+            config.desired.services.len()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lbd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, args.detach_on_exit)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("lbd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
+    let api_path = config.node.api_socket.clone();
+    let metrics_addr = config.node.metrics_listen;
+    // Bind first: a second daemon for the same node must fail before touching the maps.
+    let api_listener = bind_api(&api_path)?;
+    let metrics_listener = tokio::net::TcpListener::bind(metrics_addr)
+        .await
+        .with_context(|| {
+            format!("binding the metrics address {metrics_addr} (node.metrics_listen)")
+        })?;
+    let neighbors = Arc::new(NeighborTable::new()?);
+    let daemon = Daemon::start(config, &neighbors).await?;
+    let status = daemon.status();
+    info!(
+        node = %status.node,
+        services = status.services,
+        resumed = status.resumed,
+        api = %api_path.display(),
+        metrics = %status.metrics,
+        "lbd ready"
+    );
+    let daemon = Arc::new(Mutex::new(daemon));
+    let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<Shutdown>(1);
+    let state = AppState {
+        daemon: daemon.clone(),
+        shutdown: shutdown_tx,
+    };
+    let api = axum::serve(api_listener, api_router(state.clone()));
+    let metrics = axum::serve(metrics_listener, metrics_router(state));
+    let api_task = tokio::spawn(async move { api.await });
+    let metrics_task = tokio::spawn(async move { metrics.await });
+
+    // Backend MACs: the kernel keeps its neighbour entries fresh; we mirror them.
+    let refresh = {
+        let daemon = daemon.clone();
+        let neighbors = neighbors.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                let wanted = daemon.lock().await.resolvable();
+                let table = match neighbors.dump().await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        warn!("reading the neighbour table: {e:#}");
+                        continue;
+                    }
+                };
+                let found: BTreeMap<_, _> = table
+                    .into_iter()
+                    .filter(|(a, _)| wanted.contains(a))
+                    .collect();
+                for addr in wanted.iter().filter(|a| !found.contains_key(a)) {
+                    nudge(*addr);
+                }
+                if let Err(e) = daemon.lock().await.update_neighbors(found) {
+                    warn!("applying new backend MACs: {e:#}");
+                }
+            }
+        })
+    };
+    let logs = {
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                daemon.lock().await.flush_logs();
+            }
+        })
+    };
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let detach = tokio::select! {
+        _ = term.recv() => { info!("SIGTERM"); detach_on_exit }
+        _ = int.recv() => { info!("SIGINT"); detach_on_exit }
+        req = shutdown_rx.recv() => {
+            let detach = req.map(|r| r.detach).unwrap_or(false) || detach_on_exit;
+            info!(detach, "shutdown requested");
+            // Let the API answer the request before the listener goes.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            detach
+        }
+        r = api_task => { anyhow::bail!("the API server stopped: {r:?}") }
+        r = metrics_task => { anyhow::bail!("the metrics server stopped: {r:?}") }
+    };
+    refresh.abort();
+    logs.abort();
+    let mut d = daemon.lock().await;
+    if detach {
+        d.detach_everything()?;
+    } else {
+        info!("leaving the XDP program attached: traffic keeps flowing; the next lbd takes over");
+    }
+    let _ = std::fs::remove_file(&api_path);
+    Ok(())
+}

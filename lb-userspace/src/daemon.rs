@@ -1,0 +1,512 @@
+//! lbd's state and the operations on it: start (fresh, or resuming pinned maps),
+//! apply a desired state, refresh backend MACs, report, shut down. The API server and
+//! the binary are thin layers over this.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use lb_common::map_names;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::{
+    api,
+    config::{mac_to_string, Config, XdpModeName},
+    desired::{diff, Change, Desired, ServiceSpec},
+    loader::{Attached, Dataplane, Program},
+    manager::{BackendConfig, Egress, L2Route, MapManager, ServiceKey, Snapshot},
+    neighbor::{LocalInterface, Neighbor, NeighborTable},
+};
+
+const DESIRED_FILE: &str = "desired.json";
+const SNAPSHOT_FILE: &str = "snapshot.json";
+
+/// What is saved of the operator's intent.
+#[derive(Serialize, Deserialize)]
+struct SavedDesired {
+    /// The config file's services when `desired` was derived from them: if the file
+    /// says something else now, it was edited since, and the file wins.
+    from_config: Desired,
+    desired: Desired,
+}
+
+/// Where each backend's frames go: the MAC and interface. A backend without a MAC
+/// (unresolved) is left out of the table until it has one.
+pub fn plan_backends(
+    spec: &ServiceSpec,
+    neighbors: &BTreeMap<IpAddr, Neighbor>,
+    interfaces: &[LocalInterface],
+) -> Vec<BackendConfig> {
+    let Some(first) = interfaces.first() else {
+        return Vec::new();
+    };
+    spec.backends
+        .iter()
+        .filter_map(|(addr, b)| {
+            let neighbor = neighbors.get(addr);
+            let dst_mac = b.mac.or(neighbor.map(|n| n.mac))?;
+            let out = neighbor
+                .and_then(|n| interfaces.iter().find(|i| i.ifindex == n.ifindex))
+                .unwrap_or(first);
+            let egress = if interfaces.len() == 1 {
+                Egress::Ingress
+            } else {
+                Egress::Interface {
+                    ifindex: out.ifindex,
+                }
+            };
+            Some(BackendConfig {
+                addr: *addr,
+                weight: b.effective_weight(),
+                route: L2Route {
+                    dst_mac,
+                    src_mac: out.mac,
+                    egress,
+                },
+            })
+        })
+        .collect()
+}
+
+/// Checks what the data plane would refuse, before anything is written.
+pub fn validate(desired: &Desired, config: &Config) -> Result<()> {
+    if desired.services.len() > config.max_services as usize {
+        bail!(
+            "{} services, but the data plane holds {} (dataplane.max_services)",
+            desired.services.len(),
+            config.max_services
+        );
+    }
+    for (key, spec) in &desired.services {
+        if spec.config.maglev_size > config.maglev_max_size
+            || !crate::maglev::is_prime(spec.config.maglev_size)
+        {
+            bail!(
+                "{key}: maglev_size {} must be a prime no larger than {}",
+                spec.config.maglev_size,
+                config.maglev_max_size
+            );
+        }
+        for addr in spec.backends.keys() {
+            if addr.is_ipv4() != key.addr.is_ipv4() {
+                bail!("{key}: backend {addr} is not of the service's address family");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))
+}
+
+pub struct Daemon {
+    pub config: Config,
+    dataplane: Dataplane,
+    maps: MapManager,
+    desired: Desired,
+    from_config: Desired,
+    neighbors: BTreeMap<IpAddr, Neighbor>,
+    interfaces: Vec<(LocalInterface, XdpModeName, Attached)>,
+    started: Instant,
+    resumed: bool,
+}
+
+impl Daemon {
+    /// Loads the data plane (taking over pinned maps and links if an earlier run left
+    /// them), applies the desired state, attaches.
+    pub async fn start(config: Config, neighbors: &NeighborTable) -> Result<Daemon> {
+        std::fs::create_dir_all(&config.node.state_dir)
+            .with_context(|| format!("creating state_dir {}", config.node.state_dir.display()))?;
+        let locals: Vec<LocalInterface> = config
+            .interfaces
+            .iter()
+            .map(|i| LocalInterface::read(&i.name))
+            .collect::<Result<_>>()?;
+
+        let pinned_before = config.node.pin_dir.join(map_names::VIPS).exists();
+        let (dataplane, mut maps) = Dataplane::load(&config.load_options())?;
+        let snapshot_path = config.node.state_dir.join(SNAPSHOT_FILE);
+        let resumed = pinned_before;
+        if resumed {
+            let snapshot: Snapshot = match std::fs::read(&snapshot_path) {
+                Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+                    format!(
+                        "{} is corrupt; remove it to start over",
+                        snapshot_path.display()
+                    )
+                })?,
+                Err(_) => Snapshot::default(),
+            };
+            maps.restore(&snapshot)?;
+            info!(
+                services = snapshot.services.len(),
+                "resuming the pinned data plane"
+            );
+        }
+
+        let saved: Option<SavedDesired> = std::fs::read(config.node.state_dir.join(DESIRED_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let desired = match saved {
+            Some(s) if s.from_config == config.desired => s.desired,
+            Some(_) => {
+                info!("the config file changed since the last run: its services replace runtime changes");
+                config.desired.clone()
+            }
+            None => config.desired.clone(),
+        };
+        validate(&desired, &config)?;
+
+        let mut daemon = Daemon {
+            from_config: config.desired.clone(),
+            config,
+            dataplane,
+            maps,
+            desired: Desired::default(),
+            neighbors: BTreeMap::new(),
+            interfaces: Vec::new(),
+            started: Instant::now(),
+            resumed,
+        };
+        daemon.interfaces = locals
+            .iter()
+            .zip(&daemon.config.interfaces)
+            .map(|(l, i)| (l.clone(), i.xdp_mode, Attached::New))
+            .collect();
+        for addr in daemon.unresolved_in(&desired) {
+            if let Some(n) = neighbors.resolve(addr, Duration::from_millis(1500)).await? {
+                daemon.neighbors.insert(addr, n);
+            } else {
+                warn!(%addr, "backend MAC not resolved yet; it gets traffic once it is");
+            }
+        }
+        // Everything the maps hold that is not desired goes; everything desired is written.
+        let everything: BTreeSet<ServiceKey> = daemon
+            .maps
+            .services()
+            .copied()
+            .chain(desired.services.keys().copied())
+            .collect();
+        daemon.sync(&desired, &everything)?;
+        daemon.desired = desired;
+        let collected = daemon.maps.collect_garbage()?;
+        if collected > 0 {
+            info!(collected, "deactivated backends left by an interrupted run");
+        }
+        for i in 0..daemon.interfaces.len() {
+            let (name, mode) = (daemon.interfaces[i].0.name.clone(), daemon.interfaces[i].1);
+            let how = daemon
+                .dataplane
+                .attach_pinned(Program::Balancer, &name, mode.mode())?;
+            info!(interface = %name, ?mode, ?how, "XDP program attached");
+            daemon.interfaces[i].2 = how;
+        }
+        daemon.persist()?;
+        Ok(daemon)
+    }
+
+    fn unresolved_in(&self, desired: &Desired) -> Vec<IpAddr> {
+        let set: BTreeSet<IpAddr> = desired
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter())
+            .filter(|(a, b)| b.mac.is_none() && !self.neighbors.contains_key(a))
+            .map(|(a, _)| *a)
+            .collect();
+        set.into_iter().collect()
+    }
+
+    /// Backend addresses whose MAC comes from the neighbour table.
+    pub fn resolvable(&self) -> Vec<IpAddr> {
+        let set: BTreeSet<IpAddr> = self
+            .desired
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter())
+            .filter(|(_, b)| b.mac.is_none())
+            .map(|(a, _)| *a)
+            .collect();
+        set.into_iter().collect()
+    }
+
+    /// Writes `desired` for the services in `touched` into the maps.
+    fn sync(&mut self, desired: &Desired, touched: &BTreeSet<ServiceKey>) -> Result<()> {
+        let locals: Vec<LocalInterface> = self.interfaces.iter().map(|i| i.0.clone()).collect();
+        for key in touched {
+            match desired.services.get(key) {
+                None => {
+                    if self.maps.services().any(|k| k == key) {
+                        self.maps.remove_service(*key)?;
+                    }
+                }
+                Some(spec) => {
+                    self.maps.upsert_service(*key, spec.config)?;
+                    let backends = plan_backends(spec, &self.neighbors, &locals);
+                    self.maps.set_backends(*key, &backends)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn persist(&self) -> Result<()> {
+        let dir = &self.config.node.state_dir;
+        let saved = SavedDesired {
+            from_config: self.from_config.clone(),
+            desired: self.desired.clone(),
+        };
+        write_atomic(&dir.join(DESIRED_FILE), &serde_json::to_vec_pretty(&saved)?)?;
+        write_atomic(
+            &dir.join(SNAPSHOT_FILE),
+            &serde_json::to_vec(&self.maps.snapshot())?,
+        )
+    }
+
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// Makes `new` the desired state; returns what changed.
+    pub fn apply(&mut self, new: Desired, dry_run: bool) -> Result<Vec<Change>> {
+        validate(&new, &self.config)?;
+        let changes = diff(&self.desired, &new);
+        if dry_run || changes.is_empty() {
+            return Ok(changes);
+        }
+        let touched: BTreeSet<ServiceKey> = changes.iter().map(change_service).collect();
+        for c in &changes {
+            info!(change = %c, "applying");
+        }
+        self.sync(&new, &touched)?;
+        self.desired = new;
+        self.persist()?;
+        Ok(changes)
+    }
+
+    /// Takes freshly read neighbour entries; rewrites the services whose backends'
+    /// MACs changed. Returns the addresses that changed.
+    pub fn update_neighbors(&mut self, fresh: BTreeMap<IpAddr, Neighbor>) -> Result<Vec<IpAddr>> {
+        let changed: Vec<IpAddr> = fresh
+            .iter()
+            .filter(|(a, n)| self.neighbors.get(a) != Some(n))
+            .map(|(a, _)| *a)
+            .collect();
+        if changed.is_empty() {
+            return Ok(changed);
+        }
+        for (a, n) in &fresh {
+            if self.neighbors.get(a) != Some(n) {
+                info!(backend = %a, mac = %mac_to_string(&n.mac), "backend MAC learned");
+            }
+        }
+        self.neighbors.extend(fresh);
+        let touched: BTreeSet<ServiceKey> = self
+            .desired
+            .services
+            .iter()
+            .filter(|(_, s)| {
+                changed
+                    .iter()
+                    .any(|a| s.backends.get(a).is_some_and(|b| b.mac.is_none()))
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        let desired = self.desired.clone();
+        self.sync(&desired, &touched)?;
+        self.persist()?;
+        Ok(changed)
+    }
+
+    pub fn flush_logs(&mut self) {
+        self.dataplane.flush_logs();
+    }
+
+    pub fn status(&self) -> api::Status {
+        let backends: usize = self
+            .desired
+            .services
+            .values()
+            .map(|s| s.backends.len())
+            .sum();
+        let unresolved = self
+            .desired
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter())
+            .filter(|(a, b)| b.mac.is_none() && !self.neighbors.contains_key(a))
+            .count();
+        api::Status {
+            node: self.config.node.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            api: api::VERSION.to_string(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            interfaces: self
+                .interfaces
+                .iter()
+                .map(|(l, mode, how)| api::InterfaceStatus {
+                    name: l.name.clone(),
+                    xdp_mode: format!("{mode:?}").to_lowercase(),
+                    attach: format!("{how:?}").to_lowercase(),
+                })
+                .collect(),
+            services: self.desired.services.len(),
+            backends,
+            unresolved_backends: unresolved,
+            conn_table_entries: self.maps.conn_count(),
+            resumed: self.resumed,
+            metrics: format!("http://{}/metrics", self.config.node.metrics_listen),
+        }
+    }
+
+    pub fn services(&self) -> Result<Vec<api::ServiceView>> {
+        let mut out = Vec::new();
+        for (key, spec) in &self.desired.services {
+            let counter = self.maps.service_counter(*key).unwrap_or_default();
+            let mut backends = Vec::new();
+            for (addr, b) in &spec.backends {
+                let (mac, source) = match (b.mac, self.neighbors.get(addr)) {
+                    (Some(m), _) => (Some(m), "config"),
+                    (None, Some(n)) => (Some(n.mac), "neighbour table"),
+                    (None, None) => (None, "unresolved"),
+                };
+                let c = self.maps.backend_counter(*key, *addr).unwrap_or_default();
+                backends.push(api::BackendView {
+                    address: *addr,
+                    weight: b.weight,
+                    drain: b.drain,
+                    mac: mac.map(|m| mac_to_string(&m)),
+                    mac_source: source.to_string(),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                });
+            }
+            out.push(api::ServiceView {
+                service: key.to_string(),
+                key: *key,
+                config: spec.config,
+                packets: counter.packets,
+                bytes: counter.bytes,
+                backends,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn stats(&self) -> Result<api::Stats> {
+        let global = self.maps.global_stats()?;
+        Ok(api::Stats {
+            services: self.services()?,
+            global: lb_common::GlobalStats::FIELDS
+                .iter()
+                .zip(global.values())
+                .map(|(n, v)| (n.to_string(), v))
+                .collect(),
+            conn_table_entries: self.maps.conn_count(),
+        })
+    }
+
+    /// Detaches the program and removes the pinned maps and the snapshot: the next
+    /// start begins from nothing but the saved desired state.
+    pub fn detach_everything(&mut self) -> Result<()> {
+        for (l, _, _) in self.interfaces.clone() {
+            self.dataplane.detach_pinned(Program::Balancer, &l.name)?;
+        }
+        self.dataplane.unpin_maps()?;
+        let _ = std::fs::remove_file(self.config.node.state_dir.join(SNAPSHOT_FILE));
+        info!("XDP program detached, pinned maps removed");
+        Ok(())
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.config.node.state_dir.clone()
+    }
+}
+
+fn change_service(c: &Change) -> ServiceKey {
+    match c {
+        Change::AddService { service, .. }
+        | Change::RemoveService { service }
+        | Change::ChangeService { service, .. }
+        | Change::AddBackend { service, .. }
+        | Change::RemoveBackend { service, .. }
+        | Change::ChangeBackend { service, .. } => *service,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::BackendSpec;
+
+    fn local(ifindex: u32, last: u8) -> LocalInterface {
+        LocalInterface {
+            name: format!("eth{ifindex}"),
+            ifindex,
+            mac: [2, 0, 0, 0, 0, last],
+        }
+    }
+
+    #[test]
+    fn backends_without_a_mac_wait_and_drained_ones_get_no_weight() {
+        let mut spec = ServiceSpec::default();
+        let a: IpAddr = "198.18.0.11".parse().unwrap();
+        let b: IpAddr = "198.18.0.12".parse().unwrap();
+        let c: IpAddr = "198.18.0.13".parse().unwrap();
+        spec.backends.insert(
+            a,
+            BackendSpec {
+                mac: Some([2, 1, 1, 1, 1, 1]),
+                weight: 2,
+                drain: false,
+            },
+        );
+        spec.backends.insert(
+            b,
+            BackendSpec {
+                mac: None,
+                weight: 1,
+                drain: true,
+            },
+        );
+        spec.backends.insert(c, BackendSpec::default());
+        let neighbors = BTreeMap::from([(
+            b,
+            Neighbor {
+                ifindex: 7,
+                mac: [2, 2, 2, 2, 2, 2],
+            },
+        )]);
+        let planned = plan_backends(&spec, &neighbors, &[local(7, 9)]);
+        assert_eq!(planned.len(), 2, "the unresolved backend must wait");
+        assert_eq!(planned[0].weight, 2);
+        assert_eq!(planned[0].route.src_mac, [2, 0, 0, 0, 0, 9]);
+        assert_eq!(planned[0].route.egress, Egress::Ingress);
+        assert_eq!(planned[1].weight, 0);
+        assert_eq!(planned[1].route.dst_mac, [2, 2, 2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn with_several_interfaces_frames_leave_by_the_backends_own() {
+        let mut spec = ServiceSpec::default();
+        let b: IpAddr = "198.18.0.12".parse().unwrap();
+        spec.backends.insert(b, BackendSpec::default());
+        let neighbors = BTreeMap::from([(
+            b,
+            Neighbor {
+                ifindex: 8,
+                mac: [2, 2, 2, 2, 2, 2],
+            },
+        )]);
+        let planned = plan_backends(&spec, &neighbors, &[local(7, 7), local(8, 8)]);
+        assert_eq!(planned[0].route.egress, Egress::Interface { ifindex: 8 });
+        assert_eq!(planned[0].route.src_mac, [2, 0, 0, 0, 0, 8]);
+    }
+}

@@ -1,0 +1,153 @@
+//! Prometheus text exposition of the daemon's figures. Pure: takes the same views the
+//! API returns.
+
+use std::fmt::Write;
+
+use crate::api::{Stats, Status};
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+pub fn render(status: &Status, stats: &Stats) -> String {
+    let mut out = String::new();
+    family(&mut out, "lb_up", "gauge", "1 while the daemon serves.");
+    let _ = writeln!(out, "lb_up{{node=\"{}\"}} 1", escape(&status.node));
+    family(
+        &mut out,
+        "lb_uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
+    );
+    let _ = writeln!(out, "lb_uptime_seconds {}", status.uptime_seconds);
+    family(
+        &mut out,
+        "lb_resumed",
+        "gauge",
+        "1 if this run took over a pinned data plane (hitless restart).",
+    );
+    let _ = writeln!(out, "lb_resumed {}", u8::from(status.resumed));
+    family(
+        &mut out,
+        "lb_backends_unresolved",
+        "gauge",
+        "Backends without a known MAC (they get no traffic).",
+    );
+    let _ = writeln!(out, "lb_backends_unresolved {}", status.unresolved_backends);
+    family(
+        &mut out,
+        "lb_conn_table_entries",
+        "gauge",
+        "Entries in the connection table.",
+    );
+    let _ = writeln!(out, "lb_conn_table_entries {}", stats.conn_table_entries);
+
+    family(&mut out, "lb_dataplane_packets_total", "counter", "Packets by the data plane's outcome (pass_*, drop_*, tx, redirect) and LRU lookups (lru_*).");
+    for (name, v) in &stats.global {
+        let _ = writeln!(out, "lb_dataplane_packets_total{{outcome=\"{name}\"}} {v}");
+    }
+    family(
+        &mut out,
+        "lb_service_packets_total",
+        "counter",
+        "Packets to a service.",
+    );
+    for s in &stats.services {
+        let _ = writeln!(
+            out,
+            "lb_service_packets_total{{service=\"{}\"}} {}",
+            escape(&s.service),
+            s.packets
+        );
+    }
+    family(
+        &mut out,
+        "lb_service_bytes_total",
+        "counter",
+        "Bytes to a service.",
+    );
+    for s in &stats.services {
+        let _ = writeln!(
+            out,
+            "lb_service_bytes_total{{service=\"{}\"}} {}",
+            escape(&s.service),
+            s.bytes
+        );
+    }
+    family(
+        &mut out,
+        "lb_backend_packets_total",
+        "counter",
+        "Packets forwarded to a backend.",
+    );
+    for s in &stats.services {
+        for b in &s.backends {
+            let _ = writeln!(
+                out,
+                "lb_backend_packets_total{{service=\"{}\",backend=\"{}\"}} {}",
+                escape(&s.service),
+                b.address,
+                b.packets
+            );
+        }
+    }
+    family(
+        &mut out,
+        "lb_backend_bytes_total",
+        "counter",
+        "Bytes forwarded to a backend.",
+    );
+    for s in &stats.services {
+        for b in &s.backends {
+            let _ = writeln!(
+                out,
+                "lb_backend_bytes_total{{service=\"{}\",backend=\"{}\"}} {}",
+                escape(&s.service),
+                b.address,
+                b.bytes
+            );
+        }
+    }
+    family(
+        &mut out,
+        "lb_backend_weight",
+        "gauge",
+        "A backend's configured weight (0 while draining takes effect in lb_backend_draining).",
+    );
+    for s in &stats.services {
+        for b in &s.backends {
+            let _ = writeln!(
+                out,
+                "lb_backend_weight{{service=\"{}\",backend=\"{}\"}} {}",
+                escape(&s.service),
+                b.address,
+                b.weight
+            );
+        }
+    }
+    family(
+        &mut out,
+        "lb_backend_draining",
+        "gauge",
+        "1 while a backend takes no new flows.",
+    );
+    for s in &stats.services {
+        for b in &s.backends {
+            let _ = writeln!(
+                out,
+                "lb_backend_draining{{service=\"{}\",backend=\"{}\"}} {}",
+                escape(&s.service),
+                b.address,
+                u8::from(b.drain)
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,151 @@
+//! Backend MAC addresses from the kernel's neighbour table (over netlink), with a
+//! nudge that makes the kernel ARP (or send a neighbour solicitation) for an address
+//! it does not know yet. The kernel then keeps the entry fresh; we re-read it.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use futures::TryStreamExt;
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+
+/// A neighbour entry we can forward with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Neighbor {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+}
+
+pub struct NeighborTable {
+    handle: rtnetlink::Handle,
+}
+
+impl NeighborTable {
+    /// Opens a netlink connection; must run inside a tokio runtime.
+    pub fn new() -> Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// Every usable entry: states with a known link-layer address.
+    pub async fn dump(&self) -> Result<Vec<(IpAddr, Neighbor)>> {
+        let mut out = Vec::new();
+        let mut entries = self.handle.neighbours().get().execute();
+        while let Some(msg) = entries
+            .try_next()
+            .await
+            .context("reading the neighbour table")?
+        {
+            if !matches!(
+                msg.header.state,
+                NeighbourState::Reachable
+                    | NeighbourState::Stale
+                    | NeighbourState::Delay
+                    | NeighbourState::Probe
+                    | NeighbourState::Permanent
+            ) {
+                continue;
+            }
+            let mut ip = None;
+            let mut mac = None;
+            for attr in &msg.attributes {
+                match attr {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                        ip = Some(IpAddr::V4(*a))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                        ip = Some(IpAddr::V6(*a))
+                    }
+                    NeighbourAttribute::LinkLocalAddress(l) if l.len() == 6 => {
+                        mac = Some(<[u8; 6]>::try_from(l.as_slice()).expect("length checked"))
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(ip), Some(mac)) = (ip, mac) {
+                out.push((
+                    ip,
+                    Neighbor {
+                        ifindex: msg.header.ifindex,
+                        mac,
+                    },
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn lookup(&self, ip: IpAddr) -> Result<Option<Neighbor>> {
+        Ok(self
+            .dump()
+            .await?
+            .into_iter()
+            .find(|(a, _)| *a == ip)
+            .map(|(_, n)| n))
+    }
+
+    /// Looks `ip` up; if the kernel does not know it, makes the kernel resolve it and
+    /// waits up to `timeout`.
+    pub async fn resolve(&self, ip: IpAddr, timeout: Duration) -> Result<Option<Neighbor>> {
+        if let Some(n) = self.lookup(ip).await? {
+            return Ok(Some(n));
+        }
+        nudge(ip);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Some(n) = self.lookup(ip).await? {
+                return Ok(Some(n));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Sends an empty datagram to the discard port: to send it the kernel must resolve
+/// the address, which is the whole point. The backend may answer with an ICMP error.
+pub fn nudge(ip: IpAddr) {
+    let bind: IpAddr = match ip {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    if let Ok(sock) = UdpSocket::bind((bind, 0)) {
+        let _ = sock.send_to(&[], (ip, 9));
+    }
+}
+
+/// An interface of this node, as the data plane needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalInterface {
+    pub name: String,
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+}
+
+impl LocalInterface {
+    /// Reads the interface from /sys (of the calling process's network namespace).
+    pub fn read(name: &str) -> Result<Self> {
+        let base = format!("/sys/class/net/{name}");
+        let ifindex = std::fs::read_to_string(format!("{base}/ifindex"))
+            .with_context(|| format!("interface {name} does not exist in this network namespace"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("reading {base}/ifindex"))?;
+        let mac_text = std::fs::read_to_string(format!("{base}/address"))
+            .with_context(|| format!("reading {base}/address"))?;
+        let mac = crate::config::parse_mac(mac_text.trim()).with_context(|| {
+            format!(
+                "interface {name} has no Ethernet address ({})",
+                mac_text.trim()
+            )
+        })?;
+        Ok(Self {
+            name: name.to_string(),
+            ifindex,
+            mac,
+        })
+    }
+}

@@ -1,0 +1,252 @@
+//! The daemon's listeners: the management API (HTTP/JSON on a Unix socket) and the
+//! Prometheus endpoint (HTTP on TCP). Handlers parse, call `Daemon`, and answer.
+
+use std::{net::IpAddr, path::Path, sync::Arc};
+
+use anyhow::{Context, Result};
+use axum::{
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use tokio::sync::{mpsc, Mutex};
+
+use crate::{
+    api::{
+        self, AddBackend, AddService, Applied, BackendRef, DrainBackend, ErrorBody, ServiceRef,
+        SetWeight, Shutdown,
+    },
+    daemon::Daemon,
+    desired::{BackendSpec, Desired, ServiceSpec},
+    manager::ServiceKey,
+};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub daemon: Arc<Mutex<Daemon>>,
+    pub shutdown: mpsc::Sender<Shutdown>,
+}
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn not_found(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, msg.into())
+}
+
+fn internal(e: anyhow::Error) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// Applies `edit` to a copy of the desired state, then the copy.
+async fn change(
+    state: &AppState,
+    edit: impl FnOnce(&mut Desired) -> Result<(), ApiError>,
+) -> ApiResult<Applied> {
+    let mut daemon = state.daemon.lock().await;
+    let mut new = daemon.desired().clone();
+    edit(&mut new)?;
+    let changes = daemon
+        .apply(new, false)
+        .map_err(|e| bad(format!("{e:#}")))?;
+    Ok(Json(Applied {
+        changes,
+        dry_run: false,
+    }))
+}
+
+fn service_mut(d: &mut Desired, key: ServiceKey) -> Result<&mut ServiceSpec, ApiError> {
+    d.services
+        .get_mut(&key)
+        .ok_or_else(|| not_found(format!("no service {key}; `lbctl service list` shows them")))
+}
+
+fn backend_mut(
+    d: &mut Desired,
+    key: ServiceKey,
+    addr: IpAddr,
+) -> Result<&mut BackendSpec, ApiError> {
+    service_mut(d, key)?.backends.get_mut(&addr).ok_or_else(|| {
+        not_found(format!(
+            "no backend {addr} in {key}; `lbctl backend list {key}` shows them"
+        ))
+    })
+}
+
+async fn status(State(s): State<AppState>) -> ApiResult<api::Status> {
+    Ok(Json(s.daemon.lock().await.status()))
+}
+
+async fn services(State(s): State<AppState>) -> ApiResult<Vec<api::ServiceView>> {
+    s.daemon.lock().await.services().map(Json).map_err(internal)
+}
+
+async fn stats(State(s): State<AppState>) -> ApiResult<api::Stats> {
+    s.daemon.lock().await.stats().map(Json).map_err(internal)
+}
+
+async fn desired(State(s): State<AppState>) -> ApiResult<Desired> {
+    Ok(Json(s.daemon.lock().await.desired().clone()))
+}
+
+async fn add_service(State(s): State<AppState>, Json(req): Json<AddService>) -> ApiResult<Applied> {
+    change(&s, |d| {
+        let spec = d.services.entry(req.service).or_default();
+        if let Some(c) = req.config {
+            spec.config = c;
+        }
+        Ok(())
+    })
+    .await
+}
+
+async fn remove_service(
+    State(s): State<AppState>,
+    Json(req): Json<ServiceRef>,
+) -> ApiResult<Applied> {
+    change(&s, |d| {
+        d.services
+            .remove(&req.service)
+            .map(drop)
+            .ok_or_else(|| not_found(format!("no service {}", req.service)))
+    })
+    .await
+}
+
+async fn add_backend(State(s): State<AppState>, Json(req): Json<AddBackend>) -> ApiResult<Applied> {
+    change(&s, |d| {
+        let svc = service_mut(d, req.service)?;
+        if req.backend.is_ipv4() != req.service.addr.is_ipv4() {
+            return Err(bad(format!(
+                "backend {} is not of {}'s address family",
+                req.backend, req.service
+            )));
+        }
+        svc.backends
+            .insert(req.backend, req.spec.unwrap_or_default());
+        Ok(())
+    })
+    .await
+}
+
+async fn remove_backend(
+    State(s): State<AppState>,
+    Json(req): Json<BackendRef>,
+) -> ApiResult<Applied> {
+    change(&s, |d| {
+        service_mut(d, req.service)?
+            .backends
+            .remove(&req.backend)
+            .map(drop)
+            .ok_or_else(|| not_found(format!("no backend {} in {}", req.backend, req.service)))
+    })
+    .await
+}
+
+async fn drain_backend(
+    State(s): State<AppState>,
+    Json(req): Json<DrainBackend>,
+) -> ApiResult<Applied> {
+    change(&s, |d| {
+        backend_mut(d, req.service, req.backend)?.drain = req.drain;
+        Ok(())
+    })
+    .await
+}
+
+async fn set_weight(State(s): State<AppState>, Json(req): Json<SetWeight>) -> ApiResult<Applied> {
+    change(&s, |d| {
+        backend_mut(d, req.service, req.backend)?.weight = req.weight;
+        Ok(())
+    })
+    .await
+}
+
+async fn apply(State(s): State<AppState>, Json(req): Json<api::Apply>) -> ApiResult<Applied> {
+    let mut daemon = s.daemon.lock().await;
+    let changes = daemon
+        .apply(req.desired, req.dry_run)
+        .map_err(|e| bad(format!("{e:#}")))?;
+    Ok(Json(Applied {
+        changes,
+        dry_run: req.dry_run,
+    }))
+}
+
+async fn shutdown(
+    State(s): State<AppState>,
+    Json(req): Json<Shutdown>,
+) -> ApiResult<serde_json::Value> {
+    s.shutdown
+        .send(req)
+        .await
+        .map_err(|_| internal(anyhow::anyhow!("the daemon is already shutting down")))?;
+    Ok(Json(serde_json::json!({ "shutting_down": true })))
+}
+
+async fn unknown() -> ApiError {
+    not_found("no such endpoint; the API is described in docs/API.md")
+}
+
+pub fn api_router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/services", get(services))
+        .route("/v1/stats", get(stats))
+        .route("/v1/desired", get(desired))
+        .route("/v1/services/add", post(add_service))
+        .route("/v1/services/remove", post(remove_service))
+        .route("/v1/backends/add", post(add_backend))
+        .route("/v1/backends/remove", post(remove_backend))
+        .route("/v1/backends/drain", post(drain_backend))
+        .route("/v1/backends/weight", post(set_weight))
+        .route("/v1/apply", post(apply))
+        .route("/v1/shutdown", post(shutdown))
+        .fallback(unknown)
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
+    let daemon = s.daemon.lock().await;
+    let stats = daemon.stats().map_err(internal)?;
+    Ok(crate::metrics::render(&daemon.status(), &stats))
+}
+
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Binds the API socket, replacing a stale one (a socket file nobody listens on).
+pub fn bind_api(path: &Path) -> Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another lbd already serves {}; stop it first (lbctl --socket {} shutdown)",
+                path.display(),
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding the API socket {}", path.display()))
+}
