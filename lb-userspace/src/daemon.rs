@@ -125,11 +125,10 @@ impl Daemon {
     pub async fn start(config: Config, neighbors: &NeighborTable) -> Result<Daemon> {
         std::fs::create_dir_all(&config.node.state_dir)
             .with_context(|| format!("creating state_dir {}", config.node.state_dir.display()))?;
-        let locals: Vec<LocalInterface> = config
-            .interfaces
-            .iter()
-            .map(|i| LocalInterface::read(&i.name))
-            .collect::<Result<_>>()?;
+        let mut locals = Vec::new();
+        for i in &config.interfaces {
+            locals.push(neighbors.interface(&i.name).await?);
+        }
 
         let pinned_before = config.node.pin_dir.join(map_names::VIPS).exists();
         let (dataplane, mut maps) = Dataplane::load(&config.load_options())?;

@@ -3,6 +3,7 @@
 //! pure Maglev table builder ([`maglev`]). The daemon and CLI build on these.
 
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod desired;

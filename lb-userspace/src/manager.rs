@@ -60,7 +60,8 @@ impl fmt::Display for Proto {
 }
 
 /// A service: what clients address. Port 0 is the address's port-less fallback.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// Serialized as its text form (`tcp/198.18.0.100:80`), so it can key JSON objects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
     pub addr: IpAddr,
     pub port: u16,
@@ -77,6 +78,19 @@ impl fmt::Display for ServiceKey {
             IpAddr::V4(a) => write!(f, "{}/{a}:{port}", self.proto),
             IpAddr::V6(a) => write!(f, "{}/[{a}]:{port}", self.proto),
         }
+    }
+}
+
+impl Serialize for ServiceKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 

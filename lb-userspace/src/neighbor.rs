@@ -125,26 +125,35 @@ pub struct LocalInterface {
     pub mac: [u8; 6],
 }
 
-impl LocalInterface {
-    /// Reads the interface from /sys (of the calling process's network namespace).
-    pub fn read(name: &str) -> Result<Self> {
-        let base = format!("/sys/class/net/{name}");
-        let ifindex = std::fs::read_to_string(format!("{base}/ifindex"))
+impl NeighborTable {
+    /// Reads one of this network namespace's interfaces over netlink (not /sys, which
+    /// shows the namespace of whoever mounted it).
+    pub async fn interface(&self, name: &str) -> Result<LocalInterface> {
+        use netlink_packet_route::link::LinkAttribute;
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        let msg = links
+            .try_next()
+            .await
             .with_context(|| format!("interface {name} does not exist in this network namespace"))?
-            .trim()
-            .parse()
-            .with_context(|| format!("reading {base}/ifindex"))?;
-        let mac_text = std::fs::read_to_string(format!("{base}/address"))
-            .with_context(|| format!("reading {base}/address"))?;
-        let mac = crate::config::parse_mac(mac_text.trim()).with_context(|| {
-            format!(
-                "interface {name} has no Ethernet address ({})",
-                mac_text.trim()
-            )
-        })?;
-        Ok(Self {
+            .with_context(|| {
+                format!("interface {name} does not exist in this network namespace")
+            })?;
+        let mac = msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Address(m) if m.len() == 6 => <[u8; 6]>::try_from(m.as_slice()).ok(),
+                _ => None,
+            })
+            .with_context(|| format!("interface {name} has no Ethernet address"))?;
+        Ok(LocalInterface {
             name: name.to_string(),
-            ifindex,
+            ifindex: msg.header.index,
             mac,
         })
     }

@@ -4,8 +4,14 @@
 
 use std::{
     net::Ipv4Addr,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
     sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
 };
+
+use nix::{sys::signal::Signal, unistd::Pid};
 
 use anyhow::{Context, Result};
 
@@ -47,12 +53,19 @@ impl Host {
 /// The bridge and its hosts. Dropping it deletes every namespace it made.
 #[derive(Debug)]
 pub struct Lab {
-    // Hosts drop (and their namespaces go) before the bridge's.
+    // Processes stop first, then hosts' namespaces go, then the bridge's.
+    procs: Vec<Proc>,
     hosts: Vec<Host>,
     pub bridge: Netns,
-    /// Distinguishes labs of one process (tests run in parallel threads).
-    id: u32,
+    /// Prefix of every namespace name of this lab.
+    prefix: String,
+    persistent: bool,
 }
+
+/// Namespace prefix and run directory of the lab that `cargo xtask lab up` leaves
+/// running.
+pub const PERSISTENT_PREFIX: &str = "lblab";
+pub const RUN_DIR: &str = "/run/lblab";
 
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
@@ -71,19 +84,36 @@ impl Lab {
         );
         netns::remove_orphans();
         let id = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
-        let bridge = Netns::create(&format!("{id}-br"))?;
+        let prefix = format!("{}-{}-{id}", netns::PREFIX, std::process::id());
+        Self::with_prefix(prefix, false)
+    }
+
+    /// The lab of `cargo xtask lab up`: fixed names, left running when dropped.
+    pub fn persistent() -> Result<Lab> {
+        anyhow::ensure!(
+            netns::is_root(),
+            "the lab creates network namespaces and must run as root"
+        );
+        std::fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
+        Self::with_prefix(PERSISTENT_PREFIX.to_string(), true)
+    }
+
+    fn with_prefix(prefix: String, persistent: bool) -> Result<Lab> {
+        let bridge = Netns::create_named(&format!("{prefix}-br"), persistent)?;
         bridge.ip("link add br0 type bridge")?;
         bridge.ip("link set br0 up")?;
         Ok(Lab {
+            procs: Vec::new(),
             hosts: Vec::new(),
             bridge,
-            id,
+            prefix,
+            persistent,
         })
     }
 
     /// Adds host `tag` (at most 10 characters) with address 198.18.0.`octet`.
     pub fn add_host(&mut self, tag: &str, octet: u8) -> Result<&Host> {
-        let ns = Netns::create(&format!("{}-{tag}", self.id))?;
+        let ns = Netns::create_named(&format!("{}-{tag}", self.prefix), self.persistent)?;
         let ip = Ipv4Addr::new(198, 18, 0, octet);
         let mac = [0x02, 0x1b, 0, 0, 0, octet];
         let port = format!("v-{tag}");
@@ -115,4 +145,202 @@ impl Lab {
             .find(|h| h.tag == tag)
             .unwrap_or_else(|| panic!("no host {tag} in the lab"))
     }
+}
+
+/// A process running inside a lab host. Killed on drop, unless detached.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Sends `signal` (e.g. SIGKILL, SIGTERM) without waiting.
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        let pid = Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, signal).with_context(|| format!("signalling {}", self.name))
+    }
+
+    /// Waits up to `timeout` for the process to exit; returns its status if it did.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().context("process already reaped")?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Leaves the process running past this handle (the persistent lab).
+    pub fn detach(mut self) -> u32 {
+        let pid = self.pid();
+        self.child = None;
+        pid
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The standard lab of issue 3: one client (with twenty extra source addresses), two
+/// LB nodes, three backends serving on `SERVICE_PORT`; the VIP is owned by lb1.
+pub mod standard {
+    use std::net::Ipv4Addr;
+
+    pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+    pub const SERVICE_PORT: u16 = 8080;
+    pub const CLIENT: u8 = 10;
+    pub const LBS: [(&str, u8); 2] = [("lb1", 2), ("lb2", 3)];
+    pub const BACKENDS: [(&str, u8); 3] = [("b1", 11), ("b2", 12), ("b3", 13)];
+    /// Extra client source addresses: 198.18.0.21 to .40.
+    pub fn client_sources() -> impl Iterator<Item = Ipv4Addr> {
+        (21..=40).map(|o| Ipv4Addr::new(198, 18, 0, o))
+    }
+    pub fn backend_ip(octet: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 0, octet)
+    }
+}
+
+impl Lab {
+    /// Path of the lab-server binary next to the running executable's target dir.
+    pub fn target_binary(name: &str) -> Result<PathBuf> {
+        // Test executables live in target/<profile>/deps, xtask in target/<profile>.
+        let exe = std::env::current_exe()?;
+        for dir in exe.ancestors().skip(1).take(3) {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+        anyhow::bail!(
+            "{name} is not built next to {}; build the workspace first (cargo build)",
+            exe.display()
+        )
+    }
+
+    /// Starts `program` in host `tag`'s network namespace, output to `log`.
+    pub fn spawn(
+        &mut self,
+        tag: &str,
+        program: &Path,
+        args: &[&str],
+        log: &Path,
+    ) -> Result<&mut Proc> {
+        let host = self.host(tag);
+        let out =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = host.ns.command(&program.to_string_lossy());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {} in {tag}", program.display()))?;
+        self.procs.push(Proc {
+            name: format!(
+                "{} in {tag}",
+                program.file_name().unwrap_or_default().to_string_lossy()
+            ),
+            child: Some(child),
+        });
+        Ok(self.procs.last_mut().expect("just pushed"))
+    }
+
+    /// Builds the standard topology and starts the backends' servers.
+    pub fn standard(mut self, log_dir: &Path) -> Result<Lab> {
+        use standard::*;
+        self.add_host("client", CLIENT)?;
+        for (tag, octet) in LBS {
+            self.add_host(tag, octet)?;
+        }
+        for (tag, octet) in BACKENDS {
+            self.add_host(tag, octet)?;
+        }
+        let client = self.host("client");
+        for a in client_sources() {
+            client.add_addr(a)?;
+        }
+        self.host("lb1").add_addr(VIP)?;
+        let server = Self::target_binary("lab-server")?;
+        for (tag, _) in BACKENDS {
+            self.host(tag).add_dsr_vip(VIP)?;
+            let log = log_dir.join(format!("lab-server-{tag}.log"));
+            let port = SERVICE_PORT.to_string();
+            let persistent = self.persistent;
+            let proc = self.spawn(tag, &server, &[tag, &port], &log)?;
+            if persistent {
+                let pid = proc.pid();
+                std::fs::write(
+                    Path::new(RUN_DIR).join(format!("lab-server-{tag}.pid")),
+                    pid.to_string(),
+                )?;
+            }
+        }
+        if self.persistent {
+            // Leave the servers running for `lab down` to stop.
+            for p in self.procs.drain(..) {
+                p.detach();
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// Stops what `cargo xtask lab up` started and deletes its namespaces.
+pub fn teardown_persistent() -> Result<()> {
+    if let Ok(entries) = std::fs::read_dir(RUN_DIR) {
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_some_and(|x| x == "pid") {
+                if let Some(pid) = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+                }
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("{PERSISTENT_PREFIX}-")) {
+                netns::ip(&format!("netns del {name}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Names of the persistent lab's namespaces that exist.
+pub fn persistent_namespaces() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("{PERSISTENT_PREFIX}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }

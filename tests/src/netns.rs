@@ -40,18 +40,53 @@ pub fn ip(args: &str) -> Result<Output> {
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    /// Left in place on drop (the persistent lab of `cargo xtask lab up`).
+    keep: bool,
 }
 
 impl Netns {
-    /// Creates `lbt-<pid>-<tag>`, with its loopback up.
+    /// Creates `lbt-<pid>-<tag>`, with its loopback up; deleted on drop.
     pub fn create(tag: &str) -> Result<Netns> {
-        let name = format!("{PREFIX}-{}-{tag}", std::process::id());
-        // A namespace of that name can only be ours from an earlier failed attempt.
+        Self::create_named(&format!("{PREFIX}-{}-{tag}", std::process::id()), false)
+    }
+
+    /// Creates a namespace with exactly this name, replacing one left over.
+    pub fn create_named(name: &str, keep: bool) -> Result<Netns> {
         let _ = ip(&format!("netns del {name}"));
         ip(&format!("netns add {name}"))?;
-        let ns = Netns { name };
+        let ns = Netns {
+            name: name.to_string(),
+            keep,
+        };
         ns.ip("link set lo up")?;
         Ok(ns)
+    }
+
+    /// A namespace that already exists (of a persistent lab).
+    pub fn open(name: &str, keep: bool) -> Result<Netns> {
+        anyhow::ensure!(
+            Path::new(&format!("/run/netns/{name}")).exists(),
+            "network namespace {name} does not exist; is the lab up? (cargo xtask lab up)"
+        );
+        Ok(Netns {
+            name: name.to_string(),
+            keep,
+        })
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// A command that runs `program` in this namespace's network (and only network)
+    /// namespace: unlike `ip netns exec` it keeps the host's /sys and bpffs, where
+    /// lbd pins its maps.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path()))
+            .arg("--")
+            .arg(program);
+        cmd
     }
 
     pub fn name(&self) -> &str {
@@ -74,10 +109,6 @@ impl Netns {
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         self.exec("sysctl", &["-qw", &format!("{key}={value}")])
             .map(drop)
-    }
-
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
     }
 
     /// Runs `f` on the calling thread inside the namespace, then returns the thread to
@@ -110,6 +141,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         if let Err(e) = ip(&format!("netns del {}", self.name)) {
             eprintln!("warning: could not delete netns {}: {e:#}", self.name);
         }

@@ -36,6 +36,28 @@ enum Cmd {
     },
     /// Install what is missing, then run the data-plane benchmark.
     Bench,
+    /// The lab: client, two LB nodes and three backends in network namespaces.
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+    },
+    /// The main job: bring the lab up, start lbd on lb1, send traffic, show where it
+    /// went, and keep everything running until Ctrl-C.
+    Demo {
+        /// Exit after the traffic report instead of waiting for Ctrl-C (tears down).
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabAction {
+    /// Build the topology and start the backends' servers (replaces a running lab).
+    Up,
+    /// Stop everything the lab runs and delete its namespaces.
+    Down,
+    /// What is running.
+    Status,
 }
 
 fn workspace_root() -> PathBuf {
@@ -59,13 +81,47 @@ fn status(mut cmd: Command, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// lbd, lbctl and the lab's server, in target/debug.
+fn build_binaries() -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--package",
+        "lb-userspace",
+        "--package",
+        "lb-tests",
+        "--bins",
+    ]);
+    status(cmd, "cargo build")
+}
+
+pub fn target_dir() -> PathBuf {
+    workspace_root().join("target/debug")
+}
+
 fn setup() -> Result<()> {
     let script = workspace_root().join("scripts/install-toolchain.sh");
     status(Command::new(&script), "scripts/install-toolchain.sh")
 }
 
+mod lab;
+
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Cmd::Lab { action } => match action {
+            LabAction::Up => {
+                setup()?;
+                build_binaries()?;
+                lab::up().map(drop)
+            }
+            LabAction::Down => lab::down(),
+            LabAction::Status => lab::status(),
+        },
+        Cmd::Demo { no_wait } => {
+            setup()?;
+            build_binaries()?;
+            lab::demo(!no_wait)
+        }
         Cmd::Setup => setup(),
         Cmd::BuildEbpf { release } => {
             setup()?;

@@ -1,0 +1,529 @@
+//! lbctl: the balancer's command line, a client of lbd's management API.
+//!
+//! Exit codes: 0 done; 1 lbd refused the request (the message says why); 2 bad usage
+//! or input file; 3 lbd is not running; 4 unexpected answer from lbd.
+
+use std::{io::Write, net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use lb_userspace::{
+    api::{self, Applied},
+    client::{Client, ClientError},
+    config::{parse_mac, parse_services},
+    desired::BackendSpec,
+    manager::{ServiceConfig, ServiceKey},
+};
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(version, about = "Control the load balancer daemon (lbd)")]
+struct Cli {
+    /// lbd's API socket. Default: $LBCTL_SOCKET, else the only socket in /run/lb.
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Human)]
+    output: Output,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The daemon: node, interfaces, counts, where the metrics are.
+    Status,
+    /// Services (VIP, port, protocol).
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Backends of a service.
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// Packet and byte counters, drops by reason.
+    Stats {
+        /// Print again every --interval seconds until interrupted.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long, default_value_t = 2)]
+        interval: u64,
+    },
+    /// Make lbd's services exactly those of a file (an lbd config or just [[service]]
+    /// sections); prints the changes.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Show the changes without making them.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Stop lbd. The data plane keeps forwarding unless --detach.
+    Shutdown {
+        /// Also detach the XDP program and remove the pinned maps.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+}
+
+/// Services are written as tcp/198.18.0.100:80, udp/[2001:db8::1]:53, tcp/198.18.0.100:* (any port).
+#[derive(Subcommand)]
+enum ServiceCmd {
+    Add {
+        service: ServiceKey,
+        #[arg(long)]
+        maglev_size: Option<u32>,
+        /// Pass fragments and packets with IP options to the node's stack instead of dropping them.
+        #[arg(long)]
+        pass_irregular: bool,
+    },
+    Remove {
+        service: ServiceKey,
+    },
+    List,
+    Show {
+        service: ServiceKey,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackendCmd {
+    Add {
+        service: ServiceKey,
+        address: IpAddr,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        /// Fixed MAC; by default it is resolved through the neighbour table.
+        #[arg(long, value_parser = parse_mac_arg)]
+        mac: Option<[u8; 6]>,
+    },
+    Remove {
+        service: ServiceKey,
+        address: IpAddr,
+    },
+    /// Take no new flows; established ones continue until they end.
+    Drain {
+        service: ServiceKey,
+        address: IpAddr,
+        /// Put the backend back into rotation.
+        #[arg(long)]
+        undo: bool,
+    },
+    /// Change a backend's weight.
+    Weight {
+        service: ServiceKey,
+        address: IpAddr,
+        weight: u32,
+    },
+    List {
+        service: ServiceKey,
+    },
+}
+
+fn parse_mac_arg(s: &str) -> Result<[u8; 6], String> {
+    parse_mac(s).ok_or_else(|| format!("`{s}` is not a MAC address like 02:00:00:00:00:01"))
+}
+
+enum Failure {
+    Client(ClientError),
+    Input(String),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure::Client(e)
+    }
+}
+
+fn default_socket() -> Result<PathBuf, Failure> {
+    if let Ok(s) = std::env::var("LBCTL_SOCKET") {
+        return Ok(s.into());
+    }
+    let found: Vec<PathBuf> = std::fs::read_dir("/run/lb")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    match found.as_slice() {
+        [] => Err(Failure::Client(ClientError::NotRunning {
+            path: "/run/lb/*.sock".into(),
+        })),
+        [one] => Ok(one.clone()),
+        many => Err(Failure::Input(format!(
+            "several lbd sockets in /run/lb ({}); pick one with --socket",
+            many.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+fn print_json<T: Serialize>(v: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("API types serialize")
+    );
+}
+
+fn print_applied(out: Output, applied: &Applied) {
+    if out == Output::Json {
+        return print_json(applied);
+    }
+    if applied.changes.is_empty() {
+        println!("no changes");
+    }
+    for c in &applied.changes {
+        println!("{c}");
+    }
+    if applied.dry_run && !applied.changes.is_empty() {
+        println!("(dry run: nothing was changed)");
+    }
+}
+
+fn table(rows: Vec<Vec<String>>) {
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+fn print_services(services: &[api::ServiceView]) {
+    let mut rows = vec![vec![
+        "SERVICE".into(),
+        "BACKENDS".into(),
+        "MAGLEV".into(),
+        "PACKETS".into(),
+        "BYTES".into(),
+    ]];
+    for s in services {
+        rows.push(vec![
+            s.service.clone(),
+            s.backends.len().to_string(),
+            s.config.maglev_size.to_string(),
+            s.packets.to_string(),
+            s.bytes.to_string(),
+        ]);
+    }
+    table(rows);
+}
+
+fn print_backends(s: &api::ServiceView) {
+    let mut rows = vec![vec![
+        "BACKEND".into(),
+        "WEIGHT".into(),
+        "STATE".into(),
+        "MAC".into(),
+        "PACKETS".into(),
+        "BYTES".into(),
+    ]];
+    for b in &s.backends {
+        let state = match (b.drain, &b.mac) {
+            (_, None) => "unresolved",
+            (true, _) => "draining",
+            (false, _) => "active",
+        };
+        rows.push(vec![
+            b.address.to_string(),
+            b.weight.to_string(),
+            state.into(),
+            b.mac.clone().unwrap_or_else(|| "-".into()),
+            b.packets.to_string(),
+            b.bytes.to_string(),
+        ]);
+    }
+    table(rows);
+}
+
+async fn find_service(client: &Client, key: ServiceKey) -> Result<api::ServiceView, Failure> {
+    let all: Vec<api::ServiceView> = client.get("/v1/services").await?;
+    all.into_iter().find(|s| s.key == key).ok_or_else(|| {
+        Failure::Client(ClientError::Daemon(format!(
+            "no service {key}; `lbctl service list` shows them"
+        )))
+    })
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let out = cli.output;
+    if let Cmd::Completions { shell } = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "lbctl", &mut std::io::stdout());
+        return Ok(());
+    }
+    // Read input files before talking to the daemon: a bad file is the caller's error.
+    let apply = match &cli.command {
+        Cmd::Apply { file, dry_run } => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| Failure::Input(format!("{}: {e}", file.display())))?;
+            let desired = parse_services(file, &text).map_err(|e| Failure::Input(e.to_string()))?;
+            Some(api::Apply {
+                desired,
+                dry_run: *dry_run,
+            })
+        }
+        _ => None,
+    };
+    let socket = match cli.socket {
+        Some(s) => s,
+        None => default_socket()?,
+    };
+    let client = Client::new(socket);
+    match cli.command {
+        Cmd::Completions { .. } => unreachable!("handled above"),
+        Cmd::Status => {
+            let s: api::Status = client.get("/v1/status").await?;
+            if out == Output::Json {
+                print_json(&s);
+            } else {
+                println!("node        {} (lbd {}, API {})", s.node, s.version, s.api);
+                println!(
+                    "uptime      {} s{}",
+                    s.uptime_seconds,
+                    if s.resumed {
+                        ", resumed a running data plane"
+                    } else {
+                        ""
+                    }
+                );
+                for i in &s.interfaces {
+                    println!("interface   {} (XDP {}, {})", i.name, i.xdp_mode, i.attach);
+                }
+                println!("services    {}", s.services);
+                println!(
+                    "backends    {} ({} unresolved)",
+                    s.backends, s.unresolved_backends
+                );
+                println!("connections {}", s.conn_table_entries);
+                println!("metrics     {}", s.metrics);
+            }
+        }
+        Cmd::Service(cmd) => match cmd {
+            ServiceCmd::Add {
+                service,
+                maglev_size,
+                pass_irregular,
+            } => {
+                let mut config = ServiceConfig {
+                    pass_irregular,
+                    ..ServiceConfig::default()
+                };
+                if let Some(m) = maglev_size {
+                    config.maglev_size = m;
+                }
+                let r = client
+                    .post(
+                        "/v1/services/add",
+                        &api::AddService {
+                            service,
+                            config: Some(config),
+                        },
+                    )
+                    .await?;
+                print_applied(out, &r);
+            }
+            ServiceCmd::Remove { service } => {
+                let r = client
+                    .post("/v1/services/remove", &api::ServiceRef { service })
+                    .await?;
+                print_applied(out, &r);
+            }
+            ServiceCmd::List => {
+                let all: Vec<api::ServiceView> = client.get("/v1/services").await?;
+                if out == Output::Json {
+                    print_json(&all);
+                } else {
+                    print_services(&all);
+                }
+            }
+            ServiceCmd::Show { service } => {
+                let s = find_service(&client, service).await?;
+                if out == Output::Json {
+                    print_json(&s);
+                } else {
+                    println!(
+                        "{}  maglev {}  pass_irregular {}  packets {}  bytes {}",
+                        s.service,
+                        s.config.maglev_size,
+                        s.config.pass_irregular,
+                        s.packets,
+                        s.bytes
+                    );
+                    print_backends(&s);
+                }
+            }
+        },
+        Cmd::Backend(cmd) => match cmd {
+            BackendCmd::Add {
+                service,
+                address,
+                weight,
+                mac,
+            } => {
+                let spec = BackendSpec {
+                    mac,
+                    weight,
+                    drain: false,
+                };
+                let r = client
+                    .post(
+                        "/v1/backends/add",
+                        &api::AddBackend {
+                            service,
+                            backend: address,
+                            spec: Some(spec),
+                        },
+                    )
+                    .await?;
+                print_applied(out, &r);
+            }
+            BackendCmd::Remove { service, address } => {
+                let r = client
+                    .post(
+                        "/v1/backends/remove",
+                        &api::BackendRef {
+                            service,
+                            backend: address,
+                        },
+                    )
+                    .await?;
+                print_applied(out, &r);
+            }
+            BackendCmd::Drain {
+                service,
+                address,
+                undo,
+            } => {
+                let r = client
+                    .post(
+                        "/v1/backends/drain",
+                        &api::DrainBackend {
+                            service,
+                            backend: address,
+                            drain: !undo,
+                        },
+                    )
+                    .await?;
+                print_applied(out, &r);
+            }
+            BackendCmd::Weight {
+                service,
+                address,
+                weight,
+            } => {
+                let r = client
+                    .post(
+                        "/v1/backends/weight",
+                        &api::SetWeight {
+                            service,
+                            backend: address,
+                            weight,
+                        },
+                    )
+                    .await?;
+                print_applied(out, &r);
+            }
+            BackendCmd::List { service } => {
+                let s = find_service(&client, service).await?;
+                if out == Output::Json {
+                    print_json(&s.backends);
+                } else {
+                    print_backends(&s);
+                }
+            }
+        },
+        Cmd::Stats { watch, interval } => loop {
+            let s: api::Stats = client.get("/v1/stats").await?;
+            if out == Output::Json {
+                println!("{}", serde_json::to_string(&s).expect("serializes"));
+            } else {
+                print_services(&s.services);
+                println!();
+                let nonzero: Vec<String> = s
+                    .global
+                    .iter()
+                    .filter(|(_, v)| *v > 0)
+                    .map(|(n, v)| format!("{n} {v}"))
+                    .collect();
+                println!(
+                    "data plane: {}",
+                    if nonzero.is_empty() {
+                        "no packets yet".into()
+                    } else {
+                        nonzero.join(", ")
+                    }
+                );
+                println!("connections: {}", s.conn_table_entries);
+            }
+            let _ = std::io::stdout().flush();
+            if !watch {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(interval.max(1))).await;
+            if out == Output::Human {
+                println!();
+            }
+        },
+        Cmd::Apply { .. } => {
+            let r = client
+                .post("/v1/apply", apply.as_ref().expect("parsed above"))
+                .await?;
+            print_applied(out, &r);
+        }
+        Cmd::Shutdown { detach } => {
+            let r: serde_json::Value = client
+                .post("/v1/shutdown", &api::Shutdown { detach })
+                .await?;
+            if out == Output::Json {
+                print_json(&r);
+            } else {
+                println!(
+                    "lbd is shutting down{}",
+                    if detach {
+                        " and detaching the data plane"
+                    } else {
+                        "; the data plane keeps forwarding"
+                    }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Input(m)) => {
+            eprintln!("lbctl: {m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Client(e)) => {
+            eprintln!("lbctl: {e}");
+            ExitCode::from(match e {
+                ClientError::Daemon(_) => 1,
+                ClientError::NotRunning { .. } => 3,
+                ClientError::Protocol { .. } => 4,
+            })
+        }
+    }
+}

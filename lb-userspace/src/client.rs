@@ -1,0 +1,101 @@
+//! lbctl's side of the management API: HTTP/1.1 over the daemon's Unix socket.
+
+use std::path::{Path, PathBuf};
+
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Bytes, Method, Request};
+use hyper_util::rt::TokioIo;
+use serde::{de::DeserializeOwned, Serialize};
+use thiserror::Error;
+
+use crate::api::ErrorBody;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The daemon is not there: scripts tell this apart by the exit code.
+    #[error("lbd is not running (no answer on {path}): start it with `lbd --config /etc/lb/lbd.toml` or pass --socket")]
+    NotRunning { path: PathBuf },
+    #[error("{0}")]
+    Daemon(String),
+    #[error("talking to lbd on {path}: {message}")]
+    Protocol { path: PathBuf, message: String },
+}
+
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn protocol(&self, message: impl ToString) -> ClientError {
+        ClientError::Protocol {
+            path: self.socket.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|_| ClientError::NotRunning {
+                path: self.socket.clone(),
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.protocol(e))?;
+        tokio::spawn(conn);
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "lbd")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| self.protocol(e))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| self.protocol(e))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.protocol(e))?
+            .to_bytes();
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)));
+            return Err(ClientError::Daemon(message));
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|e| self.protocol(format!("unexpected answer to {path}: {e}")))
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).map_err(|e| self.protocol(e))?;
+        self.call(Method::POST, path, Some(body)).await
+    }
+}
