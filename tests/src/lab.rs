@@ -305,6 +305,7 @@ impl Lab {
 
 /// Stops what `cargo xtask lab up` started and deletes its namespaces.
 pub fn teardown_persistent() -> Result<()> {
+    let mut pids = Vec::new();
     if let Ok(entries) = std::fs::read_dir(RUN_DIR) {
         for e in entries.flatten() {
             let path = e.path();
@@ -314,12 +315,17 @@ pub fn teardown_persistent() -> Result<()> {
                     .and_then(|s| s.trim().parse::<i32>().ok())
                 {
                     let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+                    pids.push(pid);
                 }
                 let _ = std::fs::remove_file(&path);
             }
         }
     }
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(500));
+    // Whatever ignored SIGTERM goes now: a leftover would hold its namespace alive.
+    for pid in pids {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
     if let Ok(entries) = std::fs::read_dir("/run/netns") {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();

@@ -182,3 +182,18 @@ pub fn is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Children inherit the signal mask; a caller that blocked SIGTERM/SIGINT to wait for
+/// them (the demo) must not pass that on, or its children could not be stopped.
+pub fn unblock_signals_in_child(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: pthread_sigmask is async-signal-safe, and nothing else runs between
+    // fork and exec here.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::signal::SigSet::all()
+                .thread_unblock()
+                .map_err(std::io::Error::from)
+        });
+    }
+}
