@@ -30,6 +30,10 @@ pub const MAX_VIP_ADDRS: u32 = 1024;
 pub const MAX_VIPS: u32 = 1024;
 pub const MAX_BACKENDS: u32 = 8192;
 pub const MAX_TX_PORTS: u32 = 64;
+/// CPUs whose connection-table entries a packet may look at when its own CPU has
+/// none. Machines with more CPUs still work; flows that move between CPUs beyond
+/// this many are re-steered through the Maglev table (usually to the same backend).
+pub const MAX_CPUS: u32 = 128;
 
 /// Map names, as the XDP program declares them and the loader looks them up.
 pub mod map_names {
@@ -236,6 +240,9 @@ pub struct GlobalStats {
     pub lru_miss: u64,
     /// An entry whose backend was removed or recycled: re-steered as a new flow.
     pub lru_stale: u64,
+    /// No entry on this CPU, but another CPU had one (the flow changed CPU): kept on
+    /// its backend and copied here. Counted in addition to `lru_hit`.
+    pub lru_other_cpu: u64,
 }
 
 /// Field-wise helpers of `GlobalStats` (summing per-CPU values, naming fields for
@@ -252,7 +259,7 @@ macro_rules! global_stats_fields {
             }
 
             /// The value of each field, in the order of [`Self::FIELDS`].
-            pub fn values(&self) -> [u64; 17] {
+            pub fn values(&self) -> [u64; 18] {
                 [$(self.$field),*]
             }
         }
@@ -276,6 +283,7 @@ global_stats_fields!(
     lru_hit,
     lru_miss,
     lru_stale,
+    lru_other_cpu,
 );
 
 #[cfg(feature = "user")]
@@ -319,4 +327,4 @@ assert_layout!(Route, 20, 4);
 assert_layout!(FlowKey, 40, 2);
 assert_layout!(ConnEntry, 8, 4);
 assert_layout!(Counter, 16, 8);
-assert_layout!(GlobalStats, 17 * 8, 8);
+assert_layout!(GlobalStats, 18 * 8, 8);

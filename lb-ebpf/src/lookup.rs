@@ -1,10 +1,12 @@
 //! Which service, which backend: the connection table first, the Maglev table second.
 
-use aya_ebpf::programs::XdpContext;
+use core::ffi::c_void;
+
+use aya_ebpf::{helpers::bpf_map_lookup_percpu_elem, programs::XdpContext};
 use aya_log_ebpf::error;
 use lb_common::{
     hash::flow_hash, AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, VipKey, VipMeta,
-    BACKEND_F_ACTIVE, RING_EMPTY,
+    BACKEND_F_ACTIVE, MAX_CPUS, RING_EMPTY,
 };
 
 use crate::{
@@ -47,13 +49,48 @@ fn live_backend(id: u32, gen: u32) -> Option<Backend> {
     (b.flags & BACKEND_F_ACTIVE != 0 && b.gen == gen).then_some(*b)
 }
 
+/// The entry another CPU holds for `flow`. Without RSS (veth, generic XDP) or when a
+/// flow is moved between queues, its packets arrive on several CPUs; each CPU's own
+/// slot starts empty, and without this the flow would be re-steered by the current
+/// table, which breaks it if the backend set changed since it began.
+#[inline(always)]
+fn other_cpu_entry(flow: &FlowKey) -> Option<ConnEntry> {
+    let map = core::ptr::addr_of!(CONNS) as *mut c_void;
+    let key = flow as *const FlowKey as *const c_void;
+    for cpu in 0..MAX_CPUS {
+        // SAFETY: `map` is the per-CPU LRU map (its static is the map definition),
+        // `key` points to a whole FlowKey; the helper returns NULL past the last CPU.
+        let p = unsafe { bpf_map_lookup_percpu_elem(map, key, cpu) } as *const ConnEntry;
+        if p.is_null() {
+            break;
+        }
+        // SAFETY: non-null: a value of the map's value type.
+        let e = unsafe { *p };
+        if e.backend_gen != 0 {
+            return Some(e);
+        }
+    }
+    None
+}
+
 #[inline(always)]
 pub fn backend(ctx: &XdpContext, flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), Exit> {
     // SAFETY: this CPU's value of a per-CPU map; copied out at once.
-    if let Some(conn) = unsafe { CONNS.get(flow) }.copied() {
-        // A zero generation is another CPU's key: no entry of ours.
+    if let Some(mut conn) = unsafe { CONNS.get(flow) }.copied() {
+        // A zero generation: the key exists, but this CPU has not seen the flow.
+        let mut adopted = false;
+        if conn.backend_gen == 0 {
+            if let Some(other) = other_cpu_entry(flow) {
+                conn = other;
+                adopted = true;
+            }
+        }
         if conn.backend_gen != 0 {
             if let Some(b) = live_backend(conn.backend_id, conn.backend_gen) {
+                if adopted {
+                    stats::count_lru_other_cpu();
+                    let _ = CONNS.insert(flow, &conn, 0);
+                }
                 stats::count_lru_hit();
                 return Ok((conn.backend_id, b));
             }

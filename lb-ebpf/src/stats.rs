@@ -85,6 +85,11 @@ pub fn count_lru_stale() {
 }
 
 #[inline(always)]
+pub fn count_lru_other_cpu() {
+    bump(|g| &mut g.lru_other_cpu)
+}
+
+#[inline(always)]
 pub fn count_tx() {
     bump(|g| &mut g.tx)
 }

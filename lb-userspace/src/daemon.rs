@@ -223,6 +223,10 @@ impl Daemon {
         set.into_iter().collect()
     }
 
+    pub fn knows_neighbor(&self, addr: IpAddr) -> bool {
+        self.neighbors.contains_key(&addr)
+    }
+
     /// Backend addresses whose MAC comes from the neighbour table.
     pub fn resolvable(&self) -> Vec<IpAddr> {
         let set: BTreeSet<IpAddr> = self

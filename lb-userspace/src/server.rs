@@ -1,7 +1,7 @@
 //! The daemon's listeners: the management API (HTTP/JSON on a Unix socket) and the
 //! Prometheus endpoint (HTTP on TCP). Handlers parse, call `Daemon`, and answer.
 
-use std::{net::IpAddr, path::Path, sync::Arc};
+use std::{collections::BTreeMap, net::IpAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use axum::{
@@ -21,12 +21,42 @@ use crate::{
     daemon::Daemon,
     desired::{BackendSpec, Desired, ServiceSpec},
     manager::ServiceKey,
+    neighbor::NeighborTable,
 };
 
 #[derive(Clone)]
 pub struct AppState {
     pub daemon: Arc<Mutex<Daemon>>,
     pub shutdown: mpsc::Sender<Shutdown>,
+    pub neighbors: Arc<NeighborTable>,
+}
+
+/// Resolves the MACs of backends about to be added, without holding the daemon, so
+/// that a new backend takes traffic from the moment the change is applied rather than
+/// from the next background refresh.
+async fn prefetch(state: &AppState, addrs: Vec<IpAddr>) {
+    let wanted: Vec<IpAddr> = {
+        let daemon = state.daemon.lock().await;
+        addrs
+            .into_iter()
+            .filter(|a| !daemon.knows_neighbor(*a))
+            .collect()
+    };
+    let mut found = BTreeMap::new();
+    for addr in wanted {
+        if let Ok(Some(n)) = state
+            .neighbors
+            .resolve(addr, Duration::from_millis(1500))
+            .await
+        {
+            found.insert(addr, n);
+        }
+    }
+    if !found.is_empty() {
+        if let Err(e) = state.daemon.lock().await.update_neighbors(found) {
+            tracing::warn!("applying resolved MACs: {e:#}");
+        }
+    }
 }
 
 pub struct ApiError(StatusCode, String);
@@ -127,6 +157,9 @@ async fn remove_service(
 }
 
 async fn add_backend(State(s): State<AppState>, Json(req): Json<AddBackend>) -> ApiResult<Applied> {
+    if req.spec.is_none_or(|b| b.mac.is_none()) {
+        prefetch(&s, vec![req.backend]).await;
+    }
     change(&s, |d| {
         let svc = service_mut(d, req.service)?;
         if req.backend.is_ipv4() != req.service.addr.is_ipv4() {
@@ -176,6 +209,17 @@ async fn set_weight(State(s): State<AppState>, Json(req): Json<SetWeight>) -> Ap
 }
 
 async fn apply(State(s): State<AppState>, Json(req): Json<api::Apply>) -> ApiResult<Applied> {
+    if !req.dry_run {
+        let addrs = req
+            .desired
+            .services
+            .values()
+            .flat_map(|svc| svc.backends.iter())
+            .filter(|(_, b)| b.mac.is_none())
+            .map(|(a, _)| *a)
+            .collect();
+        prefetch(&s, addrs).await;
+    }
     let mut daemon = s.daemon.lock().await;
     let changes = daemon
         .apply(req.desired, req.dry_run)

@@ -670,3 +670,30 @@ fn a_reload_on_pinned_maps_carries_on_where_the_last_run_stopped() {
     );
     lb.dp.unpin_maps().unwrap();
 }
+
+#[test]
+fn a_flow_that_moves_to_another_cpu_keeps_its_backend() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(cpus >= 2, "this test needs two CPUs to move a flow between");
+    let mut lb = load_lb();
+    let key = service(VIP4, 80, Proto::Tcp);
+    lb.add(key, &backends4(3));
+    let old = flows(2000, 80);
+    let before: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+    // The backend set changes, so the table alone would move about a quarter of them.
+    lb.maps.set_backends(key, &backends4(4)).unwrap();
+    let mut cpu1 = nix::sched::CpuSet::new();
+    cpu1.set(1).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu1).unwrap();
+    let after: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+    assert_eq!(
+        after, before,
+        "flows changed backend when they moved to CPU 1"
+    );
+    let stats = lb.stats();
+    assert_eq!(stats.lru_other_cpu, 2000);
+    // Copied to CPU 1: the next packets hit there directly.
+    let again: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+    assert_eq!(again, before);
+    assert_eq!(lb.stats().lru_other_cpu, 2000);
+}

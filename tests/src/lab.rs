@@ -234,13 +234,7 @@ impl Lab {
     }
 
     /// Starts `program` in host `tag`'s network namespace, output to `log`.
-    pub fn spawn(
-        &mut self,
-        tag: &str,
-        program: &Path,
-        args: &[&str],
-        log: &Path,
-    ) -> Result<&mut Proc> {
+    pub fn spawn(&self, tag: &str, program: &Path, args: &[&str], log: &Path) -> Result<Proc> {
         let host = self.host(tag);
         let out =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
@@ -253,14 +247,13 @@ impl Lab {
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {} in {tag}", program.display()))?;
-        self.procs.push(Proc {
+        Ok(Proc {
             name: format!(
                 "{} in {tag}",
                 program.file_name().unwrap_or_default().to_string_lossy()
             ),
             child: Some(child),
-        });
-        Ok(self.procs.last_mut().expect("just pushed"))
+        })
     }
 
     /// Builds the standard topology and starts the backends' servers.
@@ -281,23 +274,35 @@ impl Lab {
         let server = Self::target_binary("lab-server")?;
         for (tag, _) in BACKENDS {
             self.host(tag).add_dsr_vip(VIP)?;
-            let log = log_dir.join(format!("lab-server-{tag}.log"));
+            let log = log_dir.join(format!("{}-lab-server-{tag}.log", self.prefix));
             let port = SERVICE_PORT.to_string();
-            let persistent = self.persistent;
             let proc = self.spawn(tag, &server, &[tag, &port], &log)?;
-            if persistent {
-                let pid = proc.pid();
+            if self.persistent {
+                // Left running for `lab down` to stop.
+                let pid = proc.detach();
                 std::fs::write(
                     Path::new(RUN_DIR).join(format!("lab-server-{tag}.pid")),
                     pid.to_string(),
                 )?;
+            } else {
+                self.procs.push(proc);
             }
         }
-        if self.persistent {
-            // Leave the servers running for `lab down` to stop.
-            for p in self.procs.drain(..) {
-                p.detach();
-            }
+        for (tag, _) in BACKENDS {
+            let ready = self.host(tag).ns.spawn(|| {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < deadline {
+                    if std::net::TcpStream::connect(("127.0.0.1", SERVICE_PORT)).is_ok() {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                anyhow::bail!("the lab server did not start listening within 10 s")
+            });
+            ready
+                .join()
+                .map_err(|_| anyhow::anyhow!("readiness check panicked"))?
+                .with_context(|| format!("lab server in {tag}"))?;
         }
         Ok(self)
     }

@@ -103,6 +103,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
     let state = AppState {
         daemon: daemon.clone(),
         shutdown: shutdown_tx,
+        neighbors: neighbors.clone(),
     };
     let api = axum::serve(api_listener, api_router(state.clone()));
     let metrics = axum::serve(metrics_listener, metrics_router(state));

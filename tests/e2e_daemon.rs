@@ -1,0 +1,478 @@
+//! lbd and lbctl as an operator uses them, in the lab: traffic from the client
+//! namespace to the VIP, changes made with lbctl, a daemon killed and restarted.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Output,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    lab::{standard, Lab, Proc},
+    traffic::{self, Conversation},
+};
+use nix::sys::signal::Signal;
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn vip() -> SocketAddr {
+    SocketAddr::from((standard::VIP, standard::SERVICE_PORT))
+}
+
+fn sources() -> Vec<Ipv4Addr> {
+    standard::client_sources().collect()
+}
+
+/// A lab with lbd running on lb1, cleaned up on drop (lbd killed, pins removed, the
+/// namespaces deleted), also when the test fails.
+struct Env {
+    lbd: Option<Proc>,
+    lab: Lab,
+    dir: PathBuf,
+    config: PathBuf,
+    socket: PathBuf,
+    pin_dir: PathBuf,
+}
+
+fn config_text(node: &str, dir: &Path, pin_dir: &Path, backends: &[&str]) -> String {
+    let octets: BTreeMap<&str, u8> = standard::BACKENDS.iter().copied().collect();
+    let list: String = backends
+        .iter()
+        .map(|b| {
+            format!(
+                "\n[[service.backend]]\naddress = \"{}\"\n",
+                standard::backend_ip(octets[b])
+            )
+        })
+        .collect();
+    format!(
+        r#"[node]
+name = "{node}"
+api_socket = "{dir}/lbd.sock"
+metrics_listen = "127.0.0.1:9469"
+state_dir = "{dir}/state"
+pin_dir = "{pin}"
+
+[dataplane]
+interfaces = [{{ name = "eth0", xdp_mode = "skb" }}]
+max_services = 8
+conn_table_size = 16384
+
+[[service]]
+vip = "{vip}"
+port = {port}
+protocol = "tcp"
+{list}
+[[service]]
+vip = "{vip}"
+port = {port}
+protocol = "udp"
+{list}"#,
+        dir = dir.display(),
+        pin = pin_dir.display(),
+        vip = standard::VIP,
+        port = standard::SERVICE_PORT,
+    )
+}
+
+fn binary(name: &str) -> PathBuf {
+    Lab::target_binary(name).expect("workspace binaries are built by cargo test")
+}
+
+impl Env {
+    fn new(test: &str, backends: &[&str]) -> Env {
+        let lab = Lab::new()
+            .expect("creating the lab")
+            .standard(&std::env::temp_dir())
+            .expect("standard topology");
+        let node = format!("t{}-{test}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("lb-e2e-{node}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lb/{node}"));
+        let config = dir.join("lbd.toml");
+        std::fs::write(&config, config_text(&node, &dir, &pin_dir, backends)).unwrap();
+        let mut env = Env {
+            lbd: None,
+            lab,
+            socket: dir.join("lbd.sock"),
+            dir,
+            config,
+            pin_dir,
+        };
+        env.start_lbd();
+        env
+    }
+
+    /// Starts lbd on lb1 and waits until it answers; returns how long that took.
+    fn start_lbd(&mut self) -> Duration {
+        let start = Instant::now();
+        let log = self
+            .dir
+            .join(format!("lbd-{}.log", start.elapsed().as_nanos()));
+        let proc = self
+            .lab
+            .spawn(
+                "lb1",
+                &binary("lbd"),
+                &["--config", &self.config.to_string_lossy()],
+                &log,
+            )
+            .expect("starting lbd");
+        self.lbd = Some(proc);
+        let deadline = start + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.lbctl(&["status"]).status.success() {
+                return start.elapsed();
+            }
+            if let Some(status) = self
+                .lbd
+                .as_mut()
+                .unwrap()
+                .wait_timeout(Duration::from_millis(50))
+                .unwrap()
+            {
+                panic!(
+                    "lbd exited with {status}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        }
+        panic!(
+            "lbd did not answer within 20 s: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    fn lbctl(&self, args: &[&str]) -> Output {
+        std::process::Command::new(binary("lbctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("running lbctl")
+    }
+
+    fn lbctl_ok(&self, args: &[&str]) -> String {
+        let out = self.lbctl(args);
+        assert!(
+            out.status.success(),
+            "lbctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `f` on a thread in the client namespace.
+    fn client<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> T {
+        self.lab
+            .host("client")
+            .ns
+            .spawn(f)
+            .join()
+            .expect("client thread panicked")
+            .expect("client traffic")
+    }
+
+    fn spread(&self, n: usize) -> BTreeMap<String, usize> {
+        let s = sources();
+        self.client(move || traffic::http_spread(&s, vip(), n, TIMEOUT))
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.lbd.take();
+        // Unpinning the link takes the program off; unpinning the maps frees them.
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const SVC: &str = "tcp/198.18.0.100:8080";
+
+#[test]
+fn http_and_udp_to_the_vip_spread_over_all_three_backends() {
+    let env = Env::new("spread", &["b1", "b2", "b3"]);
+    let tcp = env.spread(300);
+    eprintln!("HTTP: {tcp:?}");
+    assert_eq!(tcp.values().sum::<usize>(), 300);
+    assert_eq!(tcp.len(), 3, "{tcp:?}");
+    for (b, n) in &tcp {
+        assert!(*n >= 45, "{b} got {n} of 300 connections (< 15%): {tcp:?}");
+    }
+    let s = sources();
+    let udp = env.client(move || traffic::udp_spread(&s, vip(), 90, TIMEOUT));
+    eprintln!("UDP: {udp:?}");
+    assert_eq!(udp.values().sum::<usize>(), 90);
+    assert_eq!(udp.len(), 3, "{udp:?}");
+    // The daemon counted them.
+    let stats: serde_json::Value =
+        serde_json::from_str(&env.lbctl_ok(&["-o", "json", "stats"])).unwrap();
+    let tcp_packets = stats["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == SVC)
+        .unwrap()["packets"]
+        .as_u64()
+        .unwrap();
+    assert!(tcp_packets >= 3 * 300, "{tcp_packets}");
+}
+
+#[test]
+fn drained_and_removed_backends_get_no_new_connections_and_drained_ones_keep_theirs() {
+    let env = Env::new("drain", &["b1", "b2", "b3"]);
+    // A long-lived connection; whichever backend it lands on gets drained.
+    let (conv, first) = env.client(|| {
+        let mut c = Conversation::open(None, vip(), TIMEOUT)?;
+        let name = c.ask("hello")?;
+        Ok((c, name))
+    });
+    let octet = standard::BACKENDS
+        .iter()
+        .find(|(t, _)| *t == first)
+        .unwrap()
+        .1;
+    let drained = standard::backend_ip(octet).to_string();
+    let out = env.lbctl_ok(&["backend", "drain", SVC, &drained]);
+    assert!(out.contains("draining"), "{out}");
+
+    let after = env.spread(60);
+    assert!(
+        !after.contains_key(&first),
+        "drained {first} still got new connections: {after:?}"
+    );
+    // The established connection still works, on the same backend.
+    let conv = env.client(move || {
+        let mut conv = conv;
+        for i in 0..5 {
+            let name = conv.ask(&format!("still there {i}"))?;
+            anyhow::ensure!(name == first, "the drained connection moved to {name}");
+        }
+        Ok(conv)
+    });
+
+    // Remove another one: at once, nothing new reaches it either.
+    let other = standard::BACKENDS
+        .iter()
+        .find(|(t, _)| after.contains_key(*t))
+        .unwrap();
+    let out = env.lbctl_ok(&[
+        "backend",
+        "remove",
+        SVC,
+        &standard::backend_ip(other.1).to_string(),
+    ]);
+    assert!(out.starts_with("- backend"), "{out}");
+    let last = env.spread(60);
+    assert_eq!(
+        last.len(),
+        1,
+        "only the one remaining backend should answer: {last:?}"
+    );
+    assert!(!last.contains_key(other.0));
+    drop(conv);
+}
+
+#[test]
+fn an_added_backend_leaves_established_connections_where_they_are() {
+    let env = Env::new("add", &["b1", "b2"]);
+    let convs = env.client(|| {
+        let mut convs = Vec::new();
+        for i in 0..12 {
+            let src = standard::client_sources().nth(i);
+            let mut c = Conversation::open(src, vip(), TIMEOUT)?;
+            let name = c.ask("hello")?;
+            convs.push((c, name));
+        }
+        Ok(convs)
+    });
+    let out = env.lbctl_ok(&["backend", "add", SVC, "198.18.0.13"]);
+    assert!(out.starts_with("+ backend 198.18.0.13"), "{out}");
+    env.client(move || {
+        for (mut c, name) in convs {
+            for i in 0..3 {
+                let now = c.ask(&format!("again {i}"))?;
+                anyhow::ensure!(now == name, "a connection moved from {name} to {now}");
+            }
+        }
+        Ok(())
+    });
+    let fresh = env.spread(120);
+    assert!(
+        fresh.get("b3").copied().unwrap_or(0) >= 15,
+        "the new backend got too little: {fresh:?}"
+    );
+}
+
+#[test]
+fn killing_and_restarting_lbd_breaks_no_connection() {
+    let mut env = Env::new("restart", &["b1", "b2", "b3"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // A steady stream: a long-lived conversation and new connections, alternating.
+    let stream = env.lab.host("client").ns.spawn(move || {
+        let mut conv = Conversation::open(None, vip(), TIMEOUT)?;
+        let home = conv.ask("start")?;
+        let started = Instant::now();
+        let mut last = Instant::now();
+        let mut max_gap = Duration::ZERO;
+        let mut answers = 0u32;
+        let sources: Vec<Ipv4Addr> = standard::client_sources().collect();
+        while !flag.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+            let name = conv.ask(&format!("tick {answers}"))?;
+            anyhow::ensure!(
+                name == home,
+                "the long-lived connection moved from {home} to {name}"
+            );
+            traffic::http_get(
+                Some(sources[answers as usize % sources.len()]),
+                vip(),
+                TIMEOUT,
+            )?;
+            answers += 1;
+            max_gap = max_gap.max(last.elapsed());
+            last = Instant::now();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok((answers, max_gap))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    env.lbd.as_ref().unwrap().signal(Signal::SIGKILL).unwrap();
+    let killed = Instant::now();
+    env.lbd
+        .as_mut()
+        .unwrap()
+        .wait_timeout(Duration::from_secs(5))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let start_time = env.start_lbd();
+    let restart = killed.elapsed();
+    let status: serde_json::Value =
+        serde_json::from_str(&env.lbctl_ok(&["-o", "json", "status"])).unwrap();
+    assert_eq!(status["resumed"], true, "{status}");
+    assert_eq!(status["interfaces"][0]["attach"], "replaced", "{status}");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (answers, max_gap) = stream
+        .join()
+        .expect("stream thread panicked")
+        .expect("the stream broke");
+    eprintln!(
+        "hitless restart: lbd down {restart:?} (start to ready {start_time:?}); {answers} exchanges, largest gap between answers {max_gap:?}"
+    );
+    assert!(answers > 50, "only {answers} exchanges");
+    assert!(
+        max_gap < restart,
+        "a gap of {max_gap:?} is not shorter than the restart ({restart:?})"
+    );
+}
+
+#[test]
+fn a_config_typo_names_its_line_and_a_stopped_daemon_gets_a_one_line_error() {
+    let dir = std::env::temp_dir().join(format!("lb-e2e-typo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lbd.toml");
+    let text = config_text("typo", &dir, Path::new("/sys/fs/bpf/lb/typo"), &["b1"])
+        .replace("protocol = \"udp\"", "protocl = \"udp\"");
+    let line = text.lines().position(|l| l.starts_with("protocl")).unwrap() + 1;
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(binary("lbd"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("lbd.toml:{line}:")),
+        "no line {line} in: {stderr}"
+    );
+    assert!(stderr.contains("protocl"), "{stderr}");
+
+    let out = std::process::Command::new(binary("lbctl"))
+        .args([
+            "--socket",
+            &dir.join("nobody.sock").to_string_lossy(),
+            "status",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("lbd is not running"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn every_lbctl_command_speaks_json() {
+    let env = Env::new("json", &["b1", "b2"]);
+    let apply = env.dir.join("apply.toml");
+    std::fs::write(
+        &apply,
+        config_text("x", &env.dir, &env.pin_dir, &["b1", "b2", "b3"]),
+    )
+    .unwrap();
+    let apply = apply.to_string_lossy().into_owned();
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["status"],
+        vec!["service", "list"],
+        vec!["service", "show", SVC],
+        vec!["backend", "list", SVC],
+        vec!["stats"],
+        vec!["service", "add", "tcp/198.18.0.100:9090"],
+        vec![
+            "backend",
+            "add",
+            "tcp/198.18.0.100:9090",
+            "198.18.0.11",
+            "--weight",
+            "2",
+        ],
+        vec![
+            "backend",
+            "weight",
+            "tcp/198.18.0.100:9090",
+            "198.18.0.11",
+            "3",
+        ],
+        vec!["backend", "drain", "tcp/198.18.0.100:9090", "198.18.0.11"],
+        vec![
+            "backend",
+            "drain",
+            "tcp/198.18.0.100:9090",
+            "198.18.0.11",
+            "--undo",
+        ],
+        vec!["backend", "remove", "tcp/198.18.0.100:9090", "198.18.0.11"],
+        vec!["service", "remove", "tcp/198.18.0.100:9090"],
+        vec!["apply", "-f", &apply, "--dry-run"],
+        vec!["apply", "-f", &apply],
+    ];
+    for cmd in &commands {
+        let mut args = vec!["--output", "json"];
+        args.extend(cmd);
+        let out = env.lbctl_ok(&args);
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("lbctl {cmd:?}: {e}: {out}"));
+        assert!(!v.is_null(), "lbctl {cmd:?}");
+    }
+    // The apply added b3 to both services; a second one has nothing to do.
+    let again: serde_json::Value =
+        serde_json::from_str(&env.lbctl_ok(&["-o", "json", "apply", "-f", &apply])).unwrap();
+    assert_eq!(again["changes"].as_array().unwrap().len(), 0, "{again}");
+    // And a shutdown answers in JSON too, then the daemon is gone.
+    let out = env.lbctl_ok(&["-o", "json", "shutdown"]);
+    serde_json::from_str::<serde_json::Value>(&out).unwrap();
+}
