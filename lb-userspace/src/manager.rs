@@ -8,6 +8,7 @@
 //! - a removed backend is deactivated only after the flip, so no live table names an
 //!   inactive backend, and its old connections then fail the data plane's check and are
 //!   re-steered.
+//!
 //! Only cells that differ from what the spare slot already holds are written.
 
 use std::{

@@ -628,7 +628,9 @@ fn a_reload_on_pinned_maps_carries_on_where_the_last_run_stopped() {
         let (dp, maps) = Dataplane::load(&options).expect("first load");
         let mut lb = Lb { dp, maps };
         lb.add(key, &backends4(3));
-        old.iter().for_each(|f| drop(lb.forward(f)));
+        for f in &old {
+            lb.forward(f);
+        }
         // One more change, so the live table sits in the second slot.
         lb.maps.set_backends(key, &backends4(2)).unwrap();
         let before: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
