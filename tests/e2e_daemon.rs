@@ -347,7 +347,10 @@ fn killing_and_restarting_lbd_breaks_no_connection() {
         }
         Ok((answers, max_gap))
     });
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(300));
+    // A runtime change made before the crash must survive it.
+    env.lbctl_ok(&["backend", "weight", SVC, "198.18.0.13", "5"]);
+    std::thread::sleep(Duration::from_millis(200));
     env.lbd.as_ref().unwrap().signal(Signal::SIGKILL).unwrap();
     let killed = Instant::now();
     env.lbd
@@ -362,6 +365,18 @@ fn killing_and_restarting_lbd_breaks_no_connection() {
         serde_json::from_str(&env.lbctl_ok(&["-o", "json", "status"])).unwrap();
     assert_eq!(status["resumed"], true, "{status}");
     assert_eq!(status["interfaces"][0]["attach"], "replaced", "{status}");
+    let backends: serde_json::Value =
+        serde_json::from_str(&env.lbctl_ok(&["-o", "json", "backend", "list", SVC])).unwrap();
+    let b3 = backends
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == "198.18.0.13")
+        .unwrap();
+    assert_eq!(
+        b3["weight"], 5,
+        "the runtime change was lost in the restart: {b3}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     let (answers, max_gap) = stream
@@ -472,7 +487,31 @@ fn every_lbctl_command_speaks_json() {
     let again: serde_json::Value =
         serde_json::from_str(&env.lbctl_ok(&["-o", "json", "apply", "-f", &apply])).unwrap();
     assert_eq!(again["changes"].as_array().unwrap().len(), 0, "{again}");
-    // And a shutdown answers in JSON too, then the daemon is gone.
-    let out = env.lbctl_ok(&["-o", "json", "shutdown"]);
+    // And a shutdown answers in JSON too; with --detach nothing of the data plane stays.
+    let out = env.lbctl_ok(&["-o", "json", "shutdown", "--detach"]);
     serde_json::from_str::<serde_json::Value>(&out).unwrap();
+    let mut env = env;
+    let status = env
+        .lbd
+        .as_mut()
+        .unwrap()
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "lbd did not exit cleanly: {status:?}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&env.pin_dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "pins left after shutdown --detach: {left:?}"
+    );
+    let link = env.lab.host("lb1").ns.ip("link show eth0").unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(
+        !link.contains("xdp"),
+        "an XDP program is still attached: {link}"
+    );
 }
