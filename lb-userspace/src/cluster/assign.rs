@@ -1,0 +1,285 @@
+//! The leader's assignment rules (the RAIS seed's Control thread, Fig. 6A/6B): from the
+//! alive hosts' reports, build the control service-address table, the spare-host list
+//! and the non-spare-eligible list, and decide who acquires and who releases. Pure: the
+//! caller passes the hosts, the addresses, what is in flight, and the random source.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use rand::{seq::SliceRandom, Rng};
+
+use super::wire::{AddrState, HostInfo};
+
+/// One row of the control service-address table (Fig. 6B).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ControlEntry {
+    pub states: BTreeSet<AddrState>,
+    /// The OK host whose preferred address this is.
+    pub preferred: Option<IpAddr>,
+    /// Hosts that claim the address (acquiring, releasing or online).
+    pub claimants: BTreeSet<IpAddr>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ControlDb {
+    pub table: BTreeMap<IpAddr, ControlEntry>,
+    pub spares: Vec<IpAddr>,
+    pub non_spare_eligible: Vec<IpAddr>,
+}
+
+/// What the leader sends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    pub acquire: Vec<(IpAddr, IpAddr)>,
+    pub release: Vec<(IpAddr, IpAddr)>,
+    /// Unserved addresses that no host can take.
+    pub cannot_assign: Vec<IpAddr>,
+}
+
+/// Builds the control database. `addresses` are the group's valid service addresses
+/// (an address outside it is expired: whoever serves it is told to release).
+pub fn control_db(
+    hosts: &[&HostInfo],
+    addresses: &BTreeSet<IpAddr>,
+    release: &mut Vec<(IpAddr, IpAddr)>,
+) -> ControlDb {
+    let mut db = ControlDb {
+        table: addresses
+            .iter()
+            .map(|a| (*a, ControlEntry::default()))
+            .collect(),
+        ..ControlDb::default()
+    };
+    for h in hosts {
+        if h.ok && !h.quiesce {
+            if h.preferred.is_empty() {
+                db.spares.push(h.id);
+            } else {
+                db.non_spare_eligible.push(h.id);
+            }
+        }
+        if h.ok {
+            for p in &h.preferred {
+                if let Some(e) = db.table.get_mut(p) {
+                    // Two hosts preferring one address: the lower id keeps it.
+                    if e.preferred.is_none_or(|cur| h.id < cur) {
+                        e.preferred = Some(h.id);
+                    }
+                }
+            }
+        }
+        for (addr, state) in &h.serving {
+            match db.table.get_mut(addr) {
+                Some(e) => {
+                    e.claimants.insert(h.id);
+                    e.states.insert(*state);
+                }
+                None => {
+                    if *state != AddrState::Releasing {
+                        release.push((h.id, *addr));
+                    }
+                }
+            }
+        }
+    }
+    db
+}
+
+fn pick<R: Rng>(rng: &mut R, from: &[IpAddr]) -> Option<IpAddr> {
+    from.choose(rng).copied()
+}
+
+/// The leader's decisions for one round. `in_flight` addresses have a command
+/// outstanding and are left alone until the hosts report its outcome.
+pub fn decide<R: Rng>(
+    hosts: &[&HostInfo],
+    addresses: &BTreeSet<IpAddr>,
+    in_flight: &BTreeSet<IpAddr>,
+    rng: &mut R,
+) -> (ControlDb, Decision) {
+    let mut d = Decision::default();
+    let db = control_db(hosts, addresses, &mut d.release);
+    let by_id: BTreeMap<IpAddr, &HostInfo> = hosts.iter().map(|h| (h.id, *h)).collect();
+    let quiesced = |id: IpAddr| by_id.get(&id).is_some_and(|h| h.quiesce);
+
+    for (addr, entry) in &db.table {
+        if in_flight.contains(addr) {
+            continue;
+        }
+        // Wait for transitions to finish before judging.
+        if entry.states.contains(&AddrState::Acquiring)
+            || entry.states.contains(&AddrState::Releasing)
+        {
+            continue;
+        }
+        let preferred = entry.preferred.filter(|p| !quiesced(*p));
+        if entry.claimants.is_empty() {
+            let choice = preferred
+                .or_else(|| pick(rng, &db.spares))
+                .or_else(|| pick(rng, &db.non_spare_eligible));
+            match choice {
+                Some(c) => d.acquire.push((c, *addr)),
+                None => d.cannot_assign.push(*addr),
+            }
+            continue;
+        }
+        // The preferred host is back and not serving: inject it, so that duplicate
+        // resolution below releases the others; once unserved, it acquires.
+        let injected = preferred.filter(|p| !entry.claimants.contains(p));
+        let mut claimants: Vec<IpAddr> = entry.claimants.iter().copied().collect();
+        if let Some(p) = injected {
+            claimants.push(p);
+        }
+        if claimants.len() > 1 {
+            let choice = match preferred {
+                Some(p) => p,
+                None => {
+                    let spares: Vec<IpAddr> = claimants
+                        .iter()
+                        .copied()
+                        .filter(|c| db.spares.contains(c))
+                        .collect();
+                    pick(rng, &spares)
+                        .or_else(|| pick(rng, &claimants))
+                        .expect("two or more claimants")
+                }
+            };
+            for c in claimants {
+                if c != choice && Some(c) != injected {
+                    d.release.push((c, *addr));
+                }
+            }
+        }
+    }
+    (db, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, SeedableRng};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn host(id: &str, preferred: &[&str], serving: &[(&str, AddrState)]) -> HostInfo {
+        HostInfo {
+            id: ip(id),
+            control_addresses: vec![ip(id)],
+            ok: true,
+            quiesce: false,
+            load: 0,
+            capacity: 100,
+            preferred: preferred.iter().map(|p| ip(p)).collect(),
+            serving: serving.iter().map(|(a, s)| (ip(a), *s)).collect(),
+            addresses: vec![],
+        }
+    }
+
+    fn addrs(list: &[&str]) -> BTreeSet<IpAddr> {
+        list.iter().map(|a| ip(a)).collect()
+    }
+
+    fn run(hosts: &[HostInfo], a: &[&str]) -> Decision {
+        let refs: Vec<&HostInfo> = hosts.iter().collect();
+        decide(
+            &refs,
+            &addrs(a),
+            &BTreeSet::new(),
+            &mut StdRng::seed_from_u64(1),
+        )
+        .1
+    }
+
+    const V1: &str = "198.18.0.100";
+    const V2: &str = "198.18.0.101";
+
+    #[test]
+    fn unserved_addresses_go_to_their_preferred_host_first() {
+        let hosts = [
+            host("198.18.0.2", &[V1], &[]),
+            host("198.18.0.3", &[V2], &[]),
+            host("198.18.0.4", &[], &[]),
+        ];
+        let d = run(&hosts, &[V1, V2]);
+        assert_eq!(
+            d.acquire,
+            vec![(ip("198.18.0.2"), ip(V1)), (ip("198.18.0.3"), ip(V2))]
+        );
+        assert!(d.release.is_empty());
+    }
+
+    #[test]
+    fn orphans_go_to_a_hot_spare_before_other_hosts() {
+        let hosts = [
+            host("198.18.0.3", &[V2], &[(V2, AddrState::Online)]),
+            host("198.18.0.4", &[], &[]),
+        ];
+        let d = run(&hosts, &[V1, V2]);
+        assert_eq!(d.acquire, vec![(ip("198.18.0.4"), ip(V1))]);
+        // Without a spare, a non-spare host takes it.
+        let d = run(&hosts[..1], &[V1, V2]);
+        assert_eq!(d.acquire, vec![(ip("198.18.0.3"), ip(V1))]);
+    }
+
+    #[test]
+    fn quiesced_and_failed_hosts_acquire_nothing_but_quiesced_ones_keep_theirs() {
+        let mut q = host("198.18.0.2", &[], &[(V2, AddrState::Online)]);
+        q.quiesce = true;
+        let mut bad = host("198.18.0.3", &[V1], &[]);
+        bad.ok = false;
+        let d = run(&[q, bad], &[V1, V2]);
+        assert!(d.acquire.is_empty());
+        assert!(d.release.is_empty());
+        assert_eq!(d.cannot_assign, vec![ip(V1)]);
+    }
+
+    #[test]
+    fn a_returning_preferred_host_gets_its_address_back_after_a_release() {
+        let hosts = [
+            host("198.18.0.2", &[V1], &[]),
+            host("198.18.0.4", &[], &[(V1, AddrState::Online)]),
+        ];
+        let d = run(&hosts, &[V1]);
+        assert_eq!(d.release, vec![(ip("198.18.0.4"), ip(V1))]);
+        assert!(
+            d.acquire.is_empty(),
+            "break before make: the preferred host waits for the release"
+        );
+    }
+
+    #[test]
+    fn duplicates_keep_the_preferred_else_a_spare() {
+        let hosts = [
+            host("198.18.0.2", &[V1], &[(V1, AddrState::Online)]),
+            host("198.18.0.4", &[], &[(V1, AddrState::Online)]),
+        ];
+        assert_eq!(run(&hosts, &[V1]).release, vec![(ip("198.18.0.4"), ip(V1))]);
+        let hosts = [
+            host("198.18.0.2", &[V2], &[(V1, AddrState::Online)]),
+            host("198.18.0.4", &[], &[(V1, AddrState::Online)]),
+        ];
+        assert_eq!(
+            run(&hosts, &[V1, V2]).release,
+            vec![(ip("198.18.0.2"), ip(V1))]
+        );
+    }
+
+    #[test]
+    fn addresses_outside_the_group_are_released_and_transitions_are_waited_for() {
+        let hosts = [host(
+            "198.18.0.2",
+            &[],
+            &[
+                ("198.18.0.199", AddrState::Online),
+                (V1, AddrState::Acquiring),
+            ],
+        )];
+        let d = run(&hosts, &[V1]);
+        assert_eq!(d.release, vec![(ip("198.18.0.2"), ip("198.18.0.199"))]);
+        assert!(d.acquire.is_empty());
+    }
+}

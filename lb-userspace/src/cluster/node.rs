@@ -1,0 +1,444 @@
+//! One LB node's part in the cluster, as a state machine: fed with the time, received
+//! messages and the outcomes of its own actions; returns messages to send, actions
+//! (acquire or release a VIP) and events. No sockets, no clocks: the daemon's tokio
+//! layer owns those, and the tests drive many nodes through a simulated network.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    assign::decide,
+    wire::{AddrState, HostInfo, Message, Reject, Replay},
+};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// Between two info messages.
+    pub interval: Duration,
+    /// Silence after which a host is dead.
+    pub timeout: Duration,
+    /// How long the leader waits for a host to act on a command before sending again.
+    pub command_timeout: Duration,
+    /// An address no alive host is configured with, but someone still serves, expires
+    /// after this long; `None`: never.
+    pub orphan_expiry: Option<Duration>,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        let interval = Duration::from_millis(100);
+        Self {
+            interval,
+            timeout: 3 * interval,
+            command_timeout: 3 * interval,
+            orphan_expiry: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub id: IpAddr,
+    pub control_addresses: Vec<IpAddr>,
+    pub preferred: Vec<IpAddr>,
+    /// The group's service addresses as this node is configured.
+    pub addresses: Vec<IpAddr>,
+    pub timing: Timing,
+}
+
+/// Something worth telling the operator (logged, counted, streamed by `lbctl events`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Acquire { address: IpAddr },
+    AcquireFail { address: IpAddr },
+    Release { address: IpAddr },
+    ReleaseFail { address: IpAddr },
+    CannotAssign { address: IpAddr },
+    TestFailed,
+    LeaderChange { from: Option<IpAddr>, to: IpAddr },
+    HostDead { host: IpAddr },
+    HostJoined { host: IpAddr },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Send(Message),
+    /// Make this node serve the address: add it to the interface, mark it in the XDP
+    /// table, announce it; then report `Input::Acquired`.
+    Acquire(IpAddr),
+    /// The reverse; then report `Input::Released`.
+    Release(IpAddr),
+    Event(Event),
+}
+
+#[derive(Clone, Debug)]
+pub enum Input {
+    Tick,
+    Message(Message),
+    TestResult { ok: bool },
+    SetQuiesce(bool),
+    Load { load: u32, capacity: u32 },
+    Acquired { address: IpAddr, ok: bool },
+    Released { address: IpAddr, ok: bool },
+}
+
+#[derive(Clone, Debug)]
+struct Heard {
+    info: HostInfo,
+    at: Instant,
+}
+
+/// A host as `lbctl cluster` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostView {
+    pub info: HostInfo,
+    pub age_ms: u64,
+    pub leader: bool,
+    pub me: bool,
+}
+
+pub struct Node {
+    config: NodeConfig,
+    seq: u64,
+    ok: bool,
+    quiesce: bool,
+    load: u32,
+    capacity: u32,
+    serving: BTreeMap<IpAddr, AddrState>,
+    hosts: BTreeMap<IpAddr, Heard>,
+    replay: Replay,
+    leader: Option<IpAddr>,
+    /// The leader's outstanding commands: address → (host, sent at).
+    in_flight: BTreeMap<IpAddr, (IpAddr, Instant)>,
+    /// When each group address was last configured on an alive host.
+    address_seen: BTreeMap<IpAddr, Instant>,
+    last_info: Option<Instant>,
+    rejected: BTreeMap<Reject, u64>,
+    /// The first tick. A node listens for one timeout before it leads: until then it
+    /// does not know who else is alive, and would assign to the wrong hosts.
+    started: Option<Instant>,
+}
+
+impl Node {
+    /// `first_seq` must exceed every sequence number this node ever sent before (the
+    /// daemon passes the wall clock in microseconds), or peers take it for a replay.
+    pub fn new(config: NodeConfig, first_seq: u64) -> Self {
+        Self {
+            config,
+            seq: first_seq,
+            ok: true,
+            quiesce: false,
+            load: 0,
+            capacity: 0,
+            serving: BTreeMap::new(),
+            hosts: BTreeMap::new(),
+            replay: Replay::default(),
+            leader: None,
+            in_flight: BTreeMap::new(),
+            address_seen: BTreeMap::new(),
+            last_info: None,
+            rejected: BTreeMap::new(),
+            started: None,
+        }
+    }
+
+    pub fn id(&self) -> IpAddr {
+        self.config.id
+    }
+
+    pub fn leader(&self) -> Option<IpAddr> {
+        self.leader
+    }
+
+    pub fn serving(&self) -> &BTreeMap<IpAddr, AddrState> {
+        &self.serving
+    }
+
+    pub fn quiesced(&self) -> bool {
+        self.quiesce
+    }
+
+    pub fn ok(&self) -> bool {
+        self.ok
+    }
+
+    pub fn rejected(&self) -> &BTreeMap<Reject, u64> {
+        &self.rejected
+    }
+
+    /// Counts a datagram dropped before it became a message (bad MAC, malformed...).
+    pub fn count_reject(&mut self, why: Reject) {
+        *self.rejected.entry(why).or_default() += 1;
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    pub fn my_info(&self) -> HostInfo {
+        HostInfo {
+            id: self.config.id,
+            control_addresses: self.config.control_addresses.clone(),
+            ok: self.ok,
+            quiesce: self.quiesce,
+            load: self.load,
+            capacity: self.capacity,
+            preferred: self.config.preferred.clone(),
+            serving: self.serving.clone(),
+            addresses: self.config.addresses.clone(),
+        }
+    }
+
+    pub fn hosts(&self, now: Instant) -> Vec<HostView> {
+        let mut out = vec![HostView {
+            info: self.my_info(),
+            age_ms: 0,
+            leader: self.leader == Some(self.config.id),
+            me: true,
+        }];
+        for (id, h) in &self.hosts {
+            out.push(HostView {
+                info: h.info.clone(),
+                age_ms: now.saturating_duration_since(h.at).as_millis() as u64,
+                leader: self.leader == Some(*id),
+                me: false,
+            });
+        }
+        out.sort_by_key(|h| h.info.id);
+        out
+    }
+
+    pub fn handle<R: Rng>(&mut self, now: Instant, input: Input, rng: &mut R) -> Vec<Output> {
+        let mut out = Vec::new();
+        match input {
+            Input::Tick => self.tick(now, rng, &mut out),
+            Input::Message(m) => self.receive(now, m, &mut out),
+            Input::TestResult { ok } => {
+                if self.ok && !ok {
+                    out.push(Output::Event(Event::TestFailed));
+                    // A failing node gives its addresses up, so that others take them.
+                    let serving: Vec<IpAddr> = self.serving.keys().copied().collect();
+                    for a in serving {
+                        self.release(a, &mut out);
+                    }
+                }
+                self.ok = ok;
+            }
+            Input::SetQuiesce(q) => self.quiesce = q,
+            Input::Load { load, capacity } => {
+                self.load = load;
+                self.capacity = capacity;
+            }
+            Input::Acquired { address, ok } => {
+                if self.serving.get(&address) == Some(&AddrState::Acquiring) {
+                    if ok {
+                        self.serving.insert(address, AddrState::Online);
+                        out.push(Output::Event(Event::Acquire { address }));
+                    } else {
+                        self.serving.remove(&address);
+                        out.push(Output::Event(Event::AcquireFail { address }));
+                    }
+                    // Report at once: the leader waits for this.
+                    self.send_info(now, &mut out);
+                }
+            }
+            Input::Released { address, ok } => {
+                if self.serving.remove(&address).is_some() {
+                    out.push(Output::Event(if ok {
+                        Event::Release { address }
+                    } else {
+                        Event::ReleaseFail { address }
+                    }));
+                    self.send_info(now, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    fn acquire(&mut self, address: IpAddr, out: &mut Vec<Output>) {
+        if !self.ok || self.quiesce || self.serving.contains_key(&address) {
+            return;
+        }
+        self.serving.insert(address, AddrState::Acquiring);
+        out.push(Output::Acquire(address));
+    }
+
+    fn release(&mut self, address: IpAddr, out: &mut Vec<Output>) {
+        match self.serving.get(&address) {
+            Some(AddrState::Online) | Some(AddrState::Acquiring) => {
+                self.serving.insert(address, AddrState::Releasing);
+                out.push(Output::Release(address));
+            }
+            _ => {}
+        }
+    }
+
+    fn receive(&mut self, now: Instant, m: Message, out: &mut Vec<Output>) {
+        if let Err(why) = self.replay.check(self.config.id, &m) {
+            self.count_reject(why);
+            return;
+        }
+        match m {
+            Message::Info { host, .. } => {
+                if !self.hosts.contains_key(&host.id) {
+                    out.push(Output::Event(Event::HostJoined { host: host.id }));
+                }
+                self.hosts.insert(
+                    host.id,
+                    Heard {
+                        info: host,
+                        at: now,
+                    },
+                );
+                self.elect(out);
+            }
+            Message::Acquire {
+                from, to, address, ..
+            } => {
+                if to == self.config.id && Some(from) == self.leader {
+                    self.acquire(address, out);
+                }
+            }
+            Message::Release {
+                from, to, address, ..
+            } => {
+                if to == self.config.id && Some(from) == self.leader {
+                    self.release(address, out);
+                }
+            }
+        }
+    }
+
+    fn elect(&mut self, out: &mut Vec<Output>) {
+        let leader = self.hosts.keys().copied().chain([self.config.id]).min();
+        if leader != self.leader {
+            if let Some(to) = leader {
+                out.push(Output::Event(Event::LeaderChange {
+                    from: self.leader,
+                    to,
+                }));
+            }
+            self.leader = leader;
+            self.in_flight.clear();
+        }
+    }
+
+    fn send_info(&mut self, now: Instant, out: &mut Vec<Output>) {
+        let seq = self.next_seq();
+        let others = self
+            .hosts
+            .values()
+            .map(|h| {
+                (
+                    h.info.clone(),
+                    now.saturating_duration_since(h.at).as_millis() as u64,
+                )
+            })
+            .collect();
+        let service_addresses = self
+            .address_seen
+            .iter()
+            .map(|(a, t)| (*a, now.saturating_duration_since(*t).as_millis() as u64))
+            .collect();
+        out.push(Output::Send(Message::Info {
+            seq,
+            host: self.my_info(),
+            others,
+            service_addresses,
+        }));
+        self.last_info = Some(now);
+    }
+
+    fn tick<R: Rng>(&mut self, now: Instant, rng: &mut R, out: &mut Vec<Output>) {
+        let timeout = self.config.timing.timeout;
+        let dead: Vec<IpAddr> = self
+            .hosts
+            .iter()
+            .filter(|(_, h)| now.saturating_duration_since(h.at) > timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for host in dead {
+            self.hosts.remove(&host);
+            out.push(Output::Event(Event::HostDead { host }));
+        }
+        self.elect(out);
+        if self
+            .last_info
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.config.timing.interval)
+        {
+            self.send_info(now, out);
+        }
+        let started = *self.started.get_or_insert(now);
+        if self.leader == Some(self.config.id) && now.saturating_duration_since(started) >= timeout
+        {
+            self.lead(now, rng, out);
+        }
+    }
+
+    fn lead<R: Rng>(&mut self, now: Instant, rng: &mut R, out: &mut Vec<Output>) {
+        let me = self.my_info();
+        let mut hosts: Vec<&HostInfo> = self.hosts.values().map(|h| &h.info).collect();
+        hosts.push(&me);
+        for h in &hosts {
+            for a in h.addresses.iter().chain(&h.preferred) {
+                self.address_seen.insert(*a, now);
+            }
+        }
+        let expiry = self.config.timing.orphan_expiry;
+        let addresses: BTreeSet<IpAddr> = self
+            .address_seen
+            .iter()
+            .filter(|(_, seen)| expiry.is_none_or(|e| now.saturating_duration_since(**seen) <= e))
+            .map(|(a, _)| *a)
+            .collect();
+        // Commands that were acted on (or timed out) are no longer in flight.
+        let command_timeout = self.config.timing.command_timeout;
+        self.in_flight
+            .retain(|_, (_, sent)| now.saturating_duration_since(*sent) < command_timeout);
+        let in_flight: BTreeSet<IpAddr> = self.in_flight.keys().copied().collect();
+        let (_, decision) = decide(&hosts, &addresses, &in_flight, rng);
+        drop(hosts);
+        for (to, address) in decision.release {
+            self.in_flight.insert(address, (to, now));
+            if to == self.config.id {
+                self.release(address, out);
+            } else {
+                let seq = self.next_seq();
+                out.push(Output::Send(Message::Release {
+                    seq,
+                    from: self.config.id,
+                    to,
+                    address,
+                }));
+            }
+        }
+        for (to, address) in decision.acquire {
+            self.in_flight.insert(address, (to, now));
+            if to == self.config.id {
+                self.acquire(address, out);
+            } else {
+                let seq = self.next_seq();
+                out.push(Output::Send(Message::Acquire {
+                    seq,
+                    from: self.config.id,
+                    to,
+                    address,
+                }));
+            }
+        }
+        for address in decision.cannot_assign {
+            // Once per command timeout, not every tick.
+            self.in_flight.insert(address, (self.config.id, now));
+            out.push(Output::Event(Event::CannotAssign { address }));
+        }
+    }
+}
