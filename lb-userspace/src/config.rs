@@ -109,6 +109,33 @@ pub struct Config {
     pub maglev_max_size: u32,
     pub conn_table_size: u32,
     pub desired: Desired,
+    /// Present when this node is one of a cluster that moves VIPs between nodes.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// The `[cluster]` section: this node in its group of LB nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// This node's id address (its control address); the lowest alive id leads.
+    pub id: IpAddr,
+    /// The group's multicast address and port.
+    pub group: Option<SocketAddr>,
+    /// Unicast peers, for networks without multicast (control address and port).
+    pub peers: Vec<SocketAddr>,
+    /// Port to listen on for control messages.
+    pub port: u16,
+    /// The shared secret of the group's HMAC-SHA256.
+    pub key: Vec<u8>,
+    pub interval: std::time::Duration,
+    pub timeout: std::time::Duration,
+    pub orphan_expiry: Option<std::time::Duration>,
+    /// VIPs this node prefers to serve (none: a hot spare).
+    pub preferred: Vec<IpAddr>,
+    /// Interface the VIPs are added to and announced on.
+    pub vip_interface: String,
+    /// Run with `acquire|release VIP` after an acquire and before a release.
+    pub script: Option<PathBuf>,
+    pub script_timeout: std::time::Duration,
 }
 
 impl Config {
@@ -132,6 +159,38 @@ struct File {
     dataplane: Option<Spanned<DataplaneSection>>,
     #[serde(default)]
     service: Vec<Spanned<ServiceSection>>,
+    #[serde(default)]
+    cluster: Option<Spanned<ClusterSection>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterSection {
+    id: IpAddr,
+    group: Option<SocketAddr>,
+    #[serde(default)]
+    peers: Vec<SocketAddr>,
+    port: Option<u16>,
+    key: Option<Spanned<String>>,
+    key_file: Option<PathBuf>,
+    #[serde(default = "default_interval")]
+    interval_ms: Spanned<u64>,
+    timeout_ms: Option<Spanned<u64>>,
+    orphan_expiry_s: Option<u64>,
+    #[serde(default)]
+    preferred: Vec<IpAddr>,
+    vip_interface: Option<String>,
+    script: Option<PathBuf>,
+    #[serde(default = "default_script_timeout")]
+    script_timeout_ms: u64,
+}
+
+fn default_interval() -> Spanned<u64> {
+    Spanned::new(0..0, 100)
+}
+
+fn default_script_timeout() -> u64 {
+    5000
 }
 
 /// A services-only file, for `lbctl apply`: a full lbd config is accepted too and
@@ -147,6 +206,9 @@ struct ServicesFile {
     dataplane: Option<toml::Value>,
     #[serde(default)]
     service: Vec<Spanned<ServiceSection>>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    cluster: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -410,7 +472,7 @@ impl Config {
                         "conn_table_size",
                         |v| (v == 0).then(|| "must be positive".to_string()),
                     )?;
-                    let interfaces = dp
+                    let interfaces: Vec<Interface> = dp
                         .interfaces
                         .into_iter()
                         .map(|i| Interface {
@@ -422,6 +484,10 @@ impl Config {
                 }
             };
         let desired = services(&ctx, file.service, maglev_max_size)?;
+        let cluster = match file.cluster {
+            None => None,
+            Some(c) => Some(cluster(&ctx, c, path, &interfaces)?),
+        };
         if desired.services.len() > max_services as usize {
             return Err(ctx.err(
                 node_span,
@@ -453,6 +519,7 @@ impl Config {
             maglev_max_size,
             conn_table_size,
             desired,
+            cluster,
         })
     }
 
@@ -465,6 +532,102 @@ impl Config {
         })?;
         Config::parse(path, &text)
     }
+}
+
+fn cluster(
+    ctx: &Ctx,
+    section: Spanned<ClusterSection>,
+    path: &Path,
+    interfaces: &[Interface],
+) -> Result<ClusterConfig, ConfigError> {
+    let span = section.span();
+    let c = section.into_inner();
+    if c.group.is_none() && c.peers.is_empty() {
+        return Err(ctx.err(
+            span,
+            "cluster: set group (multicast address:port) or peers (unicast address:port list)",
+        ));
+    }
+    if let Some(g) = c.group {
+        if !g.ip().is_multicast() {
+            return Err(ctx.err(
+                span,
+                format!("cluster.group: {} is not a multicast address", g.ip()),
+            ));
+        }
+    }
+    let key = match (c.key, c.key_file) {
+        (Some(k), None) => {
+            if k.get_ref().len() < 16 {
+                return Err(ctx.err(k.span(), "cluster.key: use at least 16 characters"));
+            }
+            k.into_inner().into_bytes()
+        }
+        (None, Some(f)) => {
+            let f = if f.is_relative() {
+                path.parent().unwrap_or(Path::new(".")).join(f)
+            } else {
+                f
+            };
+            let k = std::fs::read(&f).map_err(|e| {
+                ctx.err(
+                    span.clone(),
+                    format!("cluster.key_file: cannot read {}: {e}", f.display()),
+                )
+            })?;
+            let k = String::from_utf8_lossy(&k).trim().as_bytes().to_vec();
+            if k.len() < 16 {
+                return Err(ctx.err(
+                    span,
+                    format!(
+                        "cluster.key_file: {} holds fewer than 16 characters",
+                        f.display()
+                    ),
+                ));
+            }
+            k
+        }
+        _ => {
+            return Err(ctx.err(
+                span,
+                "cluster: set exactly one of key and key_file (the group's shared secret)",
+            ))
+        }
+    };
+    let interval = *c.interval_ms.get_ref();
+    if interval == 0 {
+        return Err(ctx.err(
+            c.interval_ms.span(),
+            "cluster.interval_ms: must be positive",
+        ));
+    }
+    let timeout = match c.timeout_ms {
+        None => 3 * interval,
+        Some(t) if *t.get_ref() <= interval => {
+            return Err(ctx.err(
+                t.span(),
+                format!("cluster.timeout_ms: must exceed interval_ms ({interval})"),
+            ));
+        }
+        Some(t) => *t.get_ref(),
+    };
+    let port = c.port.or(c.group.map(|g| g.port())).unwrap_or(7400);
+    Ok(ClusterConfig {
+        id: c.id,
+        group: c.group,
+        peers: c.peers,
+        port,
+        key,
+        interval: std::time::Duration::from_millis(interval),
+        timeout: std::time::Duration::from_millis(timeout),
+        orphan_expiry: c.orphan_expiry_s.map(std::time::Duration::from_secs),
+        preferred: c.preferred,
+        vip_interface: c
+            .vip_interface
+            .unwrap_or_else(|| interfaces[0].name.clone()),
+        script: c.script,
+        script_timeout: std::time::Duration::from_millis(c.script_timeout_ms),
+    })
 }
 
 /// Parses the services of a file for `lbctl apply`.
@@ -578,6 +741,28 @@ drain = true
             only.services.keys().next().unwrap().to_string(),
             "udp/198.18.0.1:*"
         );
+    }
+
+    #[test]
+    fn a_cluster_section_needs_a_group_and_a_key() {
+        let with = |extra: &str| parse(&format!("{GOOD}\n[cluster]\nid = \"198.18.0.2\"\n{extra}"));
+        let c = with("group = \"239.1.1.1:7400\"\nkey = \"0123456789abcdef\"\npreferred = [\"198.18.0.100\"]")
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.port, 7400);
+        assert_eq!(c.timeout, std::time::Duration::from_millis(300));
+        assert_eq!(c.vip_interface, "eth0");
+        let e = with("key = \"0123456789abcdef\"").unwrap_err();
+        assert!(e.message.contains("group"), "{e}");
+        let e = with("group = \"198.18.0.9:7400\"\nkey = \"0123456789abcdef\"").unwrap_err();
+        assert!(e.message.contains("not a multicast"), "{e}");
+        let e = with("group = \"239.1.1.1:7400\"\nkey = \"short\"").unwrap_err();
+        assert!(e.message.contains("16 characters"), "{e}");
+        let e = with("group = \"239.1.1.1:7400\"\nkey = \"0123456789abcdef\"\ntimeout_ms = 50")
+            .unwrap_err();
+        assert!(e.message.contains("timeout_ms"), "{e}");
+        assert_eq!(e.line, GOOD.lines().count() + 6, "{e}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod manager;
 pub mod metrics;
 pub mod neighbor;
 pub mod server;
+pub mod vip;
 
 pub use error::DataplaneError;
 pub use loader::{Attached, Dataplane, LoadOptions, Program};
