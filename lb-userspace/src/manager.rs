@@ -210,6 +210,10 @@ pub struct MapManager {
     free_backend_ids: BTreeSet<u32>,
     next_gen: u32,
     tx_port_slots: BTreeMap<u32, u32>,
+    /// In a cluster, the addresses this node serves: only these are in `VIP_ADDRS`,
+    /// so traffic for the others passes to the kernel. `None`: a standalone node,
+    /// which serves every service address.
+    owned: Option<BTreeSet<IpAddr>>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
@@ -265,6 +269,7 @@ impl MapManager {
             free_backend_ids: (0..MAX_BACKENDS).collect(),
             next_gen: 1,
             tx_port_slots: BTreeMap::new(),
+            owned: None,
         })
     }
 
@@ -603,7 +608,8 @@ impl MapManager {
             .iter()
             .filter(|(k, _)| k.addr == addr)
             .peekable();
-        if on_addr.peek().is_none() {
+        let owned = self.owned.as_ref().is_none_or(|o| o.contains(&addr));
+        if on_addr.peek().is_none() || !owned {
             return match self.vip_addrs.remove(&key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
                 Err(e) => Err(DataplaneError::Map {
@@ -619,6 +625,28 @@ impl MapManager {
         self.vip_addrs
             .insert(key, meta, 0)
             .map_ctx(map_names::VIP_ADDRS)
+    }
+
+    /// Switches to cluster mode: from now on only addresses passed to `set_owned`
+    /// are served; all others leave `VIP_ADDRS` at once.
+    pub fn own_only(&mut self, owned: BTreeSet<IpAddr>) -> Result<()> {
+        let all: BTreeSet<IpAddr> = self.services.keys().map(|k| k.addr).chain(owned.iter().copied()).collect();
+        self.owned = Some(owned);
+        for a in all {
+            self.write_addr(a)?;
+        }
+        Ok(())
+    }
+
+    /// Starts or stops serving `addr` (cluster mode).
+    pub fn set_owned(&mut self, addr: IpAddr, owned: bool) -> Result<()> {
+        let set = self.owned.get_or_insert_with(BTreeSet::new);
+        if owned {
+            set.insert(addr);
+        } else {
+            set.remove(&addr);
+        }
+        self.write_addr(addr)
     }
 
     pub fn services(&self) -> impl Iterator<Item = &ServiceKey> {

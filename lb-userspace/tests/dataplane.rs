@@ -699,3 +699,16 @@ fn a_flow_that_moves_to_another_cpu_keeps_its_backend() {
     assert_eq!(again, before);
     assert_eq!(lb.stats().lru_other_cpu, 2000);
 }
+
+#[test]
+fn in_a_cluster_only_owned_vips_are_balanced() {
+    let mut lb = load_lb();
+    lb.add(service(VIP4, 80, Proto::Tcp), &backends4(2));
+    let frame = Frame::tcp(CLIENT4, VIP4, 1000, 80).build();
+    lb.maps.own_only(Default::default()).unwrap();
+    assert_untouched(&lb, &frame, XDP_PASS, "pass_not_vip");
+    lb.maps.set_owned(VIP4.parse().unwrap(), true).unwrap();
+    assert_eq!(lb.run(&frame).0, XDP_TX);
+    lb.maps.set_owned(VIP4.parse().unwrap(), false).unwrap();
+    assert_untouched(&lb, &frame, XDP_PASS, "pass_not_vip");
+}
