@@ -127,6 +127,11 @@ pub struct Applied {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Quiesce {
+    pub quiesce: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Shutdown {
     /// Also detach the XDP program and remove the pinned maps.
     pub detach: bool,

@@ -86,6 +86,55 @@ impl Client {
             .map_err(|e| self.protocol(format!("unexpected answer to {path}: {e}")))
     }
 
+    /// GETs a newline-delimited stream, calling `line` for each line as it arrives.
+    pub async fn get_lines(
+        &self,
+        path: &str,
+        mut line: impl FnMut(&str),
+    ) -> Result<(), ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|_| ClientError::NotRunning {
+                path: self.socket.clone(),
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.protocol(e))?;
+        tokio::spawn(conn);
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .header("host", "lbd")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| self.protocol(e))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| self.protocol(e))?;
+        let status = response.status();
+        let mut body = response.into_body();
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| self.protocol(e))?;
+            if let Some(data) = frame.data_ref() {
+                pending.extend_from_slice(data);
+                while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                    let l: Vec<u8> = pending.drain(..=i).collect();
+                    if status.is_success() {
+                        line(String::from_utf8_lossy(&l).trim_end());
+                    }
+                }
+            }
+        }
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&pending)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| format!("HTTP {status}"));
+            return Err(ClientError::Daemon(message));
+        }
+        Ok(())
+    }
+
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.call(Method::GET, path, None).await
     }

@@ -117,6 +117,8 @@ pub struct Daemon {
     interfaces: Vec<(LocalInterface, XdpModeName, Attached)>,
     started: Instant,
     resumed: bool,
+    /// Cluster mode: VIPs found on the interface at start, still served.
+    adopted: BTreeSet<IpAddr>,
 }
 
 impl Daemon {
@@ -163,6 +165,21 @@ impl Daemon {
             None => config.desired.clone(),
         };
         validate(&desired, &config)?;
+        // In a cluster this node serves only what the cluster gives it. VIPs still on
+        // the interface were its own before a restart: keep serving them meanwhile.
+        let mut adopted = BTreeSet::new();
+        if let Some(c) = &config.cluster {
+            let iface = neighbors.interface(&c.vip_interface).await?;
+            let present = neighbors.addresses(iface.ifindex).await?;
+            adopted = desired
+                .services
+                .keys()
+                .map(|k| k.addr)
+                .chain(c.preferred.iter().copied())
+                .filter(|a| present.contains(a))
+                .collect();
+            maps.own_only(adopted.clone())?;
+        }
 
         let mut daemon = Daemon {
             from_config: config.desired.clone(),
@@ -174,6 +191,7 @@ impl Daemon {
             interfaces: Vec::new(),
             started: Instant::now(),
             resumed,
+            adopted,
         };
         daemon.interfaces = locals
             .iter()
@@ -326,6 +344,28 @@ impl Daemon {
         self.sync(&desired, &touched)?;
         self.persist()?;
         Ok(changed)
+    }
+
+    /// Addresses of the configured services.
+    pub fn service_addresses(&self) -> Vec<IpAddr> {
+        let mut a: Vec<IpAddr> = self.desired.services.keys().map(|k| k.addr).collect();
+        a.dedup();
+        a
+    }
+
+    pub fn adopted(&self) -> &BTreeSet<IpAddr> {
+        &self.adopted
+    }
+
+    /// Cluster mode: serve only `owned` from now on.
+    pub fn own_only(&mut self, owned: BTreeSet<IpAddr>) -> Result<()> {
+        self.maps.own_only(owned)?;
+        Ok(())
+    }
+
+    pub fn set_owned(&mut self, vip: IpAddr, owned: bool) -> Result<()> {
+        self.maps.set_owned(vip, owned)?;
+        Ok(())
     }
 
     pub fn flush_logs(&mut self) {

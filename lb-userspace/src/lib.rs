@@ -5,6 +5,7 @@
 pub mod api;
 pub mod client;
 pub mod cluster;
+pub mod clusterd;
 pub mod config;
 pub mod daemon;
 pub mod desired;

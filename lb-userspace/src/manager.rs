@@ -630,7 +630,12 @@ impl MapManager {
     /// Switches to cluster mode: from now on only addresses passed to `set_owned`
     /// are served; all others leave `VIP_ADDRS` at once.
     pub fn own_only(&mut self, owned: BTreeSet<IpAddr>) -> Result<()> {
-        let all: BTreeSet<IpAddr> = self.services.keys().map(|k| k.addr).chain(owned.iter().copied()).collect();
+        let all: BTreeSet<IpAddr> = self
+            .services
+            .keys()
+            .map(|k| k.addr)
+            .chain(owned.iter().copied())
+            .collect();
         self.owned = Some(owned);
         for a in all {
             self.write_addr(a)?;

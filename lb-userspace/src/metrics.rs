@@ -3,7 +3,10 @@
 
 use std::fmt::Write;
 
-use crate::api::{Stats, Status};
+use crate::{
+    api::{Stats, Status},
+    clusterd::ClusterView,
+};
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -16,7 +19,7 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-pub fn render(status: &Status, stats: &Stats) -> String {
+pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> String {
     let mut out = String::new();
     family(&mut out, "lb_up", "gauge", "1 while the daemon serves.");
     let _ = writeln!(out, "lb_up{{node=\"{}\"}} 1", escape(&status.node));
@@ -147,6 +150,55 @@ pub fn render(status: &Status, stats: &Stats) -> String {
                 b.address,
                 u8::from(b.drain)
             );
+        }
+    }
+    if let Some(c) = cluster {
+        family(
+            &mut out,
+            "lb_cluster_is_leader",
+            "gauge",
+            "1 while this node leads its cluster.",
+        );
+        let _ = writeln!(out, "lb_cluster_is_leader {}", u8::from(c.is_leader));
+        family(
+            &mut out,
+            "lb_cluster_hosts_alive",
+            "gauge",
+            "Cluster nodes this node hears (itself included).",
+        );
+        let _ = writeln!(out, "lb_cluster_hosts_alive {}", c.hosts.len());
+        family(
+            &mut out,
+            "lb_cluster_vips_served",
+            "gauge",
+            "VIPs this node serves.",
+        );
+        let served = c
+            .hosts
+            .iter()
+            .find(|h| h.me)
+            .map_or(0, |h| h.info.serving.len());
+        let _ = writeln!(out, "lb_cluster_vips_served {served}");
+        family(
+            &mut out,
+            "lb_cluster_messages_rejected_total",
+            "counter",
+            "Control messages dropped, by reason.",
+        );
+        for (reason, n) in &c.rejected {
+            let _ = writeln!(
+                out,
+                "lb_cluster_messages_rejected_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        family(
+            &mut out,
+            "lb_cluster_events_total",
+            "counter",
+            "Cluster events, by kind.",
+        );
+        for (event, n) in &c.events {
+            let _ = writeln!(out, "lb_cluster_events_total{{event=\"{event}\"}} {n}");
         }
     }
     out

@@ -126,6 +126,31 @@ pub struct LocalInterface {
 }
 
 impl NeighborTable {
+    pub fn handle(&self) -> &rtnetlink::Handle {
+        &self.handle
+    }
+
+    /// The addresses on an interface.
+    pub async fn addresses(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
+        crate::vip::addresses(&self.handle, ifindex).await
+    }
+
+    /// Whether the interface is up with its link running.
+    pub async fn link_up(&self, name: &str) -> Result<bool> {
+        use netlink_packet_route::link::LinkFlag;
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        let Some(msg) = links.try_next().await.ok().flatten() else {
+            return Ok(false);
+        };
+        Ok(msg.header.flags.contains(&LinkFlag::Up)
+            && msg.header.flags.contains(&LinkFlag::Running))
+    }
+
     /// Reads one of this network namespace's interfaces over netlink (not /sys, which
     /// shows the namespace of whoever mounted it).
     pub async fn interface(&self, name: &str) -> Result<LocalInterface> {

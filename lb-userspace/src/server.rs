@@ -18,6 +18,7 @@ use crate::{
         self, AddBackend, AddService, Applied, BackendRef, DrainBackend, ErrorBody, ServiceRef,
         SetWeight, Shutdown,
     },
+    clusterd::{ClusterHandle, ClusterView},
     daemon::Daemon,
     desired::{BackendSpec, Desired, ServiceSpec},
     manager::ServiceKey,
@@ -29,6 +30,7 @@ pub struct AppState {
     pub daemon: Arc<Mutex<Daemon>>,
     pub shutdown: mpsc::Sender<Shutdown>,
     pub neighbors: Arc<NeighborTable>,
+    pub cluster: Option<ClusterHandle>,
 }
 
 /// Resolves the MACs of backends about to be added, without holding the daemon, so
@@ -241,6 +243,91 @@ async fn shutdown(
     Ok(Json(serde_json::json!({ "shutting_down": true })))
 }
 
+fn cluster_of(s: &AppState) -> Result<&ClusterHandle, ApiError> {
+    s.cluster.as_ref().ok_or_else(|| {
+        not_found("this node is not in a cluster (no [cluster] section in its config)")
+    })
+}
+
+async fn cluster(State(s): State<AppState>) -> ApiResult<ClusterView> {
+    Ok(Json(cluster_of(&s)?.view()))
+}
+
+async fn quiesce(
+    State(s): State<AppState>,
+    Json(req): Json<api::Quiesce>,
+) -> ApiResult<serde_json::Value> {
+    cluster_of(&s)?
+        .set_quiesce(req.quiesce)
+        .await
+        .map_err(internal)?;
+    Ok(Json(serde_json::json!({ "quiesce": req.quiesce })))
+}
+
+#[derive(serde::Deserialize)]
+struct EventsQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+/// Newline-delimited JSON events: the recent ones, then (with `follow=true`) each new
+/// one as it happens, until the client hangs up.
+async fn events(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let c = cluster_of(&s)?.clone();
+    let recent = c.recent_events();
+    let mut lines: Vec<Result<String, std::convert::Infallible>> = recent
+        .iter()
+        .map(|e| {
+            Ok(format!(
+                "{}\n",
+                serde_json::to_string(e).expect("serializes")
+            ))
+        })
+        .collect();
+    if !q.follow {
+        return Ok(lines.concat_ok().into_response());
+    }
+    let rx = c.events.subscribe();
+    let live = futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(e) => {
+                    return Some((
+                        Ok(format!(
+                            "{}\n",
+                            serde_json::to_string(&e).expect("serializes")
+                        )),
+                        rx,
+                    ))
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return None,
+            }
+        }
+    });
+    let head = futures::stream::iter(std::mem::take(&mut lines));
+    let body = axum::body::Body::from_stream(futures::StreamExt::chain(head, live));
+    Ok(Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .expect("valid response"))
+}
+
+trait ConcatOk {
+    fn concat_ok(self) -> String;
+}
+
+impl ConcatOk for Vec<Result<String, std::convert::Infallible>> {
+    fn concat_ok(self) -> String {
+        self.into_iter()
+            .map(|r| r.unwrap_or_else(|e| match e {}))
+            .collect()
+    }
+}
+
 async fn unknown() -> ApiError {
     not_found("no such endpoint; the API is described in docs/API.md")
 }
@@ -259,6 +346,9 @@ pub fn api_router(state: AppState) -> Router {
         .route("/v1/backends/weight", post(set_weight))
         .route("/v1/apply", post(apply))
         .route("/v1/shutdown", post(shutdown))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/node/quiesce", post(quiesce))
+        .route("/v1/events", get(events))
         .fallback(unknown)
         .with_state(state)
 }
@@ -266,7 +356,12 @@ pub fn api_router(state: AppState) -> Router {
 async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
     let daemon = s.daemon.lock().await;
     let stats = daemon.stats().map_err(internal)?;
-    Ok(crate::metrics::render(&daemon.status(), &stats))
+    let cluster = s.cluster.as_ref().map(|c| c.view());
+    Ok(crate::metrics::render(
+        &daemon.status(),
+        &stats,
+        cluster.as_ref(),
+    ))
 }
 
 pub fn metrics_router(state: AppState) -> Router {

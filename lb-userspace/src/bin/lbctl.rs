@@ -67,6 +67,16 @@ enum Cmd {
         #[arg(long)]
         detach: bool,
     },
+    /// The cluster: nodes, leader, who serves which VIP, rejected messages.
+    Cluster,
+    /// This node in its cluster.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Cluster events (acquire, release, leader change...); --follow streams them.
+    Events {
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
 }
@@ -89,6 +99,13 @@ enum ServiceCmd {
     Show {
         service: ServiceKey,
     },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Acquire no VIP from now on; keep the ones served.
+    Quiesce,
+    Unquiesce,
 }
 
 #[derive(Subcommand)]
@@ -483,6 +500,111 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .post("/v1/apply", apply.as_ref().expect("parsed above"))
                 .await?;
             print_applied(out, &r);
+        }
+        Cmd::Cluster => {
+            let c: lb_userspace::clusterd::ClusterView = client.get("/v1/cluster").await?;
+            if out == Output::Json {
+                print_json(&c);
+            } else {
+                let mut rows = vec![vec![
+                    "NODE".into(),
+                    "ROLE".into(),
+                    "OK".into(),
+                    "QUIESCED".into(),
+                    "AGE".into(),
+                    "PREFERS".into(),
+                    "SERVES".into(),
+                ]];
+                for h in &c.hosts {
+                    let role = match (h.leader, h.me) {
+                        (true, true) => "leader (me)",
+                        (true, false) => "leader",
+                        (false, true) => "me",
+                        (false, false) => "",
+                    };
+                    let list = |v: Vec<String>| {
+                        if v.is_empty() {
+                            "-".to_string()
+                        } else {
+                            v.join(",")
+                        }
+                    };
+                    rows.push(vec![
+                        h.info.id.to_string(),
+                        role.into(),
+                        if h.info.ok { "yes" } else { "NO" }.into(),
+                        if h.info.quiesce { "yes" } else { "no" }.into(),
+                        format!("{} ms", h.age_ms),
+                        list(h.info.preferred.iter().map(|a| a.to_string()).collect()),
+                        list(
+                            h.info
+                                .serving
+                                .iter()
+                                .map(|(a, s)| format!("{a} ({})", format!("{s:?}").to_lowercase()))
+                                .collect(),
+                        ),
+                    ]);
+                }
+                table(rows);
+                let rejected: Vec<String> = c
+                    .rejected
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(r, n)| format!("{r} {n}"))
+                    .collect();
+                if !rejected.is_empty() {
+                    println!("rejected messages: {}", rejected.join(", "));
+                }
+            }
+        }
+        Cmd::Node(cmd) => {
+            let quiesce = matches!(cmd, NodeCmd::Quiesce);
+            let r: serde_json::Value = client
+                .post("/v1/node/quiesce", &api::Quiesce { quiesce })
+                .await?;
+            if out == Output::Json {
+                print_json(&r);
+            } else {
+                println!(
+                    "{}",
+                    if quiesce {
+                        "quiesced: this node acquires no VIP"
+                    } else {
+                        "unquiesced"
+                    }
+                );
+            }
+        }
+        Cmd::Events { follow } => {
+            let path = if follow {
+                "/v1/events?follow=true"
+            } else {
+                "/v1/events"
+            };
+            client
+                .get_lines(path, |line| {
+                    if out == Output::Json {
+                        println!("{line}");
+                    } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                        let mut fields = v.as_object().cloned().unwrap_or_default();
+                        let at = fields.remove("at_ms").and_then(|t| t.as_u64()).unwrap_or(0);
+                        let node = fields
+                            .remove("node")
+                            .map(|n| n.to_string())
+                            .unwrap_or_default();
+                        let event = fields
+                            .remove("event")
+                            .and_then(|e| e.as_str().map(str::to_string))
+                            .unwrap_or_default();
+                        let rest: Vec<String> = fields
+                            .iter()
+                            .map(|(k, v)| format!("{k}={}", v.to_string().trim_matches('"')))
+                            .collect();
+                        println!("{at} {} {event} {}", node.trim_matches('"'), rest.join(" "));
+                    }
+                    let _ = std::io::stdout().flush();
+                })
+                .await?;
         }
         Cmd::Shutdown { detach } => {
             let r: serde_json::Value = client

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use lb_userspace::{
     api::Shutdown,
+    clusterd,
     config::{Config, DEFAULT_PATH},
     daemon::Daemon,
     neighbor::{nudge, NeighborTable},
@@ -88,6 +89,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
             format!("binding the metrics address {metrics_addr} (node.metrics_listen)")
         })?;
     let neighbors = Arc::new(NeighborTable::new()?);
+    let cluster_config = config.cluster.clone();
     let daemon = Daemon::start(config, &neighbors).await?;
     let status = daemon.status();
     info!(
@@ -99,11 +101,20 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
         "lbd ready"
     );
     let daemon = Arc::new(Mutex::new(daemon));
+    let cluster = match &cluster_config {
+        Some(c) => {
+            let handle = clusterd::start(c.clone(), daemon.clone(), neighbors.clone()).await?;
+            info!(id = %c.id, group = ?c.group, peers = c.peers.len(), "cluster member");
+            Some(handle)
+        }
+        None => None,
+    };
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<Shutdown>(1);
     let state = AppState {
         daemon: daemon.clone(),
         shutdown: shutdown_tx,
         neighbors: neighbors.clone(),
+        cluster,
     };
     let api = axum::serve(api_listener, api_router(state.clone()));
     let metrics = axum::serve(metrics_listener, metrics_router(state));
@@ -170,6 +181,20 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
     let mut d = daemon.lock().await;
     if detach {
         d.detach_everything()?;
+        if let Some(c) = &cluster_config {
+            // Give the VIPs up, so that the others take them at once.
+            if let Ok(iface) = neighbors.interface(&c.vip_interface).await {
+                for vip in d
+                    .service_addresses()
+                    .into_iter()
+                    .chain(c.preferred.iter().copied())
+                {
+                    let _ =
+                        lb_userspace::vip::remove_address(neighbors.handle(), iface.ifindex, vip)
+                            .await;
+                }
+            }
+        }
     } else {
         info!("leaving the XDP program attached: traffic keeps flowing; the next lbd takes over");
     }

@@ -153,6 +153,17 @@ impl Node {
         self.config.id
     }
 
+    /// Takes on addresses this node already serves when it starts (a restarted
+    /// daemon finding its VIPs still on the interface): reported online at once, so
+    /// the leader does not hand them to someone else, or resolves the duplicate.
+    pub fn adopt(&mut self, address: IpAddr) {
+        self.serving.insert(address, AddrState::Online);
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader == Some(self.config.id)
+    }
+
     pub fn leader(&self) -> Option<IpAddr> {
         self.leader
     }
