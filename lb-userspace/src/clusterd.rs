@@ -251,9 +251,13 @@ pub async fn start(
                 _ = tick.tick() => Input::Tick,
                 _ = tests.tick() => Input::TestResult { ok: self_test(&daemon, &neighbors, &interface).await },
                 r = socket.recv_from(&mut buf) => match r {
-                    Ok((n, _)) => match wire::decode(&buf[..n], &key) {
-                        Ok(m) => Input::Message(m),
+                    Ok((n, from)) => match wire::decode(&buf[..n], &key) {
+                        Ok(m) => {
+                            tracing::debug!(%from, sender = %m.sender(), seq = m.seq(), "control message");
+                            Input::Message(m)
+                        }
                         Err(why) => {
+                            tracing::debug!(%from, ?why, "control message dropped");
                             node.count_reject(why);
                             continue;
                         }

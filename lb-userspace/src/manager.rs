@@ -356,7 +356,8 @@ impl MapManager {
             .remove(&key)
             .ok_or(DataplaneError::UnknownService(key))?;
         match self.vips.remove(&Self::vip_key(&key)) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(e) if is_missing(&e) => {}
             Err(e) => {
                 return Err(DataplaneError::Map {
                     name: map_names::VIPS,
@@ -611,7 +612,8 @@ impl MapManager {
         let owned = self.owned.as_ref().is_none_or(|o| o.contains(&addr));
         if on_addr.peek().is_none() || !owned {
             return match self.vip_addrs.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Ok(()) => Ok(()),
+                Err(e) if is_missing(&e) => Ok(()),
                 Err(e) => Err(DataplaneError::Map {
                     name: map_names::VIP_ADDRS,
                     source: e,
@@ -884,6 +886,18 @@ impl MapManager {
             }
         }
         Ok(collected)
+    }
+}
+
+/// Deleting a key that is not there: aya reports it as KeyNotFound or as the
+/// syscall's ENOENT, depending on the path taken.
+fn is_missing(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => {
+            s.io_error.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32)
+        }
+        _ => false,
     }
 }
 

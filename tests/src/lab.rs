@@ -100,7 +100,8 @@ impl Lab {
 
     fn with_prefix(prefix: String, persistent: bool) -> Result<Lab> {
         let bridge = Netns::create_named(&format!("{prefix}-br"), persistent)?;
-        bridge.ip("link add br0 type bridge")?;
+        // No IGMP snooping: the cluster's multicast reaches every port at once.
+        bridge.ip("link add br0 type bridge mcast_snooping 0")?;
         bridge.ip("link set br0 up")?;
         Ok(Lab {
             procs: Vec::new(),
@@ -205,7 +206,9 @@ pub mod standard {
     pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
     pub const SERVICE_PORT: u16 = 8080;
     pub const CLIENT: u8 = 10;
-    pub const LBS: [(&str, u8); 2] = [("lb1", 2), ("lb2", 3)];
+    pub const LBS: [(&str, u8); 3] = [("lb1", 2), ("lb2", 3), ("lb3", 4)];
+    /// The cluster lab's second VIP (preferred by lb2; the first by lb1; lb3 is a spare).
+    pub const VIP2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 101);
     pub const BACKENDS: [(&str, u8); 3] = [("b1", 11), ("b2", 12), ("b3", 13)];
     /// Extra client source addresses: 198.18.0.21 to .40.
     pub fn client_sources() -> impl Iterator<Item = Ipv4Addr> {
@@ -257,7 +260,17 @@ impl Lab {
     }
 
     /// Builds the standard topology and starts the backends' servers.
-    pub fn standard(mut self, log_dir: &Path) -> Result<Lab> {
+    pub fn standard(self, log_dir: &Path) -> Result<Lab> {
+        self.build(log_dir, true)
+    }
+
+    /// The topology for a cluster: the VIPs are on no LB node until the cluster
+    /// assigns them; backends carry both VIPs.
+    pub fn cluster(self, log_dir: &Path) -> Result<Lab> {
+        self.build(log_dir, false)
+    }
+
+    fn build(mut self, log_dir: &Path, static_vip: bool) -> Result<Lab> {
         use standard::*;
         self.add_host("client", CLIENT)?;
         for (tag, octet) in LBS {
@@ -270,10 +283,15 @@ impl Lab {
         for a in client_sources() {
             client.add_addr(a)?;
         }
-        self.host("lb1").add_addr(VIP)?;
+        if static_vip {
+            self.host("lb1").add_addr(VIP)?;
+        }
         let server = Self::target_binary("lab-server")?;
         for (tag, _) in BACKENDS {
             self.host(tag).add_dsr_vip(VIP)?;
+            if !static_vip {
+                self.host(tag).add_dsr_vip(VIP2)?;
+            }
             let log = log_dir.join(format!("{}-lab-server-{tag}.log", self.prefix));
             let port = SERVICE_PORT.to_string();
             let proc = self.spawn(tag, &server, &[tag, &port], &log)?;
