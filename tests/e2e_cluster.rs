@@ -9,10 +9,16 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
+};
+
 use lb_tests::{
     lab::{standard, Lab, Proc},
     traffic,
 };
+use nix::sys::signal::Signal;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 const GROUP: &str = "239.255.18.1:7400";
@@ -273,4 +279,113 @@ fn each_vip_is_served_by_its_preferred_node_and_clients_reach_both() {
         assert_eq!(spread.values().sum::<usize>(), 30, "{vip}: {spread:?}");
         assert_eq!(spread.len(), 3, "{vip}: {spread:?}");
     }
+}
+
+fn client_mac_for(c: &Cluster, vip: Ipv4Addr) -> Option<String> {
+    let out = c.lab.host("client").ns.ip(&format!("neigh show {vip}")).ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut words = text.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "lladdr" {
+            return words.next().map(str::to_string);
+        }
+    }
+    None
+}
+
+fn mac_of(lb: &str) -> String {
+    let octet = standard::LBS.iter().find(|(t, _)| *t == lb).unwrap().1;
+    format!("02:1b:00:00:00:{octet:02x}")
+}
+
+#[test]
+fn a_dead_nodes_vip_moves_with_its_connections_and_comes_back_to_it() {
+    let mut c = Cluster::new("failover");
+    c.settle(Duration::from_secs(5));
+    let vip1 = vip_addr(standard::VIP);
+    let (mut conv, home) = c.client(move || {
+        let mut conv = traffic::Conversation::open(None, vip1, Duration::from_secs(5))?;
+        let home = conv.ask("hello")?;
+        Ok((conv, home))
+    });
+    assert_eq!(client_mac_for(&c, standard::VIP).as_deref(), Some(mac_of("lb1").as_str()));
+
+    // A request every 10 ms, each with a short timeout, logging when answers stop and
+    // resume.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let stream = c.lab.host("client").ns.spawn(move || {
+        let mut log = Vec::new();
+        let start = Instant::now();
+        while !flag.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(30) {
+            let ok = traffic::http_get(None, vip1, Duration::from_millis(300)).is_ok();
+            log.push((Instant::now(), ok));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(log)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    c.lbds.get("lb1").unwrap().signal(Signal::SIGKILL).unwrap();
+    c.lab.host("lb1").ns.ip("link set eth0 down").unwrap();
+    let killed = Instant::now();
+    c.lbds.remove("lb1");
+
+    let owners = c.settle(Duration::from_secs(10));
+    assert_eq!(owners[&standard::VIP.to_string()], ["lb3"], "the spare takes the orphan: {owners:?}");
+    // Wait for service to resume, bounded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && client_mac_for(&c, standard::VIP).as_deref() != Some(mac_of("lb3").as_str()) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let moved_after = killed.elapsed();
+    // The client's ARP entry moved to lb3 well before the kernel would have probed on
+    // its own (delay_first_probe_time is 5 s): the gratuitous ARP did it.
+    assert_eq!(client_mac_for(&c, standard::VIP).as_deref(), Some(mac_of("lb3").as_str()));
+    assert!(moved_after < Duration::from_secs(4), "ARP entry moved only after {moved_after:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let log = stream.join().expect("stream panicked").expect("stream");
+    let resumed = log.iter().find(|(t, ok)| *t > killed && *ok).map(|(t, _)| *t - killed);
+    let failures = log.iter().filter(|(t, ok)| *t > killed && !*ok).count();
+    eprintln!("failover: answers resumed {resumed:?} after the kill ({failures} failed requests); ARP moved within {moved_after:?}");
+    assert!(resumed.is_some(), "service did not resume");
+    assert!(log.last().unwrap().1, "the last request failed");
+
+    // The long-lived connection goes on, on the same backend, through lb3.
+    let conv_again = c.client(move || {
+        let name = conv.ask("after the failover")?;
+        anyhow::ensure!(name == home, "the connection moved from {home} to {name}");
+        Ok(conv)
+    });
+    drop(conv_again);
+
+    // lb1 comes back and gets its VIP back; from then on there is one owner.
+    c.lab.host("lb1").ns.ip("link set eth0 up").unwrap();
+    c.start("lb1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = c.settle(Duration::from_secs(10));
+        if o[&standard::VIP.to_string()] == ["lb1"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lb1 did not get its VIP back: {o:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..20 {
+        let o = c.owners();
+        assert_eq!(o.get(&standard::VIP.to_string()).map(Vec::len), Some(1), "{o:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let answer = c.client(move || {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match traffic::http_get(None, vip1, Duration::from_millis(500)) {
+                Ok(a) => return Ok(a),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    });
+    assert!(answer.starts_with('b'), "{answer}");
+    assert_eq!(client_mac_for(&c, standard::VIP).as_deref(), Some(mac_of("lb1").as_str()));
 }

@@ -246,10 +246,26 @@ pub async fn start(
         let mut tests = tokio::time::interval(Duration::from_secs(1));
         let mut buf = vec![0u8; wire::MAX_MESSAGE + 1];
         let mut event_counts: BTreeMap<String, u64> = BTreeMap::new();
+        let mut announcer: Option<Announcer> = None;
         loop {
             let input = tokio::select! {
                 _ = tick.tick() => Input::Tick,
-                _ = tests.tick() => Input::TestResult { ok: self_test(&daemon, &neighbors, &interface).await },
+                _ = tests.tick() => {
+                    // As the seed's transmit thread does: announce what we serve again,
+                    // so a cache that missed the takeover (or points at a node that
+                    // handed the VIP back) heals within a second.
+                    if announcer.is_none() {
+                        announcer = Announcer::open(&interface).map_err(|e| warn!("announcer: {e:#}")).ok();
+                    }
+                    if let Some(a) = announcer.as_mut() {
+                        for (vip, state) in node.serving() {
+                            if *state == crate::cluster::wire::AddrState::Online {
+                                let _ = a.announce(*vip);
+                            }
+                        }
+                    }
+                    Input::TestResult { ok: self_test(&daemon, &neighbors, &interface).await }
+                }
                 r = socket.recv_from(&mut buf) => match r {
                     Ok((n, from)) => match wire::decode(&buf[..n], &key) {
                         Ok(m) => {
