@@ -282,7 +282,12 @@ fn each_vip_is_served_by_its_preferred_node_and_clients_reach_both() {
 }
 
 fn client_mac_for(c: &Cluster, vip: Ipv4Addr) -> Option<String> {
-    let out = c.lab.host("client").ns.ip(&format!("neigh show {vip}")).ok()?;
+    let out = c
+        .lab
+        .host("client")
+        .ns
+        .ip(&format!("neigh show {vip}"))
+        .ok()?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let mut words = text.split_whitespace();
     while let Some(w) = words.next() {
@@ -308,7 +313,10 @@ fn a_dead_nodes_vip_moves_with_its_connections_and_comes_back_to_it() {
         let home = conv.ask("hello")?;
         Ok((conv, home))
     });
-    assert_eq!(client_mac_for(&c, standard::VIP).as_deref(), Some(mac_of("lb1").as_str()));
+    assert_eq!(
+        client_mac_for(&c, standard::VIP).as_deref(),
+        Some(mac_of("lb1").as_str())
+    );
 
     // A request every 10 ms, each with a short timeout, logging when answers stop and
     // resume.
@@ -331,21 +339,36 @@ fn a_dead_nodes_vip_moves_with_its_connections_and_comes_back_to_it() {
     c.lbds.remove("lb1");
 
     let owners = c.settle(Duration::from_secs(10));
-    assert_eq!(owners[&standard::VIP.to_string()], ["lb3"], "the spare takes the orphan: {owners:?}");
+    assert_eq!(
+        owners[&standard::VIP.to_string()],
+        ["lb3"],
+        "the spare takes the orphan: {owners:?}"
+    );
     // Wait for service to resume, bounded.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline && client_mac_for(&c, standard::VIP).as_deref() != Some(mac_of("lb3").as_str()) {
+    while Instant::now() < deadline
+        && client_mac_for(&c, standard::VIP).as_deref() != Some(mac_of("lb3").as_str())
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
     let moved_after = killed.elapsed();
     // The client's ARP entry moved to lb3 well before the kernel would have probed on
     // its own (delay_first_probe_time is 5 s): the gratuitous ARP did it.
-    assert_eq!(client_mac_for(&c, standard::VIP).as_deref(), Some(mac_of("lb3").as_str()));
-    assert!(moved_after < Duration::from_secs(4), "ARP entry moved only after {moved_after:?}");
+    assert_eq!(
+        client_mac_for(&c, standard::VIP).as_deref(),
+        Some(mac_of("lb3").as_str())
+    );
+    assert!(
+        moved_after < Duration::from_secs(4),
+        "ARP entry moved only after {moved_after:?}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     let log = stream.join().expect("stream panicked").expect("stream");
-    let resumed = log.iter().find(|(t, ok)| *t > killed && *ok).map(|(t, _)| *t - killed);
+    let resumed = log
+        .iter()
+        .find(|(t, ok)| *t > killed && *ok)
+        .map(|(t, _)| *t - killed);
     let failures = log.iter().filter(|(t, ok)| *t > killed && !*ok).count();
     eprintln!("failover: answers resumed {resumed:?} after the kill ({failures} failed requests); ARP moved within {moved_after:?}");
     assert!(resumed.is_some(), "service did not resume");
@@ -368,12 +391,19 @@ fn a_dead_nodes_vip_moves_with_its_connections_and_comes_back_to_it() {
         if o[&standard::VIP.to_string()] == ["lb1"] {
             break;
         }
-        assert!(Instant::now() < deadline, "lb1 did not get its VIP back: {o:?}");
+        assert!(
+            Instant::now() < deadline,
+            "lb1 did not get its VIP back: {o:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     for _ in 0..20 {
         let o = c.owners();
-        assert_eq!(o.get(&standard::VIP.to_string()).map(Vec::len), Some(1), "{o:?}");
+        assert_eq!(
+            o.get(&standard::VIP.to_string()).map(Vec::len),
+            Some(1),
+            "{o:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let answer = c.client(move || {
@@ -387,5 +417,144 @@ fn a_dead_nodes_vip_moves_with_its_connections_and_comes_back_to_it() {
         }
     });
     assert!(answer.starts_with('b'), "{answer}");
-    assert_eq!(client_mac_for(&c, standard::VIP).as_deref(), Some(mac_of("lb1").as_str()));
+    assert_eq!(
+        client_mac_for(&c, standard::VIP).as_deref(),
+        Some(mac_of("lb1").as_str())
+    );
+}
+
+fn nft(c: &Cluster, lb: &str, rules: &str) {
+    let path = c.dir.join(format!("nft-{lb}.rules"));
+    std::fs::write(&path, rules).unwrap();
+    c.lab
+        .host(lb)
+        .ns
+        .exec("nft", &["-f", &path.to_string_lossy()])
+        .expect("nft");
+}
+
+fn drop_control_from(sources: &str) -> String {
+    format!(
+        "table inet part {{\n  chain input {{\n    type filter hook input priority 0;\n    ip saddr {sources} udp dport 7400 drop\n  }}\n}}\n"
+    )
+}
+
+#[test]
+fn a_partition_gives_two_owners_and_healing_one_within_two_seconds() {
+    let c = Cluster::new("partition");
+    c.settle(Duration::from_secs(5));
+    // lb1 hears nobody and nobody hears lb1.
+    nft(&c, "lb1", &drop_control_from("{ 198.18.0.3, 198.18.0.4 }"));
+    for lb in ["lb2", "lb3"] {
+        nft(&c, lb, &drop_control_from("198.18.0.2"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = c.owners();
+        if o.get(&standard::VIP.to_string()).map(Vec::len) == Some(2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the partitioned side never took the VIP: {o:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for lb in ["lb1", "lb2", "lb3"] {
+        c.lab
+            .host(lb)
+            .ns
+            .exec("nft", &["delete", "table", "inet", "part"])
+            .expect("nft delete");
+    }
+    let healed = Instant::now();
+    let owners = c.settle(Duration::from_secs(2));
+    eprintln!(
+        "partition healed: one owner again after {:?}",
+        healed.elapsed()
+    );
+    assert_eq!(owners[&standard::VIP.to_string()], ["lb1"], "{owners:?}");
+}
+
+#[test]
+fn forged_and_replayed_control_messages_change_nothing_and_are_counted() {
+    use lb_userspace::cluster::wire::{encode, AddrState, HostInfo, Message};
+    let c = Cluster::new("forged");
+    let before = c.settle(Duration::from_secs(5));
+    let intruder = |id: &str, seq: u64| Message::Info {
+        seq,
+        host: HostInfo {
+            id: id.parse().unwrap(),
+            control_addresses: vec![id.parse().unwrap()],
+            ok: true,
+            quiesce: false,
+            load: 0,
+            capacity: 1,
+            // Claims both VIPs and the lowest id: it would lead and cause releases.
+            preferred: vec![standard::VIP.into(), standard::VIP2.into()],
+            serving: [
+                (standard::VIP.into(), AddrState::Online),
+                (standard::VIP2.into(), AddrState::Online),
+            ]
+            .into(),
+            addresses: vec![],
+        },
+        others: vec![],
+        service_addresses: vec![],
+    };
+    let forged = encode(
+        &intruder("198.18.0.1", u64::MAX / 2),
+        b"not the cluster key at all",
+    );
+    // Right key, but lb1's id with a sequence number long past: a replay.
+    let replayed = encode(&intruder("198.18.0.2", 1), KEY.as_bytes());
+    c.client(move || {
+        let sock = std::net::UdpSocket::bind("198.18.0.10:0")?;
+        for _ in 0..5 {
+            sock.send_to(&forged, GROUP)?;
+            sock.send_to(&replayed, GROUP)?;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    for lb in ["lb1", "lb2", "lb3"] {
+        let v = c.view(lb);
+        assert!(
+            v["rejected"]["bad_mac"].as_u64().unwrap() >= 5,
+            "{lb}: {}",
+            v["rejected"]
+        );
+        let hosts: Vec<String> = v["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["info"]["id"].to_string())
+            .collect();
+        assert!(
+            !hosts.iter().any(|h| h.contains("198.18.0.1\"")),
+            "{lb} accepted the forged host: {hosts:?}"
+        );
+        assert_eq!(v["leader"], "198.18.0.2");
+    }
+    for lb in ["lb2", "lb3"] {
+        let v = c.view(lb);
+        assert!(
+            v["rejected"]["replayed"].as_u64().unwrap() >= 5,
+            "{lb}: {}",
+            v["rejected"]
+        );
+    }
+    assert_eq!(c.owners(), before, "ownership changed");
+    let metrics = c
+        .lab
+        .host("lb2")
+        .ns
+        .exec("curl", &["-s", "http://127.0.0.1:9469/metrics"])
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains("lb_cluster_messages_rejected_total{reason=\"bad_mac\"}"),
+        "{metrics}"
+    );
 }
