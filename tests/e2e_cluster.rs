@@ -47,6 +47,10 @@ fn config(node: &str, lb: &str, dir: &Path, preferred: &[Ipv4Addr]) -> String {
         }
     }
     let preferred: Vec<String> = preferred.iter().map(|p| format!("\"{p}\"")).collect();
+    // Every node records its acquire/release script calls next to its log.
+    let script = dir.join(format!("script-{lb}.sh"));
+    std::fs::write(&script, format!("#!/bin/sh\necho \"$1 $2\" >> {}/script-{lb}.out\n", dir.display())).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     format!(
         r#"[node]
 name = "{node}-{lb}"
@@ -65,10 +69,12 @@ id = "{id}"
 group = "{GROUP}"
 key = "{KEY}"
 preferred = [{preferred}]
+script = "{script}"
 "#,
         dir = dir.display(),
         id = lb_ip(lb),
         preferred = preferred.join(", "),
+        script = script.display(),
     )
 }
 
@@ -557,4 +563,50 @@ fn forged_and_replayed_control_messages_change_nothing_and_are_counted() {
         metrics.contains("lb_cluster_messages_rejected_total{reason=\"bad_mac\"}"),
         "{metrics}"
     );
+}
+
+#[test]
+fn a_quiesced_spare_takes_nothing_and_events_stream_the_takeover() {
+    let mut c = Cluster::new("quiesce");
+    c.settle(Duration::from_secs(5));
+    let out = c.lbctl("lb3", &["node", "quiesce"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Follow lb2's events while lb1 dies: lb2 becomes leader and, with the spare
+    // quiesced, takes lb1's VIP itself.
+    let mut follow = std::process::Command::new(binary("lbctl"))
+        .arg("--socket")
+        .arg(c.socket("lb2"))
+        .args(["-o", "json", "events", "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    c.lbds.get("lb1").unwrap().signal(Signal::SIGKILL).unwrap();
+    c.lab.host("lb1").ns.ip("link set eth0 down").unwrap();
+    c.lbds.remove("lb1");
+    let owners = c.settle(Duration::from_secs(10));
+    assert_eq!(owners[&standard::VIP.to_string()], ["lb2"], "{owners:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    follow.kill().unwrap();
+    let out = follow.wait_with_output().unwrap();
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    for wanted in ["host_dead", "leader_change", "acquire"] {
+        assert!(kinds.contains(&wanted), "no {wanted} in {kinds:?}");
+    }
+    assert!(
+        events.iter().any(|e| e["event"] == "acquire" && e["address"] == standard::VIP.to_string()),
+        "no acquire of {} in {events:?}",
+        standard::VIP
+    );
+    // lb2's script ran for the acquire; lb3's never did.
+    let script = std::fs::read_to_string(c.dir.join("script-lb2.out")).unwrap_or_default();
+    assert!(script.contains(&format!("acquire {}", standard::VIP)), "{script}");
+    assert!(!c.dir.join("script-lb3.out").exists(), "the quiesced spare acquired something");
+    let v = c.view("lb3");
+    let me = v["hosts"].as_array().unwrap().iter().find(|h| h["me"] == true).unwrap();
+    assert_eq!(me["info"]["quiesce"], true);
 }
