@@ -3,264 +3,20 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
-    process::Output,
+    net::Ipv4Addr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Arc,
-};
-
 use lb_tests::{
-    lab::{standard, Lab, Proc},
+    cluster_lab::{binary, client_mac_for, mac_of, vip_addr, Cluster, GROUP, KEY, TIMEOUT},
+    lab::standard,
     traffic,
 };
 use nix::sys::signal::Signal;
-
-const TIMEOUT: Duration = Duration::from_secs(2);
-const GROUP: &str = "239.255.18.1:7400";
-const KEY: &str = "lab-cluster-key-0123456789";
-
-fn binary(name: &str) -> PathBuf {
-    Lab::target_binary(name).expect("workspace binaries are built by cargo test")
-}
-
-fn lb_ip(lb: &str) -> Ipv4Addr {
-    standard::backend_ip(standard::LBS.iter().find(|(t, _)| *t == lb).unwrap().1)
-}
-
-fn config(node: &str, lb: &str, dir: &Path, preferred: &[Ipv4Addr]) -> String {
-    let mut services = String::new();
-    for vip in [standard::VIP, standard::VIP2] {
-        services.push_str(&format!(
-            "\n[[service]]\nvip = \"{vip}\"\nport = {}\nprotocol = \"tcp\"\n",
-            standard::SERVICE_PORT
-        ));
-        for (_, o) in standard::BACKENDS {
-            services.push_str(&format!(
-                "\n[[service.backend]]\naddress = \"{}\"\n",
-                standard::backend_ip(o)
-            ));
-        }
-    }
-    let preferred: Vec<String> = preferred.iter().map(|p| format!("\"{p}\"")).collect();
-    // Every node records its acquire/release script calls next to its log.
-    let script = dir.join(format!("script-{lb}.sh"));
-    std::fs::write(&script, format!("#!/bin/sh\necho \"$1 $2\" >> {}/script-{lb}.out\n", dir.display())).unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    format!(
-        r#"[node]
-name = "{node}-{lb}"
-api_socket = "{dir}/{lb}.sock"
-metrics_listen = "127.0.0.1:9469"
-state_dir = "{dir}/state-{lb}"
-pin_dir = "/sys/fs/bpf/lb/{node}-{lb}"
-
-[dataplane]
-interfaces = [{{ name = "eth0", xdp_mode = "skb" }}]
-max_services = 8
-conn_table_size = 16384
-{services}
-[cluster]
-id = "{id}"
-group = "{GROUP}"
-key = "{KEY}"
-preferred = [{preferred}]
-script = "{script}"
-"#,
-        dir = dir.display(),
-        id = lb_ip(lb),
-        preferred = preferred.join(", "),
-        script = script.display(),
-    )
-}
-
-struct Cluster {
-    lbds: BTreeMap<&'static str, Proc>,
-    lab: Lab,
-    dir: PathBuf,
-    node: String,
-}
-
-impl Cluster {
-    fn new(test: &str) -> Cluster {
-        let lab = Lab::new()
-            .expect("lab")
-            .cluster(&std::env::temp_dir())
-            .expect("cluster topology");
-        let node = format!("t{}-{test}", std::process::id());
-        let dir = std::env::temp_dir().join(format!("lb-e2e-{node}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut c = Cluster {
-            lbds: BTreeMap::new(),
-            lab,
-            dir,
-            node,
-        };
-        for lb in ["lb1", "lb2", "lb3"] {
-            c.start(lb);
-        }
-        c
-    }
-
-    fn preferred(lb: &str) -> Vec<Ipv4Addr> {
-        match lb {
-            "lb1" => vec![standard::VIP],
-            "lb2" => vec![standard::VIP2],
-            _ => vec![],
-        }
-    }
-
-    fn socket(&self, lb: &str) -> PathBuf {
-        self.dir.join(format!("{lb}.sock"))
-    }
-
-    fn start(&mut self, lb: &'static str) {
-        let path = self.dir.join(format!("{lb}.toml"));
-        std::fs::write(
-            &path,
-            config(&self.node, lb, &self.dir, &Self::preferred(lb)),
-        )
-        .unwrap();
-        let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
-        let log = self.dir.join(format!("{lb}-{n}.log"));
-        let proc = self
-            .lab
-            .spawn(
-                lb,
-                &binary("lbd"),
-                &["--config", &path.to_string_lossy()],
-                &log,
-            )
-            .expect("starting lbd");
-        self.lbds.insert(lb, proc);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if self.lbctl(lb, &["status"]).status.success() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "lbd on {lb} did not answer: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
-
-    fn lbctl(&self, lb: &str, args: &[&str]) -> Output {
-        std::process::Command::new(binary("lbctl"))
-            .arg("--socket")
-            .arg(self.socket(lb))
-            .args(args)
-            .output()
-            .expect("running lbctl")
-    }
-
-    fn view(&self, lb: &str) -> serde_json::Value {
-        let out = self.lbctl(lb, &["-o", "json", "cluster"]);
-        assert!(
-            out.status.success(),
-            "lbctl cluster on {lb}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    /// Who serves each VIP, as each node reports itself ("me" rows), online only.
-    fn owners(&self) -> BTreeMap<String, Vec<String>> {
-        let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for lb in self.lbds.keys() {
-            let v = self.view(lb);
-            for h in v["hosts"].as_array().unwrap() {
-                if h["me"] == true {
-                    for (vip, state) in h["info"]["serving"].as_object().unwrap() {
-                        if state == "online" {
-                            owners.entry(vip.clone()).or_default().push(lb.to_string());
-                        }
-                    }
-                }
-            }
-        }
-        owners
-    }
-
-    /// The leader every running node follows, if they agree and each hears all of
-    /// the running nodes.
-    fn agreed_leader(&self) -> Option<String> {
-        let mut leaders = Vec::new();
-        for lb in self.lbds.keys() {
-            let v = self.view(lb);
-            if v["hosts"].as_array().unwrap().len() != self.lbds.len() {
-                return None;
-            }
-            leaders.push(v["leader"].as_str()?.to_string());
-        }
-        leaders.dedup();
-        (leaders.len() == 1).then(|| leaders.remove(0))
-    }
-
-    /// Waits until the running nodes agree on a leader and each VIP has exactly one
-    /// owner; returns the owners.
-    fn settle(&self, within: Duration) -> BTreeMap<String, Vec<String>> {
-        let deadline = Instant::now() + within;
-        loop {
-            let o = self.owners();
-            if o.len() == 2 && o.values().all(|v| v.len() == 1) && self.agreed_leader().is_some() {
-                return o;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no equilibrium within {within:?}: {o:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn client<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-    ) -> T {
-        self.lab
-            .host("client")
-            .ns
-            .spawn(f)
-            .join()
-            .expect("client panicked")
-            .expect("client traffic")
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.lbds.clear();
-        if std::thread::panicking() {
-            // The daemons' own account of what happened, before it is deleted.
-            for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
-                let p = e.path();
-                if p.extension().is_some_and(|x| x == "log") {
-                    let text = std::fs::read_to_string(&p).unwrap_or_default();
-                    let tail: Vec<&str> = text.lines().rev().take(40).collect();
-                    eprintln!("--- {} (last 40 lines)", p.display());
-                    for l in tail.iter().rev() {
-                        eprintln!("{l}");
-                    }
-                }
-            }
-        }
-        for lb in ["lb1", "lb2", "lb3"] {
-            let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/lb/{}-{lb}", self.node));
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn vip_addr(v: Ipv4Addr) -> SocketAddr {
-    SocketAddr::from((v, standard::SERVICE_PORT))
-}
 
 #[test]
 fn each_vip_is_served_by_its_preferred_node_and_clients_reach_both() {
@@ -285,28 +41,6 @@ fn each_vip_is_served_by_its_preferred_node_and_clients_reach_both() {
         assert_eq!(spread.values().sum::<usize>(), 30, "{vip}: {spread:?}");
         assert_eq!(spread.len(), 3, "{vip}: {spread:?}");
     }
-}
-
-fn client_mac_for(c: &Cluster, vip: Ipv4Addr) -> Option<String> {
-    let out = c
-        .lab
-        .host("client")
-        .ns
-        .ip(&format!("neigh show {vip}"))
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let mut words = text.split_whitespace();
-    while let Some(w) = words.next() {
-        if w == "lladdr" {
-            return words.next().map(str::to_string);
-        }
-    }
-    None
-}
-
-fn mac_of(lb: &str) -> String {
-    let octet = standard::LBS.iter().find(|(t, _)| *t == lb).unwrap().1;
-    format!("02:1b:00:00:00:{octet:02x}")
 }
 
 #[test]
@@ -570,7 +304,11 @@ fn a_quiesced_spare_takes_nothing_and_events_stream_the_takeover() {
     let mut c = Cluster::new("quiesce");
     c.settle(Duration::from_secs(5));
     let out = c.lbctl("lb3", &["node", "quiesce"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Follow lb2's events while lb1 dies: lb2 becomes leader and, with the spare
     // quiesced, takes lb1's VIP itself.
     let mut follow = std::process::Command::new(binary("lbctl"))
@@ -598,15 +336,28 @@ fn a_quiesced_spare_takes_nothing_and_events_stream_the_takeover() {
         assert!(kinds.contains(&wanted), "no {wanted} in {kinds:?}");
     }
     assert!(
-        events.iter().any(|e| e["event"] == "acquire" && e["address"] == standard::VIP.to_string()),
+        events
+            .iter()
+            .any(|e| e["event"] == "acquire" && e["address"] == standard::VIP.to_string()),
         "no acquire of {} in {events:?}",
         standard::VIP
     );
     // lb2's script ran for the acquire; lb3's never did.
     let script = std::fs::read_to_string(c.dir.join("script-lb2.out")).unwrap_or_default();
-    assert!(script.contains(&format!("acquire {}", standard::VIP)), "{script}");
-    assert!(!c.dir.join("script-lb3.out").exists(), "the quiesced spare acquired something");
+    assert!(
+        script.contains(&format!("acquire {}", standard::VIP)),
+        "{script}"
+    );
+    assert!(
+        !c.dir.join("script-lb3.out").exists(),
+        "the quiesced spare acquired something"
+    );
     let v = c.view("lb3");
-    let me = v["hosts"].as_array().unwrap().iter().find(|h| h["me"] == true).unwrap();
+    let me = v["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["me"] == true)
+        .unwrap();
     assert_eq!(me["info"]["quiesce"], true);
 }

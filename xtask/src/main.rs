@@ -149,7 +149,23 @@ fn main() -> Result<()> {
             setup()?;
             let mut cmd = cargo();
             cmd.args(["bench", "--package", "lb-userspace", "--bench", "dataplane"]);
-            status(cmd, "cargo bench")
+            status(cmd, "cargo bench (data plane)")?;
+            // The failover bench drives lbd and the lab server: build them first, in
+            // the profile the bench runs in.
+            let mut cmd = cargo();
+            cmd.args([
+                "build",
+                "--release",
+                "--package",
+                "lb-userspace",
+                "--package",
+                "lb-tests",
+                "--bins",
+            ]);
+            status(cmd, "cargo build --release")?;
+            let mut cmd = cargo();
+            cmd.args(["bench", "--package", "lb-tests", "--bench", "failover"]);
+            status(cmd, "cargo bench (failover)")
         }
     }
 }

@@ -1,0 +1,297 @@
+//! Three LB nodes running lbd as a cluster in the lab, for the cluster's end-to-end
+//! tests and the failover benchmark: configs, start/kill, views through lbctl.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Output,
+    time::{Duration, Instant},
+};
+
+use crate::lab::{standard, Lab, Proc};
+
+pub const TIMEOUT: Duration = Duration::from_secs(2);
+pub const GROUP: &str = "239.255.18.1:7400";
+pub const KEY: &str = "lab-cluster-key-0123456789";
+
+pub fn binary(name: &str) -> PathBuf {
+    Lab::target_binary(name).expect("workspace binaries are built by cargo test")
+}
+
+pub fn lb_ip(lb: &str) -> Ipv4Addr {
+    standard::backend_ip(standard::LBS.iter().find(|(t, _)| *t == lb).unwrap().1)
+}
+
+fn config(node: &str, lb: &str, dir: &Path, preferred: &[Ipv4Addr], interval_ms: u64) -> String {
+    let mut services = String::new();
+    for vip in [standard::VIP, standard::VIP2] {
+        services.push_str(&format!(
+            "\n[[service]]\nvip = \"{vip}\"\nport = {}\nprotocol = \"tcp\"\n",
+            standard::SERVICE_PORT
+        ));
+        for (_, o) in standard::BACKENDS {
+            services.push_str(&format!(
+                "\n[[service.backend]]\naddress = \"{}\"\n",
+                standard::backend_ip(o)
+            ));
+        }
+    }
+    let preferred: Vec<String> = preferred.iter().map(|p| format!("\"{p}\"")).collect();
+    // Every node records its acquire/release script calls next to its log.
+    let script = dir.join(format!("script-{lb}.sh"));
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$1 $2\" >> {}/script-{lb}.out\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    format!(
+        r#"[node]
+name = "{node}-{lb}"
+api_socket = "{dir}/{lb}.sock"
+metrics_listen = "127.0.0.1:9469"
+state_dir = "{dir}/state-{lb}"
+pin_dir = "/sys/fs/bpf/lb/{node}-{lb}"
+
+[dataplane]
+interfaces = [{{ name = "eth0", xdp_mode = "skb" }}]
+max_services = 8
+conn_table_size = 16384
+{services}
+[cluster]
+id = "{id}"
+group = "{GROUP}"
+key = "{KEY}"
+interval_ms = {interval_ms}
+preferred = [{preferred}]
+script = "{script}"
+"#,
+        dir = dir.display(),
+        id = lb_ip(lb),
+        preferred = preferred.join(", "),
+        script = script.display(),
+    )
+}
+
+pub struct Cluster {
+    pub lbds: BTreeMap<&'static str, Proc>,
+    pub lab: Lab,
+    pub dir: PathBuf,
+    node: String,
+    interval_ms: u64,
+}
+
+impl Cluster {
+    pub fn new(test: &str) -> Cluster {
+        Self::with_interval(test, 100)
+    }
+
+    /// A cluster whose nodes send info every `interval_ms` (timeout: three of them).
+    pub fn with_interval(test: &str, interval_ms: u64) -> Cluster {
+        let lab = Lab::new()
+            .expect("lab")
+            .cluster(&std::env::temp_dir())
+            .expect("cluster topology");
+        let node = format!("t{}-{test}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("lb-e2e-{node}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = Cluster {
+            lbds: BTreeMap::new(),
+            lab,
+            dir,
+            node,
+            interval_ms,
+        };
+        for lb in ["lb1", "lb2", "lb3"] {
+            c.start(lb);
+        }
+        c
+    }
+
+    pub fn preferred(lb: &str) -> Vec<Ipv4Addr> {
+        match lb {
+            "lb1" => vec![standard::VIP],
+            "lb2" => vec![standard::VIP2],
+            _ => vec![],
+        }
+    }
+
+    pub fn socket(&self, lb: &str) -> PathBuf {
+        self.dir.join(format!("{lb}.sock"))
+    }
+
+    pub fn start(&mut self, lb: &'static str) {
+        let path = self.dir.join(format!("{lb}.toml"));
+        std::fs::write(
+            &path,
+            config(
+                &self.node,
+                lb,
+                &self.dir,
+                &Self::preferred(lb),
+                self.interval_ms,
+            ),
+        )
+        .unwrap();
+        let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
+        let log = self.dir.join(format!("{lb}-{n}.log"));
+        let proc = self
+            .lab
+            .spawn(
+                lb,
+                &binary("lbd"),
+                &["--config", &path.to_string_lossy()],
+                &log,
+            )
+            .expect("starting lbd");
+        self.lbds.insert(lb, proc);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.lbctl(lb, &["status"]).status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "lbd on {lb} did not answer: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    pub fn lbctl(&self, lb: &str, args: &[&str]) -> Output {
+        std::process::Command::new(binary("lbctl"))
+            .arg("--socket")
+            .arg(self.socket(lb))
+            .args(args)
+            .output()
+            .expect("running lbctl")
+    }
+
+    pub fn view(&self, lb: &str) -> serde_json::Value {
+        let out = self.lbctl(lb, &["-o", "json", "cluster"]);
+        assert!(
+            out.status.success(),
+            "lbctl cluster on {lb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Who serves each VIP, as each node reports itself ("me" rows), online only.
+    pub fn owners(&self) -> BTreeMap<String, Vec<String>> {
+        let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for lb in self.lbds.keys() {
+            let v = self.view(lb);
+            for h in v["hosts"].as_array().unwrap() {
+                if h["me"] == true {
+                    for (vip, state) in h["info"]["serving"].as_object().unwrap() {
+                        if state == "online" {
+                            owners.entry(vip.clone()).or_default().push(lb.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        owners
+    }
+
+    /// The leader every running node follows, if they agree and each hears all of
+    /// the running nodes.
+    pub fn agreed_leader(&self) -> Option<String> {
+        let mut leaders = Vec::new();
+        for lb in self.lbds.keys() {
+            let v = self.view(lb);
+            if v["hosts"].as_array().unwrap().len() != self.lbds.len() {
+                return None;
+            }
+            leaders.push(v["leader"].as_str()?.to_string());
+        }
+        leaders.dedup();
+        (leaders.len() == 1).then(|| leaders.remove(0))
+    }
+
+    /// Waits until the running nodes agree on a leader and each VIP has exactly one
+    /// owner; returns the owners.
+    pub fn settle(&self, within: Duration) -> BTreeMap<String, Vec<String>> {
+        let deadline = Instant::now() + within;
+        loop {
+            let o = self.owners();
+            if o.len() == 2 && o.values().all(|v| v.len() == 1) && self.agreed_leader().is_some() {
+                return o;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no equilibrium within {within:?}: {o:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn client<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> T {
+        self.lab
+            .host("client")
+            .ns
+            .spawn(f)
+            .join()
+            .expect("client panicked")
+            .expect("client traffic")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.lbds.clear();
+        if std::thread::panicking() {
+            // The daemons' own account of what happened, before it is deleted.
+            for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                    eprintln!("--- {} (last 40 lines)", p.display());
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+        for lb in ["lb1", "lb2", "lb3"] {
+            let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/lb/{}-{lb}", self.node));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn vip_addr(v: Ipv4Addr) -> SocketAddr {
+    SocketAddr::from((v, standard::SERVICE_PORT))
+}
+
+pub fn client_mac_for(c: &Cluster, vip: Ipv4Addr) -> Option<String> {
+    let out = c
+        .lab
+        .host("client")
+        .ns
+        .ip(&format!("neigh show {vip}"))
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut words = text.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "lladdr" {
+            return words.next().map(str::to_string);
+        }
+    }
+    None
+}
+
+pub fn mac_of(lb: &str) -> String {
+    let octet = standard::LBS.iter().find(|(t, _)| *t == lb).unwrap().1;
+    format!("02:1b:00:00:00:{octet:02x}")
+}
