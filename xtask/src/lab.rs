@@ -1,7 +1,9 @@
-//! `cargo xtask lab up|down|status` and `cargo xtask demo`.
+//! `cargo xtask lab up|down|status` and `cargo xtask demo`: three LB nodes running lbd
+//! as a cluster in namespaces, two VIPs, three backends, a client.
 
 use std::{
-    net::SocketAddr,
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -19,6 +21,7 @@ use nix::sys::signal::{SigSet, Signal};
 use crate::target_dir;
 
 const LB_PIN_ROOT: &str = "/sys/fs/bpf/lb";
+const GROUP: &str = "239.255.18.1:7400";
 
 fn lbd_config(lb: &str, octet: u8) -> String {
     let backends: String = standard::BACKENDS
@@ -30,6 +33,20 @@ fn lbd_config(lb: &str, octet: u8) -> String {
             )
         })
         .collect();
+    let mut services = String::new();
+    for vip in [standard::VIP, standard::VIP2] {
+        for proto in ["tcp", "udp"] {
+            services.push_str(&format!(
+                "\n[[service]]\nvip = \"{vip}\"\nport = {}\nprotocol = \"{proto}\"\n{backends}",
+                standard::SERVICE_PORT
+            ));
+        }
+    }
+    let preferred = match lb {
+        "lb1" => format!("\"{}\"", standard::VIP),
+        "lb2" => format!("\"{}\"", standard::VIP2),
+        _ => String::new(),
+    };
     format!(
         r#"# lbd on the lab's {lb} ({ip}). Written by `cargo xtask lab up`.
 [node]
@@ -48,19 +65,14 @@ interfaces = [{{ name = "eth0", xdp_mode = "skb" }}]
 max_services = 16
 conn_table_size = 65536
 
-[[service]]
-vip = "{vip}"
-port = {port}
-protocol = "tcp"
-{backends}
-[[service]]
-vip = "{vip}"
-port = {port}
-protocol = "udp"
-{backends}"#,
+[cluster]
+id = "{ip}"
+group = "{GROUP}"
+key = "lab-cluster-key-0123456789"
+# lb1 prefers the first VIP, lb2 the second; lb3 prefers none: a hot spare.
+preferred = [{preferred}]
+{services}"#,
         ip = standard::backend_ip(octet),
-        vip = standard::VIP,
-        port = standard::SERVICE_PORT,
     )
 }
 
@@ -68,10 +80,14 @@ pub fn config_path(lb: &str) -> PathBuf {
     Path::new(RUN_DIR).join(format!("lbd-{lb}.toml"))
 }
 
+fn socket(lb: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{lb}.sock"))
+}
+
 /// Builds the lab and leaves it running; returns it (its namespaces stay on drop).
 pub fn up() -> Result<Lab> {
     down()?;
-    let lab = Lab::persistent()?.standard(Path::new(RUN_DIR))?;
+    let lab = Lab::persistent()?.cluster(Path::new(RUN_DIR))?;
     for (lb, octet) in standard::LBS {
         std::fs::write(config_path(lb), lbd_config(lb, octet))?;
     }
@@ -80,16 +96,16 @@ pub fn up() -> Result<Lab> {
         lab::persistent_namespaces().join(", ")
     );
     println!(
-        "  client 198.18.0.{} (+ sources .21-.40), lb1 .2 (owns VIP {}), lb2 .3, backends b1-b3 .11-.13 serving TCP/UDP {}",
+        "  client 198.18.0.{} (+ sources .21-.40); LB nodes lb1 .2, lb2 .3, lb3 .4; backends b1-b3 .11-.13 serving TCP/UDP {}",
         standard::CLIENT,
-        standard::VIP,
         standard::SERVICE_PORT
     );
     println!(
-        "  lbd configs: {}, {}",
-        config_path("lb1").display(),
-        config_path("lb2").display()
+        "  VIPs {} (lb1 prefers it) and {} (lb2 prefers it); lb3 is a hot spare",
+        standard::VIP,
+        standard::VIP2
     );
+    println!("  lbd configs: {RUN_DIR}/lbd-lb{{1,2,3}}.toml");
     println!(
         "  start lbd:   nsenter --net=/run/netns/lblab-lb1 {}/lbd --config {}",
         target_dir().display(),
@@ -103,9 +119,15 @@ pub fn down() -> Result<()> {
     for (lb, _) in standard::LBS {
         let _ = std::fs::remove_dir_all(Path::new(LB_PIN_ROOT).join(format!("lab-{lb}")));
         let _ = std::fs::remove_dir_all(Path::new(RUN_DIR).join(format!("state-{lb}")));
-        let _ = std::fs::remove_file(Path::new(RUN_DIR).join(format!("{lb}.sock")));
+        let _ = std::fs::remove_file(socket(lb));
     }
     Ok(())
+}
+
+fn lbctl(lb: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(target_dir().join("lbctl"));
+    cmd.arg("--socket").arg(socket(lb)).args(args);
+    cmd
 }
 
 pub fn status() -> Result<()> {
@@ -116,25 +138,25 @@ pub fn status() -> Result<()> {
     }
     println!("namespaces: {}", names.join(", "));
     for (lb, _) in standard::LBS {
-        let socket = Path::new(RUN_DIR).join(format!("{lb}.sock"));
-        if socket.exists() {
+        if socket(lb).exists() {
             println!("--- lbd on {lb}");
-            let _ = Command::new(target_dir().join("lbctl"))
-                .args(["--socket", &socket.to_string_lossy(), "status"])
-                .status();
+            let _ = lbctl(lb, &["status"]).status();
         } else {
             println!("--- no lbd on {lb}");
         }
+    }
+    if let Some((lb, _)) = standard::LBS.iter().find(|(lb, _)| socket(lb).exists()) {
+        println!("--- the cluster, as {lb} sees it");
+        let _ = lbctl(lb, &["cluster"]).status();
     }
     Ok(())
 }
 
 /// Waits until lbd answers on its socket (it binds the socket before it is ready).
-fn wait_ready(path: &Path, timeout: Duration) -> Result<()> {
+fn wait_ready(lb: &str, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        let ok = Command::new(target_dir().join("lbctl"))
-            .args(["--socket", &path.to_string_lossy(), "status"])
+        let ok = lbctl(lb, &["status"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -145,9 +167,69 @@ fn wait_ready(path: &Path, timeout: Duration) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     bail!(
-        "lbd did not answer on {} within {timeout:?}",
-        path.display()
+        "lbd on {lb} did not answer on {} within {timeout:?}",
+        socket(lb).display()
     )
+}
+
+/// Waits until each VIP is online on exactly one node; returns who serves what.
+fn wait_assigned(timeout: Duration) -> Result<BTreeMap<String, String>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (lb, _) in standard::LBS {
+            let out = lbctl(lb, &["-o", "json", "cluster"]).output()?;
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+                continue;
+            };
+            for h in v["hosts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|h| h["me"] == true)
+            {
+                for (vip, state) in h["info"]["serving"].as_object().into_iter().flatten() {
+                    if state == "online" {
+                        owners.entry(vip.clone()).or_default().push(lb.to_string());
+                    }
+                }
+            }
+        }
+        if owners.len() == 2 && owners.values().all(|o| o.len() == 1) {
+            return Ok(owners
+                .into_iter()
+                .map(|(k, mut v)| (k, v.remove(0)))
+                .collect());
+        }
+        if Instant::now() > deadline {
+            bail!("the cluster did not assign both VIPs within {timeout:?}: {owners:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn start_lbd(lb: &str) -> Result<()> {
+    let ns = Netns::open(&format!("lblab-{lb}"), true)?;
+    let log = Path::new(RUN_DIR).join(format!("lbd-{lb}.log"));
+    let log_file = std::fs::File::create(&log)?;
+    let child = ns
+        .command(&target_dir().join("lbd").to_string_lossy())
+        .args([
+            "--config",
+            &config_path(lb).to_string_lossy(),
+            "--detach-on-exit",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting lbd on {lb}"))?;
+    std::fs::write(
+        Path::new(RUN_DIR).join(format!("lbd-{lb}.pid")),
+        child.id().to_string(),
+    )?;
+    wait_ready(lb, Duration::from_secs(20)).with_context(|| format!("see {}", log.display()))
 }
 
 pub fn demo(wait: bool) -> Result<()> {
@@ -159,61 +241,66 @@ pub fn demo(wait: bool) -> Result<()> {
     signals.thread_block()?;
 
     let _lab = up()?;
-    let lb1 = Netns::open("lblab-lb1", true)?;
-    let log = Path::new(RUN_DIR).join("lbd-lb1.log");
-    let socket = Path::new(RUN_DIR).join("lb1.sock");
-    let log_file = std::fs::File::create(&log)?;
-    let child = lb1
-        .command(&target_dir().join("lbd").to_string_lossy())
-        .args([
-            "--config",
-            &config_path("lb1").to_string_lossy(),
-            "--detach-on-exit",
-        ])
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file)
-        .process_group(0)
-        .spawn()
-        .context("starting lbd")?;
-    std::fs::write(
-        Path::new(RUN_DIR).join("lbd-lb1.pid"),
-        child.id().to_string(),
-    )?;
     let result = (|| -> Result<()> {
-        wait_ready(&socket, Duration::from_secs(20))
-            .with_context(|| format!("see {}", log.display()))?;
-        println!("lbd runs on lb1 (log: {})", log.display());
+        for (lb, _) in standard::LBS {
+            start_lbd(lb)?;
+        }
+        let owners = wait_assigned(Duration::from_secs(10))?;
+        println!(
+            "\nlbd runs on lb1, lb2, lb3 (logs: {RUN_DIR}/lbd-lb*.log); the cluster assigned:"
+        );
+        for (vip, lb) in &owners {
+            println!("  {vip} -> {lb}");
+        }
         let client = Netns::open("lblab-client", true)?;
-        let sources: Vec<_> = standard::client_sources().collect();
-        let vip = SocketAddr::from((standard::VIP, standard::SERVICE_PORT));
+        let sources: Vec<Ipv4Addr> = standard::client_sources().collect();
         let report = client
             .spawn(move || {
-                let tcp = traffic::http_spread(&sources, vip, 300, Duration::from_secs(3))?;
-                let udp = traffic::udp_spread(&sources, vip, 90, Duration::from_secs(3))?;
-                Ok((tcp, udp))
+                let mut out = Vec::new();
+                for vip in [standard::VIP, standard::VIP2] {
+                    let addr = SocketAddr::from((vip, standard::SERVICE_PORT));
+                    let tcp = traffic::http_spread(&sources, addr, 150, Duration::from_secs(3))?;
+                    let udp = traffic::udp_spread(&sources, addr, 45, Duration::from_secs(3))?;
+                    out.push((vip, tcp, udp));
+                }
+                Ok(out)
             })
             .join()
             .map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
         println!(
-            "\n{:<10} {:>14} {:>14}",
-            "backend", "HTTP (of 300)", "UDP (of 90)"
+            "\n{:<14} {:<8} {:>14} {:>12}",
+            "VIP", "backend", "HTTP (of 150)", "UDP (of 45)"
         );
-        for (name, n) in &report.0 {
-            println!(
-                "{:<10} {:>14} {:>14}",
-                name,
-                n,
-                report.1.get(name).copied().unwrap_or(0)
-            );
+        for (vip, tcp, udp) in &report {
+            for (name, n) in tcp {
+                println!(
+                    "{:<14} {:<8} {:>14} {:>12}",
+                    vip.to_string(),
+                    name,
+                    n,
+                    udp.get(name).copied().unwrap_or(0)
+                );
+            }
         }
-        let lbctl = target_dir().join("lbctl");
+        println!();
+        let _ = lbctl("lb3", &["cluster"]).status();
+        let lbctl_path = target_dir().join("lbctl");
         println!("\nLook around:");
-        println!("  {} --socket {} status", lbctl.display(), socket.display());
         println!(
-            "  {} --socket {} stats --watch",
-            lbctl.display(),
-            socket.display()
+            "  {} --socket {RUN_DIR}/lb1.sock status",
+            lbctl_path.display()
+        );
+        println!(
+            "  {} --socket {RUN_DIR}/lb3.sock cluster",
+            lbctl_path.display()
+        );
+        println!(
+            "  {} --socket {RUN_DIR}/lb2.sock events --follow",
+            lbctl_path.display()
+        );
+        println!(
+            "  {} --socket {RUN_DIR}/lb1.sock stats --watch",
+            lbctl_path.display()
         );
         println!("  nsenter --net=/run/netns/lblab-lb1 curl -s http://127.0.0.1:9469/metrics");
         println!(
@@ -221,6 +308,8 @@ pub fn demo(wait: bool) -> Result<()> {
             standard::VIP,
             standard::SERVICE_PORT
         );
+        println!("Fail a node and watch the spare take over:");
+        println!("  kill -9 $(cat {RUN_DIR}/lbd-lb1.pid); ip -n lblab-lb1 link set eth0 down");
         Ok(())
     })();
     if result.is_ok() && wait {
