@@ -299,7 +299,21 @@ impl Node {
             return;
         }
         match m {
-            Message::Info { host, .. } => {
+            Message::Info {
+                host,
+                service_addresses,
+                ..
+            } => {
+                // Every node keeps the service-address table, so that whoever leads
+                // next knows which addresses were alive and since when.
+                for a in host.addresses.iter().chain(&host.preferred) {
+                    self.address_seen.insert(*a, now);
+                }
+                for (a, age_ms) in service_addresses {
+                    let seen = now.checked_sub(Duration::from_millis(age_ms)).unwrap_or(now);
+                    let e = self.address_seen.entry(a).or_insert(seen);
+                    *e = (*e).max(seen);
+                }
                 if !self.hosts.contains_key(&host.id) {
                     out.push(Output::Event(Event::HostJoined { host: host.id }));
                 }
@@ -382,6 +396,9 @@ impl Node {
             out.push(Output::Event(Event::HostDead { host }));
         }
         self.elect(out);
+        for a in self.config.addresses.iter().chain(&self.config.preferred) {
+            self.address_seen.insert(*a, now);
+        }
         if self
             .last_info
             .is_none_or(|t| now.saturating_duration_since(t) >= self.config.timing.interval)
@@ -399,11 +416,6 @@ impl Node {
         let me = self.my_info();
         let mut hosts: Vec<&HostInfo> = self.hosts.values().map(|h| &h.info).collect();
         hosts.push(&me);
-        for h in &hosts {
-            for a in h.addresses.iter().chain(&h.preferred) {
-                self.address_seen.insert(*a, now);
-            }
-        }
         let expiry = self.config.timing.orphan_expiry;
         let addresses: BTreeSet<IpAddr> = self
             .address_seen

@@ -359,3 +359,22 @@ proptest! {
         prop_assert!(sim.check_equilibrium().is_ok(), "{:?} after {:?}", sim.check_equilibrium(), ops);
     }
 }
+
+#[test]
+fn an_orphan_whose_preferred_node_stays_away_expires() {
+    // Only node 0 knows vip 0 (it prefers it; the others are not configured with it).
+    let mut sim = Sim::new(&[vec![0], vec![], vec![]], 0, 5);
+    for (i, c) in sim.configs.iter_mut().enumerate() {
+        c.timing.orphan_expiry = Some(Duration::from_secs(2));
+        c.addresses = if i == 0 { vec![vip(0)] } else { vec![] };
+    }
+    sim.nodes = sim.configs.iter().map(|c| Some(Node::new(c.clone(), 1))).collect();
+    sim.run(Duration::from_secs(1));
+    assert!(sim.nodes[0].as_ref().unwrap().serving().contains_key(&vip(0)));
+    sim.apply(&Op::Kill(0));
+    sim.run(Duration::from_secs(1));
+    let served = |sim: &Sim| sim.nodes.iter().flatten().any(|n| n.serving().contains_key(&vip(0)));
+    assert!(served(&sim), "the orphan is served by a spare meanwhile");
+    sim.run(Duration::from_secs(3));
+    assert!(!served(&sim), "the orphan did not expire");
+}
