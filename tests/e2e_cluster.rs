@@ -361,3 +361,64 @@ fn a_quiesced_spare_takes_nothing_and_events_stream_the_takeover() {
         .unwrap();
     assert_eq!(me["info"]["quiesce"], true);
 }
+
+#[test]
+fn a_cluster_without_multicast_forms_from_its_peer_list() {
+    let c = Cluster::unicast("unicast");
+    let owners = c.settle(Duration::from_secs(5));
+    assert_eq!(owners[&standard::VIP.to_string()], ["lb1"], "{owners:?}");
+    assert_eq!(owners[&standard::VIP2.to_string()], ["lb2"], "{owners:?}");
+    assert_eq!(c.agreed_leader().as_deref(), Some("198.18.0.2"));
+    let answer = c.client(|| traffic::http_get(None, vip_addr(standard::VIP2), TIMEOUT));
+    assert!(answer.starts_with('b'), "{answer}");
+}
+
+#[test]
+fn a_node_whose_backends_are_unreachable_gives_its_vip_up() {
+    let c = Cluster::new("selftest");
+    c.settle(Duration::from_secs(5));
+    // lb1's services now point at an address nobody has: its own tests fail.
+    let svc = format!("tcp/{}:{}", standard::VIP, standard::SERVICE_PORT);
+    let svc2 = format!("tcp/{}:{}", standard::VIP2, standard::SERVICE_PORT);
+    for s in [&svc, &svc2] {
+        let out = c.lbctl("lb1", &["backend", "add", s, "198.18.0.50"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for (_, o) in standard::BACKENDS {
+            let out = c.lbctl(
+                "lb1",
+                &["backend", "remove", s, &standard::backend_ip(o).to_string()],
+            );
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = c.owners();
+        if o.get(&standard::VIP.to_string()).map(|v| v.as_slice()) == Some(&["lb3".to_string()][..])
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lb1 kept its VIP: {o:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v = c.view("lb2");
+    let lb1 = v["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["info"]["id"] == "198.18.0.2")
+        .unwrap();
+    assert_eq!(lb1["info"]["ok"], false, "{lb1}");
+    let out = c.lbctl("lb1", &["-o", "json", "events"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("test_failed"));
+    let answer = c.client(|| traffic::http_get(None, vip_addr(standard::VIP), TIMEOUT));
+    assert!(answer.starts_with('b'), "{answer}");
+}

@@ -23,7 +23,25 @@ pub fn lb_ip(lb: &str) -> Ipv4Addr {
     standard::backend_ip(standard::LBS.iter().find(|(t, _)| *t == lb).unwrap().1)
 }
 
-fn config(node: &str, lb: &str, dir: &Path, preferred: &[Ipv4Addr], interval_ms: u64) -> String {
+fn config(
+    node: &str,
+    lb: &str,
+    dir: &Path,
+    preferred: &[Ipv4Addr],
+    interval_ms: u64,
+    unicast: bool,
+) -> String {
+    // Multicast to the group, or the other nodes' addresses one by one.
+    let transport = if unicast {
+        let peers: Vec<String> = standard::LBS
+            .iter()
+            .filter(|(t, _)| *t != lb)
+            .map(|(_, o)| format!("\"{}:7400\"", standard::backend_ip(*o)))
+            .collect();
+        format!("peers = [{}]", peers.join(", "))
+    } else {
+        format!("group = \"{GROUP}\"")
+    };
     let mut services = String::new();
     for vip in [standard::VIP, standard::VIP2] {
         services.push_str(&format!(
@@ -64,7 +82,7 @@ conn_table_size = 16384
 {services}
 [cluster]
 id = "{id}"
-group = "{GROUP}"
+{transport}
 key = "{KEY}"
 interval_ms = {interval_ms}
 preferred = [{preferred}]
@@ -83,6 +101,7 @@ pub struct Cluster {
     pub dir: PathBuf,
     node: String,
     interval_ms: u64,
+    unicast: bool,
 }
 
 impl Cluster {
@@ -92,6 +111,15 @@ impl Cluster {
 
     /// A cluster whose nodes send info every `interval_ms` (timeout: three of them).
     pub fn with_interval(test: &str, interval_ms: u64) -> Cluster {
+        Self::build(test, interval_ms, false)
+    }
+
+    /// A cluster whose nodes know each other from a static peer list (no multicast).
+    pub fn unicast(test: &str) -> Cluster {
+        Self::build(test, 100, true)
+    }
+
+    fn build(test: &str, interval_ms: u64, unicast: bool) -> Cluster {
         let lab = Lab::new()
             .expect("lab")
             .cluster(&std::env::temp_dir())
@@ -106,6 +134,7 @@ impl Cluster {
             dir,
             node,
             interval_ms,
+            unicast,
         };
         for lb in ["lb1", "lb2", "lb3"] {
             c.start(lb);
@@ -135,6 +164,7 @@ impl Cluster {
                 &self.dir,
                 &Self::preferred(lb),
                 self.interval_ms,
+                self.unicast,
             ),
         )
         .unwrap();

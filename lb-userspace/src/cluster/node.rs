@@ -310,7 +310,9 @@ impl Node {
                     self.address_seen.insert(*a, now);
                 }
                 for (a, age_ms) in service_addresses {
-                    let seen = now.checked_sub(Duration::from_millis(age_ms)).unwrap_or(now);
+                    let seen = now
+                        .checked_sub(Duration::from_millis(age_ms))
+                        .unwrap_or(now);
                     let e = self.address_seen.entry(a).or_insert(seen);
                     *e = (*e).max(seen);
                 }

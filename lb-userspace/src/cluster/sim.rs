@@ -368,12 +368,25 @@ fn an_orphan_whose_preferred_node_stays_away_expires() {
         c.timing.orphan_expiry = Some(Duration::from_secs(2));
         c.addresses = if i == 0 { vec![vip(0)] } else { vec![] };
     }
-    sim.nodes = sim.configs.iter().map(|c| Some(Node::new(c.clone(), 1))).collect();
+    sim.nodes = sim
+        .configs
+        .iter()
+        .map(|c| Some(Node::new(c.clone(), 1)))
+        .collect();
     sim.run(Duration::from_secs(1));
-    assert!(sim.nodes[0].as_ref().unwrap().serving().contains_key(&vip(0)));
+    assert!(sim.nodes[0]
+        .as_ref()
+        .unwrap()
+        .serving()
+        .contains_key(&vip(0)));
     sim.apply(&Op::Kill(0));
     sim.run(Duration::from_secs(1));
-    let served = |sim: &Sim| sim.nodes.iter().flatten().any(|n| n.serving().contains_key(&vip(0)));
+    let served = |sim: &Sim| {
+        sim.nodes
+            .iter()
+            .flatten()
+            .any(|n| n.serving().contains_key(&vip(0)))
+    };
     assert!(served(&sim), "the orphan is served by a spare meanwhile");
     sim.run(Duration::from_secs(3));
     assert!(!served(&sim), "the orphan did not expire");
