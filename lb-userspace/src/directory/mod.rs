@@ -4,5 +4,9 @@
 //! `subscriptions` are pure; replication between the master and the agents builds on
 //! the `Change` they produce.
 
+pub mod replication;
 pub mod subscriptions;
 pub mod tables;
+
+#[cfg(test)]
+mod sim;

@@ -1,0 +1,253 @@
+//! Master, backup and agents over a simulated network that drops, delays and
+//! reorders messages: agents converge to the master's tables, and a master failover
+//! loses no acknowledged change.
+
+use std::collections::BTreeMap;
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use super::{
+    replication::{Agent, Backup, Master, Msg, NodeId, Out},
+    tables::{Change, Op},
+};
+
+const MASTER: NodeId = 0;
+const BACKUP: NodeId = 1;
+
+struct Net {
+    rng: StdRng,
+    now: u64,
+    seq: u64,
+    /// (deliver at ms, sequence) → (to, from, message)
+    queue: BTreeMap<(u64, u64), (NodeId, NodeId, Msg)>,
+    drop_rate: f64,
+    dead: Vec<NodeId>,
+}
+
+impl Net {
+    fn send(&mut self, from: NodeId, to: NodeId, msg: Msg) {
+        if self.dead.contains(&from) || self.dead.contains(&to) || self.rng.gen_bool(self.drop_rate)
+        {
+            return;
+        }
+        let delay = self.rng.gen_range(0..40);
+        self.seq += 1;
+        self.queue
+            .insert((self.now + delay, self.seq), (to, from, msg));
+    }
+}
+
+struct World {
+    net: Net,
+    master: Master,
+    backup: Option<Backup>,
+    agents: Vec<Agent>,
+    /// Acknowledged requests: (agent, req).
+    acked: Vec<(NodeId, u64)>,
+    requests: BTreeMap<(NodeId, u64), Change>,
+}
+
+impl World {
+    fn new(seed: u64, agents: u32, drop_rate: f64) -> World {
+        World {
+            net: Net {
+                rng: StdRng::seed_from_u64(seed),
+                now: 0,
+                seq: 0,
+                queue: BTreeMap::new(),
+                drop_rate,
+                dead: vec![],
+            },
+            master: Master::new(MASTER, Some(BACKUP)),
+            backup: Some(Backup::new(BACKUP)),
+            agents: (0..agents).map(|i| Agent::new(10 + i, MASTER)).collect(),
+            acked: vec![],
+            requests: BTreeMap::new(),
+        }
+    }
+
+    fn route(&mut self, from: NodeId, outs: Vec<Out>) {
+        for o in outs {
+            match o {
+                Out::To(to, m) => self.net.send(from, to, m),
+                Out::All(m) => {
+                    let ids: Vec<NodeId> = self.agents.iter().map(|a| a.id).collect();
+                    for id in ids {
+                        self.net.send(from, id, m.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    fn submit_random(&mut self) {
+        let i = self.net.rng.gen_range(0..self.agents.len());
+        let key = format!("web.{}", self.net.rng.gen_range(0..20));
+        let op = match self.net.rng.gen_range(0..4) {
+            0 => Op::Delete,
+            1 => Op::Valid {
+                valid: self.net.rng.gen_bool(0.5),
+            },
+            _ => Op::Put {
+                value: format!("host{}:80", self.net.rng.gen_range(0..5)),
+                valid: true,
+            },
+        };
+        let change = Change {
+            table: "svc.web".into(),
+            key,
+            op,
+        };
+        let agent = &mut self.agents[i];
+        let id = agent.id;
+        let (req, outs) = agent.submit(change.clone());
+        self.requests.insert((id, req), change);
+        self.route(id, outs);
+    }
+
+    /// Delivers what is due in the next millisecond; ticks every 50 ms.
+    fn step(&mut self) {
+        self.net.now += 1;
+        if self.net.now % 50 == 0 {
+            let outs = self.master.tick();
+            let m = self.master.id;
+            self.route(m, outs);
+            for i in 0..self.agents.len() {
+                let id = self.agents[i].id;
+                let outs = self.agents[i].tick();
+                self.route(id, outs);
+            }
+        }
+        while let Some((&(at, s), _)) = self.net.queue.first_key_value() {
+            if at > self.net.now {
+                break;
+            }
+            let (to, from, msg) = self.net.queue.remove(&(at, s)).expect("present");
+            if self.net.dead.contains(&to) {
+                continue;
+            }
+            if to == self.master.id {
+                let outs = self.master.handle(msg);
+                self.route(to, outs);
+            } else if self.backup.as_ref().is_some_and(|b| b.id == to) {
+                let outs = self.backup.as_mut().unwrap().handle(from, msg);
+                self.route(to, outs);
+            } else if let Some(i) = self.agents.iter().position(|a| a.id == to) {
+                if let Msg::Ack { req, .. } = &msg {
+                    self.acked.push((to, *req));
+                }
+                let (_, outs) = self.agents[i].handle(msg);
+                self.route(to, outs);
+            }
+        }
+    }
+
+    fn settled(&self) -> bool {
+        self.agents
+            .iter()
+            .all(|a| a.unacked() == 0 && a.version() == self.master.version())
+    }
+
+    fn run_until_settled(&mut self, max_ms: u64) {
+        for _ in 0..max_ms {
+            self.step();
+            if self.settled() && self.net.queue.is_empty() {
+                return;
+            }
+        }
+        panic!(
+            "not settled after {max_ms} ms: master at {}, agents at {:?}, unacked {:?}",
+            self.master.version(),
+            self.agents.iter().map(|a| a.version()).collect::<Vec<_>>(),
+            self.agents.iter().map(|a| a.unacked()).collect::<Vec<_>>()
+        );
+    }
+
+    fn assert_converged(&self) {
+        for a in &self.agents {
+            assert_eq!(
+                a.tables().search("svc.web", ""),
+                self.master.tables().search("svc.web", ""),
+                "agent {} differs from the master",
+                a.id
+            );
+        }
+    }
+}
+
+#[test]
+fn agents_converge_to_the_master_through_a_lossy_reordering_network() {
+    for seed in 0..20 {
+        let mut w = World::new(seed, 3, 0.2);
+        for _ in 0..100 {
+            w.submit_random();
+            for _ in 0..5 {
+                w.step();
+            }
+        }
+        w.run_until_settled(60_000);
+        w.assert_converged();
+        assert_eq!(
+            w.acked
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            100,
+            "seed {seed}"
+        );
+    }
+}
+
+#[test]
+fn an_agent_too_far_behind_resyncs_from_a_snapshot() {
+    let mut w = World::new(7, 3, 0.0);
+    w.master.set_log_limit(10);
+    // Agent 12 hears nothing for a while.
+    w.net.dead.push(12);
+    for _ in 0..60 {
+        w.submit_random();
+        for _ in 0..5 {
+            w.step();
+        }
+    }
+    w.net.dead.clear();
+    w.run_until_settled(60_000);
+    w.assert_converged();
+}
+
+#[test]
+fn a_master_failover_loses_no_acknowledged_change() {
+    for seed in 0..20 {
+        let mut w = World::new(100 + seed, 3, 0.1);
+        for _ in 0..60 {
+            w.submit_random();
+            for _ in 0..5 {
+                w.step();
+            }
+        }
+        // The master dies with changes in flight; the backup takes over.
+        w.net.dead.push(MASTER);
+        let acked_before: Vec<(NodeId, u64)> = w.acked.clone();
+        let backup = w.backup.take().expect("backup");
+        w.master = Master::promote(backup, None);
+        for i in 0..w.agents.len() {
+            let id = w.agents[i].id;
+            let outs = w.agents[i].master_changed(BACKUP);
+            w.route(id, outs);
+        }
+        for _ in 0..30 {
+            w.submit_random();
+            for _ in 0..5 {
+                w.step();
+            }
+        }
+        w.run_until_settled(60_000);
+        for origin in &acked_before {
+            assert!(
+                w.master.has_committed(*origin),
+                "seed {seed}: acknowledged {origin:?} lost in the failover"
+            );
+        }
+        w.assert_converged();
+    }
+}
