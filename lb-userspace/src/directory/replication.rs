@@ -398,19 +398,17 @@ impl Agent {
                 }
                 self.drain_ahead(&mut applied);
             }
-            Msg::Snapshot { version, rows } => {
-                if version >= self.applied {
-                    let mut fresh = Tables::default();
-                    for r in &rows {
-                        fresh.apply(r);
-                    }
-                    // Report the difference as changes, so consumers stay incremental.
-                    applied.extend(diff_tables(&self.tables, &fresh));
-                    self.tables = fresh;
-                    self.applied = version;
-                    self.ahead.retain(|v, _| *v > version);
-                    self.drain_ahead(&mut applied);
+            Msg::Snapshot { version, rows } if version >= self.applied => {
+                let mut fresh = Tables::default();
+                for r in &rows {
+                    fresh.apply(r);
                 }
+                // Report the difference as changes, so consumers stay incremental.
+                applied.extend(diff_tables(&self.tables, &fresh));
+                self.tables = fresh;
+                self.applied = version;
+                self.ahead.retain(|v, _| *v > version);
+                self.drain_ahead(&mut applied);
             }
             Msg::Ack { req, .. } => {
                 self.unacked.remove(&req);

@@ -108,7 +108,7 @@ impl World {
     /// Delivers what is due in the next millisecond; ticks every 50 ms.
     fn step(&mut self) {
         self.net.now += 1;
-        if self.net.now % 50 == 0 {
+        if self.net.now.is_multiple_of(50) {
             let outs = self.master.tick();
             let m = self.master.id;
             self.route(m, outs);
