@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod desired;
 pub mod directory;
 pub mod error;
+pub mod health;
 pub mod loader;
 pub mod maglev;
 pub mod manager;

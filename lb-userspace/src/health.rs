@@ -1,0 +1,258 @@
+//! Active health checks of backends: the probes (TCP connect, HTTP GET with an
+//! expected status, UDP request/response), each bounded by a timeout, and the pure
+//! rise/fall counter that turns probe results into healthy/unhealthy transitions.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpStream, UdpSocket},
+    time::timeout,
+};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Probe {
+    /// A TCP connection is accepted.
+    Tcp,
+    /// `GET path` answers with `status`.
+    Http { path: String, status: u16 },
+    /// A datagram with `send` gets any answer (containing `expect`, if set).
+    Udp {
+        send: String,
+        expect: Option<String>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckConfig {
+    pub probe: Probe,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that make an unhealthy backend healthy again.
+    pub rise: u32,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    pub fall: u32,
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        Self {
+            probe: Probe::Tcp,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+/// One backend's check state: starts healthy (a new backend takes traffic at once;
+/// the first `fall` failures take it out).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    healthy: bool,
+    ok_run: u32,
+    fail_run: u32,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            healthy: true,
+            ok_run: 0,
+            fail_run: 0,
+        }
+    }
+}
+
+impl Health {
+    pub fn healthy(&self) -> bool {
+        self.healthy
+    }
+
+    /// Takes one probe result; returns the new state when it changes.
+    pub fn record(&mut self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        if ok {
+            self.ok_run += 1;
+            self.fail_run = 0;
+            if !self.healthy && self.ok_run >= rise.max(1) {
+                self.healthy = true;
+                return Some(true);
+            }
+        } else {
+            self.fail_run += 1;
+            self.ok_run = 0;
+            if self.healthy && self.fail_run >= fall.max(1) {
+                self.healthy = false;
+                return Some(false);
+            }
+        }
+        None
+    }
+}
+
+/// Runs one probe against `target`, bounded by `limit`.
+pub async fn probe(target: SocketAddr, probe: &Probe, limit: Duration) -> Result<()> {
+    timeout(limit, run(target, probe))
+        .await
+        .with_context(|| format!("no answer from {target} within {limit:?}"))?
+}
+
+async fn run(target: SocketAddr, probe: &Probe) -> Result<()> {
+    match probe {
+        Probe::Tcp => {
+            TcpStream::connect(target)
+                .await
+                .with_context(|| format!("connecting to {target}"))?;
+            Ok(())
+        }
+        Probe::Http { path, status } => {
+            let mut s = TcpStream::connect(target)
+                .await
+                .with_context(|| format!("connecting to {target}"))?;
+            s.write_all(
+                format!("GET {path} HTTP/1.0\r\nHost: {target}\r\nUser-Agent: lbd-health\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+            let mut head = vec![0u8; 64];
+            let n = s.read(&mut head).await?;
+            let line = String::from_utf8_lossy(&head[..n]);
+            let got: u16 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .with_context(|| format!("{target} did not answer HTTP: {line:?}"))?;
+            if got != *status {
+                bail!("{target}{path} answered {got}, not {status}");
+            }
+            Ok(())
+        }
+        Probe::Udp { send, expect } => {
+            let bind: SocketAddr = if target.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            }
+            .parse()
+            .expect("valid");
+            let sock = UdpSocket::bind(bind).await?;
+            sock.connect(target).await?;
+            sock.send(send.as_bytes()).await?;
+            let mut buf = vec![0u8; 2048];
+            let n = sock
+                .recv(&mut buf)
+                .await
+                .with_context(|| format!("{target} refused the datagram"))?;
+            if let Some(e) = expect {
+                let answer = String::from_utf8_lossy(&buf[..n]);
+                if !answer.contains(e.as_str()) {
+                    bail!("{target} answered {answer:?}, without {e:?}");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fall_failures_take_it_out_and_rise_successes_bring_it_back() {
+        let mut h = Health::default();
+        assert!(h.healthy());
+        assert_eq!(h.record(false, 2, 3), None);
+        assert_eq!(h.record(false, 2, 3), None);
+        assert_eq!(
+            h.record(true, 2, 3),
+            None,
+            "a success resets the failure run"
+        );
+        assert_eq!(h.record(false, 2, 3), None);
+        assert_eq!(h.record(false, 2, 3), None);
+        assert_eq!(h.record(false, 2, 3), Some(false));
+        assert_eq!(h.record(false, 2, 3), None, "reported once");
+        assert_eq!(h.record(true, 2, 3), None);
+        assert_eq!(h.record(true, 2, 3), Some(true));
+        assert!(h.healthy());
+    }
+
+    #[tokio::test]
+    async fn probes_tell_a_listening_server_from_a_dead_one() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 256];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let status = if req.starts_with("GET /healthz") {
+                    "200 OK"
+                } else {
+                    "404 Not Found"
+                };
+                let _ = s
+                    .write_all(format!("HTTP/1.0 {status}\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        let limit = Duration::from_millis(500);
+        probe(addr, &Probe::Tcp, limit).await.unwrap();
+        probe(
+            addr,
+            &Probe::Http {
+                path: "/healthz".into(),
+                status: 200,
+            },
+            limit,
+        )
+        .await
+        .unwrap();
+        let e = probe(
+            addr,
+            &Probe::Http {
+                path: "/other".into(),
+                status: 200,
+            },
+            limit,
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("answered 404"), "{e:#}");
+
+        // Nothing listens on a port just freed.
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        assert!(probe(dead, &Probe::Tcp, limit).await.is_err());
+
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let uaddr = udp.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+                let _ = udp.send_to(&[b"pong ", &buf[..n]].concat(), from).await;
+            }
+        });
+        let ping = Probe::Udp {
+            send: "ping".into(),
+            expect: Some("pong".into()),
+        };
+        probe(uaddr, &ping, limit).await.unwrap();
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let e = probe(
+            silent.local_addr().unwrap(),
+            &ping,
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("no answer"), "{e:#}");
+    }
+}
