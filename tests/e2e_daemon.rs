@@ -515,3 +515,64 @@ fn every_lbctl_command_speaks_json() {
         "an XDP program is still attached: {link}"
     );
 }
+
+#[test]
+fn a_backend_registered_with_a_lease_takes_connections_and_leaves_when_it_stops_renewing() {
+    let env = Env::new("lease", &["b1", "b2"]);
+    let mut register = std::process::Command::new(binary("lbctl"))
+        .arg("--socket")
+        .arg(&env.socket)
+        .args([
+            "backend",
+            "register",
+            "--service",
+            SVC,
+            "--addr",
+            "198.18.0.13:8080",
+            "--ttl",
+            "1s",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("lbctl backend register");
+    let started = Instant::now();
+    let joined = loop {
+        let spread = env.spread(30);
+        if spread.contains_key("b3") {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "b3 never got a connection: {spread:?}"
+        );
+    };
+    // It shows in the directory and in the service's backends.
+    let rows = env.lbctl_ok(&["-o", "json", "dir", "search", &format!("svc.{SVC}")]);
+    assert!(rows.contains("198.18.0.13:8080"), "{rows}");
+    let backends = env.lbctl_ok(&["backend", "list", SVC]);
+    assert!(backends.contains("198.18.0.13"), "{backends}");
+
+    register.kill().unwrap();
+    let _ = register.wait();
+    let killed = Instant::now();
+    let left = loop {
+        let spread = env.spread(30);
+        if !spread.contains_key("b3") {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "b3 still gets connections: {spread:?}"
+        );
+    };
+    eprintln!("lease: new connections reached the registered backend after {joined:?}; it left {left:?} after its renewals stopped (ttl 1 s)");
+    let rows: serde_json::Value = serde_json::from_str(&env.lbctl_ok(&[
+        "-o",
+        "json",
+        "dir",
+        "search",
+        &format!("svc.{SVC}"),
+    ]))
+    .unwrap();
+    assert_eq!(rows[0]["valid"], false, "{rows}");
+}

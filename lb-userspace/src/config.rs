@@ -98,6 +98,8 @@ pub struct NodeConfig {
     pub state_dir: PathBuf,
     /// bpffs directory for the pinned maps and links.
     pub pin_dir: PathBuf,
+    /// Where backends register themselves over HTTP (TCP); off when absent.
+    pub registry_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -219,6 +221,7 @@ struct NodeSection {
     metrics_listen: Option<SocketAddr>,
     state_dir: Option<PathBuf>,
     pin_dir: Option<PathBuf>,
+    registry_listen: Option<SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -512,6 +515,7 @@ impl Config {
                 pin_dir: node
                     .pin_dir
                     .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/lb/{name}"))),
+                registry_listen: node.registry_listen,
                 name,
             },
             interfaces,

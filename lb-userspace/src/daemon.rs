@@ -119,6 +119,26 @@ pub struct Daemon {
     resumed: bool,
     /// Cluster mode: VIPs found on the interface at start, still served.
     adopted: BTreeSet<IpAddr>,
+    /// Valid backends the directory holds per service (address → weight), merged with
+    /// the configured ones when the maps are written.
+    directory: BTreeMap<ServiceKey, BTreeMap<IpAddr, u32>>,
+}
+
+/// A service's backends as the maps get them: the configured ones, plus those the
+/// directory holds (a configured backend wins over a directory entry for its address).
+pub fn merged_spec(spec: &ServiceSpec, directory: Option<&BTreeMap<IpAddr, u32>>) -> ServiceSpec {
+    let mut merged = spec.clone();
+    for (addr, weight) in directory.into_iter().flatten() {
+        merged
+            .backends
+            .entry(*addr)
+            .or_insert(crate::desired::BackendSpec {
+                mac: None,
+                weight: *weight,
+                drain: false,
+            });
+    }
+    merged
 }
 
 impl Daemon {
@@ -192,6 +212,7 @@ impl Daemon {
             started: Instant::now(),
             resumed,
             adopted,
+            directory: BTreeMap::new(),
         };
         daemon.interfaces = locals
             .iter()
@@ -254,8 +275,40 @@ impl Daemon {
             .flat_map(|s| s.backends.iter())
             .filter(|(_, b)| b.mac.is_none())
             .map(|(a, _)| *a)
+            .chain(self.directory.values().flat_map(|d| d.keys().copied()))
             .collect();
         set.into_iter().collect()
+    }
+
+    /// The configured services (keys), for the directory to look up.
+    pub fn service_keys(&self) -> Vec<ServiceKey> {
+        self.desired.services.keys().copied().collect()
+    }
+
+    /// Takes the directory's current backends per service; rewrites the services
+    /// whose set changed. Returns those services.
+    pub fn set_directory(
+        &mut self,
+        directory: BTreeMap<ServiceKey, BTreeMap<IpAddr, u32>>,
+    ) -> Result<Vec<ServiceKey>> {
+        let keys: BTreeSet<ServiceKey> = self
+            .directory
+            .keys()
+            .chain(directory.keys())
+            .copied()
+            .collect();
+        let touched: BTreeSet<ServiceKey> = keys
+            .into_iter()
+            .filter(|k| self.directory.get(k) != directory.get(k))
+            .filter(|k| self.desired.services.contains_key(k))
+            .collect();
+        self.directory = directory;
+        if !touched.is_empty() {
+            let desired = self.desired.clone();
+            self.sync(&desired, &touched)?;
+            self.persist()?;
+        }
+        Ok(touched.into_iter().collect())
     }
 
     /// Writes `desired` for the services in `touched` into the maps.
@@ -270,7 +323,8 @@ impl Daemon {
                 }
                 Some(spec) => {
                     self.maps.upsert_service(*key, spec.config)?;
-                    let backends = plan_backends(spec, &self.neighbors, &locals);
+                    let spec = merged_spec(spec, self.directory.get(key));
+                    let backends = plan_backends(&spec, &self.neighbors, &locals);
                     self.maps.set_backends(*key, &backends)?;
                 }
             }
@@ -333,10 +387,11 @@ impl Daemon {
             .desired
             .services
             .iter()
-            .filter(|(_, s)| {
-                changed
-                    .iter()
-                    .any(|a| s.backends.get(a).is_some_and(|b| b.mac.is_none()))
+            .filter(|(k, s)| {
+                changed.iter().any(|a| {
+                    s.backends.get(a).is_some_and(|b| b.mac.is_none())
+                        || self.directory.get(*k).is_some_and(|d| d.contains_key(a))
+                })
             })
             .map(|(k, _)| *k)
             .collect();
@@ -414,6 +469,8 @@ impl Daemon {
         for (key, spec) in &self.desired.services {
             let counter = self.maps.service_counter(*key).unwrap_or_default();
             let mut backends = Vec::new();
+            // Configured backends and those the directory holds.
+            let spec = &merged_spec(spec, self.directory.get(key));
             for (addr, b) in &spec.backends {
                 let (mac, source) = match (b.mac, self.neighbors.get(addr)) {
                     (Some(m), _) => (Some(m), "config"),

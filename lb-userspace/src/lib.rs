@@ -9,6 +9,7 @@ pub mod clusterd;
 pub mod config;
 pub mod daemon;
 pub mod desired;
+pub mod dird;
 pub mod directory;
 pub mod error;
 pub mod health;

@@ -21,6 +21,7 @@ use crate::{
     clusterd::{ClusterHandle, ClusterView},
     daemon::Daemon,
     desired::{BackendSpec, Desired, ServiceSpec},
+    dird::{DirHandle, Registration},
     manager::ServiceKey,
     neighbor::NeighborTable,
 };
@@ -31,6 +32,7 @@ pub struct AppState {
     pub shutdown: mpsc::Sender<Shutdown>,
     pub neighbors: Arc<NeighborTable>,
     pub cluster: Option<ClusterHandle>,
+    pub directory: DirHandle,
 }
 
 /// Resolves the MACs of backends about to be added, without holding the daemon, so
@@ -328,6 +330,158 @@ impl ConcatOk for Vec<Result<String, std::convert::Infallible>> {
     }
 }
 
+#[derive(serde::Deserialize)]
+struct TablePrefix {
+    table: String,
+    #[serde(default)]
+    prefix: String,
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+pub struct DirAdd {
+    pub table: String,
+    pub key: String,
+    pub value: String,
+    #[serde(default = "yes")]
+    pub valid: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+pub struct DirKey {
+    pub table: String,
+    pub key: String,
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+pub struct DirHeartbeat {
+    pub table: String,
+    pub key: String,
+    pub time_max_ms: u64,
+}
+
+async fn dir_search(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<TablePrefix>,
+) -> ApiResult<Vec<crate::directory::tables::Entry>> {
+    Ok(Json(s.directory.search(&q.table, &q.prefix).await))
+}
+
+async fn dir_find(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<TablePrefix>,
+) -> ApiResult<Vec<crate::directory::tables::CompleteRoute>> {
+    Ok(Json(s.directory.find(&q.table, &q.prefix).await))
+}
+
+async fn dir_add(
+    State(s): State<AppState>,
+    Json(req): Json<DirAdd>,
+) -> ApiResult<serde_json::Value> {
+    let n = s
+        .directory
+        .add(&req.table, &req.key, &req.value, req.valid)
+        .await
+        .map_err(internal)?;
+    Ok(Json(serde_json::json!({ "changed": n > 0 })))
+}
+
+async fn dir_delete(
+    State(s): State<AppState>,
+    Json(req): Json<DirKey>,
+) -> ApiResult<serde_json::Value> {
+    let n = s
+        .directory
+        .delete(&req.table, &req.key)
+        .await
+        .map_err(internal)?;
+    if n == 0 {
+        return Err(not_found(format!(
+            "no key {} in table {}",
+            req.key, req.table
+        )));
+    }
+    Ok(Json(serde_json::json!({ "changed": true })))
+}
+
+async fn dir_heartbeat(
+    State(s): State<AppState>,
+    Json(req): Json<DirHeartbeat>,
+) -> ApiResult<serde_json::Value> {
+    let known = s
+        .directory
+        .heartbeat(
+            &req.table,
+            &req.key,
+            std::time::Duration::from_millis(req.time_max_ms),
+        )
+        .await
+        .map_err(internal)?;
+    if !known {
+        return Err(not_found(format!(
+            "no key {} in table {}; add or register it first",
+            req.key, req.table
+        )));
+    }
+    Ok(Json(serde_json::json!({ "valid": true })))
+}
+
+async fn dir_register(
+    State(s): State<AppState>,
+    Json(req): Json<Registration>,
+) -> ApiResult<serde_json::Value> {
+    if req.ttl_ms == 0 {
+        return Err(bad("ttl_ms must be positive"));
+    }
+    if req.address.is_ipv4() != req.service.addr.is_ipv4() {
+        return Err(bad(format!(
+            "{} is not of {}'s address family",
+            req.address, req.service
+        )));
+    }
+    s.directory.register(&req).await.map_err(internal)?;
+    Ok(Json(
+        serde_json::json!({ "registered": req.instance(), "ttl_ms": req.ttl_ms }),
+    ))
+}
+
+/// Newline-delimited subscription events for a table and key prefix, until the
+/// client hangs up.
+async fn dir_subscribe(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<TablePrefix>,
+) -> Response {
+    let rx = s.directory.changes.subscribe();
+    let stream = futures::stream::unfold((rx, q), |(mut rx, q)| async move {
+        loop {
+            let item = rx.recv().await;
+            if matches!(item, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                return None;
+            }
+            if let Some(e) = DirHandle::event_for(&q.table, &q.prefix, item) {
+                let line = format!("{}\n", serde_json::to_string(&e).expect("serializes"));
+                return Some((Ok::<_, std::convert::Infallible>(line), (rx, q)));
+            }
+        }
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(axum::body::Body::from_stream(stream))
+        .expect("valid response")
+}
+
+/// What backends may call over TCP (`node.registry_listen`): registering and renewing.
+pub fn registry_router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/dir/register", post(dir_register))
+        .route("/v1/dir/heartbeat", post(dir_heartbeat))
+        .fallback(unknown)
+        .with_state(state)
+}
+
 async fn unknown() -> ApiError {
     not_found("no such endpoint; the API is described in docs/API.md")
 }
@@ -349,6 +503,13 @@ pub fn api_router(state: AppState) -> Router {
         .route("/v1/cluster", get(cluster))
         .route("/v1/node/quiesce", post(quiesce))
         .route("/v1/events", get(events))
+        .route("/v1/dir/search", get(dir_search))
+        .route("/v1/dir/find", get(dir_find))
+        .route("/v1/dir/add", post(dir_add))
+        .route("/v1/dir/delete", post(dir_delete))
+        .route("/v1/dir/heartbeat", post(dir_heartbeat))
+        .route("/v1/dir/register", post(dir_register))
+        .route("/v1/dir/subscribe", get(dir_subscribe))
         .fallback(unknown)
         .with_state(state)
 }

@@ -77,6 +77,9 @@ enum Cmd {
         #[arg(long, short)]
         follow: bool,
     },
+    /// The directory: tables of service instances, host routes, partitions.
+    #[command(subcommand)]
+    Dir(DirCmd),
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
 }
@@ -99,6 +102,58 @@ enum ServiceCmd {
     Show {
         service: ServiceKey,
     },
+}
+
+#[derive(Subcommand)]
+enum DirCmd {
+    /// Rows whose key starts with PREFIX (all without one).
+    Search {
+        table: String,
+        prefix: Option<String>,
+    },
+    /// Valid instances with the current route to their host.
+    Find {
+        table: String,
+        prefix: Option<String>,
+    },
+    Add {
+        table: String,
+        key: String,
+        value: String,
+        #[arg(long)]
+        invalid: bool,
+    },
+    Delete {
+        table: String,
+        key: String,
+    },
+    /// Valid now, and invalid unless renewed within --time-max.
+    Heartbeat {
+        table: String,
+        key: String,
+        #[arg(long, value_parser = parse_duration)]
+        time_max: Duration,
+    },
+    /// Stream Add / Delete / Resync events of a table (and key prefix).
+    Subscribe {
+        table: String,
+        prefix: Option<String>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 500ms or 2s"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(60 * n)),
+        _ => Err(format!("`{s}`: use ms, s or m")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -139,6 +194,19 @@ enum BackendCmd {
     },
     List {
         service: ServiceKey,
+    },
+    /// Register a backend in the directory with a lease, and keep renewing it until
+    /// interrupted: stop this and the backend leaves within the lease.
+    Register {
+        #[arg(long)]
+        service: ServiceKey,
+        /// The backend's address and port.
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long, value_parser = parse_duration, default_value = "2s")]
+        ttl: Duration,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
     },
 }
 
@@ -204,6 +272,10 @@ fn print_applied(out: Output, applied: &Applied) {
     if applied.dry_run && !applied.changes.is_empty() {
         println!("(dry run: nothing was changed)");
     }
+}
+
+fn print_table(rows: Vec<Vec<String>>) {
+    table(rows)
 }
 
 fn table(rows: Vec<Vec<String>>) {
@@ -276,6 +348,161 @@ async fn find_service(client: &Client, key: ServiceKey) -> Result<api::ServiceVi
     })
 }
 
+/// Percent-encodes a query value.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn dir(client: &Client, out: Output, cmd: DirCmd) -> Result<(), Failure> {
+    match cmd {
+        DirCmd::Search { table, prefix } => {
+            let path = format!(
+                "/v1/dir/search?table={}&prefix={}",
+                enc(&table),
+                enc(&prefix.unwrap_or_default())
+            );
+            let rows: Vec<serde_json::Value> = client.get(&path).await?;
+            if out == Output::Json {
+                print_json(&rows);
+            } else {
+                let mut t = vec![vec!["KEY".into(), "VALUE".into(), "VALID".into()]];
+                for r in &rows {
+                    t.push(vec![
+                        r["key"].as_str().unwrap_or_default().into(),
+                        r["value"].as_str().unwrap_or_default().into(),
+                        if r["valid"] == true { "1" } else { "0" }.into(),
+                    ]);
+                }
+                print_table(t);
+            }
+        }
+        DirCmd::Find { table, prefix } => {
+            let path = format!(
+                "/v1/dir/find?table={}&prefix={}",
+                enc(&table),
+                enc(&prefix.unwrap_or_default())
+            );
+            let rows: Vec<serde_json::Value> = client.get(&path).await?;
+            if out == Output::Json {
+                print_json(&rows);
+            } else {
+                for r in &rows {
+                    println!(
+                        "{} {}:{}",
+                        r["instance"].as_str().unwrap_or_default(),
+                        r["address"].as_str().unwrap_or_default(),
+                        r["server"]["port"]
+                    );
+                }
+            }
+        }
+        DirCmd::Add {
+            table,
+            key,
+            value,
+            invalid,
+        } => {
+            let body = serde_json::json!({ "table": table, "key": key, "value": value, "valid": !invalid });
+            let r: serde_json::Value = client.post("/v1/dir/add", &body).await?;
+            if out == Output::Json {
+                print_json(&r)
+            } else {
+                println!(
+                    "{}",
+                    if r["changed"] == true {
+                        "added"
+                    } else {
+                        "unchanged"
+                    }
+                )
+            }
+        }
+        DirCmd::Delete { table, key } => {
+            let r: serde_json::Value = client
+                .post(
+                    "/v1/dir/delete",
+                    &serde_json::json!({ "table": table, "key": key }),
+                )
+                .await?;
+            if out == Output::Json {
+                print_json(&r)
+            } else {
+                println!("deleted")
+            }
+        }
+        DirCmd::Heartbeat {
+            table,
+            key,
+            time_max,
+        } => {
+            let body = serde_json::json!({ "table": table, "key": key, "time_max_ms": time_max.as_millis() as u64 });
+            let r: serde_json::Value = client.post("/v1/dir/heartbeat", &body).await?;
+            if out == Output::Json {
+                print_json(&r)
+            } else {
+                println!("valid for {time_max:?}")
+            }
+        }
+        DirCmd::Subscribe { table, prefix } => {
+            let path = format!(
+                "/v1/dir/subscribe?table={}&prefix={}",
+                enc(&table),
+                enc(&prefix.unwrap_or_default())
+            );
+            client
+                .get_lines(&path, |line| {
+                    println!("{line}");
+                    let _ = std::io::stdout().flush();
+                })
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Registers and renews until interrupted (or until lbd refuses).
+async fn register_loop(
+    client: &Client,
+    out: Output,
+    service: ServiceKey,
+    addr: std::net::SocketAddr,
+    ttl: Duration,
+    weight: u32,
+) -> Result<(), Failure> {
+    let body = serde_json::json!({
+        "service": service,
+        "address": addr.ip(),
+        "port": addr.port(),
+        "weight": weight,
+        "ttl_ms": ttl.as_millis() as u64,
+    });
+    let mut first = true;
+    loop {
+        let r: serde_json::Value = client.post("/v1/dir/register", &body).await?;
+        if first {
+            if out == Output::Json {
+                print_json(&r);
+            } else {
+                println!(
+                    "registered {} in {service} for {ttl:?}; renewing every {:?} until interrupted",
+                    r["registered"].as_str().unwrap_or_default(),
+                    ttl / 3
+                );
+            }
+            let _ = std::io::stdout().flush();
+            first = false;
+        }
+        tokio::time::sleep(ttl / 3).await;
+    }
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
     let out = cli.output;
     if let Cmd::Completions { shell } = cli.command {
@@ -300,6 +527,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         None => default_socket()?,
     };
     let client = Client::new(socket);
+    if let Cmd::Backend(BackendCmd::Register {
+        service,
+        addr,
+        ttl,
+        weight,
+    }) = cli.command
+    {
+        return register_loop(&client, out, service, addr, ttl, weight).await;
+    }
     match cli.command {
         Cmd::Completions { .. } => unreachable!("handled above"),
         Cmd::Status => {
@@ -462,6 +698,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     print_backends(&s);
                 }
             }
+            BackendCmd::Register { .. } => unreachable!("handled before the match"),
         },
         Cmd::Stats { watch, interval } => loop {
             let s: api::Stats = client.get("/v1/stats").await?;
@@ -606,6 +843,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 })
                 .await?;
         }
+        Cmd::Dir(cmd) => dir(&client, out, cmd).await?,
         Cmd::Shutdown { detach } => {
             let r: serde_json::Value = client
                 .post("/v1/shutdown", &api::Shutdown { detach })

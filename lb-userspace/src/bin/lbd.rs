@@ -10,8 +10,9 @@ use lb_userspace::{
     clusterd,
     config::{Config, DEFAULT_PATH},
     daemon::Daemon,
+    dird,
     neighbor::{nudge, NeighborTable},
-    server::{api_router, bind_api, metrics_router, AppState},
+    server::{api_router, bind_api, metrics_router, registry_router, AppState},
 };
 use tokio::{
     signal::unix::{signal, SignalKind},
@@ -91,6 +92,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
         })?;
     let neighbors = Arc::new(NeighborTable::new()?);
     let cluster_config = config.cluster.clone();
+    let registry_listen = config.node.registry_listen;
     let daemon = Daemon::start(config, &neighbors).await?;
     let status = daemon.status();
     info!(
@@ -110,15 +112,25 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
         }
         None => None,
     };
+    let directory = dird::start(daemon.clone(), neighbors.clone());
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<Shutdown>(1);
     let state = AppState {
+        directory,
         daemon: daemon.clone(),
         shutdown: shutdown_tx,
         neighbors: neighbors.clone(),
         cluster,
     };
     let api = axum::serve(api_listener, api_router(state.clone()));
-    let metrics = axum::serve(metrics_listener, metrics_router(state));
+    let metrics = axum::serve(metrics_listener, metrics_router(state.clone()));
+    if let Some(addr) = registry_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("binding the registry address {addr} (node.registry_listen)")
+        })?;
+        let registry = axum::serve(listener, registry_router(state.clone()));
+        tokio::spawn(async move { registry.await });
+        info!(%addr, "backends may register here");
+    }
     let api_task = tokio::spawn(async move { api.await });
     let metrics_task = tokio::spawn(async move { metrics.await });
 

@@ -1,0 +1,306 @@
+//! The directory inside lbd: the agent interface (add, delete, search, find-server,
+//! heartbeat, register with a lease, subscribe) over the local replica, lease expiry
+//! on a timer, and the data plane fed from the replica. This node is its own master
+//! for now (no backup); replication between nodes uses `directory::replication`.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, Mutex};
+use tracing::{info, warn};
+
+use crate::{
+    daemon::Daemon,
+    directory::{
+        replication::Master,
+        subscriptions::Event,
+        tables::{names, Change, CompleteRoute, Entry, Heartbeats, Op, Tables},
+    },
+    manager::ServiceKey,
+    neighbor::NeighborTable,
+};
+
+/// A backend registering itself (or registered by a sidecar) with a lease.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Registration {
+    pub service: ServiceKey,
+    /// Instance name, unique within the service (default: the address and port).
+    #[serde(default)]
+    pub instance: Option<String>,
+    pub address: IpAddr,
+    pub port: u16,
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// The lease: without a renewal within this long, the backend is invalid.
+    pub ttl_ms: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Registration {
+    pub fn instance(&self) -> String {
+        self.instance.clone().unwrap_or_else(|| match self.address {
+            IpAddr::V4(a) => format!("{a}:{}", self.port),
+            IpAddr::V6(a) => format!("[{a}]:{}", self.port),
+        })
+    }
+
+    pub fn value(&self) -> String {
+        let host = match self.address {
+            IpAddr::V4(a) => a.to_string(),
+            IpAddr::V6(a) => format!("[{a}]"),
+        };
+        format!("{host}:{};weight={}", self.port, self.weight)
+    }
+}
+
+/// The valid backends the directory holds for each service: the data plane's input.
+pub fn backends_by_service(
+    tables: &Tables,
+    services: &[ServiceKey],
+) -> BTreeMap<ServiceKey, BTreeMap<IpAddr, u32>> {
+    let mut out = BTreeMap::new();
+    for key in services {
+        let routes: Vec<CompleteRoute> = tables.find_server(&names::service(&key.to_string()), "");
+        let backends: BTreeMap<IpAddr, u32> = routes
+            .into_iter()
+            .filter(|r| r.address.is_ipv4() == key.addr.is_ipv4())
+            .map(|r| (r.address, r.server.weight()))
+            .collect();
+        if !backends.is_empty() {
+            out.insert(*key, backends);
+        }
+    }
+    out
+}
+
+struct State {
+    master: Master,
+    heartbeats: Heartbeats,
+    next_req: u64,
+}
+
+/// What the API holds of the directory.
+#[derive(Clone)]
+pub struct DirHandle {
+    state: Arc<Mutex<State>>,
+    daemon: Arc<Mutex<Daemon>>,
+    neighbors: Arc<NeighborTable>,
+    /// Every applied change with the row after it, for subscribers.
+    pub changes: broadcast::Sender<(Change, Option<Entry>)>,
+}
+
+impl DirHandle {
+    /// Applies local changes (through this node's master) and feeds the data plane.
+    async fn commit(&self, changes: Vec<Change>) -> Result<usize> {
+        let mut applied = Vec::new();
+        {
+            let mut s = self.state.lock().await;
+            for change in changes {
+                s.next_req += 1;
+                let req = s.next_req;
+                let before = s.master.version();
+                s.master.submit_local(req, change.clone());
+                if s.master.version() > before {
+                    let row = s.master.tables().get(&change.table, &change.key);
+                    applied.push((change, row));
+                }
+            }
+        }
+        let n = applied.len();
+        for a in applied {
+            let _ = self.changes.send(a);
+        }
+        if n > 0 {
+            self.feed_dataplane().await?;
+        }
+        Ok(n)
+    }
+
+    async fn feed_dataplane(&self) -> Result<()> {
+        let services = self.daemon.lock().await.service_keys();
+        let backends = {
+            let s = self.state.lock().await;
+            backends_by_service(s.master.tables(), &services)
+        };
+        // Resolve new backends' MACs first, so they take traffic as soon as they are in.
+        let unknown: Vec<IpAddr> = {
+            let d = self.daemon.lock().await;
+            backends
+                .values()
+                .flat_map(|b| b.keys())
+                .filter(|a| !d.knows_neighbor(**a))
+                .copied()
+                .collect()
+        };
+        let mut found = BTreeMap::new();
+        for addr in unknown {
+            if let Ok(Some(n)) = self
+                .neighbors
+                .resolve(addr, Duration::from_millis(1500))
+                .await
+            {
+                found.insert(addr, n);
+            }
+        }
+        if !found.is_empty() {
+            self.daemon.lock().await.update_neighbors(found)?;
+        }
+        let touched = self.daemon.lock().await.set_directory(backends)?;
+        if !touched.is_empty() {
+            info!(services = ?touched.iter().map(|k| k.to_string()).collect::<Vec<_>>(), "directory changed backends");
+        }
+        Ok(())
+    }
+
+    pub async fn add(&self, table: &str, key: &str, value: &str, valid: bool) -> Result<usize> {
+        self.commit(vec![Change {
+            table: table.into(),
+            key: key.into(),
+            op: Op::Put {
+                value: value.into(),
+                valid,
+            },
+        }])
+        .await
+    }
+
+    pub async fn delete(&self, table: &str, key: &str) -> Result<usize> {
+        self.state.lock().await.heartbeats.forget(table, key);
+        self.commit(vec![Change {
+            table: table.into(),
+            key: key.into(),
+            op: Op::Delete,
+        }])
+        .await
+    }
+
+    /// A heartbeat: valid now, and expected again within `time_max`. Returns whether
+    /// the entry exists.
+    pub async fn heartbeat(&self, table: &str, key: &str, time_max: Duration) -> Result<bool> {
+        let change = {
+            let mut s = self.state.lock().await;
+            if s.master.tables().get(table, key).is_none() {
+                return Ok(false);
+            }
+            let mut copy = s.master.tables().clone();
+            let change = s
+                .heartbeats
+                .beat(&mut copy, table, key, time_max, Instant::now());
+            change
+        };
+        if let Some(c) = change {
+            self.commit(vec![c]).await?;
+        }
+        Ok(true)
+    }
+
+    /// Registers (or renews) a backend with its lease.
+    pub async fn register(&self, r: &Registration) -> Result<()> {
+        let table = names::service(&r.service.to_string());
+        let key = r.instance();
+        let current = self.state.lock().await.master.tables().get(&table, &key);
+        if current.as_ref().map(|e| e.value.as_str()) != Some(r.value().as_str())
+            || current.is_some_and(|e| !e.valid)
+        {
+            self.add(&table, &key, &r.value(), true).await?;
+        }
+        self.heartbeat(&table, &key, Duration::from_millis(r.ttl_ms))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn search(&self, table: &str, prefix: &str) -> Vec<Entry> {
+        self.state
+            .lock()
+            .await
+            .master
+            .tables()
+            .search(table, prefix)
+    }
+
+    pub async fn find(&self, table: &str, prefix: &str) -> Vec<CompleteRoute> {
+        self.state
+            .lock()
+            .await
+            .master
+            .tables()
+            .find_server(table, prefix)
+    }
+
+    /// Matching events for a subscriber, from a broadcast receiver; `Resync` when the
+    /// receiver fell behind.
+    pub fn event_for(
+        table: &str,
+        prefix: &str,
+        item: Result<(Change, Option<Entry>), broadcast::error::RecvError>,
+    ) -> Option<Event> {
+        match item {
+            Ok((change, row)) => {
+                if change.table != table || !change.key.starts_with(prefix) {
+                    return None;
+                }
+                Some(match (&change.op, row) {
+                    (Op::Delete, _) | (_, None) => Event::Delete {
+                        table: change.table,
+                        key: change.key,
+                    },
+                    (_, Some(row)) => Event::Add {
+                        table: change.table,
+                        key: change.key,
+                        value: row.value,
+                        valid: row.valid,
+                    },
+                })
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => Some(Event::Resync {
+                table: table.to_string(),
+            }),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
+
+/// Starts the directory (lease expiry every 50 ms) and returns its handle.
+pub fn start(daemon: Arc<Mutex<Daemon>>, neighbors: Arc<NeighborTable>) -> DirHandle {
+    let (changes, _) = broadcast::channel(1024);
+    let handle = DirHandle {
+        state: Arc::new(Mutex::new(State {
+            master: Master::new(0, None),
+            heartbeats: Heartbeats::default(),
+            next_req: 0,
+        })),
+        daemon,
+        neighbors,
+        changes,
+    };
+    let h = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tick.tick().await;
+            let expired = {
+                let mut s = h.state.lock().await;
+                let mut copy = s.master.tables().clone();
+                s.heartbeats.expire(&mut copy, Instant::now())
+            };
+            if !expired.is_empty() {
+                for c in &expired {
+                    info!(table = %c.table, key = %c.key, "lease expired: entry invalid");
+                }
+                if let Err(e) = h.commit(expired).await {
+                    warn!("applying expired leases: {e:#}");
+                }
+            }
+        }
+    });
+    handle
+}
