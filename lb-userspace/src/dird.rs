@@ -191,11 +191,10 @@ impl DirHandle {
             if s.master.tables().get(table, key).is_none() {
                 return Ok(false);
             }
-            let mut copy = s.master.tables().clone();
-            let change = s
-                .heartbeats
-                .beat(&mut copy, table, key, time_max, Instant::now());
-            change
+            let State {
+                master, heartbeats, ..
+            } = &mut *s;
+            heartbeats.beat(master.tables(), table, key, time_max, Instant::now())
         };
         if let Some(c) = change {
             self.commit(vec![c]).await?;
@@ -289,8 +288,10 @@ pub fn start(daemon: Arc<Mutex<Daemon>>, neighbors: Arc<NeighborTable>) -> DirHa
             tick.tick().await;
             let expired = {
                 let mut s = h.state.lock().await;
-                let mut copy = s.master.tables().clone();
-                s.heartbeats.expire(&mut copy, Instant::now())
+                let State {
+                    master, heartbeats, ..
+                } = &mut *s;
+                heartbeats.expire(master.tables(), Instant::now())
             };
             if !expired.is_empty() {
                 for c in &expired {

@@ -311,20 +311,25 @@ pub struct Heartbeats {
 }
 
 impl Heartbeats {
-    /// Records a heartbeat; returns the change that marks the entry valid, if it was
-    /// not. An entry that does not exist is not created: register it first.
+    /// Records a heartbeat; returns the change that marks the entry valid, if it is
+    /// not (for the caller to apply). An entry that does not exist is not created:
+    /// register it first.
     pub fn beat(
         &mut self,
-        tables: &mut Tables,
+        tables: &Tables,
         table: &str,
         key: &str,
         time_max: Duration,
         now: Instant,
     ) -> Option<Change> {
-        tables.get(table, key)?;
+        let entry = tables.get(table, key)?;
         self.deadlines
             .insert((table.to_string(), key.to_string()), now + time_max);
-        tables.set_valid(table, key, true)
+        (!entry.valid).then(|| Change {
+            table: table.to_string(),
+            key: key.to_string(),
+            op: Op::Valid { valid: true },
+        })
     }
 
     /// Stops expecting heartbeats for an entry (it was deleted).
@@ -332,8 +337,9 @@ impl Heartbeats {
         self.deadlines.remove(&(table.to_string(), key.to_string()));
     }
 
-    /// Invalidates every entry whose Time_Max has passed; returns the changes.
-    pub fn expire(&mut self, tables: &mut Tables, now: Instant) -> Vec<Change> {
+    /// The changes that invalidate every entry whose Time_Max has passed (for the
+    /// caller to apply).
+    pub fn expire(&mut self, tables: &Tables, now: Instant) -> Vec<Change> {
         let late: Vec<(String, String)> = self
             .deadlines
             .iter()
@@ -343,7 +349,13 @@ impl Heartbeats {
         let mut out = Vec::new();
         for (table, key) in late {
             self.deadlines.remove(&(table.clone(), key.clone()));
-            out.extend(tables.set_valid(&table, &key, false));
+            if tables.get(&table, &key).is_some_and(|e| e.valid) {
+                out.push(Change {
+                    table,
+                    key,
+                    op: Op::Valid { valid: false },
+                });
+            }
         }
         out
     }
@@ -489,23 +501,23 @@ mod tests {
         let t0 = Instant::now();
         let max = Duration::from_secs(2);
         assert!(
-            hb.beat(&mut t, "svc.web", "web.1", max, t0).is_none(),
+            hb.beat(&t, "svc.web", "web.1", max, t0).is_none(),
             "already valid"
         );
-        assert!(hb.beat(&mut t, "svc.web", "nope", max, t0).is_none());
+        assert!(hb.beat(&t, "svc.web", "nope", max, t0).is_none());
         assert!(hb
-            .expire(&mut t, t0 + Duration::from_millis(1999))
+            .expire(&t, t0 + Duration::from_millis(1999))
             .is_empty());
-        hb.beat(&mut t, "svc.web", "web.1", max, t0 + Duration::from_secs(1));
+        hb.beat(&t, "svc.web", "web.1", max, t0 + Duration::from_secs(1));
         assert!(
-            hb.expire(&mut t, t0 + Duration::from_millis(2999))
-                .is_empty(),
+            hb.expire(&t, t0 + Duration::from_millis(2999)).is_empty(),
             "renewed"
         );
-        let expired = hb.expire(&mut t, t0 + Duration::from_secs(3));
+        let expired = hb.expire(&t, t0 + Duration::from_secs(3));
         assert_eq!(expired.len(), 1);
+        t.apply(&expired[0]);
         assert!(!t.get("svc.web", "web.1").unwrap().valid);
-        let back = hb.beat(&mut t, "svc.web", "web.1", max, t0 + Duration::from_secs(4));
+        let back = hb.beat(&t, "svc.web", "web.1", max, t0 + Duration::from_secs(4));
         assert_eq!(back.map(|c| c.op), Some(Op::Valid { valid: true }));
     }
 
