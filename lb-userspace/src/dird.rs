@@ -20,7 +20,7 @@ use crate::{
     directory::{
         replication::Master,
         subscriptions::Event,
-        tables::{names, Change, CompleteRoute, Entry, Heartbeats, Op, Tables},
+        tables::{names, Change, CompleteRoute, Entry, Heartbeats, Op, ServerRoute, Tables},
     },
     manager::ServiceKey,
     neighbor::NeighborTable,
@@ -62,19 +62,31 @@ impl Registration {
     }
 }
 
-/// The valid backends the directory holds for each service: the data plane's input.
+/// The backends the directory holds for each service, with their weights: the data
+/// plane's input. An invalid entry (lease expired, health check failing) keeps weight
+/// 0: it takes no new flow, and the flows it has continue, as with a drain; only a
+/// deleted entry leaves the maps entirely.
 pub fn backends_by_service(
     tables: &Tables,
     services: &[ServiceKey],
 ) -> BTreeMap<ServiceKey, BTreeMap<IpAddr, u32>> {
     let mut out = BTreeMap::new();
     for key in services {
-        let routes: Vec<CompleteRoute> = tables.find_server(&names::service(&key.to_string()), "");
-        let backends: BTreeMap<IpAddr, u32> = routes
-            .into_iter()
-            .filter(|r| r.address.is_ipv4() == key.addr.is_ipv4())
-            .map(|r| (r.address, r.server.weight()))
-            .collect();
+        let mut backends = BTreeMap::new();
+        for e in tables.search(&names::service(&key.to_string()), "") {
+            let Some(server) = ServerRoute::parse(&e.value) else {
+                continue;
+            };
+            let Some((address, _)) = tables.host_route(&server.host) else {
+                continue;
+            };
+            if address.is_ipv4() != key.addr.is_ipv4() {
+                continue;
+            }
+            let weight = if e.valid { server.weight() } else { 0 };
+            let w = backends.entry(address).or_insert(0);
+            *w = (*w).max(weight);
+        }
         if !backends.is_empty() {
             out.insert(*key, backends);
         }
@@ -304,4 +316,38 @@ pub fn start(daemon: Arc<Mutex<Daemon>>, neighbors: Arc<NeighborTable>) -> DirHa
         }
     });
     handle
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_data_plane_sees_valid_entries_weighted_and_invalid_ones_drained() {
+        let key: ServiceKey = "tcp/198.18.0.100:8080".parse().unwrap();
+        let other: ServiceKey = "tcp/198.18.0.101:8080".parse().unwrap();
+        let table = names::service(&key.to_string());
+        let mut t = Tables::default();
+        t.add(&table, "a", "198.18.0.11:8080;weight=3", true);
+        t.add(&table, "b", "host2:8080", false);
+        t.add(&table, "c", "hostless:8080", true);
+        t.add(&table, "d", "[2001:db8::1]:8080", true);
+        t.add(
+            names::HOST_ROUTES,
+            &crate::directory::tables::host_route_key("host2", 0),
+            "198.18.0.12",
+            true,
+        );
+        let b = backends_by_service(&t, &[key, other]);
+        assert_eq!(b.len(), 1, "no entries for the other service");
+        let got: Vec<(String, u32)> = b[&key].iter().map(|(a, w)| (a.to_string(), *w)).collect();
+        assert_eq!(
+            got,
+            [
+                ("198.18.0.11".to_string(), 3),
+                ("198.18.0.12".to_string(), 0)
+            ],
+            "c has no route, d is of the other family"
+        );
+    }
 }

@@ -505,9 +505,7 @@ mod tests {
             "already valid"
         );
         assert!(hb.beat(&t, "svc.web", "nope", max, t0).is_none());
-        assert!(hb
-            .expire(&t, t0 + Duration::from_millis(1999))
-            .is_empty());
+        assert!(hb.expire(&t, t0 + Duration::from_millis(1999)).is_empty());
         hb.beat(&t, "svc.web", "web.1", max, t0 + Duration::from_secs(1));
         assert!(
             hb.expire(&t, t0 + Duration::from_millis(2999)).is_empty(),
