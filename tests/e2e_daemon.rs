@@ -41,6 +41,19 @@ struct Env {
 }
 
 fn config_text(node: &str, dir: &Path, pin_dir: &Path, backends: &[&str]) -> String {
+    config_with_check(node, dir, pin_dir, backends, "")
+}
+
+/// An HTTP health check of the TCP service, quick enough for a test.
+const HTTP_CHECK: &str = "\n[service.check]\nkind = \"http\"\npath = \"/\"\ninterval_ms = 200\ntimeout_ms = 200\nrise = 2\nfall = 2\n";
+
+fn config_with_check(
+    node: &str,
+    dir: &Path,
+    pin_dir: &Path,
+    backends: &[&str],
+    check: &str,
+) -> String {
     let octets: BTreeMap<&str, u8> = standard::BACKENDS.iter().copied().collect();
     let list: String = backends
         .iter()
@@ -68,7 +81,7 @@ conn_table_size = 16384
 vip = "{vip}"
 port = {port}
 protocol = "tcp"
-{list}
+{list}{check}
 [[service]]
 vip = "{vip}"
 port = {port}
@@ -78,6 +91,7 @@ protocol = "udp"
         pin = pin_dir.display(),
         vip = standard::VIP,
         port = standard::SERVICE_PORT,
+        check = check,
     )
 }
 
@@ -87,6 +101,10 @@ fn binary(name: &str) -> PathBuf {
 
 impl Env {
     fn new(test: &str, backends: &[&str]) -> Env {
+        Self::with_check(test, backends, "")
+    }
+
+    fn with_check(test: &str, backends: &[&str], check: &str) -> Env {
         let lab = Lab::new()
             .expect("creating the lab")
             .standard(&std::env::temp_dir())
@@ -97,7 +115,11 @@ impl Env {
         std::fs::create_dir_all(&dir).unwrap();
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lb/{node}"));
         let config = dir.join("lbd.toml");
-        std::fs::write(&config, config_text(&node, &dir, &pin_dir, backends)).unwrap();
+        std::fs::write(
+            &config,
+            config_with_check(&node, &dir, &pin_dir, backends, check),
+        )
+        .unwrap();
         let mut env = Env {
             lbd: None,
             lab,
@@ -575,4 +597,60 @@ fn a_backend_registered_with_a_lease_takes_connections_and_leaves_when_it_stops_
     ]))
     .unwrap();
     assert_eq!(rows[0]["valid"], false, "{rows}");
+}
+
+#[test]
+fn a_backend_failing_its_health_check_gets_no_new_connections_until_it_recovers() {
+    let mut env = Env::with_check("health", &["b1", "b2", "b3"], HTTP_CHECK);
+    let all = env.spread(60);
+    assert_eq!(all.len(), 3, "{all:?}");
+    // b2's server stops; the host stays up and reachable.
+    env.lab.stop_server("b2");
+    let stopped = Instant::now();
+    let gone = loop {
+        // Requests that land on b2 before the check catches it fail; count only answers.
+        let s = sources();
+        let answers = env.client(move || {
+            let mut a = BTreeMap::new();
+            for i in 0..30 {
+                if let Ok(name) =
+                    traffic::http_get(Some(s[i % s.len()]), vip(), Duration::from_millis(500))
+                {
+                    *a.entry(name).or_insert(0usize) += 1;
+                }
+            }
+            Ok(a)
+        });
+        if answers.values().sum::<usize>() == 30 && !answers.contains_key("b2") {
+            break stopped.elapsed();
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "b2 still chosen: {answers:?}"
+        );
+    };
+    let backends = env.lbctl_ok(&["-o", "json", "backend", "list", SVC]);
+    let list: serde_json::Value = serde_json::from_str(&backends).unwrap();
+    let b2 = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == "198.18.0.12")
+        .unwrap();
+    assert_eq!(b2["weight"], 1, "the configured weight is kept: {b2}");
+    assert_eq!(b2["healthy"], false, "{b2}");
+
+    env.lab.start_server("b2", &std::env::temp_dir()).unwrap();
+    let restarted = Instant::now();
+    let back = loop {
+        let spread = env.spread(60);
+        if spread.contains_key("b2") {
+            break restarted.elapsed();
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(10),
+            "b2 never came back: {spread:?}"
+        );
+    };
+    eprintln!("health check (HTTP every 200 ms, fall 2, rise 2): b2 out {gone:?} after its server stopped, back {back:?} after it restarted");
 }

@@ -46,11 +46,18 @@ pub struct BackendView {
     pub address: IpAddr,
     pub weight: u32,
     pub drain: bool,
+    /// False while the service's health check fails for it (it then takes no new flows).
+    #[serde(default = "healthy_default")]
+    pub healthy: bool,
     /// The MAC frames are sent to; `None` while unresolved (no traffic then).
     pub mac: Option<String>,
     pub mac_source: String,
     pub packets: u64,
     pub bytes: u64,
+}
+
+fn healthy_default() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -254,6 +254,41 @@ struct ServiceSection {
     pass_irregular: bool,
     #[serde(default)]
     backend: Vec<Spanned<BackendSection>>,
+    check: Option<Spanned<CheckSection>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckSection {
+    /// tcp | http | udp
+    kind: String,
+    /// Port to probe; default: the service's port.
+    port: Option<u16>,
+    path: Option<String>,
+    status: Option<u16>,
+    send: Option<String>,
+    expect: Option<String>,
+    #[serde(default = "default_check_interval")]
+    interval_ms: u64,
+    #[serde(default = "default_check_timeout")]
+    timeout_ms: u64,
+    #[serde(default = "default_rise")]
+    rise: u32,
+    #[serde(default = "default_fall")]
+    fall: u32,
+}
+
+fn default_check_interval() -> u64 {
+    1000
+}
+fn default_check_timeout() -> u64 {
+    500
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
 }
 
 #[derive(Deserialize)]
@@ -395,7 +430,62 @@ fn services(
                 ));
             }
         }
-        if out.insert(key, ServiceSpec { config, backends }).is_some() {
+        let check = match s.check {
+            None => None,
+            Some(c) => {
+                let cspan = c.span();
+                let c = c.into_inner();
+                let probe = match c.kind.as_str() {
+                    "tcp" => crate::health::Probe::Tcp,
+                    "http" => crate::health::Probe::Http {
+                        path: c.path.unwrap_or_else(|| "/".into()),
+                        status: c.status.unwrap_or(200),
+                    },
+                    "udp" => crate::health::Probe::Udp {
+                        send: c.send.unwrap_or_else(|| "ping".into()),
+                        expect: c.expect,
+                    },
+                    other => {
+                        return Err(ctx.err(
+                            cspan,
+                            format!("check.kind: `{other}` is not one of tcp, http, udp"),
+                        ));
+                    }
+                };
+                let port = c.port.unwrap_or(key.port);
+                if port == 0 {
+                    return Err(ctx.err(
+                        cspan,
+                        "check.port: the service has no port; say which port to probe",
+                    ));
+                }
+                if c.interval_ms == 0 || c.timeout_ms == 0 || c.rise == 0 || c.fall == 0 {
+                    return Err(ctx.err(
+                        cspan,
+                        "check: interval_ms, timeout_ms, rise and fall must be positive",
+                    ));
+                }
+                Some(crate::health::CheckConfig {
+                    probe,
+                    port,
+                    interval: std::time::Duration::from_millis(c.interval_ms),
+                    timeout: std::time::Duration::from_millis(c.timeout_ms),
+                    rise: c.rise,
+                    fall: c.fall,
+                })
+            }
+        };
+        if out
+            .insert(
+                key,
+                ServiceSpec {
+                    config,
+                    backends,
+                    check,
+                },
+            )
+            .is_some()
+        {
             return Err(ctx.err(span, format!("service: {key} is defined twice")));
         }
     }

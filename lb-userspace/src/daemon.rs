@@ -122,6 +122,8 @@ pub struct Daemon {
     /// Valid backends the directory holds per service (address → weight), merged with
     /// the configured ones when the maps are written.
     directory: BTreeMap<ServiceKey, BTreeMap<IpAddr, u32>>,
+    /// Backends whose health check fails: no new flows (weight 0) until they recover.
+    unhealthy: BTreeSet<(ServiceKey, IpAddr)>,
 }
 
 /// A service's backends as the maps get them: the configured ones, plus those the
@@ -213,6 +215,7 @@ impl Daemon {
             resumed,
             adopted,
             directory: BTreeMap::new(),
+            unhealthy: BTreeSet::new(),
         };
         daemon.interfaces = locals
             .iter()
@@ -280,6 +283,55 @@ impl Daemon {
         set.into_iter().collect()
     }
 
+    /// A service's backends as the maps get them: configured and directory ones, with
+    /// failing health checks at weight 0.
+    fn effective_spec(&self, key: &ServiceKey, spec: &ServiceSpec) -> ServiceSpec {
+        let mut spec = merged_spec(spec, self.directory.get(key));
+        for (addr, b) in spec.backends.iter_mut() {
+            if self.unhealthy.contains(&(*key, *addr)) {
+                b.weight = 0;
+            }
+        }
+        spec
+    }
+
+    /// Every service with a health check, and the backends to check (configured and
+    /// from the directory).
+    pub fn checks(&self) -> Vec<(ServiceKey, crate::health::CheckConfig, Vec<IpAddr>)> {
+        self.desired
+            .services
+            .iter()
+            .filter_map(|(k, s)| {
+                let check = s.check.clone()?;
+                let backends = merged_spec(s, self.directory.get(k))
+                    .backends
+                    .keys()
+                    .copied()
+                    .collect();
+                Some((*k, check, backends))
+            })
+            .collect()
+    }
+
+    /// A health check's verdict changed: rewrite the service.
+    pub fn set_health(&mut self, key: ServiceKey, addr: IpAddr, healthy: bool) -> Result<()> {
+        let changed = if healthy {
+            self.unhealthy.remove(&(key, addr))
+        } else {
+            self.unhealthy.insert((key, addr))
+        };
+        if changed {
+            info!(service = %key, backend = %addr, healthy, "health check verdict");
+            let desired = self.desired.clone();
+            self.sync(&desired, &BTreeSet::from([key]))?;
+        }
+        Ok(())
+    }
+
+    pub fn is_healthy(&self, key: ServiceKey, addr: IpAddr) -> bool {
+        !self.unhealthy.contains(&(key, addr))
+    }
+
     /// The configured services (keys), for the directory to look up.
     pub fn service_keys(&self) -> Vec<ServiceKey> {
         self.desired.services.keys().copied().collect()
@@ -323,7 +375,7 @@ impl Daemon {
                 }
                 Some(spec) => {
                     self.maps.upsert_service(*key, spec.config)?;
-                    let spec = merged_spec(spec, self.directory.get(key));
+                    let spec = self.effective_spec(key, spec);
                     let backends = plan_backends(&spec, &self.neighbors, &locals);
                     self.maps.set_backends(*key, &backends)?;
                 }
@@ -481,6 +533,7 @@ impl Daemon {
                 backends.push(api::BackendView {
                     address: *addr,
                     weight: b.weight,
+                    healthy: self.is_healthy(*key, *addr),
                     drain: b.drain,
                     mac: mac.map(|m| mac_to_string(&m)),
                     mac_source: source.to_string(),

@@ -42,6 +42,9 @@ impl BackendSpec {
 pub struct ServiceSpec {
     pub config: ServiceConfig,
     pub backends: BTreeMap<IpAddr, BackendSpec>,
+    /// Active health check of the backends, if any.
+    #[serde(default)]
+    pub check: Option<crate::health::CheckConfig>,
 }
 
 /// Every service, keyed by (address, port, protocol).
@@ -222,6 +225,7 @@ mod tests {
                     (
                         key(*port),
                         ServiceSpec {
+                            check: None,
                             config: ServiceConfig::default(),
                             backends: backends
                                 .iter()

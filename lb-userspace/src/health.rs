@@ -29,6 +29,8 @@ pub enum Probe {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckConfig {
     pub probe: Probe,
+    /// Port probed on each backend.
+    pub port: u16,
     pub interval: Duration,
     pub timeout: Duration,
     /// Consecutive successes that make an unhealthy backend healthy again.
@@ -41,6 +43,7 @@ impl Default for CheckConfig {
     fn default() -> Self {
         Self {
             probe: Probe::Tcp,
+            port: 80,
             interval: Duration::from_secs(1),
             timeout: Duration::from_millis(500),
             rise: 2,
@@ -96,12 +99,12 @@ impl Health {
 
 /// Runs one probe against `target`, bounded by `limit`.
 pub async fn probe(target: SocketAddr, probe: &Probe, limit: Duration) -> Result<()> {
-    timeout(limit, run(target, probe))
+    timeout(limit, run_probe(target, probe))
         .await
         .with_context(|| format!("no answer from {target} within {limit:?}"))?
 }
 
-async fn run(target: SocketAddr, probe: &Probe) -> Result<()> {
+async fn run_probe(target: SocketAddr, probe: &Probe) -> Result<()> {
     match probe {
         Probe::Tcp => {
             TcpStream::connect(target)
@@ -154,6 +157,64 @@ async fn run(target: SocketAddr, probe: &Probe) -> Result<()> {
                 }
             }
             Ok(())
+        }
+    }
+}
+
+/// Runs every service's health checks, each backend on its own interval, and hands
+/// verdict changes to the daemon. Runs until the daemon exits.
+pub async fn run_checks(daemon: std::sync::Arc<tokio::sync::Mutex<crate::daemon::Daemon>>) {
+    use std::collections::BTreeMap;
+    use tokio::time::Instant;
+    let mut states: BTreeMap<(crate::manager::ServiceKey, std::net::IpAddr), (Health, Instant)> =
+        BTreeMap::new();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(
+        crate::manager::ServiceKey,
+        std::net::IpAddr,
+        bool,
+        u32,
+        u32,
+    )>(256);
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let checks = daemon.lock().await.checks();
+                let now = Instant::now();
+                let mut wanted = std::collections::BTreeSet::new();
+                for (key, check, backends) in checks {
+                    for addr in backends {
+                        wanted.insert((key, addr));
+                        let entry = states.entry((key, addr)).or_insert((Health::default(), now));
+                        if entry.1 > now {
+                            continue;
+                        }
+                        entry.1 = now + check.interval;
+                        let (tx, probe_kind, limit) = (tx.clone(), check.probe.clone(), check.timeout);
+                        let target = std::net::SocketAddr::new(addr, check.port);
+                        let (rise, fall) = (check.rise, check.fall);
+                        tokio::spawn(async move {
+                            let ok = probe(target, &probe_kind, limit).await.is_ok();
+                            let _ = tx.send((key, addr, ok, rise, fall)).await;
+                        });
+                    }
+                }
+                // Backends that left: forget them, and their verdicts.
+                let gone: Vec<_> = states.keys().filter(|k| !wanted.contains(k)).copied().collect();
+                for k in gone {
+                    states.remove(&k);
+                    let _ = daemon.lock().await.set_health(k.0, k.1, true);
+                }
+            }
+            Some((key, addr, ok, rise, fall)) = rx.recv() => {
+                if let Some((h, _)) = states.get_mut(&(key, addr)) {
+                    if let Some(healthy) = h.record(ok, rise, fall) {
+                        if let Err(e) = daemon.lock().await.set_health(key, addr, healthy) {
+                            tracing::warn!("applying a health verdict: {e:#}");
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -259,6 +259,22 @@ impl Lab {
         })
     }
 
+    /// Stops the lab server on backend `tag` (the host stays up).
+    pub fn stop_server(&mut self, tag: &str) {
+        let name = format!("lab-server in {tag}");
+        self.procs.retain(|p| p.name != name);
+    }
+
+    /// Starts the lab server on backend `tag` again.
+    pub fn start_server(&mut self, tag: &str, log_dir: &Path) -> Result<()> {
+        let server = Self::target_binary("lab-server")?;
+        let log = log_dir.join(format!("{}-lab-server-{tag}-again.log", self.prefix));
+        let port = standard::SERVICE_PORT.to_string();
+        let proc = self.spawn(tag, &server, &[tag, &port], &log)?;
+        self.procs.push(proc);
+        Ok(())
+    }
+
     /// Builds the standard topology and starts the backends' servers.
     pub fn standard(self, log_dir: &Path) -> Result<Lab> {
         self.build(log_dir, true)

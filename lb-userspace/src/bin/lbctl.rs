@@ -324,6 +324,7 @@ fn print_backends(s: &api::ServiceView) {
     for b in &s.backends {
         let state = match (b.drain, &b.mac) {
             (_, None) => "unresolved",
+            _ if !b.healthy => "unhealthy",
             (true, _) => "draining",
             (false, _) => "active",
         };

@@ -113,6 +113,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
         None => None,
     };
     let directory = dird::start(daemon.clone(), neighbors.clone());
+    tokio::spawn(lb_userspace::health::run_checks(daemon.clone()));
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<Shutdown>(1);
     let state = AppState {
         directory,
