@@ -41,6 +41,7 @@ pub fn plan_backends(
     spec: &ServiceSpec,
     neighbors: &BTreeMap<IpAddr, Neighbor>,
     interfaces: &[LocalInterface],
+    via: &BTreeMap<IpAddr, IpAddr>,
 ) -> Vec<BackendConfig> {
     let Some(first) = interfaces.first() else {
         return Vec::new();
@@ -48,7 +49,9 @@ pub fn plan_backends(
     spec.backends
         .iter()
         .filter_map(|(addr, b)| {
-            let neighbor = neighbors.get(addr);
+            // A backend reached over another of its host's routes: that route's MAC.
+            let hop = via.get(addr).unwrap_or(addr);
+            let neighbor = neighbors.get(hop);
             let dst_mac = b.mac.or(neighbor.map(|n| n.mac))?;
             let out = neighbor
                 .and_then(|n| interfaces.iter().find(|i| i.ifindex == n.ifindex))
@@ -121,26 +124,38 @@ pub struct Daemon {
     adopted: BTreeSet<IpAddr>,
     /// Valid backends the directory holds per service (address → weight), merged with
     /// the configured ones when the maps are written.
-    directory: BTreeMap<ServiceKey, BTreeMap<IpAddr, u32>>,
+    directory: BTreeMap<ServiceKey, BTreeMap<IpAddr, DirBackend>>,
     /// Backends whose health check fails: no new flows (weight 0) until they recover.
     unhealthy: BTreeSet<(ServiceKey, IpAddr)>,
 }
 
 /// A service's backends as the maps get them: the configured ones, plus those the
 /// directory holds (a configured backend wins over a directory entry for its address).
-pub fn merged_spec(spec: &ServiceSpec, directory: Option<&BTreeMap<IpAddr, u32>>) -> ServiceSpec {
+pub fn merged_spec(
+    spec: &ServiceSpec,
+    directory: Option<&BTreeMap<IpAddr, DirBackend>>,
+) -> ServiceSpec {
     let mut merged = spec.clone();
-    for (addr, weight) in directory.into_iter().flatten() {
+    for (addr, d) in directory.into_iter().flatten() {
         merged
             .backends
             .entry(*addr)
             .or_insert(crate::desired::BackendSpec {
                 mac: None,
-                weight: *weight,
+                weight: d.weight,
                 drain: false,
             });
     }
     merged
+}
+
+/// A backend the directory holds: its weight, and the address of its host's current
+/// route (where its frames go; its identity in the tables stays the same when the
+/// route changes, so its flows stay with it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirBackend {
+    pub weight: u32,
+    pub via: IpAddr,
 }
 
 impl Daemon {
@@ -278,9 +293,23 @@ impl Daemon {
             .flat_map(|s| s.backends.iter())
             .filter(|(_, b)| b.mac.is_none())
             .map(|(a, _)| *a)
-            .chain(self.directory.values().flat_map(|d| d.keys().copied()))
+            .chain(
+                self.directory
+                    .values()
+                    .flat_map(|d| d.values().map(|b| b.via)),
+            )
             .collect();
         set.into_iter().collect()
+    }
+
+    /// Directory backends reached through another address than their own.
+    fn via(&self) -> BTreeMap<IpAddr, IpAddr> {
+        self.directory
+            .values()
+            .flat_map(|d| d.iter())
+            .filter(|(a, b)| **a != b.via)
+            .map(|(a, b)| (*a, b.via))
+            .collect()
     }
 
     /// A service's backends as the maps get them: configured and directory ones, with
@@ -341,7 +370,7 @@ impl Daemon {
     /// whose set changed. Returns those services.
     pub fn set_directory(
         &mut self,
-        directory: BTreeMap<ServiceKey, BTreeMap<IpAddr, u32>>,
+        directory: BTreeMap<ServiceKey, BTreeMap<IpAddr, DirBackend>>,
     ) -> Result<Vec<ServiceKey>> {
         let keys: BTreeSet<ServiceKey> = self
             .directory
@@ -376,7 +405,7 @@ impl Daemon {
                 Some(spec) => {
                     self.maps.upsert_service(*key, spec.config)?;
                     let spec = self.effective_spec(key, spec);
-                    let backends = plan_backends(&spec, &self.neighbors, &locals);
+                    let backends = plan_backends(&spec, &self.neighbors, &locals, &self.via());
                     self.maps.set_backends(*key, &backends)?;
                 }
             }
@@ -435,18 +464,20 @@ impl Daemon {
             }
         }
         self.neighbors.extend(fresh);
-        let touched: BTreeSet<ServiceKey> = self
-            .desired
-            .services
-            .iter()
-            .filter(|(k, s)| {
-                changed.iter().any(|a| {
-                    s.backends.get(a).is_some_and(|b| b.mac.is_none())
-                        || self.directory.get(*k).is_some_and(|d| d.contains_key(a))
+        let touched: BTreeSet<ServiceKey> =
+            self.desired
+                .services
+                .iter()
+                .filter(|(k, s)| {
+                    changed.iter().any(|a| {
+                        s.backends.get(a).is_some_and(|b| b.mac.is_none())
+                            || self.directory.get(*k).is_some_and(|d| {
+                                d.contains_key(a) || d.values().any(|b| b.via == *a)
+                            })
+                    })
                 })
-            })
-            .map(|(k, _)| *k)
-            .collect();
+                .map(|(k, _)| *k)
+                .collect();
         let desired = self.desired.clone();
         self.sync(&desired, &touched)?;
         self.persist()?;
@@ -637,7 +668,7 @@ mod tests {
                 mac: [2, 2, 2, 2, 2, 2],
             },
         )]);
-        let planned = plan_backends(&spec, &neighbors, &[local(7, 9)]);
+        let planned = plan_backends(&spec, &neighbors, &[local(7, 9)], &BTreeMap::new());
         assert_eq!(planned.len(), 2, "the unresolved backend must wait");
         assert_eq!(planned[0].weight, 2);
         assert_eq!(planned[0].route.src_mac, [2, 0, 0, 0, 0, 9]);
@@ -658,7 +689,12 @@ mod tests {
                 mac: [2, 2, 2, 2, 2, 2],
             },
         )]);
-        let planned = plan_backends(&spec, &neighbors, &[local(7, 7), local(8, 8)]);
+        let planned = plan_backends(
+            &spec,
+            &neighbors,
+            &[local(7, 7), local(8, 8)],
+            &BTreeMap::new(),
+        );
         assert_eq!(planned[0].route.egress, Egress::Interface { ifindex: 8 });
         assert_eq!(planned[0].route.src_mac, [2, 0, 0, 0, 0, 8]);
     }

@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, Mutex};
 use tracing::{info, warn};
 
 use crate::{
-    daemon::Daemon,
+    daemon::{Daemon, DirBackend},
     directory::{
         replication::Master,
         subscriptions::Event,
@@ -62,30 +62,47 @@ impl Registration {
     }
 }
 
-/// The backends the directory holds for each service, with their weights: the data
-/// plane's input. An invalid entry (lease expired, health check failing) keeps weight
-/// 0: it takes no new flow, and the flows it has continue, as with a drain; only a
-/// deleted entry leaves the maps entirely.
+/// The backends the directory holds for each service: the data plane's input. A
+/// backend's identity is its host's first route (route 0, valid or not) or the address
+/// it was registered with, so that a route change moves its frames (`via`) without
+/// moving its flows. An invalid entry (lease expired, health failing) keeps weight 0:
+/// no new flow, and its flows continue, as with a drain; only a deleted entry leaves.
 pub fn backends_by_service(
     tables: &Tables,
     services: &[ServiceKey],
-) -> BTreeMap<ServiceKey, BTreeMap<IpAddr, u32>> {
+) -> BTreeMap<ServiceKey, BTreeMap<IpAddr, DirBackend>> {
     let mut out = BTreeMap::new();
     for key in services {
-        let mut backends = BTreeMap::new();
+        let mut backends: BTreeMap<IpAddr, DirBackend> = BTreeMap::new();
         for e in tables.search(&names::service(&key.to_string()), "") {
             let Some(server) = ServerRoute::parse(&e.value) else {
                 continue;
             };
-            let Some((address, _)) = tables.host_route(&server.host) else {
+            let Some((via, _)) = tables.host_route(&server.host) else {
                 continue;
             };
-            if address.is_ipv4() != key.addr.is_ipv4() {
+            let identity = server.host.parse::<IpAddr>().ok().or_else(|| {
+                tables
+                    .search(names::HOST_ROUTES, &format!("{}#", server.host))
+                    .into_iter()
+                    .filter_map(|r| {
+                        Some((
+                            r.key.rsplit_once('#')?.1.parse::<u32>().ok()?,
+                            r.value.parse::<IpAddr>().ok()?,
+                        ))
+                    })
+                    .min_by_key(|(order, _)| *order)
+                    .map(|(_, a)| a)
+            });
+            let Some(identity) = identity else { continue };
+            if identity.is_ipv4() != key.addr.is_ipv4() || via.is_ipv4() != key.addr.is_ipv4() {
                 continue;
             }
             let weight = if e.valid { server.weight() } else { 0 };
-            let w = backends.entry(address).or_insert(0);
-            *w = (*w).max(weight);
+            let b = backends
+                .entry(identity)
+                .or_insert(DirBackend { weight: 0, via });
+            b.weight = b.weight.max(weight);
         }
         if !backends.is_empty() {
             out.insert(*key, backends);
@@ -340,7 +357,10 @@ mod tests {
         );
         let b = backends_by_service(&t, &[key, other]);
         assert_eq!(b.len(), 1, "no entries for the other service");
-        let got: Vec<(String, u32)> = b[&key].iter().map(|(a, w)| (a.to_string(), *w)).collect();
+        let got: Vec<(String, u32)> = b[&key]
+            .iter()
+            .map(|(a, d)| (a.to_string(), d.weight))
+            .collect();
         assert_eq!(
             got,
             [
@@ -348,6 +368,51 @@ mod tests {
                 ("198.18.0.12".to_string(), 0)
             ],
             "c has no route, d is of the other family"
+        );
+    }
+
+    #[test]
+    fn a_failed_route_moves_frames_to_the_next_route_but_keeps_the_identity() {
+        use crate::directory::tables::host_route_key;
+        let key: ServiceKey = "tcp/198.18.0.100:8080".parse().unwrap();
+        let table = names::service(&key.to_string());
+        let mut t = Tables::default();
+        t.add(&table, "b3", "b3host:8080", true);
+        t.add(
+            names::HOST_ROUTES,
+            &host_route_key("b3host", 0),
+            "198.18.0.13",
+            true,
+        );
+        t.add(
+            names::HOST_ROUTES,
+            &host_route_key("b3host", 1),
+            "198.18.0.23",
+            true,
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let first = backends_by_service(&t, &[key]);
+        assert_eq!(
+            first[&key][&ip("198.18.0.13")],
+            DirBackend {
+                weight: 1,
+                via: ip("198.18.0.13")
+            }
+        );
+        t.set_valid(names::HOST_ROUTES, &host_route_key("b3host", 0), false);
+        let moved = backends_by_service(&t, &[key]);
+        assert_eq!(moved[&key].len(), 1);
+        assert_eq!(
+            moved[&key][&ip("198.18.0.13")],
+            DirBackend {
+                weight: 1,
+                via: ip("198.18.0.23")
+            }
+        );
+        t.set_valid(names::HOST_ROUTES, &host_route_key("b3host", 1), false);
+        assert!(
+            backends_by_service(&t, &[key]).is_empty(),
+            "no valid route: unreachable"
         );
     }
 }
