@@ -214,6 +214,20 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         self.lbd.take();
+        if std::thread::panicking() {
+            // lbd's own account of what happened, before it is deleted.
+            for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                    eprintln!("--- {} (last 30 lines)", p.display());
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
         // Unpinning the link takes the program off; unpinning the maps frees them.
         let _ = std::fs::remove_dir_all(&self.pin_dir);
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -653,4 +667,76 @@ fn a_backend_failing_its_health_check_gets_no_new_connections_until_it_recovers(
         );
     };
     eprintln!("health check (HTTP every 200 ms, fall 2, rise 2): b2 out {gone:?} after its server stopped, back {back:?} after it restarted");
+}
+
+#[test]
+fn with_two_routes_to_a_backend_a_failed_link_moves_its_traffic_to_the_other() {
+    let mut env = Env::new("routes", &["b1", "b2"]);
+    env.lab.add_link("b3", "eth1", 53).unwrap();
+    let table = format!("svc.{SVC}");
+    env.lbctl_ok(&["dir", "add", "host_routes", "b3host#0", "198.18.0.13"]);
+    env.lbctl_ok(&["dir", "add", "host_routes", "b3host#1", "198.18.0.53"]);
+    env.lbctl_ok(&["dir", "add", &table, "b3", "b3host:8080"]);
+    let found = env.lbctl_ok(&["-o", "json", "dir", "find", &table]);
+    assert!(found.contains("198.18.0.13"), "{found}");
+
+    // A long-lived connection that lands on b3.
+    let conv = env.client(|| {
+        for i in 0..40 {
+            let src = standard::client_sources().nth(i % 20);
+            let mut c = Conversation::open(src, vip(), TIMEOUT)?;
+            if c.ask(&format!("who {i}"))? == "b3" {
+                return Ok(c);
+            }
+        }
+        anyhow::bail!("no connection landed on b3 in 40 tries")
+    });
+    env.lab.host("b3").ns.ip("link set eth0 down").unwrap();
+    let down = Instant::now();
+    loop {
+        let rows: serde_json::Value = serde_json::from_str(&env.lbctl_ok(&[
+            "-o",
+            "json",
+            "dir",
+            "search",
+            "host_routes",
+            "b3host#0",
+        ]))
+        .unwrap();
+        if rows[0]["valid"] == false {
+            break;
+        }
+        assert!(
+            down.elapsed() < Duration::from_secs(10),
+            "route 0 never marked invalid: {rows}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let moved = down.elapsed();
+    let found = env.lbctl_ok(&["-o", "json", "dir", "find", &table]);
+    assert!(
+        found.contains("198.18.0.53"),
+        "the second route is not current: {found}"
+    );
+    // The established connection goes on, over the second link, on the same backend.
+    env.client(move || {
+        let mut conv = conv;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match conv.ask("still b3?") {
+                Ok(name) => {
+                    anyhow::ensure!(name == "b3", "moved to {name}");
+                    return Ok(());
+                }
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    });
+    let spread = env.spread(60);
+    assert!(
+        spread.contains_key("b3"),
+        "b3 gets no new connection over its second route: {spread:?}"
+    );
+    eprintln!("host routes: route 0 of b3 marked invalid {moved:?} after its link went down; traffic continued over route 1");
 }

@@ -405,7 +405,23 @@ impl Daemon {
                 Some(spec) => {
                     self.maps.upsert_service(*key, spec.config)?;
                     let spec = self.effective_spec(key, spec);
-                    let backends = plan_backends(&spec, &self.neighbors, &locals, &self.via());
+                    let mut backends = plan_backends(&spec, &self.neighbors, &locals, &self.via());
+                    // A backend whose new next hop is not resolved yet keeps its current
+                    // route meanwhile: its packets may be lost for a moment (TCP resends
+                    // them), but its flows are not re-steered and broken.
+                    let current = self.maps.current_backends(*key);
+                    for (addr, b) in &spec.backends {
+                        if backends.iter().any(|p| p.addr == *addr) {
+                            continue;
+                        }
+                        if let Some((_, route)) = current.get(addr) {
+                            backends.push(BackendConfig {
+                                addr: *addr,
+                                weight: b.effective_weight(),
+                                route: *route,
+                            });
+                        }
+                    }
                     self.maps.set_backends(*key, &backends)?;
                 }
             }

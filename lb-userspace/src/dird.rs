@@ -163,21 +163,25 @@ impl DirHandle {
         // Resolve new backends' MACs first, so they take traffic as soon as they are in.
         let unknown: Vec<IpAddr> = {
             let d = self.daemon.lock().await;
-            backends
+            let vias: std::collections::BTreeSet<IpAddr> = backends
                 .values()
-                .flat_map(|b| b.keys())
-                .filter(|a| !d.knows_neighbor(**a))
-                .copied()
-                .collect()
+                .flat_map(|b| b.values().map(|x| x.via))
+                .filter(|a| !d.knows_neighbor(*a))
+                .collect();
+            vias.into_iter().collect()
         };
         let mut found = BTreeMap::new();
         for addr in unknown {
-            if let Ok(Some(n)) = self
+            match self
                 .neighbors
                 .resolve(addr, Duration::from_millis(1500))
                 .await
             {
-                found.insert(addr, n);
+                Ok(Some(n)) => {
+                    found.insert(addr, n);
+                }
+                Ok(None) => warn!(%addr, "no MAC for a directory backend yet"),
+                Err(e) => warn!(%addr, "resolving a directory backend: {e:#}"),
             }
         }
         if !found.is_empty() {
@@ -295,6 +299,48 @@ impl DirHandle {
             Err(broadcast::error::RecvError::Closed) => None,
         }
     }
+}
+
+/// Route monitoring: every host route is ARP-probed through `interface` every 300 ms;
+/// two misses make it invalid (the next valid route becomes current), two answers
+/// valid again.
+pub fn monitor_routes(handle: DirHandle, interface: String, src: std::net::Ipv4Addr) {
+    tokio::spawn(async move {
+        let mut health: BTreeMap<String, crate::health::Health> = BTreeMap::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(300));
+        loop {
+            tick.tick().await;
+            let routes = handle.search(names::HOST_ROUTES, "").await;
+            let mut probes = Vec::new();
+            for r in routes {
+                let Ok(IpAddr::V4(target)) = r.value.parse::<IpAddr>() else {
+                    continue;
+                };
+                let iface = interface.clone();
+                probes.push((
+                    r.key.clone(),
+                    tokio::task::spawn_blocking(move || {
+                        crate::vip::arp_probe(&iface, src, target, Duration::from_millis(200))
+                    }),
+                ));
+            }
+            for (key, probe) in probes {
+                let ok = matches!(probe.await, Ok(Ok(Some(_))));
+                let h = health.entry(key.clone()).or_default();
+                if let Some(valid) = h.record(ok, 2, 2) {
+                    info!(route = %key, valid, "host route probe verdict");
+                    let change = Change {
+                        table: names::HOST_ROUTES.into(),
+                        key,
+                        op: Op::Valid { valid },
+                    };
+                    if let Err(e) = handle.commit(vec![change]).await {
+                        warn!("applying a route verdict: {e:#}");
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Starts the directory (lease expiry every 50 ms) and returns its handle.

@@ -629,6 +629,35 @@ impl MapManager {
             .map_ctx(map_names::VIP_ADDRS)
     }
 
+    /// The routes the maps hold for a service's backends, with their weights.
+    pub fn current_backends(&self, key: ServiceKey) -> BTreeMap<IpAddr, (u32, L2Route)> {
+        let Some(state) = self.services.get(&key) else {
+            return BTreeMap::new();
+        };
+        state
+            .backends
+            .iter()
+            .map(|(addr, b)| {
+                let egress = match b.route.tx_port {
+                    0 => Egress::Ingress,
+                    slot => Egress::Interface {
+                        ifindex: self
+                            .tx_port_slots
+                            .iter()
+                            .find(|(_, s)| **s == slot)
+                            .map_or(0, |(i, _)| *i),
+                    },
+                };
+                let route = L2Route {
+                    dst_mac: b.route.dst_mac,
+                    src_mac: b.route.src_mac,
+                    egress,
+                };
+                (*addr, (b.weight, route))
+            })
+            .collect()
+    }
+
     /// Switches to cluster mode: from now on only addresses passed to `set_owned`
     /// are served; all others leave `VIP_ADDRS` at once.
     pub fn own_only(&mut self, owned: BTreeSet<IpAddr>) -> Result<()> {

@@ -121,6 +121,57 @@ impl Announcer {
     }
 }
 
+/// Asks `target` for its MAC with an ARP request from `src` on `interface`, and waits
+/// up to `timeout` for the answer. Blocking: run it on a blocking thread.
+pub fn arp_probe(
+    interface: &str,
+    src: Ipv4Addr,
+    target: Ipv4Addr,
+    timeout: Duration,
+) -> Result<Option<[u8; 6]>> {
+    let iface = datalink::interfaces()
+        .into_iter()
+        .find(|i| i.name == interface)
+        .with_context(|| format!("interface {interface} not found for ARP probes"))?;
+    let mac = iface
+        .mac
+        .with_context(|| format!("interface {interface} has no MAC"))?;
+    let config = datalink::Config {
+        read_timeout: Some(Duration::from_millis(20)),
+        ..Default::default()
+    };
+    let (mut tx, mut rx) =
+        match datalink::channel(&iface, config).context("opening a raw socket for ARP probes")? {
+            Channel::Ethernet(tx, rx) => (tx, rx),
+            _ => bail!("interface {interface}: not an Ethernet channel"),
+        };
+    let mut frame = garp_frame(mac.octets(), src);
+    {
+        let mut arp = MutableArpPacket::new(&mut frame[14..]).expect("sized");
+        arp.set_target_proto_addr(target);
+    }
+    tx.send_to(&frame, None)
+        .context("no buffer for the ARP probe")?
+        .context("sending the ARP probe")?;
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        let Ok(bytes) = rx.next() else { continue };
+        let Some(eth) = pnet::packet::ethernet::EthernetPacket::new(bytes) else {
+            continue;
+        };
+        if eth.get_ethertype() != EtherTypes::Arp {
+            continue;
+        }
+        let Some(arp) = pnet::packet::arp::ArpPacket::new(eth.payload()) else {
+            continue;
+        };
+        if arp.get_operation() == ArpOperations::Reply && arp.get_sender_proto_addr() == target {
+            return Ok(Some(arp.get_sender_hw_addr().octets()));
+        }
+    }
+    Ok(None)
+}
+
 /// Adds `vip` (as a host address) to the interface; already there is fine.
 pub async fn add_address(handle: &rtnetlink::Handle, ifindex: u32, vip: IpAddr) -> Result<()> {
     let prefix = if vip.is_ipv4() { 32 } else { 128 };

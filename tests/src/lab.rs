@@ -259,6 +259,31 @@ impl Lab {
         })
     }
 
+    /// Gives host `tag` a second link to the bridge, `ifname` with 198.18.0.`octet`:
+    /// a second route to it.
+    pub fn add_link(&mut self, tag: &str, ifname: &str, octet: u8) -> Result<()> {
+        let port = format!("v-{tag}-{ifname}");
+        let host = self.host(tag);
+        self.bridge.ip(&format!(
+            "link add {port} type veth peer name {ifname} netns {}",
+            host.ns.name()
+        ))?;
+        self.bridge.ip(&format!("link set {port} master br0 up"))?;
+        let mac = [0x02, 0x1c, 0, 0, 0, octet];
+        host.ns
+            .ip(&format!("link set {ifname} address {}", mac_string(&mac)))?;
+        host.ns.ip(&format!(
+            "addr add 198.18.0.{octet}/{SUBNET_PREFIX} dev {ifname}"
+        ))?;
+        host.ns.ip(&format!("link set {ifname} up"))?;
+        host.ns.exec("ethtool", &["-K", ifname, "tx", "off"])?;
+        host.ns
+            .sysctl(&format!("net.ipv4.conf.{ifname}.arp_ignore"), "1")?;
+        host.ns
+            .sysctl(&format!("net.ipv4.conf.{ifname}.arp_announce"), "2")?;
+        Ok(())
+    }
+
     /// Stops the lab server on backend `tag` (the host stays up).
     pub fn stop_server(&mut self, tag: &str) {
         let name = format!("lab-server in {tag}");

@@ -93,6 +93,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
     let neighbors = Arc::new(NeighborTable::new()?);
     let cluster_config = config.cluster.clone();
     let registry_listen = config.node.registry_listen;
+    let first_interface = config.interfaces.first().map(|i| i.name.clone());
     let daemon = Daemon::start(config, &neighbors).await?;
     let status = daemon.status();
     info!(
@@ -113,6 +114,25 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
         None => None,
     };
     let directory = dird::start(daemon.clone(), neighbors.clone());
+    // Host routes are probed through the first data-plane interface, from its address.
+    if let Some(first) = first_interface {
+        let iface = neighbors.interface(&first).await?;
+        let vips = daemon.lock().await.service_addresses();
+        let src = neighbors
+            .addresses(iface.ifindex)
+            .await?
+            .into_iter()
+            .find_map(|a| match a {
+                std::net::IpAddr::V4(v4) if !vips.contains(&a) => Some(v4),
+                _ => None,
+            });
+        match src {
+            Some(src) => dird::monitor_routes(directory.clone(), first, src),
+            None => {
+                warn!(interface = %first, "no IPv4 address of its own: host routes are not probed")
+            }
+        }
+    }
     tokio::spawn(lb_userspace::health::run_checks(daemon.clone()));
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<Shutdown>(1);
     let state = AppState {
