@@ -150,6 +150,9 @@ fn main() -> Result<()> {
             let mut cmd = cargo();
             cmd.args(["bench", "--package", "lb-userspace", "--bench", "dataplane"]);
             status(cmd, "cargo bench (data plane)")?;
+            let mut cmd = cargo();
+            cmd.args(["bench", "--package", "lb-userspace", "--bench", "directory"]);
+            status(cmd, "cargo bench (directory)")?;
             // The failover bench drives lbd and the lab server: build them first, in
             // the profile the bench runs in.
             let mut cmd = cargo();
