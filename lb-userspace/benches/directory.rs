@@ -21,7 +21,7 @@ fn change(i: u64) -> Change {
                 i % 250,
                 1 + i % 3
             ),
-            valid: i % 7 != 0,
+            valid: !i.is_multiple_of(7),
         },
     }
 }
