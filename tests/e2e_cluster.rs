@@ -422,3 +422,76 @@ fn a_node_whose_backends_are_unreachable_gives_its_vip_up() {
     let answer = c.client(|| traffic::http_get(None, vip_addr(standard::VIP), TIMEOUT));
     assert!(answer.starts_with('b'), "{answer}");
 }
+
+#[test]
+fn a_backend_registered_on_one_node_is_in_every_nodes_directory_and_maps() {
+    let c = Cluster::new("dsd");
+    c.settle(Duration::from_secs(5));
+    let svc = format!("tcp/{}:{}", standard::VIP, standard::SERVICE_PORT);
+    let table = format!("svc.{svc}");
+    // Registered on lb3 (not the directory master, lb1, which serves VIP 1).
+    let out = c.lbctl(
+        "lb3",
+        &["dir", "add", &table, "extra", "198.18.0.13:8080;weight=5"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start = Instant::now();
+    for lb in ["lb1", "lb2", "lb3"] {
+        loop {
+            let out = c.lbctl(lb, &["-o", "json", "dir", "search", &table]);
+            let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if rows
+                .as_array()
+                .is_some_and(|r| r.iter().any(|e| e["key"] == "extra"))
+            {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{lb} never got the entry: {rows}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = c.lbctl(lb, &["-o", "json", "backend", "list", &svc]);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let b = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == "198.18.0.13");
+        assert!(
+            b.is_some_and(|b| b["weight"] == 3 || b["weight"] == 1 || b["weight"] == 5),
+            "{lb}: {list}"
+        );
+    }
+    eprintln!(
+        "directory: an entry added on lb3 reached all three nodes within {:?}",
+        start.elapsed()
+    );
+    // A deletion travels the same way.
+    let out = c.lbctl("lb2", &["dir", "delete", &table, "extra"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start = Instant::now();
+    for lb in ["lb1", "lb2", "lb3"] {
+        loop {
+            let out = c.lbctl(lb, &["-o", "json", "dir", "search", &table]);
+            let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if rows.as_array().is_some_and(|r| r.is_empty()) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{lb} kept the entry: {rows}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::{
     daemon::{Daemon, DirBackend},
     directory::{
-        replication::Master,
+        replication::{Agent, Backup, Master, Msg, NodeId, Out},
         subscriptions::Event,
         tables::{names, Change, CompleteRoute, Entry, Heartbeats, Op, ServerRoute, Tables},
     },
@@ -111,10 +111,75 @@ pub fn backends_by_service(
     out
 }
 
+/// This node's part of the directory: always an agent (whose replica feeds the data
+/// plane and answers queries), and the master or the backup when the cluster says so.
 struct State {
-    master: Master,
+    me: NodeId,
+    agent: Agent,
+    master: Option<Master>,
+    backup: Option<Backup>,
     heartbeats: Heartbeats,
-    next_req: u64,
+    /// Other nodes' directory endpoints, by id.
+    peers: BTreeMap<NodeId, SocketAddr>,
+}
+
+impl State {
+    /// Delivers messages among this node's roles until none is left for it; returns
+    /// the changes its replica applied and the messages for other nodes.
+    fn dispatch(
+        &mut self,
+        mut queue: Vec<(NodeId, NodeId, Msg)>,
+    ) -> (Vec<Change>, Vec<(NodeId, Msg)>) {
+        let mut applied = Vec::new();
+        let mut remote = Vec::new();
+        while let Some((to, from, msg)) = queue.pop() {
+            if to != self.me {
+                remote.push((to, msg));
+                continue;
+            }
+            let outs = match &msg {
+                Msg::Submit { .. } | Msg::Stored { .. } | Msg::Sync { .. } => {
+                    match self.master.as_mut() {
+                        Some(m) => m.handle(msg),
+                        None => Vec::new(), // Not the master (any more): the sender resends.
+                    }
+                }
+                Msg::Replicate { .. } => match self.backup.as_mut() {
+                    Some(b) => b.handle(from, msg),
+                    None => Vec::new(),
+                },
+                Msg::Push { .. } | Msg::Ack { .. } | Msg::Log { .. } | Msg::Snapshot { .. } => {
+                    let (changes, outs) = self.agent.handle(msg);
+                    applied.extend(changes);
+                    outs
+                }
+            };
+            for o in outs {
+                match o {
+                    Out::To(t, m) => queue.push((t, self.me, m)),
+                    Out::All(m) => {
+                        queue.push((self.me, self.me, m.clone()));
+                        for p in self.peers.keys() {
+                            queue.push((*p, self.me, m.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        (applied, remote)
+    }
+
+    fn local(&self, outs: Vec<Out>) -> Vec<(NodeId, NodeId, Msg)> {
+        outs.into_iter()
+            .flat_map(|o| match o {
+                Out::To(t, m) => vec![(t, self.me, m)],
+                Out::All(m) => std::iter::once(self.me)
+                    .chain(self.peers.keys().copied())
+                    .map(|p| (p, self.me, m.clone()))
+                    .collect(),
+            })
+            .collect()
+    }
 }
 
 /// What the API holds of the directory.
@@ -123,42 +188,141 @@ pub struct DirHandle {
     state: Arc<Mutex<State>>,
     daemon: Arc<Mutex<Daemon>>,
     neighbors: Arc<NeighborTable>,
-    /// Every applied change with the row after it, for subscribers.
+    key: Arc<Vec<u8>>,
+    /// Every change applied to this node's replica, with the row after it, for
+    /// subscribers.
     pub changes: broadcast::Sender<(Change, Option<Entry>)>,
 }
 
 impl DirHandle {
-    /// Applies local changes (through this node's master) and feeds the data plane.
+    /// Submits local changes through this node's agent (to the master, here or on
+    /// another node); returns how many the replica applied at once (all of them when
+    /// this node is the master; the others arrive with the master's pushes).
     async fn commit(&self, changes: Vec<Change>) -> Result<usize> {
-        let mut applied = Vec::new();
-        {
+        let (applied, remote) = {
             let mut s = self.state.lock().await;
+            let mut queue = Vec::new();
             for change in changes {
-                s.next_req += 1;
-                let req = s.next_req;
-                let before = s.master.version();
-                s.master.submit_local(req, change.clone());
-                if s.master.version() > before {
-                    let row = s.master.tables().get(&change.table, &change.key);
-                    applied.push((change, row));
-                }
+                let (_, outs) = s.agent.submit(change);
+                queue.extend(s.local(outs));
+            }
+            s.dispatch(queue)
+        };
+        self.send_remote(remote).await;
+        self.applied(applied).await
+    }
+
+    /// Handles a message from another node.
+    pub async fn receive(&self, from: NodeId, msg: Msg) -> Result<()> {
+        let (applied, remote) = {
+            let mut s = self.state.lock().await;
+            let me = s.me;
+            s.dispatch(vec![(me, from, msg)])
+        };
+        self.send_remote(remote).await;
+        self.applied(applied).await.map(drop)
+    }
+
+    async fn applied(&self, applied: Vec<Change>) -> Result<usize> {
+        let n = applied.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        {
+            let s = self.state.lock().await;
+            for c in applied {
+                let row = s.agent.tables().get(&c.table, &c.key);
+                let _ = self.changes.send((c, row));
             }
         }
-        let n = applied.len();
-        for a in applied {
-            let _ = self.changes.send(a);
-        }
-        if n > 0 {
-            self.feed_dataplane().await?;
-        }
+        self.feed_dataplane().await?;
         Ok(n)
+    }
+
+    async fn send_remote(&self, remote: Vec<(NodeId, Msg)>) {
+        if remote.is_empty() {
+            return;
+        }
+        let (me, peers) = {
+            let s = self.state.lock().await;
+            (s.me, s.peers.clone())
+        };
+        for (to, msg) in remote {
+            let Some(addr) = peers.get(&to).copied() else {
+                continue;
+            };
+            let body = crate::cluster::wire::encode_body(
+                &serde_json::to_vec(&msg).expect("serializes"),
+                &self.key,
+            );
+            tokio::spawn(async move {
+                if let Err(e) = post(addr, me, body).await {
+                    tracing::debug!(%addr, "directory message not delivered (it is resent): {e:#}");
+                }
+            });
+        }
+    }
+
+    /// Re-sends what is unacknowledged and asks for missed changes; follows the
+    /// cluster's leader (master) and next node (backup).
+    async fn tick(&self, roles: Option<(NodeId, Option<NodeId>, BTreeMap<NodeId, SocketAddr>)>) {
+        let (applied, remote) = {
+            let mut s = self.state.lock().await;
+            let mut queue = Vec::new();
+            if let Some((leader, backup, peers)) = roles {
+                s.peers = peers;
+                let me = s.me;
+                if leader == me && s.master.is_none() {
+                    let m = match s.backup.take() {
+                        Some(b) => Master::promote(b, backup),
+                        None => {
+                            Master::seeded(me, backup, s.agent.tables().clone(), s.agent.version())
+                        }
+                    };
+                    info!(version = m.version(), "this node is the directory master");
+                    s.master = Some(m);
+                } else if leader != me && s.master.is_some() {
+                    s.master = None;
+                }
+                if let Some(m) = s.master.as_mut() {
+                    if m.backup != backup {
+                        let outs = m.backup_lost(backup);
+                        queue.extend(s.local(outs));
+                    }
+                }
+                if backup == Some(me) && s.backup.is_none() && leader != me {
+                    s.backup = Some(Backup::seeded(
+                        me,
+                        s.agent.tables().clone(),
+                        s.agent.version(),
+                    ));
+                } else if backup != Some(me) {
+                    s.backup = None;
+                }
+                if s.agent.master != leader {
+                    let outs = s.agent.master_changed(leader);
+                    queue.extend(s.local(outs));
+                }
+            }
+            let outs = s.agent.tick();
+            queue.extend(s.local(outs));
+            if let Some(m) = s.master.as_mut() {
+                let outs = m.tick();
+                queue.extend(s.local(outs));
+            }
+            s.dispatch(queue)
+        };
+        self.send_remote(remote).await;
+        if let Err(e) = self.applied(applied).await {
+            warn!("applying directory changes: {e:#}");
+        }
     }
 
     async fn feed_dataplane(&self) -> Result<()> {
         let services = self.daemon.lock().await.service_keys();
         let backends = {
             let s = self.state.lock().await;
-            backends_by_service(s.master.tables(), &services)
+            backends_by_service(s.agent.tables(), &services)
         };
         // Resolve new backends' MACs first, so they take traffic as soon as they are in.
         let unknown: Vec<IpAddr> = {
@@ -206,14 +370,22 @@ impl DirHandle {
         .await
     }
 
-    pub async fn delete(&self, table: &str, key: &str) -> Result<usize> {
-        self.state.lock().await.heartbeats.forget(table, key);
+    /// Deletes an entry; `Ok(false)` if this node's replica does not have it.
+    pub async fn delete(&self, table: &str, key: &str) -> Result<bool> {
+        {
+            let mut s = self.state.lock().await;
+            if s.agent.tables().get(table, key).is_none() {
+                return Ok(false);
+            }
+            s.heartbeats.forget(table, key);
+        }
         self.commit(vec![Change {
             table: table.into(),
             key: key.into(),
             op: Op::Delete,
         }])
-        .await
+        .await?;
+        Ok(true)
     }
 
     /// A heartbeat: valid now, and expected again within `time_max`. Returns whether
@@ -221,13 +393,13 @@ impl DirHandle {
     pub async fn heartbeat(&self, table: &str, key: &str, time_max: Duration) -> Result<bool> {
         let change = {
             let mut s = self.state.lock().await;
-            if s.master.tables().get(table, key).is_none() {
+            if s.agent.tables().get(table, key).is_none() {
                 return Ok(false);
             }
             let State {
-                master, heartbeats, ..
+                agent, heartbeats, ..
             } = &mut *s;
-            heartbeats.beat(master.tables(), table, key, time_max, Instant::now())
+            heartbeats.beat(agent.tables(), table, key, time_max, Instant::now())
         };
         if let Some(c) = change {
             self.commit(vec![c]).await?;
@@ -239,31 +411,31 @@ impl DirHandle {
     pub async fn register(&self, r: &Registration) -> Result<()> {
         let table = names::service(&r.service.to_string());
         let key = r.instance();
-        let current = self.state.lock().await.master.tables().get(&table, &key);
+        let current = self.state.lock().await.agent.tables().get(&table, &key);
         if current.as_ref().map(|e| e.value.as_str()) != Some(r.value().as_str())
             || current.is_some_and(|e| !e.valid)
         {
             self.add(&table, &key, &r.value(), true).await?;
         }
-        self.heartbeat(&table, &key, Duration::from_millis(r.ttl_ms))
-            .await?;
+        // The lease is this node's to keep, whether or not the entry has come back
+        // from the master yet.
+        self.state.lock().await.heartbeats.expect(
+            &table,
+            &key,
+            Instant::now() + Duration::from_millis(r.ttl_ms),
+        );
         Ok(())
     }
 
     pub async fn search(&self, table: &str, prefix: &str) -> Vec<Entry> {
-        self.state
-            .lock()
-            .await
-            .master
-            .tables()
-            .search(table, prefix)
+        self.state.lock().await.agent.tables().search(table, prefix)
     }
 
     pub async fn find(&self, table: &str, prefix: &str) -> Vec<CompleteRoute> {
         self.state
             .lock()
             .await
-            .master
+            .agent
             .tables()
             .find_server(table, prefix)
     }
@@ -343,30 +515,107 @@ pub fn monitor_routes(handle: DirHandle, interface: String, src: std::net::Ipv4A
     });
 }
 
-/// Starts the directory (lease expiry every 50 ms) and returns its handle.
-pub fn start(daemon: Arc<Mutex<Daemon>>, neighbors: Arc<NeighborTable>) -> DirHandle {
+/// Where a node serves the directory's replication messages: its cluster id and the
+/// cluster port + 1.
+pub fn endpoint(id: IpAddr, cluster_port: u16) -> SocketAddr {
+    SocketAddr::new(id, cluster_port.wrapping_add(1))
+}
+
+/// A node id from its cluster id address.
+pub fn node_id(addr: IpAddr) -> NodeId {
+    match addr {
+        IpAddr::V4(a) => u32::from(a),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            u32::from_be_bytes([o[12], o[13], o[14], o[15]])
+        }
+    }
+}
+
+/// Sends one framed message to another node's directory endpoint.
+async fn post(addr: SocketAddr, from: NodeId, body: Vec<u8>) -> Result<()> {
+    use http_body_util::{BodyExt, Full};
+    let stream = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await??;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/v1/dsd")
+        .header("host", "lbd")
+        .header("x-lb-node", from.to_string())
+        .body(Full::new(hyper::body::Bytes::from(body)))?;
+    let resp = tokio::time::timeout(Duration::from_secs(2), sender.send_request(req)).await??;
+    let status = resp.status();
+    let _ = resp.into_body().collect().await;
+    anyhow::ensure!(status.is_success(), "HTTP {status}");
+    Ok(())
+}
+
+/// The largest replication message accepted (a snapshot of a big directory).
+pub const MAX_DSD_MESSAGE: usize = 64 << 20;
+
+/// Takes one framed message from another node: checks its MAC, parses it, hands it on.
+pub async fn accept(
+    handle: &DirHandle,
+    from: NodeId,
+    body: &[u8],
+) -> Result<(), crate::cluster::wire::Reject> {
+    let body = crate::cluster::wire::decode_body(body, &handle.key, MAX_DSD_MESSAGE)?;
+    let msg: Msg =
+        serde_json::from_slice(body).map_err(|_| crate::cluster::wire::Reject::Malformed)?;
+    if let Err(e) = handle.receive(from, msg).await {
+        warn!("applying a directory message: {e:#}");
+    }
+    Ok(())
+}
+
+/// Starts the directory: lease expiry every 50 ms; resends, resyncs and (in a
+/// cluster) role changes every 200 ms. Without a cluster this node is its own master.
+pub fn start(
+    daemon: Arc<Mutex<Daemon>>,
+    neighbors: Arc<NeighborTable>,
+    cluster: Option<(crate::clusterd::ClusterHandle, crate::config::ClusterConfig)>,
+) -> DirHandle {
     let (changes, _) = broadcast::channel(1024);
+    let me = cluster.as_ref().map_or(0, |(_, c)| node_id(c.id));
+    let key = cluster
+        .as_ref()
+        .map(|(_, c)| c.key.clone())
+        .unwrap_or_default();
     let handle = DirHandle {
         state: Arc::new(Mutex::new(State {
-            master: Master::new(0, None),
+            me,
+            agent: Agent::new(me, me),
+            master: if cluster.is_none() {
+                Some(Master::new(me, None))
+            } else {
+                None
+            },
+            backup: None,
             heartbeats: Heartbeats::default(),
-            next_req: 0,
+            peers: BTreeMap::new(),
         })),
         daemon,
         neighbors,
+        key: Arc::new(key),
         changes,
     };
     let h = handle.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut n = 0u64;
         loop {
             tick.tick().await;
+            n += 1;
             let expired = {
                 let mut s = h.state.lock().await;
                 let State {
-                    master, heartbeats, ..
+                    agent, heartbeats, ..
                 } = &mut *s;
-                heartbeats.expire(master.tables(), Instant::now())
+                heartbeats.expire(agent.tables(), Instant::now())
             };
             if !expired.is_empty() {
                 for c in &expired {
@@ -374,6 +623,24 @@ pub fn start(daemon: Arc<Mutex<Daemon>>, neighbors: Arc<NeighborTable>) -> DirHa
                 }
                 if let Err(e) = h.commit(expired).await {
                     warn!("applying expired leases: {e:#}");
+                }
+            }
+            if n.is_multiple_of(4) {
+                let roles = cluster.as_ref().and_then(|(c, cfg)| {
+                    let view = c.view();
+                    let leader = view.leader?;
+                    let mut alive: Vec<IpAddr> = view.hosts.iter().map(|h| h.info.id).collect();
+                    alive.sort();
+                    let backup = alive.iter().find(|a| **a != leader).map(|a| node_id(*a));
+                    let peers = alive
+                        .iter()
+                        .filter(|a| node_id(**a) != me)
+                        .map(|a| (node_id(*a), endpoint(*a, cfg.port)))
+                        .collect();
+                    Some((node_id(leader), backup, peers))
+                });
+                if cluster.is_none() || roles.is_some() {
+                    h.tick(roles).await;
                 }
             }
         }

@@ -381,24 +381,25 @@ async fn dir_add(
     State(s): State<AppState>,
     Json(req): Json<DirAdd>,
 ) -> ApiResult<serde_json::Value> {
-    let n = s
-        .directory
+    // Applied here at once on the directory master; on another node, once the
+    // master's push comes back (milliseconds).
+    s.directory
         .add(&req.table, &req.key, &req.value, req.valid)
         .await
         .map_err(internal)?;
-    Ok(Json(serde_json::json!({ "changed": n > 0 })))
+    Ok(Json(serde_json::json!({ "submitted": true })))
 }
 
 async fn dir_delete(
     State(s): State<AppState>,
     Json(req): Json<DirKey>,
 ) -> ApiResult<serde_json::Value> {
-    let n = s
+    let found = s
         .directory
         .delete(&req.table, &req.key)
         .await
         .map_err(internal)?;
-    if n == 0 {
+    if !found {
         return Err(not_found(format!(
             "no key {} in table {}",
             req.key, req.table
@@ -471,6 +472,31 @@ async fn dir_subscribe(
         .header("content-type", "application/x-ndjson")
         .body(axum::body::Body::from_stream(stream))
         .expect("valid response")
+}
+
+/// Other LB nodes' directory messages (framed and signed with the cluster key).
+pub fn dsd_router(directory: DirHandle) -> Router {
+    async fn dsd(
+        State(d): State<DirHandle>,
+        headers: axum::http::HeaderMap,
+        body: axum::body::Bytes,
+    ) -> Result<&'static str, ApiError> {
+        let from = headers
+            .get("x-lb-node")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad("missing x-lb-node"))?;
+        crate::dird::accept(&d, from, &body).await.map_err(|why| {
+            ApiError(StatusCode::UNAUTHORIZED, format!("refused: {}", why.name()))
+        })?;
+        Ok("ok")
+    }
+    Router::new()
+        .route("/v1/dsd", post(dsd))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            crate::dird::MAX_DSD_MESSAGE,
+        ))
+        .with_state(directory)
 }
 
 /// What backends may call over TCP (`node.registry_listen`): registering and renewing.

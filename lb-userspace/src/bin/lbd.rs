@@ -113,7 +113,24 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
         }
         None => None,
     };
-    let directory = dird::start(daemon.clone(), neighbors.clone());
+    let directory = dird::start(
+        daemon.clone(),
+        neighbors.clone(),
+        cluster.clone().zip(cluster_config.clone()),
+    );
+    // The directory's replication endpoint, next to the cluster's port.
+    if let Some(c) = &cluster_config {
+        let addr = dird::endpoint(c.id, c.port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the directory endpoint {addr} (cluster port + 1)"))?;
+        let dsd = axum::serve(
+            listener,
+            lb_userspace::server::dsd_router(directory.clone()),
+        );
+        tokio::spawn(async move { dsd.await });
+        info!(%addr, "directory replication endpoint");
+    }
     // Host routes are probed through the first data-plane interface, from its address.
     if let Some(first) = first_interface {
         let iface = neighbors.interface(&first).await?;

@@ -136,11 +136,18 @@ fn mac(key: &[u8], data: &[u8]) -> [u8; MAC_LEN] {
 }
 
 pub fn encode(message: &Message, key: &[u8]) -> Vec<u8> {
-    let body = serde_json::to_vec(message).expect("messages serialize");
+    encode_body(
+        &serde_json::to_vec(message).expect("messages serialize"),
+        key,
+    )
+}
+
+/// Frames and signs any body (the directory's replication uses the same framing).
+pub fn encode_body(body: &[u8], key: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + body.len() + MAC_LEN);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     let tag = mac(key, &out);
     out.extend_from_slice(&tag);
     out
@@ -148,7 +155,13 @@ pub fn encode(message: &Message, key: &[u8]) -> Vec<u8> {
 
 /// Checks and parses one datagram. Replays are the receiver's business (`Replay`).
 pub fn decode(datagram: &[u8], key: &[u8]) -> Result<Message, Reject> {
-    if datagram.len() > MAX_MESSAGE {
+    let body = decode_body(datagram, key, MAX_MESSAGE)?;
+    serde_json::from_slice(body).map_err(|_| Reject::Malformed)
+}
+
+/// Checks size, framing and MAC; returns the authenticated body.
+pub fn decode_body<'a>(datagram: &'a [u8], key: &[u8], max: usize) -> Result<&'a [u8], Reject> {
+    if datagram.len() > max {
         return Err(Reject::Oversized);
     }
     if datagram.len() < HEADER + MAC_LEN || &datagram[..4] != MAGIC {
@@ -163,7 +176,7 @@ pub fn decode(datagram: &[u8], key: &[u8]) -> Result<Message, Reject> {
     m.update(signed);
     // Constant-time comparison: a forger learns nothing from timing.
     m.verify_slice(tag).map_err(|_| Reject::BadMac)?;
-    serde_json::from_slice(&signed[HEADER..]).map_err(|_| Reject::Malformed)
+    Ok(&signed[HEADER..])
 }
 
 /// Per-sender sequence numbers seen: refuses anything not newer than the last one,

@@ -89,6 +89,18 @@ impl Master {
         }
     }
 
+    /// A node taking over without the backup's log (the backup died too): its own
+    /// replica, at its version, is the committed state; agents behind it resync from
+    /// a snapshot.
+    pub fn seeded(id: NodeId, backup: Option<NodeId>, tables: Tables, version: Version) -> Self {
+        let mut m = Master::new(id, backup);
+        m.tables = tables;
+        m.committed = version;
+        m.next = version + 1;
+        m.log_start = version + 1;
+        m
+    }
+
     /// A backup taking over: its stored changes become the committed state.
     pub fn promote(backup: Backup, new_backup: Option<NodeId>) -> Self {
         let mut m = Master::new(backup.id, new_backup);
@@ -192,6 +204,23 @@ impl Master {
                     None => self.commit(version, change, (from, req), &mut out),
                 }
             }
+            Msg::Stored { version } if version < self.committed && self.waiting.is_empty() => {
+                // A new backup that is behind: send it what it lacks, from the log (or
+                // everything, if the log does not reach back that far).
+                if let Some(b) = self.backup {
+                    let from = (version + 1).max(self.log_start);
+                    for (v, c) in self.log.range(from..) {
+                        out.push(Out::To(
+                            b,
+                            Msg::Replicate {
+                                version: *v,
+                                origin: (self.id, 0),
+                                change: c.clone(),
+                            },
+                        ));
+                    }
+                }
+            }
             Msg::Stored { version } => {
                 // The backup stores in order: everything up to `version` is safe.
                 while let Some((&v, _)) = self.waiting.first_key_value() {
@@ -283,6 +312,14 @@ impl Backup {
             stored: 0,
             done: BTreeMap::new(),
         }
+    }
+
+    /// A backup that starts from a replica already at `version`.
+    pub fn seeded(id: NodeId, tables: Tables, version: Version) -> Self {
+        let mut b = Backup::new(id);
+        b.tables = tables;
+        b.stored = version;
+        b
     }
 
     pub fn handle(&mut self, master: NodeId, msg: Msg) -> Vec<Out> {

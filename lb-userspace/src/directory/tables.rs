@@ -332,6 +332,12 @@ impl Heartbeats {
         })
     }
 
+    /// Expects the next heartbeat before `deadline` (a registration with a lease).
+    pub fn expect(&mut self, table: &str, key: &str, deadline: Instant) {
+        self.deadlines
+            .insert((table.to_string(), key.to_string()), deadline);
+    }
+
     /// Stops expecting heartbeats for an entry (it was deleted).
     pub fn forget(&mut self, table: &str, key: &str) {
         self.deadlines.remove(&(table.to_string(), key.to_string()));
