@@ -415,14 +415,7 @@ async fn dir(client: &Client, out: Output, cmd: DirCmd) -> Result<(), Failure> {
             if out == Output::Json {
                 print_json(&r)
             } else {
-                println!(
-                    "{}",
-                    if r["changed"] == true {
-                        "added"
-                    } else {
-                        "unchanged"
-                    }
-                )
+                println!("submitted to the directory")
             }
         }
         DirCmd::Delete { table, key } => {
