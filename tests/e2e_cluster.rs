@@ -495,3 +495,84 @@ fn a_backend_registered_on_one_node_is_in_every_nodes_directory_and_maps() {
         }
     }
 }
+
+/// Waits until `check` holds for the directory table on every running node.
+fn wait_all(
+    c: &Cluster,
+    table: &str,
+    within: Duration,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    for lb in c.lbds.keys() {
+        loop {
+            let out = c.lbctl(lb, &["-o", "json", "dir", "search", table]);
+            let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if check(&rows) {
+                break;
+            }
+            assert!(start.elapsed() < within, "{lb}: {rows}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    start.elapsed()
+}
+
+#[test]
+fn a_lease_held_on_one_node_expires_on_every_node_and_the_directory_survives_its_master() {
+    let mut c = Cluster::new("dsdlease");
+    c.settle(Duration::from_secs(5));
+    let svc = format!("tcp/{}:{}", standard::VIP, standard::SERVICE_PORT);
+    let table = format!("svc.{svc}");
+    let mut register = std::process::Command::new(binary("lbctl"))
+        .arg("--socket")
+        .arg(c.socket("lb3"))
+        .args([
+            "backend",
+            "register",
+            "--service",
+            &svc,
+            "--addr",
+            "198.18.0.13:8080",
+            "--ttl",
+            "1s",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let key_valid = |want: bool| {
+        move |rows: &serde_json::Value| {
+            rows.as_array().is_some_and(|r| {
+                r.iter()
+                    .any(|e| e["key"] == "198.18.0.13:8080" && e["valid"] == want)
+            })
+        }
+    };
+    let joined = wait_all(&c, &table, Duration::from_secs(5), key_valid(true));
+    register.kill().unwrap();
+    let _ = register.wait();
+    let left = wait_all(&c, &table, Duration::from_secs(5), key_valid(false));
+    eprintln!("lease on lb3: valid on all nodes after {joined:?}; invalid on all {left:?} after renewals stopped (ttl 1 s)");
+
+    // The directory master (lb1, the leader) dies; lb2 takes over with the backup's
+    // copy, and the directory goes on: a change made on lb3 reaches the survivors.
+    c.lbds.get("lb1").unwrap().signal(Signal::SIGKILL).unwrap();
+    c.lab.host("lb1").ns.ip("link set eth0 down").unwrap();
+    c.lbds.remove("lb1");
+    c.settle(Duration::from_secs(10));
+    let out = c.lbctl("lb3", &["dir", "add", &table, "after", "198.18.0.12:8080"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let moved = wait_all(&c, &table, Duration::from_secs(5), |rows| {
+        rows.as_array().is_some_and(|r| {
+            r.iter().any(|e| e["key"] == "after")
+                && r.iter().any(|e| e["key"] == "198.18.0.13:8080")
+        })
+    });
+    eprintln!(
+        "directory after its master died: a change on lb3 reached lb2 and lb3 within {moved:?}"
+    );
+}
