@@ -576,3 +576,44 @@ fn a_lease_held_on_one_node_expires_on_every_node_and_the_directory_survives_its
         "directory after its master died: a change on lb3 reached lb2 and lb3 within {moved:?}"
     );
 }
+
+#[test]
+fn a_lease_expires_even_when_the_node_that_took_the_registration_dies() {
+    let mut c = Cluster::new("leasenode");
+    c.settle(Duration::from_secs(5));
+    let svc = format!("tcp/{}:{}", standard::VIP, standard::SERVICE_PORT);
+    let table = format!("svc.{svc}");
+    let mut register = std::process::Command::new(binary("lbctl"))
+        .arg("--socket")
+        .arg(c.socket("lb3"))
+        .args([
+            "backend",
+            "register",
+            "--service",
+            &svc,
+            "--addr",
+            "198.18.0.13:8080",
+            "--ttl",
+            "1s",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let key_valid = |want: bool| {
+        move |rows: &serde_json::Value| {
+            rows.as_array().is_some_and(|r| {
+                r.iter()
+                    .any(|e| e["key"] == "198.18.0.13:8080" && e["valid"] == want)
+            })
+        }
+    };
+    wait_all(&c, &table, Duration::from_secs(5), key_valid(true));
+    // lb3, which took the registration, dies (and the registering process with it).
+    c.lbds.get("lb3").unwrap().signal(Signal::SIGKILL).unwrap();
+    c.lbds.remove("lb3");
+    let _ = register.kill();
+    let _ = register.wait();
+    let left = wait_all(&c, &table, Duration::from_secs(5), key_valid(false));
+    eprintln!("lease taken on lb3, lb3 killed: invalid on lb1 and lb2 after {left:?} (ttl 1 s)");
+}

@@ -114,6 +114,8 @@ pub fn backends_by_service(
 /// This node's part of the directory: always an agent (whose replica feeds the data
 /// plane and answers queries), and the master or the backup when the cluster says so.
 struct State {
+    /// Renewals sent by this node: makes every lease renewal a new value.
+    renewals: u64,
     me: NodeId,
     agent: Agent,
     master: Option<Master>,
@@ -229,8 +231,26 @@ impl DirHandle {
             return Ok(0);
         }
         {
-            let s = self.state.lock().await;
+            let mut s = self.state.lock().await;
+            let now = Instant::now();
             for c in applied {
+                if c.table == names::LEASES {
+                    if let Some((table, key)) = c.key.split_once(LEASE_SEP) {
+                        match &c.op {
+                            Op::Put { value, .. } => {
+                                let ttl = value
+                                    .split(';')
+                                    .next()
+                                    .and_then(|t| t.parse().ok())
+                                    .unwrap_or(0);
+                                s.heartbeats
+                                    .expect(table, key, now + Duration::from_millis(ttl));
+                            }
+                            Op::Delete => s.heartbeats.forget(table, key),
+                            Op::Valid { .. } => {}
+                        }
+                    }
+                }
                 let row = s.agent.tables().get(&c.table, &c.key);
                 let _ = self.changes.send((c, row));
             }
@@ -391,20 +411,40 @@ impl DirHandle {
     /// A heartbeat: valid now, and expected again within `time_max`. Returns whether
     /// the entry exists.
     pub async fn heartbeat(&self, table: &str, key: &str, time_max: Duration) -> Result<bool> {
-        let change = {
+        let (valid, renewal) = {
             let mut s = self.state.lock().await;
-            if s.agent.tables().get(table, key).is_none() {
+            let Some(entry) = s.agent.tables().get(table, key) else {
                 return Ok(false);
-            }
-            let State {
-                agent, heartbeats, ..
-            } = &mut *s;
-            heartbeats.beat(agent.tables(), table, key, time_max, Instant::now())
+            };
+            s.renewals += 1;
+            (
+                entry.valid,
+                format!("{};{}:{}", time_max.as_millis(), s.me, s.renewals),
+            )
         };
-        if let Some(c) = change {
-            self.commit(vec![c]).await?;
-        }
+        self.renew(table, key, valid, renewal).await?;
         Ok(true)
+    }
+
+    /// Writes the lease row (every renewal a new value, so that the master sees it
+    /// and restarts the countdown), and marks the entry valid if it is not.
+    async fn renew(&self, table: &str, key: &str, valid: bool, renewal: String) -> Result<()> {
+        let mut changes = vec![Change {
+            table: names::LEASES.into(),
+            key: lease_key(table, key),
+            op: Op::Put {
+                value: renewal,
+                valid: true,
+            },
+        }];
+        if !valid {
+            changes.push(Change {
+                table: table.into(),
+                key: key.into(),
+                op: Op::Valid { valid: true },
+            });
+        }
+        self.commit(changes).await.map(drop)
     }
 
     /// Registers (or renews) a backend with its lease.
@@ -417,14 +457,14 @@ impl DirHandle {
         {
             self.add(&table, &key, &r.value(), true).await?;
         }
-        // The lease is this node's to keep, whether or not the entry has come back
-        // from the master yet.
-        self.state.lock().await.heartbeats.expect(
-            &table,
-            &key,
-            Instant::now() + Duration::from_millis(r.ttl_ms),
-        );
-        Ok(())
+        // The lease lives in the directory: whichever node is the master counts it
+        // down, so it expires even if this node dies.
+        let renewal = {
+            let mut s = self.state.lock().await;
+            s.renewals += 1;
+            format!("{};{}:{}", r.ttl_ms, s.me, s.renewals)
+        };
+        self.renew(&table, &key, true, renewal).await
     }
 
     pub async fn search(&self, table: &str, prefix: &str) -> Vec<Entry> {
@@ -515,6 +555,14 @@ pub fn monitor_routes(handle: DirHandle, interface: String, src: std::net::Ipv4A
     });
 }
 
+/// Leases are rows of the `leases` table keyed `<table>|<key>`, valued
+/// `<ttl_ms>;<renewal id>`.
+const LEASE_SEP: char = '|';
+
+fn lease_key(table: &str, key: &str) -> String {
+    format!("{table}{LEASE_SEP}{key}")
+}
+
 /// Where a node serves the directory's replication messages: its cluster id and the
 /// cluster port + 1.
 pub fn endpoint(id: IpAddr, cluster_port: u16) -> SocketAddr {
@@ -587,6 +635,7 @@ pub fn start(
         .unwrap_or_default();
     let handle = DirHandle {
         state: Arc::new(Mutex::new(State {
+            renewals: 0,
             me,
             agent: Agent::new(me, me),
             master: if cluster.is_none() {
@@ -612,10 +661,27 @@ pub fn start(
             n += 1;
             let expired = {
                 let mut s = h.state.lock().await;
+                let master = s.master.is_some();
                 let State {
                     agent, heartbeats, ..
                 } = &mut *s;
-                heartbeats.expire(agent.tables(), Instant::now())
+                let late = heartbeats.expire(agent.tables(), Instant::now());
+                if master {
+                    // The countdown runs on every node (so a new master has it), but
+                    // only the master acts: invalidate, and drop the lease row.
+                    late.into_iter()
+                        .flat_map(|c| {
+                            let lease = Change {
+                                table: names::LEASES.into(),
+                                key: lease_key(&c.table, &c.key),
+                                op: Op::Delete,
+                            };
+                            [c, lease]
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                }
             };
             if !expired.is_empty() {
                 for c in &expired {

@@ -20,6 +20,8 @@ pub mod names {
     pub const HOST_ROUTES: &str = "host_routes";
     pub const PARTITIONS: &str = "partitions";
     pub const AGENTS: &str = "agents";
+    /// Leases (registrations, heartbeats): `<table>|<key>` → `<ttl_ms>;<renewal>`.
+    pub const LEASES: &str = "leases";
     pub fn service(service: &str) -> String {
         format!("svc.{service}")
     }
