@@ -168,7 +168,10 @@ fn main() -> Result<()> {
             status(cmd, "cargo build --release")?;
             let mut cmd = cargo();
             cmd.args(["bench", "--package", "lb-tests", "--bench", "failover"]);
-            status(cmd, "cargo bench (failover)")
+            status(cmd, "cargo bench (failover)")?;
+            let mut cmd = cargo();
+            cmd.args(["bench", "--package", "lb-tests", "--bench", "propagation"]);
+            status(cmd, "cargo bench (directory propagation)")
         }
     }
 }
