@@ -19,6 +19,7 @@ use crate::{
     daemon::{Daemon, DirBackend},
     directory::{
         replication::{Agent, Backup, Master, Msg, NodeId, Out},
+        store::DirectoryStore,
         subscriptions::Event,
         tables::{names, Change, CompleteRoute, Entry, Heartbeats, Op, ServerRoute, Tables},
     },
@@ -378,7 +379,7 @@ impl DirHandle {
         Ok(())
     }
 
-    pub async fn add(&self, table: &str, key: &str, value: &str, valid: bool) -> Result<usize> {
+    async fn put_entry(&self, table: &str, key: &str, value: &str, valid: bool) -> Result<usize> {
         self.commit(vec![Change {
             table: table.into(),
             key: key.into(),
@@ -391,7 +392,7 @@ impl DirHandle {
     }
 
     /// Deletes an entry; `Ok(false)` if this node's replica does not have it.
-    pub async fn delete(&self, table: &str, key: &str) -> Result<bool> {
+    async fn delete_entry(&self, table: &str, key: &str) -> Result<bool> {
         {
             let mut s = self.state.lock().await;
             if s.agent.tables().get(table, key).is_none() {
@@ -410,7 +411,7 @@ impl DirHandle {
 
     /// A heartbeat: valid now, and expected again within `time_max`. Returns whether
     /// the entry exists.
-    pub async fn heartbeat(&self, table: &str, key: &str, time_max: Duration) -> Result<bool> {
+    async fn heartbeat_entry(&self, table: &str, key: &str, time_max: Duration) -> Result<bool> {
         let (valid, renewal) = {
             let mut s = self.state.lock().await;
             let Some(entry) = s.agent.tables().get(table, key) else {
@@ -455,7 +456,7 @@ impl DirHandle {
         if current.as_ref().map(|e| e.value.as_str()) != Some(r.value().as_str())
             || current.is_some_and(|e| !e.valid)
         {
-            self.add(&table, &key, &r.value(), true).await?;
+            self.put_entry(&table, &key, &r.value(), true).await?;
         }
         // The lease lives in the directory: whichever node is the master counts it
         // down, so it expires even if this node dies.
@@ -467,11 +468,11 @@ impl DirHandle {
         self.renew(&table, &key, true, renewal).await
     }
 
-    pub async fn search(&self, table: &str, prefix: &str) -> Vec<Entry> {
+    async fn search_entries(&self, table: &str, prefix: &str) -> Vec<Entry> {
         self.state.lock().await.agent.tables().search(table, prefix)
     }
 
-    pub async fn find(&self, table: &str, prefix: &str) -> Vec<CompleteRoute> {
+    async fn find_servers(&self, table: &str, prefix: &str) -> Vec<CompleteRoute> {
         self.state
             .lock()
             .await
@@ -513,6 +514,32 @@ impl DirHandle {
     }
 }
 
+impl DirectoryStore for DirHandle {
+    async fn add(&self, table: &str, key: &str, value: &str, valid: bool) -> Result<()> {
+        self.put_entry(table, key, value, valid).await.map(drop)
+    }
+
+    async fn delete(&self, table: &str, key: &str) -> Result<bool> {
+        self.delete_entry(table, key).await
+    }
+
+    async fn search(&self, table: &str, prefix: &str) -> Vec<Entry> {
+        self.search_entries(table, prefix).await
+    }
+
+    async fn find_server(&self, table: &str, prefix: &str) -> Vec<CompleteRoute> {
+        self.find_servers(table, prefix).await
+    }
+
+    async fn heartbeat(&self, table: &str, key: &str, time_max: Duration) -> Result<bool> {
+        self.heartbeat_entry(table, key, time_max).await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<(Change, Option<Entry>)> {
+        self.changes.subscribe()
+    }
+}
+
 /// Route monitoring: every host route is ARP-probed through `interface` every 300 ms;
 /// two misses make it invalid (the next valid route becomes current), two answers
 /// valid again.
@@ -522,7 +549,7 @@ pub fn monitor_routes(handle: DirHandle, interface: String, src: std::net::Ipv4A
         let mut tick = tokio::time::interval(Duration::from_millis(300));
         loop {
             tick.tick().await;
-            let routes = handle.search(names::HOST_ROUTES, "").await;
+            let routes = handle.search_entries(names::HOST_ROUTES, "").await;
             let mut probes = Vec::new();
             for r in routes {
                 let Ok(IpAddr::V4(target)) = r.value.parse::<IpAddr>() else {

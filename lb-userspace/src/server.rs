@@ -22,6 +22,7 @@ use crate::{
     daemon::Daemon,
     desired::{BackendSpec, Desired, ServiceSpec},
     dird::{DirHandle, Registration},
+    directory::store::DirectoryStore,
     manager::ServiceKey,
     neighbor::NeighborTable,
 };
@@ -374,7 +375,7 @@ async fn dir_find(
     State(s): State<AppState>,
     axum::extract::Query(q): axum::extract::Query<TablePrefix>,
 ) -> ApiResult<Vec<crate::directory::tables::CompleteRoute>> {
-    Ok(Json(s.directory.find(&q.table, &q.prefix).await))
+    Ok(Json(s.directory.find_server(&q.table, &q.prefix).await))
 }
 
 async fn dir_add(
@@ -455,7 +456,7 @@ async fn dir_subscribe(
     State(s): State<AppState>,
     axum::extract::Query(q): axum::extract::Query<TablePrefix>,
 ) -> Response {
-    let rx = s.directory.changes.subscribe();
+    let rx = s.directory.subscribe();
     let stream = futures::stream::unfold((rx, q), |(mut rx, q)| async move {
         loop {
             let item = rx.recv().await;

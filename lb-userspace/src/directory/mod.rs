@@ -5,6 +5,7 @@
 //! the `Change` they produce.
 
 pub mod replication;
+pub mod store;
 pub mod subscriptions;
 pub mod tables;
 
