@@ -617,3 +617,82 @@ fn a_lease_expires_even_when_the_node_that_took_the_registration_dies() {
     let left = wait_all(&c, &table, Duration::from_secs(5), key_valid(false));
     eprintln!("lease taken on lb3, lb3 killed: invalid on lb1 and lb2 after {left:?} (ttl 1 s)");
 }
+
+#[test]
+fn a_failed_route_to_a_backend_host_moves_its_traffic_on_every_node() {
+    let mut c = Cluster::new("routes");
+    c.settle(Duration::from_secs(5));
+    c.lab.add_link("b3", "eth1", 53).unwrap();
+    let svc1 = format!("tcp/{}:{}", standard::VIP, standard::SERVICE_PORT);
+    for (key, value) in [("b3host#0", "198.18.0.13"), ("b3host#1", "198.18.0.53")] {
+        let out = c.lbctl("lb2", &["dir", "add", "host_routes", key, value]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for svc in [
+        &svc1,
+        &format!("tcp/{}:{}", standard::VIP2, standard::SERVICE_PORT),
+    ] {
+        let out = c.lbctl(
+            "lb2",
+            &["dir", "add", &format!("svc.{svc}"), "b3", "b3host:8080"],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_all(&c, "host_routes", Duration::from_secs(5), |rows| {
+        rows.as_array().is_some_and(|r| r.len() == 2)
+    });
+
+    // A long-lived connection through lb1 (VIP 1) that lands on b3.
+    let vip1 = vip_addr(standard::VIP);
+    let conv = c.client(move || {
+        for i in 0..40 {
+            let src = standard::client_sources().nth(i % 20);
+            let mut conv = traffic::Conversation::open(src, vip1, TIMEOUT)?;
+            if conv.ask(&format!("who {i}"))? == "b3" {
+                return Ok(conv);
+            }
+        }
+        anyhow::bail!("no connection landed on b3")
+    });
+    c.lab.host("b3").ns.ip("link set eth0 down").unwrap();
+    let down = Instant::now();
+    let invalid = |rows: &serde_json::Value| {
+        rows.as_array().is_some_and(|r| {
+            r.iter()
+                .any(|e| e["key"] == "b3host#0" && e["valid"] == false)
+        })
+    };
+    wait_all(&c, "host_routes", Duration::from_secs(10), invalid);
+    eprintln!(
+        "route 0 of b3 invalid on all three nodes {:?} after its link went down",
+        down.elapsed()
+    );
+    c.client(move || {
+        let mut conv = conv;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match conv.ask("still there") {
+                Ok(name) => {
+                    anyhow::ensure!(name == "b3", "the connection moved to {name}");
+                    return Ok(());
+                }
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    });
+    // Both VIPs (served by two different nodes) still reach b3, over its second link.
+    for vip in [standard::VIP, standard::VIP2] {
+        let s: Vec<Ipv4Addr> = standard::client_sources().collect();
+        let spread = c.client(move || traffic::http_spread(&s, vip_addr(vip), 60, TIMEOUT));
+        assert!(spread.contains_key("b3"), "{vip}: {spread:?}");
+    }
+}
