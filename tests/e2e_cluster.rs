@@ -41,6 +41,22 @@ fn each_vip_is_served_by_its_preferred_node_and_clients_reach_both() {
         assert_eq!(spread.values().sum::<usize>(), 30, "{vip}: {spread:?}");
         assert_eq!(spread.len(), 3, "{vip}: {spread:?}");
     }
+    // The directory's table of management agents lists the three nodes, one master.
+    wait_all(&c, "agents", Duration::from_secs(5), |rows| {
+        rows.as_array().is_some_and(|r| {
+            r.len() == 3
+                && r.iter().all(|e| e["valid"] == true)
+                && r.iter()
+                    .filter(|e| {
+                        e["value"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .ends_with("role=master")
+                    })
+                    .count()
+                    == 1
+        })
+    });
 }
 
 #[test]

@@ -718,6 +718,42 @@ pub fn start(
                     warn!("applying expired leases: {e:#}");
                 }
             }
+            // The management agents table: this node, with a lease (3 s, renewed
+            // every second), so every node sees which agents are alive and which leads.
+            if n.is_multiple_of(20) {
+                let (name, role, endpoint) = {
+                    let d = h.daemon.lock().await;
+                    let s = h.state.lock().await;
+                    let role = if s.master.is_some() {
+                        "master"
+                    } else if s.backup.is_some() {
+                        "backup"
+                    } else {
+                        "agent"
+                    };
+                    let endpoint = cluster
+                        .as_ref()
+                        .map(|(_, c)| endpoint(c.id, c.port).to_string())
+                        .unwrap_or_else(|| "-".into());
+                    (d.config.node.name.clone(), role, endpoint)
+                };
+                let value = format!("{endpoint};role={role}");
+                let current = h.search_entries(names::AGENTS, &name).await;
+                if !current
+                    .iter()
+                    .any(|e| e.key == name && e.value == value && e.valid)
+                {
+                    if let Err(e) = h.put_entry(names::AGENTS, &name, &value, true).await {
+                        warn!("registering this agent: {e:#}");
+                    }
+                }
+                if let Err(e) = h
+                    .heartbeat_entry(names::AGENTS, &name, Duration::from_secs(3))
+                    .await
+                {
+                    warn!("renewing this agent: {e:#}");
+                }
+            }
             if n.is_multiple_of(4) {
                 let roles = cluster.as_ref().and_then(|(c, cfg)| {
                     let view = c.view();
