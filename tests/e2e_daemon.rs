@@ -71,6 +71,8 @@ api_socket = "{dir}/lbd.sock"
 metrics_listen = "127.0.0.1:9469"
 state_dir = "{dir}/state"
 pin_dir = "{pin}"
+# Backends register themselves here (lb1's own address in the lab).
+registry_listen = "198.18.0.2:9470"
 
 [dataplane]
 interfaces = [{{ name = "eth0", xdp_mode = "skb" }}]
@@ -739,4 +741,64 @@ fn with_two_routes_to_a_backend_a_failed_link_moves_its_traffic_to_the_other() {
         "b3 gets no new connection over its second route: {spread:?}"
     );
     eprintln!("host routes: route 0 of b3 marked invalid {moved:?} after its link went down; traffic continued over route 1");
+}
+
+#[test]
+fn a_backend_registers_itself_over_http_from_its_own_host() {
+    let env = Env::new("selfreg", &["b1", "b2"]);
+    let body =
+        format!(r#"{{"service":"{SVC}","address":"198.18.0.13","port":8080,"ttl_ms":5000}}"#);
+    let out = env
+        .lab
+        .host("b3")
+        .ns
+        .exec(
+            "curl",
+            &[
+                "-s",
+                "-f",
+                "-m",
+                "3",
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &body,
+                "http://198.18.0.2:9470/v1/dir/register",
+            ],
+        )
+        .expect("curl from b3");
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.contains("198.18.0.13:8080"), "{answer}");
+    let start = Instant::now();
+    loop {
+        if env.spread(30).contains_key("b3") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "b3 never got a connection"
+        );
+    }
+    // Only registration is open on that port, not the management API.
+    let out = env
+        .lab
+        .host("b3")
+        .ns
+        .exec(
+            "curl",
+            &[
+                "-s",
+                "-m",
+                "3",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "http://198.18.0.2:9470/v1/status",
+            ],
+        )
+        .expect("curl from b3");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
 }
