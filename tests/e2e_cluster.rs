@@ -254,6 +254,8 @@ fn forged_and_replayed_control_messages_change_nothing_and_are_counted() {
             ]
             .into(),
             addresses: vec![],
+            dir_master: false,
+            dir_version: 0,
         },
         others: vec![],
         service_addresses: vec![],

@@ -78,6 +78,14 @@ impl ClusterHandle {
             .collect()
     }
 
+    /// Advertises this node's directory role and replica version.
+    pub async fn set_directory(&self, master: bool, version: u64) {
+        let _ = self
+            .commands
+            .send(Input::Directory { master, version })
+            .await;
+    }
+
     pub async fn set_quiesce(&self, quiesce: bool) -> Result<()> {
         self.commands
             .send(Input::SetQuiesce(quiesce))

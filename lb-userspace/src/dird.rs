@@ -192,6 +192,8 @@ pub struct DirHandle {
     daemon: Arc<Mutex<Daemon>>,
     neighbors: Arc<NeighborTable>,
     key: Arc<Vec<u8>>,
+    /// Next hops recently asked for, and when.
+    tried: Arc<Mutex<BTreeMap<IpAddr, Instant>>>,
     /// Every change applied to this node's replica, with the row after it, for
     /// subscribers.
     pub changes: broadcast::Sender<(Change, Option<Entry>)>,
@@ -231,6 +233,11 @@ impl DirHandle {
         if n == 0 {
             return Ok(0);
         }
+        // Only service instances and host routes shape the data plane; leases and the
+        // agents table change every second and must not cost a data-plane pass.
+        let shapes = applied
+            .iter()
+            .any(|c| c.table.starts_with("svc.") || c.table == names::HOST_ROUTES);
         {
             let mut s = self.state.lock().await;
             let now = Instant::now();
@@ -256,7 +263,9 @@ impl DirHandle {
                 let _ = self.changes.send((c, row));
             }
         }
-        self.feed_dataplane().await?;
+        if shapes {
+            self.feed_dataplane().await?;
+        }
         Ok(n)
     }
 
@@ -346,13 +355,21 @@ impl DirHandle {
             backends_by_service(s.agent.tables(), &services)
         };
         // Resolve new backends' MACs first, so they take traffic as soon as they are in.
+        // An address that did not answer is not asked again for 5 s (the daemon's
+        // neighbour refresh keeps trying): a dead next hop must not stall every change.
         let unknown: Vec<IpAddr> = {
             let d = self.daemon.lock().await;
+            let mut tried = self.tried.lock().await;
+            let now = Instant::now();
+            tried.retain(|_, at| now.duration_since(*at) < Duration::from_secs(5));
             let vias: std::collections::BTreeSet<IpAddr> = backends
                 .values()
                 .flat_map(|b| b.values().map(|x| x.via))
-                .filter(|a| !d.knows_neighbor(*a))
+                .filter(|a| !d.knows_neighbor(*a) && !tried.contains_key(a))
                 .collect();
+            for a in &vias {
+                tried.insert(*a, now);
+            }
             vias.into_iter().collect()
         };
         let mut found = BTreeMap::new();
@@ -582,6 +599,28 @@ pub fn monitor_routes(handle: DirHandle, interface: String, src: std::net::Ipv4A
     });
 }
 
+/// Who is the directory's master and backup, from the cluster's hosts (id, claims to
+/// be master, replica version). Mastership sticks: a claimed master stays while alive
+/// (two claims after a partition: the lower id). Without one, the host with the most
+/// recent replica takes over (the backup, which stores every change before it is
+/// acknowledged, has it), ties to the lower id, so a node that restarts with an empty
+/// replica never becomes master over nodes that have the directory.
+pub fn directory_roles(hosts: &[(IpAddr, bool, u64)]) -> Option<(IpAddr, Option<IpAddr>)> {
+    let best = |candidates: &mut dyn Iterator<Item = &(IpAddr, bool, u64)>| {
+        candidates
+            .max_by(|a, b| a.2.cmp(&b.2).then(b.0.cmp(&a.0)))
+            .map(|h| h.0)
+    };
+    let master = hosts
+        .iter()
+        .filter(|h| h.1)
+        .map(|h| h.0)
+        .min()
+        .or_else(|| best(&mut hosts.iter()))?;
+    let backup = best(&mut hosts.iter().filter(|h| h.0 != master));
+    Some((master, backup))
+}
+
 /// Leases are rows of the `leases` table keyed `<table>|<key>`, valued
 /// `<ttl_ms>;<renewal id>`.
 const LEASE_SEP: char = '|';
@@ -677,6 +716,7 @@ pub fn start(
         daemon,
         neighbors,
         key: Arc::new(key),
+        tried: Arc::new(Mutex::new(BTreeMap::new())),
         changes,
     };
     let h = handle.clone();
@@ -754,22 +794,41 @@ pub fn start(
                     warn!("renewing this agent: {e:#}");
                 }
             }
-            if n.is_multiple_of(4) {
+            // No directory role before the cluster has had time to settle: a node that
+            // just started sees only itself and would lead a directory of its own.
+            let settled = cluster
+                .as_ref()
+                .is_none_or(|(_, cfg)| n * 50 >= 3 * cfg.timeout.as_millis() as u64);
+            if n.is_multiple_of(4) && settled {
                 let roles = cluster.as_ref().and_then(|(c, cfg)| {
                     let view = c.view();
-                    let leader = view.leader?;
-                    let mut alive: Vec<IpAddr> = view.hosts.iter().map(|h| h.info.id).collect();
-                    alive.sort();
-                    let backup = alive.iter().find(|a| **a != leader).map(|a| node_id(*a));
-                    let peers = alive
+                    view.leader?;
+                    let hosts: Vec<(IpAddr, bool, u64)> = view
+                        .hosts
                         .iter()
-                        .filter(|a| node_id(**a) != me)
-                        .map(|a| (node_id(*a), endpoint(*a, cfg.port)))
+                        .map(|h| (h.info.id, h.info.dir_master, h.info.dir_version))
                         .collect();
-                    Some((node_id(leader), backup, peers))
+                    let (master, backup) = directory_roles(&hosts)?;
+                    let peers = hosts
+                        .iter()
+                        .filter(|(a, _, _)| node_id(*a) != me)
+                        .map(|(a, _, _)| (node_id(*a), endpoint(*a, cfg.port)))
+                        .collect();
+                    Some((node_id(master), backup.map(node_id), peers))
                 });
                 if cluster.is_none() || roles.is_some() {
                     h.tick(roles).await;
+                }
+                // Advertise this node's directory role and version in its heartbeats.
+                if let Some((c, _)) = &cluster {
+                    let (master, version) = {
+                        let s = h.state.lock().await;
+                        match &s.master {
+                            Some(m) => (true, m.version()),
+                            None => (false, s.agent.version()),
+                        }
+                    };
+                    c.set_directory(master, version).await;
                 }
             }
         }
@@ -780,6 +839,33 @@ pub fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn directory_mastership_sticks_and_passes_to_the_most_recent_replica() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (a, b, c) = (ip("198.18.0.2"), ip("198.18.0.3"), ip("198.18.0.4"));
+        // Nobody claims, all empty: the lowest id.
+        assert_eq!(
+            directory_roles(&[(a, false, 0), (b, false, 0), (c, false, 0)]),
+            Some((a, Some(b)))
+        );
+        // b is master; a comes back empty: b stays.
+        assert_eq!(
+            directory_roles(&[(a, false, 0), (b, true, 40), (c, false, 40)]),
+            Some((b, Some(c)))
+        );
+        // The master died: the most recent replica (the backup) takes over.
+        assert_eq!(
+            directory_roles(&[(a, false, 0), (c, false, 41)]),
+            Some((c, Some(a)))
+        );
+        // Two claims after a partition: the lower id.
+        assert_eq!(
+            directory_roles(&[(b, true, 9), (c, true, 12)]),
+            Some((b, Some(c)))
+        );
+        assert_eq!(directory_roles(&[]), None);
+    }
 
     #[test]
     fn the_data_plane_sees_valid_entries_weighted_and_invalid_ones_drained() {

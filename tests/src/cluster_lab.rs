@@ -95,6 +95,35 @@ script = "{script}"
     )
 }
 
+/// At most this many clusters (three lbd each) run at once: more, on a two-core
+/// machine, stretch every timer the tests measure.
+const MAX_CONCURRENT: usize = 3;
+
+static RUNNING: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+static FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// A place among the clusters allowed to run; given back on drop.
+struct Permit;
+
+impl Permit {
+    fn take() -> Permit {
+        let mut n = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        while *n >= MAX_CONCURRENT {
+            n = FREED.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+        *n += 1;
+        Permit
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut n = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        *n -= 1;
+        FREED.notify_one();
+    }
+}
+
 pub struct Cluster {
     pub lbds: BTreeMap<&'static str, Proc>,
     pub lab: Lab,
@@ -102,6 +131,8 @@ pub struct Cluster {
     node: String,
     interval_ms: u64,
     unicast: bool,
+    // Last: given back after everything else is torn down.
+    _permit: Permit,
 }
 
 impl Cluster {
@@ -120,6 +151,7 @@ impl Cluster {
     }
 
     fn build(test: &str, interval_ms: u64, unicast: bool) -> Cluster {
+        let permit = Permit::take();
         let lab = Lab::new()
             .expect("lab")
             .cluster(&std::env::temp_dir())
@@ -135,6 +167,7 @@ impl Cluster {
             node,
             interval_ms,
             unicast,
+            _permit: permit,
         };
         for lb in ["lb1", "lb2", "lb3"] {
             c.start(lb);

@@ -176,6 +176,8 @@ mod tests {
             preferred: preferred.iter().map(|p| ip(p)).collect(),
             serving: serving.iter().map(|(a, s)| (ip(a), *s)).collect(),
             addresses: vec![],
+            dir_master: false,
+            dir_version: 0,
         }
     }
 

@@ -82,11 +82,27 @@ pub enum Output {
 pub enum Input {
     Tick,
     Message(Message),
-    TestResult { ok: bool },
+    TestResult {
+        ok: bool,
+    },
     SetQuiesce(bool),
-    Load { load: u32, capacity: u32 },
-    Acquired { address: IpAddr, ok: bool },
-    Released { address: IpAddr, ok: bool },
+    Load {
+        load: u32,
+        capacity: u32,
+    },
+    Acquired {
+        address: IpAddr,
+        ok: bool,
+    },
+    /// This node's directory role and replica version, to advertise.
+    Directory {
+        master: bool,
+        version: u64,
+    },
+    Released {
+        address: IpAddr,
+        ok: bool,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -124,6 +140,8 @@ pub struct Node {
     /// The first tick. A node listens for one timeout before it leads: until then it
     /// does not know who else is alive, and would assign to the wrong hosts.
     started: Option<Instant>,
+    dir_master: bool,
+    dir_version: u64,
 }
 
 impl Node {
@@ -146,6 +164,8 @@ impl Node {
             last_info: None,
             rejected: BTreeMap::new(),
             started: None,
+            dir_master: false,
+            dir_version: 0,
         }
     }
 
@@ -205,6 +225,8 @@ impl Node {
             preferred: self.config.preferred.clone(),
             serving: self.serving.clone(),
             addresses: self.config.addresses.clone(),
+            dir_master: self.dir_master,
+            dir_version: self.dir_version,
         }
     }
 
@@ -244,6 +266,10 @@ impl Node {
                 self.ok = ok;
             }
             Input::SetQuiesce(q) => self.quiesce = q,
+            Input::Directory { master, version } => {
+                self.dir_master = master;
+                self.dir_version = version;
+            }
             Input::Load { load, capacity } => {
                 self.load = load;
                 self.capacity = capacity;

@@ -43,6 +43,12 @@ pub struct HostInfo {
     pub serving: BTreeMap<IpAddr, AddrState>,
     /// The group's service addresses as this host's configuration lists them.
     pub addresses: Vec<IpAddr>,
+    /// This host is the directory's master (sticky: it stays master while alive).
+    #[serde(default)]
+    pub dir_master: bool,
+    /// The version of this host's directory replica.
+    #[serde(default)]
+    pub dir_version: u64,
 }
 
 /// A message of the group. Every kind carries the sender's id and a sequence number
@@ -221,6 +227,8 @@ mod tests {
                 preferred: vec!["198.18.0.100".parse().unwrap()],
                 serving: BTreeMap::from([("198.18.0.100".parse().unwrap(), AddrState::Online)]),
                 addresses: vec!["198.18.0.100".parse().unwrap()],
+                dir_master: false,
+                dir_version: 0,
             },
             others: vec![],
             service_addresses: vec![("198.18.0.100".parse().unwrap(), 0)],

@@ -494,6 +494,11 @@ impl Agent {
     /// resync from it (its versions continue the old master's).
     pub fn master_changed(&mut self, master: NodeId) -> Vec<Out> {
         self.master = master;
+        // The new master's versions need not match what this replica saw (it may
+        // start from its own replica): resync everything from it; changes that
+        // are already here apply as no-ops.
+        self.applied = 0;
+        self.ahead.clear();
         self.tick()
     }
 }
