@@ -19,6 +19,7 @@ pub mod manager;
 pub mod metrics;
 pub mod neighbor;
 pub mod server;
+pub mod spm;
 pub mod vip;
 
 pub use error::DataplaneError;

@@ -1,0 +1,541 @@
+//! Service Point Maps (the SPM seed): what clients and the data plane are told about
+//! where services are. Pure: the generator takes the services' instances (from the
+//! directory) and a client's attributes, applies each service's partitioning rule,
+//! and returns entries with ordered backups; `project` gives map types 1–4;
+//! `epoch_bump` says when a deployment change must be visible to clients.
+//! Not yet served by lbd or compiled into the data plane (issue 6 in progress).
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Service spec (the seed's Fig. 2): which service, which version.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub service_id: String,
+    pub service_version: String,
+}
+
+/// Service sphere: who provides it, and the service's epoch there.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Sphere {
+    pub provider_id: String,
+    pub epoch: u64,
+}
+
+/// Service host: where to contact it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ServiceHost {
+    pub inet_address: IpAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_address: Option<String>,
+    pub port: u16,
+}
+
+/// One SPM entry. In map types 2–4 the fields shared by every entry move to the
+/// header and are `None` here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<ServiceSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sphere: Option<Sphere>,
+    pub host: ServiceHost,
+    /// Command or data for the client (the seed's command/data item).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Where to go, in order, when `host` cannot be reached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backups: Vec<ServiceHost>,
+    /// Validity window, Unix seconds; `None` = open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_from: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_until: Option<u64>,
+}
+
+impl Entry {
+    pub fn valid_at(&self, now: u64) -> bool {
+        self.valid_from.is_none_or(|f| now >= f) && self.valid_until.is_none_or(|u| now < u)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spm {
+    /// Changes with every regeneration.
+    pub version: u64,
+    /// 1: full; 2: one service; 3: one sphere; 4: one service in one sphere.
+    pub map_type: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<ServiceSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sphere: Option<Sphere>,
+    pub entries: Vec<Entry>,
+}
+
+/// How the generator chooses what a client is told (per service).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "rule", rename_all = "snake_case")]
+pub enum Rule {
+    /// Every valid instance.
+    Plain,
+    /// Only the instance this client should use (a stable hash of its address,
+    /// weighted); the others as its backups.
+    Preselect,
+    /// A key (from the request or the client) modulo the instance count picks it.
+    Data,
+    /// The client's subnet selects the sphere; instances of that sphere only.
+    Topology { subnets: Vec<(IpAddr, u8, String)> },
+}
+
+/// One instance of a service, as the directory knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub name: String,
+    pub host: ServiceHost,
+    pub weight: u32,
+    pub valid: bool,
+    /// The provider (sphere) this instance belongs to.
+    pub provider: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub spec: ServiceSpec,
+    pub epoch: u64,
+    pub rule: Rule,
+    pub instances: Vec<Instance>,
+    #[serde(default)]
+    pub command: Option<String>,
+    #[serde(default)]
+    pub valid_from: Option<u64>,
+    #[serde(default)]
+    pub valid_until: Option<u64>,
+}
+
+/// What the generator knows of the client asking.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Client {
+    pub address: Option<IpAddr>,
+    /// Data-dependent routing key (request key or client id).
+    pub key: Option<u64>,
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+fn addr_bytes(a: IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(v) => v.octets().to_vec(),
+        IpAddr::V6(v) => v.octets().to_vec(),
+    }
+}
+
+fn in_subnet(addr: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    let (a, n) = (addr_bytes(addr), addr_bytes(net));
+    if a.len() != n.len() {
+        return false;
+    }
+    let bits = prefix as usize;
+    (0..a.len() * 8)
+        .take(bits)
+        .all(|i| (a[i / 8] >> (7 - i % 8)) & 1 == (n[i / 8] >> (7 - i % 8)) & 1)
+}
+
+/// The entries of one service for one client. Backups are the other chosen-eligible
+/// instances in failover order: higher weight first, then name.
+pub fn entries_for(service: &Service, client: &Client) -> Vec<Entry> {
+    let mut valid: Vec<&Instance> = service
+        .instances
+        .iter()
+        .filter(|i| i.valid && i.weight > 0)
+        .collect();
+    if let Rule::Topology { subnets } = &service.rule {
+        let sphere = client
+            .address
+            .and_then(|a| subnets.iter().find(|(net, p, _)| in_subnet(a, *net, *p)))
+            .map(|(_, _, s)| s.clone());
+        if let Some(s) = sphere {
+            valid.retain(|i| i.provider == s);
+        }
+    }
+    valid.sort_by(|a, b| b.weight.cmp(&a.weight).then(a.name.cmp(&b.name)));
+    if valid.is_empty() {
+        return Vec::new();
+    }
+    let entry = |i: &Instance, backups: Vec<ServiceHost>| Entry {
+        spec: Some(service.spec.clone()),
+        sphere: Some(Sphere {
+            provider_id: i.provider.clone(),
+            epoch: service.epoch,
+        }),
+        host: i.host.clone(),
+        command: service.command.clone(),
+        backups,
+        valid_from: service.valid_from,
+        valid_until: service.valid_until,
+    };
+    let chosen = match (&service.rule, client) {
+        (Rule::Plain, _) | (Rule::Topology { .. }, _) => None,
+        (
+            Rule::Preselect,
+            Client {
+                address: Some(a), ..
+            },
+        ) => {
+            // Weighted choice by a stable hash of the client: the same client is always
+            // sent to the same instance while the set is unchanged.
+            let total: u64 = valid.iter().map(|i| i.weight as u64).sum();
+            let mut point = fnv(&addr_bytes(*a)) % total;
+            valid.iter().position(|i| {
+                let w = i.weight as u64;
+                if point < w {
+                    true
+                } else {
+                    point -= w;
+                    false
+                }
+            })
+        }
+        (Rule::Data, Client { key: Some(k), .. }) => {
+            // By name order, so that every generator maps a key to the same instance.
+            let mut by_name: Vec<usize> = (0..valid.len()).collect();
+            by_name.sort_by(|a, b| valid[*a].name.cmp(&valid[*b].name));
+            Some(by_name[(*k % valid.len() as u64) as usize])
+        }
+        _ => None,
+    };
+    match chosen {
+        Some(c) => {
+            let backups = valid
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != c)
+                .map(|(_, v)| v.host.clone())
+                .collect();
+            vec![entry(valid[c], backups)]
+        }
+        None => valid
+            .iter()
+            .map(|i| {
+                let backups = valid
+                    .iter()
+                    .filter(|o| o.name != i.name)
+                    .map(|o| o.host.clone())
+                    .collect();
+                entry(i, backups)
+            })
+            .collect(),
+    }
+}
+
+/// The level-1 map (type 1) for a client: every service's entries valid at `now`.
+pub fn generate(services: &[Service], client: &Client, now: u64, version: u64) -> Spm {
+    Spm {
+        version,
+        map_type: 1,
+        spec: None,
+        sphere: None,
+        entries: services
+            .iter()
+            .flat_map(|s| entries_for(s, client))
+            .filter(|e| e.valid_at(now))
+            .collect(),
+    }
+}
+
+/// A map of another type from a type-1 map: only the entries of `service` (types 2,
+/// 4) and/or of `provider` (types 3, 4), with the shared fields moved to the header.
+pub fn project(
+    map: &Spm,
+    map_type: u8,
+    service: Option<&str>,
+    provider: Option<&str>,
+) -> Result<Spm, String> {
+    let by_service = matches!(map_type, 2 | 4);
+    let by_sphere = matches!(map_type, 3 | 4);
+    if !(1..=4).contains(&map_type) {
+        return Err(format!(
+            "map type {map_type}: use 1 (full), 2 (service), 3 (sphere) or 4 (service in sphere)"
+        ));
+    }
+    if by_service && service.is_none() {
+        return Err(format!("map type {map_type} needs a service"));
+    }
+    if by_sphere && provider.is_none() {
+        return Err(format!("map type {map_type} needs a provider (sphere)"));
+    }
+    let entries: Vec<&Entry> = map
+        .entries
+        .iter()
+        .filter(|e| {
+            !by_service
+                || e.spec
+                    .as_ref()
+                    .is_some_and(|s| Some(s.service_id.as_str()) == service)
+        })
+        .filter(|e| {
+            !by_sphere
+                || e.sphere
+                    .as_ref()
+                    .is_some_and(|s| Some(s.provider_id.as_str()) == provider)
+        })
+        .collect();
+    let spec = if by_service {
+        entries.first().and_then(|e| e.spec.clone())
+    } else {
+        None
+    };
+    let sphere = if by_sphere {
+        entries.first().and_then(|e| e.sphere.clone())
+    } else {
+        None
+    };
+    Ok(Spm {
+        version: map.version,
+        map_type,
+        spec,
+        sphere,
+        entries: entries
+            .into_iter()
+            .map(|e| Entry {
+                spec: if by_service { None } else { e.spec.clone() },
+                sphere: if by_sphere { None } else { e.sphere.clone() },
+                ..e.clone()
+            })
+            .collect(),
+    })
+}
+
+/// When a deployment change must show as a new epoch (the seed's policy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EpochPolicy {
+    /// Clients keep state: a changed set of instances, or a restart, bumps the epoch.
+    Stateful,
+    /// No client state: only an operator bump changes the epoch.
+    Stateless,
+}
+
+/// Whether going from `before` to `after` (instance names and their restart counts)
+/// bumps the epoch under `policy`.
+pub fn epoch_bump(policy: EpochPolicy, before: &[(String, u64)], after: &[(String, u64)]) -> bool {
+    match policy {
+        EpochPolicy::Stateless => false,
+        EpochPolicy::Stateful => {
+            let mut b = before.to_vec();
+            let mut a = after.to_vec();
+            b.sort();
+            a.sort();
+            a != b
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(last: u8) -> ServiceHost {
+        ServiceHost {
+            inet_address: IpAddr::from([198, 18, 0, last]),
+            dns_address: None,
+            port: 8080,
+        }
+    }
+
+    fn inst(name: &str, last: u8, weight: u32, valid: bool, provider: &str) -> Instance {
+        Instance {
+            name: name.into(),
+            host: host(last),
+            weight,
+            valid,
+            provider: provider.into(),
+        }
+    }
+
+    fn service(id: &str, rule: Rule) -> Service {
+        Service {
+            spec: ServiceSpec {
+                service_id: id.into(),
+                service_version: "1.0".into(),
+            },
+            epoch: 7,
+            rule,
+            instances: vec![
+                inst("a", 11, 2, true, "east"),
+                inst("b", 12, 1, true, "west"),
+                inst("c", 13, 1, false, "east"),
+            ],
+            command: None,
+            valid_from: None,
+            valid_until: None,
+        }
+    }
+
+    #[test]
+    fn plain_lists_every_valid_instance_with_the_others_as_backups() {
+        let e = entries_for(&service("web", Rule::Plain), &Client::default());
+        assert_eq!(e.len(), 2, "c is invalid");
+        assert_eq!(e[0].host, host(11), "heavier first");
+        assert_eq!(e[0].backups, vec![host(12)]);
+        assert_eq!(e[1].backups, vec![host(11)]);
+        assert_eq!(e[0].sphere.as_ref().unwrap().epoch, 7);
+    }
+
+    #[test]
+    fn preselect_gives_each_client_one_stable_target_and_the_rest_as_backups() {
+        let s = service("web", Rule::Preselect);
+        let mut counts = std::collections::BTreeMap::new();
+        for i in 0..=255u8 {
+            let c = Client {
+                address: Some(IpAddr::from([203, 0, 113, i])),
+                key: None,
+            };
+            let e = entries_for(&s, &c);
+            assert_eq!(e.len(), 1);
+            assert_eq!(e, entries_for(&s, &c), "stable for one client");
+            assert_eq!(e[0].backups.len(), 1);
+            *counts.entry(e[0].host.inet_address).or_insert(0) += 1;
+        }
+        let heavy = counts[&IpAddr::from([198, 18, 0, 11])];
+        assert!(
+            (130..=210).contains(&heavy),
+            "weight 2 of 3 should get about 2/3: {counts:?}"
+        );
+    }
+
+    #[test]
+    fn data_routing_maps_keys_by_modulus_over_instance_names() {
+        let s = service("kv", Rule::Data);
+        let pick = |k| {
+            entries_for(
+                &s,
+                &Client {
+                    address: None,
+                    key: Some(k),
+                },
+            )[0]
+            .host
+            .clone()
+        };
+        assert_eq!(pick(0), host(11));
+        assert_eq!(pick(1), host(12));
+        assert_eq!(pick(2), host(11));
+        // Without a key: every instance, as plain.
+        assert_eq!(entries_for(&s, &Client::default()).len(), 2);
+    }
+
+    #[test]
+    fn topology_sends_a_subnet_to_its_sphere() {
+        let rule = Rule::Topology {
+            subnets: vec![
+                ("203.0.113.0".parse().unwrap(), 25, "east".into()),
+                ("203.0.113.128".parse().unwrap(), 25, "west".into()),
+            ],
+        };
+        let s = service("web", rule);
+        let east = entries_for(
+            &s,
+            &Client {
+                address: Some("203.0.113.5".parse().unwrap()),
+                key: None,
+            },
+        );
+        assert_eq!(
+            east.iter().map(|e| e.host.clone()).collect::<Vec<_>>(),
+            [host(11)]
+        );
+        let west = entries_for(
+            &s,
+            &Client {
+                address: Some("203.0.113.200".parse().unwrap()),
+                key: None,
+            },
+        );
+        assert_eq!(
+            west.iter().map(|e| e.host.clone()).collect::<Vec<_>>(),
+            [host(12)]
+        );
+        let other = entries_for(
+            &s,
+            &Client {
+                address: Some("192.0.2.1".parse().unwrap()),
+                key: None,
+            },
+        );
+        assert_eq!(other.len(), 2, "outside every subnet: all spheres");
+    }
+
+    #[test]
+    fn map_types_move_exactly_the_shared_fields_to_the_header() {
+        let map = generate(
+            &[service("web", Rule::Plain), service("db", Rule::Plain)],
+            &Client::default(),
+            0,
+            3,
+        );
+        assert_eq!(map.entries.len(), 4);
+        let t2 = project(&map, 2, Some("web"), None).unwrap();
+        assert_eq!(t2.spec.as_ref().unwrap().service_id, "web");
+        assert!(t2
+            .entries
+            .iter()
+            .all(|e| e.spec.is_none() && e.sphere.is_some()));
+        assert_eq!(t2.entries.len(), 2);
+        let t3 = project(&map, 3, None, Some("east")).unwrap();
+        assert_eq!(t3.sphere.as_ref().unwrap().provider_id, "east");
+        assert!(t3
+            .entries
+            .iter()
+            .all(|e| e.sphere.is_none() && e.spec.is_some()));
+        assert_eq!(t3.entries.len(), 2, "one east instance in each service");
+        let t4 = project(&map, 4, Some("db"), Some("west")).unwrap();
+        assert!(t4.spec.is_some() && t4.sphere.is_some());
+        assert!(t4
+            .entries
+            .iter()
+            .all(|e| e.spec.is_none() && e.sphere.is_none()));
+        assert_eq!(t4.entries.len(), 1);
+        assert!(project(&map, 2, None, None).is_err());
+        assert!(project(&map, 5, None, None).is_err());
+        assert_eq!(project(&map, 1, None, None).unwrap(), map);
+    }
+
+    #[test]
+    fn validity_windows_are_honoured() {
+        let mut s = service("web", Rule::Plain);
+        s.valid_from = Some(100);
+        s.valid_until = Some(200);
+        assert!(generate(&[s.clone()], &Client::default(), 99, 1)
+            .entries
+            .is_empty());
+        assert_eq!(
+            generate(&[s.clone()], &Client::default(), 100, 1)
+                .entries
+                .len(),
+            2
+        );
+        assert!(generate(&[s], &Client::default(), 200, 1)
+            .entries
+            .is_empty());
+    }
+
+    #[test]
+    fn stateful_services_bump_the_epoch_when_the_set_or_a_restart_changes() {
+        let one = vec![("a".to_string(), 0)];
+        let two = vec![("a".to_string(), 0), ("b".to_string(), 0)];
+        let restarted = vec![("a".to_string(), 1)];
+        assert!(epoch_bump(EpochPolicy::Stateful, &one, &two));
+        assert!(epoch_bump(EpochPolicy::Stateful, &one, &restarted));
+        assert!(!epoch_bump(
+            EpochPolicy::Stateful,
+            &two,
+            &[two[1].clone(), two[0].clone()]
+        ));
+        assert!(!epoch_bump(EpochPolicy::Stateless, &one, &two));
+    }
+}
