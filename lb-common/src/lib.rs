@@ -124,7 +124,14 @@ pub struct VipMeta {
     pub ring_offset: u32,
     /// Entries in that table (a prime). 0 means the service has no table yet.
     pub ring_size: u32,
+    /// The service's epoch (SPM): connections remember the epoch they began in, and
+    /// one that outlives it is kept or re-steered as `VIP_F_EPOCH_RESTEER` says.
+    pub epoch: u32,
 }
+
+/// Per-service flag: a connection from an older epoch is steered anew, as a new flow
+/// (default: it stays on its backend until it ends).
+pub const VIP_F_EPOCH_RESTEER: u32 = 1 << 1;
 
 /// Per-service flag: this service wants fragments and packets with IP options passed
 /// to the kernel; folded into [`ADDR_F_PASS_IRREGULAR`] of its address.
@@ -193,6 +200,8 @@ pub struct FlowKey {
 pub struct ConnEntry {
     pub backend_id: u32,
     pub backend_gen: u32,
+    /// The service's epoch when the connection began.
+    pub epoch: u32,
 }
 
 /// Packets and bytes (whole frames), per CPU, in `VIP_STATS` and `BACKEND_STATS`.
@@ -243,6 +252,10 @@ pub struct GlobalStats {
     /// No entry on this CPU, but another CPU had one (the flow changed CPU): kept on
     /// its backend and copied here. Counted in addition to `lru_hit`.
     pub lru_other_cpu: u64,
+    /// A connection from an older epoch of its service kept on its backend (per packet).
+    pub epoch_keep: u64,
+    /// A connection from an older epoch steered anew (per packet that was re-steered).
+    pub epoch_resteer: u64,
 }
 
 /// Field-wise helpers of `GlobalStats` (summing per-CPU values, naming fields for
@@ -259,7 +272,7 @@ macro_rules! global_stats_fields {
             }
 
             /// The value of each field, in the order of [`Self::FIELDS`].
-            pub fn values(&self) -> [u64; 18] {
+            pub fn values(&self) -> [u64; 20] {
                 [$(self.$field),*]
             }
         }
@@ -284,6 +297,8 @@ global_stats_fields!(
     lru_miss,
     lru_stale,
     lru_other_cpu,
+    epoch_keep,
+    epoch_resteer,
 );
 
 #[cfg(feature = "user")]
@@ -321,10 +336,10 @@ macro_rules! assert_layout {
 assert_layout!(AddrKey, 20, 1);
 assert_layout!(AddrMeta, 4, 4);
 assert_layout!(VipKey, 20, 2);
-assert_layout!(VipMeta, 16, 4);
+assert_layout!(VipMeta, 20, 4);
 assert_layout!(Backend, 28, 4);
 assert_layout!(Route, 20, 4);
 assert_layout!(FlowKey, 40, 2);
-assert_layout!(ConnEntry, 8, 4);
+assert_layout!(ConnEntry, 12, 4);
 assert_layout!(Counter, 16, 8);
-assert_layout!(GlobalStats, 18 * 8, 8);
+assert_layout!(GlobalStats, 20 * 8, 8);

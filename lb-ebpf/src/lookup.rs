@@ -6,7 +6,7 @@ use aya_ebpf::{helpers::bpf_map_lookup_percpu_elem, programs::XdpContext};
 use aya_log_ebpf::error;
 use lb_common::{
     hash::flow_hash, AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, VipKey, VipMeta,
-    BACKEND_F_ACTIVE, MAX_CPUS, RING_EMPTY,
+    BACKEND_F_ACTIVE, MAX_CPUS, RING_EMPTY, VIP_F_EPOCH_RESTEER,
 };
 
 use crate::{
@@ -86,15 +86,24 @@ pub fn backend(ctx: &XdpContext, flow: &FlowKey, vip: &VipMeta) -> Result<(u32, 
             }
         }
         if conn.backend_gen != 0 {
-            if let Some(b) = live_backend(conn.backend_id, conn.backend_gen) {
+            let resteer = conn.epoch != vip.epoch && vip.flags & VIP_F_EPOCH_RESTEER != 0;
+            if resteer {
+                // The service moved on to a new epoch and wants its old connections
+                // steered like new ones.
+                stats::count_epoch_resteer();
+            } else if let Some(b) = live_backend(conn.backend_id, conn.backend_gen) {
+                if conn.epoch != vip.epoch {
+                    stats::count_epoch_keep();
+                }
                 if adopted {
                     stats::count_lru_other_cpu();
                     let _ = CONNS.insert(flow, &conn, 0);
                 }
                 stats::count_lru_hit();
                 return Ok((conn.backend_id, b));
+            } else {
+                stats::count_lru_stale();
             }
-            stats::count_lru_stale();
         } else {
             stats::count_lru_miss();
         }
@@ -125,6 +134,7 @@ pub fn backend(ctx: &XdpContext, flow: &FlowKey, vip: &VipMeta) -> Result<(u32, 
     let entry = ConnEntry {
         backend_id: id,
         backend_gen: b.gen,
+        epoch: vip.epoch,
     };
     // A full LRU evicts its oldest entry; an insert only fails on a kernel error, and
     // then the flow still goes to the right backend for this packet.

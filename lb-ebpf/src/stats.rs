@@ -90,6 +90,16 @@ pub fn count_lru_other_cpu() {
 }
 
 #[inline(always)]
+pub fn count_epoch_keep() {
+    bump(|g| &mut g.epoch_keep)
+}
+
+#[inline(always)]
+pub fn count_epoch_resteer() {
+    bump(|g| &mut g.epoch_resteer)
+}
+
+#[inline(always)]
 pub fn count_tx() {
     bump(|g| &mut g.tx)
 }

@@ -96,6 +96,57 @@ pub enum Attached {
 
 /// A pinned map made with other sizes would be reused as it is, silently ignoring the
 /// new options: refuse instead.
+/// Key and value sizes of every map, as this build's types have them.
+fn layouts() -> [(&'static str, usize, usize); 10] {
+    use lb_common::*;
+    use std::mem::size_of;
+    [
+        (
+            map_names::VIP_ADDRS,
+            size_of::<AddrKey>(),
+            size_of::<AddrMeta>(),
+        ),
+        (map_names::VIPS, size_of::<VipKey>(), size_of::<VipMeta>()),
+        (map_names::MAGLEV_RING, 4, 4),
+        (map_names::BACKENDS, 4, size_of::<Backend>()),
+        (map_names::ROUTES, 4, size_of::<Route>()),
+        // A devmap value is `struct bpf_devmap_val`: ifindex and program fd.
+        (map_names::TX_PORTS, 4, 8),
+        (
+            map_names::CONNS,
+            size_of::<FlowKey>(),
+            size_of::<ConnEntry>(),
+        ),
+        (map_names::VIP_STATS, 4, size_of::<Counter>()),
+        (map_names::BACKEND_STATS, 4, size_of::<Counter>()),
+        (map_names::GLOBAL_STATS, 4, size_of::<GlobalStats>()),
+    ]
+}
+
+/// Pinned maps left by an older build whose types had other sizes would be reused
+/// and misread: refuse, naming the way out.
+fn check_pinned_layouts(dir: &Path) -> Result<()> {
+    for (name, key, value) in layouts() {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info =
+            MapInfo::from_pin(&path).map_err(|source| DataplaneError::Map { name, source })?;
+        if info.key_size() as usize != key || info.value_size() as usize != value {
+            return Err(DataplaneError::Options(format!(
+                "the pinned map {} was made by another build (key {} / value {} bytes, this build uses {key} / {value}); \
+                 detach the old data plane first (lbctl shutdown --detach, or remove {})",
+                path.display(),
+                info.key_size(),
+                info.value_size(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn check_pinned_size(dir: &Path, name: &str, expected: u32, option: &str) -> Result<()> {
     let path = dir.join(name);
     if !path.exists() {
@@ -170,6 +221,7 @@ impl Dataplane {
                 options.conn_table_size,
                 "conn_table_size",
             )?;
+            check_pinned_layouts(dir)?;
             for name in map_names::ALL {
                 loader.map_pin_path(name, dir.join(name));
             }

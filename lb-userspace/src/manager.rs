@@ -26,7 +26,8 @@ use aya::{
 use lb_common::{
     map_names, AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, Route, VipKey,
     VipMeta, ADDR_F_PASS_IRREGULAR, BACKEND_F_ACTIVE, FAMILY_V4, FAMILY_V6, MAGLEV_DEFAULT_SIZE,
-    MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, ROUTE_MODE_L2_DSR, VIP_F_PASS_IRREGULAR,
+    MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, ROUTE_MODE_L2_DSR, VIP_F_EPOCH_RESTEER,
+    VIP_F_PASS_IRREGULAR,
 };
 
 use crate::{
@@ -126,6 +127,12 @@ pub struct ServiceConfig {
     pub maglev_size: u32,
     /// Pass fragments and packets with IP options to the kernel instead of dropping them.
     pub pass_irregular: bool,
+    /// The service's epoch (SPM). Connections begun in an older one are kept on their
+    /// backend, or steered anew with `epoch_resteer`.
+    #[serde(default)]
+    pub epoch: u32,
+    #[serde(default)]
+    pub epoch_resteer: bool,
 }
 
 impl Default for ServiceConfig {
@@ -133,6 +140,8 @@ impl Default for ServiceConfig {
         Self {
             maglev_size: MAGLEV_DEFAULT_SIZE,
             pass_irregular: false,
+            epoch: 0,
+            epoch_resteer: false,
         }
     }
 }
@@ -582,13 +591,18 @@ impl MapManager {
         let slot = state.vip_id * 2 + state.active_slot as u32;
         let meta = VipMeta {
             vip_id: state.vip_id,
-            flags: if state.config.pass_irregular {
+            flags: (if state.config.pass_irregular {
                 VIP_F_PASS_IRREGULAR
             } else {
                 0
-            },
+            }) | (if state.config.epoch_resteer {
+                VIP_F_EPOCH_RESTEER
+            } else {
+                0
+            }),
             ring_offset: slot * self.ring_stride,
             ring_size: state.table.as_ref().map_or(0, |t| t.len() as u32),
+            epoch: state.config.epoch,
         };
         self.vips
             .insert(Self::vip_key(&key), meta, 0)
@@ -847,6 +861,8 @@ impl MapManager {
             let spare = self.read_ring(spare_offset, spare_len.min(self.ring_stride))?;
             let mut config = known.get(&key).map(|s| s.config).unwrap_or_default();
             config.pass_irregular = meta.flags & VIP_F_PASS_IRREGULAR != 0;
+            config.epoch_resteer = meta.flags & VIP_F_EPOCH_RESTEER != 0;
+            config.epoch = meta.epoch;
             if let Some(t) = &table {
                 config.maglev_size = t.len() as u32;
             }

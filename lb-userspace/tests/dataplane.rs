@@ -712,3 +712,43 @@ fn in_a_cluster_only_owned_vips_are_balanced() {
     lb.maps.set_owned(VIP4.parse().unwrap(), false).unwrap();
     assert_untouched(&lb, &frame, XDP_PASS, "pass_not_vip");
 }
+
+#[test]
+fn after_an_epoch_change_old_connections_are_kept_or_resteered_as_the_service_says() {
+    for resteer in [false, true] {
+        let mut lb = load_lb();
+        let key = service(VIP4, 80, Proto::Tcp);
+        lb.add(key, &backends4(3));
+        let old = flows(2000, 80);
+        let before: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+        // The deployment changes (a fourth backend) and the epoch with it.
+        let config = ServiceConfig {
+            epoch: 1,
+            epoch_resteer: resteer,
+            ..ServiceConfig::default()
+        };
+        lb.maps.upsert_service(key, config).unwrap();
+        lb.maps.set_backends(key, &backends4(4)).unwrap();
+        let after: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+        let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+        let stats = lb.stats();
+        if resteer {
+            assert_eq!(
+                stats.epoch_resteer, 2000,
+                "every old connection re-steered once"
+            );
+            assert!(
+                moved > 2000 / 8,
+                "re-steered flows follow the new table: only {moved} moved"
+            );
+            // Re-steered once: they now belong to the new epoch.
+            let again: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+            assert_eq!(again, after);
+            assert_eq!(lb.stats().epoch_resteer, 2000);
+        } else {
+            assert_eq!(moved, 0, "kept connections stay on their backends");
+            assert_eq!(stats.epoch_keep, 2000);
+            assert_eq!(stats.epoch_resteer, 0);
+        }
+    }
+}
