@@ -802,3 +802,65 @@ fn a_backend_registers_itself_over_http_from_its_own_host() {
         .expect("curl from b3");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
 }
+
+#[test]
+fn the_service_point_map_shows_entries_backups_and_epochs_and_answers_a_stale_epoch() {
+    let env = Env::new("spm", &["b1", "b2"]);
+    let map: serde_json::Value =
+        serde_json::from_str(&env.lbctl_ok(&["-o", "json", "spm", "show", "--service", SVC]))
+            .unwrap();
+    let entries = map["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{map}");
+    assert_eq!(entries[0]["sphere"]["epoch"], 0);
+    assert_eq!(
+        entries[0]["backups"].as_array().unwrap().len(),
+        1,
+        "the other backend is the backup"
+    );
+    // One client: one target (pre-selected), the rest as backups.
+    let one: serde_json::Value = serde_json::from_str(&env.lbctl_ok(&[
+        "-o",
+        "json",
+        "spm",
+        "show",
+        "--service",
+        SVC,
+        "--client",
+        "203.0.113.7",
+    ]))
+    .unwrap();
+    assert_eq!(one["entries"].as_array().unwrap().len(), 1, "{one}");
+    // Type 2: the service spec moves to the header.
+    let t2: serde_json::Value = serde_json::from_str(&env.lbctl_ok(&[
+        "-o",
+        "json",
+        "spm",
+        "show",
+        "--service",
+        SVC,
+        "--type",
+        "2",
+    ]))
+    .unwrap();
+    assert_eq!(t2["spec"]["service_id"], SVC);
+    assert!(t2["entries"][0].get("spec").is_none(), "{t2}");
+
+    // An operator bump: a new epoch, in the map and in the data plane.
+    let out = env.lbctl_ok(&["service", "bump-epoch", SVC]);
+    assert!(out.contains("epoch 1"), "{out}");
+    let map: serde_json::Value =
+        serde_json::from_str(&env.lbctl_ok(&["-o", "json", "spm", "show", "--service", SVC]))
+            .unwrap();
+    assert_eq!(map["entries"][0]["sphere"]["epoch"], 1);
+    // A client holding the old epoch is told so.
+    let stale = env.lbctl(&["spm", "show", "--service", SVC, "--epoch", "0"]);
+    assert_eq!(stale.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&stale.stderr).contains("epoch mismatch"),
+        "{}",
+        String::from_utf8_lossy(&stale.stderr)
+    );
+    env.lbctl_ok(&["spm", "show", "--service", SVC, "--epoch", "1"]);
+    // Traffic still flows after the bump (connections of the old epoch are kept).
+    assert_eq!(env.spread(20).values().sum::<usize>(), 20);
+}

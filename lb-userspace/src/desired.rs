@@ -98,10 +98,18 @@ fn describe_backend(spec: &BackendSpec) -> String {
 }
 
 fn describe_service(c: &ServiceConfig) -> String {
-    format!(
+    let mut s = format!(
         "maglev {}, pass_irregular {}",
         c.maglev_size, c.pass_irregular
-    )
+    );
+    if c.epoch != 0 || c.epoch_resteer {
+        s.push_str(&format!(
+            ", epoch {}{}",
+            c.epoch,
+            if c.epoch_resteer { " (re-steer)" } else { "" }
+        ));
+    }
+    s
 }
 
 impl fmt::Display for Change {

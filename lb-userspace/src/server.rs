@@ -213,6 +213,109 @@ async fn set_weight(State(s): State<AppState>, Json(req): Json<SetWeight>) -> Ap
     .await
 }
 
+async fn bump_epoch(State(s): State<AppState>, Json(req): Json<ServiceRef>) -> ApiResult<Applied> {
+    change(&s, |d| {
+        let svc = service_mut(d, req.service)?;
+        svc.config.epoch = svc.config.epoch.wrapping_add(1);
+        Ok(())
+    })
+    .await
+}
+
+#[derive(serde::Deserialize)]
+struct SpmQuery {
+    service: Option<ServiceKey>,
+    client: Option<IpAddr>,
+    key: Option<u64>,
+    #[serde(rename = "type")]
+    map_type: Option<u8>,
+    provider: Option<String>,
+    /// The epoch the client holds for `service`: a stale one gets the mismatch reply.
+    epoch: Option<u64>,
+}
+
+/// The services as the SPM generator sees them: every configured service with the
+/// backends that take traffic (resolved, healthy, weighted) as instances.
+fn spm_services(views: &[api::ServiceView]) -> Vec<crate::spm::Service> {
+    views
+        .iter()
+        .map(|v| crate::spm::Service {
+            spec: crate::spm::ServiceSpec {
+                service_id: v.service.clone(),
+                service_version: "1.0".into(),
+            },
+            epoch: v.config.epoch as u64,
+            rule: crate::spm::Rule::Preselect,
+            instances: v
+                .backends
+                .iter()
+                .map(|b| crate::spm::Instance {
+                    name: b.address.to_string(),
+                    host: crate::spm::ServiceHost {
+                        inet_address: b.address,
+                        dns_address: None,
+                        port: v.key.port,
+                    },
+                    weight: if b.drain { 0 } else { b.weight },
+                    valid: b.mac.is_some() && b.healthy,
+                    provider: "local".into(),
+                })
+                .collect(),
+            command: None,
+            valid_from: None,
+            valid_until: None,
+        })
+        .collect()
+}
+
+async fn spm(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<SpmQuery>,
+) -> Result<Response, ApiError> {
+    let views = s.daemon.lock().await.services().map_err(internal)?;
+    let mut services = spm_services(&views);
+    if let Some(k) = q.service {
+        services.retain(|x| x.spec.service_id == k.to_string());
+        if services.is_empty() {
+            return Err(not_found(format!("no service {k}")));
+        }
+    }
+    let client = crate::spm::Client {
+        address: q.client,
+        key: q.key,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    // The map's version: the epochs and the instance sets, hashed.
+    let version = {
+        let text = serde_json::to_string(&services).unwrap_or_default();
+        text.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        })
+    };
+    let map = crate::spm::generate(&services, &client, now, version);
+    let service_name = q.service.map(|k| k.to_string());
+    let map = match q.map_type {
+        None | Some(1) => map,
+        Some(t) => crate::spm::project(&map, t, service_name.as_deref(), q.provider.as_deref())
+            .map_err(bad)?,
+    };
+    if let (Some(k), Some(held)) = (q.service, q.epoch) {
+        let current = services.first().map_or(0, |x| x.epoch);
+        if held != current {
+            // The seed's epoch-mismatch reply: says so, and carries the new entries.
+            let body = serde_json::json!({
+                "error": format!("epoch mismatch for {k}: you hold {held}, the service is at {current}; use the entries below"),
+                "epoch_mismatch": { "service": k, "held": held, "current": current },
+                "map": map,
+            });
+            return Ok((StatusCode::CONFLICT, Json(body)).into_response());
+        }
+    }
+    Ok(Json(map).into_response())
+}
+
 async fn apply(State(s): State<AppState>, Json(req): Json<api::Apply>) -> ApiResult<Applied> {
     if !req.dry_run {
         let addrs = req
@@ -525,6 +628,8 @@ pub fn api_router(state: AppState) -> Router {
         .route("/v1/backends/remove", post(remove_backend))
         .route("/v1/backends/drain", post(drain_backend))
         .route("/v1/backends/weight", post(set_weight))
+        .route("/v1/services/bump-epoch", post(bump_epoch))
+        .route("/v1/spm", get(spm))
         .route("/v1/apply", post(apply))
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/cluster", get(cluster))

@@ -77,6 +77,9 @@ enum Cmd {
         #[arg(long, short)]
         follow: bool,
     },
+    /// The Service Point Map: where clients should go, with epochs and backups.
+    #[command(subcommand)]
+    Spm(SpmCmd),
     /// The directory: tables of service instances, host routes, partitions.
     #[command(subcommand)]
     Dir(DirCmd),
@@ -98,9 +101,35 @@ enum ServiceCmd {
     Remove {
         service: ServiceKey,
     },
+    /// Start a new epoch for the service: clients holding the old one are told so.
+    BumpEpoch {
+        service: ServiceKey,
+    },
     List,
     Show {
         service: ServiceKey,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpmCmd {
+    Show {
+        #[arg(long)]
+        service: Option<ServiceKey>,
+        /// Apply the rules for this client address.
+        #[arg(long)]
+        client: Option<IpAddr>,
+        /// Data-dependent routing key.
+        #[arg(long)]
+        key: Option<u64>,
+        /// Map type: 1 full, 2 one service, 3 one sphere, 4 one service in one sphere.
+        #[arg(long = "type")]
+        map_type: Option<u8>,
+        #[arg(long)]
+        provider: Option<String>,
+        /// The epoch you hold for --service: a stale one gets the mismatch reply.
+        #[arg(long)]
+        epoch: Option<u64>,
     },
 }
 
@@ -583,6 +612,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .await?;
                 print_applied(out, &r);
             }
+            ServiceCmd::BumpEpoch { service } => {
+                let r = client
+                    .post("/v1/services/bump-epoch", &api::ServiceRef { service })
+                    .await?;
+                print_applied(out, &r);
+            }
             ServiceCmd::Remove { service } => {
                 let r = client
                     .post("/v1/services/remove", &api::ServiceRef { service })
@@ -838,6 +873,79 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await?;
         }
         Cmd::Dir(cmd) => dir(&client, out, cmd).await?,
+        Cmd::Spm(SpmCmd::Show {
+            service,
+            client: addr,
+            key,
+            map_type,
+            provider,
+            epoch,
+        }) => {
+            let mut q = Vec::new();
+            if let Some(s) = service {
+                q.push(format!("service={}", enc(&s.to_string())));
+            }
+            if let Some(a) = addr {
+                q.push(format!("client={a}"));
+            }
+            if let Some(k) = key {
+                q.push(format!("key={k}"));
+            }
+            if let Some(t) = map_type {
+                q.push(format!("type={t}"));
+            }
+            if let Some(p) = provider {
+                q.push(format!("provider={}", enc(&p)));
+            }
+            if let Some(e) = epoch {
+                q.push(format!("epoch={e}"));
+            }
+            let map: serde_json::Value = client.get(&format!("/v1/spm?{}", q.join("&"))).await?;
+            if out == Output::Json {
+                print_json(&map);
+            } else {
+                println!("SPM version {} type {}", map["version"], map["map_type"]);
+                let mut rows = vec![vec![
+                    "SERVICE".into(),
+                    "EPOCH".into(),
+                    "HOST".into(),
+                    "BACKUPS".into(),
+                ]];
+                for e in map["entries"].as_array().into_iter().flatten() {
+                    let svc = e["spec"]["service_id"]
+                        .as_str()
+                        .or(map["spec"]["service_id"].as_str())
+                        .unwrap_or("-");
+                    let epoch = e["sphere"]["epoch"]
+                        .as_u64()
+                        .or(map["sphere"]["epoch"].as_u64())
+                        .unwrap_or(0);
+                    let backups: Vec<String> = e["backups"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|b| {
+                            format!("{}:{}", b["inet_address"].as_str().unwrap_or(""), b["port"])
+                        })
+                        .collect();
+                    rows.push(vec![
+                        svc.to_string(),
+                        epoch.to_string(),
+                        format!(
+                            "{}:{}",
+                            e["host"]["inet_address"].as_str().unwrap_or(""),
+                            e["host"]["port"]
+                        ),
+                        if backups.is_empty() {
+                            "-".into()
+                        } else {
+                            backups.join(",")
+                        },
+                    ]);
+                }
+                table(rows);
+            }
+        }
         Cmd::Shutdown { detach } => {
             let r: serde_json::Value = client
                 .post("/v1/shutdown", &api::Shutdown { detach })
