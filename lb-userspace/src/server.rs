@@ -264,6 +264,7 @@ fn spm_services(views: &[api::ServiceView]) -> Vec<crate::spm::Service> {
             command: None,
             valid_from: None,
             valid_until: None,
+            redirector: None,
         })
         .collect()
 }

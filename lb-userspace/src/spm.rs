@@ -2,8 +2,10 @@
 //! where services are. Pure: the generator takes the services' instances (from the
 //! directory) and a client's attributes, applies each service's partitioning rule,
 //! and returns entries with ordered backups; `project` gives map types 1–4;
-//! `epoch_bump` says when a deployment change must be visible to clients.
-//! Not yet served by lbd or compiled into the data plane (issue 6 in progress).
+//! `epoch_bump` and `next_record` say when a deployment change must be visible to
+//! clients. lbd serves the maps (`/v1/spm`); the rules that apply at L4 (`Source`,
+//! `Topology`) are also compiled into the data plane by the map manager, with the
+//! same choice of instance.
 
 use std::net::IpAddr;
 
@@ -82,8 +84,12 @@ pub enum Rule {
     /// Only the instance this client should use (a stable hash of its address,
     /// weighted); the others as its backups.
     Preselect,
-    /// A key (from the request or the client) modulo the instance count picks it.
+    /// A key (from the request or the client) modulo the instance count picks it,
+    /// instances in address order.
     Data,
+    /// As `Data`, with the client's address as the key (its last 32 bits): the rule the
+    /// XDP program applies to the VIP, so a client is told the instance its packets reach.
+    Source,
     /// The client's subnet selects the sphere; instances of that sphere only.
     Topology { subnets: Vec<(IpAddr, u8, String)> },
 }
@@ -111,6 +117,22 @@ pub struct Service {
     pub valid_from: Option<u64>,
     #[serde(default)]
     pub valid_until: Option<u64>,
+    /// The re-director case of the seed: the level-1 map shows only this service point
+    /// (the VIP), and the service's own instances are in its sub-level map.
+    #[serde(default)]
+    pub redirector: Option<ServiceHost>,
+}
+
+/// The number the `Source` rule (and the data plane) partitions on: the address's
+/// last 32 bits.
+pub fn source_key(a: IpAddr) -> u64 {
+    let b = addr_bytes(a);
+    u32::from_be_bytes([
+        b[b.len() - 4],
+        b[b.len() - 3],
+        b[b.len() - 2],
+        b[b.len() - 1],
+    ]) as u64
 }
 
 /// What the generator knows of the client asking.
@@ -158,7 +180,9 @@ pub fn entries_for(service: &Service, client: &Client) -> Vec<Entry> {
             .address
             .and_then(|a| subnets.iter().find(|(net, p, _)| in_subnet(a, *net, *p)))
             .map(|(_, _, s)| s.clone());
-        if let Some(s) = sphere {
+        // A sphere without a valid instance sends its clients to every sphere rather
+        // than to none; the data plane does the same.
+        if let Some(s) = sphere.filter(|s| valid.iter().any(|i| &i.provider == s)) {
             valid.retain(|i| i.provider == s);
         }
     }
@@ -200,12 +224,13 @@ pub fn entries_for(service: &Service, client: &Client) -> Vec<Entry> {
                 }
             })
         }
-        (Rule::Data, Client { key: Some(k), .. }) => {
-            // By name order, so that every generator maps a key to the same instance.
-            let mut by_name: Vec<usize> = (0..valid.len()).collect();
-            by_name.sort_by(|a, b| valid[*a].name.cmp(&valid[*b].name));
-            Some(by_name[(*k % valid.len() as u64) as usize])
-        }
+        (Rule::Data, Client { key: Some(k), .. }) => Some(by_address(&valid, *k)),
+        (
+            Rule::Source,
+            Client {
+                address: Some(a), ..
+            },
+        ) => Some(by_address(&valid, source_key(*a))),
         _ => None,
     };
     match chosen {
@@ -232,7 +257,16 @@ pub fn entries_for(service: &Service, client: &Client) -> Vec<Entry> {
     }
 }
 
-/// The level-1 map (type 1) for a client: every service's entries valid at `now`.
+/// The instance `key` selects: instances in address order (then port), so that every
+/// generator and the data plane (which orders backends by address) agree.
+fn by_address(valid: &[&Instance], key: u64) -> usize {
+    let mut order: Vec<usize> = (0..valid.len()).collect();
+    order.sort_by_key(|i| (valid[*i].host.inet_address, valid[*i].host.port));
+    order[(key % valid.len() as u64) as usize]
+}
+
+/// The level-1 map (type 1) for a client: every service's entries valid at `now`; a
+/// service behind a re-director appears as that one service point.
 pub fn generate(services: &[Service], client: &Client, now: u64, version: u64) -> Spm {
     Spm {
         version,
@@ -241,10 +275,38 @@ pub fn generate(services: &[Service], client: &Client, now: u64, version: u64) -
         sphere: None,
         entries: services
             .iter()
-            .flat_map(|s| entries_for(s, client))
+            .flat_map(|s| match &s.redirector {
+                Some(r) => vec![Entry {
+                    spec: Some(s.spec.clone()),
+                    sphere: Some(Sphere {
+                        provider_id: "redirector".into(),
+                        epoch: s.epoch,
+                    }),
+                    host: r.clone(),
+                    command: Some(format!(
+                        "sub-level map: GET /v1/spm?service={}&level=2",
+                        s.spec.service_id
+                    )),
+                    backups: Vec::new(),
+                    valid_from: s.valid_from,
+                    valid_until: s.valid_until,
+                }],
+                None => entries_for(s, client),
+            })
             .filter(|e| e.valid_at(now))
             .collect(),
     }
+}
+
+/// The sub-level map of one service (map type 2): its instances as its rule gives
+/// them to `client`, whether or not the level-1 map shows a re-director.
+pub fn sub_level(service: &Service, client: &Client, now: u64, version: u64) -> Spm {
+    let direct = Service {
+        redirector: None,
+        ..service.clone()
+    };
+    let map = generate(&[direct], client, now, version);
+    project(&map, 2, Some(&service.spec.service_id), None).expect("type 2 with a service")
 }
 
 /// A map of another type from a type-1 map: only the entries of `service` (types 2,
@@ -335,6 +397,41 @@ pub fn epoch_bump(policy: EpochPolicy, before: &[(String, u64)], after: &[(Strin
     }
 }
 
+/// The replicated record of one service's epoch (the SPM manager's output): the epoch
+/// and the instance set it was computed for, so that the next manager, on any node,
+/// continues from it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: u64,
+    pub members: Vec<String>,
+}
+
+/// What the SPM manager writes for a service whose valid instances are now `members`
+/// (`bump`: an operator asked for a new epoch): `None` when the record stands.
+pub fn next_record(
+    policy: EpochPolicy,
+    record: Option<&EpochRecord>,
+    members: &[String],
+    bump: bool,
+) -> Option<EpochRecord> {
+    let mut members = members.to_vec();
+    members.sort();
+    members.dedup();
+    let Some(old) = record else {
+        return Some(EpochRecord {
+            epoch: bump as u64,
+            members,
+        });
+    };
+    let as_set = |m: &[String]| m.iter().map(|n| (n.clone(), 0)).collect::<Vec<_>>();
+    let changed = old.members != members;
+    let bump = bump || epoch_bump(policy, &as_set(&old.members), &as_set(&members));
+    (changed || bump).then(|| EpochRecord {
+        epoch: old.epoch + bump as u64,
+        members,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,6 +470,7 @@ mod tests {
             command: None,
             valid_from: None,
             valid_until: None,
+            redirector: None,
         }
     }
 
@@ -409,7 +507,7 @@ mod tests {
     }
 
     #[test]
-    fn data_routing_maps_keys_by_modulus_over_instance_names() {
+    fn data_routing_maps_keys_by_modulus_over_instances_in_address_order() {
         let s = service("kv", Rule::Data);
         let pick = |k| {
             entries_for(
@@ -468,6 +566,92 @@ mod tests {
             },
         );
         assert_eq!(other.len(), 2, "outside every subnet: all spheres");
+    }
+
+    #[test]
+    fn source_partitioning_sends_even_addresses_to_the_first_instance_and_odd_to_the_second() {
+        let s = service("web", Rule::Source);
+        for last in 0..=20u8 {
+            let c = Client {
+                address: Some(IpAddr::from([203, 0, 113, last])),
+                key: None,
+            };
+            let e = entries_for(&s, &c);
+            assert_eq!(e.len(), 1);
+            let want = if last % 2 == 0 { host(11) } else { host(12) };
+            assert_eq!(e[0].host, want, "client .{last}");
+            assert_eq!(e[0].backups.len(), 1);
+        }
+        assert_eq!(source_key("2001:db8::1:3".parse().unwrap()), 0x0001_0003);
+    }
+
+    #[test]
+    fn a_sphere_without_valid_instances_sends_its_clients_everywhere() {
+        let mut s = service(
+            "web",
+            Rule::Topology {
+                subnets: vec![("203.0.113.0".parse().unwrap(), 24, "west".into())],
+            },
+        );
+        s.instances[1].valid = false;
+        let c = Client {
+            address: Some("203.0.113.9".parse().unwrap()),
+            key: None,
+        };
+        assert_eq!(entries_for(&s, &c).len(), 1, "only a remains, in east");
+    }
+
+    #[test]
+    fn a_redirected_service_is_one_point_in_level_one_and_whole_in_its_sub_level_map() {
+        let mut s = service("web", Rule::Plain);
+        s.redirector = Some(ServiceHost {
+            inet_address: "192.0.2.80".parse().unwrap(),
+            dns_address: None,
+            port: 80,
+        });
+        let top = generate(&[s.clone()], &Client::default(), 0, 1);
+        assert_eq!(top.entries.len(), 1);
+        assert_eq!(top.entries[0].host.port, 80);
+        assert!(top.entries[0].command.as_ref().unwrap().contains("level=2"));
+        let sub = sub_level(&s, &Client::default(), 0, 1);
+        assert_eq!(sub.map_type, 2);
+        assert_eq!(sub.spec.as_ref().unwrap().service_id, "web");
+        assert_eq!(sub.entries.len(), 2);
+    }
+
+    #[test]
+    fn the_epoch_record_moves_on_set_changes_by_policy_and_on_operator_bumps() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let first = next_record(EpochPolicy::Stateful, None, &names(&["a"]), false).unwrap();
+        assert_eq!(first.epoch, 0, "a new service starts at 0");
+        assert_eq!(
+            next_record(EpochPolicy::Stateful, Some(&first), &names(&["a"]), false),
+            None
+        );
+        let two = next_record(
+            EpochPolicy::Stateful,
+            Some(&first),
+            &names(&["b", "a"]),
+            false,
+        )
+        .unwrap();
+        assert_eq!((two.epoch, two.members.clone()), (1, names(&["a", "b"])));
+        let stateless = next_record(
+            EpochPolicy::Stateless,
+            Some(&first),
+            &names(&["a", "b"]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(stateless.epoch, 0, "recorded, not bumped");
+        let bumped = next_record(
+            EpochPolicy::Stateless,
+            Some(&stateless),
+            &names(&["a", "b"]),
+            true,
+        )
+        .unwrap();
+        assert_eq!(bumped.epoch, 1);
     }
 
     #[test]
