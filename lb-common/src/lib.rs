@@ -47,7 +47,8 @@ pub mod map_names {
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
-    pub const ALL: [&str; 10] = [
+    pub const SPHERES: &str = "SPHERES";
+    pub const ALL: [&str; 11] = [
         VIP_ADDRS,
         VIPS,
         MAGLEV_RING,
@@ -58,6 +59,7 @@ pub mod map_names {
         VIP_STATS,
         BACKEND_STATS,
         GLOBAL_STATS,
+        SPHERES,
     ];
 }
 
@@ -122,7 +124,8 @@ pub struct VipMeta {
     pub flags: u32,
     /// First entry of the service's current table in `MAGLEV_RING`.
     pub ring_offset: u32,
-    /// Entries in that table (a prime). 0 means the service has no table yet.
+    /// Entries in that table (a prime for a Maglev table; the instance count for a
+    /// source-partitioned service). 0 means the service has no table yet.
     pub ring_size: u32,
     /// The service's epoch (SPM): connections remember the epoch they began in, and
     /// one that outlives it is kept or re-steered as `VIP_F_EPOCH_RESTEER` says.
@@ -132,6 +135,38 @@ pub struct VipMeta {
 /// Per-service flag: a connection from an older epoch is steered anew, as a new flow
 /// (default: it stays on its backend until it ends).
 pub const VIP_F_EPOCH_RESTEER: u32 = 1 << 1;
+
+/// Per-service flag (SPM rule `source`): the table is the service's instances in
+/// address order and the client's address (its last 32 bits) modulo their number
+/// picks one, instead of the flow hash over the Maglev table.
+pub const VIP_F_SRC_PARTITION: u32 = 1 << 2;
+
+/// Per-service flag (SPM rule `topology`): the client's subnet, looked up in `SPHERES`,
+/// may name a sub-table of the service's ring slot holding only its sphere's instances.
+pub const VIP_F_TOPOLOGY: u32 = 1 << 3;
+
+/// Data of the `SPHERES` LPM-trie key (after the kernel's `prefixlen`, which counts the
+/// 32 bits of `ring_offset` plus the subnet's prefix). Keyed by the ring offset of the
+/// table the service's `VipMeta` points at, so a new layout is written beside the old
+/// one and the `VIPS` flip switches both at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SphereKey {
+    pub ring_offset: u32,
+    /// The client subnet, as in [`AddrKey::addr`].
+    pub addr: [u8; 16],
+}
+
+/// Value of `SPHERES`: the sphere's sub-table, relative to the key's `ring_offset`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SphereMeta {
+    pub offset: u32,
+    pub size: u32,
+}
+
+/// Capacity of `SPHERES` (subnet rules over all services and both ring slots).
+pub const MAX_SPHERE_RULES: u32 = 4096;
 
 /// Per-service flag: this service wants fragments and packets with IP options passed
 /// to the kernel; folded into [`ADDR_F_PASS_IRREGULAR`] of its address.
@@ -325,6 +360,10 @@ mod pod {
     unsafe impl aya::Pod for Counter {}
     // SAFETY: as above.
     unsafe impl aya::Pod for GlobalStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SphereKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SphereMeta {}
 }
 
 macro_rules! assert_layout {
@@ -343,3 +382,5 @@ assert_layout!(FlowKey, 40, 2);
 assert_layout!(ConnEntry, 12, 4);
 assert_layout!(Counter, 16, 8);
 assert_layout!(GlobalStats, 20 * 8, 8);
+assert_layout!(SphereKey, 20, 4);
+assert_layout!(SphereMeta, 8, 4);

@@ -2,15 +2,16 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::{helpers::bpf_map_lookup_percpu_elem, programs::XdpContext};
+use aya_ebpf::{helpers::bpf_map_lookup_percpu_elem, maps::lpm_trie::Key, programs::XdpContext};
 use aya_log_ebpf::error;
 use lb_common::{
-    hash::flow_hash, AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, VipKey, VipMeta,
-    BACKEND_F_ACTIVE, MAX_CPUS, RING_EMPTY, VIP_F_EPOCH_RESTEER,
+    hash::flow_hash, AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, SphereKey, VipKey, VipMeta,
+    BACKEND_F_ACTIVE, FAMILY_V4, MAX_CPUS, RING_EMPTY, VIP_F_EPOCH_RESTEER, VIP_F_SRC_PARTITION,
+    VIP_F_TOPOLOGY,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNS, MAGLEV_RING, VIPS, VIP_ADDRS},
+    maps::{BACKENDS, CONNS, MAGLEV_RING, SPHERES, VIPS, VIP_ADDRS},
     stats::{self, Exit},
 };
 
@@ -73,6 +74,26 @@ fn other_cpu_entry(flow: &FlowKey) -> Option<ConnEntry> {
     None
 }
 
+/// The table a new flow is steered by: its sphere's, when the service partitions by
+/// topology and the client's subnet has one; the whole service's otherwise.
+#[inline(always)]
+fn table(flow: &FlowKey, vip: &VipMeta) -> (u32, u32) {
+    if vip.flags & VIP_F_TOPOLOGY != 0 {
+        let bits = if flow.family == FAMILY_V4 { 32 } else { 128 };
+        let key = Key::new(
+            32 + bits,
+            SphereKey {
+                ring_offset: vip.ring_offset,
+                addr: flow.src,
+            },
+        );
+        if let Some(m) = SPHERES.get(&key) {
+            return (vip.ring_offset + m.offset, m.size);
+        }
+    }
+    (vip.ring_offset, vip.ring_size)
+}
+
 #[inline(always)]
 pub fn backend(ctx: &XdpContext, flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), Exit> {
     // SAFETY: this CPU's value of a per-CPU map; copied out at once.
@@ -111,10 +132,20 @@ pub fn backend(ctx: &XdpContext, flow: &FlowKey, vip: &VipMeta) -> Result<(u32, 
         stats::count_lru_miss();
     }
 
-    if vip.ring_size == 0 {
+    let (offset, size) = table(flow, vip);
+    if size == 0 {
         return Err(Exit::NoBackend);
     }
-    let index = vip.ring_offset + flow_hash(flow) % vip.ring_size;
+    let point = if vip.flags & VIP_F_SRC_PARTITION != 0 {
+        // The SPM's `source` rule: the client's address picks the instance, so a
+        // client is always sent where its map says.
+        let s = &flow.src;
+        let at = if flow.family == FAMILY_V4 { 0 } else { 12 };
+        u32::from_be_bytes([s[at], s[at + 1], s[at + 2], s[at + 3]])
+    } else {
+        flow_hash(flow)
+    };
+    let index = offset + point % size;
     let id = *MAGLEV_RING.get(index).ok_or(Exit::NoBackend)?;
     if id == RING_EMPTY {
         return Err(Exit::NoBackend);

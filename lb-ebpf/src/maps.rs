@@ -3,11 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMap, HashMap, LruPerCpuHashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, Route, VipKey, VipMeta,
-    MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, MAX_VIP_ADDRS,
+    AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, Route, SphereKey,
+    SphereMeta, VipKey, VipMeta, MAX_BACKENDS, MAX_SPHERE_RULES, MAX_TX_PORTS, MAX_VIPS,
+    MAX_VIP_ADDRS,
 };
 
 #[map]
@@ -33,6 +34,11 @@ pub static TX_PORTS: DevMap = DevMap::with_max_entries(MAX_TX_PORTS, 0);
 #[map]
 // BPF_F_NO_COMMON_LRU (2): each CPU evicts from its own LRU list, no shared lock.
 pub static CONNS: LruPerCpuHashMap<FlowKey, ConnEntry> = LruPerCpuHashMap::with_max_entries(1, 2);
+
+/// Client subnet → sphere sub-table, for services with `VIP_F_TOPOLOGY`.
+#[map]
+// BPF_F_NO_PREALLOC (1): required for LPM tries.
+pub static SPHERES: LpmTrie<SphereKey, SphereMeta> = LpmTrie::with_max_entries(MAX_SPHERE_RULES, 1);
 
 #[map]
 pub static VIP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_VIPS, 0);

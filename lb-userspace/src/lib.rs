@@ -26,4 +26,5 @@ pub use error::DataplaneError;
 pub use loader::{Attached, Dataplane, LoadOptions, Program};
 pub use manager::{
     BackendConfig, Egress, L2Route, MapManager, Proto, ServiceConfig, ServiceKey, Snapshot,
+    Steering,
 };

@@ -97,7 +97,7 @@ pub enum Attached {
 /// A pinned map made with other sizes would be reused as it is, silently ignoring the
 /// new options: refuse instead.
 /// Key and value sizes of every map, as this build's types have them.
-fn layouts() -> [(&'static str, usize, usize); 10] {
+fn layouts() -> [(&'static str, usize, usize); 11] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -120,6 +120,12 @@ fn layouts() -> [(&'static str, usize, usize); 10] {
         (map_names::VIP_STATS, 4, size_of::<Counter>()),
         (map_names::BACKEND_STATS, 4, size_of::<Counter>()),
         (map_names::GLOBAL_STATS, 4, size_of::<GlobalStats>()),
+        // An LPM trie's key is the kernel's `prefixlen` followed by the data.
+        (
+            map_names::SPHERES,
+            4 + size_of::<SphereKey>(),
+            size_of::<SphereMeta>(),
+        ),
     ]
 }
 

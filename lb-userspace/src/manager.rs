@@ -20,14 +20,18 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use aya::{
-    maps::{Array, DevMap, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, DevMap, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+    },
     Ebpf,
 };
 use lb_common::{
-    map_names, AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, Route, VipKey,
-    VipMeta, ADDR_F_PASS_IRREGULAR, BACKEND_F_ACTIVE, FAMILY_V4, FAMILY_V6, MAGLEV_DEFAULT_SIZE,
-    MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, ROUTE_MODE_L2_DSR, VIP_F_EPOCH_RESTEER,
-    VIP_F_PASS_IRREGULAR,
+    map_names, AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, Route,
+    SphereKey, SphereMeta, VipKey, VipMeta, ADDR_F_PASS_IRREGULAR, BACKEND_F_ACTIVE, FAMILY_V4,
+    FAMILY_V6, MAGLEV_DEFAULT_SIZE, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP,
+    ROUTE_MODE_L2_DSR, VIP_F_EPOCH_RESTEER, VIP_F_PASS_IRREGULAR, VIP_F_SRC_PARTITION,
+    VIP_F_TOPOLOGY,
 };
 
 use crate::{
@@ -146,6 +150,22 @@ impl Default for ServiceConfig {
     }
 }
 
+/// How new flows of a service choose a backend beyond the plain flow hash: the SPM
+/// rules that apply at L4.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Steering {
+    /// SPM rule `source`: the client's address modulo the number of instances (in
+    /// address order) picks the backend, so the data plane agrees with the map.
+    #[serde(default)]
+    pub source_partition: bool,
+    /// SPM rule `topology`: client subnets (network, prefix) → sphere.
+    #[serde(default)]
+    pub topology: Vec<(IpAddr, u8, String)>,
+    /// Each backend's sphere (backends without one are in no sphere's table).
+    #[serde(default)]
+    pub spheres: BTreeMap<IpAddr, String>,
+}
+
 /// Where a frame for a backend leaves this node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Egress {
@@ -195,6 +215,9 @@ struct ServiceState {
     /// The table in the active slot; `None` before the first `set_backends`.
     table: Option<Vec<u32>>,
     backends: BTreeMap<IpAddr, BackendState>,
+    steering: Steering,
+    /// The `SPHERES` keys written for each ring slot.
+    sphere_keys: [Vec<(u32, SphereKey)>; 2],
 }
 
 pub struct MapManager {
@@ -208,6 +231,7 @@ pub struct MapManager {
     vip_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
     global_stats: PerCpuArray<MapData, GlobalStats>,
+    spheres: LpmTrie<MapData, SphereKey, SphereMeta>,
 
     nr_cpus: usize,
     max_services: u32,
@@ -248,6 +272,34 @@ pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
 
 /// Seeds a backend's Maglev permutation from its address, so that every node derives
 /// the same permutation whatever ids it gave out.
+/// The largest prime not above `n` (at least 2).
+fn prime_at_most(n: u32) -> u32 {
+    (2..=n.max(2))
+        .rev()
+        .find(|p| maglev::is_prime(*p))
+        .unwrap_or(2)
+}
+
+/// `addr` with the bits beyond `prefix` cleared.
+fn masked(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let bits = u32::from(a);
+            let mask = u32::MAX
+                .checked_shl(32 - prefix.min(32) as u32)
+                .unwrap_or(0);
+            IpAddr::from((bits & mask).to_be_bytes())
+        }
+        IpAddr::V6(a) => {
+            let bits = u128::from(a);
+            let mask = u128::MAX
+                .checked_shl(128 - prefix.min(128) as u32)
+                .unwrap_or(0);
+            IpAddr::from((bits & mask).to_be_bytes())
+        }
+    }
+}
+
 fn maglev_key(addr: IpAddr) -> u64 {
     let (b, family) = addr_bytes(addr);
     let hi = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
@@ -270,6 +322,7 @@ impl MapManager {
             vip_stats: take(ebpf, map_names::VIP_STATS)?,
             backend_stats: take(ebpf, map_names::BACKEND_STATS)?,
             global_stats: take(ebpf, map_names::GLOBAL_STATS)?,
+            spheres: take(ebpf, map_names::SPHERES)?,
             nr_cpus,
             max_services: options.max_services,
             ring_stride: options.maglev_max_size,
@@ -350,6 +403,8 @@ impl MapManager {
                         active_slot: 0,
                         table: None,
                         backends: BTreeMap::new(),
+                        steering: Steering::default(),
+                        sphere_keys: [Vec::new(), Vec::new()],
                     },
                 );
                 self.write_vip(key)?;
@@ -377,7 +432,47 @@ impl MapManager {
         for backend in state.backends.values() {
             self.deactivate(backend.id)?;
         }
+        for k in state.sphere_keys.iter().flatten() {
+            self.remove_sphere_key(*k)?;
+        }
         self.write_addr(key.addr)
+    }
+
+    fn remove_sphere_key(&mut self, (prefix_len, data): (u32, SphereKey)) -> Result<()> {
+        match self.spheres.remove(&LpmKey::new(prefix_len, data)) {
+            Ok(()) => Ok(()),
+            Err(e) if is_missing(&e) => Ok(()),
+            Err(e) => Err(DataplaneError::Map {
+                name: map_names::SPHERES,
+                source: e,
+            }),
+        }
+    }
+
+    /// Sets how the service's new flows pick a backend (source partitioning, client
+    /// subnet → sphere); rebuilds its table when that changes.
+    pub fn set_steering(&mut self, key: ServiceKey, steering: Steering) -> Result<()> {
+        let state = self
+            .services
+            .get_mut(&key)
+            .ok_or(DataplaneError::UnknownService(key))?;
+        if state.steering == steering {
+            return Ok(());
+        }
+        for (net, _, _) in &steering.topology {
+            if net.is_ipv4() != key.addr.is_ipv4() {
+                return Err(DataplaneError::Options(format!(
+                    "service {key}: topology subnet {net} is of the other address family"
+                )));
+            }
+        }
+        state.steering = steering;
+        if state.table.is_some() {
+            self.rebuild(key)?;
+        } else {
+            self.write_vip(key)?;
+        }
+        Ok(())
     }
 
     /// Sets the service's backends to exactly `backends`: adds the new ones, updates
@@ -558,28 +653,109 @@ impl MapManager {
                 weight: b.weight,
             })
             .collect();
-        let table = maglev::build(&members, size, state.table.as_deref())?;
+        let steering = &state.steering;
+        let spheres: BTreeSet<&String> = steering.topology.iter().map(|(_, _, s)| s).collect();
+        // Sphere tables share the slot with the whole service's table: each gets an
+        // equal part, and Maglev tables stay prime.
+        let part = if spheres.is_empty() {
+            size
+        } else {
+            prime_at_most(size.min(stride / (spheres.len() as u32 + 1)))
+        };
+        let table_of = |members: &[MaglevBackend], previous: Option<&[u32]>| {
+            if steering.source_partition {
+                // Address order, as the SPM generator's `source` rule.
+                Ok(members
+                    .iter()
+                    .filter(|m| m.weight > 0)
+                    .map(|m| m.id)
+                    .collect::<Vec<u32>>())
+            } else {
+                maglev::build(members, part, previous)
+            }
+        };
+        let history = (spheres.is_empty() && !steering.source_partition)
+            .then_some(state.table.as_deref())
+            .flatten();
+        let table = table_of(&members, history)?;
+        let mut cells = table.clone();
+        let mut sphere_tables: BTreeMap<&String, (u32, u32)> = BTreeMap::new();
+        for sphere in &spheres {
+            let inside: Vec<MaglevBackend> = state
+                .backends
+                .iter()
+                .zip(&members)
+                .filter(|((addr, _), _)| steering.spheres.get(*addr) == Some(*sphere))
+                .map(|(_, m)| *m)
+                .collect();
+            // A sphere without a live instance keeps its clients on the whole table.
+            if inside.iter().all(|m| m.weight == 0) {
+                continue;
+            }
+            let t = table_of(&inside, None)?;
+            sphere_tables.insert(sphere, (cells.len() as u32, t.len() as u32));
+            cells.extend(t);
+        }
         let spare = 1 - state.active_slot;
         let shadow_index = state.vip_id as usize * 2 + spare;
         let offset = shadow_index as u32 * stride;
+        let sphere_keys: Vec<((u32, SphereKey), SphereMeta)> = steering
+            .topology
+            .iter()
+            .filter_map(|(net, prefix, sphere)| {
+                let (offset_in, size) = *sphere_tables.get(sphere)?;
+                let (addr, _) = addr_bytes(masked(*net, *prefix));
+                Some((
+                    (
+                        32 + *prefix as u32,
+                        SphereKey {
+                            ring_offset: offset,
+                            addr,
+                        },
+                    ),
+                    SphereMeta {
+                        offset: offset_in,
+                        size,
+                    },
+                ))
+            })
+            .collect();
 
         let shadow = &mut self.ring_shadow[shadow_index];
-        if shadow.len() < table.len() {
-            shadow.resize(table.len(), 0);
+        if shadow.len() < cells.len() {
+            shadow.resize(cells.len(), 0);
         }
         let mut written = 0;
-        for (cell, id) in maglev::delta(&shadow[..table.len()], &table) {
+        for (cell, id) in maglev::delta(&shadow[..cells.len()], &cells) {
             self.ring
                 .set(offset + cell, id, 0)
                 .map_ctx(map_names::MAGLEV_RING)?;
             written += 1;
         }
-        shadow[..table.len()].copy_from_slice(&table);
+        shadow[..cells.len()].copy_from_slice(&cells);
+
+        // The spare slot's subnet rules before the flip; the old slot's after it.
+        let stale = std::mem::take(&mut self.state_mut(key).sphere_keys[spare]);
+        for ((prefix_len, data), v) in &sphere_keys {
+            self.spheres
+                .insert(&LpmKey::new(*prefix_len, *data), v, 0)
+                .map_ctx(map_names::SPHERES)?;
+        }
+        for k in stale {
+            if !sphere_keys.iter().any(|(n, _)| *n == k) {
+                self.remove_sphere_key(k)?;
+            }
+        }
 
         let state = self.state_mut(key);
+        let old = state.active_slot;
         state.active_slot = spare;
         state.table = Some(table);
+        state.sphere_keys[spare] = sphere_keys.into_iter().map(|(k, _)| k).collect();
         self.write_vip(key)?;
+        for k in std::mem::take(&mut self.state_mut(key).sphere_keys[old]) {
+            self.remove_sphere_key(k)?;
+        }
         Ok(TableUpdate {
             table_size: size,
             cells_written: written,
@@ -599,6 +775,14 @@ impl MapManager {
                 VIP_F_EPOCH_RESTEER
             } else {
                 0
+            }) | (if state.steering.source_partition {
+                VIP_F_SRC_PARTITION
+            } else {
+                0
+            }) | (if state.steering.topology.is_empty() {
+                0
+            } else {
+                VIP_F_TOPOLOGY
             }),
             ring_offset: slot * self.ring_stride,
             ring_size: state.table.as_ref().map_or(0, |t| t.len() as u32),
@@ -777,6 +961,8 @@ pub struct ServiceSnapshot {
     pub key: ServiceKey,
     pub config: ServiceConfig,
     pub backends: Vec<BackendSnapshot>,
+    #[serde(default)]
+    pub steering: Steering,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -810,6 +996,7 @@ impl MapManager {
                             tx_port: b.route.tx_port,
                         })
                         .collect(),
+                    steering: s.steering.clone(),
                 })
                 .collect(),
             tx_ports: self.tx_port_slots.iter().map(|(i, s)| (*i, *s)).collect(),
@@ -843,6 +1030,15 @@ impl MapManager {
         }
         self.next_gen = max_gen.wrapping_add(1).max(1);
         self.tx_port_slots = snapshot.tx_ports.iter().copied().collect();
+        let mut sphere_keys: BTreeMap<u32, Vec<(u32, SphereKey)>> = BTreeMap::new();
+        for k in self.spheres.keys() {
+            let k = k.map_ctx(map_names::SPHERES)?;
+            let data = k.data();
+            sphere_keys
+                .entry(data.ring_offset)
+                .or_default()
+                .push((k.prefix_len(), data));
+        }
 
         for (vkey, meta) in vips {
             let Some(key) = service_key_of(&vkey) else {
@@ -858,12 +1054,25 @@ impl MapManager {
             let spare_len = meta
                 .ring_size
                 .max(known.get(&key).map_or(0, |s| s.config.maglev_size));
+            let steered = meta.flags & (VIP_F_SRC_PARTITION | VIP_F_TOPOLOGY) != 0;
+            // Sphere tables lie beyond `ring_size`: read whole slots to know them.
+            let topology = meta.flags & VIP_F_TOPOLOGY != 0;
+            let spare_len = if topology {
+                self.ring_stride
+            } else {
+                spare_len
+            };
             let spare = self.read_ring(spare_offset, spare_len.min(self.ring_stride))?;
+            let active_cells = if topology {
+                Some(self.read_ring(meta.ring_offset, self.ring_stride)?)
+            } else {
+                table.clone()
+            };
             let mut config = known.get(&key).map(|s| s.config).unwrap_or_default();
             config.pass_irregular = meta.flags & VIP_F_PASS_IRREGULAR != 0;
             config.epoch_resteer = meta.flags & VIP_F_EPOCH_RESTEER != 0;
             config.epoch = meta.epoch;
-            if let Some(t) = &table {
+            if let Some(t) = table.as_ref().filter(|_| !steered) {
                 config.maglev_size = t.len() as u32;
             }
             let mut backends = BTreeMap::new();
@@ -892,8 +1101,19 @@ impl MapManager {
                 );
             }
             let base = meta.vip_id as usize * 2;
-            self.ring_shadow[base + slot] = table.clone().unwrap_or_default();
+            self.ring_shadow[base + slot] = active_cells.unwrap_or_default();
             self.ring_shadow[base + 1 - slot] = spare;
+            let slot_keys = |s: usize| {
+                sphere_keys
+                    .get(&((meta.vip_id * 2 + s as u32) * self.ring_stride))
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            let keys = [slot_keys(0), slot_keys(1)];
+            let steering = known
+                .get(&key)
+                .map(|s| s.steering.clone())
+                .unwrap_or_default();
             self.services.insert(
                 key,
                 ServiceState {
@@ -902,6 +1122,8 @@ impl MapManager {
                     active_slot: slot,
                     table,
                     backends,
+                    steering,
+                    sphere_keys: keys,
                 },
             );
         }

@@ -9,7 +9,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use lb_common::GlobalStats;
 use lb_userspace::{
     BackendConfig, Dataplane, Egress, L2Route, LoadOptions, MapManager, Program, Proto,
-    ServiceConfig, ServiceKey,
+    ServiceConfig, ServiceKey, Steering,
 };
 use support::{backend_mac, macs, Frame, CLIENT_MAC, ETH_LEN, IPV4_LEN, L4, LB_MAC};
 
@@ -751,4 +751,134 @@ fn after_an_epoch_change_old_connections_are_kept_or_resteered_as_the_service_sa
             assert_eq!(stats.epoch_resteer, 0);
         }
     }
+}
+
+/// What the SPM generator tells `client` under `rule` for these backends.
+fn spm_choice(rule: lb_userspace::spm::Rule, backends: &[BackendConfig], client: IpAddr) -> IpAddr {
+    use lb_userspace::spm;
+    let service = spm::Service {
+        spec: spm::ServiceSpec {
+            service_id: "web".into(),
+            service_version: "1".into(),
+        },
+        epoch: 0,
+        rule,
+        instances: backends
+            .iter()
+            .map(|b| spm::Instance {
+                name: format!("i{}", b.route.dst_mac[5]),
+                host: spm::ServiceHost {
+                    inet_address: b.addr,
+                    dns_address: None,
+                    port: 80,
+                },
+                weight: b.weight,
+                valid: true,
+                provider: "p".into(),
+            })
+            .collect(),
+        command: None,
+        valid_from: None,
+        valid_until: None,
+        redirector: None,
+    };
+    let c = spm::Client {
+        address: Some(client),
+        key: None,
+    };
+    spm::entries_for(&service, &c)[0].host.inet_address
+}
+
+#[test]
+fn a_source_partitioned_service_sends_even_clients_to_the_first_backend_and_odd_to_the_second() {
+    let mut lb = load_lb();
+    let key = service(VIP4, 80, Proto::Tcp);
+    let bs = backends4(2);
+    lb.add(key, &bs);
+    lb.maps
+        .set_steering(
+            key,
+            Steering {
+                source_partition: true,
+                ..Steering::default()
+            },
+        )
+        .unwrap();
+    for host in 10..60u8 {
+        let client = format!("198.18.1.{host}");
+        for sport in [1000, 2000, 3000] {
+            let got = lb.forward(&Frame::tcp(&client, VIP4, sport, 80));
+            assert_eq!(got, if host % 2 == 0 { 1 } else { 2 }, "client {client}");
+        }
+        // The SPM tells the client the instance its packets reach.
+        let told = spm_choice(
+            lb_userspace::spm::Rule::Source,
+            &bs,
+            client.parse().unwrap(),
+        );
+        assert_eq!(told, bs[(host % 2) as usize].addr, "client {client}");
+    }
+    // A third instance: the partition follows the modulus over three.
+    lb.maps.set_backends(key, &backends4(3)).unwrap();
+    for host in 60..90u8 {
+        let client: std::net::Ipv4Addr = format!("198.18.1.{host}").parse().unwrap();
+        let got = lb.forward(&Frame::tcp(&client.to_string(), VIP4, 4000, 80));
+        assert_eq!(got as u32, u32::from(client) % 3 + 1, "client {client}");
+    }
+}
+
+#[test]
+fn a_topology_service_keeps_each_client_subnet_in_its_sphere() {
+    let mut lb = load_lb();
+    let key = service(VIP4, 80, Proto::Tcp);
+    lb.add(key, &backends4(4));
+    let sphere = |i: u8| if i <= 2 { "east" } else { "west" };
+    let steering = Steering {
+        source_partition: false,
+        topology: vec![
+            ("198.18.1.0".parse().unwrap(), 25, "east".into()),
+            ("198.18.1.128".parse().unwrap(), 25, "west".into()),
+        ],
+        spheres: (1..=4u8)
+            .map(|i| {
+                (
+                    format!("198.18.0.{i}").parse().unwrap(),
+                    sphere(i).to_string(),
+                )
+            })
+            .collect(),
+    };
+    lb.maps.set_steering(key, steering.clone()).unwrap();
+    let reached = |lb: &Lb, net: &str, hosts: std::ops::Range<u8>, sport: u16| {
+        let mut seen = std::collections::BTreeSet::new();
+        for h in hosts {
+            for p in 0..4 {
+                seen.insert(lb.forward(&Frame::tcp(&format!("{net}.{h}"), VIP4, sport + p, 80)));
+            }
+        }
+        seen
+    };
+    assert_eq!(reached(&lb, "198.18.1", 1..120, 1000), [1, 2].into());
+    assert_eq!(reached(&lb, "198.18.1", 130..250, 1000), [3, 4].into());
+    assert_eq!(
+        reached(&lb, "198.18.2", 1..120, 1000),
+        [1, 2, 3, 4].into(),
+        "outside every subnet: the whole service"
+    );
+    // East loses its instances: its clients go to the whole service, not nowhere.
+    let west_only: Vec<BackendConfig> = backends4(4).into_iter().skip(2).collect();
+    lb.maps.set_backends(key, &west_only).unwrap();
+    assert_eq!(reached(&lb, "198.18.1", 1..120, 2000), [3, 4].into());
+    // Rules off: new flows of either subnet use every backend again.
+    lb.maps.set_backends(key, &backends4(4)).unwrap();
+    lb.maps.set_steering(key, Steering::default()).unwrap();
+    assert_eq!(
+        reached(&lb, "198.18.1", 130..250, 3000),
+        [1, 2, 3, 4].into()
+    );
+    // And on again, twice (both ring slots), with stale subnet rules gone each time.
+    lb.maps.set_steering(key, steering).unwrap();
+    lb.maps.set_backends(key, &backends4(4)).unwrap();
+    assert_eq!(reached(&lb, "198.18.1", 1..120, 4000), [1, 2].into());
+    assert_eq!(reached(&lb, "198.18.1", 130..250, 4000), [3, 4].into());
 }
