@@ -255,6 +255,29 @@ struct ServiceSection {
     #[serde(default)]
     backend: Vec<Spanned<BackendSection>>,
     check: Option<Spanned<CheckSection>>,
+    spm: Option<Spanned<SpmSection>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpmSection {
+    id: Option<String>,
+    version: Option<String>,
+    rule: Option<String>,
+    epoch_policy: Option<String>,
+    #[serde(default)]
+    epoch_resteer: bool,
+    #[serde(default)]
+    redirect: bool,
+    #[serde(default)]
+    topology: Vec<TopologySection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopologySection {
+    subnet: String,
+    sphere: String,
 }
 
 #[derive(Deserialize)]
@@ -301,6 +324,7 @@ struct BackendSection {
     weight: u32,
     #[serde(default)]
     drain: bool,
+    sphere: Option<String>,
 }
 
 fn one() -> u32 {
@@ -405,6 +429,70 @@ fn services(
         if config.maglev_size > max_size {
             config.maglev_size = max_size;
         }
+        let mut spm = crate::spm::Settings::default();
+        if let Some(section) = s.spm {
+            let sspan = section.span();
+            let section = section.into_inner();
+            spm.id = section.id;
+            if let Some(v) = section.version {
+                spm.version = v;
+            }
+            if let Some(r) = section.rule {
+                spm.rule = serde_json::from_value(serde_json::Value::String(r.clone()))
+                    .map_err(|_| {
+                        ctx.err(
+                            sspan.clone(),
+                            format!(
+                                "spm.rule: `{r}` is not one of plain, preselect, data, source, topology"
+                            ),
+                        )
+                    })?;
+            }
+            if let Some(p) = section.epoch_policy {
+                spm.epoch_policy = serde_json::from_value(serde_json::Value::String(p.clone()))
+                    .map_err(|_| {
+                        ctx.err(
+                            sspan.clone(),
+                            format!("spm.epoch_policy: `{p}` is not one of stateful, stateless"),
+                        )
+                    })?;
+            }
+            config.epoch_resteer = section.epoch_resteer;
+            spm.redirect = section.redirect;
+            for t in section.topology {
+                let parsed = t.subnet.split_once('/').and_then(|(a, p)| {
+                    let a: IpAddr = a.parse().ok()?;
+                    let p: u8 = p.parse().ok()?;
+                    (p <= if a.is_ipv4() { 32 } else { 128 }).then_some((a, p))
+                });
+                let Some((net, prefix)) = parsed else {
+                    return Err(ctx.err(
+                        sspan,
+                        format!(
+                            "spm.topology.subnet: `{}` is not an address/prefix such as 203.0.113.0/25",
+                            t.subnet
+                        ),
+                    ));
+                };
+                if net.is_ipv4() != s.vip.is_ipv4() {
+                    return Err(ctx.err(
+                        sspan,
+                        format!(
+                            "spm.topology.subnet: {} is not of the same family as vip {}",
+                            t.subnet, s.vip
+                        ),
+                    ));
+                }
+                spm.topology.push((net, prefix, t.sphere));
+            }
+            if spm.rule == crate::spm::RuleName::Topology && spm.topology.is_empty() {
+                return Err(ctx.err(
+                    sspan,
+                    "spm.topology: the topology rule needs subnet rules, e.g. \
+                     topology = [{ subnet = \"203.0.113.0/25\", sphere = \"east\" }]",
+                ));
+            }
+        }
         let mut backends = BTreeMap::new();
         for b in s.backend {
             let bspan = b.span();
@@ -423,6 +511,9 @@ fn services(
                 weight: b.weight,
                 drain: b.drain,
             };
+            if let Some(sphere) = b.sphere {
+                spm.spheres.insert(b.address, sphere);
+            }
             if backends.insert(b.address, spec).is_some() {
                 return Err(ctx.err(
                     bspan,
@@ -482,6 +573,7 @@ fn services(
                     config,
                     backends,
                     check,
+                    spm,
                 },
             )
             .is_some()
@@ -857,6 +949,37 @@ drain = true
             .unwrap_err();
         assert!(e.message.contains("timeout_ms"), "{e}");
         assert_eq!(e.line, GOOD.lines().count() + 6, "{e}");
+    }
+
+    #[test]
+    fn spm_settings_parse_and_bad_ones_name_their_field() {
+        let spm = r#"
+[service.spm]
+id = "web"
+rule = "topology"
+epoch_policy = "stateful"
+epoch_resteer = true
+topology = [{ subnet = "203.0.113.0/25", sphere = "east" }]
+"#;
+        let text = GOOD.replace("weight = 3", "weight = 3\nsphere = \"east\"") + spm;
+        let c = parse(&text).unwrap();
+        let svc = c.desired.services.values().next().unwrap();
+        assert_eq!(svc.spm.id.as_deref(), Some("web"));
+        assert_eq!(svc.spm.rule, crate::spm::RuleName::Topology);
+        assert_eq!(svc.spm.epoch_policy, crate::spm::EpochPolicy::Stateful);
+        assert!(svc.config.epoch_resteer);
+        assert_eq!(
+            svc.spm.topology,
+            vec![("203.0.113.0".parse().unwrap(), 25, "east".to_string())]
+        );
+        assert_eq!(svc.spm.spheres.len(), 1);
+        let e = error_of(&text.replace("\"topology\"", "\"nearest\""));
+        assert!(e.message.contains("spm.rule: `nearest`"), "{e}");
+        assert_eq!(e.line, GOOD.lines().count() + 3, "{e}: the [service.spm] line");
+        let e = error_of(&text.replace("203.0.113.0/25", "203.0.113.0"));
+        assert!(e.message.contains("spm.topology.subnet"), "{e}");
+        let e = error_of(&text.replace("stateful", "sticky"));
+        assert!(e.message.contains("spm.epoch_policy"), "{e}");
     }
 
     #[test]

@@ -637,7 +637,8 @@ fn change_service(c: &Change) -> ServiceKey {
         | Change::ChangeService { service, .. }
         | Change::AddBackend { service, .. }
         | Change::RemoveBackend { service, .. }
-        | Change::ChangeBackend { service, .. } => *service,
+        | Change::ChangeBackend { service, .. }
+        | Change::ChangeSpm { service, .. } => *service,
     }
 }
 

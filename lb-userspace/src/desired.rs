@@ -45,6 +45,9 @@ pub struct ServiceSpec {
     /// Active health check of the backends, if any.
     #[serde(default)]
     pub check: Option<crate::health::CheckConfig>,
+    /// How the Service Point Map presents the service, and its L4 rules.
+    #[serde(default)]
+    pub spm: crate::spm::Settings,
 }
 
 /// Every service, keyed by (address, port, protocol).
@@ -83,6 +86,10 @@ pub enum Change {
         backend: IpAddr,
         from: BackendSpec,
         to: BackendSpec,
+    },
+    ChangeSpm {
+        service: ServiceKey,
+        to: crate::spm::Settings,
     },
 }
 
@@ -150,6 +157,14 @@ impl fmt::Display for Change {
                 describe_backend(from),
                 describe_backend(to)
             ),
+            Change::ChangeSpm { service, to } => write!(
+                f,
+                "~ service {service}: spm rule {:?}, epoch policy {:?}, {} subnet rule(s){}",
+                to.rule,
+                to.epoch_policy,
+                to.topology.len(),
+                if to.redirect { ", re-director" } else { "" }
+            ),
         }
     }
 }
@@ -179,6 +194,12 @@ pub fn diff(old: &Desired, new: &Desired) -> Vec<Change> {
                         service: *key,
                         from: before.config,
                         to: spec.config,
+                    });
+                }
+                if before.spm != spec.spm {
+                    changes.push(Change::ChangeSpm {
+                        service: *key,
+                        to: spec.spm.clone(),
                     });
                 }
                 before
@@ -234,6 +255,7 @@ mod tests {
                         key(*port),
                         ServiceSpec {
                             check: None,
+                            spm: Default::default(),
                             config: ServiceConfig::default(),
                             backends: backends
                                 .iter()

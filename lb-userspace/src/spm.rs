@@ -404,31 +404,94 @@ pub fn epoch_bump(policy: EpochPolicy, before: &[(String, u64)], after: &[(Strin
 pub struct EpochRecord {
     pub epoch: u64,
     pub members: Vec<String>,
+    /// Operator bumps folded in so far (the `spm_bumps` row's count).
+    #[serde(default)]
+    pub bumps: u64,
+}
+
+/// A service's SPM settings, from its `[service.spm]` section.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// serviceId in the map; default: the service's key (`addr:port/proto`).
+    pub id: Option<String>,
+    pub version: String,
+    pub rule: RuleName,
+    pub epoch_policy: EpochPolicy,
+    /// For the `topology` rule: client subnets (network, prefix) and their sphere.
+    pub topology: Vec<(IpAddr, u8, String)>,
+    /// Spheres of configured backends (directory backends carry a `sphere` attribute).
+    pub spheres: std::collections::BTreeMap<IpAddr, String>,
+    /// Level 1 shows the VIP as the one service point; instances in the sub-level map.
+    pub redirect: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            id: None,
+            version: "1".into(),
+            rule: RuleName::Preselect,
+            epoch_policy: EpochPolicy::Stateless,
+            topology: Vec::new(),
+            spheres: Default::default(),
+            redirect: false,
+        }
+    }
+}
+
+/// The rules by name, as the config file spells them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleName {
+    Plain,
+    Preselect,
+    Data,
+    Source,
+    Topology,
+}
+
+impl Settings {
+    pub fn rule(&self) -> Rule {
+        match self.rule {
+            RuleName::Plain => Rule::Plain,
+            RuleName::Preselect => Rule::Preselect,
+            RuleName::Data => Rule::Data,
+            RuleName::Source => Rule::Source,
+            RuleName::Topology => Rule::Topology {
+                subnets: self.topology.clone(),
+            },
+        }
+    }
 }
 
 /// What the SPM manager writes for a service whose valid instances are now `members`
-/// (`bump`: an operator asked for a new epoch): `None` when the record stands.
+/// and whose operators asked for `bumps` new epochs so far: `None` when the record
+/// stands. Each pass bumps at most once, however many causes it sees.
 pub fn next_record(
     policy: EpochPolicy,
     record: Option<&EpochRecord>,
     members: &[String],
-    bump: bool,
+    bumps: u64,
 ) -> Option<EpochRecord> {
     let mut members = members.to_vec();
     members.sort();
     members.dedup();
     let Some(old) = record else {
         return Some(EpochRecord {
-            epoch: bump as u64,
+            epoch: (bumps > 0) as u64,
             members,
+            bumps,
         });
     };
     let as_set = |m: &[String]| m.iter().map(|n| (n.clone(), 0)).collect::<Vec<_>>();
     let changed = old.members != members;
-    let bump = bump || epoch_bump(policy, &as_set(&old.members), &as_set(&members));
+    let bump =
+        bumps > old.bumps || epoch_bump(policy, &as_set(&old.members), &as_set(&members));
     (changed || bump).then(|| EpochRecord {
         epoch: old.epoch + bump as u64,
         members,
+        bumps: bumps.max(old.bumps),
     })
 }
 
@@ -622,36 +685,27 @@ mod tests {
     #[test]
     fn the_epoch_record_moves_on_set_changes_by_policy_and_on_operator_bumps() {
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let first = next_record(EpochPolicy::Stateful, None, &names(&["a"]), false).unwrap();
+        let first = next_record(EpochPolicy::Stateful, None, &names(&["a"]), 0).unwrap();
         assert_eq!(first.epoch, 0, "a new service starts at 0");
         assert_eq!(
-            next_record(EpochPolicy::Stateful, Some(&first), &names(&["a"]), false),
+            next_record(EpochPolicy::Stateful, Some(&first), &names(&["a"]), 0),
             None
         );
-        let two = next_record(
-            EpochPolicy::Stateful,
-            Some(&first),
-            &names(&["b", "a"]),
-            false,
-        )
-        .unwrap();
+        let two =
+            next_record(EpochPolicy::Stateful, Some(&first), &names(&["b", "a"]), 0).unwrap();
         assert_eq!((two.epoch, two.members.clone()), (1, names(&["a", "b"])));
-        let stateless = next_record(
-            EpochPolicy::Stateless,
-            Some(&first),
-            &names(&["a", "b"]),
-            false,
-        )
-        .unwrap();
+        let stateless =
+            next_record(EpochPolicy::Stateless, Some(&first), &names(&["a", "b"]), 0).unwrap();
         assert_eq!(stateless.epoch, 0, "recorded, not bumped");
-        let bumped = next_record(
-            EpochPolicy::Stateless,
-            Some(&stateless),
-            &names(&["a", "b"]),
-            true,
-        )
-        .unwrap();
-        assert_eq!(bumped.epoch, 1);
+        let bumped =
+            next_record(EpochPolicy::Stateless, Some(&stateless), &names(&["a", "b"]), 1)
+                .unwrap();
+        assert_eq!((bumped.epoch, bumped.bumps), (1, 1));
+        assert_eq!(
+            next_record(EpochPolicy::Stateless, Some(&bumped), &names(&["a", "b"]), 1),
+            None,
+            "a bump is folded in once"
+        );
     }
 
     #[test]
