@@ -54,6 +54,9 @@ pub struct BackendView {
     pub mac_source: String,
     pub packets: u64,
     pub bytes: u64,
+    /// The backend's sphere (SPM provider), from the config or the directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sphere: Option<String>,
 }
 
 fn healthy_default() -> bool {
@@ -64,10 +67,21 @@ fn healthy_default() -> bool {
 pub struct ServiceView {
     pub service: String,
     pub key: ServiceKey,
+    /// As the data plane has it: `epoch` is the configured one plus the SPM
+    /// manager's (the directory's `spm` record).
     pub config: ServiceConfig,
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<BackendView>,
+    #[serde(default)]
+    pub spm: crate::spm::Settings,
+}
+
+/// The answer to an epoch bump: the service's epoch once it took effect here.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EpochBumped {
+    pub service: ServiceKey,
+    pub epoch: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -975,7 +975,11 @@ topology = [{ subnet = "203.0.113.0/25", sphere = "east" }]
         assert_eq!(svc.spm.spheres.len(), 1);
         let e = error_of(&text.replace("\"topology\"", "\"nearest\""));
         assert!(e.message.contains("spm.rule: `nearest`"), "{e}");
-        assert_eq!(e.line, GOOD.lines().count() + 3, "{e}: the [service.spm] line");
+        assert_eq!(
+            e.line,
+            GOOD.lines().count() + 3,
+            "{e}: the [service.spm] line"
+        );
         let e = error_of(&text.replace("203.0.113.0/25", "203.0.113.0"));
         assert!(e.message.contains("spm.topology.subnet"), "{e}");
         let e = error_of(&text.replace("stateful", "sticky"));

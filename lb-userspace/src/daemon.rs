@@ -127,6 +127,9 @@ pub struct Daemon {
     directory: BTreeMap<ServiceKey, BTreeMap<IpAddr, DirBackend>>,
     /// Backends whose health check fails: no new flows (weight 0) until they recover.
     unhealthy: BTreeSet<(ServiceKey, IpAddr)>,
+    /// Each service's epoch as the SPM manager records it in the directory; added to
+    /// the configured epoch, so that every node's data plane has the same one.
+    epochs: BTreeMap<ServiceKey, u64>,
 }
 
 /// A service's backends as the maps get them: the configured ones, plus those the
@@ -152,10 +155,12 @@ pub fn merged_spec(
 /// A backend the directory holds: its weight, and the address of its host's current
 /// route (where its frames go; its identity in the tables stays the same when the
 /// route changes, so its flows stay with it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirBackend {
     pub weight: u32,
     pub via: IpAddr,
+    /// The `sphere` attribute of its entry (the SPM topology rule's provider).
+    pub sphere: Option<String>,
 }
 
 impl Daemon {
@@ -231,6 +236,7 @@ impl Daemon {
             adopted,
             directory: BTreeMap::new(),
             unhealthy: BTreeSet::new(),
+            epochs: BTreeMap::new(),
         };
         daemon.interfaces = locals
             .iter()
@@ -392,6 +398,44 @@ impl Daemon {
         Ok(touched.into_iter().collect())
     }
 
+    /// Takes the SPM manager's epochs (from the directory); rewrites the services whose
+    /// epoch changed. Returns those services.
+    pub fn set_epochs(&mut self, epochs: BTreeMap<ServiceKey, u64>) -> Result<Vec<ServiceKey>> {
+        let touched: BTreeSet<ServiceKey> = self
+            .desired
+            .services
+            .keys()
+            .filter(|k| self.epochs.get(k) != epochs.get(k))
+            .copied()
+            .collect();
+        self.epochs = epochs;
+        if !touched.is_empty() {
+            let desired = self.desired.clone();
+            self.sync(&desired, &touched)?;
+            self.persist()?;
+        }
+        Ok(touched.into_iter().collect())
+    }
+
+    /// The service's configuration as the data plane gets it.
+    fn effective_config(&self, key: &ServiceKey, spec: &ServiceSpec) -> crate::ServiceConfig {
+        let mut config = spec.config;
+        let recorded = self.epochs.get(key).copied().unwrap_or(0) as u32;
+        config.epoch = config.epoch.wrapping_add(recorded);
+        config
+    }
+
+    /// The SPM settings with the directory backends' spheres added.
+    fn effective_spm(&self, key: &ServiceKey, spec: &ServiceSpec) -> crate::spm::Settings {
+        let mut spm = spec.spm.clone();
+        for (addr, d) in self.directory.get(key).into_iter().flatten() {
+            if let Some(s) = &d.sphere {
+                spm.spheres.entry(*addr).or_insert_with(|| s.clone());
+            }
+        }
+        spm
+    }
+
     /// Writes `desired` for the services in `touched` into the maps.
     fn sync(&mut self, desired: &Desired, touched: &BTreeSet<ServiceKey>) -> Result<()> {
         let locals: Vec<LocalInterface> = self.interfaces.iter().map(|i| i.0.clone()).collect();
@@ -403,7 +447,21 @@ impl Daemon {
                     }
                 }
                 Some(spec) => {
-                    self.maps.upsert_service(*key, spec.config)?;
+                    self.maps
+                        .upsert_service(*key, self.effective_config(key, spec))?;
+                    let spm = self.effective_spm(key, spec);
+                    self.maps.set_steering(
+                        *key,
+                        crate::manager::Steering {
+                            source_partition: spm.rule == crate::spm::RuleName::Source,
+                            topology: if spm.rule == crate::spm::RuleName::Topology {
+                                spm.topology.clone()
+                            } else {
+                                Vec::new()
+                            },
+                            spheres: spm.spheres,
+                        },
+                    )?;
                     let spec = self.effective_spec(key, spec);
                     let mut backends = plan_backends(&spec, &self.neighbors, &locals, &self.via());
                     // A backend whose new next hop is not resolved yet keeps its current
@@ -567,6 +625,8 @@ impl Daemon {
         let mut out = Vec::new();
         for (key, spec) in &self.desired.services {
             let counter = self.maps.service_counter(*key).unwrap_or_default();
+            let config = self.effective_config(key, spec);
+            let spm = self.effective_spm(key, spec);
             let mut backends = Vec::new();
             // Configured backends and those the directory holds.
             let spec = &merged_spec(spec, self.directory.get(key));
@@ -586,15 +646,17 @@ impl Daemon {
                     mac_source: source.to_string(),
                     packets: c.packets,
                     bytes: c.bytes,
+                    sphere: spm.spheres.get(addr).cloned(),
                 });
             }
             out.push(api::ServiceView {
                 service: key.to_string(),
                 key: *key,
-                config: spec.config,
+                config,
                 packets: counter.packets,
                 bytes: counter.bytes,
                 backends,
+                spm,
             });
         }
         Ok(out)

@@ -100,10 +100,15 @@ pub fn backends_by_service(
                 continue;
             }
             let weight = if e.valid { server.weight() } else { 0 };
-            let b = backends
-                .entry(identity)
-                .or_insert(DirBackend { weight: 0, via });
+            let b = backends.entry(identity).or_insert(DirBackend {
+                weight: 0,
+                via,
+                sphere: None,
+            });
             b.weight = b.weight.max(weight);
+            if let Some(s) = server.attributes.get("sphere") {
+                b.sphere = Some(s.clone());
+            }
         }
         if !backends.is_empty() {
             out.insert(*key, backends);
@@ -235,9 +240,9 @@ impl DirHandle {
         }
         // Only service instances and host routes shape the data plane; leases and the
         // agents table change every second and must not cost a data-plane pass.
-        let shapes = applied
-            .iter()
-            .any(|c| c.table.starts_with("svc.") || c.table == names::HOST_ROUTES);
+        let shapes = applied.iter().any(|c| {
+            c.table.starts_with("svc.") || c.table == names::HOST_ROUTES || c.table == names::SPM
+        });
         {
             let mut s = self.state.lock().await;
             let now = Instant::now();
@@ -350,10 +355,23 @@ impl DirHandle {
 
     async fn feed_dataplane(&self) -> Result<()> {
         let services = self.daemon.lock().await.service_keys();
-        let backends = {
+        let (backends, epochs) = {
             let s = self.state.lock().await;
-            backends_by_service(s.agent.tables(), &services)
+            let tables = s.agent.tables();
+            let epochs: BTreeMap<ServiceKey, u64> = services
+                .iter()
+                .filter_map(|k| {
+                    let e = tables.get(names::SPM, &k.to_string())?;
+                    let r: crate::spm::EpochRecord = serde_json::from_str(&e.value).ok()?;
+                    Some((*k, r.epoch))
+                })
+                .collect();
+            (backends_by_service(tables, &services), epochs)
         };
+        let bumped = self.daemon.lock().await.set_epochs(epochs)?;
+        if !bumped.is_empty() {
+            info!(services = ?bumped.iter().map(|k| k.to_string()).collect::<Vec<_>>(), "SPM epochs changed");
+        }
         // Resolve new backends' MACs first, so they take traffic as soon as they are in.
         // An address that did not answer is not asked again for 5 s (the daemon's
         // neighbour refresh keeps trying): a dead next hop must not stall every change.
@@ -394,6 +412,69 @@ impl DirHandle {
             info!(services = ?touched.iter().map(|k| k.to_string()).collect::<Vec<_>>(), "directory changed backends");
         }
         Ok(())
+    }
+
+    /// The SPM manager (on the directory master): records each service's epoch and
+    /// valid instance set in the `spm` table, bumping the epoch as the service's policy
+    /// and its operators' bumps say. Every node takes its epochs from that table.
+    async fn manage_spm(&self) -> Result<()> {
+        if self.state.lock().await.master.is_none() {
+            return Ok(());
+        }
+        let views = self.daemon.lock().await.services()?;
+        let records: Vec<(String, crate::spm::EpochRecord)> = {
+            let s = self.state.lock().await;
+            let tables = s.agent.tables();
+            views
+                .iter()
+                .filter_map(|v| {
+                    let key = v.key.to_string();
+                    let record = tables.get(names::SPM, &key).and_then(|e| {
+                        serde_json::from_str::<crate::spm::EpochRecord>(&e.value).ok()
+                    });
+                    let bumps = tables
+                        .get(names::SPM_BUMPS, &key)
+                        .and_then(|e| e.value.parse().ok())
+                        .unwrap_or(0);
+                    let members: Vec<String> = v
+                        .backends
+                        .iter()
+                        .filter(|b| b.mac.is_some() && b.healthy && !b.drain && b.weight > 0)
+                        .map(|b| b.address.to_string())
+                        .collect();
+                    let next = crate::spm::next_record(
+                        v.spm.epoch_policy,
+                        record.as_ref(),
+                        &members,
+                        bumps,
+                    )?;
+                    Some((key, next))
+                })
+                .collect()
+        };
+        for (key, record) in records {
+            info!(service = %key, epoch = record.epoch, members = ?record.members, "SPM manager: service record");
+            let value = serde_json::to_string(&record).expect("serializes");
+            self.put_entry(names::SPM, &key, &value, true).await?;
+        }
+        Ok(())
+    }
+
+    /// Asks the SPM manager for a new epoch of `service` (through the directory, so
+    /// that whichever node is master folds it in).
+    pub async fn bump_epoch(&self, service: ServiceKey) -> Result<()> {
+        let key = service.to_string();
+        let bumps: u64 = {
+            let s = self.state.lock().await;
+            s.agent
+                .tables()
+                .get(names::SPM_BUMPS, &key)
+                .and_then(|e| e.value.parse().ok())
+                .unwrap_or(0)
+        };
+        self.put_entry(names::SPM_BUMPS, &key, &(bumps + 1).to_string(), true)
+            .await
+            .map(drop)
     }
 
     async fn put_entry(&self, table: &str, key: &str, value: &str, valid: bool) -> Result<usize> {
@@ -750,6 +831,11 @@ pub fn start(
                     Vec::new()
                 }
             };
+            if n.is_multiple_of(2) {
+                if let Err(e) = h.manage_spm().await {
+                    warn!("SPM manager: {e:#}");
+                }
+            }
             if !expired.is_empty() {
                 for c in &expired {
                     info!(table = %c.table, key = %c.key, "lease expired: entry invalid");
@@ -924,7 +1010,8 @@ mod tests {
             first[&key][&ip("198.18.0.13")],
             DirBackend {
                 weight: 1,
-                via: ip("198.18.0.13")
+                via: ip("198.18.0.13"),
+                sphere: None,
             }
         );
         t.set_valid(names::HOST_ROUTES, &host_route_key("b3host", 0), false);
@@ -934,7 +1021,8 @@ mod tests {
             moved[&key][&ip("198.18.0.13")],
             DirBackend {
                 weight: 1,
-                via: ip("198.18.0.23")
+                via: ip("198.18.0.23"),
+                sphere: None,
             }
         );
         t.set_valid(names::HOST_ROUTES, &host_route_key("b3host", 1), false);

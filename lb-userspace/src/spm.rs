@@ -486,8 +486,7 @@ pub fn next_record(
     };
     let as_set = |m: &[String]| m.iter().map(|n| (n.clone(), 0)).collect::<Vec<_>>();
     let changed = old.members != members;
-    let bump =
-        bumps > old.bumps || epoch_bump(policy, &as_set(&old.members), &as_set(&members));
+    let bump = bumps > old.bumps || epoch_bump(policy, &as_set(&old.members), &as_set(&members));
     (changed || bump).then(|| EpochRecord {
         epoch: old.epoch + bump as u64,
         members,
@@ -691,18 +690,26 @@ mod tests {
             next_record(EpochPolicy::Stateful, Some(&first), &names(&["a"]), 0),
             None
         );
-        let two =
-            next_record(EpochPolicy::Stateful, Some(&first), &names(&["b", "a"]), 0).unwrap();
+        let two = next_record(EpochPolicy::Stateful, Some(&first), &names(&["b", "a"]), 0).unwrap();
         assert_eq!((two.epoch, two.members.clone()), (1, names(&["a", "b"])));
         let stateless =
             next_record(EpochPolicy::Stateless, Some(&first), &names(&["a", "b"]), 0).unwrap();
         assert_eq!(stateless.epoch, 0, "recorded, not bumped");
-        let bumped =
-            next_record(EpochPolicy::Stateless, Some(&stateless), &names(&["a", "b"]), 1)
-                .unwrap();
+        let bumped = next_record(
+            EpochPolicy::Stateless,
+            Some(&stateless),
+            &names(&["a", "b"]),
+            1,
+        )
+        .unwrap();
         assert_eq!((bumped.epoch, bumped.bumps), (1, 1));
         assert_eq!(
-            next_record(EpochPolicy::Stateless, Some(&bumped), &names(&["a", "b"]), 1),
+            next_record(
+                EpochPolicy::Stateless,
+                Some(&bumped),
+                &names(&["a", "b"]),
+                1
+            ),
             None,
             "a bump is folded in once"
         );

@@ -130,6 +130,17 @@ enum SpmCmd {
         /// The epoch you hold for --service: a stale one gets the mismatch reply.
         #[arg(long)]
         epoch: Option<u64>,
+        /// 2: the service's sub-level map (its instances behind a re-director).
+        #[arg(long)]
+        level: Option<u8>,
+    },
+    /// Prints the map now and again each time it changes (one JSON line per version
+    /// with --output json), until interrupted.
+    Watch {
+        #[arg(long)]
+        service: Option<ServiceKey>,
+        #[arg(long)]
+        client: Option<IpAddr>,
     },
 }
 
@@ -613,10 +624,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 print_applied(out, &r);
             }
             ServiceCmd::BumpEpoch { service } => {
-                let r = client
+                let r: api::EpochBumped = client
                     .post("/v1/services/bump-epoch", &api::ServiceRef { service })
                     .await?;
-                print_applied(out, &r);
+                if out == Output::Json {
+                    print_json(&r);
+                } else {
+                    println!("service {}: epoch {}", r.service, r.epoch);
+                }
             }
             ServiceCmd::Remove { service } => {
                 let r = client
@@ -645,6 +660,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         s.packets,
                         s.bytes
                     );
+                    println!(
+                        "  spm: rule {:?}, epoch {} ({:?}; old connections {}){}",
+                        s.spm.rule,
+                        s.config.epoch,
+                        s.spm.epoch_policy,
+                        if s.config.epoch_resteer {
+                            "re-steered"
+                        } else {
+                            "kept"
+                        },
+                        if s.spm.redirect { ", re-director" } else { "" }
+                    );
+                    for (net, prefix, sphere) in &s.spm.topology {
+                        println!("  clients in {net}/{prefix} -> sphere {sphere}");
+                    }
                     print_backends(&s);
                 }
             }
@@ -880,8 +910,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             map_type,
             provider,
             epoch,
+            level,
         }) => {
             let mut q = Vec::new();
+            if let Some(l) = level {
+                q.push(format!("level={l}"));
+            }
             if let Some(s) = service {
                 q.push(format!("service={}", enc(&s.to_string())));
             }
@@ -945,6 +979,42 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 table(rows);
             }
+        }
+        Cmd::Spm(SpmCmd::Watch {
+            service,
+            client: addr,
+        }) => {
+            let mut q = Vec::new();
+            if let Some(s) = service {
+                q.push(format!("service={}", enc(&s.to_string())));
+            }
+            if let Some(a) = addr {
+                q.push(format!("client={a}"));
+            }
+            client
+                .get_lines(&format!("/v1/spm/watch?{}", q.join("&")), |line| {
+                    if out == Output::Json {
+                        println!("{line}");
+                    } else if let Ok(map) = serde_json::from_str::<serde_json::Value>(line) {
+                        let entries: Vec<String> = map["entries"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|e| {
+                                format!(
+                                    "{}@{}={}:{}",
+                                    e["spec"]["service_id"].as_str().unwrap_or("-"),
+                                    e["sphere"]["epoch"],
+                                    e["host"]["inet_address"].as_str().unwrap_or(""),
+                                    e["host"]["port"]
+                                )
+                            })
+                            .collect();
+                        println!("version {}: {}", map["version"], entries.join(" "));
+                    }
+                    let _ = std::io::stdout().flush();
+                })
+                .await?;
         }
         Cmd::Shutdown { detach } => {
             let r: serde_json::Value = client

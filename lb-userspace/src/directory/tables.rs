@@ -22,6 +22,10 @@ pub mod names {
     pub const AGENTS: &str = "agents";
     /// Leases (registrations, heartbeats): `<table>|<key>` → `<ttl_ms>;<renewal>`.
     pub const LEASES: &str = "leases";
+    /// The SPM manager's epoch record per service (key: the service, `tcp/addr:port`).
+    pub const SPM: &str = "spm";
+    /// Operator epoch bumps per service: a count the SPM manager folds in.
+    pub const SPM_BUMPS: &str = "spm_bumps";
     pub fn service(service: &str) -> String {
         format!("svc.{service}")
     }
