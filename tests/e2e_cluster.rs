@@ -714,3 +714,182 @@ fn a_failed_route_to_a_backend_host_moves_its_traffic_on_every_node() {
         assert!(spread.contains_key("b3"), "{vip}: {spread:?}");
     }
 }
+
+/// `lbctl spm show` on `lb` as JSON (None while it fails).
+fn spm_show(c: &Cluster, lb: &str, args: &[&str]) -> Option<serde_json::Value> {
+    let mut all = vec!["-o", "json", "spm", "show"];
+    all.extend_from_slice(args);
+    let out = c.lbctl(lb, &all);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+/// Waits until every node's map of `svc` satisfies `check`; returns when the last did.
+fn wait_spm(
+    c: &Cluster,
+    svc: &str,
+    within: Duration,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    for lb in c.lbds.keys() {
+        loop {
+            let map = spm_show(c, lb, &["--service", svc]);
+            if map.as_ref().is_some_and(&check) {
+                eprintln!("{lb}: after {:?}", start.elapsed());
+                break;
+            }
+            assert!(start.elapsed() < within, "{lb}: {map:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    start.elapsed()
+}
+
+#[test]
+fn scaling_a_stateful_service_moves_its_epoch_on_every_node_and_its_vip_partitions_by_source() {
+    let b = |o: u8| standard::backend_ip(o);
+    let services = format!(
+        r#"
+[[service]]
+vip = "{vip}"
+port = {port}
+protocol = "tcp"
+
+[[service.backend]]
+address = "{b1}"
+weight = 2
+
+[service.spm]
+id = "web"
+rule = "source"
+epoch_policy = "stateful"
+
+[[service]]
+vip = "{vip2}"
+port = {port}
+protocol = "tcp"
+
+[[service.backend]]
+address = "{b1}"
+
+[[service.backend]]
+address = "{b2}"
+"#,
+        vip = standard::VIP,
+        vip2 = standard::VIP2,
+        port = standard::SERVICE_PORT,
+        b1 = b(11),
+        b2 = b(12),
+    );
+    let c = Cluster::with_services("spm", &services);
+    c.settle(Duration::from_secs(5));
+    let svc = format!("tcp/{}:{}", standard::VIP, standard::SERVICE_PORT);
+    let epochs = |m: &serde_json::Value| -> Vec<u64> {
+        m["entries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| e["sphere"]["epoch"].as_u64().unwrap_or(u64::MAX))
+            .collect()
+    };
+    wait_spm(&c, &svc, Duration::from_secs(5), |m| epochs(m) == [0]);
+    // The SPM manager (on the directory master) has recorded the service everywhere.
+    wait_all(&c, "spm", Duration::from_secs(5), |rows| {
+        rows.as_array()
+            .is_some_and(|r| r.iter().any(|e| e["key"] == svc.as_str()))
+    });
+
+    // Scale from one instance to two, through the directory on a node that is not
+    // the directory master.
+    let table = format!("svc.{svc}");
+    let add = |key: &str, value: &str| {
+        let out = c.lbctl("lb3", &["dir", "add", &table, key, value]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Instant::now()
+    };
+    let added = add("b2", &format!("{}:8080;weight=1", b(12)));
+    wait_spm(&c, &svc, Duration::from_secs(5), |m| epochs(m) == [1, 1]);
+    let took = added.elapsed();
+    eprintln!("epoch 0 -> 1 on every node after {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "the new epoch reached every node after {took:?}"
+    );
+    for lb in c.lbds.keys() {
+        let out = c.lbctl(lb, &["-o", "json", "service", "show", &svc]);
+        let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(view["config"]["epoch"], 1, "{lb}'s data plane: {view}");
+    }
+
+    // A client holding epoch 0 gets the mismatch reply, with the new entries.
+    let stale = c.lbctl("lb2", &["spm", "show", "--service", &svc, "--epoch", "0"]);
+    assert_eq!(stale.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&stale.stderr).contains("epoch mismatch"));
+    let raw = std::process::Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(c.socket("lb2"))
+        .arg(format!("http://lbd/v1/spm?service={svc}&epoch=0"))
+        .output()
+        .expect("curl");
+    let raw = String::from_utf8_lossy(&raw.stdout).to_string();
+    let (body, code) = raw.rsplit_once('\n').unwrap();
+    assert_eq!(code, "409", "{raw}");
+    let body: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(body["epoch_mismatch"]["current"], 1, "{body}");
+    assert_eq!(epochs(&body["map"]), [1, 1], "{body}");
+
+    // Source partitioning: even client addresses reach the first instance (by
+    // address), odd ones the second, and each client's map names where it goes.
+    let answers = c.client(|| {
+        let mut a = Vec::new();
+        for src in standard::client_sources().take(10) {
+            for _ in 0..2 {
+                a.push((
+                    src,
+                    traffic::http_get(Some(src), vip_addr(standard::VIP), TIMEOUT)?,
+                ));
+            }
+        }
+        Ok(a)
+    });
+    for (src, name) in &answers {
+        let want = if src.octets()[3] % 2 == 0 { "b1" } else { "b2" };
+        assert_eq!(name, want, "client {src}: {answers:?}");
+        let map = spm_show(&c, "lb1", &["--service", &svc, "--client", &src.to_string()]).unwrap();
+        let told = map["entries"][0]["host"]["inet_address"].as_str().unwrap();
+        let want_ip = if want == "b1" { b(11) } else { b(12) };
+        assert_eq!(told, want_ip.to_string(), "client {src}: {map}");
+    }
+
+    // A third instance, heavier: epoch 2, and every entry lists the others as its
+    // backups in failover order (heavier first).
+    add("b3", &format!("{}:8080;weight=5", b(13)));
+    wait_spm(&c, &svc, Duration::from_secs(5), |m| epochs(m) == [2, 2, 2]);
+    let map = spm_show(&c, "lb2", &["--service", &svc]).unwrap();
+    let host = |h: &serde_json::Value| h["inet_address"].as_str().unwrap().to_string();
+    let hosts: Vec<String> = map["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| host(&e["host"]))
+        .collect();
+    assert_eq!(
+        hosts,
+        [b(13), b(11), b(12)].map(|a| a.to_string()),
+        "{map}"
+    );
+    let backups: Vec<String> = map["entries"][2]["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(host)
+        .collect();
+    assert_eq!(backups, [b(13), b(11)].map(|a| a.to_string()), "{map}");
+}

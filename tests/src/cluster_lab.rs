@@ -30,6 +30,7 @@ fn config(
     preferred: &[Ipv4Addr],
     interval_ms: u64,
     unicast: bool,
+    custom_services: Option<&str>,
 ) -> String {
     // Multicast to the group, or the other nodes' addresses one by one.
     let transport = if unicast {
@@ -54,6 +55,9 @@ fn config(
                 standard::backend_ip(o)
             ));
         }
+    }
+    if let Some(custom) = custom_services {
+        services = custom.to_string();
     }
     let preferred: Vec<String> = preferred.iter().map(|p| format!("\"{p}\"")).collect();
     // Every node records its acquire/release script calls next to its log.
@@ -131,6 +135,7 @@ pub struct Cluster {
     node: String,
     interval_ms: u64,
     unicast: bool,
+    services: Option<String>,
     // Last: given back after everything else is torn down.
     _permit: Permit,
 }
@@ -150,7 +155,22 @@ impl Cluster {
         Self::build(test, 100, true)
     }
 
+    /// A cluster whose nodes have these `[[service]]` sections instead of the standard
+    /// two VIPs with three backends each.
+    pub fn with_services(test: &str, services: &str) -> Cluster {
+        Self::build_with(test, 100, false, Some(services.to_string()))
+    }
+
     fn build(test: &str, interval_ms: u64, unicast: bool) -> Cluster {
+        Self::build_with(test, interval_ms, unicast, None)
+    }
+
+    fn build_with(
+        test: &str,
+        interval_ms: u64,
+        unicast: bool,
+        services: Option<String>,
+    ) -> Cluster {
         let permit = Permit::take();
         let lab = Lab::new()
             .expect("lab")
@@ -167,6 +187,7 @@ impl Cluster {
             node,
             interval_ms,
             unicast,
+            services,
             _permit: permit,
         };
         for lb in ["lb1", "lb2", "lb3"] {
@@ -198,6 +219,7 @@ impl Cluster {
                 &Self::preferred(lb),
                 self.interval_ms,
                 self.unicast,
+                self.services.as_deref(),
             ),
         )
         .unwrap();
