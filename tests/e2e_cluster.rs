@@ -802,6 +802,15 @@ address = "{b2}"
             .is_some_and(|r| r.iter().any(|e| e["key"] == svc.as_str()))
     });
 
+    // A smart client watching lb3's map sees each new version as it comes.
+    let mut watch = std::process::Command::new(binary("lbctl"))
+        .arg("--socket")
+        .arg(c.socket("lb3"))
+        .args(["-o", "json", "spm", "watch", "--service", &svc])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+
     // Scale from one instance to two, through the directory on a node that is not
     // the directory master.
     let table = format!("svc.{svc}");
@@ -892,4 +901,16 @@ address = "{b2}"
         .map(host)
         .collect();
     assert_eq!(backups, [b(13), b(11)].map(|a| a.to_string()), "{map}");
+
+    std::thread::sleep(Duration::from_millis(300));
+    watch.kill().unwrap();
+    let out = watch.wait_with_output().unwrap();
+    let seen: Vec<Vec<u64>> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| epochs(&serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))))
+        .collect();
+    for wanted in [vec![0], vec![1, 1], vec![2, 2, 2]] {
+        assert!(seen.contains(&wanted), "the watch missed {wanted:?}: {seen:?}");
+    }
+    assert_eq!(seen.last(), Some(&vec![2, 2, 2]), "{seen:?}");
 }
