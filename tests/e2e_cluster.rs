@@ -871,7 +871,12 @@ address = "{b2}"
     for (src, name) in &answers {
         let want = if src.octets()[3] % 2 == 0 { "b1" } else { "b2" };
         assert_eq!(name, want, "client {src}: {answers:?}");
-        let map = spm_show(&c, "lb1", &["--service", &svc, "--client", &src.to_string()]).unwrap();
+        let map = spm_show(
+            &c,
+            "lb1",
+            &["--service", &svc, "--client", &src.to_string()],
+        )
+        .unwrap();
         let told = map["entries"][0]["host"]["inet_address"].as_str().unwrap();
         let want_ip = if want == "b1" { b(11) } else { b(12) };
         assert_eq!(told, want_ip.to_string(), "client {src}: {map}");
@@ -889,11 +894,7 @@ address = "{b2}"
         .iter()
         .map(|e| host(&e["host"]))
         .collect();
-    assert_eq!(
-        hosts,
-        [b(13), b(11), b(12)].map(|a| a.to_string()),
-        "{map}"
-    );
+    assert_eq!(hosts, [b(13), b(11), b(12)].map(|a| a.to_string()), "{map}");
     let backups: Vec<String> = map["entries"][2]["backups"]
         .as_array()
         .unwrap()
@@ -910,7 +911,10 @@ address = "{b2}"
         .map(|l| epochs(&serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))))
         .collect();
     for wanted in [vec![0], vec![1, 1], vec![2, 2, 2]] {
-        assert!(seen.contains(&wanted), "the watch missed {wanted:?}: {seen:?}");
+        assert!(
+            seen.contains(&wanted),
+            "the watch missed {wanted:?}: {seen:?}"
+        );
     }
     assert_eq!(seen.last(), Some(&vec![2, 2, 2]), "{seen:?}");
 }

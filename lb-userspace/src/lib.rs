@@ -3,6 +3,7 @@
 //! pure Maglev table builder ([`maglev`]). The daemon and CLI build on these.
 
 pub mod api;
+pub mod availability;
 pub mod client;
 pub mod cluster;
 pub mod clusterd;
@@ -21,6 +22,7 @@ pub mod neighbor;
 pub mod server;
 pub mod spm;
 pub mod vip;
+pub mod watermark;
 
 pub use error::DataplaneError;
 pub use loader::{Attached, Dataplane, LoadOptions, Program};
