@@ -48,7 +48,8 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const SPHERES: &str = "SPHERES";
-    pub const ALL: [&str; 11] = [
+    pub const REFUSALS: &str = "REFUSALS";
+    pub const ALL: [&str; 12] = [
         VIP_ADDRS,
         VIPS,
         MAGLEV_RING,
@@ -60,6 +61,7 @@ pub mod map_names {
         BACKEND_STATS,
         GLOBAL_STATS,
         SPHERES,
+        REFUSALS,
     ];
 }
 
@@ -165,6 +167,27 @@ pub struct SphereMeta {
     pub size: u32,
 }
 
+/// Per-service flag: the service is unavailable (maintenance, outage). A TCP SYN is
+/// answered with a RST and a UDP datagram with an ICMP "administratively prohibited"
+/// from the XDP program itself, within `REFUSALS_PER_SECOND` per source; every other
+/// packet of the service is dropped.
+pub const VIP_F_UNAVAILABLE: u32 = 1 << 4;
+
+/// Refusals sent to one source address per second, at most; beyond, dropped (a
+/// refusal must not become a reflection amplifier).
+pub const REFUSALS_PER_SECOND: u64 = 100;
+/// Sources tracked by the refusal limiter (LRU).
+pub const MAX_REFUSING_SOURCES: u32 = 16384;
+
+/// Value of `REFUSALS` (LRU hash keyed by the source address, 16 bytes as in
+/// [`AddrKey::addr`]): refusals sent in the current one-second window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RefuseBucket {
+    pub window_start_ns: u64,
+    pub count: u64,
+}
+
 /// Capacity of `SPHERES` (subnet rules over all services and both ring slots).
 pub const MAX_SPHERE_RULES: u32 = 4096;
 
@@ -248,7 +271,8 @@ pub struct Counter {
 }
 
 /// Global counters, per CPU, in `GLOBAL_STATS[0]`. Every packet ends in exactly one
-/// `pass_*`, `drop_*`, `tx` or `redirect` field; `lru_*` count lookups besides.
+/// `pass_*`, `drop_*`, `tx`, `redirect` or `refuse_*` field; `lru_*` and `epoch_*`
+/// count lookups besides.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct GlobalStats {
@@ -291,6 +315,15 @@ pub struct GlobalStats {
     pub epoch_keep: u64,
     /// A connection from an older epoch steered anew (per packet that was re-steered).
     pub epoch_resteer: u64,
+    /// To an unavailable service, neither a TCP SYN nor UDP: dropped.
+    pub drop_unavailable: u64,
+    /// A refusal (RST or ICMP) this source had no budget left for: dropped.
+    pub drop_refuse_limited: u64,
+    /// A TCP SYN to an unavailable service answered with a RST (`XDP_TX`).
+    pub refuse_rst: u64,
+    /// A UDP datagram to an unavailable service answered with an ICMP/ICMPv6
+    /// "administratively prohibited" (`XDP_TX`).
+    pub refuse_icmp: u64,
 }
 
 /// Field-wise helpers of `GlobalStats` (summing per-CPU values, naming fields for
@@ -307,7 +340,7 @@ macro_rules! global_stats_fields {
             }
 
             /// The value of each field, in the order of [`Self::FIELDS`].
-            pub fn values(&self) -> [u64; 20] {
+            pub fn values(&self) -> [u64; 24] {
                 [$(self.$field),*]
             }
         }
@@ -334,6 +367,10 @@ global_stats_fields!(
     lru_other_cpu,
     epoch_keep,
     epoch_resteer,
+    drop_unavailable,
+    drop_refuse_limited,
+    refuse_rst,
+    refuse_icmp,
 );
 
 #[cfg(feature = "user")]
@@ -364,6 +401,8 @@ mod pod {
     unsafe impl aya::Pod for SphereKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SphereMeta {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RefuseBucket {}
 }
 
 macro_rules! assert_layout {
@@ -381,6 +420,7 @@ assert_layout!(Route, 20, 4);
 assert_layout!(FlowKey, 40, 2);
 assert_layout!(ConnEntry, 12, 4);
 assert_layout!(Counter, 16, 8);
-assert_layout!(GlobalStats, 20 * 8, 8);
+assert_layout!(GlobalStats, 24 * 8, 8);
+assert_layout!(RefuseBucket, 16, 8);
 assert_layout!(SphereKey, 20, 4);
 assert_layout!(SphereMeta, 8, 4);

@@ -10,6 +10,7 @@ mod forward;
 mod lookup;
 mod maps;
 mod parse;
+mod refuse;
 mod stats;
 
 use aya_ebpf::{
@@ -17,7 +18,7 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use lb_common::FlowKey;
+use lb_common::{FlowKey, VIP_F_UNAVAILABLE};
 use network_types::eth::EthHdr;
 use stats::Exit;
 
@@ -42,6 +43,9 @@ fn balance(ctx: &XdpContext) -> Result<u32, Exit> {
     let vip = lookup::vip(&flow)?;
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     stats::count_vip(vip.vip_id, frame_len);
+    if vip.flags & VIP_F_UNAVAILABLE != 0 {
+        return refuse::refuse(ctx, &flow);
+    }
     let (backend_id, backend) = lookup::backend(ctx, &flow, &vip)?;
     let action = forward::l2(ctx, &backend)?;
     stats::count_backend(backend_id, frame_len);

@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMap, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, Route, SphereKey,
-    SphereMeta, VipKey, VipMeta, MAX_BACKENDS, MAX_SPHERE_RULES, MAX_TX_PORTS, MAX_VIPS,
-    MAX_VIP_ADDRS,
+    AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, RefuseBucket, Route,
+    SphereKey, SphereMeta, VipKey, VipMeta, MAX_BACKENDS, MAX_REFUSING_SOURCES, MAX_SPHERE_RULES,
+    MAX_TX_PORTS, MAX_VIPS, MAX_VIP_ADDRS,
 };
 
 #[map]
@@ -39,6 +39,11 @@ pub static CONNS: LruPerCpuHashMap<FlowKey, ConnEntry> = LruPerCpuHashMap::with_
 #[map]
 // BPF_F_NO_PREALLOC (1): required for LPM tries.
 pub static SPHERES: LpmTrie<SphereKey, SphereMeta> = LpmTrie::with_max_entries(MAX_SPHERE_RULES, 1);
+
+/// Refusals sent per source address in the current second (fast-fail rate limit).
+#[map]
+pub static REFUSALS: LruHashMap<[u8; 16], RefuseBucket> =
+    LruHashMap::with_max_entries(MAX_REFUSING_SOURCES, 0);
 
 #[map]
 pub static VIP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_VIPS, 0);

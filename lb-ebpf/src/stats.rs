@@ -21,6 +21,8 @@ pub enum Exit {
     NoBackend,
     NoRoute,
     RedirectFailed,
+    Unavailable,
+    RefuseLimited,
 }
 
 impl Exit {
@@ -38,7 +40,9 @@ impl Exit {
             | Exit::IpOptions
             | Exit::NoBackend
             | Exit::NoRoute
-            | Exit::RedirectFailed => XDP_DROP,
+            | Exit::RedirectFailed
+            | Exit::Unavailable
+            | Exit::RefuseLimited => XDP_DROP,
         }
     }
 }
@@ -66,6 +70,8 @@ pub fn count_exit(exit: Exit) {
         Exit::NoBackend => &mut g.drop_no_backend,
         Exit::NoRoute => &mut g.drop_no_route,
         Exit::RedirectFailed => &mut g.drop_redirect_failed,
+        Exit::Unavailable => &mut g.drop_unavailable,
+        Exit::RefuseLimited => &mut g.drop_refuse_limited,
     })
 }
 
@@ -97,6 +103,16 @@ pub fn count_epoch_keep() {
 #[inline(always)]
 pub fn count_epoch_resteer() {
     bump(|g| &mut g.epoch_resteer)
+}
+
+#[inline(always)]
+pub fn count_refuse_rst() {
+    bump(|g| &mut g.refuse_rst)
+}
+
+#[inline(always)]
+pub fn count_refuse_icmp() {
+    bump(|g| &mut g.refuse_icmp)
 }
 
 #[inline(always)]

@@ -97,7 +97,7 @@ pub enum Attached {
 /// A pinned map made with other sizes would be reused as it is, silently ignoring the
 /// new options: refuse instead.
 /// Key and value sizes of every map, as this build's types have them.
-fn layouts() -> [(&'static str, usize, usize); 11] {
+fn layouts() -> [(&'static str, usize, usize); 12] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -126,6 +126,7 @@ fn layouts() -> [(&'static str, usize, usize); 11] {
             4 + size_of::<SphereKey>(),
             size_of::<SphereMeta>(),
         ),
+        (map_names::REFUSALS, 16, size_of::<RefuseBucket>()),
     ]
 }
 

@@ -31,7 +31,7 @@ use lb_common::{
     SphereKey, SphereMeta, VipKey, VipMeta, ADDR_F_PASS_IRREGULAR, BACKEND_F_ACTIVE, FAMILY_V4,
     FAMILY_V6, MAGLEV_DEFAULT_SIZE, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP,
     ROUTE_MODE_L2_DSR, VIP_F_EPOCH_RESTEER, VIP_F_PASS_IRREGULAR, VIP_F_SRC_PARTITION,
-    VIP_F_TOPOLOGY,
+    VIP_F_TOPOLOGY, VIP_F_UNAVAILABLE,
 };
 
 use crate::{
@@ -137,6 +137,9 @@ pub struct ServiceConfig {
     pub epoch: u32,
     #[serde(default)]
     pub epoch_resteer: bool,
+    /// Maintenance or outage: SYNs get a RST, UDP an ICMP error, the rest is dropped.
+    #[serde(default)]
+    pub unavailable: bool,
 }
 
 impl Default for ServiceConfig {
@@ -146,6 +149,7 @@ impl Default for ServiceConfig {
             pass_irregular: false,
             epoch: 0,
             epoch_resteer: false,
+            unavailable: false,
         }
     }
 }
@@ -783,6 +787,10 @@ impl MapManager {
                 0
             } else {
                 VIP_F_TOPOLOGY
+            }) | (if state.config.unavailable {
+                VIP_F_UNAVAILABLE
+            } else {
+                0
             }),
             ring_offset: slot * self.ring_stride,
             ring_size: state.table.as_ref().map_or(0, |t| t.len() as u32),
@@ -1071,6 +1079,7 @@ impl MapManager {
             let mut config = known.get(&key).map(|s| s.config).unwrap_or_default();
             config.pass_irregular = meta.flags & VIP_F_PASS_IRREGULAR != 0;
             config.epoch_resteer = meta.flags & VIP_F_EPOCH_RESTEER != 0;
+            config.unavailable = meta.flags & VIP_F_UNAVAILABLE != 0;
             config.epoch = meta.epoch;
             if let Some(t) = table.as_ref().filter(|_| !steered) {
                 config.maglev_size = t.len() as u32;

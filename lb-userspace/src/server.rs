@@ -299,7 +299,7 @@ fn spm_services(views: &[api::ServiceView]) -> Vec<crate::spm::Service> {
             command: None,
             valid_from: None,
             valid_until: None,
-            redirector: v.spm.redirect.then(|| crate::spm::ServiceHost {
+            redirector: v.spm.redirect.then_some(crate::spm::ServiceHost {
                 inet_address: v.key.addr,
                 dns_address: None,
                 port: v.key.port,

@@ -146,13 +146,16 @@ mod tests {
             .collect()
     }
 
+    /// Samples, last period's table, expected (util, weighted) per backend, expected out.
+    type Case = (Vec<Sample>, BTreeSet<IpAddr>, Vec<(u64, u64)>, Vec<IpAddr>);
+
     /// Hand-computed from the seed's pseudo-code, scale 1000, high 800, low 600
     /// (delta 200), minimum 1.
     #[test]
     fn the_seeds_cases() {
         let all: BTreeSet<IpAddr> = [ip(1), ip(2), ip(3)].into();
         // (samples, last M, expected (util, weighted) per backend, expected out)
-        let cases: Vec<(Vec<Sample>, BTreeSet<IpAddr>, Vec<(u64, u64)>, Vec<IpAddr>)> = vec![
+        let cases: Vec<Case> = vec![
             // All below low: weighted = util, nobody out.
             (
                 vec![s(1, 10, 100), s(2, 50, 100), s(3, 59, 100)],

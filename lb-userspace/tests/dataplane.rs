@@ -882,3 +882,168 @@ fn a_topology_service_keeps_each_client_subnet_in_its_sphere() {
     assert_eq!(reached(&lb, "198.18.1", 1..120, 4000), [1, 2].into());
     assert_eq!(reached(&lb, "198.18.1", 130..250, 4000), [3, 4].into());
 }
+
+fn unavailable(lb: &mut Lb, key: ServiceKey, unavailable: bool) {
+    lb.maps
+        .upsert_service(
+            key,
+            ServiceConfig {
+                unavailable,
+                ..ServiceConfig::default()
+            },
+        )
+        .unwrap();
+}
+
+#[test]
+fn a_syn_to_an_unavailable_service_gets_a_well_formed_rst() {
+    use pnet::packet::{
+        ethernet::EthernetPacket, ipv4::Ipv4Packet, ipv6::Ipv6Packet, tcp::TcpPacket, Packet,
+    };
+    let mut lb = load_lb();
+    for (vip, client, bs) in [(VIP4, CLIENT4, backends4(2)), (VIP6, CLIENT6, backends6(2))] {
+        let key = service(vip, 80, Proto::Tcp);
+        lb.add(key, &bs);
+        unavailable(&mut lb, key, true);
+        let mut syn = Frame::tcp(client, vip, 40000, 80);
+        syn.payload = b"early data".to_vec();
+        let (verdict, out) = lb.run(&syn.build());
+        assert_eq!(verdict, XDP_TX, "{vip}");
+        let eth = EthernetPacket::new(&out).unwrap();
+        assert_eq!(macs(&out), (CLIENT_MAC, LB_MAC), "back to the client");
+        let (tcp_bytes, src, dst) = if vip == VIP4 {
+            assert_eq!(out.len(), ETH_LEN + IPV4_LEN + 20);
+            let ip = Ipv4Packet::new(eth.payload()).unwrap();
+            assert_eq!(ip.get_total_length(), 40);
+            assert_eq!(
+                ip.get_checksum(),
+                pnet::packet::ipv4::checksum(&ip),
+                "IP checksum"
+            );
+            let tcp = TcpPacket::new(ip.payload()).unwrap();
+            assert_eq!(
+                tcp.get_checksum(),
+                pnet::packet::tcp::ipv4_checksum(&tcp, &ip.get_source(), &ip.get_destination()),
+                "TCP checksum"
+            );
+            (
+                ip.payload().to_vec(),
+                IpAddr::V4(ip.get_source()),
+                IpAddr::V4(ip.get_destination()),
+            )
+        } else {
+            assert_eq!(out.len(), ETH_LEN + 40 + 20);
+            let ip = Ipv6Packet::new(eth.payload()).unwrap();
+            assert_eq!(ip.get_payload_length(), 20);
+            let tcp = TcpPacket::new(ip.payload()).unwrap();
+            assert_eq!(
+                tcp.get_checksum(),
+                pnet::packet::tcp::ipv6_checksum(&tcp, &ip.get_source(), &ip.get_destination()),
+                "TCP checksum"
+            );
+            (
+                ip.payload().to_vec(),
+                IpAddr::V6(ip.get_source()),
+                IpAddr::V6(ip.get_destination()),
+            )
+        };
+        assert_eq!((src, dst), (vip.parse().unwrap(), client.parse().unwrap()));
+        let tcp = TcpPacket::new(&tcp_bytes).unwrap();
+        assert_eq!((tcp.get_source(), tcp.get_destination()), (80, 40000));
+        assert_eq!(
+            tcp.get_flags(),
+            pnet::packet::tcp::TcpFlags::RST | pnet::packet::tcp::TcpFlags::ACK
+        );
+        assert_eq!(tcp.get_acknowledgement(), 1 + 1 + 10, "seq + SYN + data");
+        assert_eq!(tcp.get_sequence(), 0);
+        assert_eq!(tcp.get_data_offset(), 5);
+    }
+    let stats = lb.stats();
+    assert_eq!(stats.refuse_rst, 2);
+    assert_eq!(stats.tx, 0, "a refusal is not a forward");
+
+    // Anything but a SYN is dropped: a RST must not reset other people's connections.
+    let mut ack = Frame::tcp(CLIENT4, VIP4, 40001, 80).build();
+    ack[ETH_LEN + IPV4_LEN + 13] = 0x10;
+    let (verdict, _) = lb.run(&ack);
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(lb.stats().drop_unavailable, 1);
+
+    // Available again: forwarded as before.
+    unavailable(&mut lb, service(VIP4, 80, Proto::Tcp), false);
+    lb.forward(&Frame::tcp(CLIENT4, VIP4, 40002, 80));
+}
+
+#[test]
+fn udp_to_an_unavailable_service_gets_an_icmp_error_quoting_it() {
+    use pnet::packet::{
+        ethernet::EthernetPacket, icmp::IcmpPacket, icmpv6::Icmpv6Packet, ipv4::Ipv4Packet,
+        ipv6::Ipv6Packet, Packet,
+    };
+    let mut lb = load_lb();
+    for (vip, client, bs) in [(VIP4, CLIENT4, backends4(2)), (VIP6, CLIENT6, backends6(2))] {
+        let key = service(vip, 53, Proto::Udp);
+        lb.add(key, &bs);
+        unavailable(&mut lb, key, true);
+        let mut f = Frame::udp(client, vip, 5353, 53);
+        f.payload = vec![7u8; 100];
+        let input = f.build();
+        let (verdict, out) = lb.run(&input);
+        assert_eq!(verdict, XDP_TX, "{vip}");
+        assert_eq!(macs(&out), (CLIENT_MAC, LB_MAC));
+        let eth = EthernetPacket::new(&out).unwrap();
+        if vip == VIP4 {
+            assert_eq!(out.len(), ETH_LEN + 20 + 8 + 28);
+            let ip = Ipv4Packet::new(eth.payload()).unwrap();
+            assert_eq!(ip.get_checksum(), pnet::packet::ipv4::checksum(&ip));
+            assert_eq!(ip.get_source().to_string(), vip);
+            assert_eq!(ip.get_destination().to_string(), client);
+            assert_eq!(ip.get_total_length() as usize, 20 + 8 + 28);
+            let icmp = IcmpPacket::new(ip.payload()).unwrap();
+            assert_eq!((icmp.get_icmp_type().0, icmp.get_icmp_code().0), (3, 13));
+            assert_eq!(icmp.get_checksum(), pnet::packet::icmp::checksum(&icmp));
+            assert_eq!(
+                &ip.payload()[8..],
+                &input[ETH_LEN..ETH_LEN + 28],
+                "quotes the IP header and the UDP header"
+            );
+        } else {
+            assert_eq!(out.len(), ETH_LEN + 40 + 8 + 48);
+            let ip = Ipv6Packet::new(eth.payload()).unwrap();
+            assert_eq!(ip.get_source().to_string(), vip);
+            assert_eq!(ip.get_destination().to_string(), client);
+            assert_eq!(ip.get_payload_length(), 56);
+            let icmp = Icmpv6Packet::new(ip.payload()).unwrap();
+            assert_eq!((icmp.get_icmpv6_type().0, icmp.get_icmpv6_code().0), (1, 1));
+            assert_eq!(
+                icmp.get_checksum(),
+                pnet::packet::icmpv6::checksum(&icmp, &ip.get_source(), &ip.get_destination())
+            );
+            assert_eq!(&ip.payload()[8..], &input[ETH_LEN..ETH_LEN + 48]);
+        }
+    }
+    assert_eq!(lb.stats().refuse_icmp, 2);
+}
+
+#[test]
+fn refusals_to_one_source_are_limited() {
+    let mut lb = load_lb();
+    let key = service(VIP4, 80, Proto::Tcp);
+    lb.add(key, &backends4(2));
+    unavailable(&mut lb, key, true);
+    let mut answered = 0;
+    for i in 0..150u16 {
+        let (verdict, _) = lb.run(&Frame::tcp(CLIENT4, VIP4, 30000 + i, 80).build());
+        answered += (verdict == XDP_TX) as u32;
+    }
+    let stats = lb.stats();
+    // Within one second, unless this machine is slow enough to cross a window.
+    assert!((100..=150).contains(&answered), "{answered}");
+    assert_eq!(stats.refuse_rst as u32, answered);
+    assert_eq!(stats.drop_refuse_limited as u32, 150 - answered);
+    // Another source has its own budget.
+    assert_eq!(
+        lb.run(&Frame::tcp("198.18.1.99", VIP4, 1, 80).build()).0,
+        XDP_TX
+    );
+}

@@ -1,0 +1,334 @@
+//! Fast-fail for an unavailable service: the client is told at once instead of timing
+//! out. A TCP SYN gets a RST, a UDP datagram an ICMP (ICMPv6) "administratively
+//! prohibited" quoting it; both are built in place and sent back out (`XDP_TX`).
+//! Everything else of the service is dropped. Refusals are limited per source, so
+//! that spoofed traffic cannot turn the balancer into a reflector.
+//!
+//! Headers are handled as byte arrays at fixed offsets: packets with IP options or
+//! IPv6 extension headers never get here (`parse::check_regular`).
+
+use aya_ebpf::{
+    bindings::xdp_action::XDP_TX,
+    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{FlowKey, RefuseBucket, FAMILY_V4, PROTO_TCP, PROTO_UDP, REFUSALS_PER_SECOND};
+
+use crate::{
+    maps::REFUSALS,
+    parse::{ptr_at, ptr_at_mut},
+    stats::{self, Exit},
+};
+
+const ETH: usize = 14;
+const IP4: usize = 20;
+const IP6: usize = 40;
+const TCP: usize = 20;
+/// What an ICMP error quotes of the refused datagram beyond its IP header: the UDP
+/// header (RFC 792's "64 bits of the original data").
+const QUOTED_L4: usize = 8;
+
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+#[inline(always)]
+pub fn refuse(ctx: &XdpContext, flow: &FlowKey) -> Result<u32, Exit> {
+    let v4 = flow.family == FAMILY_V4;
+    match flow.proto {
+        PROTO_TCP => {
+            let l4 = if v4 { ETH + IP4 } else { ETH + IP6 };
+            let tcp: *const [u8; TCP] = ptr_at(ctx, l4).map_err(|_| Exit::Malformed)?;
+            // SAFETY: ptr_at checked the bounds.
+            let flags = unsafe { (*tcp)[13] };
+            // Only a connection attempt is answered; a RST to anything else could be
+            // used to reset other people's connections.
+            if flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
+                return Err(Exit::Unavailable);
+            }
+            allowed(&flow.src)?;
+            if v4 {
+                rst_v4(ctx)?
+            } else {
+                rst_v6(ctx)?
+            }
+            stats::count_refuse_rst();
+            Ok(XDP_TX)
+        }
+        PROTO_UDP => {
+            allowed(&flow.src)?;
+            if v4 {
+                icmp_v4(ctx)?
+            } else {
+                icmp_v6(ctx)?
+            }
+            stats::count_refuse_icmp();
+            Ok(XDP_TX)
+        }
+        _ => Err(Exit::Unavailable),
+    }
+}
+
+/// At most `REFUSALS_PER_SECOND` per source in each one-second window.
+#[inline(always)]
+fn allowed(src: &[u8; 16]) -> Result<(), Exit> {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match REFUSALS.get_ptr_mut(src) {
+        Some(b) => {
+            // SAFETY: a value of the map; racing updates from other CPUs only make
+            // the limit approximate.
+            let b = unsafe { &mut *b };
+            if now.wrapping_sub(b.window_start_ns) >= 1_000_000_000 {
+                b.window_start_ns = now;
+                b.count = 1;
+                Ok(())
+            } else if b.count < REFUSALS_PER_SECOND {
+                b.count += 1;
+                Ok(())
+            } else {
+                Err(Exit::RefuseLimited)
+            }
+        }
+        None => {
+            let b = RefuseBucket {
+                window_start_ns: now,
+                count: 1,
+            };
+            // A full LRU evicts; a failed insert only loses the count.
+            let _ = REFUSALS.insert(src, &b, 0);
+            Ok(())
+        }
+    }
+}
+
+/// The Internet checksum of `data` (even length), folded and complemented.
+#[inline(always)]
+fn checksum<const N: usize>(data: &[u8; N]) -> [u8; 2] {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i + 1 < N {
+        sum += u16::from_be_bytes([data[i], data[i + 1]]) as u32;
+        i += 2;
+    }
+    // At most 48 words: two folds bring any such sum into 16 bits, and a fixed
+    // number of steps keeps the verifier's work small.
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_be_bytes()
+}
+
+#[inline(always)]
+fn swap_macs(eth: &mut [u8; ETH]) {
+    for i in 0..6 {
+        eth.swap(i, i + 6);
+    }
+}
+
+/// Cuts the frame to `len` bytes.
+#[inline(always)]
+fn shrink(ctx: &XdpContext, len: usize) -> Result<(), Exit> {
+    let now = ctx.data_end() - ctx.data();
+    if now > len {
+        // SAFETY: shrinking the packet we own; the helper checks the bounds.
+        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, len as i32 - now as i32) } != 0 {
+            return Err(Exit::Unavailable);
+        }
+    }
+    Ok(())
+}
+
+/// The answer's acknowledgment number: the SYN's sequence number plus one, plus
+/// any data it carried.
+#[inline(always)]
+fn ack_for(tcp: &[u8; TCP], segment_len: usize) -> [u8; 4] {
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let header = ((tcp[12] >> 4) as usize) * 4;
+    let data = segment_len.saturating_sub(header) as u32;
+    seq.wrapping_add(1).wrapping_add(data).to_be_bytes()
+}
+
+/// Turns the SYN's TCP header into the RST's (ports swapped, no options).
+#[inline(always)]
+fn rst_header(tcp: &mut [u8; TCP], ack: [u8; 4]) {
+    tcp.swap(0, 2);
+    tcp.swap(1, 3);
+    tcp[4..8].copy_from_slice(&[0; 4]);
+    tcp[8..12].copy_from_slice(&ack);
+    tcp[12] = (TCP as u8 / 4) << 4;
+    tcp[13] = TCP_RST | TCP_ACK;
+    tcp[14..20].copy_from_slice(&[0; 6]);
+}
+
+#[inline(always)]
+fn rst_v4(ctx: &XdpContext) -> Result<(), Exit> {
+    let eth: *mut [u8; ETH] = ptr_at_mut(ctx, 0).map_err(|_| Exit::Malformed)?;
+    let ip: *mut [u8; IP4] = ptr_at_mut(ctx, ETH).map_err(|_| Exit::Malformed)?;
+    let tcp: *mut [u8; TCP] = ptr_at_mut(ctx, ETH + IP4).map_err(|_| Exit::Malformed)?;
+    // SAFETY: ptr_at_mut checked that all three headers lie inside the packet.
+    let (eth, ip, tcp) = unsafe { (&mut *eth, &mut *ip, &mut *tcp) };
+    swap_macs(eth);
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let ack = ack_for(tcp, total.saturating_sub(IP4));
+    let mut src = [0u8; 4];
+    src.copy_from_slice(&ip[12..16]);
+    let mut dst = [0u8; 4];
+    dst.copy_from_slice(&ip[16..20]);
+    let header = [
+        0x45,
+        0,
+        0,
+        (IP4 + TCP) as u8,
+        0,
+        0,
+        0x40, // don't fragment
+        0,
+        64,
+        PROTO_TCP,
+        0,
+        0,
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        src[0],
+        src[1],
+        src[2],
+        src[3],
+    ];
+    ip.copy_from_slice(&header);
+    let sum = checksum(&header);
+    ip[10] = sum[0];
+    ip[11] = sum[1];
+    rst_header(tcp, ack);
+    let mut pseudo = [0u8; 12 + TCP];
+    pseudo[0..4].copy_from_slice(&dst);
+    pseudo[4..8].copy_from_slice(&src);
+    pseudo[9] = PROTO_TCP;
+    pseudo[11] = TCP as u8;
+    pseudo[12..].copy_from_slice(tcp);
+    let sum = checksum(&pseudo);
+    tcp[16] = sum[0];
+    tcp[17] = sum[1];
+    shrink(ctx, ETH + IP4 + TCP)
+}
+
+#[inline(always)]
+fn rst_v6(ctx: &XdpContext) -> Result<(), Exit> {
+    let eth: *mut [u8; ETH] = ptr_at_mut(ctx, 0).map_err(|_| Exit::Malformed)?;
+    let ip: *mut [u8; IP6] = ptr_at_mut(ctx, ETH).map_err(|_| Exit::Malformed)?;
+    let tcp: *mut [u8; TCP] = ptr_at_mut(ctx, ETH + IP6).map_err(|_| Exit::Malformed)?;
+    // SAFETY: ptr_at_mut checked that all three headers lie inside the packet.
+    let (eth, ip, tcp) = unsafe { (&mut *eth, &mut *ip, &mut *tcp) };
+    swap_macs(eth);
+    let payload = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+    let ack = ack_for(tcp, payload);
+    for i in 0..16 {
+        ip.swap(8 + i, 24 + i);
+    }
+    ip[0..4].copy_from_slice(&[0x60, 0, 0, 0]);
+    ip[4..6].copy_from_slice(&(TCP as u16).to_be_bytes());
+    ip[6] = PROTO_TCP;
+    ip[7] = 64;
+    rst_header(tcp, ack);
+    let mut pseudo = [0u8; 40 + TCP];
+    pseudo[0..32].copy_from_slice(&ip[8..40]);
+    pseudo[35] = TCP as u8;
+    pseudo[39] = PROTO_TCP;
+    pseudo[40..].copy_from_slice(tcp);
+    let sum = checksum(&pseudo);
+    tcp[16] = sum[0];
+    tcp[17] = sum[1];
+    shrink(ctx, ETH + IP6 + TCP)
+}
+
+/// ICMP destination unreachable, code 13: communication administratively prohibited.
+#[inline(always)]
+fn icmp_v4(ctx: &XdpContext) -> Result<(), Exit> {
+    const QUOTE: usize = IP4 + QUOTED_L4;
+    const ICMP: usize = 8;
+    const GROW: usize = IP4 + ICMP;
+    let eth: *const [u8; ETH] = ptr_at(ctx, 0).map_err(|_| Exit::Malformed)?;
+    let quote: *const [u8; QUOTE] = ptr_at(ctx, ETH).map_err(|_| Exit::Malformed)?;
+    // SAFETY: ptr_at checked the bounds; copied out before the packet moves.
+    let (old_eth, quote) = unsafe { (*eth, *quote) };
+    // Room in front for the new IP and ICMP headers; the old IP header and UDP header
+    // stay where they are and become the quote.
+    // SAFETY: growing the head of the packet we own; the helper checks the headroom.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+        return Err(Exit::Unavailable);
+    }
+    let out: *mut [u8; ETH + IP4 + ICMP] = ptr_at_mut(ctx, 0).map_err(|_| Exit::Malformed)?;
+    // SAFETY: ptr_at_mut checked the bounds.
+    let out = unsafe { &mut *out };
+    out[0..6].copy_from_slice(&old_eth[6..12]);
+    out[6..12].copy_from_slice(&old_eth[0..6]);
+    out[12..14].copy_from_slice(&old_eth[12..14]);
+    let total = (IP4 + ICMP + QUOTE) as u16;
+    let mut ip = [0u8; IP4];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 1; // ICMP
+    ip[12..16].copy_from_slice(&quote[16..20]);
+    ip[16..20].copy_from_slice(&quote[12..16]);
+    let sum = checksum(&ip);
+    ip[10] = sum[0];
+    ip[11] = sum[1];
+    out[ETH..ETH + IP4].copy_from_slice(&ip);
+    let mut icmp = [0u8; ICMP + QUOTE];
+    icmp[0] = 3; // destination unreachable
+    icmp[1] = 13; // communication administratively prohibited
+    icmp[ICMP..].copy_from_slice(&quote);
+    let sum = checksum(&icmp);
+    icmp[2] = sum[0];
+    icmp[3] = sum[1];
+    out[ETH + IP4..].copy_from_slice(&icmp[..ICMP]);
+    shrink(ctx, ETH + IP4 + ICMP + QUOTE)
+}
+
+/// ICMPv6 destination unreachable, code 1: communication with the destination
+/// administratively prohibited.
+#[inline(always)]
+fn icmp_v6(ctx: &XdpContext) -> Result<(), Exit> {
+    const QUOTE: usize = IP6 + QUOTED_L4;
+    const ICMP: usize = 8;
+    const GROW: usize = IP6 + ICMP;
+    let eth: *const [u8; ETH] = ptr_at(ctx, 0).map_err(|_| Exit::Malformed)?;
+    let quote: *const [u8; QUOTE] = ptr_at(ctx, ETH).map_err(|_| Exit::Malformed)?;
+    // SAFETY: ptr_at checked the bounds; copied out before the packet moves.
+    let (old_eth, quote) = unsafe { (*eth, *quote) };
+    // SAFETY: growing the head of the packet we own; the helper checks the headroom.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+        return Err(Exit::Unavailable);
+    }
+    let out: *mut [u8; ETH + IP6 + ICMP] = ptr_at_mut(ctx, 0).map_err(|_| Exit::Malformed)?;
+    // SAFETY: ptr_at_mut checked the bounds.
+    let out = unsafe { &mut *out };
+    out[0..6].copy_from_slice(&old_eth[6..12]);
+    out[6..12].copy_from_slice(&old_eth[0..6]);
+    out[12..14].copy_from_slice(&old_eth[12..14]);
+    let payload = (ICMP + QUOTE) as u16;
+    let mut ip = [0u8; IP6];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&payload.to_be_bytes());
+    ip[6] = 58; // ICMPv6
+    ip[7] = 64;
+    ip[8..24].copy_from_slice(&quote[24..40]);
+    ip[24..40].copy_from_slice(&quote[8..24]);
+    out[ETH..ETH + IP6].copy_from_slice(&ip);
+    let mut sum_input = [0u8; 40 + ICMP + QUOTE];
+    sum_input[0..32].copy_from_slice(&ip[8..40]);
+    sum_input[34..36].copy_from_slice(&payload.to_be_bytes());
+    sum_input[39] = 58;
+    sum_input[40] = 1; // destination unreachable
+    sum_input[41] = 1; // administratively prohibited
+    sum_input[40 + ICMP..].copy_from_slice(&quote);
+    let sum = checksum(&sum_input);
+    out[ETH + IP6] = 1;
+    out[ETH + IP6 + 1] = 1;
+    out[ETH + IP6 + 2] = sum[0];
+    out[ETH + IP6 + 3] = sum[1];
+    out[ETH + IP6 + 4..].copy_from_slice(&[0; 4]);
+    shrink(ctx, ETH + IP6 + ICMP + QUOTE)
+}
