@@ -918,3 +918,134 @@ address = "{b2}"
     }
     assert_eq!(seen.last(), Some(&vec![2, 2, 2]), "{seen:?}");
 }
+
+/// How long a TCP connect to `vip` takes to be refused (fails if it is not refused).
+fn refused_after(c: &Cluster, vip: Ipv4Addr) -> Duration {
+    c.client(move || {
+        let start = Instant::now();
+        match std::net::TcpStream::connect_timeout(&vip_addr(vip), Duration::from_secs(2)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(start.elapsed()),
+            Err(e) => anyhow::bail!("not refused but {e} after {:?}", start.elapsed()),
+            Ok(_) => anyhow::bail!("connected to a service in maintenance"),
+        }
+    })
+}
+
+fn unavailable_on(c: &Cluster, lb: &str, svc: &str) -> Option<serde_json::Value> {
+    let out = c.lbctl(lb, &["-o", "json", "service", "show", svc]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v.get("unavailable").cloned()
+}
+
+#[test]
+fn maintenance_set_on_one_node_is_refused_at_once_by_every_node_and_outlives_restarts() {
+    let mut c = Cluster::new("avail");
+    c.settle(Duration::from_secs(5));
+    let svc = format!("tcp/{}:{}", standard::VIP, standard::SERVICE_PORT);
+    let vip1 = vip_addr(standard::VIP);
+    c.client(move || traffic::http_get(None, vip1, TIMEOUT).map(drop));
+
+    // lb3 goes away and forgets everything: it comes back later as a new node.
+    c.lbds.get("lb3").unwrap().signal(Signal::SIGKILL).unwrap();
+    c.lbds.remove("lb3");
+    c.wipe("lb3");
+
+    // Maintenance, set on lb2 (lb1 serves the VIP).
+    let out = c.lbctl(
+        "lb2",
+        &[
+            "service",
+            "maintenance",
+            &svc,
+            "--reason",
+            "planned",
+            "--for",
+            "10m",
+            "--operator",
+            "tester",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let set = Instant::now();
+    for lb in ["lb1", "lb2"] {
+        loop {
+            if let Some(u) = unavailable_on(&c, lb, &svc) {
+                assert_eq!(u["operator"], "tester", "{u}");
+                assert_eq!(u["reason"], "planned", "{u}");
+                assert!(u["expected_up_ms"].as_u64().is_some(), "{u}");
+                break;
+            }
+            assert!(
+                set.elapsed() < Duration::from_secs(1),
+                "{lb} does not refuse after 1 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    eprintln!("maintenance on every live node after {:?}", set.elapsed());
+    // Clients are refused at once, not left to time out.
+    let times: Vec<Duration> = (0..5).map(|_| refused_after(&c, standard::VIP)).collect();
+    eprintln!("connection refused after {times:?}");
+    assert!(
+        times.iter().all(|t| *t < Duration::from_millis(10)),
+        "{times:?}"
+    );
+    // The map says why and until when.
+    let map = spm_show(&c, "lb1", &["--service", &svc]).unwrap();
+    assert_eq!(
+        map["entries"][0]["unavailable"]["reason"], "planned",
+        "{map}"
+    );
+
+    // The serving node restarts during maintenance: it still refuses.
+    c.lbds.get("lb1").unwrap().signal(Signal::SIGKILL).unwrap();
+    c.lbds.remove("lb1");
+    refused_after(&c, standard::VIP);
+    c.start("lb1");
+    assert!(
+        unavailable_on(&c, "lb1", &svc).is_some(),
+        "lb1 forgot across its restart"
+    );
+    refused_after(&c, standard::VIP);
+
+    // A new node learns the state from its peers before it serves.
+    c.start("lb3");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while unavailable_on(&c, "lb3", &svc).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "lb3 did not learn the maintenance"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // It serves the VIP when lb1 dies, and refuses as the others did.
+    c.lbds.get("lb1").unwrap().signal(Signal::SIGKILL).unwrap();
+    c.lab.host("lb1").ns.ip("link set eth0 down").unwrap();
+    c.lbds.remove("lb1");
+    let owners = c.settle(Duration::from_secs(10));
+    assert_eq!(owners[&standard::VIP.to_string()], ["lb3"], "{owners:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client_mac_for(&c, standard::VIP).as_deref() != Some(mac_of("lb3").as_str()) {
+        assert!(Instant::now() < deadline, "the client still sends to lb1");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    refused_after(&c, standard::VIP);
+
+    // Available again, from lb3: served again.
+    let out = c.lbctl("lb3", &["service", "available", &svc]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while unavailable_on(&c, "lb2", &svc).is_some() {
+        assert!(Instant::now() < deadline, "lb2 still refuses");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.client(move || traffic::http_get(None, vip1, TIMEOUT).map(drop));
+}

@@ -75,6 +75,33 @@ pub struct ServiceView {
     pub backends: Vec<BackendView>,
     #[serde(default)]
     pub spm: crate::spm::Settings,
+    /// Why the service is refused, when it is (operator record or automatic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<crate::availability::Record>,
+}
+
+/// An operator's availability change for one service.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SetAvailability {
+    pub service: ServiceKey,
+    pub available: bool,
+    #[serde(default)]
+    pub reason: Option<crate::availability::Reason>,
+    #[serde(default)]
+    pub operator: Option<String>,
+    /// Expected back at (Unix ms).
+    #[serde(default)]
+    pub expected_up_ms: Option<u64>,
+}
+
+/// The availability records this node holds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Availability {
+    pub records: Vec<crate::availability::Record>,
+    /// This node has merged its peers' records since it started.
+    pub synced: bool,
+    /// Messages from peers refused (bad MAC, malformed).
+    pub rejected: u64,
 }
 
 /// The answer to an epoch bump: the service's epoch once it took effect here.

@@ -130,6 +130,11 @@ pub struct Daemon {
     /// Each service's epoch as the SPM manager records it in the directory; added to
     /// the configured epoch, so that every node's data plane has the same one.
     epochs: BTreeMap<ServiceKey, u64>,
+    /// Operators' availability records (seed 003), by service key.
+    availability: crate::availability::Set,
+    /// The directory has given its backends at least once: before that, a service
+    /// without backends may only be waiting for them, not out.
+    directory_fed: bool,
 }
 
 /// A service's backends as the maps get them: the configured ones, plus those the
@@ -223,6 +228,7 @@ impl Daemon {
             maps.own_only(adopted.clone())?;
         }
 
+        let state_dir = config.node.state_dir.clone();
         let mut daemon = Daemon {
             from_config: config.desired.clone(),
             config,
@@ -237,6 +243,8 @@ impl Daemon {
             directory: BTreeMap::new(),
             unhealthy: BTreeSet::new(),
             epochs: BTreeMap::new(),
+            availability: crate::availd::load(&state_dir)?,
+            directory_fed: false,
         };
         daemon.interfaces = locals
             .iter()
@@ -390,6 +398,13 @@ impl Daemon {
             .filter(|k| self.desired.services.contains_key(k))
             .collect();
         self.directory = directory;
+        let touched = if self.directory_fed {
+            touched
+        } else {
+            // The first word from the directory: services may now be judged out.
+            self.directory_fed = true;
+            self.desired.services.keys().copied().collect()
+        };
         if !touched.is_empty() {
             let desired = self.desired.clone();
             self.sync(&desired, &touched)?;
@@ -422,7 +437,54 @@ impl Daemon {
         let mut config = spec.config;
         let recorded = self.epochs.get(key).copied().unwrap_or(0) as u32;
         config.epoch = config.epoch.wrapping_add(recorded);
+        config.unavailable = self.availability_of(key, spec).is_some();
         config
+    }
+
+    /// Why the service is unavailable, if it is: an operator's record, or no valid
+    /// backend at all (an unplanned outage, decided by each node from what it sees).
+    pub fn availability_of(
+        &self,
+        key: &ServiceKey,
+        spec: &ServiceSpec,
+    ) -> Option<crate::availability::Record> {
+        if let Some(r) = self.availability.get(&key.to_string()) {
+            if !r.available {
+                return Some(r.clone());
+            }
+        }
+        if !self.directory_fed {
+            return None;
+        }
+        let merged = self.effective_spec(key, spec);
+        let valid = merged.backends.iter().any(|(addr, b)| {
+            let resolved = b.mac.is_some() || self.neighbors.contains_key(&self.via_of(*addr));
+            // A drained backend still serves its connections: the service is not out.
+            resolved && self.is_healthy(*key, *addr) && (b.weight > 0 || b.drain)
+        });
+        (!valid).then(|| crate::availability::Record {
+            created_ms: 0,
+            service: key.to_string(),
+            available: false,
+            reason: crate::availability::Reason::Unplanned,
+            operator: "automatic: no valid backend".into(),
+            expected_down_ms: None,
+            expected_up_ms: None,
+        })
+    }
+
+    fn via_of(&self, addr: IpAddr) -> IpAddr {
+        self.via().get(&addr).copied().unwrap_or(addr)
+    }
+
+    /// Takes the merged availability records; rewrites the services whose state
+    /// changed.
+    pub fn set_availability(&mut self, set: crate::availability::Set) -> Result<()> {
+        self.availability = set;
+        let desired = self.desired.clone();
+        let all: BTreeSet<ServiceKey> = desired.services.keys().copied().collect();
+        self.sync(&desired, &all)?;
+        self.persist()
     }
 
     /// The SPM settings with the directory backends' spheres added.
@@ -657,6 +719,7 @@ impl Daemon {
                 bytes: counter.bytes,
                 backends,
                 spm,
+                unavailable: self.availability_of(key, &self.desired.services[key]),
             });
         }
         Ok(out)

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod availability;
+pub mod availd;
 pub mod client;
 pub mod cluster;
 pub mod clusterd;

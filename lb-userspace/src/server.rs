@@ -34,6 +34,7 @@ pub struct AppState {
     pub neighbors: Arc<NeighborTable>,
     pub cluster: Option<ClusterHandle>,
     pub directory: DirHandle,
+    pub availability: crate::availd::AvailHandle,
 }
 
 /// Resolves the MACs of backends about to be added, without holding the daemon, so
@@ -304,8 +305,55 @@ fn spm_services(views: &[api::ServiceView]) -> Vec<crate::spm::Service> {
                 dns_address: None,
                 port: v.key.port,
             }),
+            unavailable: v.unavailable.clone(),
         })
         .collect()
+}
+
+/// An operator marks a service available or not; every node hears of it.
+async fn set_availability(
+    State(s): State<AppState>,
+    Json(req): Json<api::SetAvailability>,
+) -> ApiResult<crate::availability::Record> {
+    if !s
+        .daemon
+        .lock()
+        .await
+        .desired()
+        .services
+        .contains_key(&req.service)
+    {
+        return Err(not_found(format!("no service {}", req.service)));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let record = crate::availability::Record {
+        created_ms: now,
+        service: req.service.to_string(),
+        available: req.available,
+        reason: req.reason.unwrap_or(if req.available {
+            crate::availability::Reason::Unknown
+        } else {
+            crate::availability::Reason::Planned
+        }),
+        operator: req.operator.unwrap_or_else(|| "unknown".into()),
+        expected_down_ms: (!req.available).then_some(now),
+        expected_up_ms: req.expected_up_ms,
+    };
+    s.availability.set(record.clone()).await.map_err(internal)?;
+    Ok(Json(record))
+}
+
+async fn availability(State(s): State<AppState>) -> ApiResult<api::Availability> {
+    Ok(Json(api::Availability {
+        records: s.availability.records().await.into_values().collect(),
+        synced: s.availability.synced(),
+        rejected: s
+            .availability
+            .rejected
+            .load(std::sync::atomic::Ordering::Relaxed),
+    }))
 }
 
 /// The map a query asks for, and the epoch-mismatch reply's body when the client
@@ -715,6 +763,33 @@ pub fn dsd_router(directory: DirHandle) -> Router {
         .with_state(directory)
 }
 
+/// Other LB nodes' availability messages (framed and signed with the cluster key).
+pub fn avail_router(availability: crate::availd::AvailHandle) -> Router {
+    async fn avail(
+        State(a): State<crate::availd::AvailHandle>,
+        headers: axum::http::HeaderMap,
+        body: axum::body::Bytes,
+    ) -> Result<Response, ApiError> {
+        let from = headers
+            .get("x-lb-from")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let msg = a.open(&body).map_err(|why| {
+            ApiError(StatusCode::UNAUTHORIZED, format!("refused: {}", why.name()))
+        })?;
+        match a.receive(from, msg).await.map_err(internal)? {
+            Some(records) => Ok(a.frame_answer(&records).into_response()),
+            None => Ok("ok".into_response()),
+        }
+    }
+    Router::new()
+        .route("/v1/avail", post(avail))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            crate::availd::MAX_MESSAGE,
+        ))
+        .with_state(availability)
+}
+
 /// What backends may call over TCP (`node.registry_listen`): registering and renewing.
 pub fn registry_router(state: AppState) -> Router {
     Router::new()
@@ -741,6 +816,8 @@ pub fn api_router(state: AppState) -> Router {
         .route("/v1/backends/drain", post(drain_backend))
         .route("/v1/backends/weight", post(set_weight))
         .route("/v1/services/bump-epoch", post(bump_epoch))
+        .route("/v1/services/availability", post(set_availability))
+        .route("/v1/availability", get(availability))
         .route("/v1/spm", get(spm))
         .route("/v1/spm/watch", get(spm_watch))
         .route("/v1/apply", post(apply))

@@ -54,6 +54,9 @@ pub struct Entry {
     pub valid_from: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_until: Option<u64>,
+    /// Present when the service is refused: why, by whom, expected back when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<crate::availability::Record>,
 }
 
 impl Entry {
@@ -121,6 +124,8 @@ pub struct Service {
     /// (the VIP), and the service's own instances are in its sub-level map.
     #[serde(default)]
     pub redirector: Option<ServiceHost>,
+    #[serde(default)]
+    pub unavailable: Option<crate::availability::Record>,
 }
 
 /// The number the `Source` rule (and the data plane) partitions on: the address's
@@ -201,6 +206,7 @@ pub fn entries_for(service: &Service, client: &Client) -> Vec<Entry> {
         backups,
         valid_from: service.valid_from,
         valid_until: service.valid_until,
+        unavailable: service.unavailable.clone(),
     };
     let chosen = match (&service.rule, client) {
         (Rule::Plain, _) | (Rule::Topology { .. }, _) => None,
@@ -290,6 +296,7 @@ pub fn generate(services: &[Service], client: &Client, now: u64, version: u64) -
                     backups: Vec::new(),
                     valid_from: s.valid_from,
                     valid_until: s.valid_until,
+                    unavailable: s.unavailable.clone(),
                 }],
                 None => entries_for(s, client),
             })
@@ -533,6 +540,7 @@ mod tests {
             valid_from: None,
             valid_until: None,
             redirector: None,
+            unavailable: None,
         }
     }
 

@@ -781,6 +781,7 @@ fn spm_choice(rule: lb_userspace::spm::Rule, backends: &[BackendConfig], client:
         valid_from: None,
         valid_until: None,
         redirector: None,
+        unavailable: None,
     };
     let c = spm::Client {
         address: Some(client),

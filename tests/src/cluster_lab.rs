@@ -204,6 +204,13 @@ impl Cluster {
         }
     }
 
+    /// Forgets everything `lb` kept (state directory and pinned maps): its next start
+    /// is a new node's. Stop it first.
+    pub fn wipe(&self, lb: &str) {
+        let _ = std::fs::remove_dir_all(self.dir.join(format!("state-{lb}")));
+        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/lb/{}-{lb}", self.node));
+    }
+
     pub fn socket(&self, lb: &str) -> PathBuf {
         self.dir.join(format!("{lb}.sock"))
     }

@@ -109,6 +109,25 @@ enum ServiceCmd {
     Show {
         service: ServiceKey,
     },
+    /// Refuse the service on every LB node at once (SYN → RST, UDP → ICMP error).
+    Maintenance {
+        service: ServiceKey,
+        /// planned, unplanned, testing or unknown.
+        #[arg(long, default_value = "planned")]
+        reason: lb_userspace::availability::Reason,
+        /// Expected duration (e.g. 30m); shown to clients as the expected return.
+        #[arg(long = "for", value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// Who is doing it (default: $USER).
+        #[arg(long)]
+        operator: Option<String>,
+    },
+    /// Serve the service again on every LB node.
+    Available {
+        service: ServiceKey,
+        #[arg(long)]
+        operator: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -181,6 +200,10 @@ enum DirCmd {
     },
 }
 
+fn whoami() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "operator".into())
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit())
@@ -192,7 +215,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(60 * n)),
-        _ => Err(format!("`{s}`: use ms, s or m")),
+        "h" => Ok(Duration::from_secs(3600 * n)),
+        _ => Err(format!("`{s}`: use ms, s, m or h")),
     }
 }
 
@@ -623,6 +647,52 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .await?;
                 print_applied(out, &r);
             }
+            ServiceCmd::Maintenance {
+                service,
+                reason,
+                duration,
+                operator,
+            } => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let r: lb_userspace::availability::Record = client
+                    .post(
+                        "/v1/services/availability",
+                        &api::SetAvailability {
+                            service,
+                            available: false,
+                            reason: Some(reason),
+                            operator: Some(operator.unwrap_or_else(whoami)),
+                            expected_up_ms: duration.map(|d| now + d.as_millis() as u64),
+                        },
+                    )
+                    .await?;
+                if out == Output::Json {
+                    print_json(&r);
+                } else {
+                    println!("{service}: unavailable ({:?}) on every node", r.reason);
+                }
+            }
+            ServiceCmd::Available { service, operator } => {
+                let r: lb_userspace::availability::Record = client
+                    .post(
+                        "/v1/services/availability",
+                        &api::SetAvailability {
+                            service,
+                            available: true,
+                            reason: None,
+                            operator: Some(operator.unwrap_or_else(whoami)),
+                            expected_up_ms: None,
+                        },
+                    )
+                    .await?;
+                if out == Output::Json {
+                    print_json(&r);
+                } else {
+                    println!("{service}: available on every node");
+                }
+            }
             ServiceCmd::BumpEpoch { service } => {
                 let r: api::EpochBumped = client
                     .post("/v1/services/bump-epoch", &api::ServiceRef { service })
@@ -672,6 +742,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         },
                         if s.spm.redirect { ", re-director" } else { "" }
                     );
+                    if let Some(u) = &s.unavailable {
+                        let back = u
+                            .expected_up_ms
+                            .map(|t| format!(", expected back at {} (Unix ms)", t))
+                            .unwrap_or_default();
+                        println!("  UNAVAILABLE: {:?}, by {}{back}", u.reason, u.operator);
+                    }
                     for (net, prefix, sphere) in &s.spm.topology {
                         println!("  clients in {net}/{prefix} -> sphere {sphere}");
                     }

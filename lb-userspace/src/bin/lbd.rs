@@ -118,6 +118,14 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
         neighbors.clone(),
         cluster.clone().zip(cluster_config.clone()),
     );
+    // The records the daemon started with (it applied them before attaching).
+    let state_dir = daemon.lock().await.state_dir();
+    let availability = lb_userspace::availd::start(
+        lb_userspace::availd::load(&state_dir)?,
+        &state_dir,
+        daemon.clone(),
+        cluster.clone().zip(cluster_config.clone()),
+    );
     // The directory's replication endpoint, next to the cluster's port.
     if let Some(c) = &cluster_config {
         let addr = dird::endpoint(c.id, c.port);
@@ -126,7 +134,8 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
             .with_context(|| format!("binding the directory endpoint {addr} (cluster port + 1)"))?;
         let dsd = axum::serve(
             listener,
-            lb_userspace::server::dsd_router(directory.clone()),
+            lb_userspace::server::dsd_router(directory.clone())
+                .merge(lb_userspace::server::avail_router(availability.clone())),
         );
         tokio::spawn(async move { dsd.await });
         info!(%addr, "directory replication endpoint");
@@ -154,6 +163,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<Shutdown>(1);
     let state = AppState {
         directory,
+        availability,
         daemon: daemon.clone(),
         shutdown: shutdown_tx,
         neighbors: neighbors.clone(),

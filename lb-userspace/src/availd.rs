@@ -1,0 +1,318 @@
+//! Service availability between LB nodes (seed 003), the I/O around the pure
+//! `availability` module: every node holds the set of records, persists it (atomic
+//! write, fsync) and gives it to the data plane; a record set here is pushed to every
+//! peer, and a peer that learns something new repeats it to the others (each node a
+//! repeater). A node that starts syncs: it sends its set to its reference peers (the
+//! other cluster members), merges the union they answer with, then pushes to each the
+//! records it lacked (follow-ups). Every few seconds it syncs with one peer more, so a
+//! missed push heals. Messages are framed and signed with the cluster key like the
+//! directory's; a replayed one is harmless (merging is idempotent, later wins).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use http_body_util::{BodyExt, Full};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::{
+    availability::{self, Record, Set},
+    daemon::Daemon,
+};
+
+pub const FILE: &str = "availability.json";
+/// The largest availability message accepted.
+pub const MAX_MESSAGE: usize = 4 << 20;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Msg {
+    /// New records: merge, and repeat what was new to the other peers.
+    Push { records: Vec<Record> },
+    /// The sender's whole set: merge it, answer with the union.
+    Sync { records: Vec<Record> },
+}
+
+/// Reads the set a previous run saved; a missing file is an empty set.
+pub fn load(dir: &Path) -> Result<Set> {
+    let path = dir.join(FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let records: Vec<Record> = serde_json::from_slice(&bytes).with_context(|| {
+                format!("reading {} (remove it to start empty)", path.display())
+            })?;
+            let mut set = Set::new();
+            for r in records {
+                availability::absorb(&mut set, r);
+            }
+            Ok(set)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Set::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn save(path: &Path, set: &Set) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let records: Vec<&Record> = set.values().collect();
+    let data = serde_json::to_vec_pretty(&records)?;
+    {
+        use std::io::Write;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))
+}
+
+#[derive(Clone)]
+pub struct AvailHandle {
+    set: Arc<Mutex<Set>>,
+    path: PathBuf,
+    daemon: Arc<Mutex<Daemon>>,
+    key: Arc<Vec<u8>>,
+    cluster: Option<(crate::clusterd::ClusterHandle, crate::config::ClusterConfig)>,
+    synced: Arc<AtomicBool>,
+    pub rejected: Arc<AtomicU64>,
+}
+
+impl AvailHandle {
+    pub async fn records(&self) -> Set {
+        self.set.lock().await.clone()
+    }
+
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    /// Takes records into the set; persists and applies the set if any was new.
+    /// Returns the new ones.
+    async fn absorb(&self, records: Vec<Record>) -> Result<Vec<Record>> {
+        let (fresh, set) = {
+            let mut set = self.set.lock().await;
+            let fresh: Vec<Record> = records
+                .into_iter()
+                .filter(|r| availability::absorb(&mut set, r.clone()))
+                .collect();
+            (fresh, set.clone())
+        };
+        if !fresh.is_empty() {
+            for r in &fresh {
+                info!(service = %r.service, available = r.available, reason = ?r.reason, operator = %r.operator, "availability record");
+            }
+            save(&self.path, &set)?;
+            self.daemon.lock().await.set_availability(set)?;
+        }
+        Ok(fresh)
+    }
+
+    /// An operator's record: kept, applied, pushed to every peer.
+    pub async fn set(&self, record: Record) -> Result<()> {
+        let fresh = self.absorb(vec![record]).await?;
+        self.push(fresh, None).await;
+        Ok(())
+    }
+
+    /// A message from a peer (already authenticated); the answer to a sync.
+    pub async fn receive(&self, from: Option<SocketAddr>, msg: Msg) -> Result<Option<Vec<Record>>> {
+        match msg {
+            Msg::Push { records } => {
+                let fresh = self.absorb(records).await?;
+                self.push(fresh, from).await;
+                Ok(None)
+            }
+            Msg::Sync { records } => {
+                let fresh = self.absorb(records).await?;
+                self.push(fresh, from).await;
+                Ok(Some(self.records().await.into_values().collect()))
+            }
+        }
+    }
+
+    fn peers(&self) -> Vec<SocketAddr> {
+        let Some((c, cfg)) = &self.cluster else {
+            return Vec::new();
+        };
+        let mut peers: Vec<SocketAddr> = c
+            .view()
+            .hosts
+            .iter()
+            .map(|h| h.info.id)
+            .filter(|id| *id != cfg.id)
+            .map(|id| crate::dird::endpoint(id, cfg.port))
+            .collect();
+        // Configured unicast peers count too, before they have been heard.
+        for p in &cfg.peers {
+            let e = crate::dird::endpoint(p.ip(), cfg.port);
+            if !peers.contains(&e) {
+                peers.push(e);
+            }
+        }
+        peers
+    }
+
+    async fn push(&self, records: Vec<Record>, except: Option<SocketAddr>) {
+        if records.is_empty() {
+            return;
+        }
+        let body = self.frame(&Msg::Push { records });
+        for peer in self.peers().into_iter().filter(|p| Some(*p) != except) {
+            let body = body.clone();
+            let me = self.me();
+            tokio::spawn(async move {
+                if let Err(e) = post(peer, me, body).await {
+                    warn!(%peer, "availability push not delivered (the next sync repairs it): {e:#}");
+                }
+            });
+        }
+    }
+
+    fn me(&self) -> SocketAddr {
+        self.cluster
+            .as_ref()
+            .map(|(_, c)| crate::dird::endpoint(c.id, c.port))
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    fn frame(&self, msg: &Msg) -> Vec<u8> {
+        crate::cluster::wire::encode_body(&serde_json::to_vec(msg).expect("serializes"), &self.key)
+    }
+
+    /// Sends our set to `peer`, merges its answer, and pushes it what it lacked.
+    async fn sync_with(&self, peer: SocketAddr) -> Result<()> {
+        let mine = self.records().await;
+        let body = self.frame(&Msg::Sync {
+            records: mine.into_values().collect(),
+        });
+        let answer = post(peer, self.me(), body).await?;
+        let answer = crate::cluster::wire::decode_body(&answer, &self.key, MAX_MESSAGE)
+            .map_err(|why| anyhow::anyhow!("answer refused: {}", why.name()))?;
+        let theirs: Vec<Record> =
+            serde_json::from_slice(answer).context("a malformed sync answer")?;
+        let fresh = self.absorb(theirs.clone()).await?;
+        self.push(fresh, Some(peer)).await;
+        let mut their_set = Set::new();
+        for r in theirs {
+            availability::absorb(&mut their_set, r);
+        }
+        let follow_ups = availability::newer_than(&self.records().await, &their_set);
+        if !follow_ups.is_empty() {
+            post(
+                peer,
+                self.me(),
+                self.frame(&Msg::Push {
+                    records: follow_ups,
+                }),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Frames an answer to a sync.
+    pub fn frame_answer(&self, records: &[Record]) -> Vec<u8> {
+        crate::cluster::wire::encode_body(
+            &serde_json::to_vec(records).expect("serializes"),
+            &self.key,
+        )
+    }
+
+    /// Checks and parses a message from a peer.
+    pub fn open(&self, body: &[u8]) -> Result<Msg, crate::cluster::wire::Reject> {
+        let body =
+            crate::cluster::wire::decode_body(body, &self.key, MAX_MESSAGE).inspect_err(|_| {
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+            })?;
+        serde_json::from_slice(body).map_err(|_| {
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+            crate::cluster::wire::Reject::Malformed
+        })
+    }
+}
+
+async fn post(peer: SocketAddr, from: SocketAddr, body: Vec<u8>) -> Result<Vec<u8>> {
+    let stream = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(peer))
+        .await??;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/v1/avail")
+        .header("host", "lbd")
+        .header("x-lb-from", from.to_string())
+        .body(Full::new(hyper::body::Bytes::from(body)))?;
+    let resp = tokio::time::timeout(Duration::from_secs(2), sender.send_request(req)).await??;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    anyhow::ensure!(status.is_success(), "HTTP {status}");
+    Ok(bytes.to_vec())
+}
+
+/// Starts availability: `set` was loaded (and given to the daemon) before the node
+/// served. In a cluster: syncs with the reference peers as soon as they are known
+/// (at most 3 s of waiting), then with one peer every 5 s.
+pub fn start(
+    set: Set,
+    state_dir: &Path,
+    daemon: Arc<Mutex<Daemon>>,
+    cluster: Option<(crate::clusterd::ClusterHandle, crate::config::ClusterConfig)>,
+) -> AvailHandle {
+    let key = cluster
+        .as_ref()
+        .map(|(_, c)| c.key.clone())
+        .unwrap_or_default();
+    let standalone = cluster.is_none();
+    let handle = AvailHandle {
+        set: Arc::new(Mutex::new(set)),
+        path: state_dir.join(FILE),
+        daemon,
+        key: Arc::new(key),
+        cluster,
+        synced: Arc::new(AtomicBool::new(standalone)),
+        rejected: Arc::new(AtomicU64::new(0)),
+    };
+    if standalone {
+        return handle;
+    }
+    let h = handle.clone();
+    tokio::spawn(async move {
+        let start = tokio::time::Instant::now();
+        let mut round = 0usize;
+        loop {
+            let peers = h.peers();
+            if !h.synced() {
+                let mut any = false;
+                for p in &peers {
+                    match h.sync_with(*p).await {
+                        Ok(()) => any = true,
+                        Err(e) => warn!(peer = %p, "availability sync: {e:#}"),
+                    }
+                }
+                if any || start.elapsed() > Duration::from_secs(3) {
+                    info!(peers = peers.len(), with_peers = any, "availability synced");
+                    h.synced.store(true, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            if !peers.is_empty() {
+                round += 1;
+                let p = peers[round % peers.len()];
+                if let Err(e) = h.sync_with(p).await {
+                    warn!(peer = %p, "availability sync: {e:#}");
+                }
+            }
+        }
+    });
+    handle
+}
