@@ -864,3 +864,96 @@ fn the_service_point_map_shows_entries_backups_and_epochs_and_answers_a_stale_ep
     // Traffic still flows after the bump (connections of the old epoch are kept).
     assert_eq!(env.spread(20).values().sum::<usize>(), 20);
 }
+
+#[test]
+fn an_overloaded_backend_gets_no_new_connections_until_below_the_low_water_mark() {
+    let steering = "\n[service.steering]\nhigh = 800\nlow = 600\nperiod_ms = 200\n";
+    let env = Env::with_check("watermarks", &["b1", "b2", "b3"], steering);
+    let svc = format!("tcp/{}:{}", standard::VIP, standard::SERVICE_PORT);
+    // A long-lived connection that landed on b1.
+    let conv = env.client(|| {
+        for i in 0..40 {
+            let src = sources().get(i % 20).copied();
+            let mut c = Conversation::open(src, vip(), TIMEOUT)?;
+            if c.ask(&format!("who {i}"))? == "b1" {
+                return Ok(c);
+            }
+        }
+        anyhow::bail!("no connection landed on b1")
+    });
+    let report = |backend: u8, load: u64| {
+        env.lbctl_ok(&[
+            "backend",
+            "report",
+            "--service",
+            &svc,
+            "--addr",
+            &standard::backend_ip(backend).to_string(),
+            "--load",
+            &load.to_string(),
+            "--capacity",
+            "1000",
+            "--interval",
+            "20s",
+            "--once",
+        ]);
+    };
+    let note = |backend: u8| -> String {
+        let v: serde_json::Value =
+            serde_json::from_str(&env.lbctl_ok(&["-o", "json", "service", "show", &svc])).unwrap();
+        v["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == standard::backend_ip(backend).to_string())
+            .and_then(|b| b["steering"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    let wait_note = |backend: u8, prefix: &str| -> Duration {
+        let start = Instant::now();
+        while !note(backend).starts_with(prefix) {
+            assert!(
+                start.elapsed() < Duration::from_secs(3),
+                "b{backend}: {:?}",
+                note(backend)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        start.elapsed()
+    };
+    report(12, 100);
+    report(13, 200);
+    report(11, 950);
+    let took = wait_note(11, "out:");
+    eprintln!("b1 out of the new-flow table {took:?} after its report");
+    assert!(note(11).contains("utilization 950"), "{}", note(11));
+    let spread = env.spread(60);
+    assert_eq!(
+        spread.get("b1"),
+        None,
+        "new connections avoid b1: {spread:?}"
+    );
+    // Its established connection goes on.
+    let mut conv = env.client(move || {
+        let mut conv = conv;
+        anyhow::ensure!(conv.ask("still there")? == "b1");
+        Ok(conv)
+    });
+
+    // Down to 700, between the marks: still out (hysteresis).
+    report(11, 700);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(note(11).starts_with("out:"), "{}", note(11));
+    assert_eq!(env.spread(30).get("b1"), None);
+
+    // Below the low mark: back in, and new connections reach it again.
+    report(11, 500);
+    wait_note(11, "in:");
+    let spread = env.spread(60);
+    assert!(spread.get("b1").copied().unwrap_or(0) > 0, "{spread:?}");
+    conv = env.client(move || {
+        anyhow::ensure!(conv.ask("and now")? == "b1");
+        Ok(conv)
+    });
+    drop(conv);
+}

@@ -57,6 +57,25 @@ pub struct BackendView {
     /// The backend's sphere (SPM provider), from the config or the directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sphere: Option<String>,
+    /// The water marks' verdict on it, when the service has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steering: Option<String>,
+}
+
+/// A backend's load report (water-mark steering).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub service: ServiceKey,
+    pub backend: IpAddr,
+    pub load: u64,
+    pub capacity: u64,
+    /// The report counts for this long unless renewed.
+    #[serde(default = "default_report_ttl")]
+    pub ttl_ms: u64,
+}
+
+fn default_report_ttl() -> u64 {
+    3000
 }
 
 fn healthy_default() -> bool {

@@ -256,6 +256,30 @@ struct ServiceSection {
     backend: Vec<Spanned<BackendSection>>,
     check: Option<Spanned<CheckSection>>,
     spm: Option<Spanned<SpmSection>>,
+    steering: Option<Spanned<SteeringSection>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SteeringSection {
+    #[serde(default = "default_scale")]
+    scale: u64,
+    high: u64,
+    low: u64,
+    #[serde(default = "one_usize")]
+    min_backends: usize,
+    #[serde(default = "default_steering_period")]
+    period_ms: u64,
+}
+
+fn default_scale() -> u64 {
+    1000
+}
+fn one_usize() -> usize {
+    1
+}
+fn default_steering_period() -> u64 {
+    1000
 }
 
 #[derive(Deserialize)]
@@ -493,6 +517,32 @@ fn services(
                 ));
             }
         }
+        let steering = match s.steering {
+            None => None,
+            Some(section) => {
+                let sspan = section.span();
+                let t = section.into_inner();
+                if t.scale == 0 || t.period_ms == 0 {
+                    return Err(ctx.err(sspan, "steering: scale and period_ms must be positive"));
+                }
+                if t.low >= t.high {
+                    return Err(ctx.err(
+                        sspan,
+                        format!(
+                            "steering.low ({}) must be below steering.high ({}): the gap is the hysteresis",
+                            t.low, t.high
+                        ),
+                    ));
+                }
+                Some(crate::watermark::Marks {
+                    scale: t.scale,
+                    high: t.high,
+                    low: t.low,
+                    min_backends: t.min_backends,
+                    period_ms: t.period_ms,
+                })
+            }
+        };
         let mut backends = BTreeMap::new();
         for b in s.backend {
             let bspan = b.span();
@@ -574,6 +624,7 @@ fn services(
                     backends,
                     check,
                     spm,
+                    steering,
                 },
             )
             .is_some()
@@ -984,6 +1035,34 @@ topology = [{ subnet = "203.0.113.0/25", sphere = "east" }]
         assert!(e.message.contains("spm.topology.subnet"), "{e}");
         let e = error_of(&text.replace("stateful", "sticky"));
         assert!(e.message.contains("spm.epoch_policy"), "{e}");
+    }
+
+    #[test]
+    fn steering_needs_low_below_high() {
+        let ok = parse(&format!(
+            "{GOOD}\n[service.steering]\nhigh = 800\nlow = 600\n"
+        ))
+        .unwrap();
+        let marks = ok
+            .desired
+            .services
+            .values()
+            .next()
+            .unwrap()
+            .steering
+            .unwrap();
+        assert_eq!(
+            (marks.scale, marks.min_backends, marks.period_ms),
+            (1000, 1, 1000)
+        );
+        let e = error_of(&format!(
+            "{GOOD}\n[service.steering]\nhigh = 600\nlow = 800\n"
+        ));
+        assert!(
+            e.message.contains("steering.low (800) must be below"),
+            "{e}"
+        );
+        assert_eq!(e.line, GOOD.lines().count() + 2, "{e}");
     }
 
     #[test]

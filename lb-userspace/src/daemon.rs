@@ -132,6 +132,8 @@ pub struct Daemon {
     epochs: BTreeMap<ServiceKey, u64>,
     /// Operators' availability records (seed 003), by service key.
     availability: crate::availability::Set,
+    /// The water-mark manager's verdicts per service (from the directory).
+    verdicts: BTreeMap<ServiceKey, Vec<crate::watermark::Verdict>>,
     /// The directory has given its backends at least once: before that, a service
     /// without backends may only be waiting for them, not out.
     directory_fed: bool,
@@ -245,6 +247,7 @@ impl Daemon {
             epochs: BTreeMap::new(),
             availability: crate::availd::load(&state_dir)?,
             directory_fed: false,
+            verdicts: BTreeMap::new(),
         };
         daemon.interfaces = locals
             .iter()
@@ -327,15 +330,61 @@ impl Daemon {
     }
 
     /// A service's backends as the maps get them: configured and directory ones, with
-    /// failing health checks at weight 0.
+    /// failing health checks at weight 0, and the water marks applied: a backend
+    /// above them takes no new flows, the others share by headroom.
     fn effective_spec(&self, key: &ServiceKey, spec: &ServiceSpec) -> ServiceSpec {
         let mut spec = merged_spec(spec, self.directory.get(key));
+        let verdicts = self.verdicts.get(key);
         for (addr, b) in spec.backends.iter_mut() {
             if self.unhealthy.contains(&(*key, *addr)) {
                 b.weight = 0;
             }
+            if let Some(v) = verdicts.and_then(|v| v.iter().find(|v| v.backend == *addr)) {
+                b.weight = if v.in_table {
+                    b.weight.saturating_mul(v.headroom.max(1))
+                } else {
+                    0
+                };
+            }
         }
         spec
+    }
+
+    /// Takes the water-mark verdicts; rewrites the services whose verdicts changed.
+    pub fn set_verdicts(
+        &mut self,
+        verdicts: BTreeMap<ServiceKey, Vec<crate::watermark::Verdict>>,
+    ) -> Result<Vec<ServiceKey>> {
+        let touched: BTreeSet<ServiceKey> = self
+            .desired
+            .services
+            .keys()
+            .filter(|k| self.verdicts.get(k) != verdicts.get(k))
+            .copied()
+            .collect();
+        self.verdicts = verdicts;
+        if !touched.is_empty() {
+            let desired = self.desired.clone();
+            self.sync(&desired, &touched)?;
+        }
+        Ok(touched.into_iter().collect())
+    }
+
+    /// Why a backend is in or out of the new-flow table by the water marks.
+    fn steering_note(&self, key: &ServiceKey, addr: IpAddr) -> Option<String> {
+        let marks = self.desired.services.get(key)?.steering?;
+        let v = self.verdicts.get(key)?.iter().find(|v| v.backend == addr)?;
+        Some(if v.in_table {
+            format!(
+                "in: utilization {} (high {}, low {}), headroom {}/16",
+                v.util, marks.high, marks.low, v.headroom
+            )
+        } else {
+            format!(
+                "out: utilization {} weighted {} > high {}; back below low {}",
+                v.util, v.weighted, marks.high, marks.low
+            )
+        })
     }
 
     /// Every service with a health check, and the backends to check (configured and
@@ -456,7 +505,9 @@ impl Daemon {
         if !self.directory_fed {
             return None;
         }
-        let merged = self.effective_spec(key, spec);
+        // Water marks are not an outage: only what the operator, the directory and the
+        // health checks say counts here.
+        let merged = merged_spec(spec, self.directory.get(key));
         let valid = merged.backends.iter().any(|(addr, b)| {
             let resolved = b.mac.is_some() || self.neighbors.contains_key(&self.via_of(*addr));
             // A drained backend still serves its connections: the service is not out.
@@ -709,6 +760,7 @@ impl Daemon {
                     packets: c.packets,
                     bytes: c.bytes,
                     sphere: spm.spheres.get(addr).cloned(),
+                    steering: self.steering_note(key, *addr),
                 });
             }
             out.push(api::ServiceView {

@@ -48,6 +48,9 @@ pub struct ServiceSpec {
     /// How the Service Point Map presents the service, and its L4 rules.
     #[serde(default)]
     pub spm: crate::spm::Settings,
+    /// Utilization-based steering (water marks), if any.
+    #[serde(default)]
+    pub steering: Option<crate::watermark::Marks>,
 }
 
 /// Every service, keyed by (address, port, protocol).
@@ -196,7 +199,7 @@ pub fn diff(old: &Desired, new: &Desired) -> Vec<Change> {
                         to: spec.config,
                     });
                 }
-                if before.spm != spec.spm {
+                if before.spm != spec.spm || before.steering != spec.steering {
                     changes.push(Change::ChangeSpm {
                         service: *key,
                         to: spec.spm.clone(),
@@ -256,6 +259,7 @@ mod tests {
                         ServiceSpec {
                             check: None,
                             spm: Default::default(),
+                            steering: None,
                             config: ServiceConfig::default(),
                             backends: backends
                                 .iter()

@@ -129,6 +129,8 @@ struct State {
     heartbeats: Heartbeats,
     /// Other nodes' directory endpoints, by id.
     peers: BTreeMap<NodeId, SocketAddr>,
+    /// When each service's water-mark period last ran on this node (as master).
+    steering_runs: BTreeMap<ServiceKey, Instant>,
 }
 
 impl State {
@@ -241,7 +243,10 @@ impl DirHandle {
         // Only service instances and host routes shape the data plane; leases and the
         // agents table change every second and must not cost a data-plane pass.
         let shapes = applied.iter().any(|c| {
-            c.table.starts_with("svc.") || c.table == names::HOST_ROUTES || c.table == names::SPM
+            c.table.starts_with("svc.")
+                || c.table == names::HOST_ROUTES
+                || c.table == names::SPM
+                || c.table == crate::watermark::VERDICT_TABLE
         });
         {
             let mut s = self.state.lock().await;
@@ -366,8 +371,17 @@ impl DirHandle {
                     Some((*k, r.epoch))
                 })
                 .collect();
-            (backends_by_service(tables, &services), epochs)
+            let verdicts: BTreeMap<ServiceKey, Vec<crate::watermark::Verdict>> = services
+                .iter()
+                .filter_map(|k| {
+                    let e = tables.get(crate::watermark::VERDICT_TABLE, &k.to_string())?;
+                    Some((*k, serde_json::from_str(&e.value).ok()?))
+                })
+                .collect();
+            (backends_by_service(tables, &services), (epochs, verdicts))
         };
+        let (epochs, verdicts) = epochs;
+        self.daemon.lock().await.set_verdicts(verdicts)?;
         let bumped = self.daemon.lock().await.set_epochs(epochs)?;
         if !bumped.is_empty() {
             info!(services = ?bumped.iter().map(|k| k.to_string()).collect::<Vec<_>>(), "SPM epochs changed");
@@ -458,6 +472,108 @@ impl DirHandle {
             self.put_entry(names::SPM, &key, &value, true).await?;
         }
         Ok(())
+    }
+
+    /// The water-mark steering of every service that has it (on the directory master,
+    /// each on its own period): samples are the valid load reports, M is the last
+    /// verdicts in the `steering` table, the new verdicts go there when they change.
+    async fn manage_load(&self) -> Result<()> {
+        if self.state.lock().await.master.is_none() {
+            return Ok(());
+        }
+        let marks: Vec<(ServiceKey, crate::watermark::Marks)> = {
+            let d = self.daemon.lock().await;
+            d.desired()
+                .services
+                .iter()
+                .filter_map(|(k, s)| Some((*k, s.steering?)))
+                .collect()
+        };
+        let mut writes = Vec::new();
+        {
+            let mut s = self.state.lock().await;
+            let now = Instant::now();
+            for (key, m) in marks {
+                let due = s
+                    .steering_runs
+                    .get(&key)
+                    .is_none_or(|t| now.duration_since(*t) >= Duration::from_millis(m.period_ms));
+                if !due {
+                    continue;
+                }
+                s.steering_runs.insert(key, now);
+                let svc = key.to_string();
+                let tables = s.agent.tables();
+                let samples: Vec<crate::watermark::Sample> = tables
+                    .search(crate::watermark::LOAD_TABLE, &format!("{svc}|"))
+                    .into_iter()
+                    .filter(|e| e.valid)
+                    .filter_map(|e| {
+                        let backend = e.key.rsplit_once('|')?.1.parse().ok()?;
+                        let (load, capacity) = crate::watermark::parse_load(&e.value)?;
+                        Some(crate::watermark::Sample {
+                            backend,
+                            load,
+                            capacity,
+                        })
+                    })
+                    .collect();
+                let previous: Vec<crate::watermark::Verdict> = tables
+                    .get(crate::watermark::VERDICT_TABLE, &svc)
+                    .and_then(|e| serde_json::from_str(&e.value).ok())
+                    .unwrap_or_default();
+                let verdicts = crate::watermark::period(
+                    &m,
+                    &samples,
+                    &crate::watermark::last_in(&previous, &samples),
+                );
+                let shape = |v: &[crate::watermark::Verdict]| {
+                    v.iter()
+                        .map(|x| (x.backend, x.in_table, x.headroom))
+                        .collect::<Vec<_>>()
+                };
+                if shape(&verdicts) != shape(&previous) {
+                    for v in &verdicts {
+                        let was = previous.iter().find(|p| p.backend == v.backend);
+                        if was.is_none_or(|p| p.in_table != v.in_table) {
+                            info!(service = %svc, backend = %v.backend, util = v.util, weighted = v.weighted, in_table = v.in_table, "water marks: backend {}", if v.in_table { "in" } else { "out" });
+                        }
+                    }
+                    writes.push((svc, serde_json::to_string(&verdicts).expect("serializes")));
+                }
+            }
+        }
+        for (svc, value) in writes {
+            self.put_entry(crate::watermark::VERDICT_TABLE, &svc, &value, true)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A backend's load report, valid for `ttl` unless renewed.
+    pub async fn report_load(
+        &self,
+        service: ServiceKey,
+        backend: IpAddr,
+        load: u64,
+        capacity: u64,
+        ttl: Duration,
+    ) -> Result<()> {
+        let key = crate::watermark::load_key(&service.to_string(), backend);
+        let value = format!("{load};{capacity}");
+        let table = crate::watermark::LOAD_TABLE;
+        let current = self.state.lock().await.agent.tables().get(table, &key);
+        if current.as_ref().map(|e| e.value.as_str()) != Some(value.as_str())
+            || current.is_some_and(|e| !e.valid)
+        {
+            self.put_entry(table, &key, &value, true).await?;
+        }
+        let renewal = {
+            let mut s = self.state.lock().await;
+            s.renewals += 1;
+            format!("{};{}:{}", ttl.as_millis(), s.me, s.renewals)
+        };
+        self.renew(table, &key, true, renewal).await
     }
 
     /// Asks the SPM manager for a new epoch of `service` (through the directory, so
@@ -793,6 +909,7 @@ pub fn start(
             backup: None,
             heartbeats: Heartbeats::default(),
             peers: BTreeMap::new(),
+            steering_runs: BTreeMap::new(),
         })),
         daemon,
         neighbors,
@@ -841,6 +958,9 @@ pub fn start(
             if n.is_multiple_of(2) {
                 if let Err(e) = h.manage_spm().await {
                     warn!("SPM manager: {e:#}");
+                }
+                if let Err(e) = h.manage_load().await {
+                    warn!("water-mark steering: {e:#}");
                 }
             }
             if !expired.is_empty() {

@@ -310,6 +310,41 @@ fn spm_services(views: &[api::ServiceView]) -> Vec<crate::spm::Service> {
         .collect()
 }
 
+/// A backend's load and capacity, for the water marks.
+async fn report_load(
+    State(s): State<AppState>,
+    Json(req): Json<api::LoadReport>,
+) -> ApiResult<serde_json::Value> {
+    if req.ttl_ms == 0 {
+        return Err(bad("ttl_ms must be positive"));
+    }
+    if !s
+        .daemon
+        .lock()
+        .await
+        .desired()
+        .services
+        .contains_key(&req.service)
+    {
+        return Err(not_found(format!("no service {}", req.service)));
+    }
+    s.directory
+        .report_load(
+            req.service,
+            req.backend,
+            req.load,
+            req.capacity,
+            std::time::Duration::from_millis(req.ttl_ms),
+        )
+        .await
+        .map_err(internal)?;
+    Ok(Json(serde_json::json!({
+        "reported": format!("{}|{}", req.service, req.backend),
+        "load": req.load,
+        "capacity": req.capacity,
+    })))
+}
+
 /// An operator marks a service available or not; every node hears of it.
 async fn set_availability(
     State(s): State<AppState>,
@@ -795,6 +830,7 @@ pub fn registry_router(state: AppState) -> Router {
     Router::new()
         .route("/v1/dir/register", post(dir_register))
         .route("/v1/dir/heartbeat", post(dir_heartbeat))
+        .route("/v1/backends/report", post(report_load))
         .fallback(unknown)
         .with_state(state)
 }
@@ -817,6 +853,7 @@ pub fn api_router(state: AppState) -> Router {
         .route("/v1/backends/weight", post(set_weight))
         .route("/v1/services/bump-epoch", post(bump_epoch))
         .route("/v1/services/availability", post(set_availability))
+        .route("/v1/backends/report", post(report_load))
         .route("/v1/availability", get(availability))
         .route("/v1/spm", get(spm))
         .route("/v1/spm/watch", get(spm_watch))

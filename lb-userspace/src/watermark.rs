@@ -29,6 +29,43 @@ pub struct Marks {
     pub low: u64,
     /// Never fewer backends than this in the table, even overloaded ones.
     pub min_backends: usize,
+    /// How often the control plane runs a period (milliseconds).
+    #[serde(default = "default_period")]
+    pub period_ms: u64,
+}
+
+fn default_period() -> u64 {
+    1000
+}
+
+/// The table of load reports: `<service>|<backend>` → `<load>;<capacity>`.
+pub const LOAD_TABLE: &str = "load";
+/// The manager's verdicts per service (JSON list of `Verdict`).
+pub const VERDICT_TABLE: &str = "steering";
+
+pub fn load_key(service: &str, backend: IpAddr) -> String {
+    format!("{service}|{backend}")
+}
+
+/// Parses a load report's value.
+pub fn parse_load(value: &str) -> Option<(u64, u64)> {
+    let (l, c) = value.split_once(';')?;
+    Some((l.parse().ok()?, c.parse().ok()?))
+}
+
+/// The seed's M for the next period: the backends in the table after `previous`, and
+/// those never judged (a newcomer gets the benefit of the doubt).
+pub fn last_in(previous: &[Verdict], samples: &[Sample]) -> BTreeSet<IpAddr> {
+    samples
+        .iter()
+        .map(|s| s.backend)
+        .filter(|b| {
+            previous
+                .iter()
+                .find(|v| v.backend == *b)
+                .is_none_or(|v| v.in_table)
+        })
+        .collect()
 }
 
 impl Marks {
@@ -125,6 +162,7 @@ mod tests {
         high: 800,
         low: 600,
         min_backends: 1,
+        period_ms: 1000,
     };
 
     fn ip(last: u8) -> IpAddr {

@@ -272,6 +272,90 @@ enum BackendCmd {
         #[arg(long, default_value_t = 1)]
         weight: u32,
     },
+    /// Reports a backend's load and capacity for the water marks, every --interval
+    /// until interrupted (or once). Without --load: this host's CPU busy time, per
+    /// mille of --capacity.
+    Report {
+        #[arg(long)]
+        service: ServiceKey,
+        /// The backend's address.
+        #[arg(long)]
+        addr: IpAddr,
+        #[arg(long)]
+        load: Option<u64>,
+        #[arg(long, default_value_t = 1000)]
+        capacity: u64,
+        #[arg(long, value_parser = parse_duration, default_value = "1s")]
+        interval: Duration,
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+/// CPU busy time since the last call, per mille (from /proc/stat).
+fn cpu_busy_permille(last: &mut Option<(u64, u64)>) -> u64 {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().sum();
+    // idle + iowait
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    match last.replace((total, idle)) {
+        Some((t0, i0)) if total > t0 => {
+            let dt = total - t0;
+            (dt - (idle - i0).min(dt)) * 1000 / dt
+        }
+        _ => 0,
+    }
+}
+
+async fn report_loop(client: &Client, out: Output, cmd: BackendCmd) -> Result<(), Failure> {
+    let BackendCmd::Report {
+        service,
+        addr,
+        load,
+        capacity,
+        interval,
+        once,
+    } = cmd
+    else {
+        unreachable!("only reports")
+    };
+    let mut cpu = None;
+    cpu_busy_permille(&mut cpu);
+    loop {
+        let load = match load {
+            Some(l) => l,
+            None => {
+                tokio::time::sleep(interval.min(Duration::from_secs(1))).await;
+                cpu_busy_permille(&mut cpu) * capacity / 1000
+            }
+        };
+        let report = api::LoadReport {
+            service,
+            backend: addr,
+            load,
+            capacity,
+            ttl_ms: (interval.as_millis() as u64 * 3).max(1000),
+        };
+        let r: serde_json::Value = client.post("/v1/backends/report", &report).await?;
+        if out == Output::Json {
+            println!("{}", serde_json::to_string(&r).expect("serializes"));
+        } else {
+            println!("{addr} in {service}: load {load} of {capacity}");
+        }
+        let _ = std::io::stdout().flush();
+        if once {
+            return Ok(());
+        }
+        tokio::time::sleep(interval).await;
+    }
 }
 
 fn parse_mac_arg(s: &str) -> Result<[u8; 6], String> {
@@ -384,6 +468,7 @@ fn print_backends(s: &api::ServiceView) {
         "MAC".into(),
         "PACKETS".into(),
         "BYTES".into(),
+        "WATER MARKS".into(),
     ]];
     for b in &s.backends {
         let state = match (b.drain, &b.mac) {
@@ -399,6 +484,7 @@ fn print_backends(s: &api::ServiceView) {
             b.mac.clone().unwrap_or_else(|| "-".into()),
             b.packets.to_string(),
             b.bytes.to_string(),
+            b.steering.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
     table(rows);
@@ -593,6 +679,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }) = cli.command
     {
         return register_loop(&client, out, service, addr, ttl, weight).await;
+    }
+    if let Cmd::Backend(cmd @ BackendCmd::Report { .. }) = cli.command {
+        return report_loop(&client, out, cmd).await;
     }
     match cli.command {
         Cmd::Completions { .. } => unreachable!("handled above"),
@@ -834,7 +923,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     print_backends(&s);
                 }
             }
-            BackendCmd::Register { .. } => unreachable!("handled before the match"),
+            BackendCmd::Register { .. } | BackendCmd::Report { .. } => {
+                unreachable!("handled before the match")
+            }
         },
         Cmd::Stats { watch, interval } => loop {
             let s: api::Stats = client.get("/v1/stats").await?;
