@@ -86,6 +86,42 @@ pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> 
     }
     family(
         &mut out,
+        "lb_service_unavailable",
+        "gauge",
+        "1 while the service is refused (maintenance, outage), by reason.",
+    );
+    for s in &stats.services {
+        let (v, reason) = match &s.unavailable {
+            Some(r) => (1, format!("{:?}", r.reason).to_lowercase()),
+            None => (0, String::new()),
+        };
+        let _ = writeln!(
+            out,
+            "lb_service_unavailable{{service=\"{}\",reason=\"{}\"}} {v}",
+            escape(&s.service),
+            reason
+        );
+    }
+    family(
+        &mut out,
+        "lb_backend_over_water_mark",
+        "gauge",
+        "1 while the water marks keep the backend out of new flows.",
+    );
+    for s in &stats.services {
+        for b in s.backends.iter().filter(|b| b.steering.is_some()) {
+            let out_now = b.steering.as_deref().is_some_and(|n| n.starts_with("out:"));
+            let _ = writeln!(
+                out,
+                "lb_backend_over_water_mark{{service=\"{}\",backend=\"{}\"}} {}",
+                escape(&s.service),
+                b.address,
+                u8::from(out_now)
+            );
+        }
+    }
+    family(
+        &mut out,
         "lb_backend_packets_total",
         "counter",
         "Packets forwarded to a backend.",
