@@ -134,6 +134,16 @@ struct State {
 }
 
 impl State {
+    /// This node is the master, its own replica has every change the master
+    /// committed, and none of its own submissions is still waiting (for the backup to
+    /// store it): what the managers read is what they wrote. Deciding before that
+    /// would write the same record again and again.
+    fn master_in_sync(&self) -> bool {
+        self.master
+            .as_ref()
+            .is_some_and(|m| self.agent.version() >= m.version() && self.agent.unacked() == 0)
+    }
+
     /// Delivers messages among this node's roles until none is left for it; returns
     /// the changes its replica applied and the messages for other nodes.
     fn dispatch(
@@ -432,7 +442,7 @@ impl DirHandle {
     /// valid instance set in the `spm` table, bumping the epoch as the service's policy
     /// and its operators' bumps say. Every node takes its epochs from that table.
     async fn manage_spm(&self) -> Result<()> {
-        if self.state.lock().await.master.is_none() {
+        if !self.state.lock().await.master_in_sync() {
             return Ok(());
         }
         let views = self.daemon.lock().await.services()?;
@@ -478,7 +488,7 @@ impl DirHandle {
     /// each on its own period): samples are the valid load reports, M is the last
     /// verdicts in the `steering` table, the new verdicts go there when they change.
     async fn manage_load(&self) -> Result<()> {
-        if self.state.lock().await.master.is_none() {
+        if !self.state.lock().await.master_in_sync() {
             return Ok(());
         }
         let marks: Vec<(ServiceKey, crate::watermark::Marks)> = {

@@ -505,6 +505,29 @@ impl MapManager {
                 });
             }
         }
+        // Nothing changed (the daemon re-syncs a service for many reasons): no table
+        // to rebuild, which is the expensive part.
+        let unchanged = state.table.is_some()
+            && backends.len() == state.backends.len()
+            && backends.iter().all(|b| {
+                state.backends.get(&b.addr).is_some_and(|s| {
+                    let tx_port = match b.route.egress {
+                        Egress::Ingress => Some(0),
+                        Egress::Interface { ifindex } => self.tx_port_slots.get(&ifindex).copied(),
+                    };
+                    s.weight == b.weight
+                        && tx_port == Some(s.route.tx_port)
+                        && s.route.dst_mac == b.route.dst_mac
+                        && s.route.src_mac == b.route.src_mac
+                })
+            });
+        if unchanged {
+            let size = state.table.as_ref().map_or(0, |t| t.len() as u32);
+            return Ok(TableUpdate {
+                table_size: size,
+                cells_written: 0,
+            });
+        }
         let newcomers = backends
             .iter()
             .filter(|b| !state.backends.contains_key(&b.addr))

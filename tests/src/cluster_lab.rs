@@ -358,7 +358,9 @@ impl Drop for Cluster {
         for lb in ["lb1", "lb2", "lb3"] {
             let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/lb/{}-{lb}", self.node));
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("LB_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

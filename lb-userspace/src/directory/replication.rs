@@ -147,15 +147,14 @@ impl Master {
         }
         self.done.insert(origin, version);
         out.push(Out::All(Msg::Push { version, change }));
-        if origin.0 != self.id {
-            out.push(Out::To(
-                origin.0,
-                Msg::Ack {
-                    req: origin.1,
-                    version,
-                },
-            ));
-        }
+        // The master's own node's agent is acked too, or it would resend forever.
+        out.push(Out::To(
+            origin.0,
+            Msg::Ack {
+                req: origin.1,
+                version,
+            },
+        ));
     }
 
     /// A change made on the master's own node.
@@ -172,15 +171,13 @@ impl Master {
         match msg {
             Msg::Submit { from, req, change } => {
                 if let Some(version) = self.done.get(&(from, req)) {
-                    if from != self.id {
-                        out.push(Out::To(
-                            from,
-                            Msg::Ack {
-                                req,
-                                version: *version,
-                            },
-                        ));
-                    }
+                    out.push(Out::To(
+                        from,
+                        Msg::Ack {
+                            req,
+                            version: *version,
+                        },
+                    ));
                     return out;
                 }
                 if self.waiting.values().any(|(_, o)| *o == (from, req)) {
