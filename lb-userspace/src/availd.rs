@@ -109,6 +109,17 @@ impl AvailHandle {
         if !fresh.is_empty() {
             for r in &fresh {
                 info!(service = %r.service, available = r.available, reason = ?r.reason, operator = %r.operator, "availability record");
+                if let Some((c, cfg)) = &self.cluster {
+                    c.publish(
+                        cfg.id,
+                        crate::cluster::node::Event::Availability {
+                            service: r.service.clone(),
+                            available: r.available,
+                            reason: format!("{:?}", r.reason).to_lowercase(),
+                            operator: r.operator.clone(),
+                        },
+                    );
+                }
             }
             save(&self.path, &set)?;
             self.daemon.lock().await.set_availability(set)?;

@@ -65,6 +65,25 @@ pub struct ClusterHandle {
 }
 
 impl ClusterHandle {
+    /// An event from outside the node's state machine (water marks, availability):
+    /// logged and streamed like the others.
+    pub fn publish(&self, node: IpAddr, event: Event) {
+        info!(?event, "event");
+        let record = EventRecord {
+            at_ms: now_ms(),
+            node,
+            event,
+        };
+        {
+            let mut log = self.log.lock().expect("not poisoned");
+            if log.len() == EVENT_LOG {
+                log.pop_front();
+            }
+            log.push_back(record.clone());
+        }
+        let _ = self.events.send(record);
+    }
+
     pub fn view(&self) -> ClusterView {
         self.view.lock().expect("not poisoned").clone()
     }

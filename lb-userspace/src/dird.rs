@@ -214,6 +214,8 @@ pub struct DirHandle {
     /// Every change applied to this node's replica, with the row after it, for
     /// subscribers.
     pub changes: broadcast::Sender<(Change, Option<Entry>)>,
+    /// Where operator-visible events go (the cluster's event stream), with our id.
+    events: Option<(crate::clusterd::ClusterHandle, IpAddr)>,
 }
 
 impl DirHandle {
@@ -547,6 +549,17 @@ impl DirHandle {
                         let was = previous.iter().find(|p| p.backend == v.backend);
                         if was.is_none_or(|p| p.in_table != v.in_table) {
                             info!(service = %svc, backend = %v.backend, util = v.util, weighted = v.weighted, in_table = v.in_table, "water marks: backend {}", if v.in_table { "in" } else { "out" });
+                            if let Some((c, id)) = &self.events {
+                                c.publish(
+                                    *id,
+                                    crate::cluster::node::Event::Steering {
+                                        service: svc.clone(),
+                                        backend: v.backend,
+                                        in_table: v.in_table,
+                                        util: v.util,
+                                    },
+                                );
+                            }
                         }
                     }
                     writes.push((svc, serde_json::to_string(&verdicts).expect("serializes")));
@@ -926,6 +939,7 @@ pub fn start(
         key: Arc::new(key),
         tried: Arc::new(Mutex::new(BTreeMap::new())),
         changes,
+        events: cluster.as_ref().map(|(c, cfg)| (c.clone(), cfg.id)),
     };
     let h = handle.clone();
     tokio::spawn(async move {

@@ -56,15 +56,46 @@ pub struct NodeConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
-    Acquire { address: IpAddr },
-    AcquireFail { address: IpAddr },
-    Release { address: IpAddr },
-    ReleaseFail { address: IpAddr },
-    CannotAssign { address: IpAddr },
+    Acquire {
+        address: IpAddr,
+    },
+    AcquireFail {
+        address: IpAddr,
+    },
+    Release {
+        address: IpAddr,
+    },
+    ReleaseFail {
+        address: IpAddr,
+    },
+    CannotAssign {
+        address: IpAddr,
+    },
     TestFailed,
-    LeaderChange { from: Option<IpAddr>, to: IpAddr },
-    HostDead { host: IpAddr },
-    HostJoined { host: IpAddr },
+    LeaderChange {
+        from: Option<IpAddr>,
+        to: IpAddr,
+    },
+    HostDead {
+        host: IpAddr,
+    },
+    HostJoined {
+        host: IpAddr,
+    },
+    /// The water marks took a backend out of new flows, or let it back in.
+    Steering {
+        service: String,
+        backend: IpAddr,
+        in_table: bool,
+        util: u64,
+    },
+    /// A service became unavailable or available again (operator record).
+    Availability {
+        service: String,
+        available: bool,
+        reason: String,
+        operator: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
