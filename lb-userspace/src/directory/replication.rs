@@ -201,24 +201,25 @@ impl Master {
                     None => self.commit(version, change, (from, req), &mut out),
                 }
             }
-            Msg::Stored { version } if version < self.committed && self.waiting.is_empty() => {
-                // A new backup that is behind: send it what it lacks, from the log (or
-                // everything, if the log does not reach back that far).
-                if let Some(b) = self.backup {
-                    let from = (version + 1).max(self.log_start);
-                    for (v, c) in self.log.range(from..) {
-                        out.push(Out::To(
-                            b,
-                            Msg::Replicate {
-                                version: *v,
-                                origin: (self.id, 0),
-                                change: c.clone(),
-                            },
-                        ));
+            Msg::Stored { version } => {
+                // A backup behind what is committed (it joined after changes were
+                // committed without it) stores in order, so it would wait forever
+                // for those: send them from the log, whether or not changes wait.
+                if version < self.committed {
+                    if let Some(b) = self.backup {
+                        let from = (version + 1).max(self.log_start);
+                        for (v, c) in self.log.range(from..) {
+                            out.push(Out::To(
+                                b,
+                                Msg::Replicate {
+                                    version: *v,
+                                    origin: (self.id, 0),
+                                    change: c.clone(),
+                                },
+                            ));
+                        }
                     }
                 }
-            }
-            Msg::Stored { version } => {
                 // The backup stores in order: everything up to `version` is safe.
                 while let Some((&v, _)) = self.waiting.first_key_value() {
                     if v > version {

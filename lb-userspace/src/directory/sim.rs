@@ -251,3 +251,54 @@ fn a_master_failover_loses_no_acknowledged_change() {
         w.assert_converged();
     }
 }
+
+#[test]
+fn a_backup_that_joins_behind_committed_changes_catches_up_and_new_changes_commit() {
+    use crate::directory::tables::{Change, Op};
+    let change = |k: &str| Change {
+        table: "t".into(),
+        key: k.into(),
+        op: Op::Put {
+            value: "v".into(),
+            valid: true,
+        },
+    };
+    // Alone, the master commits v1..v3 at once.
+    let mut m = Master::new(1, None);
+    for (i, k) in ["a", "b", "c"].iter().enumerate() {
+        m.submit_local(i as u64 + 1, change(k));
+    }
+    assert_eq!(m.version(), 3);
+    // A backup arrives that has none of them, and a change waits for it.
+    let mut b = Backup::new(2);
+    let mut to_backup: Vec<Msg> = m
+        .backup_lost(Some(2))
+        .into_iter()
+        .chain(m.submit_local(4, change("d")))
+        .filter_map(|o| match o {
+            Out::To(2, msg) => Some(msg),
+            _ => None,
+        })
+        .collect();
+    // Deliver until quiet: the master's answers to Stored go back to the backup.
+    for _ in 0..10 {
+        let mut to_master = Vec::new();
+        for msg in to_backup.drain(..) {
+            to_master.extend(b.handle(1, msg));
+        }
+        for o in to_master {
+            if let Out::To(1, msg) = o {
+                for o in m.handle(msg) {
+                    if let Out::To(2, msg) = o {
+                        to_backup.push(msg);
+                    }
+                }
+            }
+        }
+        to_backup.extend(m.tick().into_iter().filter_map(|o| match o {
+            Out::To(2, msg) => Some(msg),
+            _ => None,
+        }));
+    }
+    assert_eq!(m.version(), 4, "the waiting change committed");
+}
