@@ -167,6 +167,28 @@ fn main() -> Result<()> {
             }
         },
     )?;
+    // Maintenance: every SYN is answered with a RST by the program itself. A new
+    // client address per call keeps the per-source refusal budget out of the way.
+    maps.upsert_service(
+        key,
+        ServiceConfig {
+            unavailable: true,
+            ..ServiceConfig::default()
+        },
+    )?;
+    let refusal = measure(
+        &dp,
+        "refusal (SYN -> RST, maintenance)",
+        Program::Balancer,
+        XDP_TX,
+        |n, f| {
+            if f.is_empty() {
+                *f = to_vip.clone();
+            }
+            let src = 0xc613_0000u32.wrapping_add(n as u32);
+            f[26..30].copy_from_slice(&src.to_be_bytes());
+        },
+    )?;
 
     let stats = maps.global_stats()?;
     println!(
@@ -179,7 +201,7 @@ fn main() -> Result<()> {
         "{:<32} {:>10} {:>12} {:>10} {:>14}",
         "line", "calls", "ns/packet", "ratio", "wall ns/call"
     );
-    for line in [&baseline, &new_flow, &established, &non_vip] {
+    for line in [&baseline, &new_flow, &established, &non_vip, &refusal] {
         println!(
             "{:<32} {:>10} {:>12.1} {:>10.2} {:>14.1}",
             line.name,
