@@ -310,6 +310,21 @@ pub fn demo(wait: bool) -> Result<()> {
         );
         println!("Fail a node and watch the spare take over:");
         println!("  kill -9 $(cat {RUN_DIR}/lbd-lb1.pid); ip -n lblab-lb1 link set eth0 down");
+        let svc = format!("tcp/{}:{}", standard::VIP, standard::SERVICE_PORT);
+        println!("Put a service in maintenance on every node (clients are refused at once):");
+        println!(
+            "  {} --socket {RUN_DIR}/lb2.sock service maintenance {svc} --for 5m",
+            lbctl_path.display()
+        );
+        println!(
+            "  {} --socket {RUN_DIR}/lb2.sock service available {svc}",
+            lbctl_path.display()
+        );
+        println!("See the Service Point Map a client would get:");
+        println!(
+            "  {} --socket {RUN_DIR}/lb3.sock spm show --service {svc} --client 198.18.0.10",
+            lbctl_path.display()
+        );
         Ok(())
     })();
     if result.is_ok() && wait {
