@@ -19,7 +19,6 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -62,17 +61,8 @@ pub fn load(dir: &Path) -> Result<Set> {
 }
 
 fn save(path: &Path, set: &Set) -> Result<()> {
-    let tmp = path.with_extension("tmp");
     let records: Vec<&Record> = set.values().collect();
-    let data = serde_json::to_vec_pretty(&records)?;
-    {
-        use std::io::Write;
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(&data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))
+    crate::daemon::write_atomic(path, &serde_json::to_vec_pretty(&records)?)
 }
 
 #[derive(Clone)]
@@ -252,20 +242,7 @@ impl AvailHandle {
 }
 
 async fn post(peer: SocketAddr, from: SocketAddr, body: Vec<u8>) -> Result<Vec<u8>> {
-    let stream = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(peer))
-        .await??;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = hyper::Request::post("/v1/avail")
-        .header("host", "lbd")
-        .header("x-lb-from", from.to_string())
-        .body(Full::new(hyper::body::Bytes::from(body)))?;
-    let resp = tokio::time::timeout(Duration::from_secs(2), sender.send_request(req)).await??;
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await?.to_bytes();
-    anyhow::ensure!(status.is_success(), "HTTP {status}");
-    Ok(bytes.to_vec())
+    crate::dird::post_to_peer(peer, "/v1/avail", ("x-lb-from", from.to_string()), body).await
 }
 
 /// Starts availability: `set` was loaded (and given to the daemon) before the node

@@ -308,7 +308,9 @@ impl DirHandle {
                 &self.key,
             );
             tokio::spawn(async move {
-                if let Err(e) = post(addr, me, body).await {
+                if let Err(e) =
+                    post_to_peer(addr, "/v1/dsd", ("x-lb-node", me.to_string()), body).await
+                {
                     tracing::debug!(%addr, "directory message not delivered (it is resent): {e:#}");
                 }
             });
@@ -866,8 +868,14 @@ pub fn node_id(addr: IpAddr) -> NodeId {
     }
 }
 
-/// Sends one framed message to another node's directory endpoint.
-async fn post(addr: SocketAddr, from: NodeId, body: Vec<u8>) -> Result<()> {
+/// POSTs one framed message to another node's endpoint (cluster port + 1: the
+/// directory, availability); returns the answer's body.
+pub async fn post_to_peer(
+    addr: SocketAddr,
+    path: &str,
+    header: (&'static str, String),
+    body: Vec<u8>,
+) -> Result<Vec<u8>> {
     use http_body_util::{BodyExt, Full};
     let stream = tokio::time::timeout(
         Duration::from_millis(500),
@@ -877,15 +885,15 @@ async fn post(addr: SocketAddr, from: NodeId, body: Vec<u8>) -> Result<()> {
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = hyper::Request::post("/v1/dsd")
+    let req = hyper::Request::post(path)
         .header("host", "lbd")
-        .header("x-lb-node", from.to_string())
+        .header(header.0, header.1)
         .body(Full::new(hyper::body::Bytes::from(body)))?;
     let resp = tokio::time::timeout(Duration::from_secs(2), sender.send_request(req)).await??;
     let status = resp.status();
-    let _ = resp.into_body().collect().await;
+    let bytes = resp.into_body().collect().await?.to_bytes();
     anyhow::ensure!(status.is_success(), "HTTP {status}");
-    Ok(())
+    Ok(bytes.to_vec())
 }
 
 /// The largest replication message accepted (a snapshot of a big directory).
