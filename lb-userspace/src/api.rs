@@ -78,6 +78,13 @@ fn default_report_ttl() -> u64 {
     3000
 }
 
+impl BackendView {
+    /// Resolved, healthy, weighted and not draining: new connections may go to it.
+    pub fn takes_new_flows(&self) -> bool {
+        self.mac.is_some() && self.healthy && !self.drain && self.weight > 0
+    }
+}
+
 fn healthy_default() -> bool {
     true
 }

@@ -362,19 +362,9 @@ impl Daemon {
         &mut self,
         verdicts: BTreeMap<ServiceKey, Vec<crate::watermark::Verdict>>,
     ) -> Result<Vec<ServiceKey>> {
-        let touched: BTreeSet<ServiceKey> = self
-            .desired
-            .services
-            .keys()
-            .filter(|k| self.verdicts.get(k) != verdicts.get(k))
-            .copied()
-            .collect();
+        let touched = self.changed(&self.verdicts, &verdicts);
         self.verdicts = verdicts;
-        if !touched.is_empty() {
-            let desired = self.desired.clone();
-            self.sync(&desired, &touched)?;
-        }
-        Ok(touched.into_iter().collect())
+        self.resync(touched)
     }
 
     /// Why a backend is in or out of the new-flow table by the water marks.
@@ -442,44 +432,41 @@ impl Daemon {
         &mut self,
         directory: BTreeMap<ServiceKey, BTreeMap<IpAddr, DirBackend>>,
     ) -> Result<Vec<ServiceKey>> {
-        let keys: BTreeSet<ServiceKey> = self
-            .directory
-            .keys()
-            .chain(directory.keys())
-            .copied()
-            .collect();
-        let touched: BTreeSet<ServiceKey> = keys
-            .into_iter()
-            .filter(|k| self.directory.get(k) != directory.get(k))
-            .filter(|k| self.desired.services.contains_key(k))
-            .collect();
-        self.directory = directory;
         let touched = if self.directory_fed {
-            touched
+            self.changed(&self.directory, &directory)
         } else {
             // The first word from the directory: services may now be judged out.
             self.directory_fed = true;
             self.desired.services.keys().copied().collect()
         };
-        if !touched.is_empty() {
-            let desired = self.desired.clone();
-            self.sync(&desired, &touched)?;
-            self.persist()?;
-        }
-        Ok(touched.into_iter().collect())
+        self.directory = directory;
+        self.resync(touched)
     }
 
     /// Takes the SPM manager's epochs (from the directory); rewrites the services whose
     /// epoch changed. Returns those services.
     pub fn set_epochs(&mut self, epochs: BTreeMap<ServiceKey, u64>) -> Result<Vec<ServiceKey>> {
-        let touched: BTreeSet<ServiceKey> = self
-            .desired
+        let touched = self.changed(&self.epochs, &epochs);
+        self.epochs = epochs;
+        self.resync(touched)
+    }
+
+    /// The configured services whose entry differs between `old` and `new`.
+    fn changed<V: PartialEq>(
+        &self,
+        old: &BTreeMap<ServiceKey, V>,
+        new: &BTreeMap<ServiceKey, V>,
+    ) -> BTreeSet<ServiceKey> {
+        self.desired
             .services
             .keys()
-            .filter(|k| self.epochs.get(k) != epochs.get(k))
+            .filter(|k| old.get(k) != new.get(k))
             .copied()
-            .collect();
-        self.epochs = epochs;
+            .collect()
+    }
+
+    /// Rewrites `touched` from the desired state into the maps and saves; returns them.
+    fn resync(&mut self, touched: BTreeSet<ServiceKey>) -> Result<Vec<ServiceKey>> {
         if !touched.is_empty() {
             let desired = self.desired.clone();
             self.sync(&desired, &touched)?;
@@ -538,11 +525,18 @@ impl Daemon {
     /// Takes the merged availability records; rewrites the services whose state
     /// changed.
     pub fn set_availability(&mut self, set: crate::availability::Set) -> Result<()> {
+        let touched = self
+            .desired
+            .services
+            .keys()
+            .filter(|k| {
+                let k = k.to_string();
+                self.availability.get(&k) != set.get(&k)
+            })
+            .copied()
+            .collect();
         self.availability = set;
-        let desired = self.desired.clone();
-        let all: BTreeSet<ServiceKey> = desired.services.keys().copied().collect();
-        self.sync(&desired, &all)?;
-        self.persist()
+        self.resync(touched).map(drop)
     }
 
     /// The SPM settings with the directory backends' spheres added.

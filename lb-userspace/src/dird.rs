@@ -467,7 +467,7 @@ impl DirHandle {
                     let members: Vec<String> = v
                         .backends
                         .iter()
-                        .filter(|b| b.mac.is_some() && b.healthy && !b.drain && b.weight > 0)
+                        .filter(|b| b.takes_new_flows())
                         .map(|b| b.address.to_string())
                         .collect();
                     let next = crate::spm::next_record(
@@ -518,54 +518,32 @@ impl DirHandle {
                 s.steering_runs.insert(key, now);
                 let svc = key.to_string();
                 let tables = s.agent.tables();
-                let samples: Vec<crate::watermark::Sample> = tables
-                    .search(crate::watermark::LOAD_TABLE, &format!("{svc}|"))
-                    .into_iter()
-                    .filter(|e| e.valid)
-                    .filter_map(|e| {
-                        let backend = e.key.rsplit_once('|')?.1.parse().ok()?;
-                        let (load, capacity) = crate::watermark::parse_load(&e.value)?;
-                        Some(crate::watermark::Sample {
-                            backend,
-                            load,
-                            capacity,
-                        })
-                    })
-                    .collect();
+                let samples = crate::watermark::samples(
+                    &tables.search(crate::watermark::LOAD_TABLE, &format!("{svc}|")),
+                );
                 let previous: Vec<crate::watermark::Verdict> = tables
                     .get(crate::watermark::VERDICT_TABLE, &svc)
                     .and_then(|e| serde_json::from_str(&e.value).ok())
                     .unwrap_or_default();
-                let verdicts = crate::watermark::period(
-                    &m,
-                    &samples,
-                    &crate::watermark::last_in(&previous, &samples),
-                );
-                let shape = |v: &[crate::watermark::Verdict]| {
-                    v.iter()
-                        .map(|x| (x.backend, x.in_table, x.headroom))
-                        .collect::<Vec<_>>()
+                let Some(verdicts) = crate::watermark::next_verdicts(&m, &samples, &previous)
+                else {
+                    continue;
                 };
-                if shape(&verdicts) != shape(&previous) {
-                    for v in &verdicts {
-                        let was = previous.iter().find(|p| p.backend == v.backend);
-                        if was.is_none_or(|p| p.in_table != v.in_table) {
-                            info!(service = %svc, backend = %v.backend, util = v.util, weighted = v.weighted, in_table = v.in_table, "water marks: backend {}", if v.in_table { "in" } else { "out" });
-                            if let Some((c, id)) = &self.events {
-                                c.publish(
-                                    *id,
-                                    crate::cluster::node::Event::Steering {
-                                        service: svc.clone(),
-                                        backend: v.backend,
-                                        in_table: v.in_table,
-                                        util: v.util,
-                                    },
-                                );
-                            }
-                        }
+                for v in crate::watermark::moved(&previous, &verdicts) {
+                    info!(service = %svc, backend = %v.backend, util = v.util, weighted = v.weighted, in_table = v.in_table, "water marks: backend {}", if v.in_table { "in" } else { "out" });
+                    if let Some((c, id)) = &self.events {
+                        c.publish(
+                            *id,
+                            crate::cluster::node::Event::Steering {
+                                service: svc.clone(),
+                                backend: v.backend,
+                                in_table: v.in_table,
+                                util: v.util,
+                            },
+                        );
                     }
-                    writes.push((svc, serde_json::to_string(&verdicts).expect("serializes")));
                 }
+                writes.push((svc, serde_json::to_string(&verdicts).expect("serializes")));
             }
         }
         for (svc, value) in writes {

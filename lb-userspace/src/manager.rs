@@ -511,14 +511,7 @@ impl MapManager {
             && backends.len() == state.backends.len()
             && backends.iter().all(|b| {
                 state.backends.get(&b.addr).is_some_and(|s| {
-                    let tx_port = match b.route.egress {
-                        Egress::Ingress => Some(0),
-                        Egress::Interface { ifindex } => self.tx_port_slots.get(&ifindex).copied(),
-                    };
-                    s.weight == b.weight
-                        && tx_port == Some(s.route.tx_port)
-                        && s.route.dst_mac == b.route.dst_mac
-                        && s.route.src_mac == b.route.src_mac
+                    s.weight == b.weight && self.known_route(&b.route) == Some(s.route)
                 })
             });
         if unchanged {
@@ -636,11 +629,19 @@ impl MapManager {
     }
 
     fn route(&mut self, route: &L2Route) -> Result<Route> {
+        if let Egress::Interface { ifindex } = route.egress {
+            self.tx_port(ifindex)?;
+        }
+        Ok(self.known_route(route).expect("the egress has a slot now"))
+    }
+
+    /// The `Route` for `route` if its egress already has a devmap slot.
+    fn known_route(&self, route: &L2Route) -> Option<Route> {
         let tx_port = match route.egress {
             Egress::Ingress => 0,
-            Egress::Interface { ifindex } => self.tx_port(ifindex)?,
+            Egress::Interface { ifindex } => *self.tx_port_slots.get(&ifindex)?,
         };
-        Ok(Route {
+        Some(Route {
             mode: ROUTE_MODE_L2_DSR,
             tx_port,
             dst_mac: route.dst_mac,

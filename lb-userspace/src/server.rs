@@ -292,8 +292,8 @@ fn spm_services(views: &[api::ServiceView]) -> Vec<crate::spm::Service> {
                         dns_address: None,
                         port: v.key.port,
                     },
-                    weight: if b.drain { 0 } else { b.weight },
-                    valid: b.mac.is_some() && b.healthy,
+                    weight: b.weight,
+                    valid: b.takes_new_flows(),
                     provider: b.sphere.clone().unwrap_or_else(|| "default".into()),
                 })
                 .collect(),

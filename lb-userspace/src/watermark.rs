@@ -53,6 +53,51 @@ pub fn parse_load(value: &str) -> Option<(u64, u64)> {
     Some((l.parse().ok()?, c.parse().ok()?))
 }
 
+/// The samples in a service's valid load rows (`<service>|<backend>` →
+/// `<load>;<capacity>`); rows that do not parse are skipped.
+pub fn samples(rows: &[crate::directory::tables::Entry]) -> Vec<Sample> {
+    rows.iter()
+        .filter(|e| e.valid)
+        .filter_map(|e| {
+            let backend = e.key.rsplit_once('|')?.1.parse().ok()?;
+            let (load, capacity) = parse_load(&e.value)?;
+            Some(Sample {
+                backend,
+                load,
+                capacity,
+            })
+        })
+        .collect()
+}
+
+/// The manager's step for one service: the new verdicts when they differ from
+/// `previous` in what the data plane uses (in or out, headroom), else `None`.
+pub fn next_verdicts(
+    marks: &Marks,
+    samples: &[Sample],
+    previous: &[Verdict],
+) -> Option<Vec<Verdict>> {
+    let verdicts = period(marks, samples, &last_in(previous, samples));
+    let shape = |v: &[Verdict]| {
+        v.iter()
+            .map(|x| (x.backend, x.in_table, x.headroom))
+            .collect::<Vec<_>>()
+    };
+    (shape(&verdicts) != shape(previous)).then_some(verdicts)
+}
+
+/// The verdicts of `next` that moved a backend in or out (or judged it first).
+pub fn moved<'a>(previous: &[Verdict], next: &'a [Verdict]) -> Vec<&'a Verdict> {
+    next.iter()
+        .filter(|v| {
+            previous
+                .iter()
+                .find(|p| p.backend == v.backend)
+                .is_none_or(|p| p.in_table != v.in_table)
+        })
+        .collect()
+}
+
 /// The seed's M for the next period: the backends in the table after `previous`, and
 /// those never judged (a newcomer gets the benefit of the doubt).
 pub fn last_in(previous: &[Verdict], samples: &[Sample]) -> BTreeSet<IpAddr> {
@@ -259,6 +304,44 @@ mod tests {
             assert_eq!(got, expected, "case {i}");
             assert_eq!(out(&rows), gone, "case {i}");
         }
+    }
+
+    #[test]
+    fn the_manager_step_reads_valid_rows_and_publishes_only_changes() {
+        use crate::directory::tables::Entry;
+        let row = |key: &str, value: &str, valid: bool| Entry {
+            key: key.into(),
+            value: value.into(),
+            valid,
+        };
+        let rows = [
+            row("tcp/198.18.0.100:80|198.18.0.1", "10;100", true),
+            row("tcp/198.18.0.100:80|198.18.0.2", "95;100", true),
+            row("tcp/198.18.0.100:80|198.18.0.3", "95;100", false),
+            row("tcp/198.18.0.100:80|198.18.0.4", "garbage", true),
+        ];
+        let s = samples(&rows);
+        assert_eq!(s, vec![self::s(1, 10, 100), self::s(2, 95, 100)]);
+        let first = next_verdicts(&MARKS, &s, &[]).expect("first verdicts");
+        assert_eq!(out(&first), vec![ip(2)]);
+        assert_eq!(
+            moved(&[], &first).len(),
+            2,
+            "both judged for the first time"
+        );
+        assert_eq!(next_verdicts(&MARKS, &s, &first), None, "nothing changed");
+        // Between the marks now: still out (it was out), so still no change.
+        let band = [self::s(1, 10, 100), self::s(2, 70, 100)];
+        assert_eq!(next_verdicts(&MARKS, &band, &first), None);
+        let back = next_verdicts(&MARKS, &[self::s(1, 10, 100), self::s(2, 50, 100)], &first)
+            .expect("back in");
+        assert_eq!(
+            moved(&first, &back)
+                .iter()
+                .map(|v| v.backend)
+                .collect::<Vec<_>>(),
+            vec![ip(2)]
+        );
     }
 
     #[test]
