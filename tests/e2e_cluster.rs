@@ -12,7 +12,7 @@ use std::{
 };
 
 use lb_tests::{
-    cluster_lab::{binary, client_mac_for, mac_of, vip_addr, Cluster, GROUP, KEY, TIMEOUT},
+    cluster_lab::{client_mac_for, mac_of, vip_addr, Cluster, GROUP, KEY, TIMEOUT},
     lab::standard,
     traffic,
 };
@@ -329,13 +329,7 @@ fn a_quiesced_spare_takes_nothing_and_events_stream_the_takeover() {
     );
     // Follow lb2's events while lb1 dies: lb2 becomes leader and, with the spare
     // quiesced, takes lb1's VIP itself.
-    let mut follow = std::process::Command::new(binary("lbctl"))
-        .arg("--socket")
-        .arg(c.socket("lb2"))
-        .args(["-o", "json", "events", "--follow"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut follow = c.lbctl_spawn("lb2", &["-o", "json", "events", "--follow"]);
     std::thread::sleep(Duration::from_millis(300));
     c.lbds.get("lb1").unwrap().signal(Signal::SIGKILL).unwrap();
     c.lab.host("lb1").ns.ip("link set eth0 down").unwrap();
@@ -536,40 +530,45 @@ fn wait_all(
     start.elapsed()
 }
 
+/// `lbctl backend register` of b3 (198.18.0.13:8080, ttl 1 s) on lb3, renewing until
+/// killed.
+fn register_b3_on_lb3(c: &Cluster, svc: &str) -> std::process::Child {
+    c.lbctl_spawn(
+        "lb3",
+        &[
+            "backend",
+            "register",
+            "--service",
+            svc,
+            "--addr",
+            "198.18.0.13:8080",
+            "--ttl",
+            "1s",
+        ],
+    )
+}
+
+/// Whether a directory search holds b3's registration with this validity.
+fn lease_valid(want: bool) -> impl Fn(&serde_json::Value) -> bool {
+    move |rows| {
+        rows.as_array().is_some_and(|r| {
+            r.iter()
+                .any(|e| e["key"] == "198.18.0.13:8080" && e["valid"] == want)
+        })
+    }
+}
+
 #[test]
 fn a_lease_held_on_one_node_expires_on_every_node_and_the_directory_survives_its_master() {
     let mut c = Cluster::new("dsdlease");
     c.settle(Duration::from_secs(5));
     let svc = format!("tcp/{}:{}", standard::VIP, standard::SERVICE_PORT);
     let table = format!("svc.{svc}");
-    let mut register = std::process::Command::new(binary("lbctl"))
-        .arg("--socket")
-        .arg(c.socket("lb3"))
-        .args([
-            "backend",
-            "register",
-            "--service",
-            &svc,
-            "--addr",
-            "198.18.0.13:8080",
-            "--ttl",
-            "1s",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let key_valid = |want: bool| {
-        move |rows: &serde_json::Value| {
-            rows.as_array().is_some_and(|r| {
-                r.iter()
-                    .any(|e| e["key"] == "198.18.0.13:8080" && e["valid"] == want)
-            })
-        }
-    };
-    let joined = wait_all(&c, &table, Duration::from_secs(5), key_valid(true));
+    let mut register = register_b3_on_lb3(&c, &svc);
+    let joined = wait_all(&c, &table, Duration::from_secs(5), lease_valid(true));
     register.kill().unwrap();
     let _ = register.wait();
-    let left = wait_all(&c, &table, Duration::from_secs(5), key_valid(false));
+    let left = wait_all(&c, &table, Duration::from_secs(5), lease_valid(false));
     eprintln!("lease on lb3: valid on all nodes after {joined:?}; invalid on all {left:?} after renewals stopped (ttl 1 s)");
 
     // The directory master (lb1, the leader) dies; lb2 takes over with the backup's
@@ -601,38 +600,14 @@ fn a_lease_expires_even_when_the_node_that_took_the_registration_dies() {
     c.settle(Duration::from_secs(5));
     let svc = format!("tcp/{}:{}", standard::VIP, standard::SERVICE_PORT);
     let table = format!("svc.{svc}");
-    let mut register = std::process::Command::new(binary("lbctl"))
-        .arg("--socket")
-        .arg(c.socket("lb3"))
-        .args([
-            "backend",
-            "register",
-            "--service",
-            &svc,
-            "--addr",
-            "198.18.0.13:8080",
-            "--ttl",
-            "1s",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let key_valid = |want: bool| {
-        move |rows: &serde_json::Value| {
-            rows.as_array().is_some_and(|r| {
-                r.iter()
-                    .any(|e| e["key"] == "198.18.0.13:8080" && e["valid"] == want)
-            })
-        }
-    };
-    wait_all(&c, &table, Duration::from_secs(5), key_valid(true));
+    let mut register = register_b3_on_lb3(&c, &svc);
+    wait_all(&c, &table, Duration::from_secs(5), lease_valid(true));
     // lb3, which took the registration, dies (and the registering process with it).
     c.lbds.get("lb3").unwrap().signal(Signal::SIGKILL).unwrap();
     c.lbds.remove("lb3");
     let _ = register.kill();
     let _ = register.wait();
-    let left = wait_all(&c, &table, Duration::from_secs(5), key_valid(false));
+    let left = wait_all(&c, &table, Duration::from_secs(5), lease_valid(false));
     eprintln!("lease taken on lb3, lb3 killed: invalid on lb1 and lb2 after {left:?} (ttl 1 s)");
 }
 
@@ -695,17 +670,9 @@ fn a_failed_route_to_a_backend_host_moves_its_traffic_on_every_node() {
     );
     c.client(move || {
         let mut conv = conv;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match conv.ask("still there") {
-                Ok(name) => {
-                    anyhow::ensure!(name == "b3", "the connection moved to {name}");
-                    return Ok(());
-                }
-                Err(e) if Instant::now() > deadline => return Err(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
+        let name = conv.ask_within("still there", Duration::from_secs(5))?;
+        anyhow::ensure!(name == "b3", "the connection moved to {name}");
+        Ok(())
     });
     // Both VIPs (served by two different nodes) still reach b3, over its second link,
     // once each node has the new next hop's MAC (until then b3's frames go the old
@@ -753,7 +720,6 @@ fn wait_spm(
         loop {
             let map = spm_show(c, lb, &["--service", svc]);
             if map.as_ref().is_some_and(&check) {
-                eprintln!("{lb}: after {:?}", start.elapsed());
                 break;
             }
             assert!(start.elapsed() < within, "{lb}: {map:?}");
@@ -818,13 +784,7 @@ address = "{b2}"
     });
 
     // A smart client watching lb3's map sees each new version as it comes.
-    let mut watch = std::process::Command::new(binary("lbctl"))
-        .arg("--socket")
-        .arg(c.socket("lb3"))
-        .args(["-o", "json", "spm", "watch", "--service", &svc])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watch = c.lbctl_spawn("lb3", &["-o", "json", "spm", "watch", "--service", &svc]);
 
     // Scale from one instance to two, through the directory on a node that is not
     // the directory master.

@@ -211,24 +211,34 @@ impl Env {
         let s = sources();
         self.client(move || traffic::http_spread(&s, vip(), n, TIMEOUT))
     }
+
+    /// Rounds of `n` new connections until their spread satisfies `done`; how long
+    /// that took. Fails after 10 s, saying `what` did not happen.
+    fn spread_until(
+        &self,
+        n: usize,
+        what: &str,
+        done: impl Fn(&BTreeMap<String, usize>) -> bool,
+    ) -> Duration {
+        let start = Instant::now();
+        loop {
+            let spread = self.spread(n);
+            if done(&spread) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{what}: {spread:?}"
+            );
+        }
+    }
 }
 
 impl Drop for Env {
     fn drop(&mut self) {
         self.lbd.take();
         if std::thread::panicking() {
-            // lbd's own account of what happened, before it is deleted.
-            for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
-                let p = e.path();
-                if p.extension().is_some_and(|x| x == "log") {
-                    let text = std::fs::read_to_string(&p).unwrap_or_default();
-                    let tail: Vec<&str> = text.lines().rev().take(30).collect();
-                    eprintln!("--- {} (last 30 lines)", p.display());
-                    for l in tail.iter().rev() {
-                        eprintln!("{l}");
-                    }
-                }
-            }
+            lb_tests::lab::print_log_tails(&self.dir, 30);
         }
         // Unpinning the link takes the program off; unpinning the maps frees them.
         let _ = std::fs::remove_dir_all(&self.pin_dir);
@@ -573,17 +583,7 @@ fn a_backend_registered_with_a_lease_takes_connections_and_leaves_when_it_stops_
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("lbctl backend register");
-    let started = Instant::now();
-    let joined = loop {
-        let spread = env.spread(30);
-        if spread.contains_key("b3") {
-            break started.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "b3 never got a connection: {spread:?}"
-        );
-    };
+    let joined = env.spread_until(30, "b3 never got a connection", |s| s.contains_key("b3"));
     // It shows in the directory and in the service's backends.
     let rows = env.lbctl_ok(&["-o", "json", "dir", "search", &format!("svc.{SVC}")]);
     assert!(rows.contains("198.18.0.13:8080"), "{rows}");
@@ -592,17 +592,7 @@ fn a_backend_registered_with_a_lease_takes_connections_and_leaves_when_it_stops_
 
     register.kill().unwrap();
     let _ = register.wait();
-    let killed = Instant::now();
-    let left = loop {
-        let spread = env.spread(30);
-        if !spread.contains_key("b3") {
-            break killed.elapsed();
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(10),
-            "b3 still gets connections: {spread:?}"
-        );
-    };
+    let left = env.spread_until(30, "b3 still gets connections", |s| !s.contains_key("b3"));
     eprintln!("lease: new connections reached the registered backend after {joined:?}; it left {left:?} after its renewals stopped (ttl 1 s)");
     let rows: serde_json::Value = serde_json::from_str(&env.lbctl_ok(&[
         "-o",
@@ -657,17 +647,7 @@ fn a_backend_failing_its_health_check_gets_no_new_connections_until_it_recovers(
     assert_eq!(b2["healthy"], false, "{b2}");
 
     env.lab.start_server("b2", &std::env::temp_dir()).unwrap();
-    let restarted = Instant::now();
-    let back = loop {
-        let spread = env.spread(60);
-        if spread.contains_key("b2") {
-            break restarted.elapsed();
-        }
-        assert!(
-            restarted.elapsed() < Duration::from_secs(10),
-            "b2 never came back: {spread:?}"
-        );
-    };
+    let back = env.spread_until(60, "b2 never came back", |s| s.contains_key("b2"));
     eprintln!("health check (HTTP every 200 ms, fall 2, rise 2): b2 out {gone:?} after its server stopped, back {back:?} after it restarted");
 }
 
@@ -723,17 +703,9 @@ fn with_two_routes_to_a_backend_a_failed_link_moves_its_traffic_to_the_other() {
     // The established connection goes on, over the second link, on the same backend.
     env.client(move || {
         let mut conv = conv;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match conv.ask("still b3?") {
-                Ok(name) => {
-                    anyhow::ensure!(name == "b3", "moved to {name}");
-                    return Ok(());
-                }
-                Err(e) if Instant::now() > deadline => return Err(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
+        let name = conv.ask_within("still b3?", Duration::from_secs(5))?;
+        anyhow::ensure!(name == "b3", "moved to {name}");
+        Ok(())
     });
     let spread = env.spread(60);
     assert!(

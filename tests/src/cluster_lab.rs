@@ -255,6 +255,19 @@ impl Cluster {
         );
     }
 
+    /// A long-running lbctl on `lb` (register, watch, events --follow), its output
+    /// piped; kill it when done.
+    pub fn lbctl_spawn(&self, lb: &str, args: &[&str]) -> std::process::Child {
+        std::process::Command::new(binary("lbctl"))
+            .arg("--socket")
+            .arg(self.socket(lb))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting lbctl")
+    }
+
     pub fn lbctl(&self, lb: &str, args: &[&str]) -> Output {
         std::process::Command::new(binary("lbctl"))
             .arg("--socket")
@@ -342,22 +355,12 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.lbds.clear();
         if std::thread::panicking() {
-            // The daemons' own account of what happened, before it is deleted.
-            for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
-                let p = e.path();
-                if p.extension().is_some_and(|x| x == "log") {
-                    let text = std::fs::read_to_string(&p).unwrap_or_default();
-                    let tail: Vec<&str> = text.lines().rev().take(40).collect();
-                    eprintln!("--- {} (last 40 lines)", p.display());
-                    for l in tail.iter().rev() {
-                        eprintln!("{l}");
-                    }
-                }
-            }
+            crate::lab::print_log_tails(&self.dir, 40);
         }
         for lb in ["lb1", "lb2", "lb3"] {
             let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/lb/{}-{lb}", self.node));
         }
+        // LB_KEEP_LOGS=1 keeps configs and daemon logs for a look after the run.
         if std::env::var_os("LB_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

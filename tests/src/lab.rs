@@ -69,6 +69,22 @@ pub const RUN_DIR: &str = "/run/lblab";
 
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
+/// Prints the last `lines` lines of every `*.log` in `dir`: the daemons' own account
+/// of what happened, for a test that failed (called before the directory goes).
+pub fn print_log_tails(dir: &std::path::Path, lines: usize) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "log") {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+            eprintln!("--- {} (last {lines} lines)", p.display());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
 pub fn mac_string(mac: &[u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))

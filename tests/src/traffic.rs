@@ -94,6 +94,19 @@ impl Conversation {
         }
         Ok(name.to_string())
     }
+
+    /// As `ask`, retried every 50 ms for up to `within` while the path is changing
+    /// (a route or a node moving): the first answer, or the last error.
+    pub fn ask_within(&mut self, line: &str, within: Duration) -> Result<String> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            match self.ask(line) {
+                Ok(name) => return Ok(name),
+                Err(e) if std::time::Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
 }
 
 /// `n` new connections (HTTP GETs) spread over the given source addresses; returns
