@@ -511,6 +511,15 @@ fn enc(s: &str) -> String {
         .collect()
 }
 
+/// A URL query from the parameters that are given, values encoded.
+fn query(params: &[(&str, Option<String>)]) -> String {
+    params
+        .iter()
+        .filter_map(|(k, v)| Some(format!("{k}={}", enc(v.as_ref()?))))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 async fn dir(client: &Client, out: Output, cmd: DirCmd) -> Result<(), Failure> {
     match cmd {
         DirCmd::Search { table, prefix } => {
@@ -1080,29 +1089,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             epoch,
             level,
         }) => {
-            let mut q = Vec::new();
-            if let Some(l) = level {
-                q.push(format!("level={l}"));
-            }
-            if let Some(s) = service {
-                q.push(format!("service={}", enc(&s.to_string())));
-            }
-            if let Some(a) = addr {
-                q.push(format!("client={a}"));
-            }
-            if let Some(k) = key {
-                q.push(format!("key={k}"));
-            }
-            if let Some(t) = map_type {
-                q.push(format!("type={t}"));
-            }
-            if let Some(p) = provider {
-                q.push(format!("provider={}", enc(&p)));
-            }
-            if let Some(e) = epoch {
-                q.push(format!("epoch={e}"));
-            }
-            let map: serde_json::Value = client.get(&format!("/v1/spm?{}", q.join("&"))).await?;
+            let q = query(&[
+                ("level", level.map(|l| l.to_string())),
+                ("service", service.map(|s| s.to_string())),
+                ("client", addr.map(|a| a.to_string())),
+                ("key", key.map(|k| k.to_string())),
+                ("type", map_type.map(|t| t.to_string())),
+                ("provider", provider),
+                ("epoch", epoch.map(|e| e.to_string())),
+            ]);
+            let map: serde_json::Value = client.get(&format!("/v1/spm?{q}")).await?;
             if out == Output::Json {
                 print_json(&map);
             } else {
@@ -1152,15 +1148,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             service,
             client: addr,
         }) => {
-            let mut q = Vec::new();
-            if let Some(s) = service {
-                q.push(format!("service={}", enc(&s.to_string())));
-            }
-            if let Some(a) = addr {
-                q.push(format!("client={a}"));
-            }
+            let q = query(&[
+                ("service", service.map(|s| s.to_string())),
+                ("client", addr.map(|a| a.to_string())),
+            ]);
             client
-                .get_lines(&format!("/v1/spm/watch?{}", q.join("&")), |line| {
+                .get_lines(&format!("/v1/spm/watch?{q}"), |line| {
                     if out == Output::Json {
                         println!("{line}");
                     } else if let Ok(map) = serde_json::from_str::<serde_json::Value>(line) {
