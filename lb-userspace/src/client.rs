@@ -49,15 +49,6 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, ClientError> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|_| ClientError::NotRunning {
-                path: self.socket.clone(),
-            })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| self.protocol(e))?;
-        tokio::spawn(conn);
         let request = Request::builder()
             .method(method)
             .uri(path)
@@ -65,10 +56,7 @@ impl Client {
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| self.protocol(e))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| self.protocol(e))?;
+        let response = self.send(request).await?;
         let status = response.status();
         let bytes = response
             .into_body()
@@ -86,12 +74,11 @@ impl Client {
             .map_err(|e| self.protocol(format!("unexpected answer to {path}: {e}")))
     }
 
-    /// GETs a newline-delimited stream, calling `line` for each line as it arrives.
-    pub async fn get_lines(
+    /// One request over a new connection to lbd's socket.
+    async fn send(
         &self,
-        path: &str,
-        mut line: impl FnMut(&str),
-    ) -> Result<(), ClientError> {
+        request: Request<Full<Bytes>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|_| ClientError::NotRunning {
@@ -101,16 +88,25 @@ impl Client {
             .await
             .map_err(|e| self.protocol(e))?;
         tokio::spawn(conn);
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| self.protocol(e))
+    }
+
+    /// GETs a newline-delimited stream, calling `line` for each line as it arrives.
+    pub async fn get_lines(
+        &self,
+        path: &str,
+        mut line: impl FnMut(&str),
+    ) -> Result<(), ClientError> {
         let request = Request::builder()
             .method(Method::GET)
             .uri(path)
             .header("host", "lbd")
             .body(Full::new(Bytes::new()))
             .map_err(|e| self.protocol(e))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| self.protocol(e))?;
+        let response = self.send(request).await?;
         let status = response.status();
         let mut body = response.into_body();
         let mut pending = Vec::new();
