@@ -630,6 +630,7 @@ impl Daemon {
             info!(change = %c, "applying");
         }
         self.sync(&new, &touched)?;
+        crate::fault::point("apply.maps-written");
         self.desired = new;
         self.persist()?;
         Ok(changes)

@@ -14,6 +14,7 @@ pub mod desired;
 pub mod dird;
 pub mod directory;
 pub mod error;
+pub mod fault;
 pub mod health;
 pub mod loader;
 pub mod maglev;

@@ -254,11 +254,24 @@ impl Lab {
 
     /// Starts `program` in host `tag`'s network namespace, output to `log`.
     pub fn spawn(&self, tag: &str, program: &Path, args: &[&str], log: &Path) -> Result<Proc> {
+        self.spawn_with_env(tag, program, args, &[], log)
+    }
+
+    /// As `spawn`, with extra environment variables.
+    pub fn spawn_with_env(
+        &self,
+        tag: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Result<Proc> {
         let host = self.host(tag);
         let out =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = host.ns.command(&program.to_string_lossy());
         cmd.args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
