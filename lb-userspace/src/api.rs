@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     desired::{BackendSpec, Change, Desired},
-    manager::{ServiceConfig, ServiceKey},
+    model::{ServiceConfig, ServiceKey},
 };
 
 pub const VERSION: &str = "v1";
@@ -210,3 +210,23 @@ pub struct Shutdown {
     /// Also detach the XDP program and remove the pinned maps.
     pub detach: bool,
 }
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    pub node: IpAddr,
+    #[serde(flatten)]
+    pub event: crate::cluster::node::Event,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub id: Option<IpAddr>,
+    pub leader: Option<IpAddr>,
+    pub is_leader: bool,
+    pub hosts: Vec<crate::cluster::node::HostView>,
+    pub rejected: std::collections::BTreeMap<String, u64>,
+    pub events: std::collections::BTreeMap<String, u64>,
+}
+

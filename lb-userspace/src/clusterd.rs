@@ -12,7 +12,6 @@ use std::{
 
 use anyhow::{Context, Result};
 use rand::{rngs::StdRng, SeedableRng};
-use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     net::UdpSocket,
@@ -21,8 +20,9 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    api::{ClusterView, EventRecord},
     cluster::{
-        node::{Event, HostView, Input, Node, NodeConfig, Output, Timing},
+        node::{Event, Input, Node, NodeConfig, Output, Timing},
         wire::{self, Reject},
     },
     config::ClusterConfig,
@@ -35,25 +35,6 @@ use crate::{
 const EVENT_LOG: usize = 200;
 /// Announcements after an acquire: at once, then after these delays.
 const ANNOUNCE_AGAIN: [Duration; 2] = [Duration::from_millis(200), Duration::from_millis(600)];
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct EventRecord {
-    /// Milliseconds since the Unix epoch.
-    pub at_ms: u64,
-    pub node: IpAddr,
-    #[serde(flatten)]
-    pub event: Event,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct ClusterView {
-    pub id: Option<IpAddr>,
-    pub leader: Option<IpAddr>,
-    pub is_leader: bool,
-    pub hosts: Vec<HostView>,
-    pub rejected: BTreeMap<String, u64>,
-    pub events: BTreeMap<String, u64>,
-}
 
 /// What the API reads and the commands it sends.
 #[derive(Clone)]

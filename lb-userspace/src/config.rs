@@ -18,7 +18,7 @@ use crate::{
     desired::{BackendSpec, Desired, ServiceSpec},
     loader::LoadOptions,
     maglev::is_prime,
-    manager::{Proto, ServiceConfig, ServiceKey},
+    model::{parse_mac, CheckConfig, Probe, Proto, ServiceConfig, ServiceKey},
 };
 
 pub const DEFAULT_PATH: &str = "/etc/lb/lbd.toml";
@@ -355,28 +355,6 @@ fn one() -> u32 {
     1
 }
 
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return None;
-    }
-    let mut mac = [0u8; 6];
-    for (b, p) in mac.iter_mut().zip(parts) {
-        if p.len() != 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    Some(mac)
-}
-
-pub fn mac_to_string(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 fn de_mac<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 6]>, D::Error> {
     let s = String::deserialize(d)?;
     parse_mac(&s).map(Some).ok_or_else(|| {
@@ -577,12 +555,12 @@ fn services(
                 let cspan = c.span();
                 let c = c.into_inner();
                 let probe = match c.kind.as_str() {
-                    "tcp" => crate::health::Probe::Tcp,
-                    "http" => crate::health::Probe::Http {
+                    "tcp" => Probe::Tcp,
+                    "http" => Probe::Http {
                         path: c.path.unwrap_or_else(|| "/".into()),
                         status: c.status.unwrap_or(200),
                     },
-                    "udp" => crate::health::Probe::Udp {
+                    "udp" => Probe::Udp {
                         send: c.send.unwrap_or_else(|| "ping".into()),
                         expect: c.expect,
                     },
@@ -606,7 +584,7 @@ fn services(
                         "check: interval_ms, timeout_ms, rise and fall must be positive",
                     ));
                 }
-                Some(crate::health::CheckConfig {
+                Some(CheckConfig {
                     probe,
                     port,
                     interval: std::time::Duration::from_millis(c.interval_ms),
@@ -1063,15 +1041,5 @@ topology = [{ subnet = "203.0.113.0/25", sphere = "east" }]
             "{e}"
         );
         assert_eq!(e.line, GOOD.lines().count() + 2, "{e}");
-    }
-
-    #[test]
-    fn macs_round_trip() {
-        assert_eq!(
-            mac_to_string(&parse_mac("02:AB:00:00:00:0b").unwrap()),
-            "02:ab:00:00:00:0b"
-        );
-        assert_eq!(parse_mac("02:ab:00:00:00"), None);
-        assert_eq!(parse_mac("02:ab:00:00:00:0bb"), None);
     }
 }

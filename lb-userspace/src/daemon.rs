@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -16,10 +16,11 @@ use tracing::{info, warn};
 
 use crate::{
     api,
-    config::{mac_to_string, Config, XdpModeName},
+    config::{Config, XdpModeName},
     desired::{diff, Change, Desired, ServiceSpec},
     loader::{Attached, Dataplane, Program},
-    manager::{BackendConfig, Egress, L2Route, MapManager, ServiceKey, Snapshot},
+    manager::{BackendConfig, MapManager, Snapshot},
+    model::{mac_to_string, CheckConfig, DirBackend, Egress, L2Route, ServiceKey},
     neighbor::{LocalInterface, Neighbor, NeighborTable},
 };
 
@@ -104,19 +105,6 @@ pub fn validate(desired: &Desired, config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// Replaces `path` with `data` so that a crash leaves the old file or the new one,
-/// never a part: write a temporary file, flush it to disk, rename it over.
-pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(data)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))
-}
-
 pub struct Daemon {
     pub config: Config,
     dataplane: Dataplane,
@@ -166,21 +154,15 @@ pub fn merged_spec(
     merged
 }
 
-/// A backend the directory holds: its weight, and the address of its host's current
-/// route (where its frames go; its identity in the tables stays the same when the
-/// route changes, so its flows stay with it).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DirBackend {
-    pub weight: u32,
-    pub via: IpAddr,
-    /// The `sphere` attribute of its entry (the SPM topology rule's provider).
-    pub sphere: Option<String>,
-}
-
 impl Daemon {
     /// Loads the data plane (taking over pinned maps and links if an earlier run left
     /// them), applies the desired state, attaches.
-    pub async fn start(config: Config, neighbors: &NeighborTable) -> Result<Daemon> {
+    /// `availability` is the set the last run saved: applied before the first write.
+    pub async fn start(
+        config: Config,
+        neighbors: &NeighborTable,
+        availability: crate::availability::Set,
+    ) -> Result<Daemon> {
         std::fs::create_dir_all(&config.node.state_dir)
             .with_context(|| format!("creating state_dir {}", config.node.state_dir.display()))?;
         let mut locals = Vec::new();
@@ -237,7 +219,6 @@ impl Daemon {
             maps.own_only(adopted.clone())?;
         }
 
-        let state_dir = config.node.state_dir.clone();
         let mut daemon = Daemon {
             from_config: config.desired.clone(),
             config,
@@ -252,7 +233,7 @@ impl Daemon {
             directory: BTreeMap::new(),
             unhealthy: BTreeSet::new(),
             epochs: BTreeMap::new(),
-            availability: crate::availd::load(&state_dir)?,
+            availability,
             directory_fed: false,
             verdicts: BTreeMap::new(),
         };
@@ -386,7 +367,7 @@ impl Daemon {
 
     /// Every service with a health check, and the backends to check (configured and
     /// from the directory).
-    pub fn checks(&self) -> Vec<(ServiceKey, crate::health::CheckConfig, Vec<IpAddr>)> {
+    pub fn checks(&self) -> Vec<(ServiceKey, CheckConfig, Vec<IpAddr>)> {
         self.desired
             .services
             .iter()
@@ -566,7 +547,7 @@ impl Daemon {
                     let spm = self.effective_spm(key, spec);
                     self.maps.set_steering(
                         *key,
-                        crate::manager::Steering {
+                        crate::model::Steering {
                             source_partition: spm.rule == crate::spm::RuleName::Source,
                             topology: if spm.rule == crate::spm::RuleName::Topology {
                                 spm.topology.clone()
@@ -607,8 +588,8 @@ impl Daemon {
             from_config: self.from_config.clone(),
             desired: self.desired.clone(),
         };
-        write_atomic(&dir.join(DESIRED_FILE), &serde_json::to_vec_pretty(&saved)?)?;
-        write_atomic(
+        crate::state_file::write_atomic(&dir.join(DESIRED_FILE), &serde_json::to_vec_pretty(&saved)?)?;
+        crate::state_file::write_atomic(
             &dir.join(SNAPSHOT_FILE),
             &serde_json::to_vec(&self.maps.snapshot())?,
         )

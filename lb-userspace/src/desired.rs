@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::manager::{ServiceConfig, ServiceKey};
+use crate::model::{CheckConfig, ServiceConfig, ServiceKey};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendSpec {
@@ -44,7 +44,7 @@ pub struct ServiceSpec {
     pub backends: BTreeMap<IpAddr, BackendSpec>,
     /// Active health check of the backends, if any.
     #[serde(default)]
-    pub check: Option<crate::health::CheckConfig>,
+    pub check: Option<CheckConfig>,
     /// How the Service Point Map presents the service, and its L4 rules.
     #[serde(default)]
     pub spm: crate::spm::Settings,
@@ -102,7 +102,7 @@ fn describe_backend(spec: &BackendSpec) -> String {
         s.push_str(", draining");
     }
     if let Some(mac) = spec.mac {
-        s.push_str(&format!(", mac {}", crate::config::mac_to_string(&mac)));
+        s.push_str(&format!(", mac {}", crate::model::mac_to_string(&mac)));
     }
     s
 }
@@ -239,7 +239,7 @@ pub fn diff(old: &Desired, new: &Desired) -> Vec<Change> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manager::Proto;
+    use crate::model::Proto;
 
     fn key(port: u16) -> ServiceKey {
         ServiceKey {
@@ -317,31 +317,5 @@ mod tests {
         };
         assert_eq!(b.effective_weight(), 0);
         assert_eq!(b.weight, 5);
-    }
-}
-
-#[cfg(test)]
-mod key_syntax {
-    use crate::manager::ServiceKey;
-
-    #[test]
-    fn service_keys_parse_back_from_their_display() {
-        for s in [
-            "tcp/198.18.0.100:80",
-            "udp/[2001:db8::1]:53",
-            "tcp/198.18.0.100:*",
-        ] {
-            let k: ServiceKey = s.parse().unwrap();
-            assert_eq!(k.to_string(), s);
-        }
-        for bad in [
-            "198.18.0.100:80",
-            "sctp/198.18.0.100:80",
-            "tcp/198.18.0.100",
-            "tcp/x:80",
-            "tcp/198.18.0.100:99999",
-        ] {
-            assert!(bad.parse::<ServiceKey>().is_err(), "{bad}");
-        }
     }
 }

@@ -16,14 +16,14 @@ use tokio::sync::{broadcast, Mutex};
 use tracing::{info, warn};
 
 use crate::{
-    daemon::{Daemon, DirBackend},
+    daemon::Daemon,
     directory::{
         replication::{Agent, Backup, Master, Msg, NodeId, Out},
         store::DirectoryStore,
         subscriptions::Event,
         tables::{names, Change, CompleteRoute, Entry, Heartbeats, Op, ServerRoute, Tables},
     },
-    manager::ServiceKey,
+    model::{DirBackend, ServiceKey},
     neighbor::NeighborTable,
 };
 
@@ -309,7 +309,7 @@ impl DirHandle {
             );
             tokio::spawn(async move {
                 if let Err(e) =
-                    post_to_peer(addr, "/v1/dsd", ("x-lb-node", me.to_string()), body).await
+                    crate::peer::post_to_peer(addr, "/v1/dsd", ("x-lb-node", me.to_string()), body).await
                 {
                     tracing::debug!(%addr, "directory message not delivered (it is resent): {e:#}");
                 }
@@ -829,51 +829,6 @@ fn lease_key(table: &str, key: &str) -> String {
     format!("{table}{LEASE_SEP}{key}")
 }
 
-/// Where a node serves the directory's replication messages: its cluster id and the
-/// cluster port + 1.
-pub fn endpoint(id: IpAddr, cluster_port: u16) -> SocketAddr {
-    SocketAddr::new(id, cluster_port.wrapping_add(1))
-}
-
-/// A node id from its cluster id address.
-pub fn node_id(addr: IpAddr) -> NodeId {
-    match addr {
-        IpAddr::V4(a) => u32::from(a),
-        IpAddr::V6(a) => {
-            let o = a.octets();
-            u32::from_be_bytes([o[12], o[13], o[14], o[15]])
-        }
-    }
-}
-
-/// POSTs one framed message to another node's endpoint (cluster port + 1: the
-/// directory, availability); returns the answer's body.
-pub async fn post_to_peer(
-    addr: SocketAddr,
-    path: &str,
-    header: (&'static str, String),
-    body: Vec<u8>,
-) -> Result<Vec<u8>> {
-    use http_body_util::{BodyExt, Full};
-    let stream = tokio::time::timeout(
-        Duration::from_millis(500),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await??;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = hyper::Request::post(path)
-        .header("host", "lbd")
-        .header(header.0, header.1)
-        .body(Full::new(hyper::body::Bytes::from(body)))?;
-    let resp = tokio::time::timeout(Duration::from_secs(2), sender.send_request(req)).await??;
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await?.to_bytes();
-    anyhow::ensure!(status.is_success(), "HTTP {status}");
-    Ok(bytes.to_vec())
-}
-
 /// The largest replication message accepted (a snapshot of a big directory).
 pub const MAX_DSD_MESSAGE: usize = 64 << 20;
 
@@ -900,7 +855,7 @@ pub fn start(
     cluster: Option<(crate::clusterd::ClusterHandle, crate::config::ClusterConfig)>,
 ) -> DirHandle {
     let (changes, _) = broadcast::channel(1024);
-    let me = cluster.as_ref().map_or(0, |(_, c)| node_id(c.id));
+    let me = cluster.as_ref().map_or(0, |(_, c)| crate::peer::node_id(c.id));
     let key = cluster
         .as_ref()
         .map(|(_, c)| c.key.clone())
@@ -996,7 +951,7 @@ pub fn start(
                     };
                     let endpoint = cluster
                         .as_ref()
-                        .map(|(_, c)| endpoint(c.id, c.port).to_string())
+                        .map(|(_, c)| crate::peer::endpoint(c.id, c.port).to_string())
                         .unwrap_or_else(|| "-".into());
                     (d.config.node.name.clone(), role, endpoint)
                 };
@@ -1034,10 +989,10 @@ pub fn start(
                     let (master, backup) = directory_roles(&hosts)?;
                     let peers = hosts
                         .iter()
-                        .filter(|(a, _, _)| node_id(*a) != me)
-                        .map(|(a, _, _)| (node_id(*a), endpoint(*a, cfg.port)))
+                        .filter(|(a, _, _)| crate::peer::node_id(*a) != me)
+                        .map(|(a, _, _)| (crate::peer::node_id(*a), crate::peer::endpoint(*a, cfg.port)))
                         .collect();
-                    Some((node_id(master), backup.map(node_id), peers))
+                    Some((crate::peer::node_id(master), backup.map(crate::peer::node_id), peers))
                 });
                 if cluster.is_none() || roles.is_some() {
                     h.tick(roles).await;

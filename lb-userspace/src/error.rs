@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use aya::{maps::MapError, programs::ProgramError, EbpfError};
 use thiserror::Error;
 
-use crate::{maglev::MaglevError, manager::ServiceKey};
+use crate::{maglev::MaglevError, model::ServiceKey};
 
 #[derive(Debug, Error)]
 pub enum DataplaneError {

@@ -5,52 +5,12 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use crate::model::Probe;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpStream, UdpSocket},
     time::timeout,
 };
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum Probe {
-    /// A TCP connection is accepted.
-    Tcp,
-    /// `GET path` answers with `status`.
-    Http { path: String, status: u16 },
-    /// A datagram with `send` gets any answer (containing `expect`, if set).
-    Udp {
-        send: String,
-        expect: Option<String>,
-    },
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CheckConfig {
-    pub probe: Probe,
-    /// Port probed on each backend.
-    pub port: u16,
-    pub interval: Duration,
-    pub timeout: Duration,
-    /// Consecutive successes that make an unhealthy backend healthy again.
-    pub rise: u32,
-    /// Consecutive failures that make a healthy backend unhealthy.
-    pub fall: u32,
-}
-
-impl Default for CheckConfig {
-    fn default() -> Self {
-        Self {
-            probe: Probe::Tcp,
-            port: 80,
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_millis(500),
-            rise: 2,
-            fall: 3,
-        }
-    }
-}
 
 /// One backend's check state: starts healthy (a new backend takes traffic at once;
 /// the first `fall` failures take it out).
@@ -166,10 +126,10 @@ async fn run_probe(target: SocketAddr, probe: &Probe) -> Result<()> {
 pub async fn run_checks(daemon: std::sync::Arc<tokio::sync::Mutex<crate::daemon::Daemon>>) {
     use std::collections::BTreeMap;
     use tokio::time::Instant;
-    let mut states: BTreeMap<(crate::manager::ServiceKey, std::net::IpAddr), (Health, Instant)> =
+    let mut states: BTreeMap<(crate::model::ServiceKey, std::net::IpAddr), (Health, Instant)> =
         BTreeMap::new();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(
-        crate::manager::ServiceKey,
+        crate::model::ServiceKey,
         std::net::IpAddr,
         bool,
         u32,

@@ -20,15 +20,16 @@ pub mod loader;
 pub mod maglev;
 pub mod manager;
 pub mod metrics;
+pub mod model;
 pub mod neighbor;
+pub mod peer;
 pub mod server;
 pub mod spm;
+pub mod state_file;
 pub mod vip;
 pub mod watermark;
 
 pub use error::DataplaneError;
 pub use loader::{Attached, Dataplane, LoadOptions, Program};
-pub use manager::{
-    BackendConfig, Egress, L2Route, MapManager, Proto, ServiceConfig, ServiceKey, Snapshot,
-    Steering,
-};
+pub use manager::{BackendConfig, MapManager, Snapshot};
+pub use model::{Egress, L2Route, Proto, ServiceConfig, ServiceKey, Steering};

@@ -248,7 +248,7 @@ impl Dataplane {
                 source,
             })?;
         }
-        let maps = MapManager::new(&mut ebpf, options)?;
+        let maps = MapManager::new(&mut ebpf, options.max_services, options.maglev_max_size)?;
         let dataplane = Dataplane {
             ebpf,
             logger,

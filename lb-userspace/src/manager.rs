@@ -13,7 +13,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt,
     net::IpAddr,
 };
 
@@ -29,164 +28,16 @@ use aya::{
 use lb_common::{
     map_names, AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, Route,
     SphereKey, SphereMeta, VipKey, VipMeta, ADDR_F_PASS_IRREGULAR, BACKEND_F_ACTIVE, FAMILY_V4,
-    FAMILY_V6, MAGLEV_DEFAULT_SIZE, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP,
+    FAMILY_V6, MAX_BACKENDS, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP,
     ROUTE_MODE_L2_DSR, VIP_F_EPOCH_RESTEER, VIP_F_PASS_IRREGULAR, VIP_F_SRC_PARTITION,
     VIP_F_TOPOLOGY, VIP_F_UNAVAILABLE,
 };
 
 use crate::{
     error::{DataplaneError, MapResultExt, Result},
-    loader::LoadOptions,
     maglev::{self, MaglevBackend},
+    model::{Egress, L2Route, Proto, ServiceConfig, ServiceKey, Steering},
 };
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    pub fn number(self) -> u8 {
-        match self {
-            Proto::Tcp => PROTO_TCP,
-            Proto::Udp => PROTO_UDP,
-        }
-    }
-}
-
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        })
-    }
-}
-
-/// A service: what clients address. Port 0 is the address's port-less fallback.
-/// Serialized as its text form (`tcp/198.18.0.100:80`), so it can key JSON objects.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ServiceKey {
-    pub addr: IpAddr,
-    pub port: u16,
-    pub proto: Proto,
-}
-
-impl fmt::Display for ServiceKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let port = match self.port {
-            0 => "*".to_string(),
-            p => p.to_string(),
-        };
-        match self.addr {
-            IpAddr::V4(a) => write!(f, "{}/{a}:{port}", self.proto),
-            IpAddr::V6(a) => write!(f, "{}/[{a}]:{port}", self.proto),
-        }
-    }
-}
-
-impl Serialize for ServiceKey {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for ServiceKey {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-impl std::str::FromStr for ServiceKey {
-    type Err = String;
-
-    /// The `Display` form: `tcp/198.18.0.100:80`, `udp/[2001:db8::1]:53`, `tcp/198.18.0.100:*`.
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        let bad = || {
-            format!("`{s}` is not a service; write it as tcp/198.18.0.100:80, udp/[2001:db8::1]:53 or tcp/198.18.0.100:* (any port)")
-        };
-        let (proto, rest) = s.split_once('/').ok_or_else(bad)?;
-        let proto = match proto {
-            "tcp" => Proto::Tcp,
-            "udp" => Proto::Udp,
-            _ => return Err(bad()),
-        };
-        let (addr, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-        let addr = addr.trim_start_matches('[').trim_end_matches(']');
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        let port = match port {
-            "*" => 0,
-            p => p.parse().map_err(|_| bad())?,
-        };
-        Ok(ServiceKey { addr, port, proto })
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceConfig {
-    /// Entries of the service's Maglev table; a prime.
-    pub maglev_size: u32,
-    /// Pass fragments and packets with IP options to the kernel instead of dropping them.
-    pub pass_irregular: bool,
-    /// The service's epoch (SPM). Connections begun in an older one are kept on their
-    /// backend, or steered anew with `epoch_resteer`.
-    #[serde(default)]
-    pub epoch: u32,
-    #[serde(default)]
-    pub epoch_resteer: bool,
-    /// Maintenance or outage: SYNs get a RST, UDP an ICMP error, the rest is dropped.
-    #[serde(default)]
-    pub unavailable: bool,
-}
-
-impl Default for ServiceConfig {
-    fn default() -> Self {
-        Self {
-            maglev_size: MAGLEV_DEFAULT_SIZE,
-            pass_irregular: false,
-            epoch: 0,
-            epoch_resteer: false,
-            unavailable: false,
-        }
-    }
-}
-
-/// How new flows of a service choose a backend beyond the plain flow hash: the SPM
-/// rules that apply at L4.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Steering {
-    /// SPM rule `source`: the client's address modulo the number of instances (in
-    /// address order) picks the backend, so the data plane agrees with the map.
-    #[serde(default)]
-    pub source_partition: bool,
-    /// SPM rule `topology`: client subnets (network, prefix) → sphere.
-    #[serde(default)]
-    pub topology: Vec<(IpAddr, u8, String)>,
-    /// Each backend's sphere (backends without one are in no sphere's table).
-    #[serde(default)]
-    pub spheres: BTreeMap<IpAddr, String>,
-}
-
-/// Where a frame for a backend leaves this node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Egress {
-    /// Back out of the interface it came in on (`XDP_TX`).
-    Ingress,
-    /// Out of another interface (`XDP_REDIRECT` through the devmap).
-    Interface { ifindex: u32 },
-}
-
-/// L2 direct server return: the frame goes to `dst_mac` (the backend's, or its next
-/// hop's) from `src_mac` (ours on the egress interface).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct L2Route {
-    pub dst_mac: [u8; 6],
-    pub src_mac: [u8; 6],
-    pub egress: Egress,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendConfig {
@@ -312,7 +163,8 @@ fn maglev_key(addr: IpAddr) -> u64 {
 }
 
 impl MapManager {
-    pub(crate) fn new(ebpf: &mut Ebpf, options: &LoadOptions) -> Result<Self> {
+    /// `max_services` services, each owning two ring slots of `ring_stride` cells.
+    pub(crate) fn new(ebpf: &mut Ebpf, max_services: u32, ring_stride: u32) -> Result<Self> {
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| DataplaneError::Options(format!("reading {what}: {e}")))?;
         Ok(Self {
@@ -328,10 +180,10 @@ impl MapManager {
             global_stats: take(ebpf, map_names::GLOBAL_STATS)?,
             spheres: take(ebpf, map_names::SPHERES)?,
             nr_cpus,
-            max_services: options.max_services,
-            ring_stride: options.maglev_max_size,
+            max_services,
+            ring_stride,
             services: BTreeMap::new(),
-            ring_shadow: vec![Vec::new(); options.max_services as usize * 2],
+            ring_shadow: vec![Vec::new(); max_services as usize * 2],
             free_backend_ids: (0..MAX_BACKENDS).collect(),
             next_gen: 1,
             tx_port_slots: BTreeMap::new(),

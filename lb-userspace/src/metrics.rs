@@ -4,8 +4,7 @@
 use std::fmt::Write;
 
 use crate::{
-    api::{Stats, Status},
-    clusterd::ClusterView,
+    api::{ClusterView, Stats, Status},
 };
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {

@@ -15,15 +15,15 @@ use tokio::sync::{mpsc, Mutex};
 
 use crate::{
     api::{
-        self, AddBackend, AddService, Applied, BackendRef, DrainBackend, ErrorBody, ServiceRef,
+        self, AddBackend, ClusterView, AddService, Applied, BackendRef, DrainBackend, ErrorBody, ServiceRef,
         SetWeight, Shutdown,
     },
-    clusterd::{ClusterHandle, ClusterView},
+    clusterd::ClusterHandle,
     daemon::Daemon,
     desired::{BackendSpec, Desired, ServiceSpec},
     dird::{DirHandle, Registration},
     directory::store::DirectoryStore,
-    manager::ServiceKey,
+    model::ServiceKey,
     neighbor::NeighborTable,
 };
 

@@ -9,9 +9,9 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     api::{self, Applied},
     client::{Client, ClientError},
-    config::{parse_mac, parse_services},
+    config::parse_services,
     desired::BackendSpec,
-    manager::{ServiceConfig, ServiceKey},
+    model::{parse_mac, ServiceConfig, ServiceKey},
 };
 use serde::Serialize;
 
@@ -975,7 +975,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             print_applied(out, &r);
         }
         Cmd::Cluster => {
-            let c: lb_userspace::clusterd::ClusterView = client.get("/v1/cluster").await?;
+            let c: lb_userspace::api::ClusterView = client.get("/v1/cluster").await?;
             if out == Output::Json {
                 print_json(&c);
             } else {

@@ -94,7 +94,8 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
     let cluster_config = config.cluster.clone();
     let registry_listen = config.node.registry_listen;
     let first_interface = config.interfaces.first().map(|i| i.name.clone());
-    let daemon = Daemon::start(config, &neighbors).await?;
+    let saved_availability = lb_userspace::availd::load(&config.node.state_dir)?;
+    let daemon = Daemon::start(config, &neighbors, saved_availability.clone()).await?;
     let status = daemon.status();
     info!(
         node = %status.node,
@@ -121,14 +122,14 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
     // The records the daemon started with (it applied them before attaching).
     let state_dir = daemon.lock().await.state_dir();
     let availability = lb_userspace::availd::start(
-        lb_userspace::availd::load(&state_dir)?,
+        saved_availability,
         &state_dir,
         daemon.clone(),
         cluster.clone().zip(cluster_config.clone()),
     );
     // The directory's replication endpoint, next to the cluster's port.
     if let Some(c) = &cluster_config {
-        let addr = dird::endpoint(c.id, c.port);
+        let addr = lb_userspace::peer::endpoint(c.id, c.port);
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the directory endpoint {addr} (cluster port + 1)"))?;

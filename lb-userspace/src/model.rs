@@ -1,0 +1,302 @@
+//! The project's shared vocabulary: what a service, a protocol, a MAC, a route, a
+//! health check and a directory backend are. Pure data with its text forms; every
+//! other module (pure cores and I/O shells alike) takes these from here, so that no
+//! shell has to import another for a type.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
+
+use lb_common::{MAGLEV_DEFAULT_SIZE, PROTO_TCP, PROTO_UDP};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// A service: what clients address. Port 0 is the address's port-less fallback.
+/// Serialized as its text form (`tcp/198.18.0.100:80`), so it can key JSON objects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let port = match self.port {
+            0 => "*".to_string(),
+            p => p.to_string(),
+        };
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{}/{a}:{port}", self.proto),
+            IpAddr::V6(a) => write!(f, "{}/[{a}]:{port}", self.proto),
+        }
+    }
+}
+
+impl Serialize for ServiceKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::str::FromStr for ServiceKey {
+    type Err = String;
+
+    /// The `Display` form: `tcp/198.18.0.100:80`, `udp/[2001:db8::1]:53`, `tcp/198.18.0.100:*`.
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let bad = || {
+            format!("`{s}` is not a service; write it as tcp/198.18.0.100:80, udp/[2001:db8::1]:53 or tcp/198.18.0.100:* (any port)")
+        };
+        let (proto, rest) = s.split_once('/').ok_or_else(bad)?;
+        let proto = match proto {
+            "tcp" => Proto::Tcp,
+            "udp" => Proto::Udp,
+            _ => return Err(bad()),
+        };
+        let (addr, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+        let addr = addr.trim_start_matches('[').trim_end_matches(']');
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let port = match port {
+            "*" => 0,
+            p => p.parse().map_err(|_| bad())?,
+        };
+        Ok(ServiceKey { addr, port, proto })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceConfig {
+    /// Entries of the service's Maglev table; a prime.
+    pub maglev_size: u32,
+    /// Pass fragments and packets with IP options to the kernel instead of dropping them.
+    pub pass_irregular: bool,
+    /// The service's epoch (SPM). Connections begun in an older one are kept on their
+    /// backend, or steered anew with `epoch_resteer`.
+    #[serde(default)]
+    pub epoch: u32,
+    #[serde(default)]
+    pub epoch_resteer: bool,
+    /// Maintenance or outage: SYNs get a RST, UDP an ICMP error, the rest is dropped.
+    #[serde(default)]
+    pub unavailable: bool,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            maglev_size: MAGLEV_DEFAULT_SIZE,
+            pass_irregular: false,
+            epoch: 0,
+            epoch_resteer: false,
+            unavailable: false,
+        }
+    }
+}
+
+/// How new flows of a service choose a backend beyond the plain flow hash: the SPM
+/// rules that apply at L4.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Steering {
+    /// SPM rule `source`: the client's address modulo the number of instances (in
+    /// address order) picks the backend, so the data plane agrees with the map.
+    #[serde(default)]
+    pub source_partition: bool,
+    /// SPM rule `topology`: client subnets (network, prefix) → sphere.
+    #[serde(default)]
+    pub topology: Vec<(IpAddr, u8, String)>,
+    /// Each backend's sphere (backends without one are in no sphere's table).
+    #[serde(default)]
+    pub spheres: BTreeMap<IpAddr, String>,
+}
+
+/// Where a frame for a backend leaves this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Egress {
+    /// Back out of the interface it came in on (`XDP_TX`).
+    Ingress,
+    /// Out of another interface (`XDP_REDIRECT` through the devmap).
+    Interface { ifindex: u32 },
+}
+
+/// L2 direct server return: the frame goes to `dst_mac` (the backend's, or its next
+/// hop's) from `src_mac` (ours on the egress interface).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct L2Route {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub egress: Egress,
+}
+
+
+// ---- MAC addresses -------------------------------------------------------------
+
+/// A MAC address, in transmission order.
+pub type Mac = [u8; 6];
+
+/// `02:00:00:00:00:01` (case-insensitive hex pairs) to bytes.
+pub fn parse_mac(s: &str) -> Option<Mac> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+/// Lower-case hex pairs joined by colons.
+pub fn mac_to_string(mac: &Mac) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+
+/// Why a MAC cannot be a frame's destination for one host, if it cannot.
+pub fn mac_refusal(mac: &Mac) -> Option<&'static str> {
+    if *mac == [0; 6] {
+        Some("the all-zero MAC is no station")
+    } else if *mac == [0xff; 6] {
+        Some("the broadcast MAC would send the service's traffic to every host on the link")
+    } else if mac[0] & 1 != 0 {
+        Some("a multicast MAC (group bit set) would send the service's traffic to a group")
+    } else {
+        None
+    }
+}
+
+// ---- health checks -------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Probe {
+    /// A TCP connection is accepted.
+    Tcp,
+    /// `GET path` answers with `status`.
+    Http { path: String, status: u16 },
+    /// A datagram with `send` gets any answer (containing `expect`, if set).
+    Udp {
+        send: String,
+        expect: Option<String>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckConfig {
+    pub probe: Probe,
+    /// Port probed on each backend.
+    pub port: u16,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that make an unhealthy backend healthy again.
+    pub rise: u32,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    pub fall: u32,
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        Self {
+            probe: Probe::Tcp,
+            port: 80,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+
+// ---- the directory's backends --------------------------------------------------
+
+/// A backend the directory holds: its weight, and the address of its host's current
+/// route (where its frames go; its identity in the tables stays the same when the
+/// route changes, so its flows stay with it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirBackend {
+    pub weight: u32,
+    pub via: IpAddr,
+    /// The `sphere` attribute of its entry (the SPM topology rule's provider).
+    pub sphere: Option<String>,
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_round_trip() {
+        assert_eq!(
+            mac_to_string(&parse_mac("02:AB:00:00:00:0b").unwrap()),
+            "02:ab:00:00:00:0b"
+        );
+        assert_eq!(parse_mac("02:ab:00:00:00"), None);
+        assert_eq!(parse_mac("02:ab:00:00:00:0bb"), None);
+    }
+
+    #[test]
+    fn only_unicast_macs_are_backend_macs() {
+        assert_eq!(mac_refusal(&[2, 0, 0, 0, 0, 1]), None);
+        for bad in [[0; 6], [0xff; 6], [1, 0, 0x5e, 0, 0, 1], [0x33, 0x33, 0, 0, 0, 1]] {
+            assert!(mac_refusal(&bad).is_some(), "{bad:02x?}");
+        }
+    }
+
+    #[test]
+    fn service_keys_parse_back_from_their_display() {
+        for s in [
+            "tcp/198.18.0.100:80",
+            "udp/[2001:db8::1]:53",
+            "tcp/198.18.0.100:*",
+        ] {
+            let k: ServiceKey = s.parse().unwrap();
+            assert_eq!(k.to_string(), s);
+        }
+        for bad in [
+            "198.18.0.100:80",
+            "sctp/198.18.0.100:80",
+            "tcp/198.18.0.100",
+            "tcp/x:80",
+            "tcp/198.18.0.100:99999",
+        ] {
+            assert!(bad.parse::<ServiceKey>().is_err(), "{bad}");
+        }
+    }
+}
