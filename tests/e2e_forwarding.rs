@@ -14,8 +14,8 @@ use lb_tests::{
     servers::{ask_name, NameServer},
 };
 use lb_userspace::{
-    BackendConfig, Dataplane, Egress, L2Route, LoadOptions, Program, Proto, ServiceConfig,
-    ServiceKey,
+    plan::ServicePlan, Dataplane, Egress, L2Route, LoadOptions, Program, Programs, Proto,
+    ServiceConfig, ServiceKey,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
@@ -38,7 +38,7 @@ fn tcp_requests_to_the_vip_are_answered_by_both_backends() -> Result<()> {
         conn_table_size: 4096,
         ..LoadOptions::default()
     };
-    let (mut dataplane, mut maps) = Dataplane::load(&options).context("loading the XDP program")?;
+    let (mut dataplane, mut maps) = Programs::load(&options).context("loading the XDP program")?;
     lb.ns
         .enter(|| Ok(dataplane.attach(Program::Balancer, "eth0", XdpMode::Default)?))?;
     // Frames the LB transmits back out of its veth arrive only if the peer runs XDP too.
@@ -50,24 +50,26 @@ fn tcp_requests_to_the_vip_are_answered_by_both_backends() -> Result<()> {
         port: PORT,
         proto: Proto::Tcp,
     };
-    maps.upsert_service(key, ServiceConfig::default())?;
     let mut servers = Vec::new();
     let mut backends = Vec::new();
     for tag in ["b1", "b2"] {
         let host = lab.host(tag);
         host.add_dsr_vip(VIP)?;
         servers.push(NameServer::start(&host.ns, PORT, tag)?);
-        backends.push(BackendConfig {
-            addr: host.ip.into(),
-            weight: 1,
-            route: L2Route {
+        backends.push((
+            host.ip.into(),
+            1,
+            L2Route {
                 dst_mac: host.mac,
                 src_mac: lb.mac,
                 egress: Egress::Ingress,
             },
-        });
+        ));
     }
-    maps.set_backends(key, &backends)?;
+    maps.write_service(
+        key,
+        &ServicePlan::with_backends(ServiceConfig::default(), backends.clone()),
+    )?;
 
     let client = lab.host("client").ns.spawn(move || {
         let mut answers: BTreeMap<String, usize> = BTreeMap::new();
@@ -100,8 +102,9 @@ fn tcp_requests_to_the_vip_are_answered_by_both_backends() -> Result<()> {
     // Every client packet of those connections went through the balancer (SYN, ACK,
     // FIN at least), and each backend's share was counted.
     assert!(stats.tx >= 3 * CONNECTIONS as u64, "{stats:?}");
+    let counters = maps.counters(key).context("the service's counters")?;
     for (tag, backend) in ["b1", "b2"].iter().zip(&backends) {
-        let c = maps.backend_counter(key, backend.addr)?;
+        let c = counters.backends[&backend.0];
         assert!(c.packets >= 3 * answers[*tag] as u64, "{tag}: {c:?}");
     }
     for server in servers {

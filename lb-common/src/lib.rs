@@ -212,10 +212,15 @@ pub struct Backend {
     pub gen: u32,
     /// Index in `ROUTES`: how to reach this backend.
     pub route_id: u32,
+    /// The service (`VipMeta::vip_id`) this backend belongs to: the maps say by
+    /// themselves which backend is whose, so a restarted daemon needs no other record.
+    pub vip_id: u32,
 }
 
 /// The backend may receive packets: established flows keep using it. New flows reach
 /// it only through the Maglev table (a drained backend is active but not in the table).
+/// A deactivated entry keeps its `gen`, so the highest generation ever given out can
+/// always be read back from the map: a generation is never given twice.
 pub const BACKEND_F_ACTIVE: u16 = 1 << 0;
 
 /// Value of `ROUTES`: how a frame for a backend leaves this node. `mode` says which
@@ -235,6 +240,9 @@ pub struct Route {
     pub src_mac: [u8; 6],
 }
 
+/// No route (yet): the backend's MAC is not known. Its frames are dropped and counted
+/// (`drop_no_route`), so that it keeps its cells and the table stays what it is.
+pub const ROUTE_MODE_NONE: u32 = 0;
 /// L2 direct server return: rewrite the MACs, keep the IP packet as it is.
 pub const ROUTE_MODE_L2_DSR: u32 = 1;
 
@@ -324,6 +332,10 @@ pub struct GlobalStats {
     /// A UDP datagram to an unavailable service answered with an ICMP/ICMPv6
     /// "administratively prohibited" (`XDP_TX`).
     pub refuse_icmp: u64,
+    /// To an unavailable service from a source that must never be answered (RFC 1122
+    /// 3.2.2: broadcast, multicast, unspecified, loopback, the VIP itself) or in a
+    /// frame that is not unicast both ways: dropped, no refusal sent.
+    pub drop_refuse_invalid: u64,
 }
 
 /// Field-wise helpers of `GlobalStats` (summing per-CPU values, naming fields for
@@ -340,7 +352,7 @@ macro_rules! global_stats_fields {
             }
 
             /// The value of each field, in the order of [`Self::FIELDS`].
-            pub fn values(&self) -> [u64; 24] {
+            pub fn values(&self) -> [u64; 25] {
                 [$(self.$field),*]
             }
         }
@@ -371,6 +383,7 @@ global_stats_fields!(
     drop_refuse_limited,
     refuse_rst,
     refuse_icmp,
+    drop_refuse_invalid,
 );
 
 #[cfg(feature = "user")]
@@ -415,12 +428,12 @@ assert_layout!(AddrKey, 20, 1);
 assert_layout!(AddrMeta, 4, 4);
 assert_layout!(VipKey, 20, 2);
 assert_layout!(VipMeta, 20, 4);
-assert_layout!(Backend, 28, 4);
+assert_layout!(Backend, 32, 4);
 assert_layout!(Route, 20, 4);
 assert_layout!(FlowKey, 40, 2);
 assert_layout!(ConnEntry, 12, 4);
 assert_layout!(Counter, 16, 8);
-assert_layout!(GlobalStats, 24 * 8, 8);
+assert_layout!(GlobalStats, 25 * 8, 8);
 assert_layout!(RefuseBucket, 16, 8);
 assert_layout!(SphereKey, 20, 4);
 assert_layout!(SphereMeta, 8, 4);

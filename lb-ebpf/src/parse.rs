@@ -14,8 +14,9 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPV4_MF_AND_OFFSET: u16 = 0x3fff;
 /// IPv6 extension headers we do not walk: hop-by-hop, routing, destination options,
-/// mobility, HIP, shim6. Ports behind them cannot be read at a fixed offset.
-const IPV6_EXT_HEADERS: [u8; 6] = [0, 43, 60, 135, 139, 140];
+/// ESP, AH, mobility, HIP, shim6 and the two experimental values (RFC 3692). Ports
+/// behind them cannot be read at a fixed offset (behind ESP, not at all).
+const IPV6_EXT_HEADERS: [u8; 10] = [0, 43, 50, 51, 60, 135, 139, 140, 253, 254];
 const IPV6_FRAGMENT: u8 = 44;
 
 #[inline(always)]

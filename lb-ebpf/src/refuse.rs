@@ -35,6 +35,7 @@ const TCP_ACK: u8 = 0x10;
 #[inline(always)]
 pub fn refuse(ctx: &XdpContext, flow: &FlowKey) -> Result<u32, Exit> {
     let v4 = flow.family == FAMILY_V4;
+    answerable(ctx, flow)?;
     match flow.proto {
         PROTO_TCP => {
             let l4 = if v4 { ETH + IP4 } else { ETH + IP6 };
@@ -67,6 +68,37 @@ pub fn refuse(ctx: &XdpContext, flow: &FlowKey) -> Result<u32, Exit> {
         }
         _ => Err(Exit::Unavailable),
     }
+}
+
+/// Whether a refusal may be sent at all (RFC 1122 3.2.2): the frame was unicast to us
+/// from a unicast station, and its source is a unicast host that is not the VIP
+/// itself, so that a spoofed source can neither make us answer a group nor escape the
+/// per-source budget.
+#[inline(always)]
+fn answerable(ctx: &XdpContext, flow: &FlowKey) -> Result<(), Exit> {
+    let eth: *const [u8; ETH] = ptr_at(ctx, 0).map_err(|_| Exit::Malformed)?;
+    // SAFETY: ptr_at checked the bounds.
+    let eth = unsafe { &*eth };
+    // The group bit of either MAC: broadcast or multicast.
+    let zero_src = eth[6] | eth[7] | eth[8] | eth[9] | eth[10] | eth[11] == 0;
+    if eth[0] & 1 != 0 || eth[6] & 1 != 0 || zero_src {
+        return Err(Exit::RefuseInvalid);
+    }
+    let s = &flow.src;
+    let bad = if flow.family == FAMILY_V4 {
+        // 0/8 this network, 127/8 loopback, 224/4 multicast, 240/4 reserved and
+        // 255.255.255.255 broadcast.
+        s[0] == 0 || s[0] == 127 || s[0] >= 224
+    } else {
+        let high = u64::from_be_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]);
+        let low = u64::from_be_bytes([s[8], s[9], s[10], s[11], s[12], s[13], s[14], s[15]]);
+        // ::, ::1 and ff00::/8 multicast.
+        (high == 0 && low <= 1) || s[0] == 0xff
+    };
+    if bad || flow.src == flow.dst {
+        return Err(Exit::RefuseInvalid);
+    }
+    Ok(())
 }
 
 /// At most `REFUSALS_PER_SECOND` per source in each one-second window.
@@ -138,14 +170,17 @@ fn shrink(ctx: &XdpContext, len: usize) -> Result<(), Exit> {
     Ok(())
 }
 
-/// The answer's acknowledgment number: the SYN's sequence number plus one, plus
-/// any data it carried.
+const TCP_FIN: u8 = 0x01;
+
+/// The answer's acknowledgment number (RFC 793): the SYN's sequence number plus one
+/// for the SYN, one for a FIN, and any data it carried.
 #[inline(always)]
 fn ack_for(tcp: &[u8; TCP], segment_len: usize) -> [u8; 4] {
     let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
     let header = ((tcp[12] >> 4) as usize) * 4;
     let data = segment_len.saturating_sub(header) as u32;
-    seq.wrapping_add(1).wrapping_add(data).to_be_bytes()
+    let fin = (tcp[13] & TCP_FIN != 0) as u32;
+    seq.wrapping_add(1 + fin).wrapping_add(data).to_be_bytes()
 }
 
 /// Turns the SYN's TCP header into the RST's (ports swapped, no options).

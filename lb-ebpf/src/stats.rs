@@ -23,6 +23,7 @@ pub enum Exit {
     RedirectFailed,
     Unavailable,
     RefuseLimited,
+    RefuseInvalid,
 }
 
 impl Exit {
@@ -42,7 +43,8 @@ impl Exit {
             | Exit::NoRoute
             | Exit::RedirectFailed
             | Exit::Unavailable
-            | Exit::RefuseLimited => XDP_DROP,
+            | Exit::RefuseLimited
+            | Exit::RefuseInvalid => XDP_DROP,
         }
     }
 }
@@ -72,6 +74,7 @@ pub fn count_exit(exit: Exit) {
         Exit::RedirectFailed => &mut g.drop_redirect_failed,
         Exit::Unavailable => &mut g.drop_unavailable,
         Exit::RefuseLimited => &mut g.drop_refuse_limited,
+        Exit::RefuseInvalid => &mut g.drop_refuse_invalid,
     })
 }
 

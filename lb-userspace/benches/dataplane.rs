@@ -18,8 +18,8 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_userspace::{
-    BackendConfig, Dataplane, Egress, L2Route, LoadOptions, Program, Proto, ServiceConfig,
-    ServiceKey,
+    plan::ServicePlan, Dataplane, Egress, L2Route, LoadOptions, Program, Programs, Proto,
+    ServiceConfig, ServiceKey,
 };
 use support::{backend_mac, Frame, ETH_LEN, LB_MAC};
 
@@ -41,7 +41,7 @@ struct Line {
 /// Runs `program` on frames from `next_frame` until `MIN_TIME` and `MIN_CALLS` are both
 /// reached; every call must return `verdict`.
 fn measure(
-    dp: &Dataplane,
+    dp: &Programs,
     name: &'static str,
     program: Program,
     verdict: u32,
@@ -98,26 +98,28 @@ fn main() -> Result<()> {
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu0)
         .context("pinning the benchmark to CPU 0")?;
 
-    let (dp, mut maps) = Dataplane::load(&LoadOptions::default())
+    let (dp, mut maps) = Programs::load(&LoadOptions::default())
         .context("loading the XDP program (the benchmark must run as root)")?;
     let key = ServiceKey {
         addr: VIP.parse()?,
         port: 80,
         proto: Proto::Tcp,
     };
-    maps.upsert_service(key, ServiceConfig::default())?;
-    let backends: Vec<BackendConfig> = (1..=BACKENDS)
-        .map(|i| BackendConfig {
-            addr: format!("198.18.0.{i}").parse().expect("address"),
-            weight: 1,
-            route: L2Route {
-                dst_mac: backend_mac(i),
-                src_mac: LB_MAC,
-                egress: Egress::Ingress,
-            },
+    let backends: Vec<_> = (1..=BACKENDS)
+        .map(|i| {
+            (
+                format!("198.18.0.{i}").parse().expect("address"),
+                1,
+                L2Route {
+                    dst_mac: backend_mac(i),
+                    src_mac: LB_MAC,
+                    egress: Egress::Ingress,
+                },
+            )
         })
         .collect();
-    maps.set_backends(key, &backends)?;
+    let mut plan = ServicePlan::with_backends(ServiceConfig::default(), backends);
+    maps.write_service(key, &plan)?;
 
     let to_vip = Frame::tcp("198.19.0.1", VIP, 40000, 80).build();
     let to_other = Frame::tcp("198.19.0.1", "198.18.0.200", 40000, 80).build();
@@ -169,13 +171,8 @@ fn main() -> Result<()> {
     )?;
     // Maintenance: every SYN is answered with a RST by the program itself. A new
     // client address per call keeps the per-source refusal budget out of the way.
-    maps.upsert_service(
-        key,
-        ServiceConfig {
-            unavailable: true,
-            ..ServiceConfig::default()
-        },
-    )?;
+    plan.config.unavailable = true;
+    maps.write_service(key, &plan)?;
     let refusal = measure(
         &dp,
         "refusal (SYN -> RST, maintenance)",

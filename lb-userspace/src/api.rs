@@ -60,6 +60,13 @@ pub struct BackendView {
     /// The water marks' verdict on it, when the service has them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steering: Option<String>,
+    /// A valid instance (`plan::valid_instance`): resolved, healthy, weighted, not
+    /// draining.
+    #[serde(default)]
+    pub valid: bool,
+    /// It comes from the directory (registered), not from the config.
+    #[serde(default)]
+    pub from_directory: bool,
 }
 
 /// A backend's load report (water-mark steering).
@@ -79,9 +86,9 @@ fn default_report_ttl() -> u64 {
 }
 
 impl BackendView {
-    /// Resolved, healthy, weighted and not draining: new connections may go to it.
+    /// A valid instance: new connections may go to it (see `plan::valid_instance`).
     pub fn takes_new_flows(&self) -> bool {
-        self.mac.is_some() && self.healthy && !self.drain && self.weight > 0
+        self.valid
     }
 }
 

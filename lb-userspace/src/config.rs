@@ -16,7 +16,7 @@ use toml::Spanned;
 
 use crate::{
     desired::{BackendSpec, Desired, ServiceSpec},
-    loader::LoadOptions,
+    dataplane::loader::LoadOptions,
     maglev::is_prime,
     model::{parse_mac, CheckConfig, Probe, Proto, ServiceConfig, ServiceKey},
 };

@@ -96,6 +96,21 @@ pub enum Change {
     },
 }
 
+impl Change {
+    /// The service a change is about.
+    pub fn service(&self) -> ServiceKey {
+        match self {
+            Change::AddService { service, .. }
+            | Change::RemoveService { service }
+            | Change::ChangeService { service, .. }
+            | Change::AddBackend { service, .. }
+            | Change::RemoveBackend { service, .. }
+            | Change::ChangeBackend { service, .. }
+            | Change::ChangeSpm { service, .. } => *service,
+        }
+    }
+}
+
 fn describe_backend(spec: &BackendSpec) -> String {
     let mut s = format!("weight {}", spec.weight);
     if spec.drain {

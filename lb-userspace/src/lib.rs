@@ -1,6 +1,9 @@
-//! The balancer's userspace library: loading and attaching the XDP program
-//! ([`loader`]), writing services and backends into its maps ([`manager`]), and the
-//! pure Maglev table builder ([`maglev`]). The daemon and CLI build on these.
+//! The balancer's userspace library. Pure cores (no I/O, time and randomness as
+//! arguments): the vocabulary ([`model`]), the desired state ([`desired`]), the plan
+//! of the data plane ([`plan`]), Maglev, the SPM, water marks, availability, the
+//! cluster and the directory. The data plane behind a trait ([`dataplane`]), the
+//! reconciler that drives it ([`reconcile`]), and the tokio shells around them
+//! (daemon, directory, cluster, availability, health, API server).
 
 pub mod api;
 pub mod availability;
@@ -10,26 +13,28 @@ pub mod cluster;
 pub mod clusterd;
 pub mod config;
 pub mod daemon;
+pub mod dataplane;
 pub mod desired;
 pub mod dird;
 pub mod directory;
-pub mod error;
 pub mod fault;
 pub mod health;
-pub mod loader;
 pub mod maglev;
-pub mod manager;
 pub mod metrics;
 pub mod model;
 pub mod neighbor;
 pub mod peer;
+pub mod plan;
+pub mod reconcile;
 pub mod server;
 pub mod spm;
 pub mod state_file;
 pub mod vip;
 pub mod watermark;
 
-pub use error::DataplaneError;
-pub use loader::{Attached, Dataplane, LoadOptions, Program};
-pub use manager::{BackendConfig, MapManager, Snapshot};
-pub use model::{Egress, L2Route, Proto, ServiceConfig, ServiceKey, Steering};
+pub use dataplane::{
+    loader::{Attached, LoadOptions, Program, Programs},
+    maps::MapManager,
+    Dataplane, DataplaneError,
+};
+pub use model::{Egress, L2Route, Proto, ServiceConfig, ServiceKey};

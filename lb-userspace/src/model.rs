@@ -3,7 +3,7 @@
 //! other module (pure cores and I/O shells alike) takes these from here, so that no
 //! shell has to import another for a type.
 
-use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
+use std::{fmt, net::IpAddr, time::Duration};
 
 use lb_common::{MAGLEV_DEFAULT_SIZE, PROTO_TCP, PROTO_UDP};
 use serde::{Deserialize, Serialize};
@@ -120,22 +120,6 @@ impl Default for ServiceConfig {
             unavailable: false,
         }
     }
-}
-
-/// How new flows of a service choose a backend beyond the plain flow hash: the SPM
-/// rules that apply at L4.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Steering {
-    /// SPM rule `source`: the client's address modulo the number of instances (in
-    /// address order) picks the backend, so the data plane agrees with the map.
-    #[serde(default)]
-    pub source_partition: bool,
-    /// SPM rule `topology`: client subnets (network, prefix) → sphere.
-    #[serde(default)]
-    pub topology: Vec<(IpAddr, u8, String)>,
-    /// Each backend's sphere (backends without one are in no sphere's table).
-    #[serde(default)]
-    pub spheres: BTreeMap<IpAddr, String>,
 }
 
 /// Where a frame for a backend leaves this node.
@@ -256,6 +240,23 @@ pub struct DirBackend {
     pub sphere: Option<String>,
 }
 
+
+// ---- this node's links ---------------------------------------------------------
+
+/// A neighbour entry we can forward with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Neighbor {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+}
+
+/// An interface of this node, as the data plane needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalInterface {
+    pub name: String,
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+}
 
 #[cfg(test)]
 mod tests {

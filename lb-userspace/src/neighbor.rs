@@ -11,12 +11,7 @@ use anyhow::{Context, Result};
 use futures::TryStreamExt;
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
 
-/// A neighbour entry we can forward with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Neighbor {
-    pub ifindex: u32,
-    pub mac: [u8; 6],
-}
+pub use crate::model::{LocalInterface, Neighbor};
 
 pub struct NeighborTable {
     handle: rtnetlink::Handle,
@@ -115,14 +110,6 @@ pub fn nudge(ip: IpAddr) {
     if let Ok(sock) = UdpSocket::bind((bind, 0)) {
         let _ = sock.send_to(&[], (ip, 9));
     }
-}
-
-/// An interface of this node, as the data plane needs it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LocalInterface {
-    pub name: String,
-    pub ifindex: u32,
-    pub mac: [u8; 6],
 }
 
 impl NeighborTable {

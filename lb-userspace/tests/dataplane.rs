@@ -3,13 +3,17 @@
 
 mod support;
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::GlobalStats;
 use lb_userspace::{
-    BackendConfig, Dataplane, Egress, L2Route, LoadOptions, MapManager, Program, Proto,
-    ServiceConfig, ServiceKey, Steering,
+    plan::{BackendPlan, Rule, ServicePlan},
+    Dataplane, Egress, L2Route, LoadOptions, MapManager, Program, Programs, Proto, ServiceConfig,
+    ServiceKey,
 };
 use support::{backend_mac, macs, Frame, CLIENT_MAC, ETH_LEN, IPV4_LEN, L4, LB_MAC};
 
@@ -24,8 +28,55 @@ const CLIENT4: &str = "198.18.1.10";
 const CLIENT6: &str = "2001:db8:1::10";
 
 struct Lb {
-    dp: Dataplane,
+    dp: Programs,
     maps: MapManager,
+    /// What each service was given, in the old operator verbs the tests speak.
+    given: BTreeMap<ServiceKey, (ServiceConfig, Vec<BackendConfig>, Steering)>,
+}
+
+/// A backend as a test gives it.
+#[derive(Clone, Copy, Debug)]
+struct BackendConfig {
+    addr: IpAddr,
+    weight: u32,
+    route: L2Route,
+}
+
+/// The L4 rules as a test gives them.
+#[derive(Clone, Debug, Default)]
+struct Steering {
+    source_partition: bool,
+    topology: Vec<(IpAddr, u8, String)>,
+    spheres: BTreeMap<IpAddr, String>,
+}
+
+fn plan_of(config: ServiceConfig, backends: &[BackendConfig], steering: &Steering) -> ServicePlan {
+    let rule = if steering.source_partition {
+        Rule::Source
+    } else if !steering.topology.is_empty() {
+        Rule::Topology {
+            subnets: steering.topology.clone(),
+        }
+    } else {
+        Rule::Hash
+    };
+    ServicePlan {
+        config,
+        rule,
+        backends: backends
+            .iter()
+            .map(|b| {
+                (
+                    b.addr,
+                    BackendPlan {
+                        weight: b.weight,
+                        route: Some(b.route),
+                        sphere: steering.spheres.get(&b.addr).cloned(),
+                    },
+                )
+            })
+            .collect(),
+    }
 }
 
 fn is_root() -> bool {
@@ -58,8 +109,8 @@ fn load_lb() -> Lb {
         conn_table_size: 1 << 15,
         ..LoadOptions::default()
     };
-    let (dp, maps) = Dataplane::load(&options).expect("loading the XDP object");
-    Lb { dp, maps }
+    let (dp, maps) = Programs::load(&options).expect("loading the XDP object");
+    Lb::new(dp, maps)
 }
 
 fn service(addr: &str, port: u16, proto: Proto) -> ServiceKey {
@@ -100,8 +151,43 @@ impl Lb {
     }
 
     fn add_with(&mut self, key: ServiceKey, config: ServiceConfig, backends: &[BackendConfig]) {
-        self.maps.upsert_service(key, config).unwrap();
-        self.maps.set_backends(key, backends).unwrap();
+        self.given
+            .insert(key, (config, backends.to_vec(), Steering::default()));
+        self.write(key);
+    }
+
+    fn new(dp: Programs, maps: MapManager) -> Lb {
+        Lb {
+            dp,
+            maps,
+            given: BTreeMap::new(),
+        }
+    }
+
+    fn write(&mut self, key: ServiceKey) {
+        let (config, backends, steering) = &self.given[&key];
+        let plan = plan_of(*config, backends, steering);
+        self.maps.write_service(key, &plan).unwrap();
+    }
+
+    fn set_backends(&mut self, key: ServiceKey, backends: &[BackendConfig]) {
+        self.given.get_mut(&key).unwrap().1 = backends.to_vec();
+        self.write(key);
+    }
+
+    fn set_config(&mut self, key: ServiceKey, config: ServiceConfig) {
+        self.given.entry(key).or_default().0 = config;
+        self.write(key);
+    }
+
+    fn set_steering(&mut self, key: ServiceKey, steering: Steering) {
+        self.given.get_mut(&key).unwrap().2 = steering;
+        self.write(key);
+    }
+
+    fn remove(&mut self, key: ServiceKey) {
+        self.given.remove(&key);
+        self.maps.remove_service(key).unwrap();
     }
 
     fn run_prog(&self, program: Program, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -265,7 +351,7 @@ fn established_flows_keep_their_backend_when_one_is_added() {
     let old = flows(3000, 80);
     let before: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
 
-    lb.maps.set_backends(key, &backends4(4)).unwrap();
+    lb.set_backends(key, &backends4(4));
     let after: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
     assert_eq!(after, before, "an established flow changed backend");
     assert_eq!(lb.stats().lru_hit, 3000);
@@ -302,7 +388,7 @@ fn a_removed_backend_gets_no_packet_even_from_its_old_flows() {
     let on_removed = before.iter().filter(|&&b| b == 3).count() as u64;
     assert!(on_removed > 0);
 
-    lb.maps.set_backends(key, &backends4(2)).unwrap();
+    lb.set_backends(key, &backends4(2));
     let hits_before = lb.stats().lru_hit;
     let after: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
     for (b, a) in before.iter().zip(&after) {
@@ -316,12 +402,10 @@ fn a_removed_backend_gets_no_packet_even_from_its_old_flows() {
     assert_eq!(stats.lru_hit - hits_before, 3000 - on_removed);
 
     // Its id may be reused by the next backend; the old flows still must not follow it.
-    lb.maps
-        .set_backends(
+    lb.set_backends(
             key,
             &[backends4(2), vec![backend("198.18.0.9", 9, 1)]].concat(),
-        )
-        .unwrap();
+        );
     let again: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
     assert_eq!(
         again, after,
@@ -516,15 +600,13 @@ fn fragments_and_ip_options_are_dropped_by_default_and_passed_when_configured() 
         pass_irregular: true,
         ..ServiceConfig::default()
     };
-    lb.maps.upsert_service(strict, config).unwrap();
+    lb.set_config(strict, config);
     assert_untouched(&lb, &more_fragments.build(), XDP_PASS, "pass_irregular");
     assert_untouched(&lb, &options.build(), XDP_PASS, "pass_irregular");
     // The flag is the service's: the IPv6 one still drops.
     assert_untouched(&lb, &v6_fragment.build(), XDP_DROP, "drop_fragment");
     // And back.
-    lb.maps
-        .upsert_service(strict, ServiceConfig::default())
-        .unwrap();
+    lb.set_config(strict, ServiceConfig::default());
     assert_untouched(&lb, &options.build(), XDP_DROP, "drop_ip_options");
 }
 
@@ -532,9 +614,7 @@ fn fragments_and_ip_options_are_dropped_by_default_and_passed_when_configured() 
 fn a_service_without_backends_drops_and_counts() {
     let mut lb = load_lb();
     let key = service(VIP4, 80, Proto::Tcp);
-    lb.maps
-        .upsert_service(key, ServiceConfig::default())
-        .unwrap();
+    lb.set_config(key, ServiceConfig::default());
     // The connection table is asked first (a miss), then the empty service drops.
     assert_untouched_counting(
         &lb,
@@ -542,15 +622,15 @@ fn a_service_without_backends_drops_and_counts() {
         XDP_DROP,
         &["drop_no_backend", "lru_miss"],
     );
-    lb.maps.set_backends(key, &backends4(1)).unwrap();
+    lb.set_backends(key, &backends4(1));
     assert_eq!(lb.forward(&Frame::tcp(CLIENT4, VIP4, 1, 80)), 1);
-    lb.maps.set_backends(key, &[]).unwrap();
+    lb.set_backends(key, &[]);
     assert_eq!(
         lb.run(&Frame::tcp(CLIENT4, VIP4, 1, 80).build()).0,
         XDP_DROP
     );
     // Removing the service makes its address foreign again.
-    lb.maps.remove_service(key).unwrap();
+    lb.remove(key);
     assert_untouched(
         &lb,
         &Frame::tcp(CLIENT4, VIP4, 1, 80).build(),
@@ -582,11 +662,12 @@ fn service_and_backend_counters_count_packets_and_bytes() {
     for f in &frames {
         lb.forward(f);
     }
-    let svc = lb.maps.service_counter(key).unwrap();
+    let counters = lb.maps.counters(key).unwrap();
+    let svc = counters.service;
     assert_eq!((svc.packets, svc.bytes), (100, 100 * len));
     let per: Vec<_> = ["198.18.0.1", "198.18.0.2"]
         .iter()
-        .map(|a| lb.maps.backend_counter(key, a.parse().unwrap()).unwrap())
+        .map(|a| counters.backends[&a.parse::<IpAddr>().unwrap()])
         .collect();
     assert_eq!(per[0].packets + per[1].packets, 100);
     assert!(per[0].packets > 0 && per[1].packets > 0);
@@ -624,28 +705,28 @@ fn a_reload_on_pinned_maps_carries_on_where_the_last_run_stopped() {
     let key = service(VIP4, 80, Proto::Tcp);
     let old = flows(2000, 80);
 
-    let (before, snapshot) = {
-        let (dp, maps) = Dataplane::load(&options).expect("first load");
-        let mut lb = Lb { dp, maps };
+    let (before, given, contents) = {
+        let (dp, maps) = Programs::load(&options).expect("first load");
+        let mut lb = Lb::new(dp, maps);
         lb.add(key, &backends4(3));
         for f in &old {
             lb.forward(f);
         }
         // One more change, so the live table sits in the second slot.
-        lb.maps.set_backends(key, &backends4(2)).unwrap();
+        lb.set_backends(key, &backends4(2));
         let before: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
-        (before, lb.maps.snapshot())
+        let contents = lb.maps.read_back(key).unwrap();
+        (before, lb.given.clone(), contents)
     };
 
-    let (dp, mut maps) = Dataplane::load(&options).expect("second load on the pinned maps");
-    maps.restore(&snapshot).unwrap();
-    assert_eq!(
-        maps.snapshot(),
-        snapshot,
-        "the restored state differs from the saved one"
-    );
-    assert_eq!(maps.collect_garbage().unwrap(), 0);
-    let lb = Lb { dp, maps };
+    let (dp, mut maps) = Programs::load(&options).expect("second load on the pinned maps");
+    assert_eq!(maps.restore().unwrap(), 0, "nothing was left over");
+    assert_eq!(maps.services(), vec![key], "the service is taken from the maps");
+    let mut lb = Lb::new(dp, maps);
+    lb.given = given;
+    // The same plan again: nothing differs, the maps are as they were.
+    lb.write(key);
+    assert_eq!(lb.maps.read_back(key).unwrap(), contents);
     let hits = lb.stats().lru_hit;
     let after: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
     assert_eq!(after, before, "flows changed backend across the reload");
@@ -656,8 +737,7 @@ fn a_reload_on_pinned_maps_carries_on_where_the_last_run_stopped() {
     );
 
     // Changes after the reload write the spare slot, not the live one, and keep flows.
-    let mut lb = lb;
-    lb.maps.set_backends(key, &backends4(4)[..]).unwrap();
+    lb.set_backends(key, &backends4(4)[..]);
     let again: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
     assert_eq!(again, before);
     let mut fresh = 0;
@@ -683,7 +763,7 @@ fn a_flow_that_moves_to_another_cpu_keeps_its_backend() {
     let old = flows(2000, 80);
     let before: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
     // The backend set changes, so the table alone would move about a quarter of them.
-    lb.maps.set_backends(key, &backends4(4)).unwrap();
+    lb.set_backends(key, &backends4(4));
     let mut cpu1 = nix::sched::CpuSet::new();
     cpu1.set(1).unwrap();
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu1).unwrap();
@@ -705,11 +785,13 @@ fn in_a_cluster_only_owned_vips_are_balanced() {
     let mut lb = load_lb();
     lb.add(service(VIP4, 80, Proto::Tcp), &backends4(2));
     let frame = Frame::tcp(CLIENT4, VIP4, 1000, 80).build();
-    lb.maps.own_only(Default::default()).unwrap();
+    lb.maps.set_served(Some(Default::default())).unwrap();
     assert_untouched(&lb, &frame, XDP_PASS, "pass_not_vip");
-    lb.maps.set_owned(VIP4.parse().unwrap(), true).unwrap();
+    lb.maps
+        .set_served(Some([VIP4.parse().unwrap()].into()))
+        .unwrap();
     assert_eq!(lb.run(&frame).0, XDP_TX);
-    lb.maps.set_owned(VIP4.parse().unwrap(), false).unwrap();
+    lb.maps.set_served(Some(Default::default())).unwrap();
     assert_untouched(&lb, &frame, XDP_PASS, "pass_not_vip");
 }
 
@@ -727,8 +809,8 @@ fn after_an_epoch_change_old_connections_are_kept_or_resteered_as_the_service_sa
             epoch_resteer: resteer,
             ..ServiceConfig::default()
         };
-        lb.maps.upsert_service(key, config).unwrap();
-        lb.maps.set_backends(key, &backends4(4)).unwrap();
+        lb.set_config(key, config);
+        lb.set_backends(key, &backends4(4));
         let after: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
         let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
         let stats = lb.stats();
@@ -796,15 +878,13 @@ fn a_source_partitioned_service_sends_even_clients_to_the_first_backend_and_odd_
     let key = service(VIP4, 80, Proto::Tcp);
     let bs = backends4(2);
     lb.add(key, &bs);
-    lb.maps
-        .set_steering(
+    lb.set_steering(
             key,
             Steering {
                 source_partition: true,
                 ..Steering::default()
             },
-        )
-        .unwrap();
+        );
     for host in 10..60u8 {
         let client = format!("198.18.1.{host}");
         for sport in [1000, 2000, 3000] {
@@ -820,7 +900,7 @@ fn a_source_partitioned_service_sends_even_clients_to_the_first_backend_and_odd_
         assert_eq!(told, bs[(host % 2) as usize].addr, "client {client}");
     }
     // A third instance: the partition follows the modulus over three.
-    lb.maps.set_backends(key, &backends4(3)).unwrap();
+    lb.set_backends(key, &backends4(3));
     for host in 60..90u8 {
         let client: std::net::Ipv4Addr = format!("198.18.1.{host}").parse().unwrap();
         let got = lb.forward(&Frame::tcp(&client.to_string(), VIP4, 4000, 80));
@@ -849,7 +929,7 @@ fn a_topology_service_keeps_each_client_subnet_in_its_sphere() {
             })
             .collect(),
     };
-    lb.maps.set_steering(key, steering.clone()).unwrap();
+    lb.set_steering(key, steering.clone());
     let reached = |lb: &Lb, net: &str, hosts: std::ops::Range<u8>, sport: u16| {
         let mut seen = std::collections::BTreeSet::new();
         for h in hosts {
@@ -868,32 +948,30 @@ fn a_topology_service_keeps_each_client_subnet_in_its_sphere() {
     );
     // East loses its instances: its clients go to the whole service, not nowhere.
     let west_only: Vec<BackendConfig> = backends4(4).into_iter().skip(2).collect();
-    lb.maps.set_backends(key, &west_only).unwrap();
+    lb.set_backends(key, &west_only);
     assert_eq!(reached(&lb, "198.18.1", 1..120, 2000), [3, 4].into());
     // Rules off: new flows of either subnet use every backend again.
-    lb.maps.set_backends(key, &backends4(4)).unwrap();
-    lb.maps.set_steering(key, Steering::default()).unwrap();
+    lb.set_backends(key, &backends4(4));
+    lb.set_steering(key, Steering::default());
     assert_eq!(
         reached(&lb, "198.18.1", 130..250, 3000),
         [1, 2, 3, 4].into()
     );
     // And on again, twice (both ring slots), with stale subnet rules gone each time.
-    lb.maps.set_steering(key, steering).unwrap();
-    lb.maps.set_backends(key, &backends4(4)).unwrap();
+    lb.set_steering(key, steering);
+    lb.set_backends(key, &backends4(4));
     assert_eq!(reached(&lb, "198.18.1", 1..120, 4000), [1, 2].into());
     assert_eq!(reached(&lb, "198.18.1", 130..250, 4000), [3, 4].into());
 }
 
 fn unavailable(lb: &mut Lb, key: ServiceKey, unavailable: bool) {
-    lb.maps
-        .upsert_service(
+    lb.set_config(
             key,
             ServiceConfig {
                 unavailable,
                 ..ServiceConfig::default()
             },
-        )
-        .unwrap();
+        );
 }
 
 #[test]
@@ -1057,4 +1135,144 @@ fn refusals_to_one_source_are_limited() {
         lb.run(&Frame::tcp("198.18.1.99", VIP4, 1, 80).build()).0,
         XDP_TX
     );
+}
+
+/// Issue 13, item 1: a removed backend's (id, generation) must never be handed to
+/// another backend, across a restart on the pinned maps, or a connection-table entry
+/// of the removed one follows the newcomer, even into another service.
+#[test]
+fn a_removed_backends_identity_is_never_reissued_after_a_restart() {
+    let dir =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/lbtest-{}-reissue", std::process::id()));
+    struct Unpin(std::path::PathBuf);
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Unpin(dir.clone());
+    assert!(is_root(), "must run as root");
+    pin_to_cpu0();
+    let options = LoadOptions {
+        max_services: 8,
+        conn_table_size: 1 << 15,
+        pin_dir: Some(dir.clone()),
+        ..LoadOptions::default()
+    };
+    let s1 = service(VIP4, 80, Proto::Tcp);
+    let s2 = service(VIP4, 81, Proto::Tcp);
+    let f = Frame::tcp(CLIENT4, VIP4, 40000, 80);
+    let given = {
+        let (dp, maps) = Programs::load(&options).expect("first load");
+        let mut lb = Lb::new(dp, maps);
+        // S2's backend first: A then holds the highest generation when it goes.
+        lb.add(s2, &[backend("198.18.0.3", 3, 1)]);
+        lb.add(s1, &[backend("198.18.0.1", 1, 1)]);
+        assert_eq!(lb.forward(&f), 1, "the flow starts on A");
+        lb.set_backends(s1, &[]);
+        lb.given.clone()
+    };
+    let (dp, mut maps) = Programs::load(&options).expect("second load on the pinned maps");
+    maps.restore().unwrap();
+    let mut lb = Lb::new(dp, maps);
+    lb.given = given;
+    lb.set_backends(s2, &[backend("198.18.0.3", 3, 1), backend("198.18.0.2", 2, 1)]);
+    let mut ack = f.build();
+    ack[ETH_LEN + IPV4_LEN + 13] = 0x10;
+    let (verdict, out) = lb.run(&ack);
+    assert_eq!(
+        verdict,
+        XDP_DROP,
+        "the flow of a service without backends was sent to {:02x?}",
+        macs(&out).0
+    );
+    assert_eq!(lb.stats().drop_no_backend, 1);
+    lb.dp.unpin_maps().unwrap();
+}
+
+/// Issue 13, item 4: a refusal is only ever sent to a unicast source, from a unicast
+/// frame, and never to the VIP itself or loopback, multicast, broadcast, unspecified.
+#[test]
+fn refusals_go_only_to_unicast_sources_from_unicast_frames() {
+    let mut lb = load_lb();
+    let k4 = service(VIP4, 80, Proto::Tcp);
+    let u4 = service(VIP4, 53, Proto::Udp);
+    let k6 = service(VIP6, 80, Proto::Tcp);
+    let u6 = service(VIP6, 53, Proto::Udp);
+    for (k, bs) in [(k4, backends4(1)), (u4, backends4(1)), (k6, backends6(1)), (u6, backends6(1))] {
+        lb.add(k, &bs);
+        unavailable(&mut lb, k, true);
+    }
+    let mut bad: Vec<(String, Vec<u8>)> = Vec::new();
+    for src in ["255.255.255.255", "224.0.0.1", "0.0.0.0", "127.0.0.1", VIP4] {
+        bad.push((format!("tcp from {src}"), Frame::tcp(src, VIP4, 1000, 80).build()));
+        bad.push((format!("udp from {src}"), Frame::udp(src, VIP4, 1000, 53).build()));
+    }
+    for src in ["ff02::1", "::", "::1", VIP6] {
+        bad.push((format!("tcp from {src}"), Frame::tcp(src, VIP6, 1000, 80).build()));
+        bad.push((format!("udp from {src}"), Frame::udp(src, VIP6, 1000, 53).build()));
+    }
+    for (what, dst_mac) in [
+        ("broadcast", [0xff; 6]),
+        ("multicast", [0x01, 0x00, 0x5e, 0, 0, 1]),
+    ] {
+        let mut f = Frame::tcp(CLIENT4, VIP4, 1000, 80);
+        f.dst_mac = dst_mac;
+        bad.push((format!("tcp to {what} MAC"), f.build()));
+        let mut f = Frame::udp(CLIENT6, VIP6, 1000, 53);
+        f.dst_mac = dst_mac;
+        bad.push((format!("udp to {what} MAC"), f.build()));
+    }
+    let mut f = Frame::tcp(CLIENT4, VIP4, 1000, 80);
+    f.src_mac = [0x01, 0x00, 0x5e, 0, 0, 1];
+    bad.push(("tcp from a multicast MAC".into(), f.build()));
+    let before = lb.stats();
+    for (what, frame) in &bad {
+        let (verdict, _) = lb.run(frame);
+        assert_eq!(verdict, XDP_DROP, "{what} was answered");
+    }
+    let after = lb.stats();
+    assert_eq!(after.refuse_rst + after.refuse_icmp, before.refuse_rst + before.refuse_icmp);
+    assert_eq!(
+        after.drop_refuse_invalid - before.drop_refuse_invalid,
+        bad.len() as u64,
+        "every one of them counted as an invalid refusal"
+    );
+}
+
+/// Issue 13, item 4: SYN and FIN each take a sequence number (RFC 793), so the RST
+/// for a SYN+FIN acknowledges seq + 2.
+#[test]
+fn the_rst_for_a_syn_fin_acknowledges_both() {
+    use pnet::packet::{ethernet::EthernetPacket, ipv4::Ipv4Packet, tcp::TcpPacket, Packet};
+    let mut lb = load_lb();
+    let key = service(VIP4, 80, Proto::Tcp);
+    lb.add(key, &backends4(1));
+    unavailable(&mut lb, key, true);
+    let mut f = Frame::tcp(CLIENT4, VIP4, 40000, 80);
+    f.payload.clear();
+    let mut syn_fin = f.build();
+    syn_fin[ETH_LEN + IPV4_LEN + 13] = 0x03;
+    let (verdict, out) = lb.run(&syn_fin);
+    assert_eq!(verdict, XDP_TX);
+    let eth = EthernetPacket::new(&out).unwrap();
+    let ip = Ipv4Packet::new(eth.payload()).unwrap();
+    let tcp = TcpPacket::new(ip.payload()).unwrap();
+    assert_eq!(tcp.get_acknowledgement(), 1 + 2, "seq + SYN + FIN");
+}
+
+/// Issue 13, item 4: ESP, AH and the experimental next headers are extension headers
+/// to a VIP (dropped as IP options, or passed with pass_irregular), not foreign traffic.
+#[test]
+fn ipv6_esp_ah_and_experimental_next_headers_are_extension_headers() {
+    let mut lb = load_lb();
+    lb.add(service(VIP6, 80, Proto::Tcp), &backends6(1));
+    for nh in [50u8, 51, 253, 254] {
+        let mut f = Frame::tcp(CLIENT6, VIP6, 1000, 80);
+        f.ipv6_ext = Some(nh);
+        let before = lb.stats().drop_ip_options;
+        let (verdict, _) = lb.run(&f.build());
+        assert_eq!(verdict, XDP_DROP, "next header {nh}");
+        assert_eq!(lb.stats().drop_ip_options, before + 1, "next header {nh}");
+    }
 }

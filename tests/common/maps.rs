@@ -68,14 +68,14 @@ pub fn table_ids(dir: &Path, meta: &VipMeta) -> std::collections::BTreeSet<u32> 
 
 /// A copy of the balancer on lbd's pinned maps, to run frames through.
 pub struct Probe {
-    dp: lb_userspace::Dataplane,
+    dp: lb_userspace::Programs,
     _maps: lb_userspace::MapManager,
 }
 
 impl Probe {
     /// `options` must give the sizes lbd was started with (the loader checks them).
     pub fn open(options: lb_userspace::LoadOptions) -> Probe {
-        let (dp, maps) = lb_userspace::Dataplane::load(&options).expect("loading onto the pins");
+        let (dp, maps) = lb_userspace::Programs::load(&options).expect("loading onto the pins");
         Probe { dp, _maps: maps }
     }
 

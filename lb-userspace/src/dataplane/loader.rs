@@ -17,11 +17,11 @@ use aya::{
 use aya_log::EbpfLogger;
 use lb_common::{map_names, program_names, MAGLEV_DEFAULT_SIZE};
 
-use crate::{
+use super::{
     error::{DataplaneError, Result},
-    maglev::is_prime,
-    manager::MapManager,
+    maps::MapManager,
 };
+use crate::maglev::is_prime;
 
 /// The XDP object built from `lb-ebpf` by this crate's build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
@@ -76,7 +76,7 @@ impl Default for LoadOptions {
 }
 
 /// The loaded programs. Dropping it detaches everything it attached.
-pub struct Dataplane {
+pub struct Programs {
     ebpf: Ebpf,
     // Owns the log ring buffer: dropping it would close the map the program writes to.
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
@@ -178,9 +178,9 @@ fn check_pinned_size(dir: &Path, name: &str, expected: u32, option: &str) -> Res
     Ok(())
 }
 
-impl Dataplane {
+impl Programs {
     /// Loads every program and hands back the maps to write services into.
-    pub fn load(options: &LoadOptions) -> Result<(Dataplane, MapManager)> {
+    pub fn load(options: &LoadOptions) -> Result<(Programs, MapManager)> {
         if !is_prime(options.maglev_max_size) {
             return Err(DataplaneError::Options(format!(
                 "maglev_max_size {} is not a prime",
@@ -249,7 +249,7 @@ impl Dataplane {
             })?;
         }
         let maps = MapManager::new(&mut ebpf, options.max_services, options.maglev_max_size)?;
-        let dataplane = Dataplane {
+        let dataplane = Programs {
             ebpf,
             logger,
             links: HashMap::new(),

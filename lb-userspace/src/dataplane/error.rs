@@ -79,6 +79,8 @@ pub enum DataplaneError {
     TooManyTxPorts { max: u32 },
     #[error(transparent)]
     Maglev(#[from] MaglevError),
+    #[error("the map manager was told to stop writing here (a test's simulated crash)")]
+    Crashed,
 }
 
 pub type Result<T, E = DataplaneError> = std::result::Result<T, E>;

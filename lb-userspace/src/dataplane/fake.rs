@@ -1,0 +1,135 @@
+//! An in-memory data plane for the reconciler's tests: it keeps the plans written,
+//! enforces the same limits as the maps (backend ids, services), and can be told to
+//! fail a write, as a kernel error would, to test that a failed change is undone.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use lb_common::{Counter, GlobalStats};
+
+use super::{
+    Contents, Dataplane, DataplaneError, Limits, Result, ServiceCounters, Usage,
+};
+use crate::{
+    model::ServiceKey,
+    plan::{Rule, ServicePlan},
+};
+
+pub struct FakeDataplane {
+    pub limits: Limits,
+    services: BTreeMap<ServiceKey, ServicePlan>,
+    served: Option<BTreeSet<IpAddr>>,
+    /// `write_service` and `remove_service` calls so far.
+    pub calls: u64,
+    /// The call with this number (1-based) fails without changing anything.
+    pub fail_call: Option<u64>,
+}
+
+impl FakeDataplane {
+    pub fn new(limits: Limits) -> FakeDataplane {
+        FakeDataplane {
+            limits,
+            services: BTreeMap::new(),
+            served: None,
+            calls: 0,
+            fail_call: None,
+        }
+    }
+
+    /// The plan the fake holds for a service.
+    pub fn held(&self, key: ServiceKey) -> Option<&ServicePlan> {
+        self.services.get(&key)
+    }
+
+    fn call(&mut self) -> Result<()> {
+        self.calls += 1;
+        if self.fail_call == Some(self.calls) {
+            return Err(DataplaneError::Options(format!(
+                "injected failure of call {}",
+                self.calls
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Dataplane for FakeDataplane {
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            services: self
+                .services
+                .iter()
+                .map(|(k, p)| {
+                    let rules = match &p.rule {
+                        Rule::Topology { subnets } => subnets.len(),
+                        _ => 0,
+                    };
+                    (*k, (p.backends.keys().copied().collect(), rules))
+                })
+                .collect(),
+            tx_ports: BTreeSet::new(),
+        }
+    }
+
+    fn write_service(&mut self, key: ServiceKey, plan: &ServicePlan) -> Result<()> {
+        // The same refusals as the maps, checked before anything changes.
+        let next = BTreeMap::from([(key, Some(plan.clone()))]);
+        super::check_fits(&self.limits, &self.usage(), &next)?;
+        Contents::expected(plan, self.limits.ring_stride)?;
+        self.call()?;
+        self.services.insert(key, plan.clone());
+        Ok(())
+    }
+
+    fn remove_service(&mut self, key: ServiceKey) -> Result<()> {
+        if !self.services.contains_key(&key) {
+            return Err(DataplaneError::UnknownService(key));
+        }
+        self.call()?;
+        self.services.remove(&key);
+        Ok(())
+    }
+
+    fn set_served(&mut self, served: Option<BTreeSet<IpAddr>>) -> Result<()> {
+        self.served = served;
+        Ok(())
+    }
+
+    fn services(&self) -> Vec<ServiceKey> {
+        self.services.keys().copied().collect()
+    }
+
+    fn counters(&self, key: ServiceKey) -> Option<ServiceCounters> {
+        let p = self.services.get(&key)?;
+        Some(ServiceCounters {
+            service: Counter::default(),
+            backends: p.backends.keys().map(|a| (*a, Counter::default())).collect(),
+        })
+    }
+
+    fn global_stats(&self) -> Result<GlobalStats> {
+        Ok(GlobalStats::default())
+    }
+
+    fn conn_count(&self) -> usize {
+        0
+    }
+
+    fn read_back(&self, key: ServiceKey) -> Result<Option<Contents>> {
+        self.services
+            .get(&key)
+            .map(|p| Contents::expected(p, self.limits.ring_stride))
+            .transpose()
+    }
+
+    fn serves(&self, addr: IpAddr) -> bool {
+        self.services.keys().any(|k| k.addr == addr)
+            && self.served.as_ref().is_none_or(|s| s.contains(&addr))
+    }
+}

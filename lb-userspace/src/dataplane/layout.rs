@@ -1,0 +1,258 @@
+//! What a service's ring slot holds, as a pure function of its plan: the table new
+//! flows are steered by (a Maglev table, or the instances in address order for the
+//! `source` rule) and, for the `topology` rule, one sub-table per sphere after it.
+//!
+//! Built without history: the same backends, weights and size give the same cells on
+//! every node and after every restart, whatever order the node learned them in, so a
+//! flow fails over to a node that steers it the same way. Cells name backends by
+//! their index in address order; the map writer turns indices into its own ids.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use lb_common::{FAMILY_V4, FAMILY_V6, RING_EMPTY};
+
+use crate::{
+    maglev::{self, MaglevBackend, MaglevError},
+    plan::{Rule, ServicePlan},
+};
+
+/// A ring slot's contents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// The whole service's table, then each sphere's; indices into the plan's
+    /// backends in address order, or `RING_EMPTY`.
+    pub cells: Vec<u32>,
+    /// Cells of the whole service's table (the head of `cells`).
+    pub table_size: u32,
+    /// Client subnets with their sphere's sub-table: (network, prefix, offset, size).
+    pub subnets: Vec<(IpAddr, u8, u32, u32)>,
+}
+
+/// An address as the maps store it: IPv4 in the first 4 bytes.
+pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
+    let mut bytes = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => {
+            bytes[..4].copy_from_slice(&a.octets());
+            (bytes, FAMILY_V4)
+        }
+        IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+    }
+}
+
+/// Seeds a backend's Maglev permutation from its address, so that every node derives
+/// the same permutation whatever ids it gave out.
+pub fn maglev_key(addr: IpAddr) -> u64 {
+    let (b, family) = addr_bytes(addr);
+    let hi = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
+    let lo = u64::from_be_bytes(b[8..].try_into().expect("8 bytes"));
+    hi ^ lo.rotate_left(29) ^ family as u64
+}
+
+/// The largest prime not above `n` (at least 2).
+fn prime_at_most(n: u32) -> u32 {
+    (2..=n.max(2))
+        .rev()
+        .find(|p| maglev::is_prime(*p))
+        .unwrap_or(2)
+}
+
+/// `addr` with the bits beyond `prefix` cleared.
+pub fn masked(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let bits = u32::from(a);
+            let mask = u32::MAX
+                .checked_shl(32 - prefix.min(32) as u32)
+                .unwrap_or(0);
+            IpAddr::from((bits & mask).to_be_bytes())
+        }
+        IpAddr::V6(a) => {
+            let bits = u128::from(a);
+            let mask = u128::MAX
+                .checked_shl(128 - prefix.min(128) as u32)
+                .unwrap_or(0);
+            IpAddr::from((bits & mask).to_be_bytes())
+        }
+    }
+}
+
+/// The slot's contents for `plan`, within `stride` cells.
+pub fn layout(plan: &ServicePlan, stride: u32) -> Result<Layout, MaglevError> {
+    let size = plan.config.maglev_size;
+    let members: Vec<MaglevBackend> = plan
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, (addr, b))| MaglevBackend {
+            id: i as u32,
+            key: maglev_key(*addr),
+            weight: b.weight,
+        })
+        .collect();
+    let subnets = match &plan.rule {
+        Rule::Topology { subnets } => subnets.as_slice(),
+        _ => &[],
+    };
+    let spheres: BTreeSet<&String> = subnets.iter().map(|(_, _, s)| s).collect();
+    // Sphere tables share the slot with the whole service's table: each gets an equal
+    // part, and Maglev tables stay prime.
+    let part = if spheres.is_empty() {
+        size
+    } else {
+        prime_at_most(size.min(stride / (spheres.len() as u32 + 1)))
+    };
+    let table_of = |members: &[MaglevBackend]| -> Result<Vec<u32>, MaglevError> {
+        if plan.rule == Rule::Source {
+            // Address order, as the SPM generator's `source` rule.
+            Ok(members
+                .iter()
+                .filter(|m| m.weight > 0)
+                .map(|m| m.id)
+                .collect())
+        } else {
+            maglev::build(members, part, None)
+        }
+    };
+    let mut cells = table_of(&members)?;
+    let table_size = cells.len() as u32;
+    let mut sphere_tables: Vec<(&String, u32, u32)> = Vec::new();
+    for sphere in &spheres {
+        let inside: Vec<MaglevBackend> = plan
+            .backends
+            .values()
+            .zip(&members)
+            .filter(|(b, _)| b.sphere.as_ref() == Some(*sphere))
+            .map(|(_, m)| *m)
+            .collect();
+        // A sphere without a live instance keeps its clients on the whole table.
+        if inside.iter().all(|m| m.weight == 0) {
+            continue;
+        }
+        let t = table_of(&inside)?;
+        sphere_tables.push((sphere, cells.len() as u32, t.len() as u32));
+        cells.extend(t);
+    }
+    let subnets = subnets
+        .iter()
+        .filter_map(|(net, prefix, sphere)| {
+            let (_, offset, size) = sphere_tables.iter().find(|(s, _, _)| *s == sphere)?;
+            Some((masked(*net, *prefix), *prefix, *offset, *size))
+        })
+        .collect();
+    Ok(Layout {
+        cells,
+        table_size,
+        subnets,
+    })
+}
+
+/// A digest of what a layout steers where (cells by backend address, the subnet rules
+/// and the table size), equal on every node that holds the same table. 64-bit FNV-1a.
+pub fn fingerprint(plan: &ServicePlan, layout: &Layout) -> u64 {
+    let addrs: Vec<([u8; 16], u8)> = plan.backends.keys().map(|a| addr_bytes(*a)).collect();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    };
+    eat(&layout.table_size.to_le_bytes());
+    for &c in &layout.cells {
+        match addrs.get(c as usize) {
+            Some((a, f)) if c != RING_EMPTY => {
+                eat(&[*f]);
+                eat(a);
+            }
+            _ => eat(&[0xff]),
+        }
+    }
+    for (net, prefix, offset, size) in &layout.subnets {
+        eat(&addr_bytes(*net).0);
+        eat(&[*prefix]);
+        eat(&offset.to_le_bytes());
+        eat(&size.to_le_bytes());
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::{Egress, L2Route, ServiceConfig},
+        plan::BackendPlan,
+    };
+
+    fn plan(addrs: &[(&str, u32)], size: u32) -> ServicePlan {
+        let route = L2Route {
+            dst_mac: [2, 0, 0, 0, 0, 1],
+            src_mac: [2, 0, 0, 0, 0, 2],
+            egress: Egress::Ingress,
+        };
+        ServicePlan::with_backends(
+            ServiceConfig {
+                maglev_size: size,
+                ..ServiceConfig::default()
+            },
+            addrs.iter().map(|(a, w)| (a.parse().unwrap(), *w, route)),
+        )
+    }
+
+    #[test]
+    fn the_table_depends_on_the_definition_only() {
+        let a = plan(&[("198.18.0.11", 1), ("198.18.0.12", 2), ("198.18.0.13", 1)], 4093);
+        let la = layout(&a, 65537).unwrap();
+        // The same service reached by another path of changes is the same service.
+        let mut b = plan(&[("198.18.0.13", 1)], 4093);
+        b.backends.insert(
+            "198.18.0.12".parse().unwrap(),
+            BackendPlan {
+                weight: 2,
+                route: None,
+                sphere: None,
+            },
+        );
+        b.backends.insert(
+            "198.18.0.11".parse().unwrap(),
+            a.backends.values().next().unwrap().clone(),
+        );
+        let lb = layout(&b, 65537).unwrap();
+        assert_eq!(la, lb);
+        assert_eq!(
+            fingerprint(&a, &la),
+            fingerprint(&b, &lb),
+            "routes are not part of the table"
+        );
+        let c = plan(&[("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)], 4093);
+        assert_ne!(fingerprint(&a, &la), fingerprint(&c, &layout(&c, 65537).unwrap()));
+    }
+
+    #[test]
+    fn adding_a_backend_moves_little_more_than_its_share() {
+        let ten: Vec<(String, u32)> = (1..=10).map(|i| (format!("198.18.0.{i}"), 1)).collect();
+        let refs: Vec<(&str, u32)> = ten.iter().map(|(a, w)| (a.as_str(), *w)).collect();
+        let before = plan(&refs[..9], 65537);
+        let after = plan(&refs, 65537);
+        let lb = layout(&before, 65537).unwrap();
+        let la = layout(&after, 65537).unwrap();
+        let name = |p: &ServicePlan, c: u32| p.backends.keys().nth(c as usize).copied();
+        let moved = lb
+            .cells
+            .iter()
+            .zip(&la.cells)
+            .filter(|(x, y)| name(&before, **x) != name(&after, **y))
+            .count();
+        let share = 65537 / 10;
+        // Plain Maglev moves a few percent more than the newcomer's share.
+        assert!(moved >= share && moved < share * 2, "{moved} cells moved for a share of {share}");
+    }
+
+    #[test]
+    fn source_partitioning_lists_the_weighted_instances_in_address_order() {
+        let mut p = plan(&[("198.18.0.12", 1), ("198.18.0.11", 1), ("198.18.0.13", 0)], 4093);
+        p.rule = Rule::Source;
+        let l = layout(&p, 65537).unwrap();
+        assert_eq!(l.cells, vec![0, 1]);
+    }
+}

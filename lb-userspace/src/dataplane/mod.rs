@@ -1,0 +1,360 @@
+//! The data plane as the control plane sees it: a narrow [`Dataplane`] trait (write a
+//! service's plan, remove a service, choose the served addresses, read counters and
+//! what the maps hold), implemented by the real maps ([`maps::MapManager`]) and by an
+//! in-memory fake ([`fake::FakeDataplane`]) that the reconciler's tests use.
+//!
+//! `write_service` is all or nothing for one service: new entries are written before
+//! the one `VIPS` update that makes them reachable, old ones removed after it, and a
+//! failure before that update undoes what it wrote. Whether a whole change fits
+//! (services, backend ids, subnet rules, egress ports) is decided before anything is
+//! written, by the pure [`check_fits`], so a refused change touches nothing.
+
+pub mod error;
+pub mod fake;
+pub mod layout;
+pub mod loader;
+pub mod maps;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use lb_common::{
+    Counter, GlobalStats, RING_EMPTY, VIP_F_EPOCH_RESTEER, VIP_F_PASS_IRREGULAR,
+    VIP_F_SRC_PARTITION, VIP_F_TOPOLOGY, VIP_F_UNAVAILABLE,
+};
+
+pub use error::{DataplaneError, Result};
+
+use crate::{
+    maglev,
+    model::{Egress, L2Route, ServiceKey},
+    plan::{Rule, ServicePlan},
+};
+
+/// What the data plane can hold, fixed when it is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub services: u32,
+    pub backends: u32,
+    /// Cells of one ring slot: the largest table (with its sphere tables) of a service.
+    pub ring_stride: u32,
+    /// Client subnet rules over all services and both ring slots.
+    pub sphere_rules: u32,
+    /// Egress interfaces other than the receiving one.
+    pub tx_ports: u32,
+}
+
+/// What the maps hold now, as far as capacity is concerned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Each service's backends (each holds one backend id) and subnet rules.
+    pub services: BTreeMap<ServiceKey, (BTreeSet<IpAddr>, usize)>,
+    /// Egress interfaces that have a devmap slot.
+    pub tx_ports: BTreeSet<u32>,
+}
+
+/// Packet and byte counters of a service and of each of its backends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceCounters {
+    pub service: Counter,
+    pub backends: BTreeMap<IpAddr, Counter>,
+}
+
+/// What the maps hold for one service, read back and named by address (ids are the
+/// writer's business): equal to [`Contents::expected`] of the plan last written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Contents {
+    /// `VIP_F_*` as in `VIPS`.
+    pub flags: u32,
+    pub epoch: u32,
+    pub table_size: u32,
+    /// Active backends and their routes (`None`: no route, frames dropped).
+    pub backends: BTreeMap<IpAddr, Option<L2Route>>,
+    /// The live slot: whole table and sphere tables, by backend address.
+    pub cells: Vec<Option<IpAddr>>,
+    /// (network, prefix, offset, size) of the subnet rules of the live slot.
+    pub subnets: Vec<(IpAddr, u8, u32, u32)>,
+}
+
+/// The `VIP_F_*` flags a plan gets.
+pub fn vip_flags(plan: &ServicePlan) -> u32 {
+    let c = &plan.config;
+    let mut f = 0;
+    if c.pass_irregular {
+        f |= VIP_F_PASS_IRREGULAR;
+    }
+    if c.epoch_resteer {
+        f |= VIP_F_EPOCH_RESTEER;
+    }
+    if c.unavailable {
+        f |= VIP_F_UNAVAILABLE;
+    }
+    match plan.rule {
+        Rule::Hash => {}
+        Rule::Source => f |= VIP_F_SRC_PARTITION,
+        Rule::Topology { .. } => f |= VIP_F_TOPOLOGY,
+    }
+    f
+}
+
+impl Contents {
+    /// What the maps must hold for `plan`.
+    pub fn expected(plan: &ServicePlan, stride: u32) -> Result<Contents> {
+        let l = layout::layout(plan, stride)?;
+        let addrs: Vec<IpAddr> = plan.backends.keys().copied().collect();
+        let mut subnets = l.subnets.clone();
+        subnets.sort();
+        Ok(Contents {
+            flags: vip_flags(plan),
+            epoch: plan.config.epoch,
+            table_size: l.table_size,
+            backends: plan
+                .backends
+                .iter()
+                .map(|(a, b)| (*a, b.route))
+                .collect(),
+            cells: l
+                .cells
+                .iter()
+                .map(|&c| (c != RING_EMPTY).then(|| addrs[c as usize]))
+                .collect(),
+            subnets,
+        })
+    }
+}
+
+/// The data plane, in the verbs the reconciler needs.
+pub trait Dataplane {
+    fn limits(&self) -> Limits;
+    fn usage(&self) -> Usage;
+    /// Makes the maps hold `plan` for `key` (adding the service if it is new). All or
+    /// nothing; writes only what differs from what the maps hold.
+    fn write_service(&mut self, key: ServiceKey, plan: &ServicePlan) -> Result<()>;
+    /// Removes a service and its backends (their connections end with it).
+    fn remove_service(&mut self, key: ServiceKey) -> Result<()>;
+    /// In a cluster, the addresses this node serves (only those are in `VIP_ADDRS`);
+    /// `None`: a standalone node serves every service address.
+    fn set_served(&mut self, served: Option<BTreeSet<IpAddr>>) -> Result<()>;
+    /// The services the maps hold.
+    fn services(&self) -> Vec<ServiceKey>;
+    fn counters(&self, key: ServiceKey) -> Option<ServiceCounters>;
+    fn global_stats(&self) -> Result<GlobalStats>;
+    /// Entries in the connection table.
+    fn conn_count(&self) -> usize;
+    /// What the maps hold for `key`, read back from them.
+    fn read_back(&self, key: ServiceKey) -> Result<Option<Contents>>;
+    /// Whether the service's address is in `VIP_ADDRS` (balanced by this node).
+    fn serves(&self, addr: IpAddr) -> bool;
+}
+
+/// The order to write `next` in (`None`: remove the service), if it all fits in
+/// `limits` given `usage`; the first thing that does not fit otherwise, named.
+/// Removals go first, then the services that give back backend ids, so that a
+/// change that fits at its end also fits at every step on the way (a service holds
+/// its old and new backends until its table flips).
+pub fn check_fits(
+    limits: &Limits,
+    usage: &Usage,
+    next: &BTreeMap<ServiceKey, Option<ServicePlan>>,
+) -> Result<Vec<ServiceKey>> {
+    let empty = (BTreeSet::new(), 0usize);
+    let mut order: Vec<(i64, ServiceKey)> = Vec::new();
+    for (key, plan) in next {
+        let (held, _) = usage.services.get(key).unwrap_or(&empty);
+        let rank = match plan {
+            None => i64::MIN,
+            Some(p) => {
+                let added = p.backends.keys().filter(|a| !held.contains(a)).count() as i64;
+                let removed = held.iter().filter(|a| !p.backends.contains_key(a)).count() as i64;
+                added - removed
+            }
+        };
+        order.push((rank, *key));
+    }
+    order.sort();
+    let mut services: BTreeSet<ServiceKey> = usage.services.keys().copied().collect();
+    let mut used: i64 = usage.services.values().map(|(b, _)| b.len() as i64).sum();
+    let mut rules: i64 = usage.services.values().map(|(_, r)| *r as i64).sum();
+    let mut ports = usage.tx_ports.clone();
+    for (_, key) in &order {
+        let (held, held_rules) = usage.services.get(key).unwrap_or(&empty);
+        let Some(plan) = &next[key] else {
+            if services.remove(key) {
+                used -= held.len() as i64;
+                rules -= *held_rules as i64;
+            }
+            continue;
+        };
+        if services.insert(*key) && services.len() > limits.services as usize {
+            return Err(DataplaneError::TooManyServices {
+                service: *key,
+                max: limits.services,
+            });
+        }
+        let size = plan.config.maglev_size;
+        if size > limits.ring_stride {
+            return Err(DataplaneError::RingTooLarge {
+                service: *key,
+                size,
+                max: limits.ring_stride,
+            });
+        }
+        if !maglev::is_prime(size) {
+            return Err(maglev::MaglevError::SizeNotPrime { size }.into());
+        }
+        let weighted = plan.backends.values().filter(|b| b.weight > 0).count();
+        if weighted > size as usize {
+            return Err(maglev::MaglevError::TooManyBackends {
+                backends: weighted,
+                size,
+            }
+            .into());
+        }
+        for addr in plan.backends.keys() {
+            if addr.is_ipv4() != key.addr.is_ipv4() {
+                return Err(DataplaneError::FamilyMismatch {
+                    service: *key,
+                    backend: *addr,
+                });
+            }
+        }
+        let added: Vec<IpAddr> = plan
+            .backends
+            .keys()
+            .filter(|a| !held.contains(a))
+            .copied()
+            .collect();
+        if used + added.len() as i64 > limits.backends as i64 {
+            let free = (limits.backends as i64 - used).max(0) as usize;
+            return Err(DataplaneError::TooManyBackends {
+                service: *key,
+                backend: added[free.min(added.len() - 1)],
+                max: limits.backends,
+            });
+        }
+        let removed = held.iter().filter(|a| !plan.backends.contains_key(a)).count() as i64;
+        used += added.len() as i64 - removed;
+        let new_rules = match &plan.rule {
+            Rule::Topology { subnets } => subnets.len() as i64,
+            _ => 0,
+        };
+        // The new slot's rules are written before the old slot's are removed.
+        if rules + new_rules > limits.sphere_rules as i64 {
+            return Err(DataplaneError::Options(format!(
+                "{key}: its {new_rules} subnet rules do not fit: the data plane holds {} in all",
+                limits.sphere_rules
+            )));
+        }
+        rules += new_rules - *held_rules as i64;
+        for b in plan.backends.values() {
+            if let Some(L2Route {
+                egress: Egress::Interface { ifindex },
+                ..
+            }) = b.route
+            {
+                ports.insert(ifindex);
+            }
+        }
+        if ports.len() > limits.tx_ports as usize {
+            return Err(DataplaneError::TooManyTxPorts {
+                max: limits.tx_ports,
+            });
+        }
+    }
+    Ok(order.into_iter().map(|(_, k)| k).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ServiceConfig;
+
+    fn plan(n: u32, base: u32) -> ServicePlan {
+        let route = L2Route {
+            dst_mac: [2, 0, 0, 0, 0, 1],
+            src_mac: [2, 0, 0, 0, 0, 2],
+            egress: Egress::Ingress,
+        };
+        ServicePlan::with_backends(
+            ServiceConfig {
+                maglev_size: 4093,
+                ..ServiceConfig::default()
+            },
+            (0..n).map(|i| {
+                (
+                    IpAddr::from(std::net::Ipv4Addr::from(0xc612_0000 + base + i)),
+                    1,
+                    route,
+                )
+            }),
+        )
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            services: 4,
+            backends: 100,
+            ring_stride: 65537,
+            sphere_rules: 16,
+            tx_ports: 4,
+        }
+    }
+
+    fn key(port: u16) -> ServiceKey {
+        format!("tcp/198.18.0.100:{port}").parse().unwrap()
+    }
+
+    fn usage(of: &[(ServiceKey, &ServicePlan)]) -> Usage {
+        Usage {
+            services: of
+                .iter()
+                .map(|(k, p)| (*k, (p.backends.keys().copied().collect(), 0)))
+                .collect(),
+            tx_ports: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn a_change_that_needs_more_backend_ids_than_exist_is_refused_whole() {
+        let held = plan(10, 0);
+        let u = usage(&[(key(1), &held)]);
+        let next = BTreeMap::from([(key(2), Some(plan(50, 100))), (key(3), Some(plan(45, 200)))]);
+        let e = check_fits(&limits(), &u, &next).unwrap_err();
+        assert!(matches!(e, DataplaneError::TooManyBackends { max: 100, .. }), "{e}");
+        let next = BTreeMap::from([(key(2), Some(plan(50, 100))), (key(3), Some(plan(40, 200)))]);
+        check_fits(&limits(), &u, &next).unwrap();
+    }
+
+    #[test]
+    fn what_is_given_back_counts_first() {
+        // Full: 100 ids held. Replacing one service by another of the same size fits,
+        // because the removal is written first.
+        let a = plan(60, 0);
+        let b = plan(40, 100);
+        let u = usage(&[(key(1), &a), (key(2), &b)]);
+        let next = BTreeMap::from([(key(1), None), (key(3), Some(plan(60, 300)))]);
+        assert_eq!(check_fits(&limits(), &u, &next).unwrap(), vec![key(1), key(3)]);
+        // A service that shrinks goes before one that grows.
+        let next = BTreeMap::from([(key(1), Some(plan(20, 0))), (key(2), Some(plan(80, 100)))]);
+        assert_eq!(check_fits(&limits(), &u, &next).unwrap(), vec![key(1), key(2)]);
+    }
+
+    #[test]
+    fn services_and_sizes_are_bounded() {
+        let u = Usage::default();
+        let next: BTreeMap<_, _> = (1..=5).map(|p| (key(p), Some(plan(1, p as u32)))).collect();
+        assert!(matches!(
+            check_fits(&limits(), &u, &next),
+            Err(DataplaneError::TooManyServices { max: 4, .. })
+        ));
+        let mut big = plan(1, 0);
+        big.config.maglev_size = 655373;
+        let next = BTreeMap::from([(key(1), Some(big))]);
+        assert!(matches!(
+            check_fits(&limits(), &u, &next),
+            Err(DataplaneError::RingTooLarge { .. })
+        ));
+    }
+}

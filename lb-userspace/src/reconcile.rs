@@ -1,0 +1,797 @@
+//! The reconciler: holds what lbd knows (the inputs of [`crate::plan`]), and makes the
+//! data plane hold the plan of it. Every change, whoever makes it (an operator, the
+//! directory, a health check, the SPM or water-mark manager, availability, the
+//! neighbour table), goes the same way: take the new input, plan the services it
+//! touches, check that the whole transition fits, write the services that differ from
+//! what is written, and if a write fails, write the previous plans back. A refused
+//! change leaves the maps and the views exactly as they were.
+//!
+//! It talks to the maps only through the [`Dataplane`] trait, so its tests run on the
+//! in-memory fake; the I/O (neighbour resolution, files, the API) is the daemon's.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use anyhow::{Context, Result};
+use tracing::{info, warn};
+
+use crate::{
+    api,
+    availability,
+    dataplane::{check_fits, Dataplane},
+    desired::{diff, Change, Desired},
+    model::{mac_to_string, CheckConfig, DirBackend, LocalInterface, Neighbor, ServiceKey},
+    plan::{self, Inputs, ServicePlan},
+    watermark::Verdict,
+};
+
+/// Everything the plan is made from.
+#[derive(Clone, Debug, Default)]
+pub struct Known {
+    pub desired: Desired,
+    pub directory: BTreeMap<ServiceKey, BTreeMap<IpAddr, DirBackend>>,
+    pub directory_fed: bool,
+    pub unhealthy: BTreeSet<(ServiceKey, IpAddr)>,
+    pub epochs: BTreeMap<ServiceKey, u64>,
+    pub verdicts: BTreeMap<ServiceKey, Vec<Verdict>>,
+    pub availability: availability::Set,
+    pub neighbors: BTreeMap<IpAddr, Neighbor>,
+    pub interfaces: Vec<LocalInterface>,
+}
+
+impl Known {
+    pub fn inputs(&self) -> Inputs<'_> {
+        Inputs {
+            desired: &self.desired,
+            directory: &self.directory,
+            directory_fed: self.directory_fed,
+            unhealthy: &self.unhealthy,
+            epochs: &self.epochs,
+            verdicts: &self.verdicts,
+            availability: &self.availability,
+            neighbors: &self.neighbors,
+            interfaces: &self.interfaces,
+        }
+    }
+}
+
+pub struct Reconciler<D: Dataplane> {
+    pub dp: D,
+    known: Known,
+    /// The plan each service was last written with: what the maps hold.
+    written: BTreeMap<ServiceKey, ServicePlan>,
+    /// Why the maps do not hold the plan of what is known, when a change from outside
+    /// the operator (the directory, say) did not fit; retried with every change.
+    behind: Option<String>,
+}
+
+/// Checks what the data plane would refuse, before anything is planned.
+pub fn validate(desired: &Desired, max_services: u32, max_size: u32) -> Result<()> {
+    if desired.services.len() > max_services as usize {
+        anyhow::bail!(
+            "{} services, but the data plane holds {max_services} (dataplane.max_services)",
+            desired.services.len(),
+        );
+    }
+    for (key, spec) in &desired.services {
+        if spec.config.maglev_size > max_size || !crate::maglev::is_prime(spec.config.maglev_size)
+        {
+            anyhow::bail!(
+                "{key}: maglev_size {} must be a prime no larger than {max_size}",
+                spec.config.maglev_size,
+            );
+        }
+        for addr in spec.backends.keys() {
+            if addr.is_ipv4() != key.addr.is_ipv4() {
+                anyhow::bail!("{key}: backend {addr} is not of the service's address family");
+            }
+        }
+    }
+    Ok(())
+}
+
+impl<D: Dataplane> Reconciler<D> {
+    /// Starts from what `dp` holds (empty, or restored from pinned maps); nothing is
+    /// written until [`Self::reconcile_all`].
+    pub fn new(dp: D, known: Known) -> Self {
+        Reconciler {
+            dp,
+            known,
+            written: BTreeMap::new(),
+            behind: None,
+        }
+    }
+
+    pub fn known(&self) -> &Known {
+        &self.known
+    }
+
+    pub fn desired(&self) -> &Desired {
+        &self.known.desired
+    }
+
+    /// The plan the maps hold for a service.
+    pub fn written(&self, key: &ServiceKey) -> Option<&ServicePlan> {
+        self.written.get(key)
+    }
+
+    /// Why the maps lag what is known, if they do.
+    pub fn behind(&self) -> Option<&str> {
+        self.behind.as_deref()
+    }
+
+    /// The plan of `keys` from what is known now (`None`: the service goes).
+    fn plans(&self, keys: &BTreeSet<ServiceKey>) -> BTreeMap<ServiceKey, Option<ServicePlan>> {
+        let inputs = self.known.inputs();
+        keys.iter()
+            .map(|k| (*k, plan::plan_service(&inputs, k, self.written.get(k))))
+            .collect()
+    }
+
+    /// Moves the maps to `next` (only what differs from what is written), all or
+    /// nothing. Returns the services written.
+    fn transition(
+        &mut self,
+        next: BTreeMap<ServiceKey, Option<ServicePlan>>,
+    ) -> Result<Vec<ServiceKey>> {
+        let held: BTreeSet<ServiceKey> = self.dp.services().into_iter().collect();
+        let next: BTreeMap<ServiceKey, Option<ServicePlan>> = next
+            .into_iter()
+            .filter(|(k, p)| match p {
+                None => held.contains(k),
+                Some(p) => self.written.get(k) != Some(p) || !held.contains(k),
+            })
+            .collect();
+        if next.is_empty() {
+            return Ok(Vec::new());
+        }
+        let order = check_fits(&self.dp.limits(), &self.dp.usage(), &next)?;
+        let mut done: Vec<(ServiceKey, Option<ServicePlan>)> = Vec::new();
+        for key in &order {
+            let r = match &next[key] {
+                Some(p) => self.dp.write_service(*key, p),
+                None => self.dp.remove_service(*key),
+            };
+            match r {
+                Ok(()) => {
+                    let before = match &next[key] {
+                        Some(p) => self.written.insert(*key, p.clone()),
+                        None => self.written.remove(key),
+                    };
+                    done.push((*key, before));
+                }
+                Err(e) => {
+                    let why = format!("writing {key}: {e}");
+                    self.roll_back(done);
+                    return Err(anyhow::anyhow!(why));
+                }
+            }
+        }
+        Ok(order)
+    }
+
+    /// Writes back what the services in `done` held before (in reverse order).
+    fn roll_back(&mut self, done: Vec<(ServiceKey, Option<ServicePlan>)>) {
+        for (key, before) in done.into_iter().rev() {
+            let r = match &before {
+                Some(p) => self.dp.write_service(key, p),
+                None => self.dp.remove_service(key),
+            };
+            match r {
+                Ok(()) => match before {
+                    Some(p) => {
+                        self.written.insert(key, p);
+                    }
+                    None => {
+                        self.written.remove(&key);
+                    }
+                },
+                Err(e) => {
+                    // Left as the failed change made it; the next change writes the plan
+                    // again, which repairs it.
+                    warn!(service = %key, "rolling back a failed change: {e}");
+                    self.written.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Makes the maps hold the plan of everything known: every desired service, and
+    /// no other (what an earlier run left is removed).
+    pub fn reconcile_all(&mut self) -> Result<Vec<ServiceKey>> {
+        let keys: BTreeSet<ServiceKey> = self
+            .dp
+            .services()
+            .into_iter()
+            .chain(self.known.desired.services.keys().copied())
+            .collect();
+        // Nothing is taken as written: each service is compared with what the maps hold.
+        self.written.clear();
+        let next = self.plans(&keys);
+        self.transition(next)
+    }
+
+    /// Rewrites `touched` from what is known; keeps the new inputs if it fails (the
+    /// maps stay as they were, and the next change tries again).
+    fn resync(&mut self, mut touched: BTreeSet<ServiceKey>) -> Result<Vec<ServiceKey>> {
+        if self.behind.is_some() {
+            touched.extend(self.known.desired.services.keys().copied());
+        }
+        if touched.is_empty() {
+            return Ok(Vec::new());
+        }
+        let next = self.plans(&touched);
+        match self.transition(next) {
+            Ok(written) => {
+                self.behind = None;
+                Ok(written)
+            }
+            Err(e) => {
+                self.behind = Some(format!("{e:#}"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes `new` the desired state; returns what changed. Validated and checked in
+    /// full first; `save` makes the intent durable before the maps change (so a crash
+    /// at any point of the write is completed at the next start); if the write fails,
+    /// the maps and the saved intent go back to what they were.
+    pub fn apply(
+        &mut self,
+        new: Desired,
+        dry_run: bool,
+        save: &mut dyn FnMut(&Desired) -> Result<()>,
+    ) -> Result<Vec<Change>> {
+        let limits = self.dp.limits();
+        validate(&new, limits.services, limits.ring_stride)?;
+        let changes = diff(&self.known.desired, &new);
+        if changes.is_empty() {
+            return Ok(changes);
+        }
+        let touched: BTreeSet<ServiceKey> = changes.iter().map(Change::service).collect();
+        let old = std::mem::replace(&mut self.known.desired, new);
+        let next = self.plans(&touched);
+        if let Err(e) = check_fits(&limits, &self.dp.usage(), &next) {
+            self.known.desired = old;
+            return Err(e.into());
+        }
+        if dry_run {
+            self.known.desired = old;
+            return Ok(changes);
+        }
+        if let Err(e) = save(&self.known.desired) {
+            self.known.desired = old;
+            return Err(e).context("saving the desired state; nothing was changed");
+        }
+        for c in &changes {
+            info!(change = %c, "applying");
+        }
+        crate::fault::point("apply.saved");
+        if let Err(e) = self.transition(next) {
+            let new = std::mem::replace(&mut self.known.desired, old);
+            if let Err(s) = save(&self.known.desired) {
+                warn!("restoring the saved desired state after a failed change: {s:#}");
+                // The file says `new`: the next start applies it.
+                let _ = new;
+            }
+            return Err(e);
+        }
+        crate::fault::point("apply.maps-written");
+        Ok(changes)
+    }
+
+    /// The configured services whose entry differs between `old` and `new`.
+    fn changed<V: PartialEq>(
+        &self,
+        old: &BTreeMap<ServiceKey, V>,
+        new: &BTreeMap<ServiceKey, V>,
+    ) -> BTreeSet<ServiceKey> {
+        self.known
+            .desired
+            .services
+            .keys()
+            .filter(|k| old.get(k) != new.get(k))
+            .copied()
+            .collect()
+    }
+
+    /// The directory's current backends per service.
+    pub fn set_directory(
+        &mut self,
+        directory: BTreeMap<ServiceKey, BTreeMap<IpAddr, DirBackend>>,
+    ) -> Result<Vec<ServiceKey>> {
+        let touched = if self.known.directory_fed {
+            self.changed(&self.known.directory, &directory)
+        } else {
+            // The first word from the directory: services may now be judged out.
+            self.known.directory_fed = true;
+            self.known.desired.services.keys().copied().collect()
+        };
+        self.known.directory = directory;
+        self.resync(touched)
+    }
+
+    /// The SPM manager's epochs (from the directory).
+    pub fn set_epochs(&mut self, epochs: BTreeMap<ServiceKey, u64>) -> Result<Vec<ServiceKey>> {
+        let touched = self.changed(&self.known.epochs, &epochs);
+        self.known.epochs = epochs;
+        self.resync(touched)
+    }
+
+    /// The water-mark manager's verdicts (from the directory).
+    pub fn set_verdicts(
+        &mut self,
+        verdicts: BTreeMap<ServiceKey, Vec<Verdict>>,
+    ) -> Result<Vec<ServiceKey>> {
+        let touched = self.changed(&self.known.verdicts, &verdicts);
+        self.known.verdicts = verdicts;
+        self.resync(touched)
+    }
+
+    /// The merged availability records.
+    pub fn set_availability(&mut self, set: availability::Set) -> Result<Vec<ServiceKey>> {
+        let touched = self
+            .known
+            .desired
+            .services
+            .keys()
+            .filter(|k| {
+                let k = k.to_string();
+                self.known.availability.get(&k) != set.get(&k)
+            })
+            .copied()
+            .collect();
+        self.known.availability = set;
+        self.resync(touched)
+    }
+
+    /// A health check's verdict.
+    pub fn set_health(&mut self, key: ServiceKey, addr: IpAddr, healthy: bool) -> Result<bool> {
+        let changed = if healthy {
+            self.known.unhealthy.remove(&(key, addr))
+        } else {
+            self.known.unhealthy.insert((key, addr))
+        };
+        if changed {
+            info!(service = %key, backend = %addr, healthy, "health check verdict");
+            self.resync(BTreeSet::from([key]))?;
+        }
+        Ok(changed)
+    }
+
+    /// Freshly read neighbour entries; returns the addresses whose entry changed.
+    pub fn update_neighbors(&mut self, fresh: BTreeMap<IpAddr, Neighbor>) -> Result<Vec<IpAddr>> {
+        let changed: Vec<IpAddr> = fresh
+            .iter()
+            .filter(|(a, n)| self.known.neighbors.get(a) != Some(n))
+            .map(|(a, _)| *a)
+            .collect();
+        if changed.is_empty() {
+            return Ok(changed);
+        }
+        for a in &changed {
+            info!(backend = %a, mac = %mac_to_string(&fresh[a].mac), "backend MAC learned");
+        }
+        self.known.neighbors.extend(fresh);
+        let touched: BTreeSet<ServiceKey> = self
+            .known
+            .desired
+            .services
+            .iter()
+            .filter(|(k, s)| {
+                let dir = self.known.directory.get(*k);
+                changed.iter().any(|a| {
+                    s.backends.get(a).is_some_and(|b| b.mac.is_none())
+                        || dir.is_some_and(|d| {
+                            d.contains_key(a) || d.values().any(|b| b.via == *a)
+                        })
+                })
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        self.resync(touched)?;
+        Ok(changed)
+    }
+
+    pub fn knows_neighbor(&self, addr: IpAddr) -> bool {
+        self.known.neighbors.contains_key(&addr)
+    }
+
+    pub fn set_interfaces(&mut self, interfaces: Vec<LocalInterface>) {
+        self.known.interfaces = interfaces;
+    }
+
+    /// Next hops whose MAC comes from the neighbour table.
+    pub fn resolvable(&self) -> Vec<IpAddr> {
+        let set: BTreeSet<IpAddr> = self
+            .known
+            .desired
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter())
+            .filter(|(_, b)| b.mac.is_none())
+            .map(|(a, _)| *a)
+            .chain(
+                self.known
+                    .directory
+                    .values()
+                    .flat_map(|d| d.values().map(|b| b.via)),
+            )
+            .collect();
+        set.into_iter().collect()
+    }
+
+    /// Backends (by next hop) whose MAC is not known yet.
+    pub fn unresolved(&self) -> Vec<IpAddr> {
+        self.resolvable()
+            .into_iter()
+            .filter(|a| !self.known.neighbors.contains_key(a))
+            .collect()
+    }
+
+    pub fn is_healthy(&self, key: ServiceKey, addr: IpAddr) -> bool {
+        !self.known.unhealthy.contains(&(key, addr))
+    }
+
+    /// Every service with a health check, and the backends to check.
+    pub fn checks(&self) -> Vec<(ServiceKey, CheckConfig, Vec<IpAddr>)> {
+        self.known
+            .desired
+            .services
+            .iter()
+            .filter_map(|(k, s)| {
+                let check = s.check.clone()?;
+                let backends = plan::merged(s, self.known.directory.get(k))
+                    .into_keys()
+                    .collect();
+                Some((*k, check, backends))
+            })
+            .collect()
+    }
+
+    /// Why a backend is in or out of the new-flow table by the water marks.
+    fn steering_note(&self, key: &ServiceKey, addr: IpAddr) -> Option<String> {
+        let marks = self.known.desired.services.get(key)?.steering?;
+        let v = self
+            .known
+            .verdicts
+            .get(key)?
+            .iter()
+            .find(|v| v.backend == addr)?;
+        Some(if v.in_table {
+            format!(
+                "in: utilization {} (high {}, low {}), headroom {}/16",
+                v.util, marks.high, marks.low, v.headroom
+            )
+        } else {
+            format!(
+                "out: utilization {} weighted {} > high {}; back below low {}",
+                v.util, v.weighted, marks.high, marks.low
+            )
+        })
+    }
+
+    /// The services as the API shows them: what is written, with counters.
+    pub fn views(&self) -> Vec<api::ServiceView> {
+        let inputs = self.known.inputs();
+        let mut out = Vec::new();
+        for (key, spec) in &self.known.desired.services {
+            let planned;
+            let p = match self.written.get(key) {
+                Some(p) => p,
+                None => {
+                    planned = plan::plan_service(&inputs, key, None).unwrap_or_default();
+                    &planned
+                }
+            };
+            let counters = self.dp.counters(*key).unwrap_or_default();
+            let mut spm = spec.spm.clone();
+            let mut backends = Vec::new();
+            for (addr, (b, dir)) in plan::merged(spec, self.known.directory.get(key)) {
+                let bp = p.backends.get(&addr);
+                let route = bp.and_then(|b| b.route);
+                let source = match (b.mac, route) {
+                    (Some(_), _) => "config",
+                    (None, Some(_)) => "neighbour table",
+                    (None, None) => "unresolved",
+                };
+                let healthy = self.is_healthy(*key, addr);
+                let c = counters.backends.get(&addr).copied().unwrap_or_default();
+                let sphere = bp.and_then(|b| b.sphere.clone());
+                if let Some(s) = &sphere {
+                    spm.spheres.entry(addr).or_insert_with(|| s.clone());
+                }
+                backends.push(api::BackendView {
+                    address: addr,
+                    weight: b.weight,
+                    healthy,
+                    drain: b.drain,
+                    mac: route.map(|r| mac_to_string(&r.dst_mac)),
+                    mac_source: source.to_string(),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    sphere,
+                    steering: self.steering_note(key, addr),
+                    valid: plan::valid_instance(&b, healthy, route.is_some()),
+                    from_directory: dir.is_some() && !spec.backends.contains_key(&addr),
+                });
+            }
+            out.push(api::ServiceView {
+                service: key.to_string(),
+                key: *key,
+                config: p.config,
+                packets: counters.service.packets,
+                bytes: counters.service.bytes,
+                backends,
+                spm,
+                unavailable: plan::unavailable(&inputs, key),
+            });
+        }
+        out
+    }
+
+    /// Backends in the plans, and how many of them have no route yet.
+    pub fn backend_counts(&self) -> (usize, usize) {
+        let all: Vec<&plan::BackendPlan> = self
+            .written
+            .values()
+            .flat_map(|p| p.backends.values())
+            .collect();
+        (all.len(), all.iter().filter(|b| b.route.is_none()).count())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        dataplane::{fake::FakeDataplane, Contents, Limits},
+        desired::{BackendSpec, ServiceSpec},
+        model::ServiceConfig,
+    };
+
+    fn limits() -> Limits {
+        Limits {
+            services: 4,
+            backends: 16,
+            ring_stride: 4093,
+            sphere_rules: 16,
+            tx_ports: 4,
+        }
+    }
+
+    fn key(port: u16) -> ServiceKey {
+        format!("tcp/198.18.0.100:{port}").parse().unwrap()
+    }
+
+    fn spec(n: u8, first: u8) -> ServiceSpec {
+        ServiceSpec {
+            config: ServiceConfig {
+                maglev_size: 4093,
+                ..ServiceConfig::default()
+            },
+            backends: (first..first + n)
+                .map(|i| {
+                    (
+                        format!("198.18.0.{i}").parse().unwrap(),
+                        BackendSpec {
+                            mac: Some([2, 0, 0, 0, 0, i]),
+                            ..BackendSpec::default()
+                        },
+                    )
+                })
+                .collect(),
+            ..ServiceSpec::default()
+        }
+    }
+
+    fn desired(services: &[(u16, u8, u8)]) -> Desired {
+        Desired {
+            services: services
+                .iter()
+                .map(|(p, n, first)| (key(*p), spec(*n, *first)))
+                .collect(),
+        }
+    }
+
+    fn known() -> Known {
+        Known {
+            interfaces: vec![LocalInterface {
+                name: "eth0".into(),
+                ifindex: 2,
+                mac: [2, 0, 0, 0, 0, 0xfe],
+            }],
+            directory_fed: true,
+            ..Known::default()
+        }
+    }
+
+    fn started(d: Desired) -> Reconciler<FakeDataplane> {
+        let mut r = Reconciler::new(
+            FakeDataplane::new(limits()),
+            Known {
+                desired: d,
+                ..known()
+            },
+        );
+        r.reconcile_all().unwrap();
+        r
+    }
+
+    /// The maps (read back) hold exactly the plan of what is known.
+    fn assert_holds_the_plan(r: &Reconciler<FakeDataplane>) {
+        let inputs = r.known.inputs();
+        let mut held: Vec<ServiceKey> = r.dp.services();
+        held.sort();
+        let wanted: Vec<ServiceKey> = r.known.desired.services.keys().copied().collect();
+        assert_eq!(held, wanted);
+        for k in wanted {
+            let p = plan::plan_service(&inputs, &k, r.written.get(&k)).unwrap();
+            assert_eq!(
+                r.dp.read_back(k).unwrap(),
+                Some(Contents::expected(&p, limits().ring_stride).unwrap()),
+                "{k}"
+            );
+        }
+    }
+
+    fn never_saved() -> impl FnMut(&Desired) -> Result<()> {
+        |_| Ok(())
+    }
+
+    #[test]
+    fn a_change_that_does_not_fit_changes_nothing() {
+        let mut r = started(desired(&[(80, 3, 1)]));
+        let before = r.dp.held(key(80)).cloned();
+        let mut saved = 0;
+        let e = r
+            .apply(desired(&[(80, 3, 1), (81, 6, 10), (82, 9, 20)]), false, &mut |_| {
+                saved += 1;
+                Ok(())
+            })
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("backend slots"), "{e:#}");
+        assert_eq!(saved, 0, "a refused change is not saved");
+        assert_eq!(r.dp.services(), vec![key(80)]);
+        assert_eq!(r.dp.held(key(80)).cloned(), before);
+        assert_eq!(r.desired(), &desired(&[(80, 3, 1)]));
+        assert_holds_the_plan(&r);
+    }
+
+    #[test]
+    fn a_write_that_fails_is_rolled_back_with_the_saved_intent() {
+        let mut r = started(desired(&[(80, 3, 1)]));
+        // Three services change; the write of the second fails.
+        r.dp.fail_call = Some(r.dp.calls + 2);
+        let mut saves: Vec<Desired> = Vec::new();
+        let e = r
+            .apply(
+                desired(&[(80, 2, 1), (81, 3, 10), (82, 3, 20)]),
+                false,
+                &mut |d| {
+                    saves.push(d.clone());
+                    Ok(())
+                },
+            )
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("injected"), "{e:#}");
+        assert_eq!(saves.len(), 2, "saved before the write, and back after it failed");
+        assert_eq!(saves[1], desired(&[(80, 3, 1)]));
+        assert_eq!(r.desired(), &desired(&[(80, 3, 1)]));
+        assert_holds_the_plan(&r);
+    }
+
+    #[test]
+    fn a_restart_on_maps_a_crash_left_holds_the_saved_intent() {
+        // The intent is saved before the maps are written; a process that dies after
+        // writing one of two services leaves maps that match neither state.
+        let mut r = started(desired(&[(80, 3, 1), (81, 2, 10)]));
+        r.dp.fail_call = Some(r.dp.calls + 2);
+        let mut saved = None;
+        let _ = r.apply(desired(&[(80, 1, 1), (81, 4, 10)]), false, &mut |d| {
+            saved.get_or_insert_with(|| d.clone());
+            Ok(())
+        });
+        // ... and died: the rollback never happened. A new lbd starts on those maps
+        // with the saved intent.
+        let dp = std::mem::replace(&mut r.dp, FakeDataplane::new(limits()));
+        let mut again = Reconciler::new(
+            dp,
+            Known {
+                desired: saved.unwrap(),
+                ..known()
+            },
+        );
+        again.dp.fail_call = None;
+        again.reconcile_all().unwrap();
+        assert_eq!(again.desired(), &desired(&[(80, 1, 1), (81, 4, 10)]));
+        assert_holds_the_plan(&again);
+    }
+
+    #[test]
+    fn services_the_maps_hold_but_nobody_wants_go_at_start() {
+        let r = started(desired(&[(80, 1, 1), (81, 1, 5)]));
+        let mut again = Reconciler::new(
+            r.dp,
+            Known {
+                desired: desired(&[(81, 2, 5)]),
+                ..known()
+            },
+        );
+        again.reconcile_all().unwrap();
+        assert_holds_the_plan(&again);
+    }
+
+    #[test]
+    fn inputs_from_outside_reach_the_maps_and_a_refused_one_is_retried() {
+        let mut r = started(desired(&[(80, 2, 1)]));
+        // The directory adds a backend.
+        let dir = BTreeMap::from([(
+            key(80),
+            BTreeMap::from([(
+                "198.18.0.50".parse().unwrap(),
+                DirBackend {
+                    weight: 1,
+                    via: "198.18.0.50".parse().unwrap(),
+                    sphere: None,
+                },
+            )]),
+        )]);
+        assert_eq!(r.set_directory(dir).unwrap(), vec![key(80)]);
+        assert!(r.dp.held(key(80)).unwrap().backends.contains_key(&"198.18.0.50".parse().unwrap()));
+        assert_holds_the_plan(&r);
+        // Health takes one out of the table; the view says why.
+        r.set_health(key(80), "198.18.0.1".parse().unwrap(), false).unwrap();
+        assert_eq!(r.dp.held(key(80)).unwrap().backends[&"198.18.0.1".parse().unwrap()].weight, 0);
+        assert!(!r.views()[0].backends[0].healthy);
+        // A directory that grows beyond the backend ids is not written; once it
+        // shrinks again, the maps catch up.
+        let many: BTreeMap<IpAddr, DirBackend> = (100..130u8)
+            .map(|i| {
+                let a: IpAddr = format!("198.18.0.{i}").parse().unwrap();
+                (a, DirBackend { weight: 1, via: a, sphere: None })
+            })
+            .collect();
+        let before = r.dp.held(key(80)).cloned();
+        assert!(r.set_directory(BTreeMap::from([(key(80), many)])).is_err());
+        assert_eq!(r.dp.held(key(80)).cloned(), before, "nothing of it written");
+        assert!(r.behind().is_some());
+        r.set_directory(BTreeMap::new()).unwrap();
+        assert!(r.behind().is_none());
+        assert_holds_the_plan(&r);
+    }
+
+    #[test]
+    fn unchanged_inputs_write_nothing() {
+        let mut r = started(desired(&[(80, 2, 1)]));
+        let calls = r.dp.calls;
+        r.set_epochs(BTreeMap::new()).unwrap();
+        r.set_verdicts(BTreeMap::new()).unwrap();
+        r.update_neighbors(BTreeMap::new()).unwrap();
+        assert!(r.apply(desired(&[(80, 2, 1)]), false, &mut never_saved()).unwrap().is_empty());
+        assert_eq!(r.dp.calls, calls);
+    }
+
+    #[test]
+    fn a_configured_backend_follows_its_host_route_in_the_directory() {
+        let mut d = desired(&[(80, 1, 1)]);
+        let b: IpAddr = "198.18.0.13".parse().unwrap();
+        d.services.get_mut(&key(80)).unwrap().backends.insert(b, BackendSpec::default());
+        let mut r = started(d);
+        let n = |mac: u8| Neighbor { ifindex: 2, mac: [2, 0, 0, 0, 0, mac] };
+        r.update_neighbors(BTreeMap::from([(b, n(13))])).unwrap();
+        let via = |v: &str| {
+            BTreeMap::from([(key(80), BTreeMap::from([(b, DirBackend { weight: 1, via: v.parse().unwrap(), sphere: None })]))])
+        };
+        r.set_directory(via("198.18.0.13")).unwrap();
+        let mac = |r: &Reconciler<FakeDataplane>| r.dp.held(key(80)).unwrap().backends[&b].route.unwrap().dst_mac[5];
+        assert_eq!(mac(&r), 13);
+        // The route fails over: the new next hop is resolved first, then the directory says so.
+        r.update_neighbors(BTreeMap::from([("198.18.0.53".parse().unwrap(), n(53))])).unwrap();
+        r.set_directory(via("198.18.0.53")).unwrap();
+        assert_eq!(mac(&r), 53);
+    }
+}

@@ -1,0 +1,183 @@
+//! The maps always say what the operator was told (issue 13): a refused change changes
+//! nothing, a crash at any point leaves maps and the saved state agreeing, values the
+//! data plane must not use are refused, untrusted input is bounded, and `--check` runs
+//! every check a start does. Each test reads lbd's pinned maps or runs frames through
+//! the program on them, rather than trusting what lbd reports.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
+
+use common::{maps::*, *};
+use nix::sys::signal::Signal;
+
+fn probe(env: &Env) -> Probe {
+    Probe::open(lb_userspace::LoadOptions {
+        max_services: 8,
+        conn_table_size: 16384,
+        pin_dir: Some(env.pin_dir.clone()),
+        ..lb_userspace::LoadOptions::default()
+    })
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// Every backend address lbctl shows, per service, with its MAC.
+fn shown(env: &Env) -> BTreeMap<String, BTreeMap<IpAddr, Option<String>>> {
+    let list = json(&env.lbctl_ok(&["-o", "json", "service", "list"]));
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let backends = s["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| {
+                    (
+                        b["address"].as_str().unwrap().parse().unwrap(),
+                        b["mac"].as_str().map(str::to_string),
+                    )
+                })
+                .collect();
+            (s["service"].as_str().unwrap().to_string(), backends)
+        })
+        .collect()
+}
+
+/// The maps' view: each service's live-table backends by address, and the multiset of
+/// active backend addresses.
+fn in_maps(env: &Env) -> (BTreeMap<String, BTreeSet<IpAddr>>, Vec<IpAddr>) {
+    let active = active_backends(&env.pin_dir);
+    let tables = services(&env.pin_dir)
+        .into_iter()
+        .map(|(k, meta)| {
+            let addrs = table_ids(&env.pin_dir, &meta)
+                .into_iter()
+                .map(|id| {
+                    let b = active
+                        .get(&id)
+                        .unwrap_or_else(|| panic!("{k}'s table names inactive backend {id}"));
+                    addr_of(&b.addr, b.family)
+                })
+                .collect();
+            (k, addrs)
+        })
+        .collect();
+    let mut all: Vec<IpAddr> = active.values().map(|b| addr_of(&b.addr, b.family)).collect();
+    all.sort();
+    (tables, all)
+}
+
+fn assert_maps_match_lbctl(env: &Env, when: &str) {
+    let shown = shown(env);
+    let (tables, active) = in_maps(env);
+    assert_eq!(
+        tables.keys().collect::<Vec<_>>(),
+        shown.keys().collect::<Vec<_>>(),
+        "{when}: the maps' services differ from lbctl's"
+    );
+    for (svc, addrs) in &tables {
+        let listed: BTreeSet<IpAddr> = shown[svc].keys().copied().collect();
+        assert!(
+            addrs.is_subset(&listed),
+            "{when}: {svc}'s table names {:?}, which lbctl does not show (it shows {listed:?})",
+            addrs.difference(&listed).collect::<Vec<_>>()
+        );
+    }
+    let mut listed: Vec<IpAddr> = shown.values().flat_map(|b| b.keys().copied()).collect();
+    listed.sort();
+    assert_eq!(active, listed, "{when}: active backends in the maps vs lbctl");
+}
+
+fn backend_section(addr: Ipv4Addr, i: u32) -> String {
+    format!(
+        "\n[[service.backend]]\naddress = \"{addr}\"\nmac = \"02:00:00:{:02x}:{:02x}:{:02x}\"\n",
+        (i >> 16) & 0xff,
+        (i >> 8) & 0xff,
+        i & 0xff
+    )
+}
+
+fn service_section(vip: Ipv4Addr, port: u16, first: u32, n: u32) -> String {
+    let mut s = format!("\n[[service]]\nvip = \"{vip}\"\nport = {port}\nprotocol = \"tcp\"\n");
+    for i in first..first + n {
+        let a = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i);
+        s.push_str(&backend_section(a, i));
+    }
+    s
+}
+
+/// Item 2: an apply refused for want of backend slots leaves the maps as they were.
+#[test]
+fn a_refused_apply_changes_nothing_in_the_maps() {
+    let env = Env::new("refused", &["b1", "b2", "b3"]);
+    let before_services = services(&env.pin_dir);
+    let before_active = active_backends(&env.pin_dir);
+    let before_list = env.lbctl_ok(&["-o", "json", "service", "list"]);
+    let mut file = std::fs::read_to_string(&env.config).unwrap();
+    file.push_str(&service_section(Ipv4Addr::new(198, 18, 0, 200), 80, 1, 100));
+    file.push_str(&service_section(Ipv4Addr::new(198, 18, 0, 201), 80, 1000, 8150));
+    let path = env.dir.join("big.toml");
+    std::fs::write(&path, file).unwrap();
+    let out = env.lbctl(&["apply", "-f", &path.to_string_lossy()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the apply must be refused: {stderr}");
+    assert!(stderr.contains("backend"), "{stderr}");
+    assert_eq!(
+        services(&env.pin_dir).keys().collect::<Vec<_>>(),
+        before_services.keys().collect::<Vec<_>>(),
+        "VIPS changed"
+    );
+    assert_eq!(active_backends(&env.pin_dir).len(), before_active.len(), "BACKENDS changed");
+    let p = probe(&env);
+    for port in 1000..1100 {
+        let (verdict, out) = p.run(&syn_v4(
+            Ipv4Addr::new(198, 18, 1, 10),
+            port,
+            Ipv4Addr::new(198, 18, 0, 200),
+            80,
+            0x02,
+        ));
+        assert_eq!(verdict, XDP_PASS, "a SYN to the refused service went to {}", dst_mac(&out));
+    }
+    assert_eq!(env.lbctl_ok(&["-o", "json", "service", "list"]), before_list);
+    assert_maps_match_lbctl(&env, "after the refused apply");
+}
+
+/// Item 3: killed between writing the maps and saving its state, lbd restarts with
+/// maps that say exactly what lbctl shows.
+#[test]
+fn a_crash_between_map_writes_and_saving_leaves_maps_and_lbctl_agreeing() {
+    let mut env = Env::new("crash", &["b1", "b2"]);
+    env.lbd.as_ref().unwrap().signal(Signal::SIGKILL).unwrap();
+    env.lbd.as_mut().unwrap().wait_timeout(Duration::from_secs(5)).unwrap();
+    env.start_lbd_with_env(&[("LBD_CRASH_AT", "apply.maps-written")]);
+    let out = env.lbctl(&["backend", "add", SVC, "198.18.0.13"]);
+    assert!(!out.status.success(), "lbd should have died in the change");
+    let died = env.lbd.as_mut().unwrap().wait_timeout(Duration::from_secs(5)).unwrap();
+    assert!(died.is_some(), "lbd did not crash at the point");
+    env.start_lbd();
+    assert_maps_match_lbctl(&env, "after the crash and restart");
+    // And where new flows go: only to backends lbctl shows.
+    let macs: BTreeSet<String> = shown(&env)[SVC].values().flatten().cloned().collect();
+    let p = probe(&env);
+    for port in 2000..2300 {
+        let (verdict, out) = p.run(&syn_v4(
+            Ipv4Addr::new(198, 18, 1, 10),
+            port,
+            Ipv4Addr::new(198, 18, 0, 100),
+            8080,
+            0x02,
+        ));
+        assert_eq!(verdict, XDP_TX);
+        assert!(macs.contains(&dst_mac(&out)), "a new flow went to {} (lbctl shows {macs:?})", dst_mac(&out));
+    }
+}
+
