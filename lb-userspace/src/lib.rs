@@ -7,29 +7,21 @@
 
 pub mod api;
 pub mod availability;
-pub mod availd;
-pub mod client;
 pub mod cluster;
-pub mod clusterd;
 pub mod config;
-pub mod daemon;
 pub mod dataplane;
-pub mod desired;
-pub mod dird;
-pub mod directory;
 pub mod fault;
+pub mod desired;
+pub mod directory;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
-pub mod neighbor;
-pub mod peer;
 pub mod plan;
 pub mod reconcile;
 pub mod server;
+pub mod shell;
 pub mod spm;
-pub mod state_file;
-pub mod vip;
 pub mod watermark;
 
 pub use dataplane::{

@@ -18,13 +18,13 @@ use crate::{
         self, AddBackend, ClusterView, AddService, Applied, BackendRef, DrainBackend, ErrorBody, ServiceRef,
         SetWeight, Shutdown,
     },
-    clusterd::ClusterHandle,
-    daemon::Daemon,
+    shell::clusterd::ClusterHandle,
+    shell::daemon::Daemon,
     desired::{BackendSpec, Desired, ServiceSpec},
-    dird::{DirHandle, Registration},
+    shell::dird::{DirHandle, Registration},
     directory::store::DirectoryStore,
     model::ServiceKey,
-    neighbor::NeighborTable,
+    shell::neighbor::NeighborTable,
 };
 
 #[derive(Clone)]
@@ -34,7 +34,7 @@ pub struct AppState {
     pub neighbors: Arc<NeighborTable>,
     pub cluster: Option<ClusterHandle>,
     pub directory: DirHandle,
-    pub availability: crate::availd::AvailHandle,
+    pub availability: crate::shell::availd::AvailHandle,
 }
 
 /// Resolves the MACs of backends about to be added, without holding the daemon, so
@@ -785,7 +785,7 @@ pub fn dsd_router(directory: DirHandle) -> Router {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| bad("missing x-lb-node"))?;
-        crate::dird::accept(&d, from, &body).await.map_err(|why| {
+        crate::shell::dird::accept(&d, from, &body).await.map_err(|why| {
             ApiError(StatusCode::UNAUTHORIZED, format!("refused: {}", why.name()))
         })?;
         Ok("ok")
@@ -793,15 +793,15 @@ pub fn dsd_router(directory: DirHandle) -> Router {
     Router::new()
         .route("/v1/dsd", post(dsd))
         .layer(axum::extract::DefaultBodyLimit::max(
-            crate::dird::MAX_DSD_MESSAGE,
+            crate::shell::dird::MAX_DSD_MESSAGE,
         ))
         .with_state(directory)
 }
 
 /// Other LB nodes' availability messages (framed and signed with the cluster key).
-pub fn avail_router(availability: crate::availd::AvailHandle) -> Router {
+pub fn avail_router(availability: crate::shell::availd::AvailHandle) -> Router {
     async fn avail(
-        State(a): State<crate::availd::AvailHandle>,
+        State(a): State<crate::shell::availd::AvailHandle>,
         headers: axum::http::HeaderMap,
         body: axum::body::Bytes,
     ) -> Result<Response, ApiError> {
@@ -820,7 +820,7 @@ pub fn avail_router(availability: crate::availd::AvailHandle) -> Router {
     Router::new()
         .route("/v1/avail", post(avail))
         .layer(axum::extract::DefaultBodyLimit::max(
-            crate::availd::MAX_MESSAGE,
+            crate::shell::availd::MAX_MESSAGE,
         ))
         .with_state(availability)
 }

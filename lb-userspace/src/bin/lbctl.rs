@@ -8,7 +8,7 @@ use std::{io::Write, net::IpAddr, path::PathBuf, process::ExitCode, time::Durati
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     api::{self, Applied},
-    client::{Client, ClientError},
+    api::client::{Client, ClientError},
     config::parse_services,
     desired::BackendSpec,
     model::{parse_mac, ServiceConfig, ServiceKey},

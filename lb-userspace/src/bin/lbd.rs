@@ -7,11 +7,11 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use lb_userspace::{
     api::Shutdown,
-    clusterd,
+    shell::clusterd,
     config::{Config, DEFAULT_PATH},
-    daemon::Daemon,
-    dird,
-    neighbor::{nudge, NeighborTable},
+    shell::daemon::Daemon,
+    shell::dird,
+    shell::neighbor::{nudge, NeighborTable},
     server::{api_router, bind_api, metrics_router, registry_router, AppState},
 };
 use tokio::{
@@ -94,7 +94,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
     let cluster_config = config.cluster.clone();
     let registry_listen = config.node.registry_listen;
     let first_interface = config.interfaces.first().map(|i| i.name.clone());
-    let saved_availability = lb_userspace::availd::load(&config.node.state_dir)?;
+    let saved_availability = lb_userspace::shell::availd::load(&config.node.state_dir)?;
     let daemon = Daemon::start(config, &neighbors, saved_availability.clone()).await?;
     let status = daemon.status();
     info!(
@@ -121,7 +121,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
     );
     // The records the daemon started with (it applied them before attaching).
     let state_dir = daemon.lock().await.state_dir();
-    let availability = lb_userspace::availd::start(
+    let availability = lb_userspace::shell::availd::start(
         saved_availability,
         &state_dir,
         daemon.clone(),
@@ -129,7 +129,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
     );
     // The directory's replication endpoint, next to the cluster's port.
     if let Some(c) = &cluster_config {
-        let addr = lb_userspace::peer::endpoint(c.id, c.port);
+        let addr = lb_userspace::shell::peer::endpoint(c.id, c.port);
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the directory endpoint {addr} (cluster port + 1)"))?;
@@ -160,7 +160,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
             }
         }
     }
-    tokio::spawn(lb_userspace::health::run_checks(daemon.clone()));
+    tokio::spawn(lb_userspace::shell::health::run_checks(daemon.clone()));
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<Shutdown>(1);
     let state = AppState {
         directory,
@@ -252,7 +252,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
                     .chain(c.preferred.iter().copied())
                 {
                     let _ =
-                        lb_userspace::vip::remove_address(neighbors.handle(), iface.ifindex, vip)
+                        lb_userspace::shell::vip::remove_address(neighbors.handle(), iface.ifindex, vip)
                             .await;
                 }
             }

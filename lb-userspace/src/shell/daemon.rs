@@ -28,7 +28,7 @@ use crate::{
     },
     desired::{Change, Desired},
     model::{CheckConfig, DirBackend, LocalInterface, Neighbor, ServiceKey},
-    neighbor::NeighborTable,
+    shell::neighbor::NeighborTable,
     reconcile::{Known, Reconciler},
     watermark::Verdict,
 };
@@ -87,7 +87,7 @@ fn save_desired(dir: &std::path::Path, from_config: &Desired, desired: &Desired)
         from_config: from_config.clone(),
         desired: desired.clone(),
     };
-    crate::state_file::write_atomic(&dir.join(DESIRED_FILE), &serde_json::to_vec_pretty(&saved)?)
+    crate::shell::state_file::write_atomic(&dir.join(DESIRED_FILE), &serde_json::to_vec_pretty(&saved)?)
 }
 
 impl Daemon {

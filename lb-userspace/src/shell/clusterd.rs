@@ -26,9 +26,9 @@ use crate::{
         wire::{self, Reject},
     },
     config::ClusterConfig,
-    daemon::Daemon,
-    neighbor::NeighborTable,
-    vip::{self, Announcer},
+    shell::daemon::Daemon,
+    shell::neighbor::NeighborTable,
+    shell::vip::{self, Announcer},
 };
 
 /// How many past events `lbctl events` shows without --follow.

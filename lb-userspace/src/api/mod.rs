@@ -10,6 +10,8 @@ use crate::{
     model::{ServiceConfig, ServiceKey},
 };
 
+pub mod client;
+
 pub const VERSION: &str = "v1";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -119,7 +119,7 @@ impl NeighborTable {
 
     /// The addresses on an interface.
     pub async fn addresses(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
-        crate::vip::addresses(&self.handle, ifindex).await
+        crate::shell::vip::addresses(&self.handle, ifindex).await
     }
 
     /// Whether the interface is up with its link running.

@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, Mutex};
 use tracing::{info, warn};
 
 use crate::{
-    daemon::Daemon,
+    shell::daemon::Daemon,
     directory::{
         replication::{Agent, Backup, Master, Msg, NodeId, Out},
         store::DirectoryStore,
@@ -24,7 +24,7 @@ use crate::{
         tables::{names, Change, CompleteRoute, Entry, Heartbeats, Op, ServerRoute, Tables},
     },
     model::{DirBackend, ServiceKey},
-    neighbor::NeighborTable,
+    shell::neighbor::NeighborTable,
 };
 
 /// A backend registering itself (or registered by a sidecar) with a lease.
@@ -215,7 +215,7 @@ pub struct DirHandle {
     /// subscribers.
     pub changes: broadcast::Sender<(Change, Option<Entry>)>,
     /// Where operator-visible events go (the cluster's event stream), with our id.
-    events: Option<(crate::clusterd::ClusterHandle, IpAddr)>,
+    events: Option<(crate::shell::clusterd::ClusterHandle, IpAddr)>,
 }
 
 impl DirHandle {
@@ -309,7 +309,7 @@ impl DirHandle {
             );
             tokio::spawn(async move {
                 if let Err(e) =
-                    crate::peer::post_to_peer(addr, "/v1/dsd", ("x-lb-node", me.to_string()), body).await
+                    crate::shell::peer::post_to_peer(addr, "/v1/dsd", ("x-lb-node", me.to_string()), body).await
                 {
                     tracing::debug!(%addr, "directory message not delivered (it is resent): {e:#}");
                 }
@@ -776,7 +776,7 @@ pub fn monitor_routes(handle: DirHandle, interface: String, src: std::net::Ipv4A
                 probes.push((
                     r.key.clone(),
                     tokio::task::spawn_blocking(move || {
-                        crate::vip::arp_probe(&iface, src, target, Duration::from_millis(200))
+                        crate::shell::vip::arp_probe(&iface, src, target, Duration::from_millis(200))
                     }),
                 ));
             }
@@ -852,10 +852,10 @@ pub async fn accept(
 pub fn start(
     daemon: Arc<Mutex<Daemon>>,
     neighbors: Arc<NeighborTable>,
-    cluster: Option<(crate::clusterd::ClusterHandle, crate::config::ClusterConfig)>,
+    cluster: Option<(crate::shell::clusterd::ClusterHandle, crate::config::ClusterConfig)>,
 ) -> DirHandle {
     let (changes, _) = broadcast::channel(1024);
-    let me = cluster.as_ref().map_or(0, |(_, c)| crate::peer::node_id(c.id));
+    let me = cluster.as_ref().map_or(0, |(_, c)| crate::shell::peer::node_id(c.id));
     let key = cluster
         .as_ref()
         .map(|(_, c)| c.key.clone())
@@ -951,7 +951,7 @@ pub fn start(
                     };
                     let endpoint = cluster
                         .as_ref()
-                        .map(|(_, c)| crate::peer::endpoint(c.id, c.port).to_string())
+                        .map(|(_, c)| crate::shell::peer::endpoint(c.id, c.port).to_string())
                         .unwrap_or_else(|| "-".into());
                     (d.config.node.name.clone(), role, endpoint)
                 };
@@ -989,10 +989,10 @@ pub fn start(
                     let (master, backup) = directory_roles(&hosts)?;
                     let peers = hosts
                         .iter()
-                        .filter(|(a, _, _)| crate::peer::node_id(*a) != me)
-                        .map(|(a, _, _)| (crate::peer::node_id(*a), crate::peer::endpoint(*a, cfg.port)))
+                        .filter(|(a, _, _)| crate::shell::peer::node_id(*a) != me)
+                        .map(|(a, _, _)| (crate::shell::peer::node_id(*a), crate::shell::peer::endpoint(*a, cfg.port)))
                         .collect();
-                    Some((crate::peer::node_id(master), backup.map(crate::peer::node_id), peers))
+                    Some((crate::shell::peer::node_id(master), backup.map(crate::shell::peer::node_id), peers))
                 });
                 if cluster.is_none() || roles.is_some() {
                     h.tick(roles).await;

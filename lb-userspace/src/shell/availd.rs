@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use crate::{
     availability::{self, Record, Set},
-    daemon::Daemon,
+    shell::daemon::Daemon,
 };
 
 pub const FILE: &str = "availability.json";
@@ -62,7 +62,7 @@ pub fn load(dir: &Path) -> Result<Set> {
 
 fn save(path: &Path, set: &Set) -> Result<()> {
     let records: Vec<&Record> = set.values().collect();
-    crate::state_file::write_atomic(path, &serde_json::to_vec_pretty(&records)?)
+    crate::shell::state_file::write_atomic(path, &serde_json::to_vec_pretty(&records)?)
 }
 
 #[derive(Clone)]
@@ -71,7 +71,7 @@ pub struct AvailHandle {
     path: PathBuf,
     daemon: Arc<Mutex<Daemon>>,
     key: Arc<Vec<u8>>,
-    cluster: Option<(crate::clusterd::ClusterHandle, crate::config::ClusterConfig)>,
+    cluster: Option<(crate::shell::clusterd::ClusterHandle, crate::config::ClusterConfig)>,
     synced: Arc<AtomicBool>,
     pub rejected: Arc<AtomicU64>,
 }
@@ -150,11 +150,11 @@ impl AvailHandle {
             .iter()
             .map(|h| h.info.id)
             .filter(|id| *id != cfg.id)
-            .map(|id| crate::peer::endpoint(id, cfg.port))
+            .map(|id| crate::shell::peer::endpoint(id, cfg.port))
             .collect();
         // Configured unicast peers count too, before they have been heard.
         for p in &cfg.peers {
-            let e = crate::peer::endpoint(p.ip(), cfg.port);
+            let e = crate::shell::peer::endpoint(p.ip(), cfg.port);
             if !peers.contains(&e) {
                 peers.push(e);
             }
@@ -181,7 +181,7 @@ impl AvailHandle {
     fn me(&self) -> SocketAddr {
         self.cluster
             .as_ref()
-            .map(|(_, c)| crate::peer::endpoint(c.id, c.port))
+            .map(|(_, c)| crate::shell::peer::endpoint(c.id, c.port))
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
@@ -242,7 +242,7 @@ impl AvailHandle {
 }
 
 async fn post(peer: SocketAddr, from: SocketAddr, body: Vec<u8>) -> Result<Vec<u8>> {
-    crate::peer::post_to_peer(peer, "/v1/avail", ("x-lb-from", from.to_string()), body).await
+    crate::shell::peer::post_to_peer(peer, "/v1/avail", ("x-lb-from", from.to_string()), body).await
 }
 
 /// Starts availability: `set` was loaded (and given to the daemon) before the node
@@ -252,7 +252,7 @@ pub fn start(
     set: Set,
     state_dir: &Path,
     daemon: Arc<Mutex<Daemon>>,
-    cluster: Option<(crate::clusterd::ClusterHandle, crate::config::ClusterConfig)>,
+    cluster: Option<(crate::shell::clusterd::ClusterHandle, crate::config::ClusterConfig)>,
 ) -> AvailHandle {
     let key = cluster
         .as_ref()

@@ -1,0 +1,447 @@
+//! The daemon's TOML configuration. Parsing is strict (unknown fields are errors, so a
+//! typo cannot silently become a default) and every error names the file, line and
+//! field. The file's services become a [`Desired`]; the rest says where the daemon
+//! runs and how the data plane is sized.
+
+mod cluster;
+mod error;
+mod file;
+mod services;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+pub use error::ConfigError;
+pub use services::parse_services;
+
+use crate::{dataplane::loader::LoadOptions, desired::Desired, maglev::is_prime};
+use error::Ctx;
+use file::File;
+
+pub const DEFAULT_PATH: &str = "/etc/lb/lbd.toml";
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9469";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeName {
+    /// Native (driver) mode: the fast path.
+    #[default]
+    Driver,
+    /// Generic mode: works on any interface, slower.
+    Skb,
+    /// Let the kernel pick.
+    Auto,
+}
+
+impl XdpModeName {
+    pub fn mode(self) -> aya::programs::XdpMode {
+        use aya::programs::XdpMode;
+        match self {
+            XdpModeName::Driver => XdpMode::Driver,
+            XdpModeName::Skb => XdpMode::Skb,
+            XdpModeName::Auto => XdpMode::Default,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Interface {
+    pub name: String,
+    pub xdp_mode: XdpModeName,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub name: String,
+    pub api_socket: PathBuf,
+    pub metrics_listen: SocketAddr,
+    /// Where runtime changes and the map manager's snapshot are saved.
+    pub state_dir: PathBuf,
+    /// bpffs directory for the pinned maps and links.
+    pub pin_dir: PathBuf,
+    /// Where backends register themselves over HTTP (TCP); off when absent.
+    pub registry_listen: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub path: PathBuf,
+    pub node: NodeConfig,
+    pub interfaces: Vec<Interface>,
+    pub max_services: u32,
+    pub maglev_max_size: u32,
+    pub conn_table_size: u32,
+    pub desired: Desired,
+    /// Present when this node is one of a cluster that moves VIPs between nodes.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// The `[cluster]` section: this node in its group of LB nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// This node's id address (its control address); the lowest alive id leads.
+    pub id: IpAddr,
+    /// The group's multicast address and port.
+    pub group: Option<SocketAddr>,
+    /// Unicast peers, for networks without multicast (control address and port).
+    pub peers: Vec<SocketAddr>,
+    /// Port to listen on for control messages.
+    pub port: u16,
+    /// The shared secret of the group's HMAC-SHA256.
+    pub key: Vec<u8>,
+    pub interval: std::time::Duration,
+    pub timeout: std::time::Duration,
+    pub orphan_expiry: Option<std::time::Duration>,
+    /// VIPs this node prefers to serve (none: a hot spare).
+    pub preferred: Vec<IpAddr>,
+    /// Interface the VIPs are added to and announced on.
+    pub vip_interface: String,
+    /// Run with `acquire|release VIP` after an acquire and before a release.
+    pub script: Option<PathBuf>,
+    pub script_timeout: std::time::Duration,
+}
+
+impl Config {
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            max_services: self.max_services,
+            maglev_max_size: self.maglev_max_size,
+            conn_table_size: self.conn_table_size,
+            pin_dir: Some(self.node.pin_dir.clone()),
+        }
+    }
+}
+
+fn sized(
+    ctx: &Ctx,
+    v: Option<Spanned<u32>>,
+    default: u32,
+    field: &str,
+    check: impl Fn(u32) -> Option<String>,
+) -> Result<u32, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => match check(*s.get_ref()) {
+            None => Ok(*s.get_ref()),
+            Some(why) => Err(ctx.err(s.span(), format!("dataplane.{field}: {why}"))),
+        },
+    }
+}
+
+impl Config {
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let ctx = Ctx { path, text };
+        let file: File = toml::from_str(text).map_err(|e| ctx.toml_err(e))?;
+        let node_span = file.node.span();
+        let node = file.node.into_inner();
+        let name = node.name.get_ref().clone();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ctx.err(
+                node.name.span(),
+                "node.name: use letters, digits, '-' and '_' only (it names files and directories)",
+            ));
+        }
+        let defaults = LoadOptions::default();
+        let (interfaces, max_services, maglev_max_size, conn_table_size) =
+            match file.dataplane {
+                None => return Err(ctx.err(
+                    node_span,
+                    "dataplane: missing; add [dataplane] with interfaces = [{ name = \"eth0\" }]",
+                )),
+                Some(dp) => {
+                    let span = dp.span();
+                    let dp = dp.into_inner();
+                    if dp.interfaces.is_empty() {
+                        return Err(ctx.err(
+                            span,
+                            "dataplane.interfaces: name at least one interface to attach to",
+                        ));
+                    }
+                    let max_services = sized(
+                        &ctx,
+                        dp.max_services,
+                        defaults.max_services,
+                        "max_services",
+                        |v| {
+                            (v == 0 || v > lb_common::MAX_VIPS)
+                                .then(|| format!("must be 1..={}", lb_common::MAX_VIPS))
+                        },
+                    )?;
+                    let maglev_max_size = sized(
+                        &ctx,
+                        dp.maglev_max_size,
+                        defaults.maglev_max_size,
+                        "maglev_max_size",
+                        |v| (!is_prime(v)).then(|| format!("{v} is not a prime")),
+                    )?;
+                    let conn_table_size = sized(
+                        &ctx,
+                        dp.conn_table_size,
+                        defaults.conn_table_size,
+                        "conn_table_size",
+                        |v| (v == 0).then(|| "must be positive".to_string()),
+                    )?;
+                    let interfaces: Vec<Interface> = dp
+                        .interfaces
+                        .into_iter()
+                        .map(|i| Interface {
+                            name: i.name,
+                            xdp_mode: i.xdp_mode,
+                        })
+                        .collect();
+                    (interfaces, max_services, maglev_max_size, conn_table_size)
+                }
+            };
+        let desired = services::services(&ctx, file.service, maglev_max_size)?;
+        let cluster = match file.cluster {
+            None => None,
+            Some(c) => Some(cluster::cluster(&ctx, c, path, &interfaces)?),
+        };
+        if desired.services.len() > max_services as usize {
+            return Err(ctx.err(
+                node_span,
+                format!(
+                    "service: {} services but dataplane.max_services is {max_services}",
+                    desired.services.len()
+                ),
+            ));
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            node: NodeConfig {
+                api_socket: node
+                    .api_socket
+                    .unwrap_or_else(|| PathBuf::from(format!("/run/lb/{name}.sock"))),
+                metrics_listen: node
+                    .metrics_listen
+                    .unwrap_or_else(|| DEFAULT_METRICS.parse().expect("valid default")),
+                state_dir: node
+                    .state_dir
+                    .unwrap_or_else(|| PathBuf::from(format!("/var/lib/lb/{name}"))),
+                pin_dir: node
+                    .pin_dir
+                    .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/lb/{name}"))),
+                registry_listen: node.registry_listen,
+                name,
+            },
+            interfaces,
+            max_services,
+            maglev_max_size,
+            conn_table_size,
+            desired,
+            cluster,
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read the config: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+name = "lb1"
+
+[dataplane]
+interfaces = [{ name = "eth0", xdp_mode = "skb" }]
+conn_table_size = 4096
+
+[[service]]
+vip = "198.18.0.100"
+port = 80
+protocol = "tcp"
+
+[[service.backend]]
+address = "198.18.0.11"
+mac = "02:1b:00:00:00:0b"
+
+[[service.backend]]
+address = "198.18.0.12"
+weight = 3
+drain = true
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("lbd.toml"), text)
+    }
+
+    #[test]
+    fn a_good_file_gives_defaults_where_silent() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.node.name, "lb1");
+        assert_eq!(c.node.api_socket, PathBuf::from("/run/lb/lb1.sock"));
+        assert_eq!(c.node.pin_dir, PathBuf::from("/sys/fs/bpf/lb/lb1"));
+        assert_eq!(c.interfaces[0].xdp_mode, XdpModeName::Skb);
+        assert_eq!(c.conn_table_size, 4096);
+        assert_eq!(c.maglev_max_size, 65537);
+        let (key, svc) = c.desired.services.iter().next().unwrap();
+        assert_eq!(key.to_string(), "tcp/198.18.0.100:80");
+        let b: Vec<_> = svc.backends.values().collect();
+        assert_eq!(b[0].mac, Some([2, 0x1b, 0, 0, 0, 0x0b]));
+        assert_eq!((b[0].weight, b[0].drain), (1, false));
+        assert_eq!((b[1].weight, b[1].drain, b[1].mac), (3, true, None));
+    }
+
+    fn error_of(text: &str) -> ConfigError {
+        parse(text).expect_err("should not parse")
+    }
+
+    #[test]
+    fn a_typo_in_a_field_name_is_located() {
+        let e = error_of(&GOOD.replace("weight = 3", "wieght = 3"));
+        assert_eq!(e.line, 20, "{e}");
+        assert!(e.message.contains("unknown field `wieght`"), "{e}");
+        assert!(e.to_string().starts_with("lbd.toml:20:"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_located_and_named() {
+        let e = error_of(&GOOD.replace("\"198.18.0.12\"", "\"198.18.0.300\""));
+        assert_eq!(e.line, 19, "{e}");
+        let e = error_of(&GOOD.replace("02:1b:00:00:00:0b", "02:1b:00"));
+        assert_eq!(e.line, 16, "{e}");
+        assert!(e.message.contains("not a MAC"), "{e}");
+        let e = error_of(&GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""));
+        assert_eq!(e.line, 12, "{e}");
+        let e = error_of(&GOOD.replace("port = 80", "port = 80\nmaglev_size = 65536"));
+        assert_eq!(e.line, 12, "{e}");
+        assert!(
+            e.message.contains("maglev_size: 65536 is not a prime"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace("\"198.18.0.12\"", "\"2001:db8::12\""));
+        assert!(e.message.contains("not of the same family"), "{e}");
+        let e = error_of(&GOOD.replace("\"198.18.0.12\"", "\"198.18.0.11\""));
+        assert!(e.message.contains("listed twice"), "{e}");
+        let e = error_of(&GOOD.replace("name = \"lb1\"", "name = \"lb 1\""));
+        assert_eq!(e.line, 3, "{e}");
+    }
+
+    #[test]
+    fn missing_sections_say_what_to_add() {
+        let e = error_of("[node]\nname = \"x\"\n");
+        assert!(e.message.contains("[dataplane]"), "{e}");
+        let e = error_of("[dataplane]\ninterfaces = [{ name = \"eth0\" }]\n");
+        assert!(e.message.contains("node"), "{e}");
+    }
+
+    #[test]
+    fn apply_files_may_be_full_configs_or_services_only() {
+        let full = parse_services(Path::new("x"), GOOD).unwrap();
+        assert_eq!(full, parse(GOOD).unwrap().desired);
+        let only = parse_services(
+            Path::new("x"),
+            "[[service]]\nvip = \"198.18.0.1\"\nprotocol = \"udp\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            only.services.keys().next().unwrap().to_string(),
+            "udp/198.18.0.1:*"
+        );
+    }
+
+    #[test]
+    fn a_cluster_section_needs_a_group_and_a_key() {
+        let with = |extra: &str| parse(&format!("{GOOD}\n[cluster]\nid = \"198.18.0.2\"\n{extra}"));
+        let c = with("group = \"239.1.1.1:7400\"\nkey = \"0123456789abcdef\"\npreferred = [\"198.18.0.100\"]")
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.port, 7400);
+        assert_eq!(c.timeout, std::time::Duration::from_millis(300));
+        assert_eq!(c.vip_interface, "eth0");
+        let e = with("key = \"0123456789abcdef\"").unwrap_err();
+        assert!(e.message.contains("group"), "{e}");
+        let e = with("group = \"198.18.0.9:7400\"\nkey = \"0123456789abcdef\"").unwrap_err();
+        assert!(e.message.contains("not a multicast"), "{e}");
+        let e = with("group = \"239.1.1.1:7400\"\nkey = \"short\"").unwrap_err();
+        assert!(e.message.contains("16 characters"), "{e}");
+        let e = with("group = \"239.1.1.1:7400\"\nkey = \"0123456789abcdef\"\ntimeout_ms = 50")
+            .unwrap_err();
+        assert!(e.message.contains("timeout_ms"), "{e}");
+        assert_eq!(e.line, GOOD.lines().count() + 6, "{e}");
+    }
+
+    #[test]
+    fn spm_settings_parse_and_bad_ones_name_their_field() {
+        let spm = r#"
+[service.spm]
+id = "web"
+rule = "topology"
+epoch_policy = "stateful"
+epoch_resteer = true
+topology = [{ subnet = "203.0.113.0/25", sphere = "east" }]
+"#;
+        let text = GOOD.replace("weight = 3", "weight = 3\nsphere = \"east\"") + spm;
+        let c = parse(&text).unwrap();
+        let svc = c.desired.services.values().next().unwrap();
+        assert_eq!(svc.spm.id.as_deref(), Some("web"));
+        assert_eq!(svc.spm.rule, crate::spm::RuleName::Topology);
+        assert_eq!(svc.spm.epoch_policy, crate::spm::EpochPolicy::Stateful);
+        assert!(svc.config.epoch_resteer);
+        assert_eq!(
+            svc.spm.topology,
+            vec![("203.0.113.0".parse().unwrap(), 25, "east".to_string())]
+        );
+        assert_eq!(svc.spm.spheres.len(), 1);
+        let e = error_of(&text.replace("\"topology\"", "\"nearest\""));
+        assert!(e.message.contains("spm.rule: `nearest`"), "{e}");
+        assert_eq!(
+            e.line,
+            GOOD.lines().count() + 3,
+            "{e}: the [service.spm] line"
+        );
+        let e = error_of(&text.replace("203.0.113.0/25", "203.0.113.0"));
+        assert!(e.message.contains("spm.topology.subnet"), "{e}");
+        let e = error_of(&text.replace("stateful", "sticky"));
+        assert!(e.message.contains("spm.epoch_policy"), "{e}");
+    }
+
+    #[test]
+    fn steering_needs_low_below_high() {
+        let ok = parse(&format!(
+            "{GOOD}\n[service.steering]\nhigh = 800\nlow = 600\n"
+        ))
+        .unwrap();
+        let marks = ok
+            .desired
+            .services
+            .values()
+            .next()
+            .unwrap()
+            .steering
+            .unwrap();
+        assert_eq!(
+            (marks.scale, marks.min_backends, marks.period_ms),
+            (1000, 1, 1000)
+        );
+        let e = error_of(&format!(
+            "{GOOD}\n[service.steering]\nhigh = 600\nlow = 800\n"
+        ));
+        assert!(
+            e.message.contains("steering.low (800) must be below"),
+            "{e}"
+        );
+        assert_eq!(e.line, GOOD.lines().count() + 2, "{e}");
+    }
+}
+

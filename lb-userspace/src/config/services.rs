@@ -1,0 +1,243 @@
+//! `[[service]]` sections to the desired state.
+
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
+
+use toml::Spanned;
+
+use super::{
+    error::{ConfigError, Ctx},
+    file::{ServiceSection, ServicesFile},
+};
+use crate::{
+    desired::{BackendSpec, Desired, ServiceSpec},
+    maglev::is_prime,
+    model::{CheckConfig, Probe, ServiceConfig, ServiceKey},
+};
+
+pub(super) fn services(
+    ctx: &Ctx,
+    sections: Vec<Spanned<ServiceSection>>,
+    max_size: u32,
+) -> Result<Desired, ConfigError> {
+    let mut out = BTreeMap::new();
+    for section in sections {
+        let span = section.span();
+        let s = section.into_inner();
+        let key = ServiceKey {
+            addr: s.vip,
+            port: s.port,
+            proto: s.protocol,
+        };
+        let mut config = ServiceConfig {
+            pass_irregular: s.pass_irregular,
+            ..ServiceConfig::default()
+        };
+        if let Some(size) = s.maglev_size {
+            let v = *size.get_ref();
+            if !is_prime(v) {
+                return Err(ctx.err(
+                    size.span(),
+                    format!("maglev_size: {v} is not a prime (65537 is the default)"),
+                ));
+            }
+            if v > max_size {
+                return Err(ctx.err(
+                    size.span(),
+                    format!("maglev_size: {v} exceeds dataplane.maglev_max_size {max_size}"),
+                ));
+            }
+            config.maglev_size = v;
+        }
+        if config.maglev_size > max_size {
+            config.maglev_size = max_size;
+        }
+        let mut spm = crate::spm::Settings::default();
+        if let Some(section) = s.spm {
+            let sspan = section.span();
+            let section = section.into_inner();
+            spm.id = section.id;
+            if let Some(v) = section.version {
+                spm.version = v;
+            }
+            if let Some(r) = section.rule {
+                spm.rule = serde_json::from_value(serde_json::Value::String(r.clone()))
+                    .map_err(|_| {
+                        ctx.err(
+                            sspan.clone(),
+                            format!(
+                                "spm.rule: `{r}` is not one of plain, preselect, data, source, topology"
+                            ),
+                        )
+                    })?;
+            }
+            if let Some(p) = section.epoch_policy {
+                spm.epoch_policy = serde_json::from_value(serde_json::Value::String(p.clone()))
+                    .map_err(|_| {
+                        ctx.err(
+                            sspan.clone(),
+                            format!("spm.epoch_policy: `{p}` is not one of stateful, stateless"),
+                        )
+                    })?;
+            }
+            config.epoch_resteer = section.epoch_resteer;
+            spm.redirect = section.redirect;
+            for t in section.topology {
+                let parsed = t.subnet.split_once('/').and_then(|(a, p)| {
+                    let a: IpAddr = a.parse().ok()?;
+                    let p: u8 = p.parse().ok()?;
+                    (p <= if a.is_ipv4() { 32 } else { 128 }).then_some((a, p))
+                });
+                let Some((net, prefix)) = parsed else {
+                    return Err(ctx.err(
+                        sspan,
+                        format!(
+                            "spm.topology.subnet: `{}` is not an address/prefix such as 203.0.113.0/25",
+                            t.subnet
+                        ),
+                    ));
+                };
+                if net.is_ipv4() != s.vip.is_ipv4() {
+                    return Err(ctx.err(
+                        sspan,
+                        format!(
+                            "spm.topology.subnet: {} is not of the same family as vip {}",
+                            t.subnet, s.vip
+                        ),
+                    ));
+                }
+                spm.topology.push((net, prefix, t.sphere));
+            }
+            if spm.rule == crate::spm::RuleName::Topology && spm.topology.is_empty() {
+                return Err(ctx.err(
+                    sspan,
+                    "spm.topology: the topology rule needs subnet rules, e.g. \
+                     topology = [{ subnet = \"203.0.113.0/25\", sphere = \"east\" }]",
+                ));
+            }
+        }
+        let steering = match s.steering {
+            None => None,
+            Some(section) => {
+                let sspan = section.span();
+                let t = section.into_inner();
+                if t.scale == 0 || t.period_ms == 0 {
+                    return Err(ctx.err(sspan, "steering: scale and period_ms must be positive"));
+                }
+                if t.low >= t.high {
+                    return Err(ctx.err(
+                        sspan,
+                        format!(
+                            "steering.low ({}) must be below steering.high ({}): the gap is the hysteresis",
+                            t.low, t.high
+                        ),
+                    ));
+                }
+                Some(crate::watermark::Marks {
+                    scale: t.scale,
+                    high: t.high,
+                    low: t.low,
+                    min_backends: t.min_backends,
+                    period_ms: t.period_ms,
+                })
+            }
+        };
+        let mut backends = BTreeMap::new();
+        for b in s.backend {
+            let bspan = b.span();
+            let b = b.into_inner();
+            if b.address.is_ipv4() != s.vip.is_ipv4() {
+                return Err(ctx.err(
+                    bspan,
+                    format!(
+                        "backend.address: {} is not of the same family as vip {}",
+                        b.address, s.vip
+                    ),
+                ));
+            }
+            let spec = BackendSpec {
+                mac: b.mac,
+                weight: b.weight,
+                drain: b.drain,
+            };
+            if let Some(sphere) = b.sphere {
+                spm.spheres.insert(b.address, sphere);
+            }
+            if backends.insert(b.address, spec).is_some() {
+                return Err(ctx.err(
+                    bspan,
+                    format!("backend.address: {} is listed twice in {key}", b.address),
+                ));
+            }
+        }
+        let check = match s.check {
+            None => None,
+            Some(c) => {
+                let cspan = c.span();
+                let c = c.into_inner();
+                let probe = match c.kind.as_str() {
+                    "tcp" => Probe::Tcp,
+                    "http" => Probe::Http {
+                        path: c.path.unwrap_or_else(|| "/".into()),
+                        status: c.status.unwrap_or(200),
+                    },
+                    "udp" => Probe::Udp {
+                        send: c.send.unwrap_or_else(|| "ping".into()),
+                        expect: c.expect,
+                    },
+                    other => {
+                        return Err(ctx.err(
+                            cspan,
+                            format!("check.kind: `{other}` is not one of tcp, http, udp"),
+                        ));
+                    }
+                };
+                let port = c.port.unwrap_or(key.port);
+                if port == 0 {
+                    return Err(ctx.err(
+                        cspan,
+                        "check.port: the service has no port; say which port to probe",
+                    ));
+                }
+                if c.interval_ms == 0 || c.timeout_ms == 0 || c.rise == 0 || c.fall == 0 {
+                    return Err(ctx.err(
+                        cspan,
+                        "check: interval_ms, timeout_ms, rise and fall must be positive",
+                    ));
+                }
+                Some(CheckConfig {
+                    probe,
+                    port,
+                    interval: std::time::Duration::from_millis(c.interval_ms),
+                    timeout: std::time::Duration::from_millis(c.timeout_ms),
+                    rise: c.rise,
+                    fall: c.fall,
+                })
+            }
+        };
+        if out
+            .insert(
+                key,
+                ServiceSpec {
+                    config,
+                    backends,
+                    check,
+                    spm,
+                    steering,
+                },
+            )
+            .is_some()
+        {
+            return Err(ctx.err(span, format!("service: {key} is defined twice")));
+        }
+    }
+    Ok(Desired { services: out })
+}
+
+
+/// Parses the services of a file for `lbctl apply`.
+pub fn parse_services(path: &Path, text: &str) -> Result<Desired, ConfigError> {
+    let ctx = Ctx { path, text };
+    let file: ServicesFile = toml::from_str(text).map_err(|e| ctx.toml_err(e))?;
+    services(&ctx, file.service, u32::MAX)
+}
+

@@ -1,0 +1,13 @@
+//! The tokio shells: each owns sockets, timers or files and hands what it learns to
+//! the pure cores and the reconciler, then carries out their decisions. None imports
+//! another's internals beyond the handles they pass each other.
+
+pub mod availd;
+pub mod clusterd;
+pub mod daemon;
+pub mod dird;
+pub mod health;
+pub mod neighbor;
+pub mod peer;
+pub mod state_file;
+pub mod vip;
