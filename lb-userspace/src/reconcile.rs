@@ -314,6 +314,49 @@ impl<D: Dataplane> Reconciler<D> {
         self.resync(touched)
     }
 
+    /// Everything the directory gives the data plane, and the MACs of its new next
+    /// hops, taken at once: one plan and one write of the services it touches.
+    pub fn set_feed(
+        &mut self,
+        feed: crate::directory::feed::Feed,
+        neighbors: BTreeMap<IpAddr, Neighbor>,
+    ) -> Result<Vec<ServiceKey>> {
+        let learned: BTreeSet<IpAddr> = neighbors
+            .iter()
+            .filter(|(a, n)| self.known.neighbors.get(a) != Some(*n))
+            .map(|(a, _)| *a)
+            .collect();
+        for a in &learned {
+            info!(backend = %a, mac = %mac_to_string(&neighbors[a].mac), "backend MAC learned");
+        }
+        self.known.neighbors.extend(neighbors);
+        let mut touched = self.changed(&self.known.epochs, &feed.epochs);
+        touched.extend(self.changed(&self.known.verdicts, &feed.verdicts));
+        if self.known.directory_fed {
+            touched.extend(self.changed(&self.known.directory, &feed.backends));
+        } else {
+            // The first word from the directory: services may now be judged out.
+            self.known.directory_fed = true;
+            touched.extend(self.known.desired.services.keys().copied());
+        }
+        // Services with a backend whose next hop has just been resolved.
+        for (k, s) in &self.known.desired.services {
+            let dir = feed.backends.get(k);
+            let hops = s
+                .backends
+                .keys()
+                .copied()
+                .chain(dir.into_iter().flat_map(|d| d.values().map(|b| b.via)));
+            if hops.into_iter().any(|h| learned.contains(&h)) {
+                touched.insert(*k);
+            }
+        }
+        self.known.epochs = feed.epochs;
+        self.known.verdicts = feed.verdicts;
+        self.known.directory = feed.backends;
+        self.resync(touched)
+    }
+
     /// The SPM manager's epochs (from the directory).
     pub fn set_epochs(&mut self, epochs: BTreeMap<ServiceKey, u64>) -> Result<Vec<ServiceKey>> {
         let touched = self.changed(&self.known.epochs, &epochs);

@@ -15,13 +15,13 @@ use tokio::sync::{mpsc, Mutex};
 
 use crate::{
     api::{
-        self, AddBackend, ClusterView, AddService, Applied, BackendRef, DrainBackend, ErrorBody, ServiceRef,
+        self, AddBackend, ClusterView, Registration, AddService, Applied, BackendRef, DrainBackend, ErrorBody, ServiceRef,
         SetWeight, Shutdown,
     },
     shell::clusterd::ClusterHandle,
     shell::daemon::Daemon,
     desired::{BackendSpec, Desired, ServiceSpec},
-    shell::dird::{DirHandle, Registration},
+    shell::dird::DirHandle,
     directory::store::DirectoryStore,
     model::ServiceKey,
     shell::neighbor::NeighborTable,
@@ -785,7 +785,7 @@ pub fn dsd_router(directory: DirHandle) -> Router {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| bad("missing x-lb-node"))?;
-        crate::shell::dird::accept(&d, from, &body).await.map_err(|why| {
+        d.accept(from, &body).map_err(|why| {
             ApiError(StatusCode::UNAUTHORIZED, format!("refused: {}", why.name()))
         })?;
         Ok("ok")

@@ -239,3 +239,40 @@ pub struct ClusterView {
     pub events: std::collections::BTreeMap<String, u64>,
 }
 
+
+/// A backend registering itself (or registered by a sidecar) with a lease.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Registration {
+    pub service: ServiceKey,
+    /// Instance name, unique within the service (default: the address and port).
+    #[serde(default)]
+    pub instance: Option<String>,
+    pub address: IpAddr,
+    pub port: u16,
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// The lease: without a renewal within this long, the backend is invalid.
+    pub ttl_ms: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Registration {
+    pub fn instance(&self) -> String {
+        self.instance.clone().unwrap_or_else(|| match self.address {
+            IpAddr::V4(a) => format!("{a}:{}", self.port),
+            IpAddr::V6(a) => format!("[{a}]:{}", self.port),
+        })
+    }
+
+    pub fn value(&self) -> String {
+        let host = match self.address {
+            IpAddr::V4(a) => a.to_string(),
+            IpAddr::V6(a) => format!("[{a}]"),
+        };
+        format!("{host}:{};weight={}", self.port, self.weight)
+    }
+}
+

@@ -154,7 +154,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
                 _ => None,
             });
         match src {
-            Some(src) => dird::monitor_routes(directory.clone(), first, src),
+            Some(src) => lb_userspace::shell::routes::monitor_routes(directory.clone(), first, src),
             None => {
                 warn!(interface = %first, "no IPv4 address of its own: host routes are not probed")
             }

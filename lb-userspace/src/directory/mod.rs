@@ -4,6 +4,8 @@
 //! `subscriptions` are pure; replication between the master and the agents builds on
 //! the `Change` they produce.
 
+pub mod feed;
+pub mod node;
 pub mod replication;
 pub mod store;
 pub mod subscriptions;

@@ -274,6 +274,15 @@ impl Daemon {
         self.core.set_directory(directory)
     }
 
+    /// What the directory gives the data plane, with new next hops' MACs.
+    pub fn set_feed(
+        &mut self,
+        feed: crate::directory::feed::Feed,
+        neighbors: BTreeMap<IpAddr, Neighbor>,
+    ) -> Result<Vec<ServiceKey>> {
+        self.core.set_feed(feed, neighbors)
+    }
+
     pub fn set_epochs(&mut self, epochs: BTreeMap<ServiceKey, u64>) -> Result<Vec<ServiceKey>> {
         self.core.set_epochs(epochs)
     }

@@ -1,0 +1,389 @@
+//! One LB node's part in the directory, as a state machine: always an agent (whose
+//! replica feeds the data plane and answers queries), the master or the backup when
+//! the cluster says so, and the countdowns of the leases it has seen. Fed with the
+//! time, local submissions, messages from other nodes and the roles the cluster
+//! decided; returns the changes its replica applied and the messages to send. No
+//! sockets, no clocks: `shell::dird` does the I/O.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use super::{
+    replication::{Agent, Backup, Master, Msg, NodeId, Out},
+    tables::{names, Change, Heartbeats, Op, Tables},
+};
+
+/// Leases are rows of the `leases` table keyed `<table>|<key>`, valued
+/// `<ttl_ms>;<renewal id>`.
+pub const LEASE_SEP: char = '|';
+
+pub fn lease_key(table: &str, key: &str) -> String {
+    format!("{table}{LEASE_SEP}{key}")
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// Changes made on this node (API, registrations, verdicts, managers).
+    Submit(Vec<Change>),
+    /// A message from another node.
+    Receive { from: NodeId, msg: Msg },
+    /// The roles the cluster decided, and the other nodes (by id).
+    Roles {
+        master: NodeId,
+        backup: Option<NodeId>,
+        peers: BTreeSet<NodeId>,
+    },
+    /// Resend what is unacknowledged, ask for missed changes.
+    Tick,
+    /// Run the lease countdowns.
+    Expire,
+}
+
+/// What a step produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outputs {
+    /// Changes this node's replica applied, in order.
+    pub applied: Vec<Change>,
+    /// Messages for other nodes.
+    pub send: Vec<(NodeId, Msg)>,
+    /// This node became the master (its version), for the log.
+    pub became_master: Option<u64>,
+    /// Leases that ran out here (as master): the entries now invalid.
+    pub expired: Vec<Change>,
+}
+
+pub struct DirNode {
+    me: NodeId,
+    agent: Agent,
+    master: Option<Master>,
+    backup: Option<Backup>,
+    heartbeats: Heartbeats,
+    peers: BTreeSet<NodeId>,
+    /// Renewals sent by this node: makes every lease renewal a new value.
+    renewals: u64,
+}
+
+impl DirNode {
+    /// A node whose master is `master` (itself when standalone: then it is the
+    /// master from the start, with no backup).
+    pub fn new(me: NodeId, standalone: bool) -> DirNode {
+        DirNode {
+            me,
+            agent: Agent::new(me, me),
+            master: standalone.then(|| Master::new(me, None)),
+            backup: None,
+            heartbeats: Heartbeats::default(),
+            peers: BTreeSet::new(),
+            renewals: 0,
+        }
+    }
+
+    pub fn tables(&self) -> &Tables {
+        self.agent.tables()
+    }
+
+    /// The version of this node's replica (or the master's, when it is the master).
+    pub fn version(&self) -> u64 {
+        match &self.master {
+            Some(m) => m.version(),
+            None => self.agent.version(),
+        }
+    }
+
+    pub fn is_master(&self) -> bool {
+        self.master.is_some()
+    }
+
+    pub fn role(&self) -> &'static str {
+        if self.master.is_some() {
+            "master"
+        } else if self.backup.is_some() {
+            "backup"
+        } else {
+            "agent"
+        }
+    }
+
+    /// This node is the master, its own replica has every change the master
+    /// committed, and none of its own submissions is still waiting (for the backup to
+    /// store it): what the managers read is what they wrote. Deciding before that
+    /// would write the same record again and again.
+    pub fn master_in_sync(&self) -> bool {
+        self.master
+            .as_ref()
+            .is_some_and(|m| self.agent.version() >= m.version() && self.agent.unacked() == 0)
+    }
+
+    /// The value of a lease row for a renewal by this node: every renewal a new value,
+    /// so the master sees it and restarts the countdown.
+    pub fn renewal(&mut self, ttl: Duration) -> String {
+        self.renewals += 1;
+        format!("{};{}:{}", ttl.as_millis(), self.me, self.renewals)
+    }
+
+    /// Forgets the countdown of an entry (deleted here).
+    pub fn forget_lease(&mut self, table: &str, key: &str) {
+        self.heartbeats.forget(table, key);
+    }
+
+    pub fn handle(&mut self, now: Instant, input: Input) -> Outputs {
+        let mut out = Outputs::default();
+        let mut queue = Vec::new();
+        match input {
+            Input::Submit(changes) => {
+                for c in changes {
+                    let (_, outs) = self.agent.submit(c);
+                    queue.extend(self.local(outs));
+                }
+            }
+            Input::Receive { from, msg } => queue.push((self.me, from, msg)),
+            Input::Roles {
+                master,
+                backup,
+                peers,
+            } => {
+                self.peers = peers;
+                let me = self.me;
+                if master == me && self.master.is_none() {
+                    let m = match self.backup.take() {
+                        Some(b) => Master::promote(b, backup),
+                        None => Master::seeded(
+                            me,
+                            backup,
+                            self.agent.tables().clone(),
+                            self.agent.version(),
+                        ),
+                    };
+                    out.became_master = Some(m.version());
+                    self.master = Some(m);
+                } else if master != me && self.master.is_some() {
+                    self.master = None;
+                }
+                if let Some(m) = self.master.as_mut() {
+                    if m.backup != backup {
+                        let outs = m.backup_lost(backup);
+                        queue.extend(self.local(outs));
+                    }
+                }
+                if backup == Some(me) && self.backup.is_none() && master != me {
+                    self.backup = Some(Backup::seeded(
+                        me,
+                        self.agent.tables().clone(),
+                        self.agent.version(),
+                    ));
+                } else if backup != Some(me) {
+                    self.backup = None;
+                }
+                if self.agent.master != master {
+                    let outs = self.agent.master_changed(master);
+                    queue.extend(self.local(outs));
+                }
+            }
+            Input::Tick => {
+                let outs = self.agent.tick();
+                queue.extend(self.local(outs));
+                if let Some(m) = self.master.as_mut() {
+                    let outs = m.tick();
+                    queue.extend(self.local(outs));
+                }
+            }
+            Input::Expire => {
+                let late = self.heartbeats.expire(self.agent.tables(), now);
+                // The countdown runs on every node (so a new master has it), but only
+                // the master acts: invalidate, and drop the lease row.
+                if self.master.is_some() && !late.is_empty() {
+                    out.expired = late.clone();
+                    for c in late {
+                        let lease = Change {
+                            table: names::LEASES.into(),
+                            key: lease_key(&c.table, &c.key),
+                            op: Op::Delete,
+                        };
+                        for change in [c, lease] {
+                            let (_, outs) = self.agent.submit(change);
+                            queue.extend(self.local(outs));
+                        }
+                    }
+                }
+            }
+        }
+        self.dispatch(now, queue, &mut out);
+        out
+    }
+
+    /// Delivers messages among this node's roles until none is left for it.
+    fn dispatch(&mut self, now: Instant, mut queue: Vec<(NodeId, NodeId, Msg)>, out: &mut Outputs) {
+        while let Some((to, from, msg)) = queue.pop() {
+            if to != self.me {
+                out.send.push((to, msg));
+                continue;
+            }
+            let outs = match &msg {
+                Msg::Submit { .. } | Msg::Stored { .. } | Msg::Sync { .. } => {
+                    match self.master.as_mut() {
+                        Some(m) => m.handle(msg),
+                        None => Vec::new(), // Not the master (any more): the sender resends.
+                    }
+                }
+                Msg::Replicate { .. } => match self.backup.as_mut() {
+                    Some(b) => b.handle(from, msg),
+                    None => Vec::new(),
+                },
+                Msg::Push { .. } | Msg::Ack { .. } | Msg::Log { .. } | Msg::Snapshot { .. } => {
+                    let (changes, outs) = self.agent.handle(msg);
+                    for c in &changes {
+                        self.count_down(now, c);
+                    }
+                    out.applied.extend(changes);
+                    outs
+                }
+            };
+            queue.extend(self.local(outs));
+        }
+    }
+
+    /// A lease row applied here restarts (or stops) its entry's countdown.
+    fn count_down(&mut self, now: Instant, c: &Change) {
+        if c.table != names::LEASES {
+            return;
+        }
+        let Some((table, key)) = c.key.split_once(LEASE_SEP) else {
+            return;
+        };
+        match &c.op {
+            Op::Put { value, .. } => {
+                let ttl = value
+                    .split(';')
+                    .next()
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0);
+                self.heartbeats
+                    .expect(table, key, now + Duration::from_millis(ttl));
+            }
+            Op::Delete => self.heartbeats.forget(table, key),
+            Op::Valid { .. } => {}
+        }
+    }
+
+    fn local(&self, outs: Vec<Out>) -> Vec<(NodeId, NodeId, Msg)> {
+        outs.into_iter()
+            .flat_map(|o| match o {
+                Out::To(t, m) => vec![(t, self.me, m)],
+                Out::All(m) => std::iter::once(self.me)
+                    .chain(self.peers.iter().copied())
+                    .map(|p| (p, self.me, m.clone()))
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// Who is the directory's master and backup, from the cluster's hosts (id, claims to
+/// be master, replica version). Mastership sticks: a claimed master stays while alive
+/// (two claims after a partition: the lower id). Without one, the host with the most
+/// recent replica takes over (the backup, which stores every change before it is
+/// acknowledged, has it), ties to the lower id, so a node that restarts with an empty
+/// replica never becomes master over nodes that have the directory.
+pub fn directory_roles(hosts: &[(IpAddr, bool, u64)]) -> Option<(IpAddr, Option<IpAddr>)> {
+    let best = |candidates: &mut dyn Iterator<Item = &(IpAddr, bool, u64)>| {
+        candidates
+            .max_by(|a, b| a.2.cmp(&b.2).then(b.0.cmp(&a.0)))
+            .map(|h| h.0)
+    };
+    let master = hosts
+        .iter()
+        .filter(|h| h.1)
+        .map(|h| h.0)
+        .min()
+        .or_else(|| best(&mut hosts.iter()))?;
+    let backup = best(&mut hosts.iter().filter(|h| h.0 != master));
+    Some((master, backup))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(table: &str, key: &str, value: &str) -> Change {
+        Change {
+            table: table.into(),
+            key: key.into(),
+            op: Op::Put {
+                value: value.into(),
+                valid: true,
+            },
+        }
+    }
+
+    #[test]
+    fn directory_mastership_sticks_and_passes_to_the_most_recent_replica() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (a, b, c) = (ip("198.18.0.2"), ip("198.18.0.3"), ip("198.18.0.4"));
+        // Nobody claims, all empty: the lowest id.
+        assert_eq!(
+            directory_roles(&[(a, false, 0), (b, false, 0), (c, false, 0)]),
+            Some((a, Some(b)))
+        );
+        // b is master; a comes back empty: b stays.
+        assert_eq!(
+            directory_roles(&[(a, false, 0), (b, true, 40), (c, false, 40)]),
+            Some((b, Some(c)))
+        );
+        // The master died: the most recent replica (the backup) takes over.
+        assert_eq!(
+            directory_roles(&[(a, false, 0), (c, false, 41)]),
+            Some((c, Some(a)))
+        );
+        // Two claims after a partition: the lower id.
+        assert_eq!(
+            directory_roles(&[(b, true, 9), (c, true, 12)]),
+            Some((b, Some(c)))
+        );
+        assert_eq!(directory_roles(&[]), None);
+    }
+
+    #[test]
+    fn a_standalone_node_applies_its_own_changes_at_once_and_expires_leases() {
+        let t0 = Instant::now();
+        let mut n = DirNode::new(0, true);
+        let out = n.handle(t0, Input::Submit(vec![put("svc.x", "a", "198.18.0.11:80")]));
+        assert_eq!(out.applied.len(), 1);
+        assert!(out.send.is_empty());
+        assert!(n.master_in_sync());
+        let renewal = n.renewal(Duration::from_millis(100));
+        n.handle(t0, Input::Submit(vec![put(names::LEASES, &lease_key("svc.x", "a"), &renewal)]));
+        assert!(n.handle(t0 + Duration::from_millis(50), Input::Expire).expired.is_empty());
+        let late = n.handle(t0 + Duration::from_millis(150), Input::Expire);
+        assert_eq!(late.expired.len(), 1, "{late:?}");
+        assert!(!n.tables().get("svc.x", "a").unwrap().valid);
+        assert!(n.tables().get(names::LEASES, &lease_key("svc.x", "a")).is_none());
+    }
+
+    #[test]
+    fn an_agent_sends_its_changes_to_the_master_and_applies_them_when_pushed() {
+        let t0 = Instant::now();
+        let mut master = DirNode::new(1, false);
+        let mut agent = DirNode::new(2, false);
+        let peers = |p: NodeId| BTreeSet::from([p]);
+        master.handle(t0, Input::Roles { master: 1, backup: None, peers: peers(2) });
+        agent.handle(t0, Input::Roles { master: 1, backup: None, peers: peers(1) });
+        assert!(master.is_master() && !agent.is_master());
+        let mut wire = agent.handle(t0, Input::Submit(vec![put("svc.x", "b", "198.18.0.12:80")])).send;
+        assert!(wire.iter().all(|(to, _)| *to == 1));
+        // Deliver until quiet.
+        for _ in 0..10 {
+            let mut next = Vec::new();
+            for (to, msg) in wire.drain(..) {
+                let node = if to == 1 { &mut master } else { &mut agent };
+                let from = if to == 1 { 2 } else { 1 };
+                next.extend(node.handle(t0, Input::Receive { from, msg }).send);
+            }
+            wire = next;
+        }
+        assert!(agent.tables().get("svc.x", "b").is_some());
+        assert!(master.tables().get("svc.x", "b").is_some());
+    }
+}
