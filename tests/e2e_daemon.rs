@@ -703,3 +703,60 @@ fn an_overloaded_backend_gets_no_new_connections_until_below_the_low_water_mark(
     });
     drop(conv);
 }
+
+#[test]
+fn a_subscriber_sees_adds_and_deletes_of_its_prefix_only() {
+    use std::io::BufRead;
+    let env = Env::new("subscribe", &["b1"]);
+    let mut sub = std::process::Command::new(binary("lbctl"))
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["-o", "json", "dir", "subscribe", "svc.sub", "web-"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("lbctl dir subscribe");
+    let lines = std::sync::mpsc::channel::<String>();
+    let stdout = sub.stdout.take().unwrap();
+    let tx = lines.0;
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    // The subscription is in place once a first matching change comes through.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut first = None;
+    let mut tries = 0;
+    while first.is_none() && Instant::now() < deadline {
+        // A new key each time: adding the same row again changes nothing.
+        env.lbctl_ok(&["dir", "add", "svc.sub", &format!("web-0-{tries}"), "198.18.0.11:80"]);
+        tries += 1;
+        first = lines.1.recv_timeout(Duration::from_millis(200)).ok();
+    }
+    let first: serde_json::Value = serde_json::from_str(&first.expect("no event")).unwrap();
+    assert_eq!(first["event"], "add", "{first}");
+    env.lbctl_ok(&["dir", "add", "svc.sub", "db-1", "198.18.0.12:80"]);
+    env.lbctl_ok(&["dir", "add", "svc.sub", "web-1", "198.18.0.12:80"]);
+    env.lbctl_ok(&["dir", "delete", "svc.sub", "web-1"]);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let l = lines
+            .1
+            .recv_timeout(Duration::from_secs(3))
+            .unwrap_or_else(|_| panic!("events so far: {got:?}"));
+        let e: serde_json::Value = serde_json::from_str(&l).unwrap();
+        if e["key"].as_str().unwrap().starts_with("web-0-") {
+            continue; // the tries while waiting for the subscription
+        }
+        got.push((e["event"].as_str().unwrap().to_string(), e["key"].as_str().unwrap().to_string()));
+    }
+    assert_eq!(
+        got,
+        [("add".to_string(), "web-1".to_string()), ("delete".to_string(), "web-1".to_string())],
+        "db-1 is outside the prefix"
+    );
+    let _ = sub.kill();
+    let _ = sub.wait();
+}

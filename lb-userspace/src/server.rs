@@ -754,22 +754,16 @@ async fn dir_subscribe(
     State(s): State<AppState>,
     axum::extract::Query(q): axum::extract::Query<TablePrefix>,
 ) -> Response {
-    let rx = s.directory.subscribe();
-    let stream = futures::stream::unfold((rx, q), |(mut rx, q)| async move {
-        loop {
-            let item = rx.recv().await;
-            if matches!(item, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
-                return None;
-            }
-            if let Some(e) = DirHandle::event_for(&q.table, &q.prefix, item) {
-                let line = format!("{}\n", serde_json::to_string(&e).expect("serializes"));
-                return Some((Ok::<_, std::convert::Infallible>(line), (rx, q)));
-            }
-        }
+    let events = s.directory.subscribe(&q.table, &q.prefix);
+    let lines = futures::StreamExt::map(events, |e| {
+        Ok::<_, std::convert::Infallible>(format!(
+            "{}\n",
+            serde_json::to_string(&e).expect("serializes")
+        ))
     });
     Response::builder()
         .header("content-type", "application/x-ndjson")
-        .body(axum::body::Body::from_stream(stream))
+        .body(axum::body::Body::from_stream(lines))
         .expect("valid response")
 }
 

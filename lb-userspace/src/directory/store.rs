@@ -7,9 +7,12 @@
 use std::{future::Future, time::Duration};
 
 use anyhow::Result;
-use tokio::sync::broadcast;
+use futures::Stream;
 
-use super::tables::{Change, CompleteRoute, Entry};
+use super::{
+    subscriptions::Event,
+    tables::{CompleteRoute, Entry},
+};
 
 pub trait DirectoryStore: Clone + Send + Sync + 'static {
     /// Adds a row or changes it.
@@ -37,6 +40,7 @@ pub trait DirectoryStore: Clone + Send + Sync + 'static {
         key: &str,
         time_max: Duration,
     ) -> impl Future<Output = Result<bool>> + Send;
-    /// Every change applied to this node's view, with the row after it.
-    fn subscribe(&self) -> broadcast::Receiver<(Change, Option<Entry>)>;
+    /// Add / Delete events of `table` for keys starting with `prefix`, from now on;
+    /// one Resync when the subscriber fell behind (rescan the table).
+    fn subscribe(&self, table: &str, prefix: &str) -> impl Stream<Item = Event> + Send + 'static;
 }

@@ -14,7 +14,8 @@ use std::{
 };
 
 use anyhow::Result;
-use tokio::sync::{broadcast, watch, Mutex};
+use futures::Stream;
+use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
 
 use crate::{
@@ -25,7 +26,7 @@ use crate::{
         node::{directory_roles, lease_key, DirNode, Input, Outputs},
         replication::{Msg, NodeId},
         store::DirectoryStore,
-        subscriptions::Event,
+        subscriptions::{Event, SubId, Subscriptions},
         tables::{names, Change, CompleteRoute, Entry, Op, Tables},
     },
     model::ServiceKey,
@@ -45,9 +46,10 @@ pub struct DirHandle {
     /// Other nodes' directory endpoints, by id.
     peers: Arc<std::sync::Mutex<BTreeMap<NodeId, SocketAddr>>>,
     me: NodeId,
-    /// Every change applied to this node's replica, with the row after it, for
-    /// subscribers.
-    pub changes: broadcast::Sender<(Change, Option<Entry>)>,
+    /// Subscribers' queues (the pure `Subscriptions`), and a count of the changes
+    /// offered to them, which wakes them.
+    subs: Arc<std::sync::Mutex<Subscriptions>>,
+    published: Arc<watch::Sender<u64>>,
     /// Where operator-visible events go (the cluster's event stream), with our id.
     pub(crate) events: Option<(ClusterHandle, IpAddr)>,
     /// Counts the replica changes that shape the data plane (wakes the feeder) ...
@@ -63,9 +65,12 @@ impl DirHandle {
         let out = {
             let mut node = self.node.lock().expect("not poisoned");
             let out = node.handle(Instant::now(), input);
-            for c in &out.applied {
-                let row = node.tables().get(&c.table, &c.key);
-                let _ = self.changes.send((c.clone(), row));
+            if !out.applied.is_empty() {
+                let mut subs = self.subs.lock().expect("not poisoned");
+                for c in &out.applied {
+                    subs.publish(c, node.tables().get(&c.table, &c.key).as_ref());
+                }
+                self.published.send_modify(|n| *n += 1);
             }
             out
         };
@@ -269,38 +274,6 @@ impl DirHandle {
             .await
             .map(drop)
     }
-
-    /// Matching events for a subscriber, from a broadcast receiver; `Resync` when the
-    /// receiver fell behind.
-    pub fn event_for(
-        table: &str,
-        prefix: &str,
-        item: Result<(Change, Option<Entry>), broadcast::error::RecvError>,
-    ) -> Option<Event> {
-        match item {
-            Ok((change, row)) => {
-                if change.table != table || !change.key.starts_with(prefix) {
-                    return None;
-                }
-                Some(match (&change.op, row) {
-                    (Op::Delete, _) | (_, None) => Event::Delete {
-                        table: change.table,
-                        key: change.key,
-                    },
-                    (_, Some(row)) => Event::Add {
-                        table: change.table,
-                        key: change.key,
-                        value: row.value,
-                        valid: row.valid,
-                    },
-                })
-            }
-            Err(broadcast::error::RecvError::Lagged(_)) => Some(Event::Resync {
-                table: table.to_string(),
-            }),
-            Err(broadcast::error::RecvError::Closed) => None,
-        }
-    }
 }
 
 impl DirectoryStore for DirHandle {
@@ -324,8 +297,42 @@ impl DirectoryStore for DirHandle {
         self.heartbeat_entry(table, key, time_max).await
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<(Change, Option<Entry>)> {
-        self.changes.subscribe()
+    fn subscribe(&self, table: &str, prefix: &str) -> impl Stream<Item = Event> + Send + 'static {
+        /// Cancels the subscription when the stream goes (the client hung up).
+        struct Sub {
+            id: SubId,
+            subs: Arc<std::sync::Mutex<Subscriptions>>,
+            woken: watch::Receiver<u64>,
+            ready: std::collections::VecDeque<Event>,
+        }
+        impl Drop for Sub {
+            fn drop(&mut self) {
+                self.subs.lock().expect("not poisoned").cancel(self.id);
+            }
+        }
+        let id = self
+            .subs
+            .lock()
+            .expect("not poisoned")
+            .subscribe(table, prefix, 1024);
+        let sub = Sub {
+            id,
+            subs: self.subs.clone(),
+            woken: self.published.subscribe(),
+            ready: Default::default(),
+        };
+        futures::stream::unfold(sub, |mut sub| async move {
+            loop {
+                if let Some(e) = sub.ready.pop_front() {
+                    return Some((e, sub));
+                }
+                let drained = sub.subs.lock().expect("not poisoned").drain(sub.id)?;
+                if drained.is_empty() {
+                    sub.woken.changed().await.ok()?;
+                }
+                sub.ready.extend(drained);
+            }
+        })
     }
 }
 
@@ -411,7 +418,6 @@ pub fn start(
     neighbors: Arc<NeighborTable>,
     cluster: Option<(ClusterHandle, ClusterConfig)>,
 ) -> DirHandle {
-    let (changes, _) = broadcast::channel(1024);
     let me = cluster.as_ref().map_or(0, |(_, c)| peer::node_id(c.id));
     let handle = DirHandle {
         node: Arc::new(std::sync::Mutex::new(DirNode::new(me, cluster.is_none()))),
@@ -424,7 +430,8 @@ pub fn start(
         ),
         peers: Arc::new(std::sync::Mutex::new(BTreeMap::new())),
         me,
-        changes,
+        subs: Arc::new(std::sync::Mutex::new(Subscriptions::default())),
+        published: Arc::new(watch::channel(0).0),
         events: cluster.as_ref().map(|(c, cfg)| (c.clone(), cfg.id)),
         wanted: Arc::new(watch::channel(0).0),
         fed: Arc::new(watch::channel(0).0),
