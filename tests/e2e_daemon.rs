@@ -606,6 +606,16 @@ fn the_service_point_map_shows_entries_backups_and_epochs_and_answers_a_stale_ep
         "{}",
         String::from_utf8_lossy(&stale.stderr)
     );
+    // ... and gets the entries to use instead, in both output formats.
+    let shown = String::from_utf8_lossy(&stale.stdout);
+    assert!(shown.contains("198.18.0.11:8080"), "no entries printed: {shown}");
+    let stale = env.lbctl(&["-o", "json", "spm", "show", "--service", SVC, "--epoch", "0"]);
+    assert_eq!(stale.status.code(), Some(1));
+    let reply: serde_json::Value = serde_json::from_slice(&stale.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&stale.stdout))
+    });
+    assert_eq!(reply["epoch_mismatch"]["current"], 1, "{reply}");
+    assert_eq!(reply["map"]["entries"][0]["sphere"]["epoch"], 1, "{reply}");
     env.lbctl_ok(&["spm", "show", "--service", SVC, "--epoch", "1"]);
     // Traffic still flows after the bump (connections of the old epoch are kept).
     assert_eq!(env.spread(20).values().sum::<usize>(), 20);

@@ -15,8 +15,14 @@ pub enum ClientError {
     /// The daemon is not there: scripts tell this apart by the exit code.
     #[error("lbd is not running (no answer on {path}): start it with `lbd --config /etc/lb/lbd.toml` or pass --socket")]
     NotRunning { path: PathBuf },
-    #[error("{0}")]
-    Daemon(String),
+    /// lbd refused the request and said why; `body` is its whole answer (some carry
+    /// more than the reason, such as the new map of an epoch mismatch).
+    #[error("{message}")]
+    Daemon {
+        message: String,
+        status: u16,
+        body: Vec<u8>,
+    },
     #[error("talking to lbd on {path}: {message}")]
     Protocol { path: PathBuf, message: String },
 }
@@ -68,7 +74,11 @@ impl Client {
             let message = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)));
-            return Err(ClientError::Daemon(message));
+            return Err(ClientError::Daemon {
+                message,
+                status: status.as_u16(),
+                body: bytes.to_vec(),
+            });
         }
         serde_json::from_slice(&bytes)
             .map_err(|e| self.protocol(format!("unexpected answer to {path}: {e}")))
@@ -126,7 +136,11 @@ impl Client {
             let message = serde_json::from_slice::<ErrorBody>(&pending)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| format!("HTTP {status}"));
-            return Err(ClientError::Daemon(message));
+            return Err(ClientError::Daemon {
+                message,
+                status: status.as_u16(),
+                body: pending,
+            });
         }
         Ok(())
     }

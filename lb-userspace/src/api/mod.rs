@@ -210,6 +210,7 @@ pub struct Applied {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Quiesce {
     pub quiesce: bool,
 }
@@ -276,3 +277,126 @@ impl Registration {
     }
 }
 
+
+/// A backend's load report, as recorded.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoadReported {
+    /// The report's key in the directory: `<service>|<backend>`.
+    pub reported: String,
+    pub load: u64,
+    pub capacity: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShuttingDown {
+    pub shutting_down: bool,
+}
+
+/// Query of `/v1/spm` and `/v1/spm/watch`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpmQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceKey>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<u64>,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub map_type: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// The epoch the client holds for `service`: a stale one gets the mismatch reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// 2: the service's sub-level map (its instances, also when level 1 shows a
+    /// re-director).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<u8>,
+}
+
+/// The seed's epoch-mismatch reply (HTTP 409): says so, and carries the new map.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EpochMismatch {
+    pub error: String,
+    pub epoch_mismatch: EpochHeld,
+    pub map: crate::spm::Spm,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EpochHeld {
+    pub service: ServiceKey,
+    pub held: u64,
+    pub current: u64,
+}
+
+/// Query of `/v1/events`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    #[serde(default)]
+    pub follow: bool,
+}
+
+/// Query of `/v1/dir/search`, `/v1/dir/find` and `/v1/dir/subscribe`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TablePrefix {
+    pub table: String,
+    #[serde(default)]
+    pub prefix: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirAdd {
+    pub table: String,
+    pub key: String,
+    pub value: String,
+    #[serde(default = "yes")]
+    pub valid: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirKey {
+    pub table: String,
+    pub key: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirHeartbeat {
+    pub table: String,
+    pub key: String,
+    pub time_max_ms: u64,
+}
+
+/// The answer to a directory add.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DirSubmitted {
+    pub submitted: bool,
+}
+
+/// The answer to a directory delete.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DirDeleted {
+    pub changed: bool,
+}
+
+/// The answer to a heartbeat: the entry is valid until its time_max runs out.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DirValid {
+    pub valid: bool,
+}
+
+/// The answer to a registration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Registered {
+    pub registered: String,
+    pub ttl_ms: u64,
+}

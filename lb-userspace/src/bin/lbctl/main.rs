@@ -1,0 +1,89 @@
+//! lbctl: the balancer's command line, a client of lbd's management API.
+//!
+//! Exit codes: 0 done; 1 lbd refused the request (the message says why); 2 bad usage
+//! or input file; 3 lbd is not running; 4 unexpected answer from lbd.
+
+mod cli;
+mod commands;
+mod render;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{CommandFactory, Parser};
+use lb_userspace::api::client::{Client, ClientError};
+
+use cli::{Cli, Cmd};
+
+pub enum Failure {
+    Client(ClientError),
+    Input(String),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure::Client(e)
+    }
+}
+
+fn default_socket() -> Result<PathBuf, Failure> {
+    if let Ok(s) = std::env::var("LBCTL_SOCKET") {
+        return Ok(s.into());
+    }
+    let found: Vec<PathBuf> = std::fs::read_dir("/run/lb")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    match found.as_slice() {
+        [] => Err(Failure::Client(ClientError::NotRunning {
+            path: "/run/lb/*.sock".into(),
+        })),
+        [one] => Ok(one.clone()),
+        many => Err(Failure::Input(format!(
+            "several lbd sockets in /run/lb ({}); pick one with --socket",
+            many.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Cmd::Completions { shell } = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "lbctl", &mut std::io::stdout());
+        return Ok(());
+    }
+    let apply = commands::read_apply(&cli.command)?;
+    let socket = match cli.socket {
+        Some(s) => s,
+        None => default_socket()?,
+    };
+    commands::run(&Client::new(socket), cli.output, cli.command, apply).await
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Input(m)) => {
+            eprintln!("lbctl: {m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Client(e)) => {
+            eprintln!("lbctl: {e}");
+            ExitCode::from(match e {
+                ClientError::Daemon { .. } => 1,
+                ClientError::NotRunning { .. } => 3,
+                ClientError::Protocol { .. } => 4,
+            })
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! The daemon's listeners: the management API (HTTP/JSON on a Unix socket) and the
+//! Prometheus endpoint (HTTP on TCP). Handlers parse, call `Daemon`, and answer.
+
+mod cluster;
+mod directory;
+mod peers;
+mod services;
+mod spm;
+
+use std::{path::Path, sync::Arc};
+
+use anyhow::{Context, Result};
+use axum::{
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use tokio::sync::{mpsc, Mutex};
+
+pub use peers::{avail_router, dsd_router, registry_router};
+
+use crate::{
+    api::{ErrorBody, Shutdown},
+    shell::{
+        availd::AvailHandle, clusterd::ClusterHandle, daemon::Daemon, dird::DirHandle,
+        neighbor::NeighborTable,
+    },
+};
+use cluster::*;
+use directory::*;
+use services::*;
+use spm::*;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub daemon: Arc<Mutex<Daemon>>,
+    pub shutdown: mpsc::Sender<Shutdown>,
+    pub neighbors: Arc<NeighborTable>,
+    pub cluster: Option<ClusterHandle>,
+    pub directory: DirHandle,
+    pub availability: AvailHandle,
+}
+
+pub struct ApiError(pub(crate) StatusCode, pub(crate) String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn not_found(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, msg.into())
+}
+
+fn internal(e: anyhow::Error) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+async fn unknown() -> ApiError {
+    not_found("no such endpoint; the API is described in docs/API.md")
+}
+
+pub fn api_router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/services", get(services))
+        .route("/v1/stats", get(stats))
+        .route("/v1/desired", get(desired))
+        .route("/v1/services/add", post(add_service))
+        .route("/v1/services/remove", post(remove_service))
+        .route("/v1/backends/add", post(add_backend))
+        .route("/v1/backends/remove", post(remove_backend))
+        .route("/v1/backends/drain", post(drain_backend))
+        .route("/v1/backends/weight", post(set_weight))
+        .route("/v1/services/bump-epoch", post(bump_epoch))
+        .route("/v1/services/availability", post(set_availability))
+        .route("/v1/backends/report", post(report_load))
+        .route("/v1/availability", get(availability))
+        .route("/v1/spm", get(spm))
+        .route("/v1/spm/watch", get(spm_watch))
+        .route("/v1/apply", post(apply))
+        .route("/v1/shutdown", post(shutdown))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/node/quiesce", post(quiesce))
+        .route("/v1/events", get(events))
+        .route("/v1/dir/search", get(dir_search))
+        .route("/v1/dir/find", get(dir_find))
+        .route("/v1/dir/add", post(dir_add))
+        .route("/v1/dir/delete", post(dir_delete))
+        .route("/v1/dir/heartbeat", post(dir_heartbeat))
+        .route("/v1/dir/register", post(dir_register))
+        .route("/v1/dir/subscribe", get(dir_subscribe))
+        .fallback(unknown)
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
+    let daemon = s.daemon.lock().await;
+    let stats = daemon.stats().map_err(internal)?;
+    let cluster = s.cluster.as_ref().map(|c| c.view());
+    Ok(crate::metrics::render(
+        &daemon.status(),
+        &stats,
+        cluster.as_ref(),
+    ))
+}
+
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Binds the API socket, replacing a stale one (a socket file nobody listens on).
+pub fn bind_api(path: &Path) -> Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another lbd already serves {}; stop it first (lbctl --socket {} shutdown)",
+                path.display(),
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding the API socket {}", path.display()))
+}

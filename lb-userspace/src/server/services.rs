@@ -1,0 +1,204 @@
+//! Services, backends, whole-state apply, status and shutdown. Every change copies
+//! the desired state, edits the copy and hands it to the reconciler, which refuses
+//! it whole or applies it whole.
+
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use axum::{extract::State, Json};
+
+use super::{bad, internal, not_found, ApiError, ApiResult, AppState};
+use crate::{
+    api::{self, AddBackend, AddService, Applied, BackendRef, DrainBackend, ServiceRef, SetWeight, Shutdown},
+    desired::{BackendSpec, Desired, ServiceSpec},
+    model::ServiceKey,
+};
+
+pub(super) async fn status(State(s): State<AppState>) -> ApiResult<api::Status> {
+    Ok(Json(s.daemon.lock().await.status()))
+}
+
+pub(super) async fn services(State(s): State<AppState>) -> ApiResult<Vec<api::ServiceView>> {
+    s.daemon.lock().await.services().map(Json).map_err(internal)
+}
+
+pub(super) async fn stats(State(s): State<AppState>) -> ApiResult<api::Stats> {
+    s.daemon.lock().await.stats().map(Json).map_err(internal)
+}
+
+pub(super) async fn desired(State(s): State<AppState>) -> ApiResult<Desired> {
+    Ok(Json(s.daemon.lock().await.desired().clone()))
+}
+
+pub(super) async fn add_service(State(s): State<AppState>, Json(req): Json<AddService>) -> ApiResult<Applied> {
+    change(&s, |d| {
+        let spec = d.services.entry(req.service).or_default();
+        if let Some(c) = req.config {
+            spec.config = c;
+        }
+        Ok(())
+    })
+    .await
+}
+
+pub(super) async fn remove_service(
+    State(s): State<AppState>,
+    Json(req): Json<ServiceRef>,
+) -> ApiResult<Applied> {
+    change(&s, |d| {
+        d.services
+            .remove(&req.service)
+            .map(drop)
+            .ok_or_else(|| not_found(format!("no service {}", req.service)))
+    })
+    .await
+}
+
+pub(super) async fn add_backend(State(s): State<AppState>, Json(req): Json<AddBackend>) -> ApiResult<Applied> {
+    if req.spec.is_none_or(|b| b.mac.is_none()) {
+        prefetch(&s, vec![req.backend]).await;
+    }
+    change(&s, |d| {
+        let svc = service_mut(d, req.service)?;
+        if req.backend.is_ipv4() != req.service.addr.is_ipv4() {
+            return Err(bad(format!(
+                "backend {} is not of {}'s address family",
+                req.backend, req.service
+            )));
+        }
+        svc.backends
+            .insert(req.backend, req.spec.unwrap_or_default());
+        Ok(())
+    })
+    .await
+}
+
+pub(super) async fn remove_backend(
+    State(s): State<AppState>,
+    Json(req): Json<BackendRef>,
+) -> ApiResult<Applied> {
+    change(&s, |d| {
+        service_mut(d, req.service)?
+            .backends
+            .remove(&req.backend)
+            .map(drop)
+            .ok_or_else(|| not_found(format!("no backend {} in {}", req.backend, req.service)))
+    })
+    .await
+}
+
+pub(super) async fn drain_backend(
+    State(s): State<AppState>,
+    Json(req): Json<DrainBackend>,
+) -> ApiResult<Applied> {
+    change(&s, |d| {
+        backend_mut(d, req.service, req.backend)?.drain = req.drain;
+        Ok(())
+    })
+    .await
+}
+
+pub(super) async fn set_weight(State(s): State<AppState>, Json(req): Json<SetWeight>) -> ApiResult<Applied> {
+    change(&s, |d| {
+        backend_mut(d, req.service, req.backend)?.weight = req.weight;
+        Ok(())
+    })
+    .await
+}
+
+pub(super) async fn apply(State(s): State<AppState>, Json(req): Json<api::Apply>) -> ApiResult<Applied> {
+    if !req.dry_run {
+        let addrs = req
+            .desired
+            .services
+            .values()
+            .flat_map(|svc| svc.backends.iter())
+            .filter(|(_, b)| b.mac.is_none())
+            .map(|(a, _)| *a)
+            .collect();
+        prefetch(&s, addrs).await;
+    }
+    let mut daemon = s.daemon.lock().await;
+    let changes = daemon
+        .apply(req.desired, req.dry_run)
+        .map_err(|e| bad(format!("{e:#}")))?;
+    Ok(Json(Applied {
+        changes,
+        dry_run: req.dry_run,
+    }))
+}
+
+pub(super) async fn shutdown(
+    State(s): State<AppState>,
+    Json(req): Json<Shutdown>,
+) -> ApiResult<api::ShuttingDown> {
+    s.shutdown
+        .send(req)
+        .await
+        .map_err(|_| internal(anyhow::anyhow!("the daemon is already shutting down")))?;
+    Ok(Json(api::ShuttingDown {
+        shutting_down: true,
+    }))
+}
+
+/// Applies `edit` to a copy of the desired state, then the copy.
+pub(super) async fn change(
+    state: &AppState,
+    edit: impl FnOnce(&mut Desired) -> Result<(), ApiError>,
+) -> ApiResult<Applied> {
+    let mut daemon = state.daemon.lock().await;
+    let mut new = daemon.desired().clone();
+    edit(&mut new)?;
+    let changes = daemon
+        .apply(new, false)
+        .map_err(|e| bad(format!("{e:#}")))?;
+    Ok(Json(Applied {
+        changes,
+        dry_run: false,
+    }))
+}
+
+pub(super) fn service_mut(d: &mut Desired, key: ServiceKey) -> Result<&mut ServiceSpec, ApiError> {
+    d.services
+        .get_mut(&key)
+        .ok_or_else(|| not_found(format!("no service {key}; `lbctl service list` shows them")))
+}
+
+pub(super) fn backend_mut(
+    d: &mut Desired,
+    key: ServiceKey,
+    addr: IpAddr,
+) -> Result<&mut BackendSpec, ApiError> {
+    service_mut(d, key)?.backends.get_mut(&addr).ok_or_else(|| {
+        not_found(format!(
+            "no backend {addr} in {key}; `lbctl backend list {key}` shows them"
+        ))
+    })
+}
+
+/// Resolves the MACs of backends about to be added, without holding the daemon, so
+/// that a new backend takes traffic from the moment the change is applied rather than
+/// from the next background refresh.
+pub(super) async fn prefetch(state: &AppState, addrs: Vec<IpAddr>) {
+    let wanted: Vec<IpAddr> = {
+        let daemon = state.daemon.lock().await;
+        addrs
+            .into_iter()
+            .filter(|a| !daemon.knows_neighbor(*a))
+            .collect()
+    };
+    let mut found = BTreeMap::new();
+    for addr in wanted {
+        if let Ok(Some(n)) = state
+            .neighbors
+            .resolve(addr, Duration::from_millis(1500))
+            .await
+        {
+            found.insert(addr, n);
+        }
+    }
+    if !found.is_empty() {
+        if let Err(e) = state.daemon.lock().await.update_neighbors(found) {
+            tracing::warn!("applying resolved MACs: {e:#}");
+        }
+    }
+}
