@@ -7,16 +7,19 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use lb_userspace::{
     api::Shutdown,
-    shell::clusterd,
     config::{Config, DEFAULT_PATH},
-    shell::daemon::Daemon,
-    shell::dird,
-    shell::neighbor::{nudge, NeighborTable},
     server::{api_router, bind_api, metrics_router, registry_router, AppState},
+    shell::{
+        clusterd,
+        daemon::Daemon,
+        dird,
+        handle::DaemonHandle,
+        neighbor::{nudge, NeighborTable},
+    },
 };
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::{mpsc, Mutex},
+    sync::mpsc,
 };
 use tracing::{error, info, warn};
 
@@ -105,7 +108,8 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
         metrics = %status.metrics,
         "lbd ready"
     );
-    let daemon = Arc::new(Mutex::new(daemon));
+    // The daemon runs on its own thread from here; the rest reach it through its handle.
+    let daemon = DaemonHandle::spawn(daemon, Duration::from_secs(1));
     let cluster = match &cluster_config {
         Some(c) => {
             let handle = clusterd::start(c.clone(), daemon.clone(), neighbors.clone()).await?;
@@ -120,7 +124,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
         cluster.clone().zip(cluster_config.clone()),
     );
     // The records the daemon started with (it applied them before attaching).
-    let state_dir = daemon.lock().await.state_dir();
+    let state_dir = daemon.now().state_dir.clone();
     let availability = lb_userspace::shell::availd::start(
         saved_availability,
         &state_dir,
@@ -144,7 +148,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
     // Host routes are probed through the first data-plane interface, from its address.
     if let Some(first) = first_interface {
         let iface = neighbors.interface(&first).await?;
-        let vips = daemon.lock().await.service_addresses();
+        let vips = daemon.now().service_addresses.clone();
         let src = neighbors
             .addresses(iface.ifindex)
             .await?
@@ -191,7 +195,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
             let mut tick = tokio::time::interval(Duration::from_secs(2));
             loop {
                 tick.tick().await;
-                let wanted = daemon.lock().await.resolvable();
+                let wanted = daemon.now().resolvable.clone();
                 let table = match neighbors.dump().await {
                     Ok(t) => t,
                     Err(e) => {
@@ -206,19 +210,9 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
                 for addr in wanted.iter().filter(|a| !found.contains_key(a)) {
                     nudge(*addr);
                 }
-                if let Err(e) = daemon.lock().await.update_neighbors(found) {
+                if let Err(e) = daemon.call(move |d| d.update_neighbors(found)).await {
                     warn!("applying new backend MACs: {e:#}");
                 }
-            }
-        })
-    };
-    let logs = {
-        let daemon = daemon.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                daemon.lock().await.flush_logs();
             }
         })
     };
@@ -239,15 +233,15 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
         r = metrics_task => { anyhow::bail!("the metrics server stopped: {r:?}") }
     };
     refresh.abort();
-    logs.abort();
-    let mut d = daemon.lock().await;
     if detach {
-        d.detach_everything()?;
+        daemon.call(|d| d.detach_everything()).await?;
         if let Some(c) = &cluster_config {
             // Give the VIPs up, so that the others take them at once.
             if let Ok(iface) = neighbors.interface(&c.vip_interface).await {
-                for vip in d
-                    .service_addresses()
+                for vip in daemon
+                    .now()
+                    .service_addresses
+                    .clone()
                     .into_iter()
                     .chain(c.preferred.iter().copied())
                 {

@@ -15,14 +15,7 @@ pub(super) async fn set_availability(
     State(s): State<AppState>,
     Json(req): Json<api::SetAvailability>,
 ) -> ApiResult<crate::availability::Record> {
-    if !s
-        .daemon
-        .lock()
-        .await
-        .desired()
-        .services
-        .contains_key(&req.service)
-    {
+    if !s.daemon.now().desired.services.contains_key(&req.service) {
         return Err(not_found(format!("no service {}", req.service)));
     }
     let now = std::time::SystemTime::now()

@@ -17,14 +17,7 @@ pub(super) async fn report_load(
     if req.ttl_ms == 0 {
         return Err(bad("ttl_ms must be positive"));
     }
-    if !s
-        .daemon
-        .lock()
-        .await
-        .desired()
-        .services
-        .contains_key(&req.service)
-    {
+    if !s.daemon.now().desired.services.contains_key(&req.service) {
         return Err(not_found(format!("no service {}", req.service)));
     }
     s.directory

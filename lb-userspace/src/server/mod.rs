@@ -17,14 +17,14 @@ use axum::{
     routing::{get, post},
     Json, Router,
 };
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::mpsc;
 
 pub use peers::{avail_router, dsd_router, registry_router};
 
 use crate::{
     api::{ErrorBody, Shutdown},
     shell::{
-        availd::AvailHandle, clusterd::ClusterHandle, daemon::Daemon, dird::DirHandle,
+        availd::AvailHandle, clusterd::ClusterHandle, dird::DirHandle, handle::DaemonHandle,
         neighbor::NeighborTable,
     },
 };
@@ -35,7 +35,7 @@ use spm::*;
 
 #[derive(Clone)]
 pub struct AppState {
-    pub daemon: Arc<Mutex<Daemon>>,
+    pub daemon: DaemonHandle,
     pub shutdown: mpsc::Sender<Shutdown>,
     pub neighbors: Arc<NeighborTable>,
     pub cluster: Option<ClusterHandle>,
@@ -104,11 +104,11 @@ pub fn api_router(state: AppState) -> Router {
 }
 
 async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
-    let daemon = s.daemon.lock().await;
-    let stats = daemon.stats().map_err(internal)?;
+    let stats = s.daemon.call(|d| d.stats()).await.map_err(internal)?;
+    let status = s.daemon.now().status.clone();
     let cluster = s.cluster.as_ref().map(|c| c.view());
     Ok(crate::metrics::render(
-        &daemon.status(),
+        &status,
         &stats,
         cluster.as_ref(),
     ))
@@ -139,3 +139,6 @@ pub fn bind_api(path: &Path) -> Result<tokio::net::UnixListener> {
     tokio::net::UnixListener::bind(path)
         .with_context(|| format!("binding the API socket {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests;

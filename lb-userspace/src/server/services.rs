@@ -14,23 +14,23 @@ use crate::{
 };
 
 pub(super) async fn status(State(s): State<AppState>) -> ApiResult<api::Status> {
-    Ok(Json(s.daemon.lock().await.status()))
+    Ok(Json(s.daemon.now().status.clone()))
 }
 
 pub(super) async fn services(State(s): State<AppState>) -> ApiResult<Vec<api::ServiceView>> {
-    s.daemon.lock().await.services().map(Json).map_err(internal)
+    s.daemon.call(|d| d.services()).await.map(Json).map_err(internal)
 }
 
 pub(super) async fn stats(State(s): State<AppState>) -> ApiResult<api::Stats> {
-    s.daemon.lock().await.stats().map(Json).map_err(internal)
+    s.daemon.call(|d| d.stats()).await.map(Json).map_err(internal)
 }
 
 pub(super) async fn desired(State(s): State<AppState>) -> ApiResult<Desired> {
-    Ok(Json(s.daemon.lock().await.desired().clone()))
+    Ok(Json(s.daemon.now().desired.clone()))
 }
 
 pub(super) async fn add_service(State(s): State<AppState>, Json(req): Json<AddService>) -> ApiResult<Applied> {
-    change(&s, |d| {
+    change(&s, move |d| {
         let spec = d.services.entry(req.service).or_default();
         if let Some(c) = req.config {
             spec.config = c;
@@ -44,7 +44,7 @@ pub(super) async fn remove_service(
     State(s): State<AppState>,
     Json(req): Json<ServiceRef>,
 ) -> ApiResult<Applied> {
-    change(&s, |d| {
+    change(&s, move |d| {
         d.services
             .remove(&req.service)
             .map(drop)
@@ -57,7 +57,7 @@ pub(super) async fn add_backend(State(s): State<AppState>, Json(req): Json<AddBa
     if req.spec.is_none_or(|b| b.mac.is_none()) {
         prefetch(&s, vec![req.backend]).await;
     }
-    change(&s, |d| {
+    change(&s, move |d| {
         let svc = service_mut(d, req.service)?;
         if req.backend.is_ipv4() != req.service.addr.is_ipv4() {
             return Err(bad(format!(
@@ -76,7 +76,7 @@ pub(super) async fn remove_backend(
     State(s): State<AppState>,
     Json(req): Json<BackendRef>,
 ) -> ApiResult<Applied> {
-    change(&s, |d| {
+    change(&s, move |d| {
         service_mut(d, req.service)?
             .backends
             .remove(&req.backend)
@@ -90,7 +90,7 @@ pub(super) async fn drain_backend(
     State(s): State<AppState>,
     Json(req): Json<DrainBackend>,
 ) -> ApiResult<Applied> {
-    change(&s, |d| {
+    change(&s, move |d| {
         backend_mut(d, req.service, req.backend)?.drain = req.drain;
         Ok(())
     })
@@ -98,7 +98,7 @@ pub(super) async fn drain_backend(
 }
 
 pub(super) async fn set_weight(State(s): State<AppState>, Json(req): Json<SetWeight>) -> ApiResult<Applied> {
-    change(&s, |d| {
+    change(&s, move |d| {
         backend_mut(d, req.service, req.backend)?.weight = req.weight;
         Ok(())
     })
@@ -117,9 +117,11 @@ pub(super) async fn apply(State(s): State<AppState>, Json(req): Json<api::Apply>
             .collect();
         prefetch(&s, addrs).await;
     }
-    let mut daemon = s.daemon.lock().await;
-    let changes = daemon
-        .apply(req.desired, req.dry_run)
+    let dry_run = req.dry_run;
+    let changes = s
+        .daemon
+        .call(move |d| d.apply(req.desired, dry_run))
+        .await
         .map_err(|e| bad(format!("{e:#}")))?;
     Ok(Json(Applied {
         changes,
@@ -140,17 +142,20 @@ pub(super) async fn shutdown(
     }))
 }
 
-/// Applies `edit` to a copy of the desired state, then the copy.
+/// Applies `edit` to a copy of the desired state, then the copy: both in one job on
+/// the daemon, so that no other change comes in between.
 pub(super) async fn change(
     state: &AppState,
-    edit: impl FnOnce(&mut Desired) -> Result<(), ApiError>,
+    edit: impl FnOnce(&mut Desired) -> Result<(), ApiError> + Send + 'static,
 ) -> ApiResult<Applied> {
-    let mut daemon = state.daemon.lock().await;
-    let mut new = daemon.desired().clone();
-    edit(&mut new)?;
-    let changes = daemon
-        .apply(new, false)
-        .map_err(|e| bad(format!("{e:#}")))?;
+    let changes = state
+        .daemon
+        .call(move |d| {
+            let mut new = d.desired().clone();
+            edit(&mut new)?;
+            d.apply(new, false).map_err(|e| bad(format!("{e:#}")))
+        })
+        .await?;
     Ok(Json(Applied {
         changes,
         dry_run: false,
@@ -180,10 +185,10 @@ pub(super) fn backend_mut(
 /// from the next background refresh.
 pub(super) async fn prefetch(state: &AppState, addrs: Vec<IpAddr>) {
     let wanted: Vec<IpAddr> = {
-        let daemon = state.daemon.lock().await;
+        let known = state.daemon.now().known_neighbors.clone();
         addrs
             .into_iter()
-            .filter(|a| !daemon.knows_neighbor(*a))
+            .filter(|a| !known.contains(a))
             .collect()
     };
     let mut found = BTreeMap::new();
@@ -197,7 +202,7 @@ pub(super) async fn prefetch(state: &AppState, addrs: Vec<IpAddr>) {
         }
     }
     if !found.is_empty() {
-        if let Err(e) = state.daemon.lock().await.update_neighbors(found) {
+        if let Err(e) = state.daemon.call(move |d| d.update_neighbors(found)).await {
             tracing::warn!("applying resolved MACs: {e:#}");
         }
     }

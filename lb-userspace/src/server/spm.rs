@@ -12,7 +12,7 @@ use axum::{
 };
 
 use super::{bad, internal, not_found, ApiError, ApiResult, AppState};
-use crate::{api, shell::daemon::Daemon};
+use crate::{api, shell::handle::DaemonHandle};
 
 /// An operator bump goes to the SPM manager through the directory (so that every
 /// node gets the same epoch); answers once the new epoch is in this node's data plane.
@@ -20,14 +20,17 @@ pub(super) async fn bump_epoch(
     State(s): State<AppState>,
     Json(req): Json<api::ServiceRef>,
 ) -> ApiResult<api::EpochBumped> {
-    let epoch_now = |d: &Daemon| -> Option<u32> {
-        d.services()
+    let service = req.service;
+    let epoch_now = |d: DaemonHandle| async move {
+        d.call(move |d| d.services())
+            .await
             .ok()?
             .into_iter()
-            .find(|v| v.key == req.service)
+            .find(|v| v.key == service)
             .map(|v| v.config.epoch)
     };
-    let before = epoch_now(&*s.daemon.lock().await)
+    let before = epoch_now(s.daemon.clone())
+        .await
         .ok_or_else(|| not_found(format!("no service {}", req.service)))?;
     s.directory
         .bump_epoch(req.service)
@@ -35,7 +38,7 @@ pub(super) async fn bump_epoch(
         .map_err(internal)?;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
     loop {
-        if let Some(epoch) = epoch_now(&*s.daemon.lock().await).filter(|e| *e != before) {
+        if let Some(epoch) = epoch_now(s.daemon.clone()).await.filter(|e| *e != before) {
             return Ok(Json(api::EpochBumped {
                 service: req.service,
                 epoch,
@@ -166,7 +169,7 @@ pub(super) async fn spm(
     State(s): State<AppState>,
     axum::extract::Query(q): axum::extract::Query<api::SpmQuery>,
 ) -> Result<Response, ApiError> {
-    let views = s.daemon.lock().await.services().map_err(internal)?;
+    let views = s.daemon.call(|d| d.services()).await.map_err(internal)?;
     let (map, mismatch) = spm_answer(&views, &q)?;
     if let Some(body) = mismatch {
         return Ok((StatusCode::CONFLICT, Json(body)).into_response());
@@ -180,7 +183,7 @@ pub(super) async fn spm_watch(
     State(s): State<AppState>,
     axum::extract::Query(q): axum::extract::Query<api::SpmQuery>,
 ) -> Result<Response, ApiError> {
-    let views = s.daemon.lock().await.services().map_err(internal)?;
+    let views = s.daemon.call(|d| d.services()).await.map_err(internal)?;
     let (first, _) = spm_answer(&views, &q)?;
     let (tx, rx) = mpsc::channel::<std::result::Result<String, std::convert::Infallible>>(16);
     tokio::spawn(async move {
@@ -194,7 +197,7 @@ pub(super) async fn spm_watch(
             if tx.is_closed() {
                 return;
             }
-            let Ok(views) = s.daemon.lock().await.services() else {
+            let Ok(views) = s.daemon.call(|d| d.services()).await else {
                 continue;
             };
             let Ok((map, _)) = spm_answer(&views, &q) else {

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use crate::{
     availability::{self, Record, Set},
-    shell::daemon::Daemon,
+    shell::handle::DaemonHandle,
 };
 
 pub const FILE: &str = "availability.json";
@@ -69,7 +69,7 @@ fn save(path: &Path, set: &Set) -> Result<()> {
 pub struct AvailHandle {
     set: Arc<Mutex<Set>>,
     path: PathBuf,
-    daemon: Arc<Mutex<Daemon>>,
+    daemon: DaemonHandle,
     key: Arc<Vec<u8>>,
     cluster: Option<(crate::shell::clusterd::ClusterHandle, crate::config::ClusterConfig)>,
     synced: Arc<AtomicBool>,
@@ -112,7 +112,7 @@ impl AvailHandle {
                 }
             }
             save(&self.path, &set)?;
-            self.daemon.lock().await.set_availability(set)?;
+            self.daemon.call(move |d| d.set_availability(set)).await?;
         }
         Ok(fresh)
     }
@@ -251,7 +251,7 @@ async fn post(peer: SocketAddr, from: SocketAddr, body: Vec<u8>) -> Result<Vec<u
 pub fn start(
     set: Set,
     state_dir: &Path,
-    daemon: Arc<Mutex<Daemon>>,
+    daemon: DaemonHandle,
     cluster: Option<(crate::shell::clusterd::ClusterHandle, crate::config::ClusterConfig)>,
 ) -> AvailHandle {
     let key = cluster

@@ -15,7 +15,7 @@ use rand::{rngs::StdRng, SeedableRng};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     net::UdpSocket,
-    sync::{broadcast, mpsc, Mutex},
+    sync::{broadcast, mpsc},
 };
 use tracing::{info, warn};
 
@@ -26,7 +26,7 @@ use crate::{
         wire::{self, Reject},
     },
     config::ClusterConfig,
-    shell::daemon::Daemon,
+    shell::handle::DaemonHandle,
     shell::neighbor::NeighborTable,
     shell::vip::{self, Announcer},
 };
@@ -119,7 +119,7 @@ fn control_socket(cfg: &ClusterConfig) -> Result<UdpSocket> {
 }
 
 struct Actions {
-    daemon: Arc<Mutex<Daemon>>,
+    daemon: DaemonHandle,
     netlink: rtnetlink::Handle,
     ifindex: u32,
     interface: String,
@@ -130,10 +130,10 @@ struct Actions {
 impl Actions {
     async fn acquire(&self, vip: IpAddr) -> Result<()> {
         vip::add_address(&self.netlink, self.ifindex, vip).await?;
-        self.daemon.lock().await.set_owned(vip, true)?;
+        self.daemon.call(move |d| d.set_owned(vip, true)).await?;
         if let Some(script) = &self.script {
             if let Err(e) = vip::run_script(script, "acquire", vip, self.script_timeout).await {
-                let _ = self.daemon.lock().await.set_owned(vip, false);
+                let _ = self.daemon.call(move |d| d.set_owned(vip, false)).await;
                 let _ = vip::remove_address(&self.netlink, self.ifindex, vip).await;
                 return Err(e);
             }
@@ -155,7 +155,7 @@ impl Actions {
             Some(s) => vip::run_script(s, "release", vip, self.script_timeout).await,
             None => Ok(()),
         };
-        self.daemon.lock().await.set_owned(vip, false)?;
+        self.daemon.call(move |d| d.set_owned(vip, false)).await?;
         vip::remove_address(&self.netlink, self.ifindex, vip).await?;
         script
     }
@@ -164,12 +164,12 @@ impl Actions {
 /// The node's own tests: its VIP interface is up, the program is attached, and at
 /// least one backend is reachable (or it has none to reach).
 async fn self_test(
-    daemon: &Arc<Mutex<Daemon>>,
+    daemon: &DaemonHandle,
     neighbors: &NeighborTable,
     interface: &str,
 ) -> bool {
     let up = neighbors.link_up(interface).await.unwrap_or(false);
-    let status = daemon.lock().await.status();
+    let status = daemon.now().status.clone();
     let attached = !status.interfaces.is_empty();
     let reachable = status.backends == 0 || status.unresolved_backends < status.backends;
     up && attached && reachable
@@ -178,7 +178,7 @@ async fn self_test(
 /// Starts the cluster task; returns the handle the API uses.
 pub async fn start(
     cfg: ClusterConfig,
-    daemon: Arc<Mutex<Daemon>>,
+    daemon: DaemonHandle,
     neighbors: Arc<NeighborTable>,
 ) -> Result<ClusterHandle> {
     let socket = control_socket(&cfg)?;
@@ -191,9 +191,9 @@ pub async fn start(
         .preferred
         .iter()
         .copied()
-        .chain(daemon.lock().await.service_addresses())
+        .chain(daemon.now().service_addresses.clone())
         .collect();
-    let adopted: Vec<IpAddr> = daemon.lock().await.adopted().iter().copied().collect();
+    let adopted: Vec<IpAddr> = daemon.now().adopted.iter().copied().collect();
 
     let node_cfg = NodeConfig {
         id: cfg.id,

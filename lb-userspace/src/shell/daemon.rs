@@ -46,10 +46,11 @@ struct SavedDesired {
     desired: Desired,
 }
 
-pub struct Daemon {
+pub struct Daemon<D: Dataplane = MapManager> {
     pub config: Config,
-    programs: Programs,
-    core: Reconciler<MapManager>,
+    /// The loaded programs; `None` for a daemon over another data plane (tests).
+    programs: Option<Programs>,
+    core: Reconciler<D>,
     from_config: Desired,
     interfaces: Vec<(LocalInterface, XdpModeName, Attached)>,
     started: Instant,
@@ -58,6 +59,8 @@ pub struct Daemon {
     adopted: BTreeSet<IpAddr>,
     /// Cluster mode: the addresses this node serves (`None`: standalone, all).
     owned: Option<BTreeSet<IpAddr>>,
+    /// Entries in the connection table, as last counted (counting walks the table).
+    conn_entries: usize,
 }
 
 /// Resolves `addrs` through the neighbour table, all at once, within `within`.
@@ -90,7 +93,7 @@ fn save_desired(dir: &std::path::Path, from_config: &Desired, desired: &Desired)
     crate::shell::state_file::write_atomic(&dir.join(DESIRED_FILE), &serde_json::to_vec_pretty(&saved)?)
 }
 
-impl Daemon {
+impl Daemon<MapManager> {
     /// Loads the data plane (taking over pinned maps and links if an earlier run left
     /// them), writes the desired state, attaches. `availability` is the set the last
     /// run saved: applied before the first write. A start that fails after creating
@@ -231,14 +234,41 @@ impl Daemon {
         Ok(Daemon {
             from_config,
             config,
-            programs,
+            programs: Some(programs),
             core,
             interfaces,
             started: Instant::now(),
             resumed,
             adopted,
             owned,
+            conn_entries: 0,
         })
+    }
+}
+
+impl<D: Dataplane> Daemon<D> {
+    /// A daemon over `dp` with nothing loaded or attached (the API's tests, over the
+    /// fake): everything else as `start` leaves it.
+    pub fn with_dataplane(config: Config, dp: D, known: Known) -> Result<Daemon<D>> {
+        let mut core = Reconciler::new(dp, known);
+        core.reconcile_all()?;
+        Ok(Daemon {
+            from_config: config.desired.clone(),
+            interfaces: Vec::new(),
+            config,
+            programs: None,
+            core,
+            started: Instant::now(),
+            resumed: false,
+            adopted: BTreeSet::new(),
+            owned: None,
+            conn_entries: 0,
+        })
+    }
+
+    /// Every address whose MAC this node has learned.
+    pub fn known_neighbors(&self) -> BTreeSet<IpAddr> {
+        self.core.known().neighbors.keys().copied().collect()
     }
 
     pub fn knows_neighbor(&self, addr: IpAddr) -> bool {
@@ -354,7 +384,14 @@ impl Daemon {
     }
 
     pub fn flush_logs(&mut self) {
-        self.programs.flush_logs();
+        if let Some(p) = self.programs.as_mut() {
+            p.flush_logs();
+        }
+    }
+
+    /// Counts the connection table again (it walks the table: not on every read).
+    pub fn count_connections(&mut self) {
+        self.conn_entries = self.core.dp.conn_count();
     }
 
     pub fn status(&self) -> api::Status {
@@ -376,7 +413,7 @@ impl Daemon {
             services: self.core.desired().services.len(),
             backends,
             unresolved_backends: unresolved,
-            conn_table_entries: self.core.dp.conn_count(),
+            conn_table_entries: self.conn_entries,
             resumed: self.resumed,
             metrics: format!("http://{}/metrics", self.config.node.metrics_listen),
         }
@@ -395,17 +432,20 @@ impl Daemon {
                 .zip(global.values())
                 .map(|(n, v)| (n.to_string(), v))
                 .collect(),
-            conn_table_entries: self.core.dp.conn_count(),
+            conn_table_entries: self.conn_entries,
         })
     }
 
     /// Detaches the program and removes the pinned maps: the next start begins from
     /// nothing but the saved desired state.
     pub fn detach_everything(&mut self) -> Result<()> {
+        let Some(programs) = self.programs.as_mut() else {
+            return Ok(());
+        };
         for (l, _, _) in self.interfaces.clone() {
-            self.programs.detach_pinned(Program::Balancer, &l.name)?;
+            programs.detach_pinned(Program::Balancer, &l.name)?;
         }
-        self.programs.unpin_maps()?;
+        programs.unpin_maps()?;
         info!("XDP program detached, pinned maps removed");
         Ok(())
     }

@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::Result;
 use futures::Stream;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
@@ -30,7 +30,7 @@ use crate::{
         tables::{names, Change, CompleteRoute, Entry, Op, Tables},
     },
     model::ServiceKey,
-    shell::{clusterd::ClusterHandle, daemon::Daemon, neighbor::NeighborTable, peer},
+    shell::{clusterd::ClusterHandle, handle::DaemonHandle, neighbor::NeighborTable, peer},
 };
 
 /// The largest replication message accepted (a snapshot of a big directory).
@@ -41,7 +41,7 @@ pub const MAX_DSD_MESSAGE: usize = 64 << 20;
 pub struct DirHandle {
     /// The pure node. A plain mutex: every step is short and never awaits.
     node: Arc<std::sync::Mutex<DirNode>>,
-    daemon: Arc<Mutex<Daemon>>,
+    daemon: DaemonHandle,
     key: Arc<Vec<u8>>,
     /// Other nodes' directory endpoints, by id.
     peers: Arc<std::sync::Mutex<BTreeMap<NodeId, SocketAddr>>>,
@@ -135,7 +135,7 @@ impl DirHandle {
         f(self.node.lock().expect("not poisoned").tables())
     }
 
-    pub fn daemon(&self) -> &Arc<Mutex<Daemon>> {
+    pub fn daemon(&self) -> &DaemonHandle {
         &self.daemon
     }
 
@@ -355,15 +355,15 @@ async fn feeder(h: DirHandle, neighbors: Arc<NeighborTable>) {
         }
         fed_once = true;
         let round = *wanted.borrow_and_update();
-        let services = h.daemon.lock().await.service_keys();
+        let services: Vec<ServiceKey> = h.daemon.now().desired.services.keys().copied().collect();
         let f = h.with_tables(|t| feed(t, &services));
         let now = Instant::now();
         tried.retain(|_, at| now.duration_since(*at) < Duration::from_secs(5));
         let unknown: Vec<IpAddr> = {
-            let d = h.daemon.lock().await;
+            let known = &h.daemon.now().known_neighbors;
             f.vias()
                 .into_iter()
-                .filter(|a| !d.knows_neighbor(*a) && !tried.contains_key(a))
+                .filter(|a| !known.contains(a) && !tried.contains_key(a))
                 .collect()
         };
         let mut found = BTreeMap::new();
@@ -377,7 +377,7 @@ async fn feeder(h: DirHandle, neighbors: Arc<NeighborTable>) {
                 Err(e) => warn!(%addr, "resolving a directory backend: {e:#}"),
             }
         }
-        match h.daemon.lock().await.set_feed(f, found) {
+        match h.daemon.call(move |d| d.set_feed(f, found)).await {
             Ok(touched) if !touched.is_empty() => {
                 info!(services = ?touched.iter().map(|k| k.to_string()).collect::<Vec<_>>(), "directory changed the data plane");
             }
@@ -414,7 +414,7 @@ fn roles(
 /// cluster) role changes every 200 ms; this node in the agents table every second;
 /// the feeder. Without a cluster this node is its own master.
 pub fn start(
-    daemon: Arc<Mutex<Daemon>>,
+    daemon: DaemonHandle,
     neighbors: Arc<NeighborTable>,
     cluster: Option<(ClusterHandle, ClusterConfig)>,
 ) -> DirHandle {
@@ -449,7 +449,7 @@ pub fn start(
             // The management agents table: this node, with a lease (3 s, renewed
             // every second), so every node sees which agents are alive and which leads.
             if n.is_multiple_of(20) {
-                let name = h.daemon.lock().await.config.node.name.clone();
+                let name = h.daemon.now().node.clone();
                 let role = h.node.lock().expect("not poisoned").role();
                 let endpoint = cluster
                     .as_ref()

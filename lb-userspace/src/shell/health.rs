@@ -79,7 +79,7 @@ async fn run_probe(target: SocketAddr, probe: &Probe) -> Result<()> {
 
 /// Runs every service's health checks, each backend on its own interval, and hands
 /// verdict changes to the daemon. Runs until the daemon exits.
-pub async fn run_checks(daemon: std::sync::Arc<tokio::sync::Mutex<crate::shell::daemon::Daemon>>) {
+pub async fn run_checks(daemon: crate::shell::handle::DaemonHandle) {
     use std::collections::BTreeMap;
     use tokio::time::Instant;
     let mut states: BTreeMap<(crate::model::ServiceKey, std::net::IpAddr), (Health, Instant)> =
@@ -95,7 +95,7 @@ pub async fn run_checks(daemon: std::sync::Arc<tokio::sync::Mutex<crate::shell::
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let checks = daemon.lock().await.checks();
+                let checks = daemon.now().checks.clone();
                 let now = Instant::now();
                 let mut wanted = std::collections::BTreeSet::new();
                 for (key, check, backends) in checks {
@@ -119,13 +119,13 @@ pub async fn run_checks(daemon: std::sync::Arc<tokio::sync::Mutex<crate::shell::
                 let gone: Vec<_> = states.keys().filter(|k| !wanted.contains(k)).copied().collect();
                 for k in gone {
                     states.remove(&k);
-                    let _ = daemon.lock().await.set_health(k.0, k.1, true);
+                    let _ = daemon.call(move |d| d.set_health(k.0, k.1, true)).await;
                 }
             }
             Some((key, addr, ok, rise, fall)) = rx.recv() => {
                 if let Some((h, _)) = states.get_mut(&(key, addr)) {
                     if let Some(healthy) = h.record(ok, rise, fall) {
-                        if let Err(e) = daemon.lock().await.set_health(key, addr, healthy) {
+                        if let Err(e) = daemon.call(move |d| d.set_health(key, addr, healthy)).await {
                             tracing::warn!("applying a health verdict: {e:#}");
                         }
                     }

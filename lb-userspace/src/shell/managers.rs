@@ -29,7 +29,7 @@ async fn manage_spm(h: &DirHandle) -> Result<()> {
     if !h.master_in_sync() {
         return Ok(());
     }
-    let views = h.daemon().lock().await.services()?;
+    let views = h.daemon().call(|d| d.services()).await?;
     let records: Vec<(String, EpochRecord)> = h.with_tables(|tables| {
         views
             .iter()
@@ -68,14 +68,14 @@ async fn manage_load(h: &DirHandle, runs: &mut BTreeMap<ServiceKey, Instant>) ->
     if !h.master_in_sync() {
         return Ok(());
     }
-    let marks: Vec<(ServiceKey, Marks)> = {
-        let d = h.daemon().lock().await;
-        d.desired()
-            .services
-            .iter()
-            .filter_map(|(k, s)| Some((*k, s.steering?)))
-            .collect()
-    };
+    let marks: Vec<(ServiceKey, Marks)> = h
+        .daemon()
+        .now()
+        .desired
+        .services
+        .iter()
+        .filter_map(|(k, s)| Some((*k, s.steering?)))
+        .collect();
     let now = Instant::now();
     let mut writes = Vec::new();
     for (key, m) in marks {

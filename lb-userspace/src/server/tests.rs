@@ -1,0 +1,210 @@
+//! The API's handlers over a daemon whose data plane is the in-memory fake: real
+//! HTTP on a real Unix socket, through lbctl's own client.
+
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use crate::{
+    api::{self, client::{Client, ClientError}},
+    config::Config,
+    dataplane::{fake::FakeDataplane, Limits},
+    desired::BackendSpec,
+    model::{LocalInterface, ServiceKey},
+    reconcile::Known,
+    shell::{availd, daemon::Daemon, dird, handle::DaemonHandle, neighbor::NeighborTable},
+};
+
+const SVC: &str = "tcp/198.18.0.100:80";
+
+struct Api {
+    client: Client,
+    daemon: DaemonHandle,
+    dir: PathBuf,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn limits() -> Limits {
+    Limits {
+        services: 4,
+        backends: 8,
+        ring_stride: 4093,
+        sphere_rules: 16,
+        tx_ports: 4,
+    }
+}
+
+async fn api(test: &str) -> Api {
+    let dir = std::env::temp_dir().join(format!("lb-api-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = format!(
+        "[node]\nname = \"t\"\nstate_dir = \"{d}/state\"\napi_socket = \"{d}/api.sock\"\n\n\
+         [dataplane]\ninterfaces = [{{ name = \"eth0\" }}]\nmax_services = 4\nmaglev_max_size = 4093\n\n\
+         [[service]]\nvip = \"198.18.0.100\"\nport = 80\nprotocol = \"tcp\"\nmaglev_size = 4093\n\n\
+         [[service.backend]]\naddress = \"198.18.0.11\"\nmac = \"02:00:00:00:00:0b\"\n",
+        d = dir.display()
+    );
+    let config = Config::parse(&dir.join("lbd.toml"), &text).unwrap();
+    std::fs::create_dir_all(&config.node.state_dir).unwrap();
+    let known = Known {
+        desired: config.desired.clone(),
+        interfaces: vec![LocalInterface {
+            name: "eth0".into(),
+            ifindex: 2,
+            mac: [2, 0, 0, 0, 0, 2],
+        }],
+        directory_fed: true,
+        ..Known::default()
+    };
+    let socket = config.node.api_socket.clone();
+    let state_dir = config.node.state_dir.clone();
+    let daemon = Daemon::with_dataplane(config, FakeDataplane::new(limits()), known).unwrap();
+    let daemon = DaemonHandle::spawn(daemon, Duration::from_secs(1));
+    let neighbors = std::sync::Arc::new(NeighborTable::new().unwrap());
+    let directory = dird::start(daemon.clone(), neighbors.clone(), None);
+    let availability = availd::start(Default::default(), &state_dir, daemon.clone(), None);
+    let (shutdown, _) = tokio::sync::mpsc::channel(1);
+    let state = super::AppState {
+        daemon: daemon.clone(),
+        shutdown,
+        neighbors,
+        cluster: None,
+        directory,
+        availability,
+    };
+    let listener = super::bind_api(&socket).unwrap();
+    tokio::spawn(async move { axum::serve(listener, super::api_router(state)).await });
+    Api {
+        client: Client::new(socket),
+        daemon,
+        dir,
+    }
+}
+
+fn key() -> ServiceKey {
+    SVC.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn with_mac(last: u8) -> Option<BackendSpec> {
+    Some(BackendSpec {
+        mac: Some([2, 0, 0, 0, 0, last]),
+        ..BackendSpec::default()
+    })
+}
+
+/// What the fake data plane holds for the service: the backends' addresses.
+async fn held(a: &Api) -> Vec<IpAddr> {
+    let views: Vec<api::ServiceView> = a.client.get("/v1/services").await.unwrap();
+    views
+        .iter()
+        .find(|v| v.key == key())
+        .map(|v| v.backends.iter().map(|b| b.address).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_added_backend_is_answered_as_a_change_and_reaches_the_data_plane() {
+    let a = api("add").await;
+    let r: api::Applied = a
+        .client
+        .post(
+            "/v1/backends/add",
+            &api::AddBackend {
+                service: key(),
+                backend: ip("198.18.0.12"),
+                spec: with_mac(12),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
+    assert_eq!(held(&a).await, [ip("198.18.0.11"), ip("198.18.0.12")]);
+    // The same again is no change.
+    let r: api::Applied = a
+        .client
+        .post(
+            "/v1/backends/add",
+            &api::AddBackend {
+                service: key(),
+                backend: ip("198.18.0.12"),
+                spec: with_mac(12),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.changes.is_empty());
+}
+
+#[tokio::test]
+async fn a_change_beyond_the_backend_slots_is_refused_with_its_reason_and_changes_nothing() {
+    let a = api("refused").await;
+    let before = a.daemon.now().desired.clone();
+    let mut too_big = before.clone();
+    let svc = too_big.services.get_mut(&key()).unwrap();
+    for i in 20..40u8 {
+        svc.backends.insert(ip(&format!("198.18.0.{i}")), with_mac(i).unwrap());
+    }
+    let e = a
+        .client
+        .post::<_, api::Applied>(
+            "/v1/apply",
+            &api::Apply {
+                desired: too_big,
+                dry_run: false,
+            },
+        )
+        .await
+        .unwrap_err();
+    let ClientError::Daemon { message, status, .. } = e else {
+        panic!("{e}")
+    };
+    assert_eq!(status, 400);
+    assert!(message.contains("backend slots"), "{message}");
+    assert_eq!(a.daemon.now().desired, before);
+    assert_eq!(held(&a).await, [ip("198.18.0.11")]);
+}
+
+#[tokio::test]
+async fn a_dry_run_lists_the_changes_and_makes_none() {
+    let a = api("dry").await;
+    let mut new = a.daemon.now().desired.clone();
+    new.services.get_mut(&key()).unwrap().backends.clear();
+    let r: api::Applied = a
+        .client
+        .post("/v1/apply", &api::Apply { desired: new, dry_run: true })
+        .await
+        .unwrap();
+    assert!(r.dry_run);
+    assert_eq!(r.changes.len(), 1);
+    assert_eq!(held(&a).await, [ip("198.18.0.11")]);
+}
+
+#[tokio::test]
+async fn unknown_services_and_backends_are_404_with_a_way_out() {
+    let a = api("unknown").await;
+    let e = a
+        .client
+        .post::<_, api::Applied>(
+            "/v1/backends/drain",
+            &api::DrainBackend {
+                service: "tcp/198.18.0.100:81".parse().unwrap(),
+                backend: ip("198.18.0.11"),
+                drain: true,
+            },
+        )
+        .await
+        .unwrap_err();
+    let ClientError::Daemon { message, status, .. } = e else {
+        panic!("{e}")
+    };
+    assert_eq!(status, 404);
+    assert!(message.contains("lbctl service list"), "{message}");
+}

@@ -1,0 +1,199 @@
+//! How the other shells reach the daemon: the daemon runs on a thread of its own and
+//! is the only owner of the reconciler. Changes and reads that need the maps are
+//! jobs sent to it ([`DaemonHandle::call`]); everything else is read from a snapshot
+//! it publishes after every job ([`DaemonHandle::now`], a `watch`), so a reader
+//! never waits behind a change and state flows one way.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Result;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{
+    api,
+    availability,
+    dataplane::Dataplane,
+    desired::{Change, Desired},
+    directory::feed::Feed,
+    model::{CheckConfig, Neighbor, ServiceKey},
+    shell::daemon::Daemon,
+};
+
+/// What readers see without asking the daemon: republished after every job.
+#[derive(Clone, Debug)]
+pub struct Published {
+    pub node: String,
+    pub state_dir: PathBuf,
+    pub status: api::Status,
+    pub desired: Desired,
+    /// Every service with a health check, and the backends to check.
+    pub checks: Vec<(ServiceKey, CheckConfig, Vec<IpAddr>)>,
+    /// Next hops whose MAC comes from the neighbour table.
+    pub resolvable: Vec<IpAddr>,
+    /// Next hops whose MAC is known.
+    pub known_neighbors: BTreeSet<IpAddr>,
+    pub service_addresses: Vec<IpAddr>,
+    /// Cluster mode: VIPs found on the interface at start.
+    pub adopted: BTreeSet<IpAddr>,
+}
+
+/// The daemon as the jobs see it: object-safe, so that the handle does not depend
+/// on which data plane the daemon drives.
+pub trait Core: Send {
+    fn desired(&self) -> &Desired;
+    fn apply(&mut self, new: Desired, dry_run: bool) -> Result<Vec<Change>>;
+    fn set_feed(&mut self, feed: Feed, neighbors: BTreeMap<IpAddr, Neighbor>) -> Result<Vec<ServiceKey>>;
+    fn set_availability(&mut self, set: availability::Set) -> Result<()>;
+    fn set_health(&mut self, key: ServiceKey, addr: IpAddr, healthy: bool) -> Result<()>;
+    fn update_neighbors(&mut self, fresh: BTreeMap<IpAddr, Neighbor>) -> Result<Vec<IpAddr>>;
+    fn set_owned(&mut self, vip: IpAddr, owned: bool) -> Result<()>;
+    /// The services with their counters (reads the maps).
+    fn services(&self) -> Result<Vec<api::ServiceView>>;
+    fn stats(&self) -> Result<api::Stats>;
+    fn flush_logs(&mut self);
+    fn count_connections(&mut self);
+    fn detach_everything(&mut self) -> Result<()>;
+    fn published(&self) -> Published;
+}
+
+impl<D: Dataplane + Send> Core for Daemon<D> {
+    fn desired(&self) -> &Desired {
+        Daemon::desired(self)
+    }
+    fn apply(&mut self, new: Desired, dry_run: bool) -> Result<Vec<Change>> {
+        Daemon::apply(self, new, dry_run)
+    }
+    fn set_feed(&mut self, feed: Feed, neighbors: BTreeMap<IpAddr, Neighbor>) -> Result<Vec<ServiceKey>> {
+        Daemon::set_feed(self, feed, neighbors)
+    }
+    fn set_availability(&mut self, set: availability::Set) -> Result<()> {
+        Daemon::set_availability(self, set)
+    }
+    fn set_health(&mut self, key: ServiceKey, addr: IpAddr, healthy: bool) -> Result<()> {
+        Daemon::set_health(self, key, addr, healthy)
+    }
+    fn update_neighbors(&mut self, fresh: BTreeMap<IpAddr, Neighbor>) -> Result<Vec<IpAddr>> {
+        Daemon::update_neighbors(self, fresh)
+    }
+    fn set_owned(&mut self, vip: IpAddr, owned: bool) -> Result<()> {
+        Daemon::set_owned(self, vip, owned)
+    }
+    fn services(&self) -> Result<Vec<api::ServiceView>> {
+        Daemon::services(self)
+    }
+    fn stats(&self) -> Result<api::Stats> {
+        Daemon::stats(self)
+    }
+    fn flush_logs(&mut self) {
+        Daemon::flush_logs(self)
+    }
+    fn count_connections(&mut self) {
+        Daemon::count_connections(self)
+    }
+    fn detach_everything(&mut self) -> Result<()> {
+        Daemon::detach_everything(self)
+    }
+    fn published(&self) -> Published {
+        Published {
+            node: self.config.node.name.clone(),
+            state_dir: self.state_dir(),
+            status: self.status(),
+            desired: self.desired().clone(),
+            checks: self.checks(),
+            resolvable: self.resolvable(),
+            known_neighbors: self.known_neighbors(),
+            service_addresses: self.service_addresses(),
+            adopted: self.adopted().clone(),
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut dyn Core) + Send>;
+
+#[derive(Clone)]
+pub struct DaemonHandle {
+    jobs: mpsc::Sender<Job>,
+    now: watch::Receiver<Arc<Published>>,
+}
+
+impl DaemonHandle {
+    /// Starts the daemon's thread. It also counts the connection table and flushes
+    /// the program's log every `housekeeping`.
+    pub fn spawn(mut core: impl Core + 'static, housekeeping: Duration) -> DaemonHandle {
+        let (jobs, mut rx) = mpsc::channel::<Job>(256);
+        core.count_connections();
+        let (tx, now) = watch::channel(Arc::new(core.published()));
+        std::thread::Builder::new()
+            .name("lbd-daemon".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .expect("the daemon thread's runtime");
+                let mut next = std::time::Instant::now() + housekeeping;
+                loop {
+                    let wait = next.saturating_duration_since(std::time::Instant::now());
+                    let job = match recv_timeout(&rt, &mut rx, wait) {
+                        Recv::Job(j) => Some(j),
+                        Recv::Timeout => None,
+                        Recv::Closed => return,
+                    };
+                    match job {
+                        Some(job) => job(&mut core),
+                        None => {
+                            core.count_connections();
+                            core.flush_logs();
+                            next = std::time::Instant::now() + housekeeping;
+                        }
+                    }
+                    tx.send_replace(Arc::new(core.published()));
+                }
+            })
+            .expect("spawning the daemon thread");
+        DaemonHandle { jobs, now }
+    }
+
+    /// Runs `f` on the daemon and returns its result.
+    pub async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Core) -> R + Send + 'static,
+    ) -> R {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |core| {
+            let _ = tx.send(f(core));
+        });
+        self.jobs
+            .send(job)
+            .await
+            .expect("the daemon thread outlives every handle");
+        rx.await.expect("the daemon runs every job it takes")
+    }
+
+    /// What the daemon published last.
+    pub fn now(&self) -> Arc<Published> {
+        self.now.borrow().clone()
+    }
+}
+
+enum Recv {
+    Job(Job),
+    Timeout,
+    Closed,
+}
+
+/// A receive with a deadline, on the daemon thread's own small runtime.
+fn recv_timeout(rt: &tokio::runtime::Runtime, rx: &mut mpsc::Receiver<Job>, wait: Duration) -> Recv {
+    rt.block_on(async {
+        match tokio::time::timeout(wait, rx.recv()).await {
+            Ok(Some(j)) => Recv::Job(j),
+            Ok(None) => Recv::Closed,
+            Err(_) => Recv::Timeout,
+        }
+    })
+}
