@@ -1,0 +1,484 @@
+//! The real data plane: the XDP program's maps, written so that every packet sees
+//! either a service's whole old state or its whole new one.
+//!
+//! Ordering rules of [`Dataplane::write_service`]:
+//! - a backend and its route are written before any table names it;
+//! - a new table goes to the service's spare ring slot (its subnet rules with it),
+//!   and one `VIPS` update (atomic for a hash map) flips the service to it: the
+//!   commit point. A failure before it undoes every entry written;
+//! - removed backends are deactivated after the flip, so no live table names an
+//!   inactive backend, and their connections then fail the data plane's generation
+//!   check and are steered anew.
+//!
+//! The maps describe themselves: `VIPS` names each service's id, slot and table, and
+//! each `BACKENDS` entry its address, service and generation. So a restarted daemon
+//! takes over from the maps alone ([`MapManager::restore`]), and whatever an
+//! interrupted run left (a backend written but never named, a service that was being
+//! removed) is corrected by the next write of the plan, which compares with what the
+//! maps hold rather than with a record of what was meant.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use aya::{
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, DevMap, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+    },
+    Ebpf,
+};
+use lb_common::{
+    map_names, AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, Route,
+    SphereKey, SphereMeta, VipKey, VipMeta, BACKEND_F_ACTIVE, FAMILY_V4, FAMILY_V6, MAX_BACKENDS,
+    MAX_SPHERE_RULES, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, ROUTE_MODE_L2_DSR, ROUTE_MODE_NONE,
+};
+
+use super::{
+    error::{DataplaneError, MapResultExt, Result},
+    layout::{addr_bytes, layout},
+    Contents, Dataplane, Limits, ServiceCounters, Usage,
+};
+use crate::{
+    model::{Egress, L2Route, Proto, ServiceKey},
+    plan::ServicePlan,
+};
+
+mod restore;
+mod write;
+
+#[derive(Clone, Debug)]
+struct BackendState {
+    id: u32,
+    entry: Backend,
+    route: Route,
+}
+
+#[derive(Clone, Debug)]
+struct ServiceState {
+    vip_id: u32,
+    /// The ring slot (0 or 1) `meta` points at.
+    active_slot: usize,
+    /// As written in `VIPS`; `None` before the first flip of a new service.
+    meta: Option<VipMeta>,
+    backends: BTreeMap<IpAddr, BackendState>,
+    /// The `SPHERES` keys written for each ring slot.
+    sphere_keys: [Vec<(u32, SphereKey)>; 2],
+}
+
+/// What a write did before its commit point, to be undone if it fails there.
+#[derive(Default)]
+struct Undo {
+    new_service: bool,
+    new_backends: Vec<IpAddr>,
+    routes: Vec<(IpAddr, Route)>,
+    spare_keys: Vec<(u32, SphereKey)>,
+}
+
+pub struct MapManager {
+    vip_addrs: HashMap<MapData, AddrKey, AddrMeta>,
+    vips: HashMap<MapData, VipKey, VipMeta>,
+    ring: Array<MapData, u32>,
+    backends: Array<MapData, Backend>,
+    routes: Array<MapData, Route>,
+    tx_ports: DevMap<MapData>,
+    conns: PerCpuHashMap<MapData, FlowKey, ConnEntry>,
+    vip_stats: PerCpuArray<MapData, Counter>,
+    backend_stats: PerCpuArray<MapData, Counter>,
+    global_stats: PerCpuArray<MapData, GlobalStats>,
+    spheres: LpmTrie<MapData, SphereKey, SphereMeta>,
+
+    nr_cpus: usize,
+    limits: Limits,
+    services: BTreeMap<ServiceKey, ServiceState>,
+    /// What each ring slot holds, by `vip_id * 2 + slot`, as far as it is known
+    /// (`None`: unknown, the next table written there is written whole).
+    ring_shadow: Vec<Option<Vec<u32>>>,
+    free_backend_ids: BTreeSet<u32>,
+    free_vip_ids: BTreeSet<u32>,
+    /// Above every generation any `BACKENDS` entry holds or held.
+    next_gen: u32,
+    tx_port_slots: BTreeMap<u32, u32>,
+    served: Option<BTreeSet<IpAddr>>,
+    /// Test hook: after this many more map writes every write fails and nothing is
+    /// undone, as if the process had died there.
+    crash_after: Option<u64>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map>,
+{
+    ebpf.take_map(name)
+        .and_then(|m| T::try_from(m).ok())
+        .ok_or(DataplaneError::MapShape { name })
+}
+
+/// Deleting a key that is not there: aya reports it as KeyNotFound or as the
+/// syscall's ENOENT, depending on the path taken.
+fn is_missing(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => {
+            s.io_error.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32)
+        }
+        _ => false,
+    }
+}
+
+fn service_key_of(key: &VipKey) -> Option<ServiceKey> {
+    let addr = addr_of(&key.addr, key.family)?;
+    let proto = match key.proto {
+        PROTO_TCP => Proto::Tcp,
+        PROTO_UDP => Proto::Udp,
+        _ => return None,
+    };
+    Some(ServiceKey {
+        addr,
+        port: u16::from_be(key.port_be),
+        proto,
+    })
+}
+
+fn addr_of(bytes: &[u8; 16], family: u8) -> Option<IpAddr> {
+    match family {
+        FAMILY_V4 => Some(IpAddr::from(<[u8; 4]>::try_from(&bytes[..4]).ok()?)),
+        FAMILY_V6 => Some(IpAddr::from(*bytes)),
+        _ => None,
+    }
+}
+
+fn vip_key(key: &ServiceKey) -> VipKey {
+    let (addr, family) = addr_bytes(key.addr);
+    VipKey {
+        addr,
+        port_be: key.port.to_be(),
+        proto: key.proto.number(),
+        family,
+    }
+}
+
+impl MapManager {
+    /// `max_services` services, each owning two ring slots of `ring_stride` cells.
+    pub(crate) fn new(ebpf: &mut Ebpf, max_services: u32, ring_stride: u32) -> Result<Self> {
+        let nr_cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| DataplaneError::Options(format!("reading {what}: {e}")))?;
+        Ok(Self {
+            vip_addrs: take(ebpf, map_names::VIP_ADDRS)?,
+            vips: take(ebpf, map_names::VIPS)?,
+            ring: take(ebpf, map_names::MAGLEV_RING)?,
+            backends: take(ebpf, map_names::BACKENDS)?,
+            routes: take(ebpf, map_names::ROUTES)?,
+            tx_ports: take(ebpf, map_names::TX_PORTS)?,
+            conns: take(ebpf, map_names::CONNS)?,
+            vip_stats: take(ebpf, map_names::VIP_STATS)?,
+            backend_stats: take(ebpf, map_names::BACKEND_STATS)?,
+            global_stats: take(ebpf, map_names::GLOBAL_STATS)?,
+            spheres: take(ebpf, map_names::SPHERES)?,
+            nr_cpus,
+            limits: Limits {
+                services: max_services,
+                backends: MAX_BACKENDS,
+                ring_stride,
+                sphere_rules: MAX_SPHERE_RULES,
+                tx_ports: MAX_TX_PORTS - 1,
+            },
+            services: BTreeMap::new(),
+            ring_shadow: vec![None; max_services as usize * 2],
+            free_backend_ids: (0..MAX_BACKENDS).collect(),
+            free_vip_ids: (0..max_services).collect(),
+            next_gen: 1,
+            tx_port_slots: BTreeMap::new(),
+            served: None,
+            crash_after: None,
+        })
+    }
+
+    /// Test hook: the `n`+1-th map write from now on fails, and so does every one
+    /// after it, with nothing undone: what a process killed at that point leaves.
+    #[doc(hidden)]
+    pub fn crash_after_writes(&mut self, n: u64) {
+        self.crash_after = Some(n);
+    }
+
+    /// One map write is about to happen.
+    fn writing(&mut self) -> Result<()> {
+        match self.crash_after.as_mut() {
+            Some(0) => Err(DataplaneError::Crashed),
+            Some(n) => {
+                *n -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn zero_counter(&mut self, backend: bool, index: u32) -> Result<()> {
+        self.writing()?;
+        let zeros = PerCpuValues::try_from(vec![Counter::default(); self.nr_cpus])
+            .map_err(|e| DataplaneError::Options(format!("per-CPU values: {e}")))?;
+        if backend {
+            self.backend_stats
+                .set(index, zeros, 0)
+                .map_ctx(map_names::BACKEND_STATS)
+        } else {
+            self.vip_stats
+                .set(index, zeros, 0)
+                .map_ctx(map_names::VIP_STATS)
+        }
+    }
+
+    fn set_backend(&mut self, id: u32, entry: Backend) -> Result<()> {
+        self.writing()?;
+        self.backends
+            .set(id, entry, 0)
+            .map_ctx(map_names::BACKENDS)
+    }
+
+    fn set_route(&mut self, id: u32, route: Route) -> Result<()> {
+        self.writing()?;
+        self.routes.set(id, route, 0).map_ctx(map_names::ROUTES)
+    }
+
+    /// Takes the backend out of service but keeps its generation in the map.
+    fn deactivate(&mut self, id: u32, entry: Backend) -> Result<()> {
+        self.set_backend(
+            id,
+            Backend {
+                flags: entry.flags & !BACKEND_F_ACTIVE,
+                ..entry
+            },
+        )?;
+        self.free_backend_ids.insert(id);
+        Ok(())
+    }
+
+    fn remove_sphere_key(&mut self, (prefix_len, data): (u32, SphereKey)) -> Result<()> {
+        self.writing()?;
+        match self.spheres.remove(&LpmKey::new(prefix_len, data)) {
+            Ok(()) => Ok(()),
+            Err(e) if is_missing(&e) => Ok(()),
+            Err(e) => Err(DataplaneError::Map {
+                name: map_names::SPHERES,
+                source: e,
+            }),
+        }
+    }
+
+    /// The `Route` for `route`; its egress must have a devmap slot already.
+    fn route_entry(&self, route: Option<&L2Route>) -> Route {
+        let Some(r) = route else {
+            return Route {
+                mode: ROUTE_MODE_NONE,
+                ..Route::default()
+            };
+        };
+        let tx_port = match r.egress {
+            Egress::Ingress => 0,
+            Egress::Interface { ifindex } => self.tx_port_slots[&ifindex],
+        };
+        Route {
+            mode: ROUTE_MODE_L2_DSR,
+            tx_port,
+            dst_mac: r.dst_mac,
+            src_mac: r.src_mac,
+        }
+    }
+
+    fn l2_route(&self, r: &Route) -> Option<L2Route> {
+        if r.mode == ROUTE_MODE_NONE {
+            return None;
+        }
+        let egress = match r.tx_port {
+            0 => Egress::Ingress,
+            slot => Egress::Interface {
+                ifindex: self
+                    .tx_port_slots
+                    .iter()
+                    .find(|(_, s)| **s == slot)
+                    .map_or(0, |(i, _)| *i),
+            },
+        };
+        Some(L2Route {
+            dst_mac: r.dst_mac,
+            src_mac: r.src_mac,
+            egress,
+        })
+    }
+
+    /// The devmap slot of an egress interface; slot 0 stays "same interface".
+    fn tx_port(&mut self, ifindex: u32) -> Result<u32> {
+        if let Some(&slot) = self.tx_port_slots.get(&ifindex) {
+            return Ok(slot);
+        }
+        let slot = self.tx_port_slots.len() as u32 + 1;
+        if slot > self.limits.tx_ports {
+            return Err(DataplaneError::TooManyTxPorts {
+                max: self.limits.tx_ports,
+            });
+        }
+        self.writing()?;
+        self.tx_ports.set(slot, ifindex, None, 0).map_err(|e| {
+            DataplaneError::Options(format!("devmap slot {slot} for ifindex {ifindex}: {e}"))
+        })?;
+        self.tx_port_slots.insert(ifindex, slot);
+        Ok(slot)
+    }
+
+    pub fn global_stats(&self) -> Result<GlobalStats> {
+        let per_cpu = self
+            .global_stats
+            .get(&0, 0)
+            .map_ctx(map_names::GLOBAL_STATS)?;
+        let mut total = GlobalStats::default();
+        for s in per_cpu.iter() {
+            total.accumulate(s);
+        }
+        Ok(total)
+    }
+
+    fn sum(values: PerCpuValues<Counter>) -> Counter {
+        values.iter().fold(Counter::default(), |acc, c| Counter {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        })
+    }
+}
+
+impl Dataplane for MapManager {
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            services: self
+                .services
+                .iter()
+                .map(|(k, s)| {
+                    (
+                        *k,
+                        (
+                            s.backends.keys().copied().collect(),
+                            s.sphere_keys[s.active_slot].len(),
+                        ),
+                    )
+                })
+                .collect(),
+            tx_ports: self.tx_port_slots.keys().copied().collect(),
+        }
+    }
+
+    fn write_service(&mut self, key: ServiceKey, plan: &ServicePlan) -> Result<()> {
+        self.check(key, plan)?;
+        let l = layout(plan, self.limits.ring_stride)?;
+        let mut undo = Undo::default();
+        match self.write(key, plan, &l, &mut undo) {
+            Ok(()) => Ok(()),
+            Err(e @ DataplaneError::Crashed) => Err(e),
+            Err(e) => {
+                self.undo(key, undo);
+                Err(e)
+            }
+        }
+    }
+
+    fn remove_service(&mut self, key: ServiceKey) -> Result<()> {
+        let state = self
+            .services
+            .get(&key)
+            .cloned()
+            .ok_or(DataplaneError::UnknownService(key))?;
+        self.writing()?;
+        match self.vips.remove(&vip_key(&key)) {
+            Ok(()) => {}
+            Err(e) if is_missing(&e) => {}
+            Err(e) => {
+                return Err(DataplaneError::Map {
+                    name: map_names::VIPS,
+                    source: e,
+                })
+            }
+        }
+        // Unreachable from here on; what follows only frees.
+        self.services.remove(&key);
+        self.free_vip_ids.insert(state.vip_id);
+        self.write_addr(key.addr)?;
+        for b in state.backends.values() {
+            self.deactivate(b.id, b.entry)?;
+        }
+        for k in state.sphere_keys.iter().flatten() {
+            self.remove_sphere_key(*k)?;
+        }
+        Ok(())
+    }
+
+    fn set_served(&mut self, served: Option<BTreeSet<IpAddr>>) -> Result<()> {
+        let all: BTreeSet<IpAddr> = self
+            .services
+            .keys()
+            .map(|k| k.addr)
+            .chain(served.iter().flatten().copied())
+            .chain(self.served.iter().flatten().copied())
+            .collect();
+        self.served = served;
+        for a in all {
+            self.write_addr(a)?;
+        }
+        Ok(())
+    }
+
+    fn services(&self) -> Vec<ServiceKey> {
+        self.services.keys().copied().collect()
+    }
+
+    fn counters(&self, key: ServiceKey) -> Option<ServiceCounters> {
+        let s = self.services.get(&key)?;
+        let service = self
+            .vip_stats
+            .get(&s.vip_id, 0)
+            .map(Self::sum)
+            .unwrap_or_default();
+        let backends = s
+            .backends
+            .iter()
+            .map(|(a, b)| {
+                (
+                    *a,
+                    self.backend_stats
+                        .get(&b.id, 0)
+                        .map(Self::sum)
+                        .unwrap_or_default(),
+                )
+            })
+            .collect();
+        Some(ServiceCounters { service, backends })
+    }
+
+    fn global_stats(&self) -> Result<GlobalStats> {
+        MapManager::global_stats(self)
+    }
+
+    fn conn_count(&self) -> usize {
+        self.conns.keys().filter(|k| k.is_ok()).count()
+    }
+
+    fn read_back(&self, key: ServiceKey) -> Result<Option<Contents>> {
+        self.read_contents(key)
+    }
+
+    fn serves(&self, addr: IpAddr) -> bool {
+        let (bytes, family) = addr_bytes(addr);
+        self.vip_addrs
+            .get(
+                &AddrKey {
+                    addr: bytes,
+                    family,
+                    _pad: [0; 3],
+                },
+                0,
+            )
+            .is_ok()
+    }
+}

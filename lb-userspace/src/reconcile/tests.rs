@@ -1,0 +1,250 @@
+//! The reconciler over the in-memory data plane.
+
+use super::*;
+use crate::{
+    dataplane::{fake::FakeDataplane, Contents, Limits},
+    desired::{BackendSpec, ServiceSpec},
+    model::ServiceConfig,
+};
+
+fn limits() -> Limits {
+    Limits {
+        services: 4,
+        backends: 16,
+        ring_stride: 4093,
+        sphere_rules: 16,
+        tx_ports: 4,
+    }
+}
+
+fn key(port: u16) -> ServiceKey {
+    format!("tcp/198.18.0.100:{port}").parse().unwrap()
+}
+
+fn spec(n: u8, first: u8) -> ServiceSpec {
+    ServiceSpec {
+        config: ServiceConfig {
+            maglev_size: 4093,
+            ..ServiceConfig::default()
+        },
+        backends: (first..first + n)
+            .map(|i| {
+                (
+                    format!("198.18.0.{i}").parse().unwrap(),
+                    BackendSpec {
+                        mac: Some([2, 0, 0, 0, 0, i]),
+                        ..BackendSpec::default()
+                    },
+                )
+            })
+            .collect(),
+        ..ServiceSpec::default()
+    }
+}
+
+fn desired(services: &[(u16, u8, u8)]) -> Desired {
+    Desired {
+        services: services
+            .iter()
+            .map(|(p, n, first)| (key(*p), spec(*n, *first)))
+            .collect(),
+    }
+}
+
+fn known() -> Known {
+    Known {
+        interfaces: vec![LocalInterface {
+            name: "eth0".into(),
+            ifindex: 2,
+            mac: [2, 0, 0, 0, 0, 0xfe],
+        }],
+        directory_fed: true,
+        ..Known::default()
+    }
+}
+
+fn started(d: Desired) -> Reconciler<FakeDataplane> {
+    let mut r = Reconciler::new(
+        FakeDataplane::new(limits()),
+        Known {
+            desired: d,
+            ..known()
+        },
+    );
+    r.reconcile_all().unwrap();
+    r
+}
+
+/// The maps (read back) hold exactly the plan of what is known.
+fn assert_holds_the_plan(r: &Reconciler<FakeDataplane>) {
+    let inputs = r.known.inputs();
+    let mut held: Vec<ServiceKey> = r.dp.services();
+    held.sort();
+    let wanted: Vec<ServiceKey> = r.known.desired.services.keys().copied().collect();
+    assert_eq!(held, wanted);
+    for k in wanted {
+        let p = plan::plan_service(&inputs, &k, r.written.get(&k)).unwrap();
+        assert_eq!(
+            r.dp.read_back(k).unwrap(),
+            Some(Contents::expected(&p, limits().ring_stride).unwrap()),
+            "{k}"
+        );
+    }
+}
+
+fn never_saved() -> impl FnMut(&Desired) -> Result<()> {
+    |_| Ok(())
+}
+
+#[test]
+fn a_change_that_does_not_fit_changes_nothing() {
+    let mut r = started(desired(&[(80, 3, 1)]));
+    let before = r.dp.held(key(80)).cloned();
+    let mut saved = 0;
+    let e = r
+        .apply(desired(&[(80, 3, 1), (81, 6, 10), (82, 9, 20)]), false, &mut |_| {
+            saved += 1;
+            Ok(())
+        })
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("backend slots"), "{e:#}");
+    assert_eq!(saved, 0, "a refused change is not saved");
+    assert_eq!(r.dp.services(), vec![key(80)]);
+    assert_eq!(r.dp.held(key(80)).cloned(), before);
+    assert_eq!(r.desired(), &desired(&[(80, 3, 1)]));
+    assert_holds_the_plan(&r);
+}
+
+#[test]
+fn a_write_that_fails_is_rolled_back_with_the_saved_intent() {
+    let mut r = started(desired(&[(80, 3, 1)]));
+    // Three services change; the write of the second fails.
+    r.dp.fail_call = Some(r.dp.calls + 2);
+    let mut saves: Vec<Desired> = Vec::new();
+    let e = r
+        .apply(
+            desired(&[(80, 2, 1), (81, 3, 10), (82, 3, 20)]),
+            false,
+            &mut |d| {
+                saves.push(d.clone());
+                Ok(())
+            },
+        )
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("injected"), "{e:#}");
+    assert_eq!(saves.len(), 2, "saved before the write, and back after it failed");
+    assert_eq!(saves[1], desired(&[(80, 3, 1)]));
+    assert_eq!(r.desired(), &desired(&[(80, 3, 1)]));
+    assert_holds_the_plan(&r);
+}
+
+#[test]
+fn a_restart_on_maps_a_crash_left_holds_the_saved_intent() {
+    // The intent is saved before the maps are written; a process that dies after
+    // writing one of two services leaves maps that match neither state.
+    let mut r = started(desired(&[(80, 3, 1), (81, 2, 10)]));
+    r.dp.fail_call = Some(r.dp.calls + 2);
+    let mut saved = None;
+    let _ = r.apply(desired(&[(80, 1, 1), (81, 4, 10)]), false, &mut |d| {
+        saved.get_or_insert_with(|| d.clone());
+        Ok(())
+    });
+    // ... and died: the rollback never happened. A new lbd starts on those maps
+    // with the saved intent.
+    let dp = std::mem::replace(&mut r.dp, FakeDataplane::new(limits()));
+    let mut again = Reconciler::new(
+        dp,
+        Known {
+            desired: saved.unwrap(),
+            ..known()
+        },
+    );
+    again.dp.fail_call = None;
+    again.reconcile_all().unwrap();
+    assert_eq!(again.desired(), &desired(&[(80, 1, 1), (81, 4, 10)]));
+    assert_holds_the_plan(&again);
+}
+
+#[test]
+fn services_the_maps_hold_but_nobody_wants_go_at_start() {
+    let r = started(desired(&[(80, 1, 1), (81, 1, 5)]));
+    let mut again = Reconciler::new(
+        r.dp,
+        Known {
+            desired: desired(&[(81, 2, 5)]),
+            ..known()
+        },
+    );
+    again.reconcile_all().unwrap();
+    assert_holds_the_plan(&again);
+}
+
+#[test]
+fn inputs_from_outside_reach_the_maps_and_a_refused_one_is_retried() {
+    let mut r = started(desired(&[(80, 2, 1)]));
+    // The directory adds a backend.
+    let dir = BTreeMap::from([(
+        key(80),
+        BTreeMap::from([(
+            "198.18.0.50".parse().unwrap(),
+            DirBackend {
+                weight: 1,
+                via: "198.18.0.50".parse().unwrap(),
+                sphere: None,
+            },
+        )]),
+    )]);
+    assert_eq!(r.set_directory(dir).unwrap(), vec![key(80)]);
+    assert!(r.dp.held(key(80)).unwrap().backends.contains_key(&"198.18.0.50".parse().unwrap()));
+    assert_holds_the_plan(&r);
+    // Health takes one out of the table; the view says why.
+    r.set_health(key(80), "198.18.0.1".parse().unwrap(), false).unwrap();
+    assert_eq!(r.dp.held(key(80)).unwrap().backends[&"198.18.0.1".parse().unwrap()].weight, 0);
+    assert!(!r.views()[0].backends[0].healthy);
+    // A directory that grows beyond the backend ids is not written; once it
+    // shrinks again, the maps catch up.
+    let many: BTreeMap<IpAddr, DirBackend> = (100..130u8)
+        .map(|i| {
+            let a: IpAddr = format!("198.18.0.{i}").parse().unwrap();
+            (a, DirBackend { weight: 1, via: a, sphere: None })
+        })
+        .collect();
+    let before = r.dp.held(key(80)).cloned();
+    assert!(r.set_directory(BTreeMap::from([(key(80), many)])).is_err());
+    assert_eq!(r.dp.held(key(80)).cloned(), before, "nothing of it written");
+    assert!(r.behind().is_some());
+    r.set_directory(BTreeMap::new()).unwrap();
+    assert!(r.behind().is_none());
+    assert_holds_the_plan(&r);
+}
+
+#[test]
+fn unchanged_inputs_write_nothing() {
+    let mut r = started(desired(&[(80, 2, 1)]));
+    let calls = r.dp.calls;
+    r.set_epochs(BTreeMap::new()).unwrap();
+    r.set_verdicts(BTreeMap::new()).unwrap();
+    r.update_neighbors(BTreeMap::new()).unwrap();
+    assert!(r.apply(desired(&[(80, 2, 1)]), false, &mut never_saved()).unwrap().is_empty());
+    assert_eq!(r.dp.calls, calls);
+}
+
+#[test]
+fn a_configured_backend_follows_its_host_route_in_the_directory() {
+    let mut d = desired(&[(80, 1, 1)]);
+    let b: IpAddr = "198.18.0.13".parse().unwrap();
+    d.services.get_mut(&key(80)).unwrap().backends.insert(b, BackendSpec::default());
+    let mut r = started(d);
+    let n = |mac: u8| Neighbor { ifindex: 2, mac: [2, 0, 0, 0, 0, mac] };
+    r.update_neighbors(BTreeMap::from([(b, n(13))])).unwrap();
+    let via = |v: &str| {
+        BTreeMap::from([(key(80), BTreeMap::from([(b, DirBackend { weight: 1, via: v.parse().unwrap(), sphere: None })]))])
+    };
+    r.set_directory(via("198.18.0.13")).unwrap();
+    let mac = |r: &Reconciler<FakeDataplane>| r.dp.held(key(80)).unwrap().backends[&b].route.unwrap().dst_mac[5];
+    assert_eq!(mac(&r), 13);
+    // The route fails over: the new next hop is resolved first, then the directory says so.
+    r.update_neighbors(BTreeMap::from([("198.18.0.53".parse().unwrap(), n(53))])).unwrap();
+    r.set_directory(via("198.18.0.53")).unwrap();
+    assert_eq!(mac(&r), 53);
+}
