@@ -53,14 +53,15 @@ pub fn parse_load(value: &str) -> Option<(u64, u64)> {
     Some((l.parse().ok()?, c.parse().ok()?))
 }
 
-/// The samples in a service's valid load rows (`<service>|<backend>` →
-/// `<load>;<capacity>`); rows that do not parse are skipped.
-pub fn samples(rows: &[crate::directory::tables::Entry]) -> Vec<Sample> {
-    rows.iter()
-        .filter(|e| e.valid)
-        .filter_map(|e| {
-            let backend = e.key.rsplit_once('|')?.1.parse().ok()?;
-            let (load, capacity) = parse_load(&e.value)?;
+/// The samples in a service's valid load rows, (key, value, valid) with keys
+/// `<service>|<backend>` and values `<load>;<capacity>`; rows that do not parse are
+/// skipped.
+pub fn samples<'a>(rows: impl IntoIterator<Item = (&'a str, &'a str, bool)>) -> Vec<Sample> {
+    rows.into_iter()
+        .filter(|(_, _, valid)| *valid)
+        .filter_map(|(key, value, _)| {
+            let backend = key.rsplit_once('|')?.1.parse().ok()?;
+            let (load, capacity) = parse_load(value)?;
             Some(Sample {
                 backend,
                 load,
@@ -308,19 +309,13 @@ mod tests {
 
     #[test]
     fn the_manager_step_reads_valid_rows_and_publishes_only_changes() {
-        use crate::directory::tables::Entry;
-        let row = |key: &str, value: &str, valid: bool| Entry {
-            key: key.into(),
-            value: value.into(),
-            valid,
-        };
         let rows = [
-            row("tcp/198.18.0.100:80|198.18.0.1", "10;100", true),
-            row("tcp/198.18.0.100:80|198.18.0.2", "95;100", true),
-            row("tcp/198.18.0.100:80|198.18.0.3", "95;100", false),
-            row("tcp/198.18.0.100:80|198.18.0.4", "garbage", true),
+            ("tcp/198.18.0.100:80|198.18.0.1", "10;100", true),
+            ("tcp/198.18.0.100:80|198.18.0.2", "95;100", true),
+            ("tcp/198.18.0.100:80|198.18.0.3", "95;100", false),
+            ("tcp/198.18.0.100:80|198.18.0.4", "garbage", true),
         ];
-        let s = samples(&rows);
+        let s = samples(rows);
         assert_eq!(s, vec![self::s(1, 10, 100), self::s(2, 95, 100)]);
         let first = next_verdicts(&MARKS, &s, &[]).expect("first verdicts");
         assert_eq!(out(&first), vec![ip(2)]);

@@ -123,6 +123,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
         neighbors.clone(),
         cluster.clone().zip(cluster_config.clone()),
     );
+    lb_userspace::shell::managers::start(directory.clone());
     // The records the daemon started with (it applied them before attaching).
     let state_dir = daemon.now().state_dir.clone();
     let availability = lb_userspace::shell::availd::start(

@@ -412,7 +412,8 @@ fn roles(
 
 /// Starts the directory: lease countdowns every 50 ms; resends, resyncs and (in a
 /// cluster) role changes every 200 ms; this node in the agents table every second;
-/// the feeder. Without a cluster this node is its own master.
+/// the feeder. Without a cluster this node is its own master. The managers that run
+/// on the master are started beside it (`shell::managers::start`).
 pub fn start(
     daemon: DaemonHandle,
     neighbors: Arc<NeighborTable>,
@@ -437,7 +438,6 @@ pub fn start(
         fed: Arc::new(watch::channel(0).0),
     };
     tokio::spawn(feeder(handle.clone(), neighbors));
-    crate::shell::managers::start(handle.clone());
     let h = handle.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
