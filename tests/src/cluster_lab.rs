@@ -392,3 +392,35 @@ pub fn mac_of(lb: &str) -> String {
     let octet = standard::LBS.iter().find(|(t, _)| *t == lb).unwrap().1;
     format!("02:1b:00:00:00:{octet:02x}")
 }
+
+/// Reads `child`'s stdout lines until `done` holds for those read so far, for at most
+/// `within`; kills the child and returns the lines (also when time ran out, for the
+/// caller's assertion to show them).
+pub fn lines_until(
+    child: &mut std::process::Child,
+    within: Duration,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().expect("a piped stdout");
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + within;
+    let mut lines = Vec::new();
+    while !done(&lines) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => lines.push(l),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    lines
+}
