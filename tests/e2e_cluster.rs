@@ -57,6 +57,24 @@ fn each_vip_is_served_by_its_preferred_node_and_clients_reach_both() {
                     == 1
         })
     });
+    // Each node advertises its load (connection-table entries, with traffic just
+    // sent there are some) against its capacity (the table's size) in its heartbeats.
+    let start = Instant::now();
+    loop {
+        let v = c.view("lb3");
+        let hosts = v["hosts"].as_array().unwrap();
+        let ok = hosts.len() == 3
+            && hosts.iter().all(|h| h["info"]["capacity"] == 16384)
+            && hosts
+                .iter()
+                .filter(|h| ["198.18.0.2", "198.18.0.3"].contains(&h["info"]["id"].as_str().unwrap()))
+                .all(|h| h["info"]["load"].as_u64().unwrap() > 0);
+        if ok {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "load not advertised: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

@@ -96,6 +96,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
     let neighbors = Arc::new(NeighborTable::new()?);
     let cluster_config = config.cluster.clone();
     let registry_listen = config.node.registry_listen;
+    let conn_capacity = config.conn_table_size;
     let first_interface = config.interfaces.first().map(|i| i.name.clone());
     let saved_availability = lb_userspace::shell::availd::load(&config.node.state_dir)?;
     let daemon = Daemon::start(config, &neighbors, saved_availability.clone()).await?;
@@ -112,7 +113,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
     let daemon = DaemonHandle::spawn(daemon, Duration::from_secs(1));
     let cluster = match &cluster_config {
         Some(c) => {
-            let handle = clusterd::start(c.clone(), daemon.clone(), neighbors.clone()).await?;
+            let handle = clusterd::start(c.clone(), daemon.clone(), neighbors.clone(), conn_capacity).await?;
             info!(id = %c.id, group = ?c.group, peers = c.peers.len(), "cluster member");
             Some(handle)
         }

@@ -176,10 +176,12 @@ async fn self_test(
 }
 
 /// Starts the cluster task; returns the handle the API uses.
+/// `conn_capacity`: the connection table's size, the capacity this node advertises.
 pub async fn start(
     cfg: ClusterConfig,
     daemon: DaemonHandle,
     neighbors: Arc<NeighborTable>,
+    conn_capacity: u32,
 ) -> Result<ClusterHandle> {
     let socket = control_socket(&cfg)?;
     let iface = neighbors.interface(&cfg.vip_interface).await?;
@@ -270,6 +272,18 @@ pub async fn start(
                             if *state == crate::cluster::wire::AddrState::Online {
                                 let _ = a.announce(*vip);
                             }
+                        }
+                    }
+                    // The load this node advertises: its connection table's entries
+                    // against its size (what the leader's spare choice can weigh).
+                    let status = daemon.now().status.clone();
+                    let load = Input::Load {
+                        load: status.conn_table_entries.min(u32::MAX as usize) as u32,
+                        capacity: conn_capacity,
+                    };
+                    for out in node.handle(Instant::now(), load, &mut rng) {
+                        if let Output::Event(e) = out {
+                            info!(?e, "cluster event");
                         }
                     }
                     Input::TestResult { ok: self_test(&daemon, &neighbors, &interface).await }
