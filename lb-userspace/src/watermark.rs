@@ -79,9 +79,13 @@ pub fn next_verdicts(
     previous: &[Verdict],
 ) -> Option<Vec<Verdict>> {
     let verdicts = period(marks, samples, &last_in(previous, samples));
+    // What the data plane uses (in or out, headroom), and which band the utilization
+    // is in (below low, between the marks, above high): a move between bands is
+    // rare and tells the operator the hysteresis is holding a backend where it is.
+    let band = |u: u64| (u >= marks.low) as u8 + (u > marks.high) as u8;
     let shape = |v: &[Verdict]| {
         v.iter()
-            .map(|x| (x.backend, x.in_table, x.headroom))
+            .map(|x| (x.backend, x.in_table, x.headroom, band(x.util)))
             .collect::<Vec<_>>()
     };
     (shape(&verdicts) != shape(previous)).then_some(verdicts)
@@ -325,9 +329,13 @@ mod tests {
             "both judged for the first time"
         );
         assert_eq!(next_verdicts(&MARKS, &s, &first), None, "nothing changed");
-        // Between the marks now: still out (it was out), so still no change.
-        let band = [self::s(1, 10, 100), self::s(2, 70, 100)];
-        assert_eq!(next_verdicts(&MARKS, &band, &first), None);
+        // Between the marks now: still out (it was out); published once, because the
+        // utilization moved to another band, then not again within the band.
+        let between = [self::s(1, 10, 100), self::s(2, 70, 100)];
+        let held = next_verdicts(&MARKS, &between, &first).expect("a new band");
+        assert_eq!(out(&held), vec![ip(2)], "hysteresis: still out");
+        let nearby = [self::s(1, 10, 100), self::s(2, 72, 100)];
+        assert_eq!(next_verdicts(&MARKS, &nearby, &held), None, "same band");
         let back = next_verdicts(&MARKS, &[self::s(1, 10, 100), self::s(2, 50, 100)], &first)
             .expect("back in");
         assert_eq!(
