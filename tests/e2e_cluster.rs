@@ -67,12 +67,17 @@ fn each_vip_is_served_by_its_preferred_node_and_clients_reach_both() {
             && hosts.iter().all(|h| h["info"]["capacity"] == 16384)
             && hosts
                 .iter()
-                .filter(|h| ["198.18.0.2", "198.18.0.3"].contains(&h["info"]["id"].as_str().unwrap()))
+                .filter(|h| {
+                    ["198.18.0.2", "198.18.0.3"].contains(&h["info"]["id"].as_str().unwrap())
+                })
                 .all(|h| h["info"]["load"].as_u64().unwrap() > 0);
         if ok {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "load not advertised: {v}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "load not advertised: {v}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

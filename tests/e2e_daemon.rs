@@ -21,7 +21,6 @@ use lb_tests::{
 };
 use nix::sys::signal::Signal;
 
-
 #[test]
 fn http_and_udp_to_the_vip_spread_over_all_three_backends() {
     let env = Env::new("spread", &["b1", "b2", "b3"]);
@@ -608,12 +607,23 @@ fn the_service_point_map_shows_entries_backups_and_epochs_and_answers_a_stale_ep
     );
     // ... and gets the entries to use instead, in both output formats.
     let shown = String::from_utf8_lossy(&stale.stdout);
-    assert!(shown.contains("198.18.0.11:8080"), "no entries printed: {shown}");
-    let stale = env.lbctl(&["-o", "json", "spm", "show", "--service", SVC, "--epoch", "0"]);
+    assert!(
+        shown.contains("198.18.0.11:8080"),
+        "no entries printed: {shown}"
+    );
+    let stale = env.lbctl(&[
+        "-o",
+        "json",
+        "spm",
+        "show",
+        "--service",
+        SVC,
+        "--epoch",
+        "0",
+    ]);
     assert_eq!(stale.status.code(), Some(1));
-    let reply: serde_json::Value = serde_json::from_slice(&stale.stdout).unwrap_or_else(|e| {
-        panic!("{e}: {}", String::from_utf8_lossy(&stale.stdout))
-    });
+    let reply: serde_json::Value = serde_json::from_slice(&stale.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&stale.stdout)));
     assert_eq!(reply["epoch_mismatch"]["current"], 1, "{reply}");
     assert_eq!(reply["map"]["entries"][0]["sphere"]["epoch"], 1, "{reply}");
     env.lbctl_ok(&["spm", "show", "--service", SVC, "--epoch", "1"]);
@@ -729,7 +739,10 @@ fn a_subscriber_sees_adds_and_deletes_of_its_prefix_only() {
     let stdout = sub.stdout.take().unwrap();
     let tx = lines.0;
     std::thread::spawn(move || {
-        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(l).is_err() {
                 break;
             }
@@ -741,7 +754,13 @@ fn a_subscriber_sees_adds_and_deletes_of_its_prefix_only() {
     let mut tries = 0;
     while first.is_none() && Instant::now() < deadline {
         // A new key each time: adding the same row again changes nothing.
-        env.lbctl_ok(&["dir", "add", "svc.sub", &format!("web-0-{tries}"), "198.18.0.11:80"]);
+        env.lbctl_ok(&[
+            "dir",
+            "add",
+            "svc.sub",
+            &format!("web-0-{tries}"),
+            "198.18.0.11:80",
+        ]);
         tries += 1;
         first = lines.1.recv_timeout(Duration::from_millis(200)).ok();
     }
@@ -760,11 +779,17 @@ fn a_subscriber_sees_adds_and_deletes_of_its_prefix_only() {
         if e["key"].as_str().unwrap().starts_with("web-0-") {
             continue; // the tries while waiting for the subscription
         }
-        got.push((e["event"].as_str().unwrap().to_string(), e["key"].as_str().unwrap().to_string()));
+        got.push((
+            e["event"].as_str().unwrap().to_string(),
+            e["key"].as_str().unwrap().to_string(),
+        ));
     }
     assert_eq!(
         got,
-        [("add".to_string(), "web-1".to_string()), ("delete".to_string(), "web-1".to_string())],
+        [
+            ("add".to_string(), "web-1".to_string()),
+            ("delete".to_string(), "web-1".to_string())
+        ],
         "db-1 is outside the prefix"
     );
     let _ = sub.kill();

@@ -70,7 +70,10 @@ fn in_maps(env: &Env) -> (BTreeMap<String, BTreeSet<IpAddr>>, Vec<IpAddr>) {
             (k, addrs)
         })
         .collect();
-    let mut all: Vec<IpAddr> = active.values().map(|b| addr_of(&b.addr, b.family)).collect();
+    let mut all: Vec<IpAddr> = active
+        .values()
+        .map(|b| addr_of(&b.addr, b.family))
+        .collect();
     all.sort();
     (tables, all)
 }
@@ -93,7 +96,10 @@ fn assert_maps_match_lbctl(env: &Env, when: &str) {
     }
     let mut listed: Vec<IpAddr> = shown.values().flat_map(|b| b.keys().copied()).collect();
     listed.sort();
-    assert_eq!(active, listed, "{when}: active backends in the maps vs lbctl");
+    assert_eq!(
+        active, listed,
+        "{when}: active backends in the maps vs lbctl"
+    );
 }
 
 fn backend_section(addr: Ipv4Addr, i: u32) -> String {
@@ -123,19 +129,32 @@ fn a_refused_apply_changes_nothing_in_the_maps() {
     let before_list = env.lbctl_ok(&["-o", "json", "service", "list"]);
     let mut file = std::fs::read_to_string(&env.config).unwrap();
     file.push_str(&service_section(Ipv4Addr::new(198, 18, 0, 200), 80, 1, 100));
-    file.push_str(&service_section(Ipv4Addr::new(198, 18, 0, 201), 80, 1000, 8150));
+    file.push_str(&service_section(
+        Ipv4Addr::new(198, 18, 0, 201),
+        80,
+        1000,
+        8150,
+    ));
     let path = env.dir.join("big.toml");
     std::fs::write(&path, file).unwrap();
     let out = env.lbctl(&["apply", "-f", &path.to_string_lossy()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "the apply must be refused: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the apply must be refused: {stderr}"
+    );
     assert!(stderr.contains("backend"), "{stderr}");
     assert_eq!(
         services(&env.pin_dir).keys().collect::<Vec<_>>(),
         before_services.keys().collect::<Vec<_>>(),
         "VIPS changed"
     );
-    assert_eq!(active_backends(&env.pin_dir).len(), before_active.len(), "BACKENDS changed");
+    assert_eq!(
+        active_backends(&env.pin_dir).len(),
+        before_active.len(),
+        "BACKENDS changed"
+    );
     let p = probe(&env);
     for port in 1000..1100 {
         let (verdict, out) = p.run(&syn_v4(
@@ -145,9 +164,17 @@ fn a_refused_apply_changes_nothing_in_the_maps() {
             80,
             0x02,
         ));
-        assert_eq!(verdict, XDP_PASS, "a SYN to the refused service went to {}", dst_mac(&out));
+        assert_eq!(
+            verdict,
+            XDP_PASS,
+            "a SYN to the refused service went to {}",
+            dst_mac(&out)
+        );
     }
-    assert_eq!(env.lbctl_ok(&["-o", "json", "service", "list"]), before_list);
+    assert_eq!(
+        env.lbctl_ok(&["-o", "json", "service", "list"]),
+        before_list
+    );
     assert_maps_match_lbctl(&env, "after the refused apply");
 }
 
@@ -157,11 +184,20 @@ fn a_refused_apply_changes_nothing_in_the_maps() {
 fn a_crash_between_map_writes_and_saving_leaves_maps_and_lbctl_agreeing() {
     let mut env = Env::new("crash", &["b1", "b2"]);
     env.lbd.as_ref().unwrap().signal(Signal::SIGKILL).unwrap();
-    env.lbd.as_mut().unwrap().wait_timeout(Duration::from_secs(5)).unwrap();
+    env.lbd
+        .as_mut()
+        .unwrap()
+        .wait_timeout(Duration::from_secs(5))
+        .unwrap();
     env.start_lbd_with_env(&[("LBD_CRASH_AT", "apply.maps-written")]);
     let out = env.lbctl(&["backend", "add", SVC, "198.18.0.13"]);
     assert!(!out.status.success(), "lbd should have died in the change");
-    let died = env.lbd.as_mut().unwrap().wait_timeout(Duration::from_secs(5)).unwrap();
+    let died = env
+        .lbd
+        .as_mut()
+        .unwrap()
+        .wait_timeout(Duration::from_secs(5))
+        .unwrap();
     assert!(died.is_some(), "lbd did not crash at the point");
     env.start_lbd();
     assert_maps_match_lbctl(&env, "after the crash and restart");
@@ -177,7 +213,98 @@ fn a_crash_between_map_writes_and_saving_leaves_maps_and_lbctl_agreeing() {
             0x02,
         ));
         assert_eq!(verdict, XDP_TX);
-        assert!(macs.contains(&dst_mac(&out)), "a new flow went to {} (lbctl shows {macs:?})", dst_mac(&out));
+        assert!(
+            macs.contains(&dst_mac(&out)),
+            "a new flow went to {} (lbctl shows {macs:?})",
+            dst_mac(&out)
+        );
     }
 }
 
+/// Item 6: values the data plane must never use are refused, each with a reason, and
+/// change nothing.
+#[test]
+fn addresses_and_macs_the_data_plane_must_not_use_are_refused() {
+    let env = Env::new("classes", &["b1"]);
+    let before = in_maps(&env);
+    let list_before = env.lbctl_ok(&["-o", "json", "service", "list"]);
+    let refused = |args: &[&str], why: &str| {
+        let out = env.lbctl(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?} was accepted ({why}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(!stderr.is_empty(), "{args:?}: no reason given");
+    };
+    for mac in [
+        "ff:ff:ff:ff:ff:ff",
+        "01:00:5e:00:00:01",
+        "00:00:00:00:00:00",
+        "33:33:00:00:00:01",
+    ] {
+        refused(
+            &["backend", "add", SVC, "198.18.0.14", "--mac", mac],
+            "a non-unicast MAC",
+        );
+    }
+    for vip in [
+        "0.0.0.0",
+        "255.255.255.255",
+        "224.0.0.1",
+        "127.0.0.1",
+        "198.18.0.2",
+        "169.254.0.1",
+    ] {
+        refused(
+            &["service", "add", &format!("tcp/{vip}:80")],
+            "an address that is no VIP",
+        );
+    }
+    for vip in ["::", "::1", "ff02::1", "fe80::1"] {
+        refused(
+            &["service", "add", &format!("tcp/[{vip}]:80")],
+            "an address that is no VIP",
+        );
+    }
+    refused(
+        &["backend", "add", SVC, "198.18.0.100"],
+        "the VIP as its own backend",
+    );
+    for backend in ["0.0.0.0", "255.255.255.255", "224.0.0.1", "127.0.0.1"] {
+        refused(
+            &["backend", "add", SVC, backend],
+            "a backend that is no host",
+        );
+    }
+    // Unknown fields in a request are named, not ignored.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--unix-socket",
+            &env.socket.to_string_lossy(),
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &format!(r#"{{"service":"{SVC}","backend":"198.18.0.14","wieght":3}}"#),
+            "-w",
+            "\n%{http_code}",
+            "http://lbd/v1/backends/add",
+        ])
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = answer.rsplit_once('\n').unwrap();
+    assert_eq!(code, "400", "{answer}");
+    let body = json(body);
+    assert!(body["error"].as_str().unwrap().contains("wieght"), "{body}");
+    assert_eq!(in_maps(&env), before, "the maps changed");
+    assert_eq!(
+        env.lbctl_ok(&["-o", "json", "service", "list"]),
+        list_before
+    );
+}

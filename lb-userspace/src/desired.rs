@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{CheckConfig, ServiceConfig, ServiceKey};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BackendSpec {
     /// Fixed MAC; `None` = resolve through the neighbour table.
     pub mac: Option<[u8; 6]>,
@@ -39,6 +40,7 @@ impl BackendSpec {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub config: ServiceConfig,
     pub backends: BTreeMap<IpAddr, BackendSpec>,
@@ -55,6 +57,7 @@ pub struct ServiceSpec {
 
 /// Every service, keyed by (address, port, protocol).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Desired {
     pub services: BTreeMap<ServiceKey, ServiceSpec>,
 }

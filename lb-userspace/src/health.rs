@@ -70,5 +70,4 @@ mod tests {
         assert_eq!(h.record(true, 2, 3), Some(true));
         assert!(h.healthy());
     }
-
 }

@@ -10,9 +10,9 @@ pub mod availability;
 pub mod cluster;
 pub mod config;
 pub mod dataplane;
-pub mod fault;
 pub mod desired;
 pub mod directory;
+pub mod fault;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
@@ -22,6 +22,7 @@ pub mod reconcile;
 pub mod server;
 pub mod shell;
 pub mod spm;
+pub mod validate;
 pub mod watermark;
 
 pub use dataplane::{

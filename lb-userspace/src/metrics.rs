@@ -3,9 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::{
-    api::{ClusterView, Stats, Status},
-};
+use crate::api::{ClusterView, Stats, Status};
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");

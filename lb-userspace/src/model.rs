@@ -94,6 +94,7 @@ impl std::str::FromStr for ServiceKey {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// Entries of the service's Maglev table; a prime.
     pub maglev_size: u32,
@@ -140,7 +141,6 @@ pub struct L2Route {
     pub egress: Egress,
 }
 
-
 // ---- MAC addresses -------------------------------------------------------------
 
 /// A MAC address, in transmission order.
@@ -169,7 +169,6 @@ pub fn mac_to_string(mac: &Mac) -> String {
         .collect::<Vec<_>>()
         .join(":")
 }
-
 
 /// Why a MAC cannot be a frame's destination for one host, if it cannot.
 pub fn mac_refusal(mac: &Mac) -> Option<&'static str> {
@@ -201,6 +200,7 @@ pub enum Probe {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CheckConfig {
     pub probe: Probe,
     /// Port probed on each backend.
@@ -226,7 +226,6 @@ impl Default for CheckConfig {
     }
 }
 
-
 // ---- the directory's backends --------------------------------------------------
 
 /// A backend the directory holds: its weight, and the address of its host's current
@@ -239,7 +238,6 @@ pub struct DirBackend {
     /// The `sphere` attribute of its entry (the SPM topology rule's provider).
     pub sphere: Option<String>,
 }
-
 
 // ---- this node's links ---------------------------------------------------------
 
@@ -275,7 +273,12 @@ mod tests {
     #[test]
     fn only_unicast_macs_are_backend_macs() {
         assert_eq!(mac_refusal(&[2, 0, 0, 0, 0, 1]), None);
-        for bad in [[0; 6], [0xff; 6], [1, 0, 0x5e, 0, 0, 1], [0x33, 0x33, 0, 0, 0, 1]] {
+        for bad in [
+            [0; 6],
+            [0xff; 6],
+            [1, 0, 0x5e, 0, 0, 1],
+            [0x33, 0x33, 0, 0, 0, 1],
+        ] {
             assert!(mac_refusal(&bad).is_some(), "{bad:02x?}");
         }
     }

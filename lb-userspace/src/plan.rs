@@ -365,7 +365,8 @@ mod tests {
                     drain: true,
                 },
             );
-            spec.backends.insert(ip("198.18.0.13"), BackendSpec::default());
+            spec.backends
+                .insert(ip("198.18.0.13"), BackendSpec::default());
             desired.services.insert(key(), spec);
             World {
                 desired,
@@ -422,7 +423,10 @@ mod tests {
         assert_eq!(b.weight, 0, "drained");
         assert_eq!(b.route.unwrap().dst_mac, [2, 2, 2, 2, 2, 2]);
         let c = &p.backends[&ip("198.18.0.13")];
-        assert_eq!(c.weight, 1, "an unresolved backend keeps its share of the table");
+        assert_eq!(
+            c.weight, 1,
+            "an unresolved backend keeps its share of the table"
+        );
         assert_eq!(c.route, None);
         assert!(!c.takes_new_flows());
     }
@@ -479,14 +483,30 @@ mod tests {
             ]),
         );
         let p = w.plan();
-        assert_eq!(p.backends[&ip("198.18.0.11")].weight, 0, "unhealthy; the configured entry wins over the directory's");
-        assert_eq!(p.backends[&ip("198.18.0.13")].weight, 4, "weight × headroom");
+        assert_eq!(
+            p.backends[&ip("198.18.0.11")].weight,
+            0,
+            "unhealthy; the configured entry wins over the directory's"
+        );
+        assert_eq!(
+            p.backends[&ip("198.18.0.13")].weight,
+            4,
+            "weight × headroom"
+        );
         let d = &p.backends[&ip("198.18.0.14")];
         assert_eq!(d.weight, 3);
-        assert_eq!(d.route.unwrap().dst_mac, [2, 2, 2, 2, 2, 2], "through its host's current route");
+        assert_eq!(
+            d.route.unwrap().dst_mac,
+            [2, 2, 2, 2, 2, 2],
+            "through its host's current route"
+        );
         assert_eq!(d.sphere.as_deref(), Some("east"));
         w.verdicts.get_mut(&key()).unwrap()[0].in_table = false;
-        assert_eq!(w.plan().backends[&ip("198.18.0.13")].weight, 0, "out by the water marks");
+        assert_eq!(
+            w.plan().backends[&ip("198.18.0.13")].weight,
+            0,
+            "out by the water marks"
+        );
     }
 
     #[test]

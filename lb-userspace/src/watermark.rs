@@ -22,6 +22,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Marks {
     /// Makes `util` an integer: typically 100 to 1000 (1000 = per mille).
     pub scale: u64,

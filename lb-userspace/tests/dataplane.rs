@@ -403,9 +403,9 @@ fn a_removed_backend_gets_no_packet_even_from_its_old_flows() {
 
     // Its id may be reused by the next backend; the old flows still must not follow it.
     lb.set_backends(
-            key,
-            &[backends4(2), vec![backend("198.18.0.9", 9, 1)]].concat(),
-        );
+        key,
+        &[backends4(2), vec![backend("198.18.0.9", 9, 1)]].concat(),
+    );
     let again: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
     assert_eq!(
         again, after,
@@ -721,7 +721,11 @@ fn a_reload_on_pinned_maps_carries_on_where_the_last_run_stopped() {
 
     let (dp, mut maps) = Programs::load(&options).expect("second load on the pinned maps");
     assert_eq!(maps.restore().unwrap(), 0, "nothing was left over");
-    assert_eq!(maps.services(), vec![key], "the service is taken from the maps");
+    assert_eq!(
+        maps.services(),
+        vec![key],
+        "the service is taken from the maps"
+    );
     let mut lb = Lb::new(dp, maps);
     lb.given = given;
     // The same plan again: nothing differs, the maps are as they were.
@@ -879,12 +883,12 @@ fn a_source_partitioned_service_sends_even_clients_to_the_first_backend_and_odd_
     let bs = backends4(2);
     lb.add(key, &bs);
     lb.set_steering(
-            key,
-            Steering {
-                source_partition: true,
-                ..Steering::default()
-            },
-        );
+        key,
+        Steering {
+            source_partition: true,
+            ..Steering::default()
+        },
+    );
     for host in 10..60u8 {
         let client = format!("198.18.1.{host}");
         for sport in [1000, 2000, 3000] {
@@ -966,12 +970,12 @@ fn a_topology_service_keeps_each_client_subnet_in_its_sphere() {
 
 fn unavailable(lb: &mut Lb, key: ServiceKey, unavailable: bool) {
     lb.set_config(
-            key,
-            ServiceConfig {
-                unavailable,
-                ..ServiceConfig::default()
-            },
-        );
+        key,
+        ServiceConfig {
+            unavailable,
+            ..ServiceConfig::default()
+        },
+    );
 }
 
 #[test]
@@ -1176,7 +1180,10 @@ fn a_removed_backends_identity_is_never_reissued_after_a_restart() {
     maps.restore().unwrap();
     let mut lb = Lb::new(dp, maps);
     lb.given = given;
-    lb.set_backends(s2, &[backend("198.18.0.3", 3, 1), backend("198.18.0.2", 2, 1)]);
+    lb.set_backends(
+        s2,
+        &[backend("198.18.0.3", 3, 1), backend("198.18.0.2", 2, 1)],
+    );
     let mut ack = f.build();
     ack[ETH_LEN + IPV4_LEN + 13] = 0x10;
     let (verdict, out) = lb.run(&ack);
@@ -1199,18 +1206,35 @@ fn refusals_go_only_to_unicast_sources_from_unicast_frames() {
     let u4 = service(VIP4, 53, Proto::Udp);
     let k6 = service(VIP6, 80, Proto::Tcp);
     let u6 = service(VIP6, 53, Proto::Udp);
-    for (k, bs) in [(k4, backends4(1)), (u4, backends4(1)), (k6, backends6(1)), (u6, backends6(1))] {
+    for (k, bs) in [
+        (k4, backends4(1)),
+        (u4, backends4(1)),
+        (k6, backends6(1)),
+        (u6, backends6(1)),
+    ] {
         lb.add(k, &bs);
         unavailable(&mut lb, k, true);
     }
     let mut bad: Vec<(String, Vec<u8>)> = Vec::new();
     for src in ["255.255.255.255", "224.0.0.1", "0.0.0.0", "127.0.0.1", VIP4] {
-        bad.push((format!("tcp from {src}"), Frame::tcp(src, VIP4, 1000, 80).build()));
-        bad.push((format!("udp from {src}"), Frame::udp(src, VIP4, 1000, 53).build()));
+        bad.push((
+            format!("tcp from {src}"),
+            Frame::tcp(src, VIP4, 1000, 80).build(),
+        ));
+        bad.push((
+            format!("udp from {src}"),
+            Frame::udp(src, VIP4, 1000, 53).build(),
+        ));
     }
     for src in ["ff02::1", "::", "::1", VIP6] {
-        bad.push((format!("tcp from {src}"), Frame::tcp(src, VIP6, 1000, 80).build()));
-        bad.push((format!("udp from {src}"), Frame::udp(src, VIP6, 1000, 53).build()));
+        bad.push((
+            format!("tcp from {src}"),
+            Frame::tcp(src, VIP6, 1000, 80).build(),
+        ));
+        bad.push((
+            format!("udp from {src}"),
+            Frame::udp(src, VIP6, 1000, 53).build(),
+        ));
     }
     for (what, dst_mac) in [
         ("broadcast", [0xff; 6]),
@@ -1232,7 +1256,10 @@ fn refusals_go_only_to_unicast_sources_from_unicast_frames() {
         assert_eq!(verdict, XDP_DROP, "{what} was answered");
     }
     let after = lb.stats();
-    assert_eq!(after.refuse_rst + after.refuse_icmp, before.refuse_rst + before.refuse_icmp);
+    assert_eq!(
+        after.refuse_rst + after.refuse_icmp,
+        before.refuse_rst + before.refuse_icmp
+    );
     assert_eq!(
         after.drop_refuse_invalid - before.drop_refuse_invalid,
         bad.len() as u64,

@@ -36,7 +36,11 @@ pub fn services(dir: &Path) -> BTreeMap<String, VipMeta> {
             let (k, v) = r.unwrap();
             let proto = if k.proto == 6 { "tcp" } else { "udp" };
             let port = u16::from_be(k.port_be);
-            let port = if port == 0 { "*".to_string() } else { port.to_string() };
+            let port = if port == 0 {
+                "*".to_string()
+            } else {
+                port.to_string()
+            };
             let key = match addr_of(&k.addr, k.family) {
                 IpAddr::V4(a) => format!("{proto}/{a}:{port}"),
                 IpAddr::V6(a) => format!("{proto}/[{a}]:{port}"),
@@ -97,7 +101,13 @@ impl Probe {
 
 /// A TCP SYN from `src:sport` to `dst:dport`, with valid checksums (built by hand:
 /// the tests crate has no packet library, and the data plane reads only headers).
-pub fn syn_v4(src: std::net::Ipv4Addr, sport: u16, dst: std::net::Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+pub fn syn_v4(
+    src: std::net::Ipv4Addr,
+    sport: u16,
+    dst: std::net::Ipv4Addr,
+    dport: u16,
+    flags: u8,
+) -> Vec<u8> {
     let mut f = vec![0u8; 14 + 20 + 20];
     f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
     f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
@@ -123,7 +133,10 @@ pub fn syn_v4(src: std::net::Ipv4Addr, sport: u16, dst: std::net::Ipv4Addr, dpor
 }
 
 fn checksum(b: &[u8]) -> u16 {
-    let mut sum: u32 = b.chunks(2).map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32).sum();
+    let mut sum: u32 = b
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -132,5 +145,9 @@ fn checksum(b: &[u8]) -> u16 {
 
 /// Destination MAC of a frame, as text.
 pub fn dst_mac(frame: &[u8]) -> String {
-    frame[..6].iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    frame[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }

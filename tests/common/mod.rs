@@ -250,5 +250,4 @@ impl Drop for Env {
     }
 }
 
-
 pub const SVC: &str = "tcp/198.18.0.100:8080";

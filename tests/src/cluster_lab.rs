@@ -405,7 +405,10 @@ pub fn lines_until(
     let (tx, rx) = std::sync::mpsc::channel();
     let stdout = child.stdout.take().expect("a piped stdout");
     std::thread::spawn(move || {
-        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(l).is_err() {
                 break;
             }

@@ -73,6 +73,7 @@ pub struct BackendView {
 
 /// A backend's load report (water-mark steering).
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LoadReport {
     pub service: ServiceKey,
     pub backend: IpAddr,
@@ -117,6 +118,7 @@ pub struct ServiceView {
 
 /// An operator's availability change for one service.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SetAvailability {
     pub service: ServiceKey,
     pub available: bool,
@@ -155,11 +157,13 @@ pub struct Stats {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServiceRef {
     pub service: ServiceKey,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AddService {
     pub service: ServiceKey,
     #[serde(default)]
@@ -167,6 +171,7 @@ pub struct AddService {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AddBackend {
     pub service: ServiceKey,
     pub backend: IpAddr,
@@ -175,12 +180,14 @@ pub struct AddBackend {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BackendRef {
     pub service: ServiceKey,
     pub backend: IpAddr,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DrainBackend {
     pub service: ServiceKey,
     pub backend: IpAddr,
@@ -189,6 +196,7 @@ pub struct DrainBackend {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SetWeight {
     pub service: ServiceKey,
     pub backend: IpAddr,
@@ -196,6 +204,7 @@ pub struct SetWeight {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Apply {
     pub desired: Desired,
     #[serde(default)]
@@ -216,6 +225,7 @@ pub struct Quiesce {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Shutdown {
     /// Also detach the XDP program and remove the pinned maps.
     pub detach: bool,
@@ -240,9 +250,9 @@ pub struct ClusterView {
     pub events: std::collections::BTreeMap<String, u64>,
 }
 
-
 /// A backend registering itself (or registered by a sidecar) with a lease.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Registration {
     pub service: ServiceKey,
     /// Instance name, unique within the service (default: the address and port).
@@ -276,7 +286,6 @@ impl Registration {
         format!("{host}:{};weight={}", self.port, self.weight)
     }
 }
-
 
 /// A backend's load report, as recorded.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -113,7 +113,9 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
     let daemon = DaemonHandle::spawn(daemon, Duration::from_secs(1));
     let cluster = match &cluster_config {
         Some(c) => {
-            let handle = clusterd::start(c.clone(), daemon.clone(), neighbors.clone(), conn_capacity).await?;
+            let handle =
+                clusterd::start(c.clone(), daemon.clone(), neighbors.clone(), conn_capacity)
+                    .await?;
             info!(id = %c.id, group = ?c.group, peers = c.peers.len(), "cluster member");
             Some(handle)
         }
@@ -247,9 +249,12 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
                     .into_iter()
                     .chain(c.preferred.iter().copied())
                 {
-                    let _ =
-                        lb_userspace::shell::vip::remove_address(neighbors.handle(), iface.ifindex, vip)
-                            .await;
+                    let _ = lb_userspace::shell::vip::remove_address(
+                        neighbors.handle(),
+                        iface.ifindex,
+                        vip,
+                    )
+                    .await;
                 }
             }
         }

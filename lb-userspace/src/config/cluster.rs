@@ -105,4 +105,3 @@ pub(super) fn cluster(
         script_timeout: std::time::Duration::from_millis(c.script_timeout_ms),
     })
 }
-

@@ -1,6 +1,10 @@
 //! A configuration error names the file, line, column and field.
 
-use std::{fmt, ops::Range, path::{Path, PathBuf}};
+use std::{
+    fmt,
+    ops::Range,
+    path::{Path, PathBuf},
+};
 
 /// A configuration error, located.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +42,6 @@ pub(super) fn locate(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-
 /// The file being read, to locate errors in.
 
 pub(super) struct Ctx<'a> {
@@ -70,4 +73,3 @@ impl Ctx<'_> {
         }
     }
 }
-

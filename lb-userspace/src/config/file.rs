@@ -12,7 +12,6 @@ use toml::Spanned;
 use super::XdpModeName;
 use crate::model::{parse_mac, Proto};
 
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct File {
@@ -221,4 +220,3 @@ pub(super) fn de_mac<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 6]>,
         de::Error::custom(format!("`{s}` is not a MAC address like 02:00:00:00:00:01"))
     })
 }
-

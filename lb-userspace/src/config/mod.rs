@@ -444,4 +444,3 @@ topology = [{ subnet = "203.0.113.0/25", sphere = "east" }]
         assert_eq!(e.line, GOOD.lines().count() + 2, "{e}");
     }
 }
-

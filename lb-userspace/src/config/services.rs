@@ -28,6 +28,9 @@ pub(super) fn services(
             port: s.port,
             proto: s.protocol,
         };
+        if let Some(why) = crate::validate::vip_refusal(s.vip, &Default::default()) {
+            return Err(ctx.err(span.clone(), format!("service.vip: {why}")));
+        }
         let mut config = ServiceConfig {
             pass_irregular: s.pass_irregular,
             ..ServiceConfig::default()
@@ -154,6 +157,12 @@ pub(super) fn services(
                     ),
                 ));
             }
+            if let Some(why) = crate::validate::backend_refusal(&key, b.address) {
+                return Err(ctx.err(bspan, format!("backend.address: {why}")));
+            }
+            if let Some(why) = b.mac.as_ref().and_then(crate::model::mac_refusal) {
+                return Err(ctx.err(bspan, format!("backend.mac: {why}")));
+            }
             let spec = BackendSpec {
                 mac: b.mac,
                 weight: b.weight,
@@ -233,11 +242,9 @@ pub(super) fn services(
     Ok(Desired { services: out })
 }
 
-
 /// Parses the services of a file for `lbctl apply`.
 pub fn parse_services(path: &Path, text: &str) -> Result<Desired, ConfigError> {
     let ctx = Ctx { path, text };
     let file: ServicesFile = toml::from_str(text).map_err(|e| ctx.toml_err(e))?;
     services(&ctx, file.service, u32::MAX)
 }
-

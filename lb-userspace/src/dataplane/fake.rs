@@ -9,9 +9,7 @@ use std::{
 
 use lb_common::{Counter, GlobalStats};
 
-use super::{
-    Contents, Dataplane, DataplaneError, Limits, Result, ServiceCounters, Usage,
-};
+use super::{Contents, Dataplane, DataplaneError, Limits, Result, ServiceCounters, Usage};
 use crate::{
     model::ServiceKey,
     plan::{Rule, ServicePlan},
@@ -109,7 +107,11 @@ impl Dataplane for FakeDataplane {
         let p = self.services.get(&key)?;
         Some(ServiceCounters {
             service: Counter::default(),
-            backends: p.backends.keys().map(|a| (*a, Counter::default())).collect(),
+            backends: p
+                .backends
+                .keys()
+                .map(|a| (*a, Counter::default()))
+                .collect(),
         })
     }
 

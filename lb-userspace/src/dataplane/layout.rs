@@ -201,7 +201,10 @@ mod tests {
 
     #[test]
     fn the_table_depends_on_the_definition_only() {
-        let a = plan(&[("198.18.0.11", 1), ("198.18.0.12", 2), ("198.18.0.13", 1)], 4093);
+        let a = plan(
+            &[("198.18.0.11", 1), ("198.18.0.12", 2), ("198.18.0.13", 1)],
+            4093,
+        );
         let la = layout(&a, 65537).unwrap();
         // The same service reached by another path of changes is the same service.
         let mut b = plan(&[("198.18.0.13", 1)], 4093);
@@ -224,8 +227,14 @@ mod tests {
             fingerprint(&b, &lb),
             "routes are not part of the table"
         );
-        let c = plan(&[("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)], 4093);
-        assert_ne!(fingerprint(&a, &la), fingerprint(&c, &layout(&c, 65537).unwrap()));
+        let c = plan(
+            &[("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)],
+            4093,
+        );
+        assert_ne!(
+            fingerprint(&a, &la),
+            fingerprint(&c, &layout(&c, 65537).unwrap())
+        );
     }
 
     #[test]
@@ -245,12 +254,18 @@ mod tests {
             .count();
         let share = 65537 / 10;
         // Plain Maglev moves a few percent more than the newcomer's share.
-        assert!(moved >= share && moved < share * 2, "{moved} cells moved for a share of {share}");
+        assert!(
+            moved >= share && moved < share * 2,
+            "{moved} cells moved for a share of {share}"
+        );
     }
 
     #[test]
     fn source_partitioning_lists_the_weighted_instances_in_address_order() {
-        let mut p = plan(&[("198.18.0.12", 1), ("198.18.0.11", 1), ("198.18.0.13", 0)], 4093);
+        let mut p = plan(
+            &[("198.18.0.12", 1), ("198.18.0.11", 1), ("198.18.0.13", 0)],
+            4093,
+        );
         p.rule = Rule::Source;
         let l = layout(&p, 65537).unwrap();
         assert_eq!(l.cells, vec![0, 1]);

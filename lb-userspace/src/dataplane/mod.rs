@@ -110,11 +110,7 @@ impl Contents {
             flags: vip_flags(plan),
             epoch: plan.config.epoch,
             table_size: l.table_size,
-            backends: plan
-                .backends
-                .iter()
-                .map(|(a, b)| (*a, b.route))
-                .collect(),
+            backends: plan.backends.iter().map(|(a, b)| (*a, b.route)).collect(),
             cells: l
                 .cells
                 .iter()
@@ -234,7 +230,10 @@ pub fn check_fits(
                 max: limits.backends,
             });
         }
-        let removed = held.iter().filter(|a| !plan.backends.contains_key(a)).count() as i64;
+        let removed = held
+            .iter()
+            .filter(|a| !plan.backends.contains_key(a))
+            .count() as i64;
         used += added.len() as i64 - removed;
         let new_rules = match &plan.rule {
             Rule::Topology { subnets } => subnets.len() as i64,
@@ -322,7 +321,10 @@ mod tests {
         let u = usage(&[(key(1), &held)]);
         let next = BTreeMap::from([(key(2), Some(plan(50, 100))), (key(3), Some(plan(45, 200)))]);
         let e = check_fits(&limits(), &u, &next).unwrap_err();
-        assert!(matches!(e, DataplaneError::TooManyBackends { max: 100, .. }), "{e}");
+        assert!(
+            matches!(e, DataplaneError::TooManyBackends { max: 100, .. }),
+            "{e}"
+        );
         let next = BTreeMap::from([(key(2), Some(plan(50, 100))), (key(3), Some(plan(40, 200)))]);
         check_fits(&limits(), &u, &next).unwrap();
     }
@@ -335,10 +337,16 @@ mod tests {
         let b = plan(40, 100);
         let u = usage(&[(key(1), &a), (key(2), &b)]);
         let next = BTreeMap::from([(key(1), None), (key(3), Some(plan(60, 300)))]);
-        assert_eq!(check_fits(&limits(), &u, &next).unwrap(), vec![key(1), key(3)]);
+        assert_eq!(
+            check_fits(&limits(), &u, &next).unwrap(),
+            vec![key(1), key(3)]
+        );
         // A service that shrinks goes before one that grows.
         let next = BTreeMap::from([(key(1), Some(plan(20, 0))), (key(2), Some(plan(80, 100)))]);
-        assert_eq!(check_fits(&limits(), &u, &next).unwrap(), vec![key(1), key(2)]);
+        assert_eq!(
+            check_fits(&limits(), &u, &next).unwrap(),
+            vec![key(1), key(2)]
+        );
     }
 
     #[test]

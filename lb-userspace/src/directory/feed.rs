@@ -94,7 +94,12 @@ pub fn backends_by_service(
                     .map(|(_, a)| a)
             });
             let Some(identity) = identity else { continue };
-            if identity.is_ipv4() != key.addr.is_ipv4() || via.is_ipv4() != key.addr.is_ipv4() {
+            // The same rules as for a configured backend: a registration cannot make
+            // the data plane send a service's packets to a group, to loopback or to
+            // the VIP itself.
+            if crate::validate::backend_refusal(key, identity).is_some()
+                || crate::validate::backend_refusal(key, via).is_some()
+            {
                 continue;
             }
             let weight = if e.valid { server.weight() } else { 0 };
@@ -129,6 +134,8 @@ mod tests {
         t.add(&table, "b", "host2:8080", false);
         t.add(&table, "c", "hostless:8080", true);
         t.add(&table, "d", "[2001:db8::1]:8080", true);
+        t.add(&table, "e", "127.0.0.1:8080", true);
+        t.add(&table, "f", "198.18.0.100:8080", true);
         t.add(
             names::HOST_ROUTES,
             &crate::directory::tables::host_route_key("host2", 0),
@@ -147,7 +154,7 @@ mod tests {
                 ("198.18.0.11".to_string(), 3),
                 ("198.18.0.12".to_string(), 0)
             ],
-            "c has no route, d is of the other family"
+            "c has no route, d is of the other family, e is loopback, f the VIP itself"
         );
     }
 

@@ -354,12 +354,21 @@ mod tests {
         assert!(out.send.is_empty());
         assert!(n.master_in_sync());
         let renewal = n.renewal(Duration::from_millis(100));
-        n.handle(t0, Input::Submit(vec![put(names::LEASES, &lease_key("svc.x", "a"), &renewal)]));
-        assert!(n.handle(t0 + Duration::from_millis(50), Input::Expire).expired.is_empty());
+        n.handle(
+            t0,
+            Input::Submit(vec![put(names::LEASES, &lease_key("svc.x", "a"), &renewal)]),
+        );
+        assert!(n
+            .handle(t0 + Duration::from_millis(50), Input::Expire)
+            .expired
+            .is_empty());
         let late = n.handle(t0 + Duration::from_millis(150), Input::Expire);
         assert_eq!(late.expired.len(), 1, "{late:?}");
         assert!(!n.tables().get("svc.x", "a").unwrap().valid);
-        assert!(n.tables().get(names::LEASES, &lease_key("svc.x", "a")).is_none());
+        assert!(n
+            .tables()
+            .get(names::LEASES, &lease_key("svc.x", "a"))
+            .is_none());
     }
 
     #[test]
@@ -368,10 +377,26 @@ mod tests {
         let mut master = DirNode::new(1, false);
         let mut agent = DirNode::new(2, false);
         let peers = |p: NodeId| BTreeSet::from([p]);
-        master.handle(t0, Input::Roles { master: 1, backup: None, peers: peers(2) });
-        agent.handle(t0, Input::Roles { master: 1, backup: None, peers: peers(1) });
+        master.handle(
+            t0,
+            Input::Roles {
+                master: 1,
+                backup: None,
+                peers: peers(2),
+            },
+        );
+        agent.handle(
+            t0,
+            Input::Roles {
+                master: 1,
+                backup: None,
+                peers: peers(1),
+            },
+        );
         assert!(master.is_master() && !agent.is_master());
-        let mut wire = agent.handle(t0, Input::Submit(vec![put("svc.x", "b", "198.18.0.12:80")])).send;
+        let mut wire = agent
+            .handle(t0, Input::Submit(vec![put("svc.x", "b", "198.18.0.12:80")]))
+            .send;
         assert!(wire.iter().all(|(to, _)| *to == 1));
         // Deliver until quiet.
         for _ in 0..10 {

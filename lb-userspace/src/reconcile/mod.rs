@@ -18,8 +18,7 @@ use anyhow::{Context, Result};
 use tracing::{info, warn};
 
 use crate::{
-    api,
-    availability,
+    api, availability,
     dataplane::{check_fits, Dataplane},
     desired::{diff, Change, Desired},
     model::{mac_to_string, CheckConfig, DirBackend, LocalInterface, Neighbor, ServiceKey},
@@ -39,6 +38,9 @@ pub struct Known {
     pub availability: availability::Set,
     pub neighbors: BTreeMap<IpAddr, Neighbor>,
     pub interfaces: Vec<LocalInterface>,
+    /// This node's own addresses (its interfaces' addresses the config does not name
+    /// as VIPs): never a VIP.
+    pub own_addresses: BTreeSet<IpAddr>,
 }
 
 impl Known {
@@ -67,8 +69,15 @@ pub struct Reconciler<D: Dataplane> {
     behind: Option<String>,
 }
 
-/// Checks what the data plane would refuse, before anything is planned.
-pub fn validate(desired: &Desired, max_services: u32, max_size: u32) -> Result<()> {
+/// Checks what the data plane would refuse, and what must never reach it (see
+/// `crate::validate`), before anything is planned.
+pub fn validate(
+    desired: &Desired,
+    max_services: u32,
+    max_size: u32,
+    own: &BTreeSet<IpAddr>,
+) -> Result<()> {
+    crate::validate::desired(desired, own).map_err(|e| anyhow::anyhow!(e))?;
     if desired.services.len() > max_services as usize {
         anyhow::bail!(
             "{} services, but the data plane holds {max_services} (dataplane.max_services)",
@@ -76,8 +85,7 @@ pub fn validate(desired: &Desired, max_services: u32, max_size: u32) -> Result<(
         );
     }
     for (key, spec) in &desired.services {
-        if spec.config.maglev_size > max_size || !crate::maglev::is_prime(spec.config.maglev_size)
-        {
+        if spec.config.maglev_size > max_size || !crate::maglev::is_prime(spec.config.maglev_size) {
             anyhow::bail!(
                 "{key}: maglev_size {} must be a prime no larger than {max_size}",
                 spec.config.maglev_size,
@@ -246,7 +254,12 @@ impl<D: Dataplane> Reconciler<D> {
         save: &mut dyn FnMut(&Desired) -> Result<()>,
     ) -> Result<Vec<Change>> {
         let limits = self.dp.limits();
-        validate(&new, limits.services, limits.ring_stride)?;
+        validate(
+            &new,
+            limits.services,
+            limits.ring_stride,
+            &self.known.own_addresses,
+        )?;
         let changes = diff(&self.known.desired, &new);
         if changes.is_empty() {
             return Ok(changes);
@@ -428,9 +441,7 @@ impl<D: Dataplane> Reconciler<D> {
                 let dir = self.known.directory.get(*k);
                 changed.iter().any(|a| {
                     s.backends.get(a).is_some_and(|b| b.mac.is_none())
-                        || dir.is_some_and(|d| {
-                            d.contains_key(a) || d.values().any(|b| b.via == *a)
-                        })
+                        || dir.is_some_and(|d| d.contains_key(a) || d.values().any(|b| b.via == *a))
                 })
             })
             .map(|(k, _)| *k)

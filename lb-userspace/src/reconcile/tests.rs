@@ -102,10 +102,14 @@ fn a_change_that_does_not_fit_changes_nothing() {
     let before = r.dp.held(key(80)).cloned();
     let mut saved = 0;
     let e = r
-        .apply(desired(&[(80, 3, 1), (81, 6, 10), (82, 9, 20)]), false, &mut |_| {
-            saved += 1;
-            Ok(())
-        })
+        .apply(
+            desired(&[(80, 3, 1), (81, 6, 10), (82, 9, 20)]),
+            false,
+            &mut |_| {
+                saved += 1;
+                Ok(())
+            },
+        )
         .unwrap_err();
     assert!(format!("{e:#}").contains("backend slots"), "{e:#}");
     assert_eq!(saved, 0, "a refused change is not saved");
@@ -132,7 +136,11 @@ fn a_write_that_fails_is_rolled_back_with_the_saved_intent() {
         )
         .unwrap_err();
     assert!(format!("{e:#}").contains("injected"), "{e:#}");
-    assert_eq!(saves.len(), 2, "saved before the write, and back after it failed");
+    assert_eq!(
+        saves.len(),
+        2,
+        "saved before the write, and back after it failed"
+    );
     assert_eq!(saves[1], desired(&[(80, 3, 1)]));
     assert_eq!(r.desired(), &desired(&[(80, 3, 1)]));
     assert_holds_the_plan(&r);
@@ -195,18 +203,34 @@ fn inputs_from_outside_reach_the_maps_and_a_refused_one_is_retried() {
         )]),
     )]);
     assert_eq!(r.set_directory(dir).unwrap(), vec![key(80)]);
-    assert!(r.dp.held(key(80)).unwrap().backends.contains_key(&"198.18.0.50".parse().unwrap()));
+    assert!(r
+        .dp
+        .held(key(80))
+        .unwrap()
+        .backends
+        .contains_key(&"198.18.0.50".parse().unwrap()));
     assert_holds_the_plan(&r);
     // Health takes one out of the table; the view says why.
-    r.set_health(key(80), "198.18.0.1".parse().unwrap(), false).unwrap();
-    assert_eq!(r.dp.held(key(80)).unwrap().backends[&"198.18.0.1".parse().unwrap()].weight, 0);
+    r.set_health(key(80), "198.18.0.1".parse().unwrap(), false)
+        .unwrap();
+    assert_eq!(
+        r.dp.held(key(80)).unwrap().backends[&"198.18.0.1".parse().unwrap()].weight,
+        0
+    );
     assert!(!r.views()[0].backends[0].healthy);
     // A directory that grows beyond the backend ids is not written; once it
     // shrinks again, the maps catch up.
     let many: BTreeMap<IpAddr, DirBackend> = (100..130u8)
         .map(|i| {
             let a: IpAddr = format!("198.18.0.{i}").parse().unwrap();
-            (a, DirBackend { weight: 1, via: a, sphere: None })
+            (
+                a,
+                DirBackend {
+                    weight: 1,
+                    via: a,
+                    sphere: None,
+                },
+            )
         })
         .collect();
     let before = r.dp.held(key(80)).cloned();
@@ -225,7 +249,10 @@ fn unchanged_inputs_write_nothing() {
     r.set_epochs(BTreeMap::new()).unwrap();
     r.set_verdicts(BTreeMap::new()).unwrap();
     r.update_neighbors(BTreeMap::new()).unwrap();
-    assert!(r.apply(desired(&[(80, 2, 1)]), false, &mut never_saved()).unwrap().is_empty());
+    assert!(r
+        .apply(desired(&[(80, 2, 1)]), false, &mut never_saved())
+        .unwrap()
+        .is_empty());
     assert_eq!(r.dp.calls, calls);
 }
 
@@ -233,18 +260,41 @@ fn unchanged_inputs_write_nothing() {
 fn a_configured_backend_follows_its_host_route_in_the_directory() {
     let mut d = desired(&[(80, 1, 1)]);
     let b: IpAddr = "198.18.0.13".parse().unwrap();
-    d.services.get_mut(&key(80)).unwrap().backends.insert(b, BackendSpec::default());
+    d.services
+        .get_mut(&key(80))
+        .unwrap()
+        .backends
+        .insert(b, BackendSpec::default());
     let mut r = started(d);
-    let n = |mac: u8| Neighbor { ifindex: 2, mac: [2, 0, 0, 0, 0, mac] };
+    let n = |mac: u8| Neighbor {
+        ifindex: 2,
+        mac: [2, 0, 0, 0, 0, mac],
+    };
     r.update_neighbors(BTreeMap::from([(b, n(13))])).unwrap();
     let via = |v: &str| {
-        BTreeMap::from([(key(80), BTreeMap::from([(b, DirBackend { weight: 1, via: v.parse().unwrap(), sphere: None })]))])
+        BTreeMap::from([(
+            key(80),
+            BTreeMap::from([(
+                b,
+                DirBackend {
+                    weight: 1,
+                    via: v.parse().unwrap(),
+                    sphere: None,
+                },
+            )]),
+        )])
     };
     r.set_directory(via("198.18.0.13")).unwrap();
-    let mac = |r: &Reconciler<FakeDataplane>| r.dp.held(key(80)).unwrap().backends[&b].route.unwrap().dst_mac[5];
+    let mac = |r: &Reconciler<FakeDataplane>| {
+        r.dp.held(key(80)).unwrap().backends[&b]
+            .route
+            .unwrap()
+            .dst_mac[5]
+    };
     assert_eq!(mac(&r), 13);
     // The route fails over: the new next hop is resolved first, then the directory says so.
-    r.update_neighbors(BTreeMap::from([("198.18.0.53".parse().unwrap(), n(53))])).unwrap();
+    r.update_neighbors(BTreeMap::from([("198.18.0.53".parse().unwrap(), n(53))]))
+        .unwrap();
     r.set_directory(via("198.18.0.53")).unwrap();
     assert_eq!(mac(&r), 53);
 }

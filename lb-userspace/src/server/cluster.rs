@@ -7,13 +7,13 @@ use axum::{
     Json,
 };
 
-use super::{internal, not_found, ApiError, ApiResult, AppState};
+use super::{internal, not_found, ApiError, ApiJson, ApiQuery, ApiResult, AppState};
 use crate::{api, shell::clusterd::ClusterHandle};
 
 /// An operator marks a service available or not; every node hears of it.
 pub(super) async fn set_availability(
     State(s): State<AppState>,
-    Json(req): Json<api::SetAvailability>,
+    ApiJson(req): ApiJson<api::SetAvailability>,
 ) -> ApiResult<crate::availability::Record> {
     if !s.daemon.now().desired.services.contains_key(&req.service) {
         return Err(not_found(format!("no service {}", req.service)));
@@ -61,7 +61,7 @@ pub(super) async fn cluster(State(s): State<AppState>) -> ApiResult<api::Cluster
 
 pub(super) async fn quiesce(
     State(s): State<AppState>,
-    Json(req): Json<api::Quiesce>,
+    ApiJson(req): ApiJson<api::Quiesce>,
 ) -> ApiResult<api::Quiesce> {
     cluster_of(&s)?
         .set_quiesce(req.quiesce)
@@ -76,7 +76,7 @@ pub(super) async fn quiesce(
 /// one as it happens, until the client hangs up.
 pub(super) async fn events(
     State(s): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<api::EventsQuery>,
+    ApiQuery(q): ApiQuery<api::EventsQuery>,
 ) -> Result<Response, ApiError> {
     let c = cluster_of(&s)?.clone();
     let recent = c.recent_events();

@@ -3,7 +3,7 @@
 
 use axum::{extract::State, response::Response, Json};
 
-use super::{bad, internal, not_found, ApiResult, AppState};
+use super::{bad, internal, not_found, ApiJson, ApiQuery, ApiResult, AppState};
 use crate::{
     api::{self, Registration},
     directory::store::DirectoryStore,
@@ -12,7 +12,7 @@ use crate::{
 /// A backend's load and capacity, for the water marks.
 pub(super) async fn report_load(
     State(s): State<AppState>,
-    Json(req): Json<api::LoadReport>,
+    ApiJson(req): ApiJson<api::LoadReport>,
 ) -> ApiResult<api::LoadReported> {
     if req.ttl_ms == 0 {
         return Err(bad("ttl_ms must be positive"));
@@ -39,21 +39,21 @@ pub(super) async fn report_load(
 
 pub(super) async fn dir_search(
     State(s): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<api::TablePrefix>,
+    ApiQuery(q): ApiQuery<api::TablePrefix>,
 ) -> ApiResult<Vec<crate::directory::tables::Entry>> {
     Ok(Json(s.directory.search(&q.table, &q.prefix).await))
 }
 
 pub(super) async fn dir_find(
     State(s): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<api::TablePrefix>,
+    ApiQuery(q): ApiQuery<api::TablePrefix>,
 ) -> ApiResult<Vec<crate::directory::tables::CompleteRoute>> {
     Ok(Json(s.directory.find_server(&q.table, &q.prefix).await))
 }
 
 pub(super) async fn dir_add(
     State(s): State<AppState>,
-    Json(req): Json<api::DirAdd>,
+    ApiJson(req): ApiJson<api::DirAdd>,
 ) -> ApiResult<api::DirSubmitted> {
     // Applied here at once on the directory master; on another node, once the
     // master's push comes back (milliseconds).
@@ -66,7 +66,7 @@ pub(super) async fn dir_add(
 
 pub(super) async fn dir_delete(
     State(s): State<AppState>,
-    Json(req): Json<api::DirKey>,
+    ApiJson(req): ApiJson<api::DirKey>,
 ) -> ApiResult<api::DirDeleted> {
     let found = s
         .directory
@@ -84,7 +84,7 @@ pub(super) async fn dir_delete(
 
 pub(super) async fn dir_heartbeat(
     State(s): State<AppState>,
-    Json(req): Json<api::DirHeartbeat>,
+    ApiJson(req): ApiJson<api::DirHeartbeat>,
 ) -> ApiResult<api::DirValid> {
     let known = s
         .directory
@@ -106,7 +106,7 @@ pub(super) async fn dir_heartbeat(
 
 pub(super) async fn dir_register(
     State(s): State<AppState>,
-    Json(req): Json<Registration>,
+    ApiJson(req): ApiJson<Registration>,
 ) -> ApiResult<api::Registered> {
     if req.ttl_ms == 0 {
         return Err(bad("ttl_ms must be positive"));
@@ -118,19 +118,17 @@ pub(super) async fn dir_register(
         )));
     }
     s.directory.register(&req).await.map_err(internal)?;
-    Ok(Json(
-        api::Registered {
-            registered: req.instance(),
-            ttl_ms: req.ttl_ms,
-        },
-    ))
+    Ok(Json(api::Registered {
+        registered: req.instance(),
+        ttl_ms: req.ttl_ms,
+    }))
 }
 
 /// Newline-delimited subscription events for a table and key prefix, until the
 /// client hangs up.
 pub(super) async fn dir_subscribe(
     State(s): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<api::TablePrefix>,
+    ApiQuery(q): ApiQuery<api::TablePrefix>,
 ) -> Response {
     let events = s.directory.subscribe(&q.table, &q.prefix);
     let lines = futures::StreamExt::map(events, |e| {

@@ -45,6 +45,64 @@ pub struct AppState {
 
 pub struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
+/// The largest request body of the management API (a whole desired state with
+/// many backends).
+pub const MAX_API_BODY: usize = 32 << 20;
+
+/// `Json` whose refusals are the API's JSON errors naming what is wrong (an unknown
+/// field, a bad value), with axum's status (400, 413, 415), not its plain text.
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for ApiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(r) => {
+                let status = match r.status() {
+                    StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+                    s => s,
+                };
+                Err(ApiError(status, r.body_text()))
+            }
+        }
+    }
+}
+
+/// `Query` with the API's JSON errors.
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))
+    }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this endpoint takes another method (GET for reads, POST for changes); see docs/API.md"
+            .into(),
+    )
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(ErrorBody { error: self.1 })).into_response()
@@ -100,6 +158,8 @@ pub fn api_router(state: AppState) -> Router {
         .route("/v1/dir/register", post(dir_register))
         .route("/v1/dir/subscribe", get(dir_subscribe))
         .fallback(unknown)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
         .with_state(state)
 }
 
@@ -107,11 +167,7 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
     let stats = s.daemon.call(|d| d.stats()).await.map_err(internal)?;
     let status = s.daemon.now().status.clone();
     let cluster = s.cluster.as_ref().map(|c| c.view());
-    Ok(crate::metrics::render(
-        &status,
-        &stats,
-        cluster.as_ref(),
-    ))
+    Ok(crate::metrics::render(&status, &stats, cluster.as_ref()))
 }
 
 pub fn metrics_router(state: AppState) -> Router {

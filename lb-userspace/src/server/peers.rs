@@ -2,10 +2,18 @@
 //! replication and availability, framed and signed with the cluster key) and the
 //! registry port (registration and load reports only).
 
-use axum::{extract::State, http::StatusCode, response::{IntoResponse, Response}, routing::post, Router};
+use axum::{
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::post,
+    Router,
+};
 
 use super::{
-    bad, directory::{dir_heartbeat, dir_register, report_load}, internal, unknown, ApiError, AppState,
+    bad,
+    directory::{dir_heartbeat, dir_register, report_load},
+    internal, unknown, ApiError, AppState,
 };
 use crate::shell::{availd::AvailHandle, dird::DirHandle};
 

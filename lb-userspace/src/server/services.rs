@@ -6,9 +6,12 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use axum::{extract::State, Json};
 
-use super::{bad, internal, not_found, ApiError, ApiResult, AppState};
+use super::{bad, internal, not_found, ApiError, ApiJson, ApiResult, AppState};
 use crate::{
-    api::{self, AddBackend, AddService, Applied, BackendRef, DrainBackend, ServiceRef, SetWeight, Shutdown},
+    api::{
+        self, AddBackend, AddService, Applied, BackendRef, DrainBackend, ServiceRef, SetWeight,
+        Shutdown,
+    },
     desired::{BackendSpec, Desired, ServiceSpec},
     model::ServiceKey,
 };
@@ -18,18 +21,29 @@ pub(super) async fn status(State(s): State<AppState>) -> ApiResult<api::Status> 
 }
 
 pub(super) async fn services(State(s): State<AppState>) -> ApiResult<Vec<api::ServiceView>> {
-    s.daemon.call(|d| d.services()).await.map(Json).map_err(internal)
+    s.daemon
+        .call(|d| d.services())
+        .await
+        .map(Json)
+        .map_err(internal)
 }
 
 pub(super) async fn stats(State(s): State<AppState>) -> ApiResult<api::Stats> {
-    s.daemon.call(|d| d.stats()).await.map(Json).map_err(internal)
+    s.daemon
+        .call(|d| d.stats())
+        .await
+        .map(Json)
+        .map_err(internal)
 }
 
 pub(super) async fn desired(State(s): State<AppState>) -> ApiResult<Desired> {
     Ok(Json(s.daemon.now().desired.clone()))
 }
 
-pub(super) async fn add_service(State(s): State<AppState>, Json(req): Json<AddService>) -> ApiResult<Applied> {
+pub(super) async fn add_service(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<AddService>,
+) -> ApiResult<Applied> {
     change(&s, move |d| {
         let spec = d.services.entry(req.service).or_default();
         if let Some(c) = req.config {
@@ -42,7 +56,7 @@ pub(super) async fn add_service(State(s): State<AppState>, Json(req): Json<AddSe
 
 pub(super) async fn remove_service(
     State(s): State<AppState>,
-    Json(req): Json<ServiceRef>,
+    ApiJson(req): ApiJson<ServiceRef>,
 ) -> ApiResult<Applied> {
     change(&s, move |d| {
         d.services
@@ -53,7 +67,10 @@ pub(super) async fn remove_service(
     .await
 }
 
-pub(super) async fn add_backend(State(s): State<AppState>, Json(req): Json<AddBackend>) -> ApiResult<Applied> {
+pub(super) async fn add_backend(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<AddBackend>,
+) -> ApiResult<Applied> {
     if req.spec.is_none_or(|b| b.mac.is_none()) {
         prefetch(&s, vec![req.backend]).await;
     }
@@ -74,7 +91,7 @@ pub(super) async fn add_backend(State(s): State<AppState>, Json(req): Json<AddBa
 
 pub(super) async fn remove_backend(
     State(s): State<AppState>,
-    Json(req): Json<BackendRef>,
+    ApiJson(req): ApiJson<BackendRef>,
 ) -> ApiResult<Applied> {
     change(&s, move |d| {
         service_mut(d, req.service)?
@@ -88,7 +105,7 @@ pub(super) async fn remove_backend(
 
 pub(super) async fn drain_backend(
     State(s): State<AppState>,
-    Json(req): Json<DrainBackend>,
+    ApiJson(req): ApiJson<DrainBackend>,
 ) -> ApiResult<Applied> {
     change(&s, move |d| {
         backend_mut(d, req.service, req.backend)?.drain = req.drain;
@@ -97,7 +114,10 @@ pub(super) async fn drain_backend(
     .await
 }
 
-pub(super) async fn set_weight(State(s): State<AppState>, Json(req): Json<SetWeight>) -> ApiResult<Applied> {
+pub(super) async fn set_weight(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<SetWeight>,
+) -> ApiResult<Applied> {
     change(&s, move |d| {
         backend_mut(d, req.service, req.backend)?.weight = req.weight;
         Ok(())
@@ -105,7 +125,10 @@ pub(super) async fn set_weight(State(s): State<AppState>, Json(req): Json<SetWei
     .await
 }
 
-pub(super) async fn apply(State(s): State<AppState>, Json(req): Json<api::Apply>) -> ApiResult<Applied> {
+pub(super) async fn apply(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<api::Apply>,
+) -> ApiResult<Applied> {
     if !req.dry_run {
         let addrs = req
             .desired
@@ -131,7 +154,7 @@ pub(super) async fn apply(State(s): State<AppState>, Json(req): Json<api::Apply>
 
 pub(super) async fn shutdown(
     State(s): State<AppState>,
-    Json(req): Json<Shutdown>,
+    ApiJson(req): ApiJson<Shutdown>,
 ) -> ApiResult<api::ShuttingDown> {
     s.shutdown
         .send(req)
@@ -186,10 +209,7 @@ pub(super) fn backend_mut(
 pub(super) async fn prefetch(state: &AppState, addrs: Vec<IpAddr>) {
     let wanted: Vec<IpAddr> = {
         let known = state.daemon.now().known_neighbors.clone();
-        addrs
-            .into_iter()
-            .filter(|a| !known.contains(a))
-            .collect()
+        addrs.into_iter().filter(|a| !known.contains(a)).collect()
     };
     let mut found = BTreeMap::new();
     for addr in wanted {

@@ -11,14 +11,14 @@ use axum::{
     Json,
 };
 
-use super::{bad, internal, not_found, ApiError, ApiResult, AppState};
+use super::{bad, internal, not_found, ApiError, ApiJson, ApiQuery, ApiResult, AppState};
 use crate::{api, shell::handle::DaemonHandle};
 
 /// An operator bump goes to the SPM manager through the directory (so that every
 /// node gets the same epoch); answers once the new epoch is in this node's data plane.
 pub(super) async fn bump_epoch(
     State(s): State<AppState>,
-    Json(req): Json<api::ServiceRef>,
+    ApiJson(req): ApiJson<api::ServiceRef>,
 ) -> ApiResult<api::EpochBumped> {
     let service = req.service;
     let epoch_now = |d: DaemonHandle| async move {
@@ -167,7 +167,7 @@ pub(super) fn spm_answer(
 
 pub(super) async fn spm(
     State(s): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<api::SpmQuery>,
+    ApiQuery(q): ApiQuery<api::SpmQuery>,
 ) -> Result<Response, ApiError> {
     let views = s.daemon.call(|d| d.services()).await.map_err(internal)?;
     let (map, mismatch) = spm_answer(&views, &q)?;
@@ -181,7 +181,7 @@ pub(super) async fn spm(
 /// (checked every 100 ms), until the client goes away.
 pub(super) async fn spm_watch(
     State(s): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<api::SpmQuery>,
+    ApiQuery(q): ApiQuery<api::SpmQuery>,
 ) -> Result<Response, ApiError> {
     let views = s.daemon.call(|d| d.services()).await.map_err(internal)?;
     let (first, _) = spm_answer(&views, &q)?;

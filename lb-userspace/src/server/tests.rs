@@ -4,7 +4,10 @@
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use crate::{
-    api::{self, client::{Client, ClientError}},
+    api::{
+        self,
+        client::{Client, ClientError},
+    },
     config::Config,
     dataplane::{fake::FakeDataplane, Limits},
     desired::BackendSpec,
@@ -150,7 +153,8 @@ async fn a_change_beyond_the_backend_slots_is_refused_with_its_reason_and_change
     let mut too_big = before.clone();
     let svc = too_big.services.get_mut(&key()).unwrap();
     for i in 20..40u8 {
-        svc.backends.insert(ip(&format!("198.18.0.{i}")), with_mac(i).unwrap());
+        svc.backends
+            .insert(ip(&format!("198.18.0.{i}")), with_mac(i).unwrap());
     }
     let e = a
         .client
@@ -163,7 +167,10 @@ async fn a_change_beyond_the_backend_slots_is_refused_with_its_reason_and_change
         )
         .await
         .unwrap_err();
-    let ClientError::Daemon { message, status, .. } = e else {
+    let ClientError::Daemon {
+        message, status, ..
+    } = e
+    else {
         panic!("{e}")
     };
     assert_eq!(status, 400);
@@ -179,7 +186,13 @@ async fn a_dry_run_lists_the_changes_and_makes_none() {
     new.services.get_mut(&key()).unwrap().backends.clear();
     let r: api::Applied = a
         .client
-        .post("/v1/apply", &api::Apply { desired: new, dry_run: true })
+        .post(
+            "/v1/apply",
+            &api::Apply {
+                desired: new,
+                dry_run: true,
+            },
+        )
         .await
         .unwrap();
     assert!(r.dry_run);
@@ -202,7 +215,10 @@ async fn unknown_services_and_backends_are_404_with_a_way_out() {
         )
         .await
         .unwrap_err();
-    let ClientError::Daemon { message, status, .. } = e else {
+    let ClientError::Daemon {
+        message, status, ..
+    } = e
+    else {
         panic!("{e}")
     };
     assert_eq!(status, 404);

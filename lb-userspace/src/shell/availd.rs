@@ -71,7 +71,10 @@ pub struct AvailHandle {
     path: PathBuf,
     daemon: DaemonHandle,
     key: Arc<Vec<u8>>,
-    cluster: Option<(crate::shell::clusterd::ClusterHandle, crate::config::ClusterConfig)>,
+    cluster: Option<(
+        crate::shell::clusterd::ClusterHandle,
+        crate::config::ClusterConfig,
+    )>,
     synced: Arc<AtomicBool>,
     pub rejected: Arc<AtomicU64>,
 }
@@ -252,7 +255,10 @@ pub fn start(
     set: Set,
     state_dir: &Path,
     daemon: DaemonHandle,
-    cluster: Option<(crate::shell::clusterd::ClusterHandle, crate::config::ClusterConfig)>,
+    cluster: Option<(
+        crate::shell::clusterd::ClusterHandle,
+        crate::config::ClusterConfig,
+    )>,
 ) -> AvailHandle {
     let key = cluster
         .as_ref()

@@ -163,11 +163,7 @@ impl Actions {
 
 /// The node's own tests: its VIP interface is up, the program is attached, and at
 /// least one backend is reachable (or it has none to reach).
-async fn self_test(
-    daemon: &DaemonHandle,
-    neighbors: &NeighborTable,
-    interface: &str,
-) -> bool {
+async fn self_test(daemon: &DaemonHandle, neighbors: &NeighborTable, interface: &str) -> bool {
     let up = neighbors.link_up(interface).await.unwrap_or(false);
     let status = daemon.now().status.clone();
     let attached = !status.interfaces.is_empty();

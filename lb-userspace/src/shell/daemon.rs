@@ -18,8 +18,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::{
-    api,
-    availability,
+    api, availability,
     config::{Config, XdpModeName},
     dataplane::{
         loader::{Attached, Program, Programs},
@@ -28,8 +27,8 @@ use crate::{
     },
     desired::{Change, Desired},
     model::{CheckConfig, DirBackend, LocalInterface, Neighbor, ServiceKey},
-    shell::neighbor::NeighborTable,
     reconcile::{Known, Reconciler},
+    shell::neighbor::NeighborTable,
     watermark::Verdict,
 };
 
@@ -82,7 +81,41 @@ async fn resolve_all(
             }
         }
     });
-    futures::future::join_all(asks).await.into_iter().flatten().collect()
+    futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// This node's own addresses: those of its data-plane and VIP interfaces that the
+/// config does not name as VIPs (a standalone node may carry its VIPs statically).
+pub async fn own_addresses(config: &Config, neighbors: &NeighborTable) -> Result<BTreeSet<IpAddr>> {
+    let mut names: Vec<&str> = config.interfaces.iter().map(|i| i.name.as_str()).collect();
+    if let Some(c) = &config.cluster {
+        names.push(&c.vip_interface);
+    }
+    let vips: BTreeSet<IpAddr> = config
+        .desired
+        .services
+        .keys()
+        .map(|k| k.addr)
+        .chain(
+            config
+                .cluster
+                .iter()
+                .flat_map(|c| c.preferred.iter().copied()),
+        )
+        .collect();
+    let mut own = BTreeSet::new();
+    for name in names {
+        let i = neighbors.interface(name).await?;
+        own.extend(neighbors.addresses(i.ifindex).await?);
+    }
+    if let Some(c) = &config.cluster {
+        own.insert(c.id);
+    }
+    Ok(own.difference(&vips).copied().collect())
 }
 
 fn save_desired(dir: &std::path::Path, from_config: &Desired, desired: &Desired) -> Result<()> {
@@ -90,7 +123,10 @@ fn save_desired(dir: &std::path::Path, from_config: &Desired, desired: &Desired)
         from_config: from_config.clone(),
         desired: desired.clone(),
     };
-    crate::shell::state_file::write_atomic(&dir.join(DESIRED_FILE), &serde_json::to_vec_pretty(&saved)?)
+    crate::shell::state_file::write_atomic(
+        &dir.join(DESIRED_FILE),
+        &serde_json::to_vec_pretty(&saved)?,
+    )
 }
 
 impl Daemon<MapManager> {
@@ -111,8 +147,16 @@ impl Daemon<MapManager> {
         }
         let resumed = config.node.pin_dir.join(map_names::VIPS).exists();
         let (programs, maps) = Programs::load(&config.load_options())?;
-        match Self::take_over(config, neighbors, availability, locals, resumed, programs, maps)
-            .await
+        match Self::take_over(
+            config,
+            neighbors,
+            availability,
+            locals,
+            resumed,
+            programs,
+            maps,
+        )
+        .await
         {
             Ok(d) => Ok(d),
             Err(mut failed) => {
@@ -163,8 +207,12 @@ impl Daemon<MapManager> {
             }
             None => config.desired.clone(),
         };
+        let own = match own_addresses(&config, neighbors).await {
+            Ok(o) => o,
+            Err(e) => return Err(fail(programs, vec![], e)),
+        };
         if let Err(e) =
-            crate::reconcile::validate(&desired, config.max_services, config.maglev_max_size)
+            crate::reconcile::validate(&desired, config.max_services, config.maglev_max_size, &own)
         {
             return Err(fail(programs, vec![], e));
         }
@@ -199,6 +247,7 @@ impl Daemon<MapManager> {
                 desired,
                 availability,
                 interfaces: locals.clone(),
+                own_addresses: own,
                 ..Known::default()
             },
         );

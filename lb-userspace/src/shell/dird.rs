@@ -124,8 +124,8 @@ impl DirHandle {
         let (applied, wanted) = self.step(Input::Submit(changes));
         if applied > 0 {
             let mut fed = self.fed.subscribe();
-            let _ = tokio::time::timeout(Duration::from_secs(3), fed.wait_for(|n| *n >= wanted))
-                .await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(3), fed.wait_for(|n| *n >= wanted)).await;
         }
         Ok(applied)
     }
@@ -196,7 +196,8 @@ impl DirHandle {
     /// Writes the entry if the replica does not hold it like this, valid.
     async fn put_if_changed(&self, table: &str, key: &str, value: &str) -> Result<()> {
         let current = self.with_tables(|t| t.get(table, key));
-        if current.as_ref().map(|e| e.value.as_str()) != Some(value) || current.is_some_and(|e| !e.valid)
+        if current.as_ref().map(|e| e.value.as_str()) != Some(value)
+            || current.is_some_and(|e| !e.valid)
         {
             self.put_entry(table, key, value, true).await?;
         }
@@ -242,7 +243,8 @@ impl DirHandle {
         let table = names::service(&r.service.to_string());
         let key = r.instance();
         self.put_if_changed(&table, &key, &r.value()).await?;
-        self.renew(&table, &key, Duration::from_millis(r.ttl_ms)).await
+        self.renew(&table, &key, Duration::from_millis(r.ttl_ms))
+            .await
     }
 
     /// A backend's load report, valid for `ttl` unless renewed.

@@ -16,8 +16,7 @@ use anyhow::Result;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
-    api,
-    availability,
+    api, availability,
     dataplane::Dataplane,
     desired::{Change, Desired},
     directory::feed::Feed,
@@ -48,7 +47,11 @@ pub struct Published {
 pub trait Core: Send {
     fn desired(&self) -> &Desired;
     fn apply(&mut self, new: Desired, dry_run: bool) -> Result<Vec<Change>>;
-    fn set_feed(&mut self, feed: Feed, neighbors: BTreeMap<IpAddr, Neighbor>) -> Result<Vec<ServiceKey>>;
+    fn set_feed(
+        &mut self,
+        feed: Feed,
+        neighbors: BTreeMap<IpAddr, Neighbor>,
+    ) -> Result<Vec<ServiceKey>>;
     fn set_availability(&mut self, set: availability::Set) -> Result<()>;
     fn set_health(&mut self, key: ServiceKey, addr: IpAddr, healthy: bool) -> Result<()>;
     fn update_neighbors(&mut self, fresh: BTreeMap<IpAddr, Neighbor>) -> Result<Vec<IpAddr>>;
@@ -69,7 +72,11 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
     fn apply(&mut self, new: Desired, dry_run: bool) -> Result<Vec<Change>> {
         Daemon::apply(self, new, dry_run)
     }
-    fn set_feed(&mut self, feed: Feed, neighbors: BTreeMap<IpAddr, Neighbor>) -> Result<Vec<ServiceKey>> {
+    fn set_feed(
+        &mut self,
+        feed: Feed,
+        neighbors: BTreeMap<IpAddr, Neighbor>,
+    ) -> Result<Vec<ServiceKey>> {
         Daemon::set_feed(self, feed, neighbors)
     }
     fn set_availability(&mut self, set: availability::Set) -> Result<()> {
@@ -188,7 +195,11 @@ enum Recv {
 }
 
 /// A receive with a deadline, on the daemon thread's own small runtime.
-fn recv_timeout(rt: &tokio::runtime::Runtime, rx: &mut mpsc::Receiver<Job>, wait: Duration) -> Recv {
+fn recv_timeout(
+    rt: &tokio::runtime::Runtime,
+    rx: &mut mpsc::Receiver<Job>,
+    wait: Duration,
+) -> Recv {
     rt.block_on(async {
         match tokio::time::timeout(wait, rx.recv()).await {
             Ok(Some(j)) => Recv::Job(j),

@@ -5,8 +5,8 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use anyhow::{bail, Context, Result};
 use crate::{health::Health, model::Probe};
+use anyhow::{bail, Context, Result};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpStream, UdpSocket},
@@ -84,13 +84,10 @@ pub async fn run_checks(daemon: crate::shell::handle::DaemonHandle) {
     use tokio::time::Instant;
     let mut states: BTreeMap<(crate::model::ServiceKey, std::net::IpAddr), (Health, Instant)> =
         BTreeMap::new();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(
-        crate::model::ServiceKey,
-        std::net::IpAddr,
-        bool,
-        u32,
-        u32,
-    )>(256);
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<(crate::model::ServiceKey, std::net::IpAddr, bool, u32, u32)>(
+            256,
+        );
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
         tokio::select! {

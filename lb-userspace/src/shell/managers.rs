@@ -89,8 +89,10 @@ async fn manage_load(h: &DirHandle, runs: &mut BTreeMap<ServiceKey, Instant>) ->
         let svc = key.to_string();
         let (samples, previous) = h.with_tables(|t| {
             let rows = t.search(watermark::LOAD_TABLE, &format!("{svc}|"));
-            let samples =
-                watermark::samples(rows.iter().map(|e| (e.key.as_str(), e.value.as_str(), e.valid)));
+            let samples = watermark::samples(
+                rows.iter()
+                    .map(|e| (e.key.as_str(), e.value.as_str(), e.valid)),
+            );
             let previous: Vec<Verdict> = t
                 .get(watermark::VERDICT_TABLE, &svc)
                 .and_then(|e| serde_json::from_str(&e.value).ok())

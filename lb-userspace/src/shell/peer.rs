@@ -55,4 +55,3 @@ pub async fn post_to_peer(
     anyhow::ensure!(status.is_success(), "HTTP {status}");
     Ok(bytes.to_vec())
 }
-

@@ -419,6 +419,7 @@ pub struct EpochRecord {
 /// A service's SPM settings, from its `[service.spm]` section.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
+#[serde(deny_unknown_fields)]
 pub struct Settings {
     /// serviceId in the map; default: the service's key (`addr:port/proto`).
     pub id: Option<String>,

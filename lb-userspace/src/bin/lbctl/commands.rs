@@ -80,7 +80,12 @@ pub fn read_apply(cmd: &Cmd) -> Result<Option<api::Apply>, Failure> {
     }))
 }
 
-pub async fn run(client: &Client, out: Output, cmd: Cmd, apply: Option<api::Apply>) -> Result<(), Failure> {
+pub async fn run(
+    client: &Client,
+    out: Output,
+    cmd: Cmd,
+    apply: Option<api::Apply>,
+) -> Result<(), Failure> {
     match cmd {
         Cmd::Completions { .. } => unreachable!("handled without lbd"),
         Cmd::Status => {
@@ -226,7 +231,9 @@ async fn service(client: &Client, out: Output, cmd: ServiceCmd) -> Result<(), Fa
             let r: api::EpochBumped = client
                 .post("/v1/services/bump-epoch", &api::ServiceRef { service })
                 .await?;
-            show(out, &r, |r| println!("service {}: epoch {}", r.service, r.epoch));
+            show(out, &r, |r| {
+                println!("service {}: epoch {}", r.service, r.epoch)
+            });
         }
         ServiceCmd::Remove { service } => {
             let r: Applied = client
@@ -559,7 +566,11 @@ async fn spm(client: &Client, out: Output, cmd: SpmCmd) -> Result<(), Failure> {
             match client.get::<Spm>(&format!("/v1/spm?{}", query(&q))).await {
                 Ok(map) => show(out, &map, render::spm),
                 // An epoch mismatch carries the new map: print it, then fail.
-                Err(api::client::ClientError::Daemon { message, status: 409, body }) => {
+                Err(api::client::ClientError::Daemon {
+                    message,
+                    status: 409,
+                    body,
+                }) => {
                     if let Ok(m) = serde_json::from_slice::<api::EpochMismatch>(&body) {
                         show(out, &m, |m| render::spm(&m.map));
                     }

@@ -233,7 +233,11 @@ pub fn spm(map: &Spm) {
             .as_ref()
             .or(map.spec.as_ref())
             .map_or("-", |s| s.service_id.as_str());
-        let epoch = e.sphere.as_ref().or(map.sphere.as_ref()).map_or(0, |s| s.epoch);
+        let epoch = e
+            .sphere
+            .as_ref()
+            .or(map.sphere.as_ref())
+            .map_or(0, |s| s.epoch);
         let backups: Vec<String> = e
             .backups
             .iter()

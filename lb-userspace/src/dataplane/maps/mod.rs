@@ -231,9 +231,7 @@ impl MapManager {
 
     fn set_backend(&mut self, id: u32, entry: Backend) -> Result<()> {
         self.writing()?;
-        self.backends
-            .set(id, entry, 0)
-            .map_ctx(map_names::BACKENDS)
+        self.backends.set(id, entry, 0).map_ctx(map_names::BACKENDS)
     }
 
     fn set_route(&mut self, id: u32, route: Route) -> Result<()> {

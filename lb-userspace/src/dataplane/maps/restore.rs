@@ -4,8 +4,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{
-    map_names, Backend, SphereKey, SphereMeta, VipKey, VipMeta, BACKEND_F_ACTIVE, FAMILY_V4, FAMILY_V6,
-    RING_EMPTY,
+    map_names, Backend, SphereKey, SphereMeta, VipKey, VipMeta, BACKEND_F_ACTIVE, FAMILY_V4,
+    FAMILY_V6, RING_EMPTY,
 };
 
 use super::{addr_of, is_missing, service_key_of, vip_key, BackendState, MapManager, ServiceState};
@@ -58,10 +58,7 @@ impl MapManager {
         let mut sphere_keys: BTreeMap<u32, Vec<(u32, SphereKey, SphereMeta)>> = BTreeMap::new();
         for k in self.spheres.keys() {
             let k = k.map_ctx(map_names::SPHERES)?;
-            let v = self
-                .spheres
-                .get(&k, 0)
-                .map_ctx(map_names::SPHERES)?;
+            let v = self.spheres.get(&k, 0).map_ctx(map_names::SPHERES)?;
             let data = k.data();
             sphere_keys
                 .entry(data.ring_offset)
@@ -76,7 +73,10 @@ impl MapManager {
                 continue;
             }
             let slot = (meta.ring_offset / stride) as usize % 2;
-            let live_rules = sphere_keys.get(&meta.ring_offset).cloned().unwrap_or_default();
+            let live_rules = sphere_keys
+                .get(&meta.ring_offset)
+                .cloned()
+                .unwrap_or_default();
             let len = live_rules
                 .iter()
                 .map(|(_, _, m)| m.offset + m.size)
@@ -97,7 +97,14 @@ impl MapManager {
                 };
                 let route = self.routes.get(&b.route_id, 0).map_ctx(map_names::ROUTES)?;
                 self.free_backend_ids.remove(&id);
-                backends.insert(addr, BackendState { id, entry: b, route });
+                backends.insert(
+                    addr,
+                    BackendState {
+                        id,
+                        entry: b,
+                        route,
+                    },
+                );
             }
             let spare_offset = (meta.vip_id * 2 + (1 - slot) as u32) * stride;
             let keys = |rules: Vec<(u32, SphereKey, SphereMeta)>| -> Vec<(u32, SphereKey)> {
@@ -162,7 +169,11 @@ impl MapManager {
             }
             let v = self.spheres.get(&k, 0).map_ctx(map_names::SPHERES)?;
             let prefix = (k.prefix_len() - 32) as u8;
-            let family = if key.addr.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 };
+            let family = if key.addr.is_ipv4() {
+                FAMILY_V4
+            } else {
+                FAMILY_V6
+            };
             if let Some(net) = addr_of(&data.addr, family) {
                 subnets.push((net, prefix, v.offset, v.size));
             }
@@ -189,5 +200,4 @@ impl MapManager {
             subnets,
         }))
     }
-
 }

@@ -52,7 +52,13 @@ impl MapManager {
         Ok(())
     }
 
-    pub(super) fn write(&mut self, key: ServiceKey, plan: &ServicePlan, l: &Layout, undo: &mut Undo) -> Result<()> {
+    pub(super) fn write(
+        &mut self,
+        key: ServiceKey,
+        plan: &ServicePlan,
+        l: &Layout,
+        undo: &mut Undo,
+    ) -> Result<()> {
         let stride = self.limits.ring_stride;
         if !self.services.contains_key(&key) {
             let vip_id = *self.free_vip_ids.first().expect("checked");
@@ -132,7 +138,13 @@ impl MapManager {
         let cells: Vec<u32> = l
             .cells
             .iter()
-            .map(|&c| if c == RING_EMPTY { RING_EMPTY } else { ids[c as usize] })
+            .map(|&c| {
+                if c == RING_EMPTY {
+                    RING_EMPTY
+                } else {
+                    ids[c as usize]
+                }
+            })
             .collect();
         let s = &self.services[&key];
         let active = s.active_slot;
@@ -163,8 +175,10 @@ impl MapManager {
                 .as_ref()
                 .is_some_and(|sh| sh.len() >= cells.len() && sh[..cells.len()] == cells[..])
             && {
-                let mut want: Vec<(u32, SphereKey)> =
-                    keys_for(active_offset).into_iter().map(|(k, _)| k).collect();
+                let mut want: Vec<(u32, SphereKey)> = keys_for(active_offset)
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .collect();
                 let mut have = s.sphere_keys[active].clone();
                 want.sort_by_key(|(p, k)| (*p, k.addr));
                 have.sort_by_key(|(p, k)| (*p, k.addr));
@@ -348,5 +362,4 @@ impl MapManager {
             .insert(key, meta, 0)
             .map_ctx(map_names::VIP_ADDRS)
     }
-
 }
