@@ -489,21 +489,23 @@ fn with_two_routes_to_a_backend_a_failed_link_moves_its_traffic_to_the_other() {
 }
 
 #[test]
-fn a_backend_registers_itself_over_http_from_its_own_host() {
+fn a_backend_registers_itself_from_its_own_host_signed_and_unsigned_requests_are_refused() {
     let env = Env::new("selfreg", &["b1", "b2"]);
+    let b3 = &env.lab.host("b3").ns;
+    // Anyone who reaches the port but has not the key is refused, and counted.
     let body =
         format!(r#"{{"service":"{SVC}","address":"198.18.0.13","port":8080,"ttl_ms":5000}}"#);
-    let out = env
-        .lab
-        .host("b3")
-        .ns
+    let out = b3
         .exec(
             "curl",
             &[
                 "-s",
-                "-f",
                 "-m",
                 "3",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
                 "-X",
                 "POST",
                 "-H",
@@ -514,23 +516,52 @@ fn a_backend_registers_itself_over_http_from_its_own_host() {
             ],
         )
         .expect("curl from b3");
-    let answer = String::from_utf8_lossy(&out.stdout);
-    assert!(answer.contains("198.18.0.13:8080"), "{answer}");
-    let start = Instant::now();
-    loop {
-        if env.spread(30).contains_key("b3") {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "b3 never got a connection"
-        );
-    }
+    let code = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        code == "400" || code == "401",
+        "an unsigned registration answered {code}"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&env.lbctl_ok(&["-o", "json", "status"])).unwrap();
+    let refused: u64 = status["rejected"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("registry/"))
+        .map(|(_, n)| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(refused, 1, "{status}");
+    let rows = env.lbctl_ok(&["-o", "json", "dir", "search", &format!("svc.{SVC}")]);
+    assert!(
+        !rows.contains("198.18.0.13"),
+        "registered without the key: {rows}"
+    );
+    // With the key, from b3 itself, through lbctl.
+    let key = env.dir.join("registry.key");
+    std::fs::write(&key, REGISTRY_KEY).unwrap();
+    let mut cmd = b3.command(&binary("lbctl").to_string_lossy());
+    cmd.args([
+        "backend",
+        "register",
+        "--service",
+        SVC,
+        "--addr",
+        "198.18.0.13:8080",
+        "--ttl",
+        "2s",
+        "--registry",
+        "198.18.0.2:9470",
+        "--registry-key-file",
+    ])
+    .arg(&key)
+    .stdout(std::process::Stdio::null());
+    let mut register = cmd.spawn().expect("lbctl backend register from b3");
+    let joined = env.spread_until(30, "b3 never got a connection", |s| s.contains_key("b3"));
+    eprintln!("a signed registration from b3 took connections after {joined:?}");
+    let _ = register.kill();
+    let _ = register.wait();
     // Only registration is open on that port, not the management API.
-    let out = env
-        .lab
-        .host("b3")
-        .ns
+    let out = b3
         .exec(
             "curl",
             &[

@@ -9,7 +9,8 @@ mod common;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
-    time::Duration,
+    path::Path,
+    time::{Duration, Instant},
 };
 
 use common::{maps::*, *};
@@ -307,4 +308,162 @@ fn addresses_and_macs_the_data_plane_must_not_use_are_refused() {
         env.lbctl_ok(&["-o", "json", "service", "list"]),
         list_before
     );
+}
+fn vm_hwm_kb(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Item 7: bodies on the peer port are capped and authenticated before they are
+/// buffered: four 60 MiB unsigned posts cost lbd next to no memory.
+#[test]
+fn unauthenticated_peer_bodies_are_not_buffered() {
+    let mut env = Env::new("bodies", &["b1"]);
+    let mut text = std::fs::read_to_string(&env.config).unwrap();
+    text.push_str("\n[cluster]\nid = \"198.18.0.2\"\npeers = [\"198.18.0.3:7400\"]\nport = 7400\nkey = \"0123456789abcdef0123\"\n");
+    std::fs::write(&env.config, text).unwrap();
+    env.lbd.as_ref().unwrap().signal(Signal::SIGTERM).unwrap();
+    env.lbd
+        .as_mut()
+        .unwrap()
+        .wait_timeout(Duration::from_secs(5))
+        .unwrap();
+    env.start_lbd();
+    let pid = env.lbd.as_ref().unwrap().pid();
+    let before = vm_hwm_kb(pid);
+    let blob = env.dir.join("blob");
+    std::fs::write(&blob, vec![b'x'; 60 << 20]).unwrap();
+    let blob = blob.to_string_lossy().to_string();
+    let posts: Vec<_> = (0..4)
+        .map(|_| {
+            let blob = blob.clone();
+            env.lab.host("client").ns.spawn(move || {
+                let out = std::process::Command::new("curl")
+                    .args([
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "-m",
+                        "20",
+                        "-H",
+                        "x-lb-node: 1",
+                        "--data-binary",
+                        &format!("@{blob}"),
+                        "http://198.18.0.2:7401/v1/dsd",
+                    ])
+                    .output()?;
+                Ok(String::from_utf8_lossy(&out.stdout).to_string())
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let codes: Vec<String> = posts
+        .into_iter()
+        .map(|p| p.join().unwrap().unwrap())
+        .collect();
+    let after = vm_hwm_kb(pid);
+    eprintln!("4 × 60 MiB unsigned posts: answered {codes:?} in {:?}; lbd peak RSS {before} kB -> {after} kB", started.elapsed());
+    for c in &codes {
+        assert!(["400", "401", "413"].contains(&c.as_str()), "answered {c}");
+    }
+    assert!(
+        after < before + 16 * 1024,
+        "peak RSS grew from {before} kB to {after} kB"
+    );
+}
+
+fn check_config(env: &Env, text: &str) -> std::process::Output {
+    std::fs::write(&env.config, text).unwrap();
+    env.lab
+        .host("lb1")
+        .ns
+        .command(&binary("lbd").to_string_lossy())
+        .args(["--check", "--config", &env.config.to_string_lossy()])
+        .output()
+        .unwrap()
+}
+
+/// Item 8: `lbd --check` refuses what a start would refuse, naming the field; a start
+/// that fails after touching the kernel leaves nothing behind.
+#[test]
+fn check_refuses_what_start_refuses_and_a_failed_start_leaves_nothing() {
+    let mut env = Env::new("check", &["b1"]);
+    env.lbd.as_ref().unwrap().signal(Signal::SIGTERM).unwrap();
+    env.lbd
+        .as_mut()
+        .unwrap()
+        .wait_timeout(Duration::from_secs(5))
+        .unwrap();
+    // Start from nothing: no pins, no program.
+    let _ = std::fs::remove_dir_all(&env.pin_dir);
+    let good = std::fs::read_to_string(&env.config).unwrap();
+    let out = check_config(&env, &good);
+    assert!(
+        out.status.success(),
+        "--check refused the good config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cases = [
+        ("registry_listen", good.replace("registry_listen = \"198.18.0.2:9470\"", "registry_listen = \"203.0.113.1:9470\"")),
+        ("conn_table_size", good.replace("conn_table_size = 16384", "conn_table_size = 4294967295")),
+        ("interfaces", good.replace("name = \"eth0\"", "name = \"nosuch0\"")),
+        ("vip_interface", format!("{good}\n[cluster]\nid = \"198.18.0.2\"\npeers = [\"198.18.0.3:7400\"]\nkey = \"0123456789abcdef0123\"\nvip_interface = \"nosuch0\"\n")),
+    ];
+    for (field, text) in &cases {
+        let out = check_config(&env, text);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "--check passed a bad {field}: {}{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            stderr.contains(field),
+            "--check did not name {field}: {stderr}"
+        );
+        // A start fails too, and leaves no pins, no program and no socket behind.
+        let log = env.dir.join(format!("start-{field}.log"));
+        let mut p = env
+            .lab
+            .spawn(
+                "lb1",
+                &binary("lbd"),
+                &["--config", &env.config.to_string_lossy()],
+                &log,
+            )
+            .unwrap();
+        let status = p.wait_timeout(Duration::from_secs(20)).unwrap();
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "lbd started with a bad {field}"
+        );
+        let pins: Vec<_> = std::fs::read_dir(&env.pin_dir)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            pins.is_empty(),
+            "a failed start ({field}) left pins: {pins:?}"
+        );
+        let link = env
+            .lab
+            .host("lb1")
+            .ns
+            .exec("ip", &["link", "show", "eth0"])
+            .unwrap();
+        assert!(
+            !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+            "a failed start ({field}) left a program on eth0"
+        );
+        assert!(
+            !Path::new(&env.socket).exists(),
+            "a failed start ({field}) left its socket"
+        );
+    }
 }

@@ -49,6 +49,21 @@ pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> 
     );
     let _ = writeln!(out, "lb_conn_table_entries {}", stats.conn_table_entries);
 
+    family(
+        &mut out,
+        "lb_peer_requests_rejected_total",
+        "counter",
+        "Requests refused on the peer and registry ports, by port and reason (bad_mac: not signed with the key).",
+    );
+    for (what, n) in &status.rejected {
+        let (port, reason) = what.split_once('/').unwrap_or((what, ""));
+        let _ = writeln!(
+            out,
+            "lb_peer_requests_rejected_total{{port=\"{}\",reason=\"{}\"}} {n}",
+            escape(port),
+            escape(reason)
+        );
+    }
     family(&mut out, "lb_dataplane_packets_total", "counter", "Packets by the data plane's outcome (pass_*, drop_*, tx, redirect) and LRU lookups (lru_*).");
     for (name, v) in &stats.global {
         let _ = writeln!(out, "lb_dataplane_packets_total{{outcome=\"{name}\"}} {v}");

@@ -71,6 +71,7 @@ state_dir = "{dir}/state"
 pin_dir = "{pin}"
 # Backends register themselves here (lb1's own address in the lab).
 registry_listen = "198.18.0.2:9470"
+registry_key = "{registry_key}"
 
 [dataplane]
 interfaces = [{{ name = "eth0", xdp_mode = "skb" }}]
@@ -89,6 +90,7 @@ protocol = "udp"
 {list}"#,
         dir = dir.display(),
         pin = pin_dir.display(),
+        registry_key = REGISTRY_KEY,
         vip = standard::VIP,
         port = standard::SERVICE_PORT,
         check = check,
@@ -251,3 +253,6 @@ impl Drop for Env {
 }
 
 pub const SVC: &str = "tcp/198.18.0.100:8080";
+
+/// The registry key of the standard config (`node.registry_key`).
+pub const REGISTRY_KEY: &str = "registry-key-0123456789";

@@ -1,4 +1,5 @@
-//! lbctl's side of the management API: HTTP/1.1 over the daemon's Unix socket.
+//! lbctl's side of the management API: HTTP/1.1 over the daemon's Unix socket, or
+//! over TCP to a registry port, with bodies signed with the registry key.
 
 use std::path::{Path, PathBuf};
 
@@ -27,14 +28,27 @@ pub enum ClientError {
     Protocol { path: PathBuf, message: String },
 }
 
+#[derive(Clone)]
 pub struct Client {
+    /// The API socket, or for a registry client its address (shown in errors).
     socket: PathBuf,
+    registry: Option<(std::net::SocketAddr, Vec<u8>)>,
 }
 
 impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Self {
             socket: socket.into(),
+            registry: None,
+        }
+    }
+
+    /// A client of a registry port (`node.registry_listen`): requests over TCP, each
+    /// body signed with the registry key.
+    pub fn registry(addr: std::net::SocketAddr, key: Vec<u8>) -> Self {
+        Self {
+            socket: PathBuf::from(addr.to_string()),
+            registry: Some((addr, key)),
         }
     }
 
@@ -89,11 +103,25 @@ impl Client {
         &self,
         request: Request<Full<Bytes>>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let not_running = |_| ClientError::NotRunning {
+            path: self.socket.clone(),
+        };
+        if let Some((addr, _)) = &self.registry {
+            let stream = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(not_running)?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| self.protocol(e))?;
+            tokio::spawn(conn);
+            return sender
+                .send_request(request)
+                .await
+                .map_err(|e| self.protocol(e));
+        }
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
-            .map_err(|_| ClientError::NotRunning {
-                path: self.socket.clone(),
-            })?;
+            .map_err(not_running)?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.protocol(e))?;
@@ -154,7 +182,11 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
-        let body = serde_json::to_vec(body).map_err(|e| self.protocol(e))?;
+        let mut body = serde_json::to_vec(body).map_err(|e| self.protocol(e))?;
+        if let Some((_, key)) = &self.registry {
+            body =
+                crate::cluster::wire::encode_stream(&body, key, crate::cluster::wire::unix_secs());
+        }
         self.call(Method::POST, path, Some(body)).await
     }
 }

@@ -41,6 +41,9 @@ pub struct Status {
     /// The data plane's maps came from a previous run (hitless restart).
     pub resumed: bool,
     pub metrics: String,
+    /// Requests refused on the peer and registry ports: `<port>/<reason>` -> count.
+    #[serde(default)]
+    pub rejected: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

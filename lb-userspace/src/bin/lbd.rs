@@ -8,13 +8,14 @@ use clap::Parser;
 use lb_userspace::{
     api::Shutdown,
     config::{Config, DEFAULT_PATH},
-    server::{api_router, bind_api, metrics_router, registry_router, AppState},
+    server::{api_router, bind_api, metrics_router, registry_router, AppState, Rejects},
     shell::{
         clusterd,
         daemon::Daemon,
         dird,
         handle::DaemonHandle,
         neighbor::{nudge, NeighborTable},
+        preflight,
     },
 };
 use tokio::{
@@ -58,14 +59,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if args.check {
-        println!(
-            "{}: ok ({} services)",
-            args.config.display(),
-            config.desired.services.len()
-        );
-        return ExitCode::SUCCESS;
-    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -73,6 +66,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.check {
+        // What a start checks before it touches the kernel's BPF, in this namespace.
+        let checked = runtime.block_on(async {
+            let neighbors = NeighborTable::new()?;
+            preflight::check(&config, &neighbors).await
+        });
+        return match checked {
+            Ok(()) => {
+                println!(
+                    "{}: ok ({} services)",
+                    args.config.display(),
+                    config.desired.services.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("lbd: config error: {}: {e:#}", args.config.display());
+                ExitCode::from(2)
+            }
+        };
+    }
     match runtime.block_on(run(config, args.detach_on_exit)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -85,17 +99,48 @@ fn main() -> ExitCode {
 
 async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
     let api_path = config.node.api_socket.clone();
-    let metrics_addr = config.node.metrics_listen;
     // Bind first: a second daemon for the same node must fail before touching the maps.
     let api_listener = bind_api(&api_path)?;
+    let result = serve(config, detach_on_exit, api_listener).await;
+    // Whatever happened, the socket goes with this lbd.
+    let _ = std::fs::remove_file(&api_path);
+    result
+}
+
+async fn serve(
+    config: Config,
+    detach_on_exit: bool,
+    api_listener: tokio::net::UnixListener,
+) -> Result<()> {
+    let neighbors = Arc::new(NeighborTable::new()?);
+    preflight::check(&config, &neighbors).await?;
+    let metrics_addr = config.node.metrics_listen;
+    // Every listener before the data plane: a start that cannot serve fails before
+    // it has pinned or attached anything.
     let metrics_listener = tokio::net::TcpListener::bind(metrics_addr)
         .await
         .with_context(|| {
             format!("binding the metrics address {metrics_addr} (node.metrics_listen)")
         })?;
-    let neighbors = Arc::new(NeighborTable::new()?);
+    let registry_listener = match config.node.registry_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("binding the registry address {addr} (node.registry_listen): is it an address of this node?")
+        })?),
+        None => None,
+    };
+    let peer_listener = match &config.cluster {
+        Some(c) => {
+            let addr = lb_userspace::shell::peer::endpoint(c.id, c.port);
+            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("binding the peer endpoint {addr} (cluster.id, cluster port + 1)")
+            })?)
+        }
+        None => None,
+    };
+    let api_path = config.node.api_socket.clone();
+    let registry_key = config.node.registry_key.clone().map(Arc::new);
+    let rejects: Arc<Rejects> = Arc::default();
     let cluster_config = config.cluster.clone();
-    let registry_listen = config.node.registry_listen;
     let conn_capacity = config.conn_table_size;
     let first_interface = config.interfaces.first().map(|i| i.name.clone());
     let saved_availability = lb_userspace::shell::availd::load(&config.node.state_dir)?;
@@ -136,18 +181,16 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
         cluster.clone().zip(cluster_config.clone()),
     );
     // The directory's replication endpoint, next to the cluster's port.
-    if let Some(c) = &cluster_config {
-        let addr = lb_userspace::shell::peer::endpoint(c.id, c.port);
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the directory endpoint {addr} (cluster port + 1)"))?;
-        let dsd = axum::serve(
+    if let Some(listener) = peer_listener {
+        let addr = listener.local_addr()?;
+        let peers = axum::serve(
             listener,
-            lb_userspace::server::dsd_router(directory.clone())
-                .merge(lb_userspace::server::avail_router(availability.clone())),
+            lb_userspace::server::dsd_router(directory.clone(), rejects.clone()).merge(
+                lb_userspace::server::avail_router(availability.clone(), rejects.clone()),
+            ),
         );
-        tokio::spawn(async move { dsd.await });
-        info!(%addr, "directory replication endpoint");
+        tokio::spawn(async move { peers.await });
+        info!(%addr, "peer endpoint (directory, availability)");
     }
     // Host routes are probed through the first data-plane interface, from its address.
     if let Some(first) = first_interface {
@@ -171,6 +214,8 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
     tokio::spawn(lb_userspace::shell::health::run_checks(daemon.clone()));
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<Shutdown>(1);
     let state = AppState {
+        registry_key,
+        rejects,
         directory,
         availability,
         daemon: daemon.clone(),
@@ -180,10 +225,8 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
     };
     let api = axum::serve(api_listener, api_router(state.clone()));
     let metrics = axum::serve(metrics_listener, metrics_router(state.clone()));
-    if let Some(addr) = registry_listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-            format!("binding the registry address {addr} (node.registry_listen)")
-        })?;
+    if let Some(listener) = registry_listener {
+        let addr = listener.local_addr()?;
         let registry = axum::serve(listener, registry_router(state.clone()));
         tokio::spawn(async move { registry.await });
         info!(%addr, "backends may register here");
@@ -261,6 +304,5 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
     } else {
         info!("leaving the XDP program attached: traffic keeps flowing; the next lbd takes over");
     }
-    let _ = std::fs::remove_file(&api_path);
     Ok(())
 }

@@ -32,44 +32,20 @@ pub(super) fn cluster(
             ));
         }
     }
-    let key = match (c.key, c.key_file) {
-        (Some(k), None) => {
-            if k.get_ref().len() < 16 {
-                return Err(ctx.err(k.span(), "cluster.key: use at least 16 characters"));
-            }
-            k.into_inner().into_bytes()
-        }
-        (None, Some(f)) => {
-            let f = if f.is_relative() {
-                path.parent().unwrap_or(Path::new(".")).join(f)
-            } else {
-                f
-            };
-            let k = std::fs::read(&f).map_err(|e| {
-                ctx.err(
-                    span.clone(),
-                    format!("cluster.key_file: cannot read {}: {e}", f.display()),
-                )
-            })?;
-            let k = String::from_utf8_lossy(&k).trim().as_bytes().to_vec();
-            if k.len() < 16 {
-                return Err(ctx.err(
-                    span,
-                    format!(
-                        "cluster.key_file: {} holds fewer than 16 characters",
-                        f.display()
-                    ),
-                ));
-            }
-            k
-        }
-        _ => {
-            return Err(ctx.err(
-                span,
-                "cluster: set exactly one of key and key_file (the group's shared secret)",
-            ))
-        }
-    };
+    let key = super::secret::read(
+        ctx,
+        ("cluster.key", "cluster.key_file"),
+        c.key,
+        c.key_file,
+        span.clone(),
+        path,
+    )?
+    .ok_or_else(|| {
+        ctx.err(
+            span.clone(),
+            "cluster: set exactly one of key and key_file (the group's shared secret)",
+        )
+    })?;
     let interval = *c.interval_ms.get_ref();
     if interval == 0 {
         return Err(ctx.err(

@@ -81,6 +81,8 @@ pub(super) struct NodeSection {
     pub(super) state_dir: Option<PathBuf>,
     pub(super) pin_dir: Option<PathBuf>,
     pub(super) registry_listen: Option<SocketAddr>,
+    pub(super) registry_key: Option<Spanned<String>>,
+    pub(super) registry_key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]

@@ -6,6 +6,7 @@
 mod cluster;
 mod error;
 mod file;
+mod secret;
 mod services;
 
 use std::{
@@ -24,6 +25,11 @@ use error::Ctx;
 use file::File;
 
 pub const DEFAULT_PATH: &str = "/etc/lb/lbd.toml";
+/// The largest connection table accepted (documented in docs/API.md).
+pub const MAX_CONN_TABLE: u32 = 16 << 20;
+/// Kernel memory of one connection-table entry (key, value, hash-table overhead), per
+/// CPU with today's per-CPU table.
+pub const CONN_ENTRY_BYTES: u32 = 40 + 16 + 48;
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9469";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -66,6 +72,8 @@ pub struct NodeConfig {
     pub pin_dir: PathBuf,
     /// Where backends register themselves over HTTP (TCP); off when absent.
     pub registry_listen: Option<SocketAddr>,
+    /// What registry requests must be signed with (required with `registry_listen`).
+    pub registry_key: Option<Vec<u8>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,6 +158,22 @@ impl Config {
                 "node.name: use letters, digits, '-' and '_' only (it names files and directories)",
             ));
         }
+        let registry_key = secret::read(
+            &ctx,
+            ("node.registry_key", "node.registry_key_file"),
+            node.registry_key,
+            node.registry_key_file,
+            node_span.clone(),
+            path,
+        )?;
+        if node.registry_listen.is_some() && registry_key.is_none() {
+            return Err(ctx.err(
+                node_span,
+                "node.registry_listen: needs registry_key or registry_key_file (at least 16 \
+                 characters, shared with the backends' `lbctl backend register --registry-key-file`): \
+                 without it, anyone who reaches the port could add backends",
+            ));
+        }
         let defaults = LoadOptions::default();
         let (interfaces, max_services, maglev_max_size, conn_table_size) =
             match file.dataplane {
@@ -188,7 +212,14 @@ impl Config {
                         dp.conn_table_size,
                         defaults.conn_table_size,
                         "conn_table_size",
-                        |v| (v == 0).then(|| "must be positive".to_string()),
+                        |v| {
+                            (v == 0 || v > MAX_CONN_TABLE).then(|| {
+                                format!(
+                                    "{v}: must be 1..={MAX_CONN_TABLE} (entries; each costs about \
+                                     {CONN_ENTRY_BYTES} bytes of kernel memory per CPU)"
+                                )
+                            })
+                        },
                     )?;
                     let interfaces: Vec<Interface> = dp
                         .interfaces
@@ -231,6 +262,7 @@ impl Config {
                     .pin_dir
                     .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/lb/{name}"))),
                 registry_listen: node.registry_listen,
+                registry_key,
                 name,
             },
             interfaces,

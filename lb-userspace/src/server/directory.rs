@@ -14,6 +14,11 @@ pub(super) async fn report_load(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<api::LoadReport>,
 ) -> ApiResult<api::LoadReported> {
+    report(&s, req).await
+}
+
+/// A load report, from the API or the registry port.
+pub(super) async fn report(s: &AppState, req: api::LoadReport) -> ApiResult<api::LoadReported> {
     if req.ttl_ms == 0 {
         return Err(bad("ttl_ms must be positive"));
     }
@@ -86,6 +91,11 @@ pub(super) async fn dir_heartbeat(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<api::DirHeartbeat>,
 ) -> ApiResult<api::DirValid> {
+    heartbeat(&s, req).await
+}
+
+/// A heartbeat, from the API or the registry port.
+pub(super) async fn heartbeat(s: &AppState, req: api::DirHeartbeat) -> ApiResult<api::DirValid> {
     let known = s
         .directory
         .heartbeat(
@@ -108,14 +118,16 @@ pub(super) async fn dir_register(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<Registration>,
 ) -> ApiResult<api::Registered> {
+    register(&s, req).await
+}
+
+/// A registration, from the API or the registry port.
+pub(super) async fn register(s: &AppState, req: Registration) -> ApiResult<api::Registered> {
     if req.ttl_ms == 0 {
         return Err(bad("ttl_ms must be positive"));
     }
-    if req.address.is_ipv4() != req.service.addr.is_ipv4() {
-        return Err(bad(format!(
-            "{} is not of {}'s address family",
-            req.address, req.service
-        )));
+    if let Some(why) = crate::validate::backend_refusal(&req.service, req.address) {
+        return Err(bad(why));
     }
     s.directory.register(&req).await.map_err(internal)?;
     Ok(Json(api::Registered {

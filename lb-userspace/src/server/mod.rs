@@ -19,7 +19,7 @@ use axum::{
 };
 use tokio::sync::mpsc;
 
-pub use peers::{avail_router, dsd_router, registry_router};
+pub use peers::{avail_router, dsd_router, registry_router, Rejects};
 
 use crate::{
     api::{ErrorBody, Shutdown},
@@ -36,6 +36,10 @@ use spm::*;
 #[derive(Clone)]
 pub struct AppState {
     pub daemon: DaemonHandle,
+    /// `node.registry_key`: what registry requests must be signed with.
+    pub registry_key: Option<Arc<Vec<u8>>>,
+    /// Peer and registry requests refused, by port and reason.
+    pub rejects: Arc<Rejects>,
     pub shutdown: mpsc::Sender<Shutdown>,
     pub neighbors: Arc<NeighborTable>,
     pub cluster: Option<ClusterHandle>,
@@ -165,7 +169,8 @@ pub fn api_router(state: AppState) -> Router {
 
 async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
     let stats = s.daemon.call(|d| d.stats()).await.map_err(internal)?;
-    let status = s.daemon.now().status.clone();
+    let mut status = s.daemon.now().status.clone();
+    status.rejected = s.rejects.snapshot();
     let cluster = s.cluster.as_ref().map(|c| c.view());
     Ok(crate::metrics::render(&status, &stats, cluster.as_ref()))
 }

@@ -17,7 +17,9 @@ use crate::{
 };
 
 pub(super) async fn status(State(s): State<AppState>) -> ApiResult<api::Status> {
-    Ok(Json(s.daemon.now().status.clone()))
+    let mut status = s.daemon.now().status.clone();
+    status.rejected = s.rejects.snapshot();
+    Ok(Json(status))
 }
 
 pub(super) async fn services(State(s): State<AppState>) -> ApiResult<Vec<api::ServiceView>> {

@@ -73,6 +73,8 @@ async fn api(test: &str) -> Api {
     let (shutdown, _) = tokio::sync::mpsc::channel(1);
     let state = super::AppState {
         daemon: daemon.clone(),
+        registry_key: None,
+        rejects: Default::default(),
         shutdown,
         neighbors,
         cluster: None,

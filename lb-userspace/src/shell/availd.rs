@@ -189,7 +189,21 @@ impl AvailHandle {
     }
 
     fn frame(&self, msg: &Msg) -> Vec<u8> {
-        crate::cluster::wire::encode_body(&serde_json::to_vec(msg).expect("serializes"), &self.key)
+        crate::cluster::wire::encode_stream(
+            &serde_json::to_vec(msg).expect("serializes"),
+            &self.key,
+            crate::cluster::wire::unix_secs(),
+        )
+    }
+
+    /// The cluster key, that messages between nodes are signed with.
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// Counts a message refused before it was opened.
+    pub fn count_reject(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Sends our set to `peer`, merges its answer, and pushes it what it lacked.
@@ -199,8 +213,13 @@ impl AvailHandle {
             records: mine.into_values().collect(),
         });
         let answer = post(peer, self.me(), body).await?;
-        let answer = crate::cluster::wire::decode_body(&answer, &self.key, MAX_MESSAGE)
-            .map_err(|why| anyhow::anyhow!("answer refused: {}", why.name()))?;
+        let answer = crate::cluster::wire::decode_stream(
+            &answer,
+            &self.key,
+            MAX_MESSAGE,
+            crate::cluster::wire::unix_secs(),
+        )
+        .map_err(|why| anyhow::anyhow!("answer refused: {}", why.name()))?;
         let theirs: Vec<Record> =
             serde_json::from_slice(answer).context("a malformed sync answer")?;
         let fresh = self.absorb(theirs.clone()).await?;
@@ -225,18 +244,15 @@ impl AvailHandle {
 
     /// Frames an answer to a sync.
     pub fn frame_answer(&self, records: &[Record]) -> Vec<u8> {
-        crate::cluster::wire::encode_body(
+        crate::cluster::wire::encode_stream(
             &serde_json::to_vec(records).expect("serializes"),
             &self.key,
+            crate::cluster::wire::unix_secs(),
         )
     }
 
-    /// Checks and parses a message from a peer.
+    /// Parses an authenticated message from a peer.
     pub fn open(&self, body: &[u8]) -> Result<Msg, crate::cluster::wire::Reject> {
-        let body =
-            crate::cluster::wire::decode_body(body, &self.key, MAX_MESSAGE).inspect_err(|_| {
-                self.rejected.fetch_add(1, Ordering::Relaxed);
-            })?;
         serde_json::from_slice(body).map_err(|_| {
             self.rejected.fetch_add(1, Ordering::Relaxed);
             crate::cluster::wire::Reject::Malformed

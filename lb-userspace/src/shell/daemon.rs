@@ -465,6 +465,7 @@ impl<D: Dataplane> Daemon<D> {
             conn_table_entries: self.conn_entries,
             resumed: self.resumed,
             metrics: format!("http://{}/metrics", self.config.node.metrics_listen),
+            rejected: Default::default(),
         }
     }
 

@@ -101,9 +101,10 @@ impl DirHandle {
             let Some(addr) = peers.get(&to).copied() else {
                 continue;
             };
-            let body = crate::cluster::wire::encode_body(
+            let body = crate::cluster::wire::encode_stream(
                 &serde_json::to_vec(&msg).expect("serializes"),
                 &self.key,
+                crate::cluster::wire::unix_secs(),
             );
             tokio::spawn(async move {
                 if let Err(e) =
@@ -147,10 +148,14 @@ impl DirHandle {
         self.node.lock().expect("not poisoned").renewal(ttl)
     }
 
-    /// Takes one framed message from another node: checks its MAC, parses it, hands it
-    /// on. Never waits on anything but the node's own step.
+    /// The cluster key, that messages between nodes are signed with.
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// Takes one authenticated message from another node: parses it, hands it on.
+    /// Never waits on anything but the node's own step.
     pub fn accept(&self, from: NodeId, body: &[u8]) -> Result<(), crate::cluster::wire::Reject> {
-        let body = crate::cluster::wire::decode_body(body, &self.key, MAX_DSD_MESSAGE)?;
         let msg: Msg =
             serde_json::from_slice(body).map_err(|_| crate::cluster::wire::Reject::Malformed)?;
         self.step(Input::Receive { from, msg });

@@ -11,6 +11,7 @@ pub mod health;
 pub mod managers;
 pub mod neighbor;
 pub mod peer;
+pub mod preflight;
 pub mod routes;
 pub mod state_file;
 pub mod vip;

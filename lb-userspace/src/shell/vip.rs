@@ -209,6 +209,25 @@ pub async fn remove_address(handle: &rtnetlink::Handle, ifindex: u32, vip: IpAdd
     Ok(())
 }
 
+/// Every address of every interface (of the calling thread's network namespace).
+pub async fn all_addresses(handle: &rtnetlink::Handle) -> Result<Vec<IpAddr>> {
+    use netlink_packet_route::address::AddressAttribute;
+    let mut out = Vec::new();
+    let mut found = handle.address().get().execute();
+    while let Some(msg) = found
+        .try_next()
+        .await
+        .context("listing interface addresses")?
+    {
+        for a in msg.attributes {
+            if let AddressAttribute::Address(ip) = a {
+                out.push(ip);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The addresses on an interface.
 pub async fn addresses(handle: &rtnetlink::Handle, ifindex: u32) -> Result<Vec<IpAddr>> {
     use netlink_packet_route::address::AddressAttribute;

@@ -261,6 +261,8 @@ pub enum BackendCmd {
         ttl: Duration,
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        #[command(flatten)]
+        registry: Registry,
     },
     /// Reports a backend's load and capacity for the water marks, every --interval
     /// until interrupted (or once). Without --load: this host's CPU busy time, per
@@ -277,6 +279,8 @@ pub enum BackendCmd {
         capacity: u64,
         #[arg(long, value_parser = parse_duration, default_value = "1s")]
         interval: Duration,
+        #[command(flatten)]
+        registry: Registry,
         #[arg(long)]
         once: bool,
     },
@@ -284,4 +288,16 @@ pub enum BackendCmd {
 
 pub fn parse_mac_arg(s: &str) -> Result<[u8; 6], String> {
     parse_mac(s).ok_or_else(|| format!("`{s}` is not a MAC address like 02:00:00:00:00:01"))
+}
+
+/// Where a backend registers from its own host: an LB node's registry port, with the
+/// key the node's `registry_key` holds. Without `--registry`, the local lbd's socket.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Registry {
+    /// The registry port of an LB node (`node.registry_listen`), e.g. 198.18.0.2:9470.
+    #[arg(long, requires = "registry_key_file")]
+    pub registry: Option<std::net::SocketAddr>,
+    /// A file holding the registry key (the node's `registry_key`).
+    #[arg(long)]
+    pub registry_key_file: Option<PathBuf>,
 }

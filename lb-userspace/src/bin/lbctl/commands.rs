@@ -335,7 +335,11 @@ async fn backend(client: &Client, out: Output, cmd: BackendCmd) -> Result<(), Fa
             addr,
             ttl,
             weight,
-        } => register_loop(client, out, service, addr, ttl, weight).await?,
+            registry,
+        } => {
+            let client = registry_client(&registry)?.unwrap_or_else(|| client.clone());
+            register_loop(&client, out, service, addr, ttl, weight).await?
+        }
         BackendCmd::Report {
             service,
             addr,
@@ -343,9 +347,25 @@ async fn backend(client: &Client, out: Output, cmd: BackendCmd) -> Result<(), Fa
             capacity,
             interval,
             once,
-        } => report_loop(client, out, service, addr, load, capacity, interval, once).await?,
+            registry,
+        } => {
+            let client = registry_client(&registry)?.unwrap_or_else(|| client.clone());
+            report_loop(&client, out, service, addr, load, capacity, interval, once).await?
+        }
     }
     Ok(())
+}
+
+/// A client of an LB node's registry port, when the command names one.
+fn registry_client(r: &crate::cli::Registry) -> Result<Option<Client>, Failure> {
+    let Some(addr) = r.registry else {
+        return Ok(None);
+    };
+    let file = r.registry_key_file.as_ref().expect("clap requires it");
+    let key = std::fs::read(file)
+        .map_err(|e| Failure::Input(format!("--registry-key-file {}: {e}", file.display())))?;
+    let key = String::from_utf8_lossy(&key).trim().as_bytes().to_vec();
+    Ok(Some(Client::registry(addr, key)))
 }
 
 async fn stats(client: &Client, out: Output, watch: bool, interval: u64) -> Result<(), Failure> {

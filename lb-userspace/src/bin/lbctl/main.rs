@@ -58,8 +58,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         return Ok(());
     }
     let apply = commands::read_apply(&cli.command)?;
+    // A backend registering through a node's registry port has no lbd of its own.
+    let remote = matches!(
+        &cli.command,
+        Cmd::Backend(
+            cli::BackendCmd::Register { registry, .. } | cli::BackendCmd::Report { registry, .. }
+        ) if registry.registry.is_some()
+    );
     let socket = match cli.socket {
         Some(s) => s,
+        None if remote => PathBuf::new(),
         None => default_socket()?,
     };
     commands::run(&Client::new(socket), cli.output, cli.command, apply).await

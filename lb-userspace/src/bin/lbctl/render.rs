@@ -67,6 +67,10 @@ pub fn status(s: &api::Status) {
     );
     println!("connections {}", s.conn_table_entries);
     println!("metrics     {}", s.metrics);
+    if !s.rejected.is_empty() {
+        let r: Vec<String> = s.rejected.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        println!("refused     {}", r.join(", "));
+    }
 }
 
 pub fn services(services: &[api::ServiceView]) {
