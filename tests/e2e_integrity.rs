@@ -222,6 +222,72 @@ fn a_crash_between_map_writes_and_saving_leaves_maps_and_lbctl_agreeing() {
     }
 }
 
+/// Item 3, at many points: lbd killed at the n-th map write of a change (and just
+/// after saving its intent), for several n; after each restart the maps say what
+/// lbctl shows, and traffic goes only to backends it shows.
+#[test]
+fn killed_at_any_map_write_of_a_change_lbd_restarts_consistent() {
+    let mut env = Env::new("crashes", &["b1", "b2"]);
+    let mut points: Vec<String> = vec!["apply.saved".into()];
+    points.extend([1, 2, 3, 5, 8, 13].map(|n| format!("maps.write:{n}")));
+    // Each round adds one backend (a new one, with a static MAC) and removes another:
+    // writes of both kinds.
+    for (round, point) in points.iter().enumerate() {
+        env.lbd.as_ref().unwrap().signal(Signal::SIGKILL).unwrap();
+        env.lbd
+            .as_mut()
+            .unwrap()
+            .wait_timeout(Duration::from_secs(5))
+            .unwrap();
+        env.start_lbd_with_env(&[("LBD_CRASH_AT", point.as_str())]);
+        let shown_before: BTreeSet<IpAddr> = shown(&env)[SVC].keys().copied().collect();
+        let add = format!("198.18.0.{}", 40 + round);
+        let mac = format!("02:00:00:00:00:{:02x}", 40 + round);
+        let remove = shown_before.iter().next().unwrap().to_string();
+        let _ = env.lbctl(&["backend", "add", SVC, &add, "--mac", &mac]);
+        let _ = env.lbctl(&["backend", "remove", SVC, &remove]);
+        // Either it died in one of them, or the point was beyond this change's writes.
+        let died = env
+            .lbd
+            .as_mut()
+            .unwrap()
+            .wait_timeout(Duration::from_millis(500))
+            .unwrap();
+        if died.is_none() {
+            env.lbd.as_ref().unwrap().signal(Signal::SIGKILL).unwrap();
+            env.lbd
+                .as_mut()
+                .unwrap()
+                .wait_timeout(Duration::from_secs(5))
+                .unwrap();
+        }
+        env.start_lbd();
+        let when = format!(
+            "round {round}, killed at {point} (died on its own: {})",
+            died.is_some()
+        );
+        eprintln!("{when}");
+        assert_maps_match_lbctl(&env, &when);
+        let macs: BTreeSet<String> = shown(&env)[SVC].values().flatten().cloned().collect();
+        let p = probe(&env);
+        for port in 3000..3100 {
+            let (verdict, out) = p.run(&syn_v4(
+                Ipv4Addr::new(198, 18, 1, 10),
+                port,
+                Ipv4Addr::new(198, 18, 0, 100),
+                8080,
+                0x02,
+            ));
+            assert_eq!(verdict, XDP_TX, "{when}");
+            assert!(
+                macs.contains(&dst_mac(&out)),
+                "{when}: a new flow went to {}",
+                dst_mac(&out)
+            );
+        }
+    }
+}
+
 /// Item 6: values the data plane must never use are refused, each with a reason, and
 /// change nothing.
 #[test]

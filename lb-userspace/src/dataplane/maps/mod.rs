@@ -204,6 +204,7 @@ impl MapManager {
 
     /// One map write is about to happen.
     fn writing(&mut self) -> Result<()> {
+        crate::fault::point("maps.write");
         match self.crash_after.as_mut() {
             Some(0) => Err(DataplaneError::Crashed),
             Some(n) => {
