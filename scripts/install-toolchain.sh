@@ -10,7 +10,7 @@ LLVM_PREFIX=/usr/lib/llvm-22
 # Debian ships a prebuilt `core` for bpfel-unknown-none instead.
 APT_PACKAGES=(
   rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev libpolly-22-dev
-  bpftool iproute2 iputils-ping ethtool tcpdump curl nftables
+  bpftool iproute2 iputils-ping iputils-arping ethtool tcpdump curl nftables
 )
 
 log() { echo "install-toolchain: $*" >&2; }

@@ -45,15 +45,17 @@ fn config(
     };
     let mut services = String::new();
     for vip in [standard::VIP, standard::VIP2] {
-        services.push_str(&format!(
-            "\n[[service]]\nvip = \"{vip}\"\nport = {}\nprotocol = \"tcp\"\n",
-            standard::SERVICE_PORT
-        ));
-        for (_, o) in standard::BACKENDS {
+        for proto in ["tcp", "udp"] {
             services.push_str(&format!(
-                "\n[[service.backend]]\naddress = \"{}\"\n",
-                standard::backend_ip(o)
+                "\n[[service]]\nvip = \"{vip}\"\nport = {}\nprotocol = \"{proto}\"\n",
+                standard::SERVICE_PORT
             ));
+            for (_, o) in standard::BACKENDS {
+                services.push_str(&format!(
+                    "\n[[service.backend]]\naddress = \"{}\"\n",
+                    standard::backend_ip(o)
+                ));
+            }
         }
     }
     if let Some(custom) = custom_services {
@@ -216,6 +218,11 @@ impl Cluster {
     }
 
     pub fn start(&mut self, lb: &'static str) {
+        let (lb, log) = self.spawn_lbd(lb);
+        self.wait_lbd(lb, &log);
+    }
+
+    fn spawn_lbd(&mut self, lb: &'static str) -> (&'static str, PathBuf) {
         let path = self.dir.join(format!("{lb}.toml"));
         std::fs::write(
             &path,
@@ -242,17 +249,60 @@ impl Cluster {
             )
             .expect("starting lbd");
         self.lbds.insert(lb, proc);
+        (lb, log)
+    }
+
+    fn wait_lbd(&self, lb: &str, log: &Path) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self.lbctl(lb, &["status"]).status.success() {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
         panic!(
             "lbd on {lb} did not answer: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+            std::fs::read_to_string(log).unwrap_or_default()
         );
+    }
+
+    /// Starts several nodes at once (their lbd processes overlap), waiting for all.
+    pub fn start_all(&mut self, lbs: &[&'static str]) {
+        let mut started = Vec::new();
+        for lb in lbs {
+            started.push(self.spawn_lbd(lb));
+        }
+        for (lb, log) in started {
+            self.wait_lbd(lb, &log);
+        }
+    }
+
+    /// Cuts `lb` off the other LB nodes (their control and peer ports, both ways), or
+    /// heals it.
+    pub fn isolate(&self, lb: &str, cut: bool) {
+        let ns = &self.lab.host(lb).ns;
+        if cut {
+            let others: Vec<String> = standard::LBS
+                .iter()
+                .filter(|(t, _)| *t != lb)
+                .map(|(_, o)| standard::backend_ip(*o).to_string())
+                .collect();
+            let set = others.join(", ");
+            let rules = format!(
+                "table inet lbcut {{ chain in {{ type filter hook input priority 0; ip saddr {{ {set} }} udp dport 7400 drop; ip saddr {{ {set} }} tcp dport 7401 drop; ip daddr 239.255.18.1 drop; }}; chain out {{ type filter hook output priority 0; ip daddr {{ {set} }} drop; ip daddr 239.255.18.1 drop; }}; }}"
+            );
+            let out = ns.command("nft").arg(&rules).output().expect("nft");
+            assert!(
+                out.status.success(),
+                "nft: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            let _ = ns
+                .command("nft")
+                .args(["delete", "table", "inet", "lbcut"])
+                .output();
+        }
     }
 
     /// A long-running lbctl on `lb` (register, watch, events --follow), its output

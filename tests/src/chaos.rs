@@ -1,0 +1,572 @@
+//! Instruments for the cluster under faults: a prober (a new TCP connection and a new
+//! UDP datagram to a VIP every 10 ms), long-lived connections echoing every 50 ms, and
+//! a sampler of who holds each VIP (the address on an LB node's interface, which is
+//! what makes its kernel answer ARP). The scenarios in `tests/e2e_chaos.rs` and the
+//! chaos bench drive faults and read these.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+
+use crate::{
+    cluster_lab::{vip_addr, Cluster},
+    lab::standard,
+    traffic::{self, Conversation},
+};
+
+/// How long one probe waits for its answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Tcp,
+    Udp,
+}
+
+/// One probe: when it was sent, of which kind, whether it was answered.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    pub at: Instant,
+    pub kind: Kind,
+    pub ok: bool,
+}
+
+pub struct Probe {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Result<Vec<Sample>>>,
+}
+
+impl Probe {
+    /// Starts probing `vip` from the client namespace, for at most `limit`.
+    pub fn start(c: &Cluster, vip: Ipv4Addr, limit: Duration) -> Probe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = c.lab.host("client").ns.spawn(move || {
+            let sources: Vec<Ipv4Addr> = standard::client_sources().collect();
+            let started = Instant::now();
+            let mut log = Vec::new();
+            let mut i = 0usize;
+            while !flag.load(Ordering::Relaxed) && started.elapsed() < limit {
+                let src = Some(sources[i % sources.len()]);
+                let at = Instant::now();
+                let ok = traffic::http_get(src, vip_addr(vip), PROBE_TIMEOUT).is_ok();
+                log.push(Sample {
+                    at,
+                    kind: Kind::Tcp,
+                    ok,
+                });
+                let at = Instant::now();
+                let ok = traffic::udp_ask(src, vip_addr(vip), &format!("probe {i}"), PROBE_TIMEOUT)
+                    .is_ok();
+                log.push(Sample {
+                    at,
+                    kind: Kind::Udp,
+                    ok,
+                });
+                i += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(log)
+        });
+        Probe { stop, thread }
+    }
+
+    pub fn stop(self) -> ProbeLog {
+        self.stop.store(true, Ordering::Relaxed);
+        let samples = self
+            .thread
+            .join()
+            .expect("probe thread panicked")
+            .expect("probe");
+        ProbeLog { samples }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ProbeLog {
+    pub samples: Vec<Sample>,
+}
+
+impl ProbeLog {
+    pub fn failed(&self) -> usize {
+        self.samples.iter().filter(|s| !s.ok).count()
+    }
+
+    pub fn failed_after(&self, t: Instant) -> usize {
+        self.samples.iter().filter(|s| s.at >= t && !s.ok).count()
+    }
+
+    /// The first answered TCP probe sent after `t`, as time since `t`.
+    pub fn first_ok_after(&self, t: Instant) -> Option<Duration> {
+        self.samples
+            .iter()
+            .find(|s| s.at >= t && s.ok && s.kind == Kind::Tcp)
+            .map(|s| s.at - t)
+    }
+
+    /// The longest run of failed probes: from the first failure to the next success.
+    pub fn longest_outage(&self) -> Duration {
+        let mut worst = Duration::ZERO;
+        let mut since: Option<Instant> = None;
+        for s in &self.samples {
+            match (s.ok, since) {
+                (false, None) => since = Some(s.at),
+                (true, Some(t)) => {
+                    worst = worst.max(s.at - t);
+                    since = None;
+                }
+                _ => {}
+            }
+        }
+        if let (Some(t), Some(last)) = (since, self.samples.last()) {
+            worst = worst.max(last.at - t);
+        }
+        worst
+    }
+
+    pub fn total(&self) -> usize {
+        self.samples.len()
+    }
+}
+
+/// Ten long-lived connections to a VIP, each asking every 50 ms; a connection is
+/// broken when it fails or its answers come from another backend.
+pub struct LongLived {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Result<Vec<String>>>,
+}
+
+impl LongLived {
+    pub fn start(c: &Cluster, vip: Ipv4Addr, limit: Duration) -> LongLived {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = c.lab.host("client").ns.spawn(move || {
+            let sources: Vec<Ipv4Addr> = standard::client_sources().collect();
+            let mut convs = Vec::new();
+            for i in 0..10 {
+                let mut conv =
+                    Conversation::open(Some(sources[i]), vip_addr(vip), Duration::from_secs(2))?;
+                let home = conv.ask("hello")?;
+                convs.push(Some((conv, home)));
+            }
+            let started = Instant::now();
+            let mut broken = Vec::new();
+            let mut n = 0u64;
+            while !flag.load(Ordering::Relaxed) && started.elapsed() < limit {
+                for (i, slot) in convs.iter_mut().enumerate() {
+                    let Some((conv, home)) = slot else { continue };
+                    // A slow answer is not a break: TCP resends a lost segment.
+                    match conv.ask_within(&format!("tick {n}"), Duration::from_secs(3)) {
+                        Ok(name) if name == *home => {}
+                        Ok(name) => {
+                            broken.push(format!("connection {i} moved from {home} to {name}"));
+                            *slot = None;
+                        }
+                        Err(e) => {
+                            broken.push(format!("connection {i} ({home}) broke: {e:#}"));
+                            *slot = None;
+                        }
+                    }
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(broken)
+        });
+        LongLived { stop, thread }
+    }
+
+    /// The connections that broke, each said how.
+    pub fn stop(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .expect("long-lived thread panicked")
+            .expect("opening the long-lived connections")
+    }
+}
+
+/// The VIPs an LB node's kernel claims now: those on its interface, if its link is up
+/// (an address on a link that is down answers nobody).
+fn claimed(ns: &crate::netns::Netns) -> Vec<Ipv4Addr> {
+    let up = ns
+        .ip("-o link show dev eth0")
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("LOWER_UP"))
+        .unwrap_or(false);
+    if !up {
+        return Vec::new();
+    }
+    let Ok(o) = ns.ip("-o -4 addr show dev eth0") else {
+        return Vec::new();
+    };
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    [standard::VIP, standard::VIP2]
+        .into_iter()
+        .filter(|vip| text.contains(&format!("inet {vip}/")))
+        .collect()
+}
+
+/// Which LB nodes' kernels claim each VIP now.
+pub fn holders(c: &Cluster) -> BTreeMap<Ipv4Addr, Vec<String>> {
+    let mut out: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
+    for vip in [standard::VIP, standard::VIP2] {
+        out.insert(vip, Vec::new());
+    }
+    for (lb, _) in standard::LBS {
+        for vip in claimed(&c.lab.host(lb).ns) {
+            out.get_mut(&vip).expect("both").push(lb.to_string());
+        }
+    }
+    out
+}
+
+/// Samples `holders` every 50 ms until stopped.
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Vec<(Instant, BTreeMap<Ipv4Addr, Vec<String>>)>>,
+}
+
+impl Sampler {
+    pub fn start(c: &Cluster) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        // Handles that leave the namespaces alone when dropped (the lab owns them).
+        let lab_ns: Vec<(String, crate::netns::Netns)> = standard::LBS
+            .iter()
+            .map(|(lb, _)| {
+                let name = c.lab.host(lb).ns.name().to_string();
+                (
+                    lb.to_string(),
+                    crate::netns::Netns::open(&name, true).expect("the lab's namespace"),
+                )
+            })
+            .collect();
+        let thread = std::thread::spawn(move || {
+            let mut timeline = Vec::new();
+            let started = Instant::now();
+            while !flag.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
+                let mut now: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
+                for vip in [standard::VIP, standard::VIP2] {
+                    now.insert(vip, Vec::new());
+                }
+                for (lb, ns) in &lab_ns {
+                    for vip in claimed(ns) {
+                        now.get_mut(&vip).expect("both").push(lb.clone());
+                    }
+                }
+                timeline.push((Instant::now(), now));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            timeline
+        });
+        Sampler { stop, thread }
+    }
+
+    /// The longest time any VIP was on two or more nodes' interfaces at once.
+    pub fn stop(self) -> Duration {
+        self.stop.store(true, Ordering::Relaxed);
+        let timeline = self.thread.join().expect("sampler panicked");
+        let mut worst = Duration::ZERO;
+        for vip in [standard::VIP, standard::VIP2] {
+            let mut since = None;
+            for (t, h) in &timeline {
+                match (h[&vip].len() > 1, since) {
+                    (true, None) => since = Some(*t),
+                    (false, Some(s)) => {
+                        worst = worst.max(*t - s);
+                        since = None;
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(s), Some((t, _))) = (since, timeline.last()) {
+                worst = worst.max(*t - s);
+            }
+        }
+        worst
+    }
+}
+
+/// Waits until every VIP is on exactly one node's interface and that node reports
+/// serving it; returns who holds what, or says what is wrong after `within`.
+pub fn one_holder_each(
+    c: &Cluster,
+    within: Duration,
+) -> Result<BTreeMap<Ipv4Addr, String>, String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let h = holders(c);
+        let owners = c.owners();
+        let ok = h.iter().all(|(vip, on)| {
+            on.len() == 1 && owners.get(&vip.to_string()).is_some_and(|o| o == on)
+        });
+        if ok {
+            return Ok(h.into_iter().map(|(v, mut on)| (v, on.remove(0))).collect());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "on the interfaces {h:?}, by the nodes' own account {owners:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// ARP replies for `vip` seen by the client (one request, a second to answer): the
+/// MACs that answered. Two means two nodes' kernels claim the VIP.
+pub fn arp_answers(c: &Cluster, vip: Ipv4Addr) -> Vec<String> {
+    let out = c
+        .lab
+        .host("client")
+        .ns
+        .command("arping")
+        .args(["-c", "2", "-w", "1", "-I", "eth0", &vip.to_string()])
+        .output();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    let mut macs: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains("reply from"))
+        .filter_map(|l| {
+            let open = l.find('[')?;
+            let close = l.find(']')?;
+            Some(l[open + 1..close].to_lowercase())
+        })
+        .collect();
+    macs.sort();
+    macs.dedup();
+    macs
+}
+
+/// What one fault did to the clients.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    /// From the fault to the first answered new connection.
+    pub recovered: Option<Duration>,
+    pub failed_probes: usize,
+    pub probes: usize,
+    pub longest_outage: Duration,
+    pub broken: Vec<String>,
+    /// The longest time a VIP was on two nodes' interfaces at once.
+    pub duplicate: Duration,
+}
+
+pub mod scenarios {
+    use super::*;
+    use nix::sys::signal::Signal;
+
+    fn measure(
+        c: &mut Cluster,
+        vip: Ipv4Addr,
+        fault: impl FnOnce(&mut Cluster) -> Instant,
+        settle: impl FnOnce(&mut Cluster),
+    ) -> Outcome {
+        one_holder_each(c, Duration::from_secs(10)).expect("a settled cluster first");
+        let probe = Probe::start(c, vip, Duration::from_secs(60));
+        let long = LongLived::start(c, vip, Duration::from_secs(60));
+        let sampler = Sampler::start(c);
+        std::thread::sleep(Duration::from_millis(300));
+        let at = fault(c);
+        settle(c);
+        std::thread::sleep(Duration::from_millis(500));
+        let duplicate = sampler.stop();
+        let broken = long.stop();
+        let log = probe.stop();
+        Outcome {
+            recovered: log.first_ok_after(at),
+            failed_probes: log.failed_after(at),
+            probes: log.total(),
+            longest_outage: log.longest_outage(),
+            broken,
+            duplicate,
+        }
+    }
+
+    fn wait_owner(c: &Cluster, vip: Ipv4Addr, lb: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(h) = one_holder_each(c, Duration::from_millis(100)) {
+                if h[&vip] == lb {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{vip} never came to {lb}: {:?}",
+                holders(c)
+            );
+        }
+    }
+
+    /// The owner of VIP 1 (lb1, also the leader) dies: kill -9 and its link down.
+    pub fn failover(c: &mut Cluster) -> Outcome {
+        measure(
+            c,
+            standard::VIP,
+            |c| {
+                c.lbds
+                    .get("lb1")
+                    .expect("lb1 runs")
+                    .signal(Signal::SIGKILL)
+                    .unwrap();
+                c.lab.host("lb1").ns.ip("link set eth0 down").unwrap();
+                let at = Instant::now();
+                c.lbds.remove("lb1");
+                at
+            },
+            |c| {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while holders(c)[&standard::VIP].iter().all(|h| h == "lb1") {
+                    assert!(Instant::now() < deadline, "nobody took over VIP 1");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            },
+        )
+    }
+
+    /// lb1 comes back (link up, lbd started): it is VIP 1's preferred node, so the VIP
+    /// goes back to it.
+    pub fn handback(c: &mut Cluster) -> Outcome {
+        measure(
+            c,
+            standard::VIP,
+            |c| {
+                c.lab.host("lb1").ns.ip("link set eth0 up").unwrap();
+                let at = Instant::now();
+                c.start("lb1");
+                at
+            },
+            |c| wait_owner(c, standard::VIP, "lb1", Duration::from_secs(15)),
+        )
+    }
+
+    /// The owner's lbd restarts at once (SIGTERM, or kill -9), its link up.
+    pub fn restart(c: &mut Cluster, signal: Signal) -> Outcome {
+        measure(
+            c,
+            standard::VIP2,
+            |c| {
+                let mut p = c.lbds.remove("lb2").expect("lb2 runs");
+                p.signal(signal).unwrap();
+                let _ = p.wait_timeout(Duration::from_secs(5));
+                let at = Instant::now();
+                c.start("lb2");
+                at
+            },
+            |c| wait_owner(c, standard::VIP2, "lb2", Duration::from_secs(15)),
+        )
+    }
+
+    /// The owner of VIP 2 (lb2) loses its link every 300 ms for `flapping`.
+    pub fn flap(c: &mut Cluster, flapping: Duration) -> Outcome {
+        measure(
+            c,
+            standard::VIP2,
+            |c| {
+                let at = Instant::now();
+                let mut up = true;
+                while at.elapsed() < flapping {
+                    up = !up;
+                    let state = if up { "up" } else { "down" };
+                    c.lab
+                        .host("lb2")
+                        .ns
+                        .ip(&format!("link set eth0 {state}"))
+                        .unwrap();
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                c.lab.host("lb2").ns.ip("link set eth0 up").unwrap();
+                at
+            },
+            |c| wait_owner(c, standard::VIP2, "lb2", Duration::from_secs(15)),
+        )
+    }
+
+    /// lb1 and lb2 die, lb3 takes both VIPs; then both come back together, and lb3
+    /// releases two VIPs at once.
+    pub fn double_release(c: &mut Cluster) -> Outcome {
+        for lb in ["lb1", "lb2"] {
+            c.lbds.get(lb).unwrap().signal(Signal::SIGKILL).unwrap();
+            c.lab.host(lb).ns.ip("link set eth0 down").unwrap();
+            c.lbds.remove(lb);
+        }
+        wait_owner(c, standard::VIP, "lb3", Duration::from_secs(10));
+        wait_owner(c, standard::VIP2, "lb3", Duration::from_secs(10));
+        measure(
+            c,
+            standard::VIP2,
+            |c| {
+                for lb in ["lb1", "lb2"] {
+                    c.lab.host(lb).ns.ip("link set eth0 up").unwrap();
+                }
+                let at = Instant::now();
+                c.start_all(&["lb1", "lb2"]);
+                at
+            },
+            |c| {
+                wait_owner(c, standard::VIP, "lb1", Duration::from_secs(15));
+                wait_owner(c, standard::VIP2, "lb2", Duration::from_secs(15));
+            },
+        )
+    }
+
+    /// The owner of VIP 2 leaves for good: `lbctl shutdown --detach`.
+    pub fn detach(c: &mut Cluster) -> Outcome {
+        measure(
+            c,
+            standard::VIP2,
+            |c| {
+                let at = Instant::now();
+                let out = c.lbctl("lb2", &["shutdown", "--detach"]);
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let mut p = c.lbds.remove("lb2").expect("lb2 ran");
+                let _ = p.wait_timeout(Duration::from_secs(10));
+                at
+            },
+            |c| {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while holders(c)[&standard::VIP2] != ["lb3"] {
+                    assert!(
+                        Instant::now() < deadline,
+                        "VIP 2 did not move to lb3: {:?}",
+                        holders(c)
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            },
+        )
+    }
+
+    /// lb1 cannot reach the others (and they cannot reach it) for `cut`.
+    pub fn partition(c: &mut Cluster, cut: Duration) -> Outcome {
+        measure(
+            c,
+            standard::VIP2,
+            |c| {
+                let at = Instant::now();
+                c.isolate("lb1", true);
+                std::thread::sleep(cut);
+                c.isolate("lb1", false);
+                at
+            },
+            |c| {
+                wait_owner(c, standard::VIP, "lb1", Duration::from_secs(15));
+                wait_owner(c, standard::VIP2, "lb2", Duration::from_secs(15));
+            },
+        )
+    }
+}
