@@ -279,6 +279,8 @@ fn forged_and_replayed_control_messages_change_nothing_and_are_counted() {
             addresses: vec![],
             dir_master: false,
             dir_version: 0,
+            digests: Default::default(),
+            unable: Default::default(),
         },
         others: vec![],
         service_addresses: vec![],

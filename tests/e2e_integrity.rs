@@ -390,7 +390,7 @@ fn vm_hwm_kb(pid: u32) -> u64 {
 fn unauthenticated_peer_bodies_are_not_buffered() {
     let mut env = Env::new("bodies", &["b1"]);
     let mut text = std::fs::read_to_string(&env.config).unwrap();
-    text.push_str("\n[cluster]\nid = \"198.18.0.2\"\npeers = [\"198.18.0.3:7400\"]\nport = 7400\nkey = \"0123456789abcdef0123\"\n");
+    text.push_str("\n[cluster]\nid = \"198.18.0.2\"\npeers = [\"198.18.0.3:7400\"]\nquorum = 1\nport = 7400\nkey = \"0123456789abcdef0123\"\n");
     std::fs::write(&env.config, text).unwrap();
     env.lbd.as_ref().unwrap().signal(Signal::SIGTERM).unwrap();
     env.lbd
@@ -479,7 +479,7 @@ fn check_refuses_what_start_refuses_and_a_failed_start_leaves_nothing() {
         ("registry_listen", good.replace("registry_listen = \"198.18.0.2:9470\"", "registry_listen = \"203.0.113.1:9470\"")),
         ("conn_table_size", good.replace("conn_table_size = 16384", "conn_table_size = 4294967295")),
         ("interfaces", good.replace("name = \"eth0\"", "name = \"nosuch0\"")),
-        ("vip_interface", format!("{good}\n[cluster]\nid = \"198.18.0.2\"\npeers = [\"198.18.0.3:7400\"]\nkey = \"0123456789abcdef0123\"\nvip_interface = \"nosuch0\"\n")),
+        ("vip_interface", format!("{good}\n[cluster]\nid = \"198.18.0.2\"\npeers = [\"198.18.0.3:7400\"]\nquorum = 1\nkey = \"0123456789abcdef0123\"\nvip_interface = \"nosuch0\"\n")),
     ];
     for (field, text) in &cases {
         let out = check_config(&env, text);

@@ -30,6 +30,7 @@ fn config(
     preferred: &[Ipv4Addr],
     interval_ms: u64,
     unicast: bool,
+    quorum: Option<usize>,
     custom_services: Option<&str>,
 ) -> String {
     // Multicast to the group, or the other nodes' addresses one by one.
@@ -41,7 +42,11 @@ fn config(
             .collect();
         format!("peers = [{}]", peers.join(", "))
     } else {
-        format!("group = \"{GROUP}\"")
+        format!("group = \"{GROUP}\"\nnodes = {}", standard::LBS.len())
+    };
+    let transport = match quorum {
+        Some(q) => format!("{transport}\nquorum = {q}"),
+        None => transport,
     };
     let mut services = String::new();
     for vip in [standard::VIP, standard::VIP2] {
@@ -137,6 +142,7 @@ pub struct Cluster {
     node: String,
     interval_ms: u64,
     unicast: bool,
+    quorum: Option<usize>,
     services: Option<String>,
     // Last: given back after everything else is torn down.
     _permit: Permit,
@@ -160,17 +166,24 @@ impl Cluster {
     /// A cluster whose nodes have these `[[service]]` sections instead of the standard
     /// two VIPs with three backends each.
     pub fn with_services(test: &str, services: &str) -> Cluster {
-        Self::build_with(test, 100, false, Some(services.to_string()))
+        Self::build_with(test, 100, false, None, Some(services.to_string()))
+    }
+
+    /// A cluster whose nodes serve VIPs while they see `quorum` nodes (themselves
+    /// included) instead of a majority.
+    pub fn with_quorum(test: &str, quorum: usize) -> Cluster {
+        Self::build_with(test, 100, false, Some(quorum), None)
     }
 
     fn build(test: &str, interval_ms: u64, unicast: bool) -> Cluster {
-        Self::build_with(test, interval_ms, unicast, None)
+        Self::build_with(test, interval_ms, unicast, None, None)
     }
 
     fn build_with(
         test: &str,
         interval_ms: u64,
         unicast: bool,
+        quorum: Option<usize>,
         services: Option<String>,
     ) -> Cluster {
         let permit = Permit::take();
@@ -189,6 +202,7 @@ impl Cluster {
             node,
             interval_ms,
             unicast,
+            quorum,
             services,
             _permit: permit,
         };
@@ -233,6 +247,7 @@ impl Cluster {
                 &Self::preferred(lb),
                 self.interval_ms,
                 self.unicast,
+                self.quorum,
                 self.services.as_deref(),
             ),
         )

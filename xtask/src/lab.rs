@@ -68,6 +68,7 @@ conn_table_size = 65536
 [cluster]
 id = "{ip}"
 group = "{GROUP}"
+nodes = 3
 key = "lab-cluster-key-0123456789"
 # lb1 prefers the first VIP, lb2 the second; lb3 prefers none: a hot spare.
 preferred = [{preferred}]

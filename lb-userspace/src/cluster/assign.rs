@@ -91,6 +91,42 @@ fn pick<R: Rng>(rng: &mut R, from: &[IpAddr]) -> Option<IpAddr> {
     from.choose(rng).copied()
 }
 
+/// The digest every host that takes `addr` must hold: the current owner's (a flow
+/// moving to a host with another table would be steered elsewhere), else the one most
+/// ok hosts report (ties: the lowest id's). `None`: nobody reports one.
+pub fn reference_digest(hosts: &[&HostInfo], addr: IpAddr) -> Option<u64> {
+    if let Some(owner) = hosts
+        .iter()
+        .find(|h| h.serving.get(&addr) == Some(&AddrState::Online))
+    {
+        if let Some(d) = owner.digests.get(&addr) {
+            return Some(*d);
+        }
+    }
+    let mut votes: BTreeMap<u64, (usize, IpAddr)> = BTreeMap::new();
+    for h in hosts.iter().filter(|h| h.ok) {
+        if let Some(d) = h.digests.get(&addr) {
+            let e = votes.entry(*d).or_insert((0, h.id));
+            e.0 += 1;
+            e.1 = e.1.min(h.id);
+        }
+    }
+    votes
+        .into_iter()
+        .max_by(|a, b| a.1 .0.cmp(&b.1 .0).then(b.1 .1.cmp(&a.1 .1)))
+        .map(|(d, _)| d)
+}
+
+/// Whether `host` may take `addr`: it can serve the VIP's services, and its tables
+/// are the reference's (a host that reports no digest yet is not held back).
+pub fn able(host: &HostInfo, addr: IpAddr, reference: Option<u64>) -> bool {
+    !host.unable.contains(&addr)
+        && match (host.digests.get(&addr), reference) {
+            (Some(mine), Some(r)) => *mine == r,
+            _ => true,
+        }
+}
+
 /// The leader's decisions for one round. `in_flight` addresses have a command
 /// outstanding and are left alone until the hosts report its outcome.
 pub fn decide<R: Rng>(
@@ -114,40 +150,53 @@ pub fn decide<R: Rng>(
         {
             continue;
         }
-        let preferred = entry.preferred.filter(|p| !quiesced(*p));
+        let reference = reference_digest(hosts, *addr);
+        let may = |id: &IpAddr| by_id.get(id).is_some_and(|h| able(h, *addr, reference));
+        let spares: Vec<IpAddr> = db.spares.iter().copied().filter(|h| may(h)).collect();
+        let others: Vec<IpAddr> = db
+            .non_spare_eligible
+            .iter()
+            .copied()
+            .filter(|h| may(h))
+            .collect();
+        let preferred = entry.preferred.filter(|p| !quiesced(*p) && may(p));
         if entry.claimants.is_empty() {
             let choice = preferred
-                .or_else(|| pick(rng, &db.spares))
-                .or_else(|| pick(rng, &db.non_spare_eligible));
+                .or_else(|| pick(rng, &spares))
+                .or_else(|| pick(rng, &others));
             match choice {
                 Some(c) => d.acquire.push((c, *addr)),
                 None => d.cannot_assign.push(*addr),
             }
             continue;
         }
-        // The preferred host is back and not serving: inject it, so that duplicate
-        // resolution below releases the others; once unserved, it acquires.
-        let injected = preferred.filter(|p| !entry.claimants.contains(p));
-        let mut claimants: Vec<IpAddr> = entry.claimants.iter().copied().collect();
-        if let Some(p) = injected {
-            claimants.push(p);
+        // The preferred host is back and not serving: make before break. It acquires
+        // (and announces) while the current owner still forwards; once both serve, the
+        // duplicate below is resolved in its favour and the other releases.
+        if let Some(p) = preferred.filter(|p| !entry.claimants.contains(p)) {
+            d.acquire.push((p, *addr));
+            continue;
         }
-        if claimants.len() > 1 {
+        if entry.claimants.len() > 1 {
+            let claimants: Vec<IpAddr> = entry.claimants.iter().copied().collect();
             let choice = match preferred {
                 Some(p) => p,
                 None => {
-                    let spares: Vec<IpAddr> = claimants
+                    let able_claimants: Vec<IpAddr> =
+                        claimants.iter().copied().filter(|c| may(c)).collect();
+                    let spare_claimants: Vec<IpAddr> = able_claimants
                         .iter()
                         .copied()
                         .filter(|c| db.spares.contains(c))
                         .collect();
-                    pick(rng, &spares)
+                    pick(rng, &spare_claimants)
+                        .or_else(|| pick(rng, &able_claimants))
                         .or_else(|| pick(rng, &claimants))
                         .expect("two or more claimants")
                 }
             };
             for c in claimants {
-                if c != choice && Some(c) != injected {
+                if c != choice {
                     d.release.push((c, *addr));
                 }
             }
@@ -178,6 +227,8 @@ mod tests {
             addresses: vec![],
             dir_master: false,
             dir_version: 0,
+            digests: BTreeMap::new(),
+            unable: BTreeSet::new(),
         }
     }
 
@@ -240,17 +291,65 @@ mod tests {
     }
 
     #[test]
-    fn a_returning_preferred_host_gets_its_address_back_after_a_release() {
+    fn a_returning_preferred_host_acquires_before_the_other_releases() {
         let hosts = [
             host("198.18.0.2", &[V1], &[]),
             host("198.18.0.4", &[], &[(V1, AddrState::Online)]),
         ];
         let d = run(&hosts, &[V1]);
-        assert_eq!(d.release, vec![(ip("198.18.0.4"), ip(V1))]);
+        assert_eq!(d.acquire, vec![(ip("198.18.0.2"), ip(V1))], "make");
         assert!(
-            d.acquire.is_empty(),
-            "break before make: the preferred host waits for the release"
+            d.release.is_empty(),
+            "before break: the holder keeps forwarding"
         );
+        // Both serve: now the other one releases.
+        let hosts = [
+            host("198.18.0.2", &[V1], &[(V1, AddrState::Online)]),
+            host("198.18.0.4", &[], &[(V1, AddrState::Online)]),
+        ];
+        let d = run(&hosts, &[V1]);
+        assert_eq!(d.release, vec![(ip("198.18.0.4"), ip(V1))]);
+        assert!(d.acquire.is_empty());
+    }
+
+    #[test]
+    fn a_host_with_other_tables_or_no_usable_backend_does_not_take_the_vip() {
+        let mut owner = host("198.18.0.3", &[V2], &[(V1, AddrState::Online)]);
+        owner.digests.insert(ip(V1), 7);
+        let mut preferred = host("198.18.0.2", &[V1], &[]);
+        preferred.digests.insert(ip(V1), 8);
+        let d = run(&[preferred.clone(), owner.clone()], &[V1]);
+        assert!(
+            d.acquire.is_empty() && d.release.is_empty(),
+            "{d:?}: its tables differ"
+        );
+        preferred.digests.insert(ip(V1), 7);
+        assert_eq!(
+            run(&[preferred.clone(), owner], &[V1]).acquire,
+            vec![(ip("198.18.0.2"), ip(V1))]
+        );
+        // Unserved: a spare that cannot serve V1 is passed over for one that can.
+        let mut unable = host("198.18.0.4", &[], &[]);
+        unable.unable.insert(ip(V1));
+        let able = host("198.18.0.5", &[], &[]);
+        for seed in 0..8 {
+            let refs = [&unable, &able];
+            let (_, d) = decide(
+                &refs,
+                &addrs(&[V1]),
+                &BTreeSet::new(),
+                &mut StdRng::seed_from_u64(seed),
+            );
+            assert_eq!(d.acquire, vec![(ip("198.18.0.5"), ip(V1))]);
+        }
+        let refs = [&unable];
+        let (_, d) = decide(
+            &refs,
+            &addrs(&[V1]),
+            &BTreeSet::new(),
+            &mut StdRng::seed_from_u64(1),
+        );
+        assert_eq!(d.cannot_assign, vec![ip(V1)]);
     }
 
     #[test]

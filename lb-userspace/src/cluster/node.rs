@@ -50,6 +50,10 @@ pub struct NodeConfig {
     /// The group's service addresses as this node is configured.
     pub addresses: Vec<IpAddr>,
     pub timing: Timing,
+    /// Hosts that must be alive, this one included, for it to serve or lead: a node
+    /// cut off from a majority gives its VIPs up, so a partition leaves at most one
+    /// owner per VIP on the majority side. 1: no quorum.
+    pub quorum: usize,
 }
 
 /// Something worth telling the operator (logged, counted, streamed by `lbctl events`).
@@ -81,6 +85,20 @@ pub enum Event {
     },
     HostJoined {
         host: IpAddr,
+    },
+    /// Fewer hosts alive than the quorum: this node gave its VIPs up.
+    QuorumLost {
+        alive: usize,
+        quorum: usize,
+    },
+    QuorumRegained {
+        alive: usize,
+    },
+    /// This node's tables for a VIP differ from those of the node serving it: it will
+    /// not take the VIP until they agree.
+    TableMismatch {
+        address: IpAddr,
+        owner: IpAddr,
     },
     /// The water marks took a backend out of new flows, or let it back in.
     Steering {
@@ -130,6 +148,12 @@ pub enum Input {
         master: bool,
         version: u64,
     },
+    /// What this node's data plane says: each VIP's table digest, and the VIPs it
+    /// cannot serve (no usable backend for any of their services).
+    DataPlane {
+        digests: BTreeMap<IpAddr, u64>,
+        unable: BTreeSet<IpAddr>,
+    },
     Released {
         address: IpAddr,
         ok: bool,
@@ -173,6 +197,16 @@ pub struct Node {
     started: Option<Instant>,
     dir_master: bool,
     dir_version: u64,
+    digests: BTreeMap<IpAddr, u64>,
+    unable: BTreeSet<IpAddr>,
+    /// Commands from a host that is not (yet) this node's leader, by address: the
+    /// death that made it leader may reach this node a moment later. Carried out as
+    /// soon as this node agrees, if still fresh.
+    pending: BTreeMap<IpAddr, (Message, Instant)>,
+    /// Enough hosts alive (see `NodeConfig::quorum`).
+    quorate: bool,
+    /// VIPs whose owner's tables differ from this node's (reported once).
+    mismatched: BTreeSet<IpAddr>,
 }
 
 impl Node {
@@ -197,6 +231,11 @@ impl Node {
             started: None,
             dir_master: false,
             dir_version: 0,
+            digests: BTreeMap::new(),
+            unable: BTreeSet::new(),
+            pending: BTreeMap::new(),
+            quorate: true,
+            mismatched: BTreeSet::new(),
         }
     }
 
@@ -258,6 +297,8 @@ impl Node {
             addresses: self.config.addresses.clone(),
             dir_master: self.dir_master,
             dir_version: self.dir_version,
+            digests: self.digests.clone(),
+            unable: self.unable.clone(),
         }
     }
 
@@ -301,6 +342,10 @@ impl Node {
                 self.dir_master = master;
                 self.dir_version = version;
             }
+            Input::DataPlane { digests, unable } => {
+                self.digests = digests;
+                self.unable = unable;
+            }
             Input::Load { load, capacity } => {
                 self.load = load;
                 self.capacity = capacity;
@@ -333,7 +378,7 @@ impl Node {
     }
 
     fn acquire(&mut self, address: IpAddr, out: &mut Vec<Output>) {
-        if !self.ok || self.quiesce || self.serving.contains_key(&address) {
+        if !self.ok || !self.quorate || self.quiesce || self.serving.contains_key(&address) {
             return;
         }
         self.serving.insert(address, AddrState::Acquiring);
@@ -383,26 +428,44 @@ impl Node {
                         at: now,
                     },
                 );
-                self.elect(out);
+                self.elect(now, out);
             }
-            Message::Acquire {
-                from, to, address, ..
-            } => {
-                if to == self.config.id && Some(from) == self.leader {
-                    self.acquire(address, out);
+            Message::Acquire { to, .. } | Message::Release { to, .. } if to != self.config.id => {}
+            Message::Acquire { from, address, .. } if Some(from) == self.leader => {
+                self.acquire(address, out)
+            }
+            Message::Release { from, address, .. } if Some(from) == self.leader => {
+                self.release(address, out)
+            }
+            Message::Acquire { address, .. } | Message::Release { address, .. } => {
+                self.pending.insert(address, (m, now));
+            }
+        }
+    }
+
+    /// Carries out what the leader sent before this node followed it.
+    fn run_pending(&mut self, now: Instant, out: &mut Vec<Output>) {
+        let fresh = self.config.timing.command_timeout;
+        let pending = std::mem::take(&mut self.pending);
+        for (address, (m, at)) in pending {
+            if now.saturating_duration_since(at) > fresh {
+                continue;
+            }
+            match m {
+                Message::Acquire { from, .. } if Some(from) == self.leader => {
+                    self.acquire(address, out)
                 }
-            }
-            Message::Release {
-                from, to, address, ..
-            } => {
-                if to == self.config.id && Some(from) == self.leader {
-                    self.release(address, out);
+                Message::Release { from, .. } if Some(from) == self.leader => {
+                    self.release(address, out)
+                }
+                other => {
+                    self.pending.insert(address, (other, at));
                 }
             }
         }
     }
 
-    fn elect(&mut self, out: &mut Vec<Output>) {
+    fn elect(&mut self, now: Instant, out: &mut Vec<Output>) {
         let leader = self.hosts.keys().copied().chain([self.config.id]).min();
         if leader != self.leader {
             if let Some(to) = leader {
@@ -413,7 +476,61 @@ impl Node {
             }
             self.leader = leader;
             self.in_flight.clear();
+            self.run_pending(now, out);
         }
+    }
+
+    /// Gives everything up when fewer hosts than the quorum are alive.
+    fn check_quorum(&mut self, out: &mut Vec<Output>) {
+        let alive = self.hosts.len() + 1;
+        let quorate = alive >= self.config.quorum;
+        if quorate == self.quorate {
+            return;
+        }
+        self.quorate = quorate;
+        if quorate {
+            out.push(Output::Event(Event::QuorumRegained { alive }));
+        } else {
+            out.push(Output::Event(Event::QuorumLost {
+                alive,
+                quorum: self.config.quorum,
+            }));
+            let serving: Vec<IpAddr> = self.serving.keys().copied().collect();
+            for a in serving {
+                self.release(a, out);
+            }
+        }
+    }
+
+    /// Reports, once per change, VIPs whose owner holds other tables than this node.
+    fn check_tables(&mut self, out: &mut Vec<Output>) {
+        for (addr, mine) in &self.digests {
+            let owner = self.hosts.values().find_map(|h| {
+                (h.info.serving.get(addr) == Some(&AddrState::Online))
+                    .then(|| (h.info.id, h.info.digests.get(addr).copied()))
+            });
+            let differs = match owner {
+                Some((_, Some(theirs))) => theirs != *mine,
+                _ => false,
+            };
+            if differs && self.mismatched.insert(*addr) {
+                out.push(Output::Event(Event::TableMismatch {
+                    address: *addr,
+                    owner: owner.expect("differs").0,
+                }));
+            } else if !differs {
+                self.mismatched.remove(addr);
+            }
+        }
+    }
+
+    /// VIPs whose owner's tables differ from this node's.
+    pub fn mismatched(&self) -> &BTreeSet<IpAddr> {
+        &self.mismatched
+    }
+
+    pub fn quorate(&self) -> bool {
+        self.quorate
     }
 
     fn send_info(&mut self, now: Instant, out: &mut Vec<Output>) {
@@ -454,7 +571,15 @@ impl Node {
             self.hosts.remove(&host);
             out.push(Output::Event(Event::HostDead { host }));
         }
-        self.elect(out);
+        self.elect(now, out);
+        let started = *self.started.get_or_insert(now);
+        let listened = now.saturating_duration_since(started) >= timeout;
+        // A node that just started has heard nobody yet: what it adopted stays until
+        // it has listened for a timeout.
+        if listened {
+            self.check_quorum(out);
+        }
+        self.check_tables(out);
         for a in self.config.addresses.iter().chain(&self.config.preferred) {
             self.address_seen.insert(*a, now);
         }
@@ -464,9 +589,7 @@ impl Node {
         {
             self.send_info(now, out);
         }
-        let started = *self.started.get_or_insert(now);
-        if self.leader == Some(self.config.id) && now.saturating_duration_since(started) >= timeout
-        {
+        if self.quorate && self.leader == Some(self.config.id) && listened {
             self.lead(now, rng, out);
         }
     }

@@ -52,6 +52,7 @@ impl Sim {
                 preferred: p.iter().map(|v| vip(*v)).collect(),
                 addresses: addresses.clone(),
                 timing: Timing::default(),
+                quorum: 1,
             })
             .collect();
         let nodes = configs
@@ -67,6 +68,28 @@ impl Sim {
             rng: StdRng::seed_from_u64(seed),
             bad_acquires: 0,
         }
+    }
+
+    /// The same nodes, each needing `quorum` alive hosts to serve.
+    fn with_quorum(mut self, quorum: usize) -> Sim {
+        for c in &mut self.configs {
+            c.quorum = quorum;
+        }
+        self.nodes = self
+            .configs
+            .iter()
+            .map(|c| Some(Node::new(c.clone(), 1)))
+            .collect();
+        self
+    }
+
+    fn owners(&self, v: usize) -> Vec<IpAddr> {
+        self.nodes
+            .iter()
+            .flatten()
+            .filter(|n| n.serving().contains_key(&vip(v)))
+            .map(|n| n.id())
+            .collect()
     }
 
     fn hears(&self, from: usize, to: usize) -> bool {
@@ -317,6 +340,79 @@ fn failover_takes_about_the_timeout() {
         "failover took {:?}",
         sim.now - start
     );
+}
+
+#[test]
+fn the_spare_takes_the_dead_leaders_vip_within_one_timeout_even_if_it_hears_last() {
+    // Node 0 leads and serves vip 0. Node 1 ticks before node 2 in each step, so it
+    // sees the death first, leads, and orders node 2 (the spare) to acquire while node
+    // 2 still follows node 0: the order must not wait for a resend.
+    let mut sim = Sim::new(&[vec![0], vec![1], vec![]], 2, 6);
+    sim.run(Duration::from_secs(1));
+    assert_eq!(sim.owners(0), [ip(2)]);
+    sim.apply(&Op::Kill(0));
+    let start = sim.now;
+    while sim.owners(0).is_empty() {
+        sim.step();
+        assert!(
+            sim.now - start < Duration::from_secs(2),
+            "no failover within 2 s"
+        );
+    }
+    assert_eq!(sim.owners(0), [ip(4)], "the spare took it");
+    let timeout = Timing::default().timeout;
+    assert!(
+        sim.now - start <= timeout + 2 * STEP,
+        "failover took {:?} (timeout {timeout:?})",
+        sim.now - start
+    );
+}
+
+#[test]
+fn with_a_majority_quorum_a_partition_leaves_one_owner_per_vip() {
+    let mut sim = Sim::new(&[vec![0], vec![1], vec![]], 2, 7).with_quorum(2);
+    sim.run(Duration::from_secs(1));
+    sim.check_equilibrium().unwrap();
+    sim.apply(&Op::Cut(0, 1));
+    sim.apply(&Op::Cut(0, 2));
+    let timeout = Timing::default().timeout;
+    let cut = sim.now;
+    for _ in 0..60 {
+        sim.step();
+        if sim.now - cut > timeout + 3 * STEP {
+            assert_eq!(
+                sim.owners(0),
+                [ip(4)],
+                "the majority side serves vip 0 alone"
+            );
+            assert_eq!(sim.owners(1), [ip(3)]);
+            assert!(!sim.nodes[0].as_ref().unwrap().quorate());
+        }
+        assert!(sim.owners(0).len() <= 2 && sim.owners(1).len() == 1);
+    }
+    sim.apply(&Op::Heal);
+    sim.run(Duration::from_secs(2));
+    sim.check_equilibrium().unwrap();
+    assert_eq!(sim.owners(0), [ip(2)], "back on its preferred node");
+}
+
+#[test]
+fn a_restarted_node_keeps_what_it_adopted_while_it_listens() {
+    let mut sim = Sim::new(&[vec![0], vec![1], vec![]], 2, 8).with_quorum(2);
+    sim.run(Duration::from_secs(1));
+    // Node 1's daemon restarts within the timeout and adopts what it served.
+    let mut node = Node::new(sim.configs[1].clone(), 1_000_000);
+    node.adopt(vip(1));
+    sim.nodes[1] = Some(node);
+    for _ in 0..40 {
+        sim.step();
+        assert_eq!(
+            sim.owners(1),
+            [ip(3)],
+            "vip 1 left its node or got a second owner"
+        );
+    }
+    sim.check_equilibrium().unwrap();
 }
 
 #[test]

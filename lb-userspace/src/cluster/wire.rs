@@ -3,7 +3,10 @@
 //! Decoding checks, in this order: size, magic and length, MAC, body; a message that
 //! fails any of them is reported with the reason, to be counted and never acted on.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -49,6 +52,15 @@ pub struct HostInfo {
     /// The version of this host's directory replica.
     #[serde(default)]
     pub dir_version: u64,
+    /// A digest of the tables of the services on each VIP, as this host's data plane
+    /// holds them (`layout::fingerprint` combined): a host whose digest differs from
+    /// the VIP's owner's would steer flows elsewhere, so it does not take the VIP.
+    #[serde(default)]
+    pub digests: BTreeMap<IpAddr, u64>,
+    /// VIPs whose every service has no usable backend from this host: it does not
+    /// take them (it would only refuse their clients).
+    #[serde(default)]
+    pub unable: BTreeSet<IpAddr>,
 }
 
 /// A message of the group. Every kind carries the sender's id and a sequence number
@@ -325,6 +337,8 @@ mod tests {
                 addresses: vec!["198.18.0.100".parse().unwrap()],
                 dir_master: false,
                 dir_version: 0,
+                digests: BTreeMap::from([("198.18.0.100".parse().unwrap(), 7)]),
+                unable: BTreeSet::new(),
             },
             others: vec![],
             service_addresses: vec![("198.18.0.100".parse().unwrap(), 0)],

@@ -46,6 +46,7 @@ pub(super) fn cluster(
             "cluster: set exactly one of key and key_file (the group's shared secret)",
         )
     })?;
+    let (nodes, quorum) = sizes(ctx, &c.nodes, &c.quorum, c.peers.len(), span.clone())?;
     let interval = *c.interval_ms.get_ref();
     if interval == 0 {
         return Err(ctx.err(
@@ -73,6 +74,8 @@ pub(super) fn cluster(
         interval: std::time::Duration::from_millis(interval),
         timeout: std::time::Duration::from_millis(timeout),
         orphan_expiry: c.orphan_expiry_s.map(std::time::Duration::from_secs),
+        nodes,
+        quorum,
         preferred: c.preferred,
         vip_interface: c
             .vip_interface
@@ -80,4 +83,61 @@ pub(super) fn cluster(
         script: c.script,
         script_timeout: std::time::Duration::from_millis(c.script_timeout_ms),
     })
+}
+
+/// The group's size and quorum: a majority by default. Two nodes have no majority
+/// that survives the loss of one, so they must say which failure they prefer.
+fn sizes(
+    ctx: &Ctx,
+    given_nodes: &Option<Spanned<usize>>,
+    given_quorum: &Option<Spanned<usize>>,
+    peers: usize,
+    span: std::ops::Range<usize>,
+) -> Result<(usize, usize), ConfigError> {
+    let nodes = match given_nodes {
+        Some(n) if *n.get_ref() == 0 => {
+            return Err(ctx.err(n.span(), "cluster.nodes: must be at least 1"))
+        }
+        Some(n) if peers > 0 && *n.get_ref() < peers + 1 => {
+            return Err(ctx.err(
+                n.span(),
+                format!(
+                    "cluster.nodes: {} is fewer than this node and its {} peers",
+                    n.get_ref(),
+                    peers
+                ),
+            ))
+        }
+        Some(n) => *n.get_ref(),
+        None if peers > 0 => peers + 1,
+        None if given_quorum.as_ref().is_some_and(|q| *q.get_ref() == 1) => 1,
+        None => {
+            return Err(ctx.err(
+                span,
+                "cluster.nodes: set how many LB nodes the group has (a node that sees \
+                 fewer than a majority of them gives its VIPs up), or quorum = 1 to \
+                 serve whatever the node sees",
+            ))
+        }
+    };
+    let quorum = match given_quorum {
+        Some(q) if *q.get_ref() == 0 || *q.get_ref() > nodes => {
+            return Err(ctx.err(
+                q.span(),
+                format!("cluster.quorum: must be between 1 and cluster.nodes ({nodes})"),
+            ))
+        }
+        Some(q) => *q.get_ref(),
+        None if nodes == 2 => {
+            return Err(ctx.err(
+                span,
+                "cluster.quorum: a two-node group has no majority that survives losing \
+                 a node; set quorum = 1 (each node serves alone when it cannot see the \
+                 other: both answer for the VIPs during a partition) or quorum = 2 (a \
+                 node alone serves nothing: no failover)",
+            ))
+        }
+        None => nodes / 2 + 1,
+    };
+    Ok((nodes, quorum))
 }

@@ -38,6 +38,8 @@ pub(super) struct ClusterSection {
     pub(super) interval_ms: Spanned<u64>,
     pub(super) timeout_ms: Option<Spanned<u64>>,
     pub(super) orphan_expiry_s: Option<u64>,
+    pub(super) nodes: Option<Spanned<usize>>,
+    pub(super) quorum: Option<Spanned<usize>>,
     #[serde(default)]
     pub(super) preferred: Vec<IpAddr>,
     pub(super) vip_interface: Option<String>,

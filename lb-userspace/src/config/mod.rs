@@ -105,6 +105,11 @@ pub struct ClusterConfig {
     pub interval: std::time::Duration,
     pub timeout: std::time::Duration,
     pub orphan_expiry: Option<std::time::Duration>,
+    /// How many LB nodes the group has, this one included.
+    pub nodes: usize,
+    /// Hosts that must be alive (this one included) for this node to serve VIPs: a
+    /// node cut off from a majority gives its VIPs up rather than split the brain.
+    pub quorum: usize,
     /// VIPs this node prefers to serve (none: a hot spare).
     pub preferred: Vec<IpAddr>,
     /// Interface the VIPs are added to and announced on.
@@ -394,23 +399,65 @@ drain = true
     #[test]
     fn a_cluster_section_needs_a_group_and_a_key() {
         let with = |extra: &str| parse(&format!("{GOOD}\n[cluster]\nid = \"198.18.0.2\"\n{extra}"));
-        let c = with("group = \"239.1.1.1:7400\"\nkey = \"0123456789abcdef\"\npreferred = [\"198.18.0.100\"]")
+        let c = with("group = \"239.1.1.1:7400\"\nnodes = 3\nkey = \"0123456789abcdef\"\npreferred = [\"198.18.0.100\"]")
             .unwrap()
             .cluster
             .unwrap();
         assert_eq!(c.port, 7400);
         assert_eq!(c.timeout, std::time::Duration::from_millis(300));
         assert_eq!(c.vip_interface, "eth0");
+        assert_eq!((c.nodes, c.quorum), (3, 2));
         let e = with("key = \"0123456789abcdef\"").unwrap_err();
         assert!(e.message.contains("group"), "{e}");
         let e = with("group = \"198.18.0.9:7400\"\nkey = \"0123456789abcdef\"").unwrap_err();
         assert!(e.message.contains("not a multicast"), "{e}");
         let e = with("group = \"239.1.1.1:7400\"\nkey = \"short\"").unwrap_err();
         assert!(e.message.contains("16 characters"), "{e}");
-        let e = with("group = \"239.1.1.1:7400\"\nkey = \"0123456789abcdef\"\ntimeout_ms = 50")
-            .unwrap_err();
+        let e = with(
+            "group = \"239.1.1.1:7400\"\nnodes = 3\nkey = \"0123456789abcdef\"\ntimeout_ms = 50",
+        )
+        .unwrap_err();
         assert!(e.message.contains("timeout_ms"), "{e}");
-        assert_eq!(e.line, GOOD.lines().count() + 6, "{e}");
+        assert_eq!(e.line, GOOD.lines().count() + 7, "{e}");
+    }
+
+    #[test]
+    fn the_quorum_is_a_majority_and_two_nodes_must_choose() {
+        let with = |extra: &str| {
+            parse(&format!(
+                "{GOOD}\n[cluster]\nid = \"198.18.0.2\"\nkey = \"0123456789abcdef\"\n{extra}"
+            ))
+        };
+        let sizes = |extra: &str| {
+            let c = with(extra).unwrap().cluster.unwrap();
+            (c.nodes, c.quorum)
+        };
+        let peers = |n: usize| {
+            let list: Vec<String> = (0..n)
+                .map(|i| format!("\"198.18.0.{}:7400\"", 3 + i))
+                .collect();
+            format!("peers = [{}]", list.join(", "))
+        };
+        assert_eq!(sizes(&peers(2)), (3, 2));
+        assert_eq!(sizes(&peers(4)), (5, 3));
+        assert_eq!(sizes(&format!("{}\nquorum = 1", peers(1))), (2, 1));
+        assert_eq!(sizes(&format!("{}\nquorum = 2", peers(1))), (2, 2));
+        assert_eq!(sizes("group = \"239.1.1.1:7400\"\nquorum = 1"), (1, 1));
+        assert_eq!(sizes("group = \"239.1.1.1:7400\"\nnodes = 4"), (4, 3));
+        for (extra, field) in [
+            (peers(1), "cluster.quorum"),
+            ("group = \"239.1.1.1:7400\"".to_string(), "cluster.nodes"),
+            (
+                "group = \"239.1.1.1:7400\"\nnodes = 2".to_string(),
+                "cluster.quorum",
+            ),
+            (format!("{}\nquorum = 4", peers(2)), "cluster.quorum"),
+            (format!("{}\nquorum = 0", peers(2)), "cluster.quorum"),
+            (format!("{}\nnodes = 2", peers(2)), "cluster.nodes"),
+        ] {
+            let e = with(&extra).unwrap_err();
+            assert!(e.message.contains(field), "{extra}: {e}");
+        }
     }
 
     #[test]

@@ -209,6 +209,7 @@ pub async fn start(
             command_timeout: cfg.timeout,
             orphan_expiry: cfg.orphan_expiry,
         },
+        quorum: cfg.quorum,
     };
     // Microseconds of wall clock: above anything this node sent before a restart.
     let first_seq = SystemTime::now()
