@@ -49,7 +49,8 @@ pub mod map_names {
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const SPHERES: &str = "SPHERES";
     pub const REFUSALS: &str = "REFUSALS";
-    pub const ALL: [&str; 12] = [
+    pub const CONTROL: &str = "CONTROL";
+    pub const ALL: [&str; 13] = [
         VIP_ADDRS,
         VIPS,
         MAGLEV_RING,
@@ -62,6 +63,7 @@ pub mod map_names {
         GLOBAL_STATS,
         SPHERES,
         REFUSALS,
+        CONTROL,
     ];
 }
 
@@ -336,6 +338,19 @@ pub struct GlobalStats {
     /// 3.2.2: broadcast, multicast, unspecified, loopback, the VIP itself) or in a
     /// frame that is not unicast both ways: dropped, no refusal sent.
     pub drop_refuse_invalid: u64,
+    /// An ARP request or IPv6 neighbour solicitation for a VIP this node forwards,
+    /// while lbd's liveness stamp (`Control`) is stale: a node whose daemon died
+    /// stops answering for its VIPs (the cluster moves them), yet keeps forwarding.
+    pub drop_daemon_stale: u64,
+}
+
+/// `CONTROL[0]`: what lbd tells the program about itself.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Control {
+    /// CLOCK_MONOTONIC nanoseconds until which lbd is known alive; lbd moves it
+    /// forward every cluster interval. 0: no cluster, never stale.
+    pub alive_until_ns: u64,
 }
 
 /// Field-wise helpers of `GlobalStats` (summing per-CPU values, naming fields for
@@ -352,7 +367,7 @@ macro_rules! global_stats_fields {
             }
 
             /// The value of each field, in the order of [`Self::FIELDS`].
-            pub fn values(&self) -> [u64; 25] {
+            pub fn values(&self) -> [u64; 26] {
                 [$(self.$field),*]
             }
         }
@@ -384,6 +399,7 @@ global_stats_fields!(
     refuse_rst,
     refuse_icmp,
     drop_refuse_invalid,
+    drop_daemon_stale,
 );
 
 #[cfg(feature = "user")]
@@ -394,6 +410,8 @@ mod pod {
     unsafe impl aya::Pod for AddrKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for AddrMeta {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Control {}
     // SAFETY: as above.
     unsafe impl aya::Pod for VipKey {}
     // SAFETY: as above.
@@ -433,7 +451,8 @@ assert_layout!(Route, 20, 4);
 assert_layout!(FlowKey, 40, 2);
 assert_layout!(ConnEntry, 12, 4);
 assert_layout!(Counter, 16, 8);
-assert_layout!(GlobalStats, 25 * 8, 8);
+assert_layout!(GlobalStats, 26 * 8, 8);
+assert_layout!(Control, 8, 8);
 assert_layout!(RefuseBucket, 16, 8);
 assert_layout!(SphereKey, 20, 4);
 assert_layout!(SphereMeta, 8, 4);

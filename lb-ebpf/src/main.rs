@@ -1,5 +1,5 @@
 //! The balancer's XDP program. `lb_xdp` reads top to bottom as a packet's path:
-//! parse L3 → is the destination a VIP address → is the packet regular → parse L4 →
+//! parse L3 (ARP and neighbour solicitations: the liveness guard) → is the destination a VIP address → is the packet regular → parse L4 →
 //! which service → which backend (connection table, then Maglev) → forward.
 //! Each stage returns `Result<_, Exit>`; an `Exit` carries the reason, and the reason
 //! decides both the verdict and the counter, in one place (`stats::count_exit`).
@@ -7,6 +7,7 @@
 #![no_main]
 
 mod forward;
+mod guard;
 mod lookup;
 mod maps;
 mod parse;
@@ -18,9 +19,11 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use lb_common::{FlowKey, VIP_F_UNAVAILABLE};
+use lb_common::{FlowKey, FAMILY_V6, VIP_F_UNAVAILABLE};
 use network_types::eth::EthHdr;
 use stats::Exit;
+
+const IPPROTO_ICMPV6: u8 = 58;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -36,8 +39,16 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> Result<u32, Exit> {
     let mut flow = FlowKey::default();
-    let l3 = parse::l3(ctx, &mut flow)?;
-    let addr = lookup::vip_addr(&flow)?;
+    let l3 = match parse::l3(ctx, &mut flow) {
+        Err(Exit::NotIp) => return Err(guard::arp(ctx)),
+        other => other?,
+    };
+    let addr = match lookup::vip_addr(&flow) {
+        Err(Exit::NotVip) if flow.family == FAMILY_V6 && flow.proto == IPPROTO_ICMPV6 => {
+            return Err(guard::neighbour_solicitation(ctx))
+        }
+        other => other?,
+    };
     parse::check_regular(l3.irregular, addr.flags)?;
     parse::l4(ctx, &l3, &mut flow)?;
     let vip = lookup::vip(&flow)?;

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, RefuseBucket, Route,
-    SphereKey, SphereMeta, VipKey, VipMeta, MAX_BACKENDS, MAX_REFUSING_SOURCES, MAX_SPHERE_RULES,
-    MAX_TX_PORTS, MAX_VIPS, MAX_VIP_ADDRS,
+    AddrKey, AddrMeta, Backend, ConnEntry, Control, Counter, FlowKey, GlobalStats, RefuseBucket,
+    Route, SphereKey, SphereMeta, VipKey, VipMeta, MAX_BACKENDS, MAX_REFUSING_SOURCES,
+    MAX_SPHERE_RULES, MAX_TX_PORTS, MAX_VIPS, MAX_VIP_ADDRS,
 };
 
 #[map]
@@ -53,3 +53,7 @@ pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(M
 
 #[map]
 pub static GLOBAL_STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// What lbd tells the program about itself (its liveness stamp).
+#[map]
+pub static CONTROL: Array<Control> = Array::with_max_entries(1, 0);

@@ -24,6 +24,7 @@ pub enum Exit {
     Unavailable,
     RefuseLimited,
     RefuseInvalid,
+    DaemonStale,
 }
 
 impl Exit {
@@ -44,7 +45,8 @@ impl Exit {
             | Exit::RedirectFailed
             | Exit::Unavailable
             | Exit::RefuseLimited
-            | Exit::RefuseInvalid => XDP_DROP,
+            | Exit::RefuseInvalid
+            | Exit::DaemonStale => XDP_DROP,
         }
     }
 }
@@ -75,6 +77,7 @@ pub fn count_exit(exit: Exit) {
         Exit::Unavailable => &mut g.drop_unavailable,
         Exit::RefuseLimited => &mut g.drop_refuse_limited,
         Exit::RefuseInvalid => &mut g.drop_refuse_invalid,
+        Exit::DaemonStale => &mut g.drop_daemon_stale,
     })
 }
 

@@ -1303,3 +1303,100 @@ fn ipv6_esp_ah_and_experimental_next_headers_are_extension_headers() {
         assert_eq!(lb.stats().drop_ip_options, before + 1, "next header {nh}");
     }
 }
+
+/// An ARP request from the client for `target`.
+fn arp_request(target: &str) -> Vec<u8> {
+    let target: std::net::Ipv4Addr = target.parse().unwrap();
+    let client: std::net::Ipv4Addr = CLIENT4.parse().unwrap();
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&client.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target.octets());
+    f
+}
+
+/// An ARP reply from the client (op 2) naming `target`.
+fn arp_reply(target: &str) -> Vec<u8> {
+    let mut f = arp_request(target);
+    f[ETH_LEN + 7] = 2;
+    f
+}
+
+/// An ICMPv6 neighbour solicitation from the client for `target`.
+fn neighbour_solicitation(target: &str) -> Vec<u8> {
+    let target: std::net::Ipv6Addr = target.parse().unwrap();
+    let client: std::net::Ipv6Addr = CLIENT6.parse().unwrap();
+    let t = target.octets();
+    let solicited: std::net::Ipv6Addr =
+        format!("ff02::1:ff{:02x}:{:02x}{:02x}", t[13], t[14], t[15])
+            .parse()
+            .unwrap();
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0x33, 0x33, 0xff, t[13], t[14], t[15]]);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&0x86ddu16.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&32u16.to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&client.octets());
+    f.extend_from_slice(&solicited.octets());
+    f.extend_from_slice(&[135, 0, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(&t);
+    f.extend_from_slice(&[1, 1]);
+    f.extend_from_slice(&CLIENT_MAC);
+    f
+}
+
+#[test]
+fn a_stale_daemon_stamp_silences_neighbour_requests_for_served_vips_only() {
+    let mut lb = load_lb();
+    let mut stamp = lb.dp.stamp().unwrap();
+    lb.add(service(VIP4, 80, Proto::Tcp), &backends4(2));
+    lb.add(service(VIP6, 80, Proto::Tcp), &backends6(2));
+    let served: std::collections::BTreeSet<IpAddr> =
+        [VIP4.parse().unwrap(), VIP6.parse().unwrap()].into();
+    lb.maps.set_served(Some(served)).unwrap();
+    let requests = [
+        (arp_request(VIP4), "pass_not_ip"),
+        (neighbour_solicitation(VIP6), "pass_not_vip"),
+    ];
+    let others = [
+        (arp_request("198.18.0.200"), "pass_not_ip"),
+        (arp_reply(VIP4), "pass_not_ip"),
+        (neighbour_solicitation("2001:db8::200"), "pass_not_vip"),
+    ];
+    // No stamp (not in a cluster): the kernel answers as always.
+    for (frame, counter) in requests.iter().chain(&others) {
+        assert_untouched(&lb, frame, XDP_PASS, counter);
+    }
+    // lbd alive: the same.
+    stamp.alive_for(std::time::Duration::from_secs(60)).unwrap();
+    for (frame, counter) in requests.iter().chain(&others) {
+        assert_untouched(&lb, frame, XDP_PASS, counter);
+    }
+    // lbd's stamp ran out: requests for served VIPs are dropped and counted; other
+    // requests, replies, and the VIPs' own traffic go on.
+    stamp
+        .set(lb_userspace::dataplane::liveness::monotonic_ns() - 1)
+        .unwrap();
+    for (frame, _) in &requests {
+        assert_untouched(&lb, frame, XDP_DROP, "drop_daemon_stale");
+    }
+    for (frame, counter) in &others {
+        assert_untouched(&lb, frame, XDP_PASS, counter);
+    }
+    assert_eq!(
+        lb.run(&Frame::tcp(CLIENT4, VIP4, 1000, 80).build()).0,
+        XDP_TX
+    );
+    // A VIP this node no longer serves is not its business.
+    lb.maps
+        .set_served(Some([VIP6.parse().unwrap()].into()))
+        .unwrap();
+    assert_untouched(&lb, &requests[0].0, XDP_PASS, "pass_not_ip");
+}

@@ -97,7 +97,7 @@ pub enum Attached {
 /// A pinned map made with other sizes would be reused as it is, silently ignoring the
 /// new options: refuse instead.
 /// Key and value sizes of every map, as this build's types have them.
-fn layouts() -> [(&'static str, usize, usize); 12] {
+fn layouts() -> [(&'static str, usize, usize); 13] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -127,6 +127,7 @@ fn layouts() -> [(&'static str, usize, usize); 12] {
             size_of::<SphereMeta>(),
         ),
         (map_names::REFUSALS, 16, size_of::<RefuseBucket>()),
+        (map_names::CONTROL, 4, size_of::<Control>()),
     ]
 }
 
@@ -256,6 +257,17 @@ impl Programs {
             pin_dir: options.pin_dir.clone(),
         };
         Ok((dataplane, maps))
+    }
+
+    /// The liveness stamp, on this load's own map (tests without a pin directory).
+    pub fn stamp(&mut self) -> Result<super::liveness::Stamp> {
+        let map = self
+            .ebpf
+            .take_map(map_names::CONTROL)
+            .ok_or(DataplaneError::MapShape {
+                name: map_names::CONTROL,
+            })?;
+        super::liveness::Stamp::from_map(map)
     }
 
     /// A loaded program, e.g. to run packets through it with `aya::programs::TestRun`.

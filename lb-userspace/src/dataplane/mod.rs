@@ -12,6 +12,7 @@
 pub mod error;
 pub mod fake;
 pub mod layout;
+pub mod liveness;
 pub mod loader;
 pub mod maps;
 
