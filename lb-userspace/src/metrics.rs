@@ -229,6 +229,20 @@ pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> 
         let _ = writeln!(out, "lb_cluster_vips_served {served}");
         family(
             &mut out,
+            "lb_cluster_quorate",
+            "gauge",
+            "1 while this node sees cluster.quorum nodes (itself included) and may serve VIPs.",
+        );
+        let _ = writeln!(out, "lb_cluster_quorate {}", u8::from(c.quorate));
+        family(
+            &mut out,
+            "lb_cluster_table_mismatches",
+            "gauge",
+            "VIPs whose owner holds other tables than this node (it does not take them).",
+        );
+        let _ = writeln!(out, "lb_cluster_table_mismatches {}", c.mismatched.len());
+        family(
+            &mut out,
             "lb_cluster_messages_rejected_total",
             "counter",
             "Control messages dropped, by reason.",

@@ -46,35 +46,50 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// Starts probing `vip` from the client namespace, for at most `limit`.
+    /// Starts probing `vip` from the client namespace, for at most `limit`. Every
+    /// 10 ms a new TCP connection and a new UDP datagram leave, each on its own
+    /// thread, so that one unanswered probe does not hold back the next.
     pub fn start(c: &Cluster, vip: Ipv4Addr, limit: Duration) -> Probe {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = c.lab.host("client").ns.spawn(move || {
             let sources: Vec<Ipv4Addr> = standard::client_sources().collect();
             let started = Instant::now();
-            let mut log = Vec::new();
+            let (tx, rx) = std::sync::mpsc::channel::<Sample>();
+            let mut probes = Vec::new();
             let mut i = 0usize;
             while !flag.load(Ordering::Relaxed) && started.elapsed() < limit {
                 let src = Some(sources[i % sources.len()]);
-                let at = Instant::now();
-                let ok = traffic::http_get(src, vip_addr(vip), PROBE_TIMEOUT).is_ok();
-                log.push(Sample {
-                    at,
-                    kind: Kind::Tcp,
-                    ok,
-                });
-                let at = Instant::now();
-                let ok = traffic::udp_ask(src, vip_addr(vip), &format!("probe {i}"), PROBE_TIMEOUT)
-                    .is_ok();
-                log.push(Sample {
-                    at,
-                    kind: Kind::Udp,
-                    ok,
-                });
+                // Threads started from this one stay in the client's namespace.
+                for kind in [Kind::Tcp, Kind::Udp] {
+                    let tx = tx.clone();
+                    probes.push(std::thread::spawn(move || {
+                        let at = Instant::now();
+                        let ok = match kind {
+                            Kind::Tcp => {
+                                traffic::http_get(src, vip_addr(vip), PROBE_TIMEOUT).is_ok()
+                            }
+                            Kind::Udp => traffic::udp_ask(
+                                src,
+                                vip_addr(vip),
+                                &format!("probe {i}"),
+                                PROBE_TIMEOUT,
+                            )
+                            .is_ok(),
+                        };
+                        let _ = tx.send(Sample { at, kind, ok });
+                    }));
+                }
                 i += 1;
+                probes.retain(|p| !p.is_finished());
                 std::thread::sleep(Duration::from_millis(10));
             }
+            for p in probes {
+                let _ = p.join();
+            }
+            drop(tx);
+            let mut log: Vec<Sample> = rx.into_iter().collect();
+            log.sort_by_key(|s| s.at);
             Ok(log)
         });
         Probe { stop, thread }
@@ -359,6 +374,8 @@ pub struct Outcome {
     pub broken: Vec<String>,
     /// The longest time a VIP was on two nodes' interfaces at once.
     pub duplicate: Duration,
+    /// The failed probes: sent this long after the fault, of this kind.
+    pub failures: Vec<(Duration, Kind)>,
 }
 
 pub mod scenarios {
@@ -385,6 +402,12 @@ pub mod scenarios {
         Outcome {
             recovered: log.first_ok_after(at),
             failed_probes: log.failed_after(at),
+            failures: log
+                .samples
+                .iter()
+                .filter(|s| s.at >= at && !s.ok)
+                .map(|s| (s.at - at, s.kind))
+                .collect(),
             probes: log.total(),
             longest_outage: log.longest_outage(),
             broken,

@@ -251,6 +251,12 @@ pub struct ClusterView {
     pub hosts: Vec<crate::cluster::node::HostView>,
     pub rejected: std::collections::BTreeMap<String, u64>,
     pub events: std::collections::BTreeMap<String, u64>,
+    /// This node sees enough hosts to serve VIPs (cluster.quorum).
+    #[serde(default)]
+    pub quorate: bool,
+    /// VIPs whose owner holds other tables than this node (it will not take them).
+    #[serde(default)]
+    pub mismatched: Vec<IpAddr>,
 }
 
 /// A backend registering itself (or registered by a sidecar) with a lease.

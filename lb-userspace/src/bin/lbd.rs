@@ -142,6 +142,7 @@ async fn serve(
     let rejects: Arc<Rejects> = Arc::default();
     let cluster_config = config.cluster.clone();
     let conn_capacity = config.conn_table_size;
+    let pin_dir = config.node.pin_dir.clone();
     let first_interface = config.interfaces.first().map(|i| i.name.clone());
     let saved_availability = lb_userspace::shell::availd::load(&config.node.state_dir)?;
     let daemon = Daemon::start(config, &neighbors, saved_availability.clone()).await?;
@@ -158,9 +159,14 @@ async fn serve(
     let daemon = DaemonHandle::spawn(daemon, Duration::from_secs(1));
     let cluster = match &cluster_config {
         Some(c) => {
-            let handle =
-                clusterd::start(c.clone(), daemon.clone(), neighbors.clone(), conn_capacity)
-                    .await?;
+            let handle = clusterd::start(
+                c.clone(),
+                daemon.clone(),
+                neighbors.clone(),
+                conn_capacity,
+                &pin_dir,
+            )
+            .await?;
             info!(id = %c.id, group = ?c.group, peers = c.peers.len(), "cluster member");
             Some(handle)
         }
@@ -239,9 +245,12 @@ async fn serve(
         let daemon = daemon.clone();
         let neighbors = neighbors.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            let mut missing = true;
             loop {
-                tick.tick().await;
+                // Soon again while a backend is unresolved: until then its VIPs are
+                // not this node's to take.
+                let wait = if missing { 250 } else { 2000 };
+                tokio::time::sleep(Duration::from_millis(wait)).await;
                 let wanted = daemon.now().resolvable.clone();
                 let table = match neighbors.dump().await {
                     Ok(t) => t,
@@ -254,8 +263,10 @@ async fn serve(
                     .into_iter()
                     .filter(|(a, _)| wanted.contains(a))
                     .collect();
+                missing = false;
                 for addr in wanted.iter().filter(|a| !found.contains_key(a)) {
                     nudge(*addr);
+                    missing = true;
                 }
                 if let Err(e) = daemon.call(move |d| d.update_neighbors(found)).await {
                     warn!("applying new backend MACs: {e:#}");
@@ -281,6 +292,10 @@ async fn serve(
     };
     refresh.abort();
     if detach {
+        if let (Some(cluster), Some(c)) = (&state.cluster, &cluster_config) {
+            // Make before break: the others take the VIPs while this node forwards.
+            cluster.leave(3 * c.timeout + Duration::from_secs(2)).await;
+        }
         daemon.call(|d| d.detach_everything()).await?;
         if let Some(c) = &cluster_config {
             // Give the VIPs up, so that the others take them at once.

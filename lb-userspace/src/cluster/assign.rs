@@ -53,14 +53,14 @@ pub fn control_db(
         ..ControlDb::default()
     };
     for h in hosts {
-        if h.ok && !h.quiesce {
+        if h.ok && !h.quiesce && !h.leaving {
             if h.preferred.is_empty() {
                 db.spares.push(h.id);
             } else {
                 db.non_spare_eligible.push(h.id);
             }
         }
-        if h.ok {
+        if h.ok && !h.leaving {
             for p in &h.preferred {
                 if let Some(e) = db.table.get_mut(p) {
                     // Two hosts preferring one address: the lower id keeps it.
@@ -139,6 +139,7 @@ pub fn decide<R: Rng>(
     let db = control_db(hosts, addresses, &mut d.release);
     let by_id: BTreeMap<IpAddr, &HostInfo> = hosts.iter().map(|h| (h.id, *h)).collect();
     let quiesced = |id: IpAddr| by_id.get(&id).is_some_and(|h| h.quiesce);
+    let leaving = |id: &IpAddr| by_id.get(id).is_some_and(|h| h.leaving);
 
     for (addr, entry) in &db.table {
         if in_flight.contains(addr) {
@@ -160,10 +161,34 @@ pub fn decide<R: Rng>(
             .filter(|h| may(h))
             .collect();
         let preferred = entry.preferred.filter(|p| !quiesced(*p) && may(p));
-        if entry.claimants.is_empty() {
+        let staying: Vec<IpAddr> = entry
+            .claimants
+            .iter()
+            .copied()
+            .filter(|c| !leaving(c))
+            .collect();
+        // Served, but by no host that can serve it (its backends out of reach from
+        // there): an able host takes it first, then the duplicate goes to it.
+        if !staying.is_empty() && !staying.iter().any(may) {
             let choice = preferred
                 .or_else(|| pick(rng, &spares))
                 .or_else(|| pick(rng, &others));
+            if let Some(c) = choice.filter(|c| !entry.claimants.contains(c)) {
+                d.acquire.push((c, *addr));
+                continue;
+            }
+        }
+        // Unserved, or served only by hosts that are leaving (they keep forwarding
+        // until another serves it: make before break).
+        if staying.is_empty() {
+            // A host that cannot serve every service of the VIP, or holds other
+            // tables, only when no other can take it: serving beats not serving.
+            let choice = preferred
+                .or_else(|| pick(rng, &spares))
+                .or_else(|| pick(rng, &others))
+                .or_else(|| entry.preferred.filter(|p| !quiesced(*p)))
+                .or_else(|| pick(rng, &db.spares))
+                .or_else(|| pick(rng, &db.non_spare_eligible));
             match choice {
                 Some(c) => d.acquire.push((c, *addr)),
                 None => d.cannot_assign.push(*addr),
@@ -183,7 +208,7 @@ pub fn decide<R: Rng>(
                 Some(p) => p,
                 None => {
                     let able_claimants: Vec<IpAddr> =
-                        claimants.iter().copied().filter(|c| may(c)).collect();
+                        staying.iter().copied().filter(|c| may(c)).collect();
                     let spare_claimants: Vec<IpAddr> = able_claimants
                         .iter()
                         .copied()
@@ -191,7 +216,7 @@ pub fn decide<R: Rng>(
                         .collect();
                     pick(rng, &spare_claimants)
                         .or_else(|| pick(rng, &able_claimants))
-                        .or_else(|| pick(rng, &claimants))
+                        .or_else(|| pick(rng, &staying))
                         .expect("two or more claimants")
                 }
             };
@@ -220,6 +245,7 @@ mod tests {
             control_addresses: vec![ip(id)],
             ok: true,
             quiesce: false,
+            leaving: false,
             load: 0,
             capacity: 100,
             preferred: preferred.iter().map(|p| ip(p)).collect(),
@@ -313,6 +339,45 @@ mod tests {
     }
 
     #[test]
+    fn an_owner_that_cannot_serve_its_vip_hands_it_to_one_that_can() {
+        let mut owner = host("198.18.0.2", &[V1], &[(V1, AddrState::Online)]);
+        owner.unable.insert(ip(V1));
+        let d = run(&[owner.clone(), host("198.18.0.4", &[], &[])], &[V1]);
+        assert_eq!(d.acquire, vec![(ip("198.18.0.4"), ip(V1))], "make");
+        assert!(d.release.is_empty(), "before break");
+        let d = run(
+            &[
+                owner.clone(),
+                host("198.18.0.4", &[], &[(V1, AddrState::Online)]),
+            ],
+            &[V1],
+        );
+        assert_eq!(d.release, vec![(ip("198.18.0.2"), ip(V1))]);
+        // Nobody can do better: it stays.
+        let mut other = host("198.18.0.4", &[], &[]);
+        other.unable.insert(ip(V1));
+        let d = run(&[owner, other], &[V1]);
+        assert!(d.acquire.is_empty() && d.release.is_empty(), "{d:?}");
+    }
+
+    #[test]
+    fn a_leaving_host_keeps_its_vip_until_another_serves_it() {
+        let mut leaving = host("198.18.0.2", &[V1], &[(V1, AddrState::Online)]);
+        leaving.leaving = true;
+        let spare = host("198.18.0.4", &[], &[]);
+        let d = run(&[leaving.clone(), spare], &[V1]);
+        assert_eq!(d.acquire, vec![(ip("198.18.0.4"), ip(V1))], "make");
+        assert!(d.release.is_empty(), "before break");
+        let spare = host("198.18.0.4", &[], &[(V1, AddrState::Online)]);
+        let d = run(&[leaving.clone(), spare], &[V1]);
+        assert_eq!(d.release, vec![(ip("198.18.0.2"), ip(V1))]);
+        assert!(d.acquire.is_empty());
+        // Alone, it keeps serving: nobody else can.
+        let d = run(&[leaving], &[V1]);
+        assert!(d.acquire.is_empty() && d.release.is_empty(), "{d:?}");
+    }
+
+    #[test]
     fn a_host_with_other_tables_or_no_usable_backend_does_not_take_the_vip() {
         let mut owner = host("198.18.0.3", &[V2], &[(V1, AddrState::Online)]);
         owner.digests.insert(ip(V1), 7);
@@ -342,6 +407,7 @@ mod tests {
             );
             assert_eq!(d.acquire, vec![(ip("198.18.0.5"), ip(V1))]);
         }
+        // Nobody else: serving beats not serving.
         let refs = [&unable];
         let (_, d) = decide(
             &refs,
@@ -349,7 +415,7 @@ mod tests {
             &BTreeSet::new(),
             &mut StdRng::seed_from_u64(1),
         );
-        assert_eq!(d.cannot_assign, vec![ip(V1)]);
+        assert_eq!(d.acquire, vec![(ip("198.18.0.4"), ip(V1))]);
     }
 
     #[test]

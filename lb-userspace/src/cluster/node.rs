@@ -56,6 +56,15 @@ pub struct NodeConfig {
     pub quorum: usize,
 }
 
+/// What the leader is waiting for a host to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Command {
+    Acquire,
+    Release,
+    /// Nothing: an unassignable address, reported once per command timeout.
+    None,
+}
+
 /// Something worth telling the operator (logged, counted, streamed by `lbctl events`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -100,6 +109,11 @@ pub enum Event {
         address: IpAddr,
         owner: IpAddr,
     },
+    /// What this node holds of a VIP differed from what it serves, and was repaired.
+    Repaired {
+        address: IpAddr,
+        what: String,
+    },
     /// The water marks took a backend out of new flows, or let it back in.
     Steering {
         service: String,
@@ -135,6 +149,8 @@ pub enum Input {
         ok: bool,
     },
     SetQuiesce(bool),
+    /// Leaving the group for good: hand every VIP over, acquire nothing.
+    Leave,
     Load {
         load: u32,
         capacity: u32,
@@ -180,14 +196,15 @@ pub struct Node {
     seq: u64,
     ok: bool,
     quiesce: bool,
+    leaving: bool,
     load: u32,
     capacity: u32,
     serving: BTreeMap<IpAddr, AddrState>,
     hosts: BTreeMap<IpAddr, Heard>,
     replay: Replay,
     leader: Option<IpAddr>,
-    /// The leader's outstanding commands: address → (host, sent at).
-    in_flight: BTreeMap<IpAddr, (IpAddr, Instant)>,
+    /// The leader's outstanding commands: address → (host, sent at, what).
+    in_flight: BTreeMap<IpAddr, (IpAddr, Instant, Command)>,
     /// When each group address was last configured on an alive host.
     address_seen: BTreeMap<IpAddr, Instant>,
     last_info: Option<Instant>,
@@ -218,6 +235,7 @@ impl Node {
             seq: first_seq,
             ok: true,
             quiesce: false,
+            leaving: false,
             load: 0,
             capacity: 0,
             serving: BTreeMap::new(),
@@ -290,6 +308,7 @@ impl Node {
             control_addresses: self.config.control_addresses.clone(),
             ok: self.ok,
             quiesce: self.quiesce,
+            leaving: self.leaving,
             load: self.load,
             capacity: self.capacity,
             preferred: self.config.preferred.clone(),
@@ -338,6 +357,10 @@ impl Node {
                 self.ok = ok;
             }
             Input::SetQuiesce(q) => self.quiesce = q,
+            Input::Leave => {
+                self.leaving = true;
+                self.send_info(now, &mut out);
+            }
             Input::Directory { master, version } => {
                 self.dir_master = master;
                 self.dir_version = version;
@@ -378,7 +401,12 @@ impl Node {
     }
 
     fn acquire(&mut self, address: IpAddr, out: &mut Vec<Output>) {
-        if !self.ok || !self.quorate || self.quiesce || self.serving.contains_key(&address) {
+        if !self.ok
+            || !self.quorate
+            || self.quiesce
+            || self.leaving
+            || self.serving.contains_key(&address)
+        {
             return;
         }
         self.serving.insert(address, AddrState::Acquiring);
@@ -533,6 +561,31 @@ impl Node {
         self.quorate
     }
 
+    /// VIPs this node serves that no other alive host reports serving too: the ones
+    /// to announce again. While another claims one, the leader is about to release
+    /// one of the two, and an announcement now could point clients at the loser.
+    /// Nothing before this node has listened for a timeout: until then it does not
+    /// know who else serves what (after a restart, another may have taken over).
+    pub fn uncontested(&self, now: Instant) -> BTreeSet<IpAddr> {
+        let listened = self
+            .started
+            .is_some_and(|s| now.saturating_duration_since(s) >= self.config.timing.timeout);
+        if !listened {
+            return BTreeSet::new();
+        }
+        self.serving
+            .iter()
+            .filter(|(a, s)| {
+                **s == AddrState::Online
+                    && !self
+                        .hosts
+                        .values()
+                        .any(|h| h.info.serving.get(a) == Some(&AddrState::Online))
+            })
+            .map(|(a, _)| *a)
+            .collect()
+    }
+
     fn send_info(&mut self, now: Instant, out: &mut Vec<Output>) {
         let seq = self.next_seq();
         let others = self
@@ -605,15 +658,39 @@ impl Node {
             .filter(|(_, seen)| expiry.is_none_or(|e| now.saturating_duration_since(**seen) <= e))
             .map(|(a, _)| *a)
             .collect();
-        // Commands that were acted on (or timed out) are no longer in flight.
+        // Commands that were acted on (the host reports the outcome) or timed out are
+        // no longer in flight: the next step of a handover follows at once.
         let command_timeout = self.config.timing.command_timeout;
-        self.in_flight
-            .retain(|_, (_, sent)| now.saturating_duration_since(*sent) < command_timeout);
+        let serving_of = |host: IpAddr, addr: &IpAddr| -> Option<AddrState> {
+            if host == self.config.id {
+                self.serving.get(addr).copied()
+            } else {
+                self.hosts
+                    .get(&host)
+                    .and_then(|h| h.info.serving.get(addr).copied())
+            }
+        };
+        let done: Vec<IpAddr> = self
+            .in_flight
+            .iter()
+            .filter(|(addr, (to, sent, what))| {
+                now.saturating_duration_since(*sent) >= command_timeout
+                    || match what {
+                        Command::Acquire => serving_of(*to, addr) == Some(AddrState::Online),
+                        Command::Release => serving_of(*to, addr).is_none(),
+                        Command::None => false,
+                    }
+            })
+            .map(|(a, _)| *a)
+            .collect();
+        for a in done {
+            self.in_flight.remove(&a);
+        }
         let in_flight: BTreeSet<IpAddr> = self.in_flight.keys().copied().collect();
         let (_, decision) = decide(&hosts, &addresses, &in_flight, rng);
         drop(hosts);
         for (to, address) in decision.release {
-            self.in_flight.insert(address, (to, now));
+            self.in_flight.insert(address, (to, now, Command::Release));
             if to == self.config.id {
                 self.release(address, out);
             } else {
@@ -627,7 +704,7 @@ impl Node {
             }
         }
         for (to, address) in decision.acquire {
-            self.in_flight.insert(address, (to, now));
+            self.in_flight.insert(address, (to, now, Command::Acquire));
             if to == self.config.id {
                 self.acquire(address, out);
             } else {
@@ -642,7 +719,8 @@ impl Node {
         }
         for address in decision.cannot_assign {
             // Once per command timeout, not every tick.
-            self.in_flight.insert(address, (self.config.id, now));
+            self.in_flight
+                .insert(address, (self.config.id, now, Command::None));
             out.push(Output::Event(Event::CannotAssign { address }));
         }
     }

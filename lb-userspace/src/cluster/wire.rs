@@ -38,6 +38,10 @@ pub struct HostInfo {
     pub ok: bool,
     /// Acquires nothing new; keeps what it serves.
     pub quiesce: bool,
+    /// Leaving the group for good: its VIPs go to others, which acquire them before
+    /// it releases them.
+    #[serde(default)]
+    pub leaving: bool,
     pub load: u32,
     pub capacity: u32,
     /// Service addresses this host prefers (none: a hot spare).
@@ -330,6 +334,7 @@ mod tests {
                 control_addresses: vec!["198.18.0.2".parse().unwrap()],
                 ok: true,
                 quiesce: false,
+                leaving: false,
                 load: 1,
                 capacity: 10,
                 preferred: vec!["198.18.0.100".parse().unwrap()],

@@ -75,14 +75,14 @@ impl Dataplane for FakeDataplane {
         }
     }
 
-    fn write_service(&mut self, key: ServiceKey, plan: &ServicePlan) -> Result<()> {
+    fn write_service(&mut self, key: ServiceKey, plan: &ServicePlan) -> Result<u64> {
         // The same refusals as the maps, checked before anything changes.
         let next = BTreeMap::from([(key, Some(plan.clone()))]);
         super::check_fits(&self.limits, &self.usage(), &next)?;
-        Contents::expected(plan, self.limits.ring_stride)?;
+        let l = super::layout::layout(plan, self.limits.ring_stride)?;
         self.call()?;
         self.services.insert(key, plan.clone());
-        Ok(())
+        Ok(super::layout::fingerprint(plan, &l))
     }
 
     fn remove_service(&mut self, key: ServiceKey) -> Result<()> {

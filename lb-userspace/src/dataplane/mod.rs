@@ -127,8 +127,9 @@ pub trait Dataplane {
     fn limits(&self) -> Limits;
     fn usage(&self) -> Usage;
     /// Makes the maps hold `plan` for `key` (adding the service if it is new). All or
-    /// nothing; writes only what differs from what the maps hold.
-    fn write_service(&mut self, key: ServiceKey, plan: &ServicePlan) -> Result<()>;
+    /// nothing; writes only what differs from what the maps hold. Returns the
+    /// fingerprint of the table written (`layout::fingerprint`).
+    fn write_service(&mut self, key: ServiceKey, plan: &ServicePlan) -> Result<u64>;
     /// Removes a service and its backends (their connections end with it).
     fn remove_service(&mut self, key: ServiceKey) -> Result<()>;
     /// In a cluster, the addresses this node serves (only those are in `VIP_ADDRS`);

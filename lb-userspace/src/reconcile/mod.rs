@@ -64,6 +64,8 @@ pub struct Reconciler<D: Dataplane> {
     known: Known,
     /// The plan each service was last written with: what the maps hold.
     written: BTreeMap<ServiceKey, ServicePlan>,
+    /// The fingerprint of each service's table as written.
+    digests: BTreeMap<ServiceKey, u64>,
     /// Why the maps do not hold the plan of what is known, when a change from outside
     /// the operator (the directory, say) did not fit; retried with every change.
     behind: Option<String>,
@@ -108,6 +110,7 @@ impl<D: Dataplane> Reconciler<D> {
             dp,
             known,
             written: BTreeMap::new(),
+            digests: BTreeMap::new(),
             behind: None,
         }
     }
@@ -126,6 +129,44 @@ impl<D: Dataplane> Reconciler<D> {
     }
 
     /// Why the maps lag what is known, if they do.
+    /// Each VIP address's digest: its services' table fingerprints, combined in
+    /// key order. Equal on two nodes exactly when they steer that VIP's new flows alike.
+    pub fn vip_digests(&self) -> BTreeMap<IpAddr, u64> {
+        let mut out: BTreeMap<IpAddr, u64> = BTreeMap::new();
+        for (key, d) in &self.digests {
+            let h = out.entry(key.addr).or_insert(0xcbf2_9ce4_8422_2325);
+            for b in key
+                .port
+                .to_le_bytes()
+                .into_iter()
+                .chain([key.proto as u8])
+                .chain(d.to_le_bytes())
+            {
+                *h = (*h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+        out
+    }
+
+    /// VIP addresses with a service this node cannot steer as its table says: a
+    /// backend with cells but no route yet (its new flows would be dropped here while
+    /// a node that resolved it forwards them), or backends but none with a weight.
+    /// Such a node should not take the VIP while another can.
+    pub fn unable(&self) -> BTreeSet<IpAddr> {
+        self.written
+            .iter()
+            .filter(|(_, p)| {
+                let unrouted = p
+                    .backends
+                    .values()
+                    .any(|b| b.weight > 0 && b.route.is_none());
+                let none = !p.backends.is_empty() && p.backends.values().all(|b| b.weight == 0);
+                unrouted || none
+            })
+            .map(|(k, _)| k.addr)
+            .collect()
+    }
+
     pub fn behind(&self) -> Option<&str> {
         self.behind.as_deref()
     }
@@ -160,13 +201,19 @@ impl<D: Dataplane> Reconciler<D> {
         for key in &order {
             let r = match &next[key] {
                 Some(p) => self.dp.write_service(*key, p),
-                None => self.dp.remove_service(*key),
+                None => self.dp.remove_service(*key).map(|()| 0),
             };
             match r {
-                Ok(()) => {
+                Ok(digest) => {
                     let before = match &next[key] {
-                        Some(p) => self.written.insert(*key, p.clone()),
-                        None => self.written.remove(key),
+                        Some(p) => {
+                            self.digests.insert(*key, digest);
+                            self.written.insert(*key, p.clone())
+                        }
+                        None => {
+                            self.digests.remove(key);
+                            self.written.remove(key)
+                        }
                     };
                     done.push((*key, before));
                 }
@@ -185,14 +232,16 @@ impl<D: Dataplane> Reconciler<D> {
         for (key, before) in done.into_iter().rev() {
             let r = match &before {
                 Some(p) => self.dp.write_service(key, p),
-                None => self.dp.remove_service(key),
+                None => self.dp.remove_service(key).map(|()| 0),
             };
             match r {
-                Ok(()) => match before {
+                Ok(digest) => match before {
                     Some(p) => {
+                        self.digests.insert(key, digest);
                         self.written.insert(key, p);
                     }
                     None => {
+                        self.digests.remove(&key);
                         self.written.remove(&key);
                     }
                 },
@@ -201,6 +250,7 @@ impl<D: Dataplane> Reconciler<D> {
                     // again, which repairs it.
                     warn!(service = %key, "rolling back a failed change: {e}");
                     self.written.remove(&key);
+                    self.digests.remove(&key);
                 }
             }
         }

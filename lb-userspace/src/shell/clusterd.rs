@@ -4,7 +4,7 @@
 //! shows of it all. The decisions are `cluster::node`'s.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -26,15 +26,14 @@ use crate::{
         wire::{self, Reject},
     },
     config::ClusterConfig,
+    dataplane::liveness::Stamp,
     shell::handle::DaemonHandle,
     shell::neighbor::NeighborTable,
-    shell::vip::{self, Announcer},
+    shell::vipd::{self, VipHandle},
 };
 
 /// How many past events `lbctl events` shows without --follow.
 const EVENT_LOG: usize = 200;
-/// Announcements after an acquire: at once, then after these delays.
-const ANNOUNCE_AGAIN: [Duration; 2] = [Duration::from_millis(200), Duration::from_millis(600)];
 
 /// What the API reads and the commands it sends.
 #[derive(Clone)]
@@ -42,14 +41,31 @@ pub struct ClusterHandle {
     view: Arc<std::sync::Mutex<ClusterView>>,
     log: Arc<std::sync::Mutex<VecDeque<EventRecord>>>,
     pub events: broadcast::Sender<EventRecord>,
+    /// Events by kind, since the start.
+    counts: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
     commands: mpsc::Sender<Input>,
+    vips: Arc<std::sync::Mutex<Option<VipHandle>>>,
 }
 
 impl ClusterHandle {
     /// An event from outside the node's state machine (water marks, availability):
     /// logged and streamed like the others.
     pub fn publish(&self, node: IpAddr, event: Event) {
-        info!(?event, "event");
+        self.record(node, event)
+    }
+
+    fn record(&self, node: IpAddr, event: Event) {
+        info!(?event, "cluster event");
+        let name = serde_json::to_value(&event)
+            .ok()
+            .and_then(|v| v["event"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        *self
+            .counts
+            .lock()
+            .expect("not poisoned")
+            .entry(name)
+            .or_default() += 1;
         let record = EventRecord {
             at_ms: now_ms(),
             node,
@@ -86,6 +102,30 @@ impl ClusterHandle {
             .await;
     }
 
+    /// Leaves the group for good: the others take every VIP of this node before it
+    /// releases them (or, after `within`, it releases what nobody took), and the
+    /// released ones are forwarded for the grace period. Then the data plane may go.
+    pub async fn leave(&self, within: Duration) {
+        let _ = self.commands.send(Input::Leave).await;
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let serving = self
+                .view()
+                .hosts
+                .iter()
+                .find(|h| h.me)
+                .map_or(0, |h| h.info.serving.len());
+            if serving == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let vips = self.vips.lock().expect("not poisoned").clone();
+        if let Some(v) = vips {
+            v.release_all().await;
+        }
+    }
+
     pub async fn set_quiesce(&self, quiesce: bool) -> Result<()> {
         self.commands
             .send(Input::SetQuiesce(quiesce))
@@ -118,57 +158,24 @@ fn control_socket(cfg: &ClusterConfig) -> Result<UdpSocket> {
     Ok(UdpSocket::from_std(sock.into())?)
 }
 
-struct Actions {
-    daemon: DaemonHandle,
-    netlink: rtnetlink::Handle,
-    ifindex: u32,
-    interface: String,
-    script: Option<std::path::PathBuf>,
-    script_timeout: Duration,
-}
-
-impl Actions {
-    async fn acquire(&self, vip: IpAddr) -> Result<()> {
-        vip::add_address(&self.netlink, self.ifindex, vip).await?;
-        self.daemon.call(move |d| d.set_owned(vip, true)).await?;
-        if let Some(script) = &self.script {
-            if let Err(e) = vip::run_script(script, "acquire", vip, self.script_timeout).await {
-                let _ = self.daemon.call(move |d| d.set_owned(vip, false)).await;
-                let _ = vip::remove_address(&self.netlink, self.ifindex, vip).await;
-                return Err(e);
-            }
-        }
-        let mut announcer = Announcer::open(&self.interface)?;
-        announcer.announce(vip)?;
-        // Repeat in the background: a lost announcement leaves caches stale.
-        tokio::spawn(async move {
-            for delay in ANNOUNCE_AGAIN {
-                tokio::time::sleep(delay).await;
-                let _ = announcer.announce(vip);
-            }
-        });
-        Ok(())
-    }
-
-    async fn release(&self, vip: IpAddr) -> Result<()> {
-        let script = match &self.script {
-            Some(s) => vip::run_script(s, "release", vip, self.script_timeout).await,
-            None => Ok(()),
-        };
-        self.daemon.call(move |d| d.set_owned(vip, false)).await?;
-        vip::remove_address(&self.netlink, self.ifindex, vip).await?;
-        script
-    }
-}
-
-/// The node's own tests: its VIP interface is up, the program is attached, and at
-/// least one backend is reachable (or it has none to reach).
-async fn self_test(daemon: &DaemonHandle, neighbors: &NeighborTable, interface: &str) -> bool {
+/// The node's own tests: its VIP interface is up, the program is attached, and it
+/// can serve some VIP. Which VIPs it can serve is judged per VIP
+/// (`Published::unable`, advertised to the leader): one family's or one service's
+/// backends out of reach must not cost the others their node. A daemon that just
+/// started (the neighbour table may still be filling) is not judged on backends.
+async fn self_test(
+    daemon: &DaemonHandle,
+    neighbors: &NeighborTable,
+    interface: &str,
+    started: Instant,
+) -> bool {
     let up = neighbors.link_up(interface).await.unwrap_or(false);
-    let status = daemon.now().status.clone();
-    let attached = !status.interfaces.is_empty();
-    let reachable = status.backends == 0 || status.unresolved_backends < status.backends;
-    up && attached && reachable
+    let now = daemon.now();
+    let attached = !now.status.interfaces.is_empty();
+    let vips: BTreeSet<IpAddr> = now.service_addresses.iter().copied().collect();
+    let none_servable = !vips.is_empty() && vips.is_subset(&now.unable);
+    let judged = started.elapsed() >= Duration::from_secs(3);
+    up && attached && !(judged && none_servable)
 }
 
 /// Starts the cluster task; returns the handle the API uses.
@@ -178,9 +185,19 @@ pub async fn start(
     daemon: DaemonHandle,
     neighbors: Arc<NeighborTable>,
     conn_capacity: u32,
+    pin_dir: &std::path::Path,
 ) -> Result<ClusterHandle> {
     let socket = control_socket(&cfg)?;
     let iface = neighbors.interface(&cfg.vip_interface).await?;
+    // Link down flushes IPv6 addresses by default; a VIP must survive a flap (the
+    // reconciler would put it back, but only after clients saw it gone).
+    let keep = format!(
+        "/proc/sys/net/ipv6/conf/{}/keep_addr_on_down",
+        cfg.vip_interface
+    );
+    if let Err(e) = std::fs::write(&keep, "1") {
+        warn!("setting {keep}: {e} (IPv6 VIPs will be flushed when the link goes down)");
+    }
     let (conn, netlink, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
     tokio::spawn(conn);
 
@@ -216,6 +233,17 @@ pub async fn start(
         .duration_since(UNIX_EPOCH)
         .map_or(1, |d| d.as_micros() as u64);
     let mut node = Node::new(node_cfg, first_seq);
+    {
+        let now = daemon.now();
+        node.handle(
+            Instant::now(),
+            Input::DataPlane {
+                digests: now.digests.clone(),
+                unable: now.unable.clone(),
+            },
+            &mut StdRng::from_entropy(),
+        );
+    }
     for a in &adopted {
         node.adopt(*a);
         info!(vip = %a, "kept a VIP this node served before it restarted");
@@ -227,16 +255,47 @@ pub async fn start(
         view: Arc::new(std::sync::Mutex::new(ClusterView::default())),
         log: Arc::new(std::sync::Mutex::new(VecDeque::new())),
         events: events.clone(),
+        counts: Arc::default(),
         commands: commands.clone(),
+        vips: Arc::default(),
     };
-    let actions = Arc::new(Actions {
-        daemon: daemon.clone(),
-        netlink,
-        ifindex: iface.ifindex,
-        interface: cfg.vip_interface.clone(),
-        script: cfg.script.clone(),
-        script_timeout: cfg.script_timeout,
-    });
+    let (repairs_tx, mut repairs) = mpsc::unbounded_channel();
+    let vips = vipd::start(
+        vipd::Settings {
+            daemon: daemon.clone(),
+            netlink,
+            ifindex: iface.ifindex,
+            interface: cfg.vip_interface.clone(),
+            script: cfg.script.clone(),
+            script_timeout: cfg.script_timeout,
+            group: group_addrs.iter().copied().collect(),
+            held: adopted.iter().copied().collect(),
+        },
+        commands.clone(),
+        repairs_tx,
+    );
+    handle
+        .vips
+        .lock()
+        .expect("not poisoned")
+        .replace(vips.clone());
+    // The liveness stamp, on its own map handle and task: the data plane stops
+    // answering ARP for our VIPs within a timeout of this process dying.
+    match Stamp::open(pin_dir) {
+        Ok(mut stamp) => {
+            let (every, ahead) = (cfg.interval, cfg.timeout);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = stamp.alive_for(ahead) {
+                        warn!("writing the liveness stamp: {e}");
+                    }
+                }
+            });
+        }
+        Err(e) => warn!("no liveness stamp (a dead lbd's node would keep answering ARP): {e}"),
+    }
     let destinations: Vec<SocketAddr> = cfg
         .group
         .into_iter()
@@ -248,29 +307,24 @@ pub async fn start(
     let interface = cfg.vip_interface.clone();
     tokio::spawn(async move {
         let mut rng = StdRng::from_entropy();
+        let started = Instant::now();
+        let mut uncontested: BTreeSet<IpAddr> = BTreeSet::new();
         let mut tick = tokio::time::interval(tick_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut tests = tokio::time::interval(Duration::from_secs(1));
         let mut buf = vec![0u8; wire::MAX_MESSAGE + 1];
-        let mut event_counts: BTreeMap<String, u64> = BTreeMap::new();
-        let mut announcer: Option<Announcer> = None;
         loop {
             let input = tokio::select! {
                 _ = tick.tick() => Input::Tick,
+                Some(event) = repairs.recv() => {
+                    h.record(node.id(), event);
+                    continue;
+                }
                 _ = tests.tick() => {
                     // As the seed's transmit thread does: announce what we serve again,
                     // so a cache that missed the takeover (or points at a node that
                     // handed the VIP back) heals within a second.
-                    if announcer.is_none() {
-                        announcer = Announcer::open(&interface).map_err(|e| warn!("announcer: {e:#}")).ok();
-                    }
-                    if let Some(a) = announcer.as_mut() {
-                        for (vip, state) in node.serving() {
-                            if *state == crate::cluster::wire::AddrState::Online {
-                                let _ = a.announce(*vip);
-                            }
-                        }
-                    }
+                    vips.announce(node.uncontested(Instant::now())).await;
                     // The load this node advertises: its connection table's entries
                     // against its size (what the leader's spare choice can weigh).
                     let status = daemon.now().status.clone();
@@ -278,12 +332,19 @@ pub async fn start(
                         load: status.conn_table_entries.min(u32::MAX as usize) as u32,
                         capacity: conn_capacity,
                     };
-                    for out in node.handle(Instant::now(), load, &mut rng) {
-                        if let Output::Event(e) = out {
-                            info!(?e, "cluster event");
+                    let now_pub = daemon.now();
+                    let tables = Input::DataPlane {
+                        digests: now_pub.digests.clone(),
+                        unable: now_pub.unable.clone(),
+                    };
+                    for input in [load, tables] {
+                        for out in node.handle(Instant::now(), input, &mut rng) {
+                            if let Output::Event(e) = out {
+                                h.record(node.id(), e);
+                            }
                         }
                     }
-                    Input::TestResult { ok: self_test(&daemon, &neighbors, &interface).await }
+                    Input::TestResult { ok: self_test(&daemon, &neighbors, &interface, started).await }
                 }
                 r = socket.recv_from(&mut buf) => match r {
                     Ok((n, from)) => match wire::decode(&buf[..n], &key) {
@@ -315,59 +376,22 @@ pub async fn start(
                             }
                         }
                     }
-                    Output::Acquire(vip) => {
-                        let (a, c) = (actions.clone(), commands.clone());
-                        tokio::spawn(async move {
-                            let r = a.acquire(vip).await;
-                            if let Err(e) = &r {
-                                warn!(%vip, "acquire failed: {e:#}");
-                            }
-                            let _ = c
-                                .send(Input::Acquired {
-                                    address: vip,
-                                    ok: r.is_ok(),
-                                })
-                                .await;
-                        });
-                    }
-                    Output::Release(vip) => {
-                        let (a, c) = (actions.clone(), commands.clone());
-                        tokio::spawn(async move {
-                            let r = a.release(vip).await;
-                            if let Err(e) = &r {
-                                warn!(%vip, "release failed: {e:#}");
-                            }
-                            let _ = c
-                                .send(Input::Released {
-                                    address: vip,
-                                    ok: r.is_ok(),
-                                })
-                                .await;
-                        });
-                    }
-                    Output::Event(event) => {
-                        info!(?event, "cluster event");
-                        let name = serde_json::to_value(&event)
-                            .ok()
-                            .and_then(|v| v["event"].as_str().map(str::to_string))
-                            .unwrap_or_default();
-                        *event_counts.entry(name).or_default() += 1;
-                        let record = EventRecord {
-                            at_ms: now_ms(),
-                            node: node.id(),
-                            event,
-                        };
-                        {
-                            let mut log = h.log.lock().expect("not poisoned");
-                            if log.len() == EVENT_LOG {
-                                log.pop_front();
-                            }
-                            log.push_back(record.clone());
-                        }
-                        let _ = h.events.send(record);
-                    }
+                    // One actor, in order: a release never races an acquire or
+                    // another release of this node.
+                    Output::Acquire(vip) => vips.acquire(vip).await,
+                    Output::Release(vip) => vips.release(vip).await,
+                    Output::Event(event) => h.record(node.id(), event),
                 }
             }
+            // A VIP this node now serves alone (the other side of a handover just let
+            // go): announce it at once, in case the other's last announcement came
+            // after ours.
+            let alone = node.uncontested(now);
+            let fresh: BTreeSet<IpAddr> = alone.difference(&uncontested).copied().collect();
+            if !fresh.is_empty() {
+                vips.announce(fresh).await;
+            }
+            uncontested = alone;
             let mut view = h.view.lock().expect("not poisoned");
             *view = ClusterView {
                 id: Some(node.id()),
@@ -383,7 +407,9 @@ pub async fn start(
                         )
                     })
                     .collect(),
-                events: event_counts.clone(),
+                events: h.counts.lock().expect("not poisoned").clone(),
+                quorate: node.quorate(),
+                mismatched: node.mismatched().iter().copied().collect(),
             };
         }
     });

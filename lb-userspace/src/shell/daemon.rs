@@ -62,32 +62,6 @@ pub struct Daemon<D: Dataplane = MapManager> {
     conn_entries: usize,
 }
 
-/// Resolves `addrs` through the neighbour table, all at once, within `within`.
-async fn resolve_all(
-    neighbors: &NeighborTable,
-    addrs: Vec<IpAddr>,
-    within: Duration,
-) -> BTreeMap<IpAddr, Neighbor> {
-    let asks = addrs.into_iter().map(|a| async move {
-        match neighbors.resolve(a, within).await {
-            Ok(Some(n)) => Some((a, n)),
-            Ok(None) => {
-                warn!(backend = %a, "backend MAC not resolved yet: its frames are dropped (drop_no_route) until it is");
-                None
-            }
-            Err(e) => {
-                warn!(backend = %a, "resolving a backend's MAC: {e:#}");
-                None
-            }
-        }
-    });
-    futures::future::join_all(asks)
-        .await
-        .into_iter()
-        .flatten()
-        .collect()
-}
-
 /// This node's own addresses: those of its data-plane and VIP interfaces that the
 /// config does not name as VIPs (a standalone node may carry its VIPs statically).
 pub async fn own_addresses(config: &Config, neighbors: &NeighborTable) -> Result<BTreeSet<IpAddr>> {
@@ -253,7 +227,14 @@ impl Daemon<MapManager> {
         );
         // Backend MACs, all at once and bounded: an unresolved backend keeps its
         // cells (its frames wait), so a start never waits on one dead host.
-        let fresh = resolve_all(neighbors, core.unresolved(), Duration::from_millis(1500)).await;
+        // A restart (pinned maps were there) must not wait: the program forwards
+        // meanwhile and the neighbour refresh fills in the rest within seconds.
+        let wait = if resumed {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(1500)
+        };
+        let fresh = neighbors.resolve_all(&core.unresolved(), wait).await;
         let written = core
             .update_neighbors(fresh)
             .and_then(|_| core.reconcile_all());
@@ -425,6 +406,16 @@ impl<D: Dataplane> Daemon<D> {
             set.remove(&vip);
         }
         self.own_only(set)
+    }
+
+    /// Each VIP's table digest (see `Reconciler::vip_digests`).
+    pub fn vip_digests(&self) -> BTreeMap<IpAddr, u64> {
+        self.core.vip_digests()
+    }
+
+    /// VIPs with a service this node cannot send new flows for.
+    pub fn unable(&self) -> BTreeSet<IpAddr> {
+        self.core.unable()
     }
 
     /// Whether this node's data plane balances `addr` now.

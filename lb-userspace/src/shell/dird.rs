@@ -373,17 +373,13 @@ async fn feeder(h: DirHandle, neighbors: Arc<NeighborTable>) {
                 .filter(|a| !known.contains(a) && !tried.contains_key(a))
                 .collect()
         };
-        let mut found = BTreeMap::new();
-        for addr in unknown {
-            tried.insert(addr, now);
-            match neighbors.resolve(addr, Duration::from_millis(1500)).await {
-                Ok(Some(n)) => {
-                    found.insert(addr, n);
-                }
-                Ok(None) => warn!(%addr, "no MAC for a directory backend yet"),
-                Err(e) => warn!(%addr, "resolving a directory backend: {e:#}"),
-            }
+        for addr in &unknown {
+            tried.insert(*addr, now);
         }
+        // All at once and bounded: one unresolvable backend must not hold up others.
+        let found = neighbors
+            .resolve_all(&unknown, Duration::from_millis(1500))
+            .await;
         match h.daemon.call(move |d| d.set_feed(f, found)).await {
             Ok(touched) if !touched.is_empty() => {
                 info!(services = ?touched.iter().map(|k| k.to_string()).collect::<Vec<_>>(), "directory changed the data plane");

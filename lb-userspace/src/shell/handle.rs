@@ -40,6 +40,10 @@ pub struct Published {
     pub service_addresses: Vec<IpAddr>,
     /// Cluster mode: VIPs found on the interface at start.
     pub adopted: BTreeSet<IpAddr>,
+    /// Each VIP's table digest, as written (compared across the cluster).
+    pub digests: BTreeMap<IpAddr, u64>,
+    /// VIPs with a service this node cannot send new flows for.
+    pub unable: BTreeSet<IpAddr>,
 }
 
 /// The daemon as the jobs see it: object-safe, so that the handle does not depend
@@ -56,6 +60,8 @@ pub trait Core: Send {
     fn set_health(&mut self, key: ServiceKey, addr: IpAddr, healthy: bool) -> Result<()>;
     fn update_neighbors(&mut self, fresh: BTreeMap<IpAddr, Neighbor>) -> Result<Vec<IpAddr>>;
     fn set_owned(&mut self, vip: IpAddr, owned: bool) -> Result<()>;
+    /// Which of `addrs` the data plane forwards now (read from the maps).
+    fn served_of(&self, addrs: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr>;
     /// The services with their counters (reads the maps).
     fn services(&self) -> Result<Vec<api::ServiceView>>;
     fn stats(&self) -> Result<api::Stats>;
@@ -91,6 +97,9 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
     fn set_owned(&mut self, vip: IpAddr, owned: bool) -> Result<()> {
         Daemon::set_owned(self, vip, owned)
     }
+    fn served_of(&self, addrs: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
+        addrs.iter().copied().filter(|a| self.serves(*a)).collect()
+    }
     fn services(&self) -> Result<Vec<api::ServiceView>> {
         Daemon::services(self)
     }
@@ -117,6 +126,8 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
             known_neighbors: self.known_neighbors(),
             service_addresses: self.service_addresses(),
             adopted: self.adopted().clone(),
+            digests: self.vip_digests(),
+            unable: self.unable(),
         }
     }
 }

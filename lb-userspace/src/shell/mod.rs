@@ -15,3 +15,4 @@ pub mod preflight;
 pub mod routes;
 pub mod state_file;
 pub mod vip;
+pub mod vipd;

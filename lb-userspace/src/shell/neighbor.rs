@@ -113,6 +113,52 @@ pub fn nudge(ip: IpAddr) {
 }
 
 impl NeighborTable {
+    /// Resolves `addrs` through the neighbour table, all at once, within `within`: one
+    /// dump at a time (concurrent dumps on one netlink socket are refused with EBUSY).
+    pub async fn resolve_all(
+        &self,
+        addrs: &[IpAddr],
+        within: Duration,
+    ) -> std::collections::BTreeMap<IpAddr, Neighbor> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut found = std::collections::BTreeMap::new();
+        let mut nudged = false;
+        loop {
+            match self.dump().await {
+                Ok(table) => {
+                    for (a, n) in table {
+                        if addrs.contains(&a) {
+                            found.insert(a, n);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("reading the neighbour table: {e:#}"),
+            }
+            let missing: Vec<IpAddr> = addrs
+                .iter()
+                .copied()
+                .filter(|a| !found.contains_key(a))
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            if !nudged {
+                for a in &missing {
+                    nudge(*a);
+                }
+                nudged = true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                for a in missing {
+                    tracing::warn!(backend = %a, "backend MAC not resolved yet: its frames are dropped (drop_no_route) until it is");
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        found
+    }
+
     pub fn handle(&self) -> &rtnetlink::Handle {
         &self.handle
     }

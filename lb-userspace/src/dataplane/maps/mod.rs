@@ -369,12 +369,12 @@ impl Dataplane for MapManager {
         }
     }
 
-    fn write_service(&mut self, key: ServiceKey, plan: &ServicePlan) -> Result<()> {
+    fn write_service(&mut self, key: ServiceKey, plan: &ServicePlan) -> Result<u64> {
         self.check(key, plan)?;
         let l = layout(plan, self.limits.ring_stride)?;
         let mut undo = Undo::default();
         match self.write(key, plan, &l, &mut undo) {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(super::layout::fingerprint(plan, &l)),
             Err(e @ DataplaneError::Crashed) => Err(e),
             Err(e) => {
                 self.undo(key, undo);
