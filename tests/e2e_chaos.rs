@@ -167,3 +167,40 @@ fn a_dead_daemon_stops_answering_arp_for_its_vips() {
         );
     }
 }
+
+#[test]
+fn a_node_that_joined_while_a_backend_answered_late_steers_flows_as_the_others() {
+    let mut c = Cluster::new("chaos-slowarp");
+    let o = scenarios::join_with_slow_arp(&mut c, Duration::from_secs(3));
+    report("failover to a node that joined with b2's ARP 3 s late", &o);
+    assert!(o.broken.is_empty(), "{:?}", o.broken);
+    // Every node reports the same table digest for each VIP it has.
+    let mut digests: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    for lb in ["lb2", "lb3"] {
+        let v = c.view(lb);
+        for h in v["hosts"].as_array().unwrap() {
+            for (vip, d) in h["info"]["digests"].as_object().unwrap() {
+                digests.entry(vip.clone()).or_default().insert(d.to_string());
+            }
+        }
+    }
+    assert!(!digests.is_empty());
+    for (vip, ds) in &digests {
+        assert_eq!(ds.len(), 1, "{vip}: nodes hold different tables {ds:?}");
+    }
+}
+
+#[test]
+fn a_killed_daemon_on_a_live_link_fails_over_and_back_without_breaking_connections() {
+    let mut c = Cluster::new("chaos-killup");
+    let f = scenarios::kill(&mut c, false);
+    report("kill -9 of lb1's lbd, link up", &f);
+    let took = f.recovered.expect("no answer after the failover");
+    assert!(took < Duration::from_millis(420), "failover took {took:?} (timeout 300 ms)");
+    assert!(f.broken.is_empty(), "{:?}", f.broken);
+    let h = scenarios::handback(&mut c);
+    report("handback", &h);
+    assert_eq!(h.failed_probes, 0, "the handback lost requests ({:?} of outage)", h.longest_outage);
+    assert!(h.broken.is_empty(), "{:?}", h.broken);
+}

@@ -1,83 +1,24 @@
 //! Failover time of the cluster in the lab: from `kill -9` of the daemon serving a VIP
-//! (and its link going down) to the first answered request, with a client asking every
-//! 10 ms. Per heartbeat interval (timeout = 3 intervals); the baseline of each line is
-//! its own timeout, the detection floor no failover can beat.
+//! (and its link going down) to the first answered request, with a client opening a
+//! new connection every 10 ms (each on its own thread, so one lost SYN does not hide
+//! the next). Per heartbeat interval (timeout = 3 intervals); the baseline of each
+//! line is its own timeout, the detection floor no failover can beat. Then the
+//! planned moves (handback, restarts, leave): requests lost, connections broken.
 
-use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use lb_tests::{
-    cluster_lab::{vip_addr, Cluster},
-    lab::standard,
-    traffic,
-};
+use lb_tests::{chaos::scenarios, cluster_lab::Cluster};
 use nix::sys::signal::Signal;
 
-/// One failover: lb1 dies; returns the time to the first answer after the kill; then
-/// lb1 comes back and the cluster settles again.
+/// One failover (lb1, the owner of VIP 1 and the leader, dies: kill -9 and link
+/// down), measured by the chaos prober; then lb1 comes back and takes its VIP back.
 fn once(c: &mut Cluster) -> Result<Duration> {
-    c.settle(Duration::from_secs(10));
-    let vip1 = vip_addr(standard::VIP);
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let stream = c.lab.host("client").ns.spawn(move || {
-        let mut log = Vec::new();
-        let start = Instant::now();
-        while !flag.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(20) {
-            let ok = traffic::http_get(None, vip1, Duration::from_millis(100)).is_ok();
-            log.push((Instant::now(), ok));
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(log)
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    c.lbds
-        .get("lb1")
-        .context("lb1 runs")?
-        .signal(Signal::SIGKILL)?;
-    c.lab.host("lb1").ns.ip("link set eth0 down")?;
-    let killed = Instant::now();
-    c.lbds.remove("lb1");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut resumed = None;
-    while resumed.is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        // Peek: the stream thread owns the log, so wait for an answer via owners.
-        let o = c.owners();
-        if o.get(&standard::VIP.to_string())
-            .is_some_and(|v| v.len() == 1)
-        {
-            resumed = Some(());
-        }
-    }
-    std::thread::sleep(Duration::from_millis(400));
-    stop.store(true, Ordering::Relaxed);
-    let log = stream
-        .join()
-        .map_err(|_| anyhow::anyhow!("client panicked"))??;
-    let first = log
-        .iter()
-        .find(|(t, ok)| *t > killed && *ok)
-        .map(|(t, _)| *t - killed)
-        .context("no answer after the failover")?;
-    c.lab.host("lb1").ns.ip("link set eth0 up")?;
-    c.start("lb1");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let o = c.settle(Duration::from_secs(10));
-        if o[&standard::VIP.to_string()] == ["lb1"] {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "lb1 did not get its VIP back");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(first)
+    let f = scenarios::failover(c);
+    let took = f.recovered.context("no answer after the failover")?;
+    ensure!(f.broken.is_empty(), "connections broke: {:?}", f.broken);
+    scenarios::handback(c);
+    Ok(took)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -92,7 +33,7 @@ fn main() -> Result<()> {
         "{:>10} {:>10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>16}",
         "interval", "timeout", "runs", "min ms", "median", "p95", "max", "median/timeout"
     );
-    for (interval, runs) in [(100u64, 20usize), (50, 10), (200, 10)] {
+    for (interval, runs) in [(100u64, 30usize), (50, 10), (200, 10)] {
         let mut c = Cluster::with_interval(&format!("bench{interval}"), interval);
         let mut times = Vec::new();
         for _ in 0..runs {
@@ -111,6 +52,47 @@ fn main() -> Result<()> {
             ms(percentile(&times, 0.95)),
             ms(*times.last().expect("runs > 0")),
             median.as_secs_f64() / timeout.as_secs_f64()
+        );
+    }
+    // The planned moves, with the chaos instruments (a new TCP connection and a new
+    // UDP datagram every 10 ms, ten long-lived connections): requests lost.
+    println!();
+    println!("planned moves (defaults: interval 100 ms, timeout 300 ms): failed probes per run, broken long-lived connections");
+    println!(
+        "{:>24} {:>5} {:>12} {:>14} {:>8} {:>10}",
+        "move", "runs", "probes", "failed probes", "broken", "worst run"
+    );
+    let mut c = Cluster::new("bench-moves");
+    let mut rows: Vec<(&str, Vec<lb_tests::chaos::Outcome>)> = vec![
+        ("failover (kill -9)", vec![]),
+        ("handback", vec![]),
+        ("restart (SIGTERM)", vec![]),
+        ("restart (kill -9)", vec![]),
+        ("leave (shutdown --detach)", vec![]),
+    ];
+    for _ in 0..10 {
+        rows[0].1.push(scenarios::failover(&mut c));
+        rows[1].1.push(scenarios::handback(&mut c));
+        rows[2].1.push(scenarios::restart(&mut c, Signal::SIGTERM));
+        rows[3].1.push(scenarios::restart(&mut c, Signal::SIGKILL));
+    }
+    for _ in 0..5 {
+        rows[4].1.push(scenarios::detach(&mut c));
+        c.start("lb2");
+    }
+    for (name, outcomes) in &rows {
+        let probes: usize = outcomes.iter().map(|o| o.probes).sum();
+        let failed: usize = outcomes.iter().map(|o| o.failed_probes).sum();
+        let broken: usize = outcomes.iter().map(|o| o.broken.len()).sum();
+        let worst = outcomes.iter().map(|o| o.failed_probes).max().unwrap_or(0);
+        println!(
+            "{:>24} {:>5} {:>12} {:>14} {:>8} {:>10}",
+            name,
+            outcomes.len(),
+            probes,
+            failed,
+            broken,
+            worst
         );
     }
     Ok(())

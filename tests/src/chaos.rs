@@ -319,7 +319,12 @@ pub fn one_holder_each(
 ) -> Result<BTreeMap<Ipv4Addr, String>, String> {
     let deadline = Instant::now() + within;
     loop {
-        let h = holders(c);
+        // A node whose lbd is down may keep its addresses (its program forwards, its
+        // ARP answers are guarded): only running nodes count.
+        let mut h = holders(c);
+        for on in h.values_mut() {
+            on.retain(|lb| c.lbds.keys().any(|l| l == lb));
+        }
         let owners = c.owners();
         let ok = h.iter().all(|(vip, on)| {
             on.len() == 1 && owners.get(&vip.to_string()).is_some_and(|o| o == on)
@@ -433,6 +438,12 @@ pub mod scenarios {
 
     /// The owner of VIP 1 (lb1, also the leader) dies: kill -9 and its link down.
     pub fn failover(c: &mut Cluster) -> Outcome {
+        kill(c, true)
+    }
+
+    /// lb1's daemon dies (kill -9); with `link_down` its link goes down too, else
+    /// the node stays on the wire with its pinned program and VIP address.
+    pub fn kill(c: &mut Cluster, link_down: bool) -> Outcome {
         measure(
             c,
             standard::VIP,
@@ -442,7 +453,9 @@ pub mod scenarios {
                     .expect("lb1 runs")
                     .signal(Signal::SIGKILL)
                     .unwrap();
-                c.lab.host("lb1").ns.ip("link set eth0 down").unwrap();
+                if link_down {
+                    c.lab.host("lb1").ns.ip("link set eth0 down").unwrap();
+                }
                 let at = Instant::now();
                 c.lbds.remove("lb1");
                 at
@@ -572,6 +585,36 @@ pub mod scenarios {
                 }
             },
         )
+    }
+
+    /// lb3 (the spare) joins anew while b2's ARP answers to it are held back for
+    /// `delay`; then the owner of VIP 1 dies and lb3 takes it over. Its table must be
+    /// the one the others built.
+    pub fn join_with_slow_arp(c: &mut Cluster, delay: Duration) -> Outcome {
+        let mut p = c.lbds.remove("lb3").expect("lb3 runs");
+        p.signal(Signal::SIGTERM).unwrap();
+        let _ = p.wait_timeout(Duration::from_secs(5));
+        c.wipe("lb3");
+        let ns = &c.lab.host("lb3").ns;
+        let b2 = standard::backend_ip(standard::BACKENDS[1].1);
+        let rules = format!(
+            "table arp lbslow {{ chain in {{ type filter hook input priority 0; arp saddr ip {b2} drop; }}; }}"
+        );
+        let out = ns.command("nft").arg(&rules).output().expect("nft");
+        assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+        ns.ip(&format!("neigh flush to {b2}")).unwrap();
+        let joined = Instant::now();
+        c.start("lb3");
+        std::thread::sleep(delay.saturating_sub(joined.elapsed()));
+        let _ = c
+            .lab
+            .host("lb3")
+            .ns
+            .command("nft")
+            .args(["delete", "table", "arp", "lbslow"])
+            .output();
+        one_holder_each(c, Duration::from_secs(10)).expect("settled after the join");
+        failover(c)
     }
 
     /// lb1 cannot reach the others (and they cannot reach it) for `cut`.

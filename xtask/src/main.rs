@@ -36,6 +36,9 @@ enum Cmd {
     },
     /// Install what is missing, then run the data-plane benchmark.
     Bench,
+    /// The chaos suite's long forms against the release build (the cluster under
+    /// kill -9, restarts, link flaps, partitions, slow ARP): prints a line per fault.
+    Chaos,
     /// The lab: client, two LB nodes and three backends in network namespaces.
     Lab {
         #[command(subcommand)]
@@ -144,6 +147,23 @@ fn main() -> Result<()> {
                 cmd.arg("--").args(args);
             }
             status(cmd, "cargo test")
+        }
+        Cmd::Chaos => {
+            setup()?;
+            let mut cmd = cargo();
+            cmd.args([
+                "build",
+                "--release",
+                "--package",
+                "lb-userspace",
+                "--package",
+                "lb-tests",
+                "--bins",
+            ]);
+            status(cmd, "cargo build --release")?;
+            let mut cmd = cargo();
+            cmd.args(["bench", "--package", "lb-tests", "--bench", "chaos"]);
+            status(cmd, "cargo bench (chaos)")
         }
         Cmd::Bench => {
             setup()?;
