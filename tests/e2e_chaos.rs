@@ -92,8 +92,8 @@ fn a_flapping_link_leaves_each_vip_on_exactly_its_owner() {
     report("link flapping every 300 ms for 10 s", &o);
     // The scenario waits for VIP 2 to be lb2's alone; and nothing else is left over.
     let h = one_holder_each(&c, Duration::from_secs(5)).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(h[&standard::VIP], "lb1");
-    assert_eq!(h[&standard::VIP2], "lb2");
+    assert_eq!(h[&standard::VIP.into()], "lb1");
+    assert_eq!(h[&standard::VIP2.into()], "lb2");
 }
 
 #[test]
@@ -181,7 +181,10 @@ fn a_node_that_joined_while_a_backend_answered_late_steers_flows_as_the_others()
         let v = c.view(lb);
         for h in v["hosts"].as_array().unwrap() {
             for (vip, d) in h["info"]["digests"].as_object().unwrap() {
-                digests.entry(vip.clone()).or_default().insert(d.to_string());
+                digests
+                    .entry(vip.clone())
+                    .or_default()
+                    .insert(d.to_string());
             }
         }
     }
@@ -197,10 +200,52 @@ fn a_killed_daemon_on_a_live_link_fails_over_and_back_without_breaking_connectio
     let f = scenarios::kill(&mut c, false);
     report("kill -9 of lb1's lbd, link up", &f);
     let took = f.recovered.expect("no answer after the failover");
-    assert!(took < Duration::from_millis(420), "failover took {took:?} (timeout 300 ms)");
+    assert!(
+        took < Duration::from_millis(420),
+        "failover took {took:?} (timeout 300 ms)"
+    );
     assert!(f.broken.is_empty(), "{:?}", f.broken);
     let h = scenarios::handback(&mut c);
     report("handback", &h);
-    assert_eq!(h.failed_probes, 0, "the handback lost requests ({:?} of outage)", h.longest_outage);
+    assert_eq!(
+        h.failed_probes, 0,
+        "the handback lost requests ({:?} of outage)",
+        h.longest_outage
+    );
     assert!(h.broken.is_empty(), "{:?}", h.broken);
+}
+
+#[test]
+fn ipv6_fails_over_and_back_like_ipv4() {
+    let mut c = Cluster::with_ipv6("chaos-ipv6");
+    let f = scenarios::failover6(&mut c);
+    report("IPv6 failover", &f);
+    let took = f.recovered.expect("no IPv6 answer after the failover");
+    assert!(
+        took < Duration::from_millis(420),
+        "IPv6 failover took {took:?} (timeout 300 ms)"
+    );
+    assert!(f.broken.is_empty(), "{:?}", f.broken);
+    let h = scenarios::handback6(&mut c);
+    report("IPv6 handback", &h);
+    assert_eq!(
+        h.failed_probes, 0,
+        "the IPv6 handback lost requests ({:?} of outage)",
+        h.longest_outage
+    );
+    assert!(h.broken.is_empty(), "{:?}", h.broken);
+    // The address survived lb1's link going down, and the node has it back.
+    let lb1 = c.view("lb1");
+    let me = lb1["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["me"] == true)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        me["info"]["serving"][standard::VIP6.to_string()],
+        "online",
+        "{me}"
+    );
 }

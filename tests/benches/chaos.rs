@@ -29,7 +29,9 @@ fn print(rows: &[Row]) {
     for r in rows {
         let mut rec: Vec<Duration> = r.outcomes.iter().filter_map(|o| o.recovered).collect();
         rec.sort();
-        let med = rec.get(rec.len() / 2).map_or("-".into(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3));
+        let med = rec
+            .get(rec.len() / 2)
+            .map_or("-".into(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3));
         println!(
             "{:>42} {:>5} {:>8} {:>7} {:>7} {:>14} {:>14.0}",
             r.name,
@@ -84,7 +86,11 @@ fn main() -> Result<()> {
         let o = scenarios::flap(&mut c, Duration::from_secs(secs));
         let left = one_holder_each(&c, Duration::from_secs(5));
         ensure!(left.is_ok(), "after {secs} s of flapping: {left:?}");
-        row(&format!("link flapping every 300 ms for {secs} s"), false, vec![o]);
+        row(
+            &format!("link flapping every 300 ms for {secs} s"),
+            false,
+            vec![o],
+        );
     }
     {
         let mut runs = vec![];
@@ -113,12 +119,21 @@ fn main() -> Result<()> {
     {
         let mut c = Cluster::new("chaos-long-slowarp");
         let o = scenarios::join_with_slow_arp(&mut c, Duration::from_secs(3));
-        row("failover to a node that joined, ARP 3 s late", false, vec![o]);
+        row(
+            "failover to a node that joined, ARP 3 s late",
+            false,
+            vec![o],
+        );
     }
     print(&rows);
     for r in &rows {
         for o in &r.outcomes {
-            ensure!(o.broken.is_empty(), "{}: connections broke: {:?}", r.name, o.broken);
+            ensure!(
+                o.broken.is_empty(),
+                "{}: connections broke: {:?}",
+                r.name,
+                o.broken
+            );
             ensure!(
                 !r.lossless || o.failed_probes == 0,
                 "{}: {} requests lost",

@@ -6,7 +6,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -18,7 +18,7 @@ use std::{
 use anyhow::Result;
 
 use crate::{
-    cluster_lab::{vip_addr, Cluster},
+    cluster_lab::Cluster,
     lab::standard,
     traffic::{self, Conversation},
 };
@@ -49,7 +49,9 @@ impl Probe {
     /// Starts probing `vip` from the client namespace, for at most `limit`. Every
     /// 10 ms a new TCP connection and a new UDP datagram leave, each on its own
     /// thread, so that one unanswered probe does not hold back the next.
-    pub fn start(c: &Cluster, vip: Ipv4Addr, limit: Duration) -> Probe {
+    pub fn start(c: &Cluster, vip: impl Into<IpAddr>, limit: Duration) -> Probe {
+        let vip: IpAddr = vip.into();
+        let to = SocketAddr::new(vip, standard::SERVICE_PORT);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = c.lab.host("client").ns.spawn(move || {
@@ -59,23 +61,19 @@ impl Probe {
             let mut probes = Vec::new();
             let mut i = 0usize;
             while !flag.load(Ordering::Relaxed) && started.elapsed() < limit {
-                let src = Some(sources[i % sources.len()]);
+                // Several IPv4 sources spread the flows; IPv6 has the client's one.
+                let src = vip.is_ipv4().then(|| sources[i % sources.len()]);
                 // Threads started from this one stay in the client's namespace.
                 for kind in [Kind::Tcp, Kind::Udp] {
                     let tx = tx.clone();
                     probes.push(std::thread::spawn(move || {
                         let at = Instant::now();
                         let ok = match kind {
-                            Kind::Tcp => {
-                                traffic::http_get(src, vip_addr(vip), PROBE_TIMEOUT).is_ok()
+                            Kind::Tcp => traffic::http_get(src, to, PROBE_TIMEOUT).is_ok(),
+                            Kind::Udp => {
+                                traffic::udp_ask(src, to, &format!("probe {i}"), PROBE_TIMEOUT)
+                                    .is_ok()
                             }
-                            Kind::Udp => traffic::udp_ask(
-                                src,
-                                vip_addr(vip),
-                                &format!("probe {i}"),
-                                PROBE_TIMEOUT,
-                            )
-                            .is_ok(),
                         };
                         let _ = tx.send(Sample { at, kind, ok });
                     }));
@@ -161,15 +159,20 @@ pub struct LongLived {
 }
 
 impl LongLived {
-    pub fn start(c: &Cluster, vip: Ipv4Addr, limit: Duration) -> LongLived {
+    pub fn start(c: &Cluster, vip: impl Into<IpAddr>, limit: Duration) -> LongLived {
+        let vip: IpAddr = vip.into();
+        let to = SocketAddr::new(vip, standard::SERVICE_PORT);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = c.lab.host("client").ns.spawn(move || {
             let sources: Vec<Ipv4Addr> = standard::client_sources().collect();
             let mut convs = Vec::new();
             for i in 0..10 {
-                let mut conv =
-                    Conversation::open(Some(sources[i]), vip_addr(vip), Duration::from_secs(2))?;
+                let mut conv = Conversation::open(
+                    vip.is_ipv4().then(|| sources[i]),
+                    to,
+                    Duration::from_secs(2),
+                )?;
                 let home = conv.ask("hello")?;
                 convs.push(Some((conv, home)));
             }
@@ -212,7 +215,7 @@ impl LongLived {
 
 /// The VIPs an LB node's kernel claims now: those on its interface, if its link is up
 /// (an address on a link that is down answers nobody).
-fn claimed(ns: &crate::netns::Netns) -> Vec<Ipv4Addr> {
+fn claimed(ns: &crate::netns::Netns) -> Vec<IpAddr> {
     let up = ns
         .ip("-o link show dev eth0")
         .map(|o| String::from_utf8_lossy(&o.stdout).contains("LOWER_UP"))
@@ -220,34 +223,62 @@ fn claimed(ns: &crate::netns::Netns) -> Vec<Ipv4Addr> {
     if !up {
         return Vec::new();
     }
-    let Ok(o) = ns.ip("-o -4 addr show dev eth0") else {
+    let Ok(o) = ns.ip("-o addr show dev eth0") else {
         return Vec::new();
     };
     let text = String::from_utf8_lossy(&o.stdout).to_string();
-    [standard::VIP, standard::VIP2]
-        .into_iter()
-        .filter(|vip| text.contains(&format!("inet {vip}/")))
-        .collect()
+    [
+        standard::VIP.into(),
+        standard::VIP2.into(),
+        IpAddr::from(standard::VIP6),
+    ]
+    .into_iter()
+    .filter(|vip| {
+        let family = if vip.is_ipv4() { "inet" } else { "inet6" };
+        text.contains(&format!("{family} {vip}/"))
+    })
+    .collect()
 }
 
-/// Which LB nodes' kernels claim each VIP now.
-pub fn holders(c: &Cluster) -> BTreeMap<Ipv4Addr, Vec<String>> {
-    let mut out: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
-    for vip in [standard::VIP, standard::VIP2] {
-        out.insert(vip, Vec::new());
+/// The VIPs of `c`: both IPv4 ones, and the IPv6 one if it has IPv6 services.
+pub fn vips(c: &Cluster) -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = vec![standard::VIP.into(), standard::VIP2.into()];
+    if c.ipv6 {
+        v.push(standard::VIP6.into());
     }
+    v
+}
+
+/// Which LB nodes' kernels claim each of `c`'s VIPs now.
+pub fn holders_all(c: &Cluster) -> BTreeMap<IpAddr, Vec<String>> {
+    let mut out: BTreeMap<IpAddr, Vec<String>> =
+        vips(c).into_iter().map(|v| (v, Vec::new())).collect();
     for (lb, _) in standard::LBS {
         for vip in claimed(&c.lab.host(lb).ns) {
-            out.get_mut(&vip).expect("both").push(lb.to_string());
+            if let Some(on) = out.get_mut(&vip) {
+                on.push(lb.to_string());
+            }
         }
     }
     out
 }
 
+/// Which LB nodes' kernels claim each IPv4 VIP now.
+pub fn holders(c: &Cluster) -> BTreeMap<Ipv4Addr, Vec<String>> {
+    holders_all(c)
+        .into_iter()
+        .filter_map(|(v, on)| match v {
+            IpAddr::V4(v) => Some((v, on)),
+            IpAddr::V6(_) => None,
+        })
+        .collect()
+}
+
 /// Samples `holders` every 50 ms until stopped.
 pub struct Sampler {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<Vec<(Instant, BTreeMap<Ipv4Addr, Vec<String>>)>>,
+    thread: JoinHandle<Vec<(Instant, BTreeMap<IpAddr, Vec<String>>)>>,
+    vips: Vec<IpAddr>,
 }
 
 impl Sampler {
@@ -265,17 +296,19 @@ impl Sampler {
                 )
             })
             .collect();
+        let all = vips(c);
+        let watched = all.clone();
         let thread = std::thread::spawn(move || {
             let mut timeline = Vec::new();
             let started = Instant::now();
             while !flag.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
-                let mut now: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
-                for vip in [standard::VIP, standard::VIP2] {
-                    now.insert(vip, Vec::new());
-                }
+                let mut now: BTreeMap<IpAddr, Vec<String>> =
+                    watched.iter().map(|v| (*v, Vec::new())).collect();
                 for (lb, ns) in &lab_ns {
                     for vip in claimed(ns) {
-                        now.get_mut(&vip).expect("both").push(lb.clone());
+                        if let Some(on) = now.get_mut(&vip) {
+                            on.push(lb.clone());
+                        }
                     }
                 }
                 timeline.push((Instant::now(), now));
@@ -283,7 +316,11 @@ impl Sampler {
             }
             timeline
         });
-        Sampler { stop, thread }
+        Sampler {
+            stop,
+            thread,
+            vips: all,
+        }
     }
 
     /// The longest time any VIP was on two or more nodes' interfaces at once.
@@ -291,10 +328,10 @@ impl Sampler {
         self.stop.store(true, Ordering::Relaxed);
         let timeline = self.thread.join().expect("sampler panicked");
         let mut worst = Duration::ZERO;
-        for vip in [standard::VIP, standard::VIP2] {
+        for vip in &self.vips {
             let mut since = None;
             for (t, h) in &timeline {
-                match (h[&vip].len() > 1, since) {
+                match (h[vip].len() > 1, since) {
                     (true, None) => since = Some(*t),
                     (false, Some(s)) => {
                         worst = worst.max(*t - s);
@@ -313,15 +350,12 @@ impl Sampler {
 
 /// Waits until every VIP is on exactly one node's interface and that node reports
 /// serving it; returns who holds what, or says what is wrong after `within`.
-pub fn one_holder_each(
-    c: &Cluster,
-    within: Duration,
-) -> Result<BTreeMap<Ipv4Addr, String>, String> {
+pub fn one_holder_each(c: &Cluster, within: Duration) -> Result<BTreeMap<IpAddr, String>, String> {
     let deadline = Instant::now() + within;
     loop {
         // A node whose lbd is down may keep its addresses (its program forwards, its
         // ARP answers are guarded): only running nodes count.
-        let mut h = holders(c);
+        let mut h = holders_all(c);
         for on in h.values_mut() {
             on.retain(|lb| c.lbds.keys().any(|l| l == lb));
         }
@@ -389,10 +423,11 @@ pub mod scenarios {
 
     fn measure(
         c: &mut Cluster,
-        vip: Ipv4Addr,
+        vip: impl Into<IpAddr>,
         fault: impl FnOnce(&mut Cluster) -> Instant,
         settle: impl FnOnce(&mut Cluster),
     ) -> Outcome {
+        let vip: IpAddr = vip.into();
         one_holder_each(c, Duration::from_secs(10)).expect("a settled cluster first");
         let probe = Probe::start(c, vip, Duration::from_secs(60));
         let long = LongLived::start(c, vip, Duration::from_secs(60));
@@ -420,7 +455,8 @@ pub mod scenarios {
         }
     }
 
-    fn wait_owner(c: &Cluster, vip: Ipv4Addr, lb: &str, within: Duration) {
+    fn wait_owner(c: &Cluster, vip: impl Into<IpAddr>, lb: &str, within: Duration) {
+        let vip: IpAddr = vip.into();
         let deadline = Instant::now() + within;
         loop {
             if let Ok(h) = one_holder_each(c, Duration::from_millis(100)) {
@@ -431,7 +467,7 @@ pub mod scenarios {
             assert!(
                 Instant::now() < deadline,
                 "{vip} never came to {lb}: {:?}",
-                holders(c)
+                holders_all(c)
             );
         }
     }
@@ -444,6 +480,10 @@ pub mod scenarios {
     /// lb1's daemon dies (kill -9); with `link_down` its link goes down too, else
     /// the node stays on the wire with its pinned program and VIP address.
     pub fn kill(c: &mut Cluster, link_down: bool) -> Outcome {
+        // A node that released VIP 1 lately still forwards it for its grace period,
+        // and the lab's bridge floods frames for a port that went down: wait it out,
+        // or the flood would reach the old owner and hide the outage.
+        std::thread::sleep(Duration::from_millis(3200));
         measure(
             c,
             standard::VIP,
@@ -467,6 +507,49 @@ pub mod scenarios {
                     std::thread::sleep(Duration::from_millis(50));
                 }
             },
+        )
+    }
+
+    /// The owner of the IPv6 VIP (lb1) dies: kill -9 and its link down; probes and
+    /// long-lived connections over IPv6.
+    pub fn failover6(c: &mut Cluster) -> Outcome {
+        measure(
+            c,
+            standard::VIP6,
+            |c| {
+                c.lbds
+                    .get("lb1")
+                    .expect("lb1 runs")
+                    .signal(Signal::SIGKILL)
+                    .unwrap();
+                c.lab.host("lb1").ns.ip("link set eth0 down").unwrap();
+                let at = Instant::now();
+                c.lbds.remove("lb1");
+                at
+            },
+            |c| {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let v6 = IpAddr::from(standard::VIP6);
+                while holders_all(c)[&v6].iter().all(|h| h == "lb1") {
+                    assert!(Instant::now() < deadline, "nobody took over the IPv6 VIP");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            },
+        )
+    }
+
+    /// lb1 comes back and takes the IPv6 VIP back.
+    pub fn handback6(c: &mut Cluster) -> Outcome {
+        measure(
+            c,
+            standard::VIP6,
+            |c| {
+                c.lab.host("lb1").ns.ip("link set eth0 up").unwrap();
+                let at = Instant::now();
+                c.start("lb1");
+                at
+            },
+            |c| wait_owner(c, standard::VIP6, "lb1", Duration::from_secs(15)),
         )
     }
 
@@ -601,7 +684,11 @@ pub mod scenarios {
             "table arp lbslow {{ chain in {{ type filter hook input priority 0; arp saddr ip {b2} drop; }}; }}"
         );
         let out = ns.command("nft").arg(&rules).output().expect("nft");
-        assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         ns.ip(&format!("neigh flush to {b2}")).unwrap();
         let joined = Instant::now();
         c.start("lb3");

@@ -31,6 +31,7 @@ fn config(
     interval_ms: u64,
     unicast: bool,
     quorum: Option<usize>,
+    ipv6: bool,
     custom_services: Option<&str>,
 ) -> String {
     // Multicast to the group, or the other nodes' addresses one by one.
@@ -63,10 +64,28 @@ fn config(
             }
         }
     }
+    if ipv6 {
+        for proto in ["tcp", "udp"] {
+            services.push_str(&format!(
+                "\n[[service]]\nvip = \"{}\"\nport = {}\nprotocol = \"{proto}\"\n",
+                standard::VIP6,
+                standard::SERVICE_PORT
+            ));
+            for (_, o) in standard::BACKENDS {
+                services.push_str(&format!(
+                    "\n[[service.backend]]\naddress = \"{}\"\n",
+                    standard::v6(o)
+                ));
+            }
+        }
+    }
     if let Some(custom) = custom_services {
         services = custom.to_string();
     }
-    let preferred: Vec<String> = preferred.iter().map(|p| format!("\"{p}\"")).collect();
+    let mut preferred: Vec<String> = preferred.iter().map(|p| format!("\"{p}\"")).collect();
+    if ipv6 && lb == "lb1" {
+        preferred.push(format!("\"{}\"", standard::VIP6));
+    }
     // Every node records its acquire/release script calls next to its log.
     let script = dir.join(format!("script-{lb}.sh"));
     std::fs::write(
@@ -143,6 +162,8 @@ pub struct Cluster {
     interval_ms: u64,
     unicast: bool,
     quorum: Option<usize>,
+    /// IPv6 services on VIP6 (preferred by lb1) besides the IPv4 ones.
+    pub ipv6: bool,
     services: Option<String>,
     // Last: given back after everything else is torn down.
     _permit: Permit,
@@ -186,6 +207,22 @@ impl Cluster {
         quorum: Option<usize>,
         services: Option<String>,
     ) -> Cluster {
+        Self::build_full(test, interval_ms, unicast, quorum, false, services)
+    }
+
+    /// With IPv6 services on `standard::VIP6` (lb1 prefers it) besides the IPv4 ones.
+    pub fn with_ipv6(test: &str) -> Cluster {
+        Self::build_full(test, 100, false, None, true, None)
+    }
+
+    fn build_full(
+        test: &str,
+        interval_ms: u64,
+        unicast: bool,
+        quorum: Option<usize>,
+        ipv6: bool,
+        services: Option<String>,
+    ) -> Cluster {
         let permit = Permit::take();
         let lab = Lab::new()
             .expect("lab")
@@ -203,6 +240,7 @@ impl Cluster {
             interval_ms,
             unicast,
             quorum,
+            ipv6,
             services,
             _permit: permit,
         };
@@ -248,6 +286,7 @@ impl Cluster {
                 self.interval_ms,
                 self.unicast,
                 self.quorum,
+                self.ipv6,
                 self.services.as_deref(),
             ),
         )

@@ -18,6 +18,7 @@ use anyhow::{Context, Result};
 use crate::netns::{self, Netns};
 
 pub const SUBNET_PREFIX: u8 = 24;
+pub const SUBNET6_PREFIX: u8 = 64;
 
 /// A host on the lab bridge.
 #[derive(Debug)]
@@ -40,6 +41,14 @@ impl Host {
         self.ns.sysctl("net.ipv4.conf.eth0.arp_announce", "2")?;
         self.ns.ip(&format!("addr add {vip}/32 dev lo"))?;
         Ok(())
+    }
+
+    /// An IPv6 VIP on `lo` for DSR: the kernel answers neighbour solicitations only
+    /// for addresses on the interface they arrive on, so this one stays silent.
+    pub fn add_dsr_vip6(&self, vip: std::net::Ipv6Addr) -> Result<()> {
+        self.ns
+            .ip(&format!("-6 addr add {vip}/128 dev lo"))
+            .map(drop)
     }
 
     /// Adds an address to `eth0` (a VIP the host owns and answers ARP for).
@@ -141,6 +150,10 @@ impl Lab {
         self.bridge.ip(&format!("link set {port} master br0 up"))?;
         ns.ip(&format!("link set eth0 address {}", mac_string(&mac)))?;
         ns.ip(&format!("addr add {ip}/{SUBNET_PREFIX} dev eth0"))?;
+        ns.ip(&format!(
+            "-6 addr add {}/{SUBNET6_PREFIX} dev eth0 nodad",
+            standard::v6(octet)
+        ))?;
         ns.ip("link set eth0 up")?;
         // veth hands a socket's packets on with the checksum unfinished; a frame that
         // XDP forwards keeps it unfinished and the receiver drops it.
@@ -233,6 +246,13 @@ pub mod standard {
     pub fn backend_ip(octet: u8) -> Ipv4Addr {
         Ipv4Addr::new(198, 18, 0, octet)
     }
+    /// Every host's IPv6 address: 2001:db8::`octet`.
+    pub fn v6(octet: u8) -> std::net::Ipv6Addr {
+        std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, octet as u16)
+    }
+    /// The cluster lab's IPv6 VIP (preferred by lb1 in a cluster with IPv6).
+    pub const VIP6: std::net::Ipv6Addr =
+        std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
 }
 
 impl Lab {
@@ -361,6 +381,7 @@ impl Lab {
             self.host(tag).add_dsr_vip(VIP)?;
             if !static_vip {
                 self.host(tag).add_dsr_vip(VIP2)?;
+                self.host(tag).add_dsr_vip6(VIP6)?;
             }
             let log = log_dir.join(format!("{}-lab-server-{tag}.log", self.prefix));
             let port = SERVICE_PORT.to_string();

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use socket2::{Domain, Protocol, Socket, Type};
 
 fn tcp_from(src: Option<Ipv4Addr>, dst: SocketAddr, timeout: Duration) -> Result<TcpStream> {
-    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    let sock = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
     if let Some(src) = src {
         sock.bind(&SocketAddr::from((src, 0)).into())
             .with_context(|| format!("binding to {src}"))?;
@@ -48,7 +48,10 @@ pub fn udp_ask(
     question: &str,
     timeout: Duration,
 ) -> Result<String> {
-    let sock = UdpSocket::bind((src.unwrap_or(Ipv4Addr::UNSPECIFIED), 0))?;
+    let sock = match (src, dst) {
+        (_, SocketAddr::V6(_)) => UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0))?,
+        (src, SocketAddr::V4(_)) => UdpSocket::bind((src.unwrap_or(Ipv4Addr::UNSPECIFIED), 0))?,
+    };
     sock.set_read_timeout(Some(timeout))?;
     sock.send_to(question.as_bytes(), dst)?;
     let mut buf = [0u8; 1500];

@@ -49,7 +49,8 @@ fn main() -> Result<()> {
         .next()
         .context("usage: lab-server NAME PORT")?
         .parse()?;
-    let udp = UdpSocket::bind(("0.0.0.0", port)).context("binding UDP")?;
+    // Dual stack: IPv4 clients arrive as mapped addresses.
+    let udp = UdpSocket::bind(("::", port)).context("binding UDP")?;
     let udp_name = name.clone();
     thread::spawn(move || {
         let mut buf = [0u8; 2048];
@@ -61,7 +62,7 @@ fn main() -> Result<()> {
             let _ = udp.send_to(reply.as_bytes(), from);
         }
     });
-    let tcp = TcpListener::bind(("0.0.0.0", port)).context("binding TCP")?;
+    let tcp = TcpListener::bind(("::", port)).context("binding TCP")?;
     eprintln!("lab-server {name} listening on TCP and UDP port {port}");
     for conn in tcp.incoming() {
         let Ok(conn) = conn else { continue };
