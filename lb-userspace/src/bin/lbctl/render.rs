@@ -187,7 +187,12 @@ pub fn cluster(c: &ClusterView) {
             h.info.id.to_string(),
             role.into(),
             if h.info.ok { "yes" } else { "NO" }.into(),
-            if h.info.quiesce { "yes" } else { "no" }.into(),
+            match (h.info.quiesce, h.info.leaving) {
+                (_, true) => "leaving",
+                (true, false) => "yes",
+                (false, false) => "no",
+            }
+            .into(),
             format!("{} ms", h.age_ms),
             list(h.info.preferred.iter().map(|a| a.to_string()).collect()),
             list(
@@ -200,6 +205,16 @@ pub fn cluster(c: &ClusterView) {
         ]);
     }
     table(rows);
+    if !c.quorate {
+        println!("NO QUORUM: this node sees too few nodes (cluster.quorum) and serves no VIP");
+    }
+    if !c.mismatched.is_empty() {
+        let m: Vec<String> = c.mismatched.iter().map(|a| a.to_string()).collect();
+        println!(
+            "tables differ from the owner's for: {} (this node will not take them)",
+            m.join(", ")
+        );
+    }
     let rejected: Vec<String> = c
         .rejected
         .iter()
