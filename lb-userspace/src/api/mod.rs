@@ -44,6 +44,13 @@ pub struct Status {
     /// Requests refused on the peer and registry ports: `<port>/<reason>` -> count.
     #[serde(default)]
     pub rejected: std::collections::BTreeMap<String, u64>,
+    /// In a cluster: the start-up sync is done and the node may take VIPs. A
+    /// standalone node is always ready.
+    #[serde(default = "yes")]
+    pub ready: bool,
+    /// Why the node is not ready yet (what it waits for).
+    #[serde(default)]
+    pub waiting_for: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -303,6 +310,10 @@ pub struct LoadReported {
     pub reported: String,
     pub load: u64,
     pub capacity: u64,
+    /// Stored where a failover keeps it (answered 200). `false` (answered 202): sent
+    /// to the directory's master, not yet acknowledged; read it back or send it again.
+    #[serde(default = "yes")]
+    pub committed: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -398,18 +409,30 @@ pub struct DirHeartbeat {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DirSubmitted {
     pub submitted: bool,
+    /// Stored where a failover keeps it (answered 200). `false` (answered 202): sent
+    /// to the directory's master, not yet acknowledged; read it back or send it again.
+    #[serde(default = "yes")]
+    pub committed: bool,
 }
 
 /// The answer to a directory delete.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DirDeleted {
     pub changed: bool,
+    /// Stored where a failover keeps it (answered 200). `false` (answered 202): sent
+    /// to the directory's master, not yet acknowledged; read it back or send it again.
+    #[serde(default = "yes")]
+    pub committed: bool,
 }
 
 /// The answer to a heartbeat: the entry is valid until its time_max runs out.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DirValid {
     pub valid: bool,
+    /// Stored where a failover keeps it (answered 200). `false` (answered 202): sent
+    /// to the directory's master, not yet acknowledged; read it back or send it again.
+    #[serde(default = "yes")]
+    pub committed: bool,
 }
 
 /// The answer to a registration.
@@ -417,4 +440,8 @@ pub struct DirValid {
 pub struct Registered {
     pub registered: String,
     pub ttl_ms: u64,
+    /// Stored where a failover keeps it (answered 200). `false` (answered 202): sent
+    /// to the directory's master, not yet acknowledged; read it back or send it again.
+    #[serde(default = "yes")]
+    pub committed: bool,
 }

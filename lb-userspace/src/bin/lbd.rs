@@ -218,6 +218,24 @@ async fn serve(
         }
     }
     tokio::spawn(lb_userspace::shell::health::run_checks(daemon.clone()));
+    // Ready (VIPs may come) once the replica and the availability records are synced.
+    if let Some(cluster) = cluster.clone() {
+        let (directory, availability) = (directory.clone(), availability.clone());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            loop {
+                if directory.synced() && availability.synced() {
+                    info!(
+                        after_ms = started.elapsed().as_millis() as u64,
+                        "start-up sync done: ready for VIPs"
+                    );
+                    cluster.set_ready().await;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<Shutdown>(1);
     let state = AppState {
         registry_key,

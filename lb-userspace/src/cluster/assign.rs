@@ -53,14 +53,16 @@ pub fn control_db(
         ..ControlDb::default()
     };
     for h in hosts {
-        if h.ok && !h.quiesce && !h.leaving {
+        // A host still in its start-up sync may lack what the cluster decided while it
+        // was away: it is given nothing, and its preferences wait.
+        if h.ok && h.ready && !h.quiesce && !h.leaving {
             if h.preferred.is_empty() {
                 db.spares.push(h.id);
             } else {
                 db.non_spare_eligible.push(h.id);
             }
         }
-        if h.ok && !h.leaving {
+        if h.ok && h.ready && !h.leaving {
             for p in &h.preferred {
                 if let Some(e) = db.table.get_mut(p) {
                     // Two hosts preferring one address: the lower id keeps it.
@@ -253,6 +255,8 @@ mod tests {
             addresses: vec![],
             dir_master: false,
             dir_version: 0,
+            dir_digest: 0,
+            ready: true,
             digests: BTreeMap::new(),
             unable: BTreeSet::new(),
         }
@@ -375,6 +379,23 @@ mod tests {
         // Alone, it keeps serving: nobody else can.
         let d = run(&[leaving], &[V1]);
         assert!(d.acquire.is_empty() && d.release.is_empty(), "{d:?}");
+    }
+
+    #[test]
+    fn a_host_still_in_its_start_up_sync_is_given_nothing_until_it_is_ready() {
+        let owner = host("198.18.0.3", &[], &[(V1, AddrState::Online)]);
+        let mut back = host("198.18.0.2", &[V1], &[]);
+        back.ready = false;
+        let d = run(&[back.clone(), owner.clone()], &[V1]);
+        assert!(d.acquire.is_empty() && d.release.is_empty(), "{d:?}");
+        // Unserved, and the only candidate is not ready: it stays unserved.
+        let d = run(&[back.clone()], &[V1]);
+        assert!(d.acquire.is_empty(), "{d:?}");
+        back.ready = true;
+        assert_eq!(
+            run(&[back], &[V1]).acquire,
+            vec![(ip("198.18.0.2"), ip(V1))]
+        );
     }
 
     #[test]

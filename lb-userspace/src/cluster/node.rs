@@ -114,6 +114,14 @@ pub enum Event {
         address: IpAddr,
         what: String,
     },
+    /// This node's directory replica held other rows than the master's at the same
+    /// version; it was replaced by the master's (`rows` changed).
+    DirectoryResync {
+        rows: usize,
+    },
+    /// This node finished its start-up sync (directory and availability) and may
+    /// take VIPs.
+    Ready,
     /// The water marks took a backend out of new flows, or let it back in.
     Steering {
         service: String,
@@ -149,6 +157,9 @@ pub enum Input {
         ok: bool,
     },
     SetQuiesce(bool),
+    /// Whether this node has finished its start-up sync (directory, availability): a
+    /// node that has not takes no VIP and is given none.
+    SetReady(bool),
     /// Leaving the group for good: hand every VIP over, acquire nothing.
     Leave,
     Load {
@@ -163,6 +174,7 @@ pub enum Input {
     Directory {
         master: bool,
         version: u64,
+        digest: u64,
     },
     /// What this node's data plane says: each VIP's table digest, and the VIPs it
     /// cannot serve (no usable backend for any of their services).
@@ -214,6 +226,9 @@ pub struct Node {
     started: Option<Instant>,
     dir_master: bool,
     dir_version: u64,
+    dir_digest: u64,
+    /// Start-up sync done (directory and availability): until then, no VIP.
+    ready: bool,
     digests: BTreeMap<IpAddr, u64>,
     unable: BTreeSet<IpAddr>,
     /// Commands from a host that is not (yet) this node's leader, by address: the
@@ -249,6 +264,8 @@ impl Node {
             started: None,
             dir_master: false,
             dir_version: 0,
+            dir_digest: 0,
+            ready: true,
             digests: BTreeMap::new(),
             unable: BTreeSet::new(),
             pending: BTreeMap::new(),
@@ -316,6 +333,8 @@ impl Node {
             addresses: self.config.addresses.clone(),
             dir_master: self.dir_master,
             dir_version: self.dir_version,
+            dir_digest: self.dir_digest,
+            ready: self.ready,
             digests: self.digests.clone(),
             unable: self.unable.clone(),
         }
@@ -357,11 +376,23 @@ impl Node {
                 self.ok = ok;
             }
             Input::SetQuiesce(q) => self.quiesce = q,
+            Input::SetReady(r) => {
+                if r && !self.ready {
+                    out.push(Output::Event(Event::Ready));
+                }
+                self.ready = r;
+                self.send_info(now, &mut out);
+            }
             Input::Leave => {
                 self.leaving = true;
                 self.send_info(now, &mut out);
             }
-            Input::Directory { master, version } => {
+            Input::Directory {
+                master,
+                version,
+                digest,
+            } => {
+                self.dir_digest = digest;
                 self.dir_master = master;
                 self.dir_version = version;
             }
@@ -403,6 +434,7 @@ impl Node {
     fn acquire(&mut self, address: IpAddr, out: &mut Vec<Output>) {
         if !self.ok
             || !self.quorate
+            || !self.ready
             || self.quiesce
             || self.leaving
             || self.serving.contains_key(&address)

@@ -53,9 +53,17 @@ pub struct HostInfo {
     /// This host is the directory's master (sticky: it stays master while alive).
     #[serde(default)]
     pub dir_master: bool,
-    /// The version of this host's directory replica.
+    /// The version of this host's directory replica ...
     #[serde(default)]
     pub dir_version: u64,
+    /// ... and the digest of its content (`Tables::digest`): equal versions with
+    /// different digests are replicas that diverged.
+    #[serde(default)]
+    pub dir_digest: u64,
+    /// The host has finished its start-up sync (directory and availability); until
+    /// then it takes no VIP (it may lack what the cluster decided while it was away).
+    #[serde(default = "yes")]
+    pub ready: bool,
     /// A digest of the tables of the services on each VIP, as this host's data plane
     /// holds them (`layout::fingerprint` combined): a host whose digest differs from
     /// the VIP's owner's would steer flows elsewhere, so it does not take the VIP.
@@ -65,6 +73,10 @@ pub struct HostInfo {
     /// take them (it would only refuse their clients).
     #[serde(default)]
     pub unable: BTreeSet<IpAddr>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A message of the group. Every kind carries the sender's id and a sequence number
@@ -342,6 +354,8 @@ mod tests {
                 addresses: vec!["198.18.0.100".parse().unwrap()],
                 dir_master: false,
                 dir_version: 0,
+                dir_digest: 0,
+                ready: true,
                 digests: BTreeMap::from([("198.18.0.100".parse().unwrap(), 7)]),
                 unable: BTreeSet::new(),
             },

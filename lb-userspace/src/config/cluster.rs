@@ -65,6 +65,23 @@ pub(super) fn cluster(
         Some(t) => *t.get_ref(),
     };
     let port = c.port.or(c.group.map(|g| g.port())).unwrap_or(7400);
+    let startup_sync = match c.startup_sync {
+        None => super::StartupSync::Peer,
+        Some(s) => match s.get_ref().as_str() {
+            "peer" => super::StartupSync::Peer,
+            "quorum" => super::StartupSync::Quorum,
+            other => {
+                return Err(ctx.err(
+                    s.span(),
+                    format!(
+                        "cluster.startup_sync: {other:?} is not one of \"peer\" (a starting \
+                         node syncs with at least one peer before it takes VIPs) or \
+                         \"quorum\" (with enough peers to make a quorum)"
+                    ),
+                ))
+            }
+        },
+    };
     Ok(ClusterConfig {
         id: c.id,
         group: c.group,
@@ -82,6 +99,7 @@ pub(super) fn cluster(
             .unwrap_or_else(|| interfaces[0].name.clone()),
         script: c.script,
         script_timeout: std::time::Duration::from_millis(c.script_timeout_ms),
+        startup_sync,
     })
 }
 

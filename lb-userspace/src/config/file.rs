@@ -46,6 +46,7 @@ pub(super) struct ClusterSection {
     pub(super) script: Option<PathBuf>,
     #[serde(default = "default_script_timeout")]
     pub(super) script_timeout_ms: u64,
+    pub(super) startup_sync: Option<Spanned<String>>,
 }
 
 pub(super) fn default_interval() -> Spanned<u64> {

@@ -117,6 +117,30 @@ pub struct ClusterConfig {
     /// Run with `acquire|release VIP` after an acquire and before a release.
     pub script: Option<PathBuf>,
     pub script_timeout: std::time::Duration,
+    /// How many peers must have answered this node's start-up sync before it takes
+    /// VIPs (see [`StartupSync`]).
+    pub startup_sync: StartupSync,
+}
+
+/// `cluster.startup_sync`: whom a starting node must have synced its availability
+/// records with before it is ready (its directory replica always comes from the
+/// master, which needs a quorum).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartupSync {
+    /// At least one peer (default).
+    Peer,
+    /// Enough peers to make a quorum with this node.
+    Quorum,
+}
+
+impl StartupSync {
+    /// How many peers must answer, in a group with this quorum.
+    pub fn peers_needed(self, quorum: usize) -> usize {
+        match self {
+            StartupSync::Peer => 1,
+            StartupSync::Quorum => quorum.saturating_sub(1).max(1),
+        }
+    }
 }
 
 impl Config {

@@ -12,4 +12,6 @@ pub mod subscriptions;
 pub mod tables;
 
 #[cfg(test)]
+mod failover_sim;
+#[cfg(test)]
 mod sim;

@@ -36,6 +36,10 @@ pub enum Input {
         backup: Option<NodeId>,
         peers: BTreeSet<NodeId>,
     },
+    /// The cluster has no quorum here (a minority side, or alone): give up the
+    /// master's and the backup's roles, and refuse local changes until roles come
+    /// again (the directory is read-only on a minority; see [`Outputs::refused`]).
+    NoQuorum,
     /// Resend what is unacknowledged, ask for missed changes.
     Tick,
     /// Run the lease countdowns.
@@ -53,6 +57,18 @@ pub struct Outputs {
     pub became_master: Option<u64>,
     /// Leases that ran out here (as master): the entries now invalid.
     pub expired: Vec<Change>,
+    /// The requests a `Submit` became, in order ...
+    pub submitted: Vec<u64>,
+    /// ... and those the master acknowledged in this step (committed: stored by the
+    /// backup, or by the master alone when it has none), with their versions.
+    pub acked: Vec<(u64, u64)>,
+    /// The `Submit` was refused: this node is on a minority side (read-only).
+    pub refused: bool,
+    /// This replica was found to differ from the master's at the same version and
+    /// was replaced by a snapshot.
+    pub resynced: bool,
+    /// As master: agents whose replicas differed (each was sent a snapshot).
+    pub diverged: Vec<NodeId>,
 }
 
 pub struct DirNode {
@@ -64,6 +80,12 @@ pub struct DirNode {
     peers: BTreeSet<NodeId>,
     /// Renewals sent by this node: makes every lease renewal a new value.
     renewals: u64,
+    /// No quorum: no role, no local change.
+    read_only: bool,
+    /// This replica has been brought up to a master's state since the node started
+    /// (a snapshot from the master, or this node is the master): until then it may
+    /// lack what the cluster decided while it was away.
+    synced: bool,
 }
 
 impl DirNode {
@@ -78,6 +100,43 @@ impl DirNode {
             heartbeats: Heartbeats::default(),
             peers: BTreeSet::new(),
             renewals: 0,
+            read_only: false,
+            synced: standalone,
+        }
+    }
+
+    /// See [`DirNode::synced`]'s field: sticky once true.
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    /// A row this replica gets without any master's say (tests of divergence).
+    #[cfg(test)]
+    pub fn corrupt_for_test(&mut self, _now: Instant, table: &str, key: &str) {
+        self.agent
+            .tables_mut()
+            .add(table, key, "198.18.9.9:80", true);
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Whether local request `req` still waits for the master's acknowledgement.
+    pub fn is_pending(&self, req: u64) -> bool {
+        self.agent.is_pending(req)
+    }
+
+    /// The version of this node's own replica (what it serves and feeds).
+    pub fn replica_version(&self) -> u64 {
+        self.agent.version()
+    }
+
+    /// The content digest of what [`DirNode::version`] counts.
+    pub fn digest(&self) -> u64 {
+        match &self.master {
+            Some(m) => m.tables().digest(),
+            None => self.agent.tables().digest(),
         }
     }
 
@@ -85,11 +144,14 @@ impl DirNode {
         self.agent.tables()
     }
 
-    /// The version of this node's replica (or the master's, when it is the master).
+    /// The version of this node's replica (or the master's, when it is the master;
+    /// what the backup stored, when that is ahead: the directory's next master is
+    /// chosen by this number, and the backup holds every acknowledged change).
     pub fn version(&self) -> u64 {
-        match &self.master {
-            Some(m) => m.version(),
-            None => self.agent.version(),
+        match (&self.master, &self.backup) {
+            (Some(m), _) => m.version(),
+            (None, Some(b)) => b.stored().max(self.agent.version()),
+            (None, None) => self.agent.version(),
         }
     }
 
@@ -134,10 +196,20 @@ impl DirNode {
         let mut queue = Vec::new();
         match input {
             Input::Submit(changes) => {
+                if self.read_only {
+                    out.refused = true;
+                    return out;
+                }
                 for c in changes {
-                    let (_, outs) = self.agent.submit(c);
+                    let (req, outs) = self.agent.submit(c);
+                    out.submitted.push(req);
                     queue.extend(self.local(outs));
                 }
+            }
+            Input::NoQuorum => {
+                self.read_only = true;
+                self.master = None;
+                self.backup = None;
             }
             Input::Receive { from, msg } => queue.push((self.me, from, msg)),
             Input::Roles {
@@ -146,6 +218,7 @@ impl DirNode {
                 peers,
             } => {
                 self.peers = peers;
+                self.read_only = false;
                 let me = self.me;
                 if master == me && self.master.is_none() {
                     let m = match self.backup.take() {
@@ -159,6 +232,7 @@ impl DirNode {
                     };
                     out.became_master = Some(m.version());
                     self.master = Some(m);
+                    self.synced = true;
                 } else if master != me && self.master.is_some() {
                     self.master = None;
                 }
@@ -228,12 +302,26 @@ impl DirNode {
                         None => Vec::new(), // Not the master (any more): the sender resends.
                     }
                 }
-                Msg::Replicate { .. } => match self.backup.as_mut() {
+                Msg::Replicate { .. } | Msg::Seed { .. } => match self.backup.as_mut() {
                     Some(b) => b.handle(from, msg),
                     None => Vec::new(),
                 },
                 Msg::Push { .. } | Msg::Ack { .. } | Msg::Log { .. } | Msg::Snapshot { .. } => {
+                    if let Msg::Ack { req, version } = &msg {
+                        if self.agent.is_pending(*req) {
+                            out.acked.push((*req, *version));
+                        }
+                    }
+                    let from_master = from == self.agent.master;
+                    let snapshot = matches!(msg, Msg::Snapshot { .. });
+                    let diverged = self.agent.diverged;
                     let (changes, outs) = self.agent.handle(msg);
+                    if snapshot && from_master {
+                        self.synced = true;
+                    }
+                    if self.agent.diverged > diverged {
+                        out.resynced = true;
+                    }
                     for c in &changes {
                         self.count_down(now, c);
                     }
@@ -242,6 +330,9 @@ impl DirNode {
                 }
             };
             queue.extend(self.local(outs));
+        }
+        if let Some(m) = self.master.as_mut() {
+            out.diverged.extend(m.take_diverged());
         }
     }
 

@@ -39,12 +39,26 @@ pub enum Msg {
     Push { version: Version, change: Change },
     /// Master → submitter: your change is committed (and held by the backup).
     Ack { req: u64, version: Version },
-    /// Agent → master: send me what follows `after`.
-    Sync { from: NodeId, after: Version },
+    /// Agent → master: send me what follows `after` (everything, as a snapshot, for
+    /// 0). `digest` is the agent's content digest at `after`: a master at the same
+    /// version with another digest answers with a snapshot (the replicas diverged).
+    Sync {
+        from: NodeId,
+        after: Version,
+        #[serde(default)]
+        digest: Option<u64>,
+    },
     /// Master → agent: the committed changes after the asked version...
     Log { entries: Vec<(Version, Change)> },
     /// ...or, if the master's log does not reach back that far, everything.
     Snapshot { version: Version, rows: Vec<Change> },
+    /// Master → a backup too far behind for the log: store this state as of `version`
+    /// (with what each request became, so that a resent request is not applied twice).
+    Seed {
+        version: Version,
+        rows: Vec<Change>,
+        done: Vec<((NodeId, u64), Version)>,
+    },
 }
 
 /// A message and where it goes.
@@ -71,6 +85,8 @@ pub struct Master {
     /// What each origin's request became, so a resent Submit is acked, not re-applied.
     done: BTreeMap<(NodeId, u64), Version>,
     log_limit: usize,
+    /// Agents found at this master's version with other content (sent a snapshot).
+    diverged: Vec<NodeId>,
 }
 
 impl Master {
@@ -86,6 +102,7 @@ impl Master {
             next: 1,
             done: BTreeMap::new(),
             log_limit: 10_000,
+            diverged: Vec::new(),
         }
     }
 
@@ -124,6 +141,12 @@ impl Master {
     /// Whether a submitter's request is committed here.
     pub fn has_committed(&self, origin: (NodeId, u64)) -> bool {
         self.done.contains_key(&origin)
+    }
+
+    /// The agents whose replicas were found to differ at this master's version since
+    /// the last call (each was sent a snapshot).
+    pub fn take_diverged(&mut self) -> Vec<NodeId> {
+        std::mem::take(&mut self.diverged)
     }
 
     /// Limits the log (a smaller one makes agents resync from snapshots sooner).
@@ -207,7 +230,20 @@ impl Master {
                 // for those: send them from the log, whether or not changes wait.
                 if version < self.committed {
                     if let Some(b) = self.backup {
-                        let from = (version + 1).max(self.log_start);
+                        if version + 1 < self.log_start {
+                            // The log does not reach back that far: seed it whole.
+                            out.push(Out::To(
+                                b,
+                                Msg::Seed {
+                                    version: self.committed,
+                                    rows: self.tables.snapshot(),
+                                    done: self.done.iter().map(|(o, v)| (*o, *v)).collect(),
+                                },
+                            ));
+                            out.extend(self.tick());
+                            return out;
+                        }
+                        let from = version + 1;
                         for (v, c) in self.log.range(from..) {
                             out.push(Out::To(
                                 b,
@@ -229,8 +265,17 @@ impl Master {
                     self.commit(v, change, origin, &mut out);
                 }
             }
-            Msg::Sync { from, after } => {
-                if after + 1 < self.log_start {
+            Msg::Sync {
+                from,
+                after,
+                digest,
+            } => {
+                let diverged =
+                    after == self.committed && digest.is_some_and(|d| d != self.tables.digest());
+                if diverged {
+                    self.diverged.push(from);
+                }
+                if after == 0 || diverged || after + 1 < self.log_start {
                     out.push(Out::To(
                         from,
                         Msg::Snapshot {
@@ -320,7 +365,41 @@ impl Backup {
         b
     }
 
+    pub fn stored(&self) -> Version {
+        self.stored
+    }
+
     pub fn handle(&mut self, master: NodeId, msg: Msg) -> Vec<Out> {
+        if let Msg::Seed {
+            version,
+            rows,
+            done,
+        } = msg
+        {
+            if version > self.stored {
+                let mut fresh = Tables::default();
+                for r in &rows {
+                    fresh.apply(r);
+                }
+                self.tables = fresh;
+                self.stored = version;
+                self.log.clear();
+                self.pending.retain(|v, _| *v > version);
+                self.done.extend(done);
+                while let Some((change, origin)) = self.pending.remove(&(self.stored + 1)) {
+                    self.stored += 1;
+                    self.tables.apply(&change);
+                    self.log.insert(self.stored, change);
+                    self.done.insert(origin, self.stored);
+                }
+            }
+            return vec![Out::To(
+                master,
+                Msg::Stored {
+                    version: self.stored,
+                },
+            )];
+        }
         if let Msg::Replicate {
             version,
             origin,
@@ -359,6 +438,8 @@ pub struct Agent {
     /// Local changes not yet acknowledged: request → change.
     unacked: BTreeMap<u64, Change>,
     next_req: u64,
+    /// Snapshots that found this replica at the master's version with other rows.
+    pub diverged: u64,
 }
 
 impl Agent {
@@ -371,6 +452,7 @@ impl Agent {
             ahead: BTreeMap::new(),
             unacked: BTreeMap::new(),
             next_req: 1,
+            diverged: 0,
         }
     }
 
@@ -384,6 +466,16 @@ impl Agent {
 
     pub fn unacked(&self) -> usize {
         self.unacked.len()
+    }
+
+    #[cfg(test)]
+    pub fn tables_mut(&mut self) -> &mut Tables {
+        &mut self.tables
+    }
+
+    /// Whether request `req` of this agent still waits for the master's ack.
+    pub fn is_pending(&self, req: u64) -> bool {
+        self.unacked.contains_key(&req)
     }
 
     /// A local change: forwarded to the master; it shows in the replica once committed.
@@ -416,13 +508,7 @@ impl Agent {
                 }
                 self.drain_ahead(&mut applied);
                 if !self.ahead.is_empty() {
-                    out.push(Out::To(
-                        self.master,
-                        Msg::Sync {
-                            from: self.id,
-                            after: self.applied,
-                        },
-                    ));
+                    out.push(Out::To(self.master, self.sync()));
                 }
             }
             Msg::Log { entries } => {
@@ -439,7 +525,11 @@ impl Agent {
                     fresh.apply(r);
                 }
                 // Report the difference as changes, so consumers stay incremental.
-                applied.extend(diff_tables(&self.tables, &fresh));
+                let diff = diff_tables(&self.tables, &fresh);
+                if version == self.applied && !diff.is_empty() {
+                    self.diverged += 1;
+                }
+                applied.extend(diff);
                 self.tables = fresh;
                 self.applied = version;
                 self.ahead.retain(|v, _| *v > version);
@@ -478,14 +568,16 @@ impl Agent {
                 )
             })
             .collect();
-        out.push(Out::To(
-            self.master,
-            Msg::Sync {
-                from: self.id,
-                after: self.applied,
-            },
-        ));
+        out.push(Out::To(self.master, self.sync()));
         out
+    }
+
+    fn sync(&self) -> Msg {
+        Msg::Sync {
+            from: self.id,
+            after: self.applied,
+            digest: Some(self.tables.digest()),
+        }
     }
 
     /// A new master (the promoted backup): resend what it has not acknowledged, and
@@ -493,8 +585,9 @@ impl Agent {
     pub fn master_changed(&mut self, master: NodeId) -> Vec<Out> {
         self.master = master;
         // The new master's versions need not match what this replica saw (it may
-        // start from its own replica): resync everything from it; changes that
-        // are already here apply as no-ops.
+        // start from its own replica, or be the other side of a partition): ask for
+        // a snapshot (after 0), which replaces the replica, so that no row the new
+        // master lacks survives here.
         self.applied = 0;
         self.ahead.clear();
         self.tick()

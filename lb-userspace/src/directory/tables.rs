@@ -130,9 +130,48 @@ pub struct Tables {
     /// The translation table: symbolic name → id.
     ids: BTreeMap<String, TableId>,
     rows: BTreeMap<TableId, BTreeMap<String, Row>>,
+    /// The content digest (see [`Tables::digest`]), kept up to date by `apply`.
+    #[serde(skip)]
+    digest: u64,
+}
+
+/// One row's part of the digest: FNV-1a over the table name, key, value and validity
+/// (stable across builds, unlike std's hasher, since nodes compare digests).
+fn row_hash(table: &str, key: &str, row: &Row) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [
+        table.as_bytes(),
+        b"\0",
+        key.as_bytes(),
+        b"\0",
+        row.value.as_bytes(),
+    ] {
+        for b in part {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h ^= u64::from(row.valid);
+    h.wrapping_mul(0x0100_0000_01b3)
 }
 
 impl Tables {
+    /// A digest of the content (every table's rows, whatever order they came in):
+    /// equal content, equal digest on every node. The rows' hashes are summed, so that
+    /// one change updates it in constant time.
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
+
+    /// How many rows all tables hold.
+    pub fn len(&self) -> usize {
+        self.rows.values().map(BTreeMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The id of a table, creating it on first use.
     pub fn table_id(&mut self, name: &str) -> TableId {
         if let Some(id) = self.ids.get(name) {
@@ -157,24 +196,34 @@ impl Tables {
     pub fn apply(&mut self, change: &Change) -> Option<Change> {
         let id = self.table_id(&change.table);
         let table = self.rows.get_mut(&id).expect("created with its id");
-        let changed = match &change.op {
+        let before = table.get(&change.key).cloned();
+        match &change.op {
             Op::Put { value, valid } => {
                 let row = Row {
                     value: value.clone(),
                     valid: *valid,
                 };
-                table.insert(change.key.clone(), row.clone()) != Some(row)
+                table.insert(change.key.clone(), row);
             }
-            Op::Delete => table.remove(&change.key).is_some(),
-            Op::Valid { valid } => match table.get_mut(&change.key) {
-                Some(row) if row.valid != *valid => {
+            Op::Delete => {
+                table.remove(&change.key);
+            }
+            Op::Valid { valid } => {
+                if let Some(row) = table.get_mut(&change.key) {
                     row.valid = *valid;
-                    true
                 }
-                _ => false,
-            },
-        };
-        changed.then(|| change.clone())
+            }
+        }
+        let after = table.get(&change.key);
+        if before.as_ref() == after {
+            return None;
+        }
+        let hash = |r: Option<&Row>| r.map_or(0, |r| row_hash(&change.table, &change.key, r));
+        self.digest = self
+            .digest
+            .wrapping_sub(hash(before.as_ref()))
+            .wrapping_add(hash(after));
+        Some(change.clone())
     }
 
     pub fn add(&mut self, table: &str, key: &str, value: &str, valid: bool) -> Option<Change> {
@@ -541,5 +590,26 @@ mod tests {
         for name in t.table_names() {
             assert_eq!(copy.search(name, ""), t.search(name, ""));
         }
+        assert_eq!(copy.digest(), t.digest(), "same rows, same digest");
+    }
+
+    #[test]
+    fn the_digest_follows_the_content_not_the_order_or_the_history() {
+        let mut a = Tables::default();
+        a.add("svc.x", "1", "198.18.0.11:80", true);
+        a.add("svc.x", "2", "198.18.0.12:80", true);
+        a.add("other", "k", "v", true);
+        let mut b = Tables::default();
+        b.add("other", "k", "v", true);
+        b.add("svc.x", "2", "198.18.0.12:80", false);
+        b.add("svc.x", "3", "gone:80", true);
+        b.add("svc.x", "1", "198.18.0.11:80", true);
+        assert_ne!(a.digest(), b.digest(), "2 is invalid and 3 is extra in b");
+        b.set_valid("svc.x", "2", true);
+        b.delete("svc.x", "3");
+        assert_eq!(a.digest(), b.digest());
+        b.delete("other", "k");
+        assert_ne!(a.digest(), b.digest());
+        assert_eq!(Tables::default().digest(), 0);
     }
 }

@@ -1,31 +1,52 @@
 //! The directory's agent interface (search, find-server, add, delete, heartbeat,
 //! register with a lease, subscribe) and backends' load reports.
 
-use axum::{extract::State, response::Response, Json};
+use axum::{extract::State, http::StatusCode, response::Response, Json};
 
-use super::{bad, internal, not_found, ApiJson, ApiQuery, ApiResult, AppState};
+use super::{bad, internal, not_found, ApiError, ApiJson, ApiQuery, ApiResult, AppState};
 use crate::{
     api::{self, Registration},
-    directory::store::DirectoryStore,
+    directory::store::{DirectoryStore, ReadOnly, Written},
 };
+
+/// A change's answer: 200 once committed, 202 while pending.
+pub(super) type WriteResult<T> = Result<(StatusCode, Json<T>), ApiError>;
+
+fn answer<T>(written: Written, body: T) -> (StatusCode, Json<T>) {
+    match written {
+        Written::Committed => (StatusCode::OK, Json(body)),
+        Written::Pending => (StatusCode::ACCEPTED, Json(body)),
+    }
+}
+
+/// A directory write that failed: 503 on a minority side (try another node), 500
+/// otherwise.
+fn refused(e: anyhow::Error) -> ApiError {
+    if e.downcast_ref::<ReadOnly>().is_some() {
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))
+    } else {
+        internal(e)
+    }
+}
 
 /// A backend's load and capacity, for the water marks.
 pub(super) async fn report_load(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<api::LoadReport>,
-) -> ApiResult<api::LoadReported> {
+) -> WriteResult<api::LoadReported> {
     report(&s, req).await
 }
 
 /// A load report, from the API or the registry port.
-pub(super) async fn report(s: &AppState, req: api::LoadReport) -> ApiResult<api::LoadReported> {
+pub(super) async fn report(s: &AppState, req: api::LoadReport) -> WriteResult<api::LoadReported> {
     if req.ttl_ms == 0 {
         return Err(bad("ttl_ms must be positive"));
     }
     if !s.daemon.now().desired.services.contains_key(&req.service) {
         return Err(not_found(format!("no service {}", req.service)));
     }
-    s.directory
+    let written = s
+        .directory
         .report_load(
             req.service,
             req.backend,
@@ -34,12 +55,16 @@ pub(super) async fn report(s: &AppState, req: api::LoadReport) -> ApiResult<api:
             std::time::Duration::from_millis(req.ttl_ms),
         )
         .await
-        .map_err(internal)?;
-    Ok(Json(api::LoadReported {
-        reported: format!("{}|{}", req.service, req.backend),
-        load: req.load,
-        capacity: req.capacity,
-    }))
+        .map_err(refused)?;
+    Ok(answer(
+        written,
+        api::LoadReported {
+            reported: format!("{}|{}", req.service, req.backend),
+            load: req.load,
+            capacity: req.capacity,
+            committed: written == Written::Committed,
+        },
+    ))
 }
 
 pub(super) async fn dir_search(
@@ -59,43 +84,54 @@ pub(super) async fn dir_find(
 pub(super) async fn dir_add(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<api::DirAdd>,
-) -> ApiResult<api::DirSubmitted> {
-    // Applied here at once on the directory master; on another node, once the
-    // master's push comes back (milliseconds).
-    s.directory
+) -> WriteResult<api::DirSubmitted> {
+    let written = s
+        .directory
         .add(&req.table, &req.key, &req.value, req.valid)
         .await
-        .map_err(internal)?;
-    Ok(Json(api::DirSubmitted { submitted: true }))
+        .map_err(refused)?;
+    Ok(answer(
+        written,
+        api::DirSubmitted {
+            submitted: true,
+            committed: written == Written::Committed,
+        },
+    ))
 }
 
 pub(super) async fn dir_delete(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<api::DirKey>,
-) -> ApiResult<api::DirDeleted> {
-    let found = s
+) -> WriteResult<api::DirDeleted> {
+    let Some(written) = s
         .directory
         .delete(&req.table, &req.key)
         .await
-        .map_err(internal)?;
-    if !found {
+        .map_err(refused)?
+    else {
         return Err(not_found(format!(
             "no key {} in table {}",
             req.key, req.table
         )));
-    }
-    Ok(Json(api::DirDeleted { changed: true }))
+    };
+    Ok(answer(
+        written,
+        api::DirDeleted {
+            changed: true,
+            committed: written == Written::Committed,
+        },
+    ))
 }
 
 pub(super) async fn dir_heartbeat(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<api::DirHeartbeat>,
-) -> ApiResult<api::DirValid> {
+) -> WriteResult<api::DirValid> {
     heartbeat(&s, req).await
 }
 
 /// A heartbeat, from the API or the registry port.
-pub(super) async fn heartbeat(s: &AppState, req: api::DirHeartbeat) -> ApiResult<api::DirValid> {
+pub(super) async fn heartbeat(s: &AppState, req: api::DirHeartbeat) -> WriteResult<api::DirValid> {
     let known = s
         .directory
         .heartbeat(
@@ -104,36 +140,46 @@ pub(super) async fn heartbeat(s: &AppState, req: api::DirHeartbeat) -> ApiResult
             std::time::Duration::from_millis(req.time_max_ms),
         )
         .await
-        .map_err(internal)?;
-    if !known {
+        .map_err(refused)?;
+    let Some(written) = known else {
         return Err(not_found(format!(
             "no key {} in table {}; add or register it first",
             req.key, req.table
         )));
-    }
-    Ok(Json(api::DirValid { valid: true }))
+    };
+    Ok(answer(
+        written,
+        api::DirValid {
+            valid: true,
+            committed: written == Written::Committed,
+        },
+    ))
 }
 
 pub(super) async fn dir_register(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<Registration>,
-) -> ApiResult<api::Registered> {
+) -> WriteResult<api::Registered> {
     register(&s, req).await
 }
 
 /// A registration, from the API or the registry port.
-pub(super) async fn register(s: &AppState, req: Registration) -> ApiResult<api::Registered> {
+pub(super) async fn register(s: &AppState, req: Registration) -> WriteResult<api::Registered> {
     if req.ttl_ms == 0 {
         return Err(bad("ttl_ms must be positive"));
     }
     if let Some(why) = crate::validate::backend_refusal(&req.service, req.address) {
         return Err(bad(why));
     }
-    s.directory.register(&req).await.map_err(internal)?;
-    Ok(Json(api::Registered {
-        registered: req.instance(),
-        ttl_ms: req.ttl_ms,
-    }))
+    let written = s.directory.register(&req).await.map_err(refused)?;
+    Ok(answer(
+        written,
+        api::Registered {
+            registered: req.instance(),
+            ttl_ms: req.ttl_ms,
+            committed: written == Written::Committed,
+        },
+    ))
 }
 
 /// Newline-delimited subscription events for a table and key prefix, until the

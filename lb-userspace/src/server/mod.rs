@@ -113,6 +113,30 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// What a node in a cluster still waits for before it may take VIPs (empty: ready).
+pub fn waiting_for(s: &AppState) -> Vec<String> {
+    let mut why = Vec::new();
+    if s.cluster.is_none() {
+        return why;
+    }
+    if !s.directory.synced() {
+        why.push(if s.directory.read_only() {
+            "directory: no quorum, so no master to sync the replica from".to_string()
+        } else {
+            "directory: the replica has not yet been synced from the master \
+             (is the peer port reachable?)"
+                .to_string()
+        });
+    }
+    if !s.availability.synced() {
+        why.push(
+            "availability: no peer has answered the sync yet (is the peer port reachable?)"
+                .to_string(),
+        );
+    }
+    why
+}
+
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }

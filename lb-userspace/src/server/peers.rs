@@ -20,7 +20,7 @@ use axum::{
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::post,
-    Json, Router,
+    Router,
 };
 use http_body_util::BodyExt;
 
@@ -190,21 +190,21 @@ pub fn registry_router(state: AppState) -> Router {
     async fn register(
         State(s): State<AppState>,
         body: Body,
-    ) -> Result<Json<api::Registered>, ApiError> {
+    ) -> super::directory::WriteResult<api::Registered> {
         let req: api::Registration = signed(&s, body).await?;
         super::directory::register(&s, req).await
     }
     async fn heartbeat(
         State(s): State<AppState>,
         body: Body,
-    ) -> Result<Json<api::DirValid>, ApiError> {
+    ) -> super::directory::WriteResult<api::DirValid> {
         let req: api::DirHeartbeat = signed(&s, body).await?;
         super::directory::heartbeat(&s, req).await
     }
     async fn report(
         State(s): State<AppState>,
         body: Body,
-    ) -> Result<Json<api::LoadReported>, ApiError> {
+    ) -> super::directory::WriteResult<api::LoadReported> {
         let req: api::LoadReport = signed(&s, body).await?;
         super::directory::report(&s, req).await
     }

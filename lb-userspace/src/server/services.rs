@@ -19,6 +19,8 @@ use crate::{
 pub(super) async fn status(State(s): State<AppState>) -> ApiResult<api::Status> {
     let mut status = s.daemon.now().status.clone();
     status.rejected = s.rejects.snapshot();
+    status.waiting_for = super::waiting_for(&s);
+    status.ready = status.waiting_for.is_empty();
     Ok(Json(status))
 }
 

@@ -143,6 +143,25 @@ impl AvailHandle {
         }
     }
 
+    /// For the start-up sync: how many peers must answer, whether this node may also
+    /// be synced alone (quorum 1), and how many other hosts are alive now.
+    fn sync_needs(&self) -> (usize, bool, usize) {
+        let Some((c, cfg)) = &self.cluster else {
+            return (0, true, 0);
+        };
+        let alive = c
+            .view()
+            .hosts
+            .iter()
+            .filter(|h| h.info.id != cfg.id)
+            .count();
+        (
+            cfg.startup_sync.peers_needed(cfg.quorum),
+            cfg.quorum <= 1,
+            alive,
+        )
+    }
+
     fn peers(&self) -> Vec<SocketAddr> {
         let Some((c, cfg)) = &self.cluster else {
             return Vec::new();
@@ -297,18 +316,30 @@ pub fn start(
     tokio::spawn(async move {
         let start = tokio::time::Instant::now();
         let mut round = 0usize;
+        let mut warned = std::collections::BTreeSet::new();
         loop {
             let peers = h.peers();
             if !h.synced() {
-                let mut any = false;
+                let mut answered = 0;
                 for p in &peers {
                     match h.sync_with(*p).await {
-                        Ok(()) => any = true,
-                        Err(e) => warn!(peer = %p, "availability sync: {e:#}"),
+                        Ok(()) => answered += 1,
+                        Err(e) => {
+                            if warned.insert(*p) {
+                                warn!(peer = %p, "availability sync (retried until it answers): {e:#}");
+                            }
+                        }
                     }
                 }
-                if any || start.elapsed() > Duration::from_secs(3) {
-                    info!(peers = peers.len(), with_peers = any, "availability synced");
+                // Synced with enough peers; or alone where being alone is enough (a
+                // group whose quorum is 1, nobody else heard for 3 s). Never just
+                // because time passed: a node that could not ask may have missed a
+                // maintenance record and would serve a service that is down.
+                let (need, alone_ok, alive) = h.sync_needs();
+                if answered >= need
+                    || (alone_ok && alive == 0 && start.elapsed() > Duration::from_secs(3))
+                {
+                    info!(peers = peers.len(), answered, "availability synced");
                     h.synced.store(true, Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;

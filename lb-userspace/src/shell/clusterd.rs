@@ -95,11 +95,20 @@ impl ClusterHandle {
     }
 
     /// Advertises this node's directory role and replica version.
-    pub async fn set_directory(&self, master: bool, version: u64) {
+    pub async fn set_directory(&self, master: bool, version: u64, digest: u64) {
         let _ = self
             .commands
-            .send(Input::Directory { master, version })
+            .send(Input::Directory {
+                master,
+                version,
+                digest,
+            })
             .await;
+    }
+
+    /// This node has finished its start-up sync: it may take VIPs from now on.
+    pub async fn set_ready(&self) {
+        let _ = self.commands.send(Input::SetReady(true)).await;
     }
 
     /// Leaves the group for good: the others take every VIP of this node before it
@@ -233,6 +242,12 @@ pub async fn start(
         .duration_since(UNIX_EPOCH)
         .map_or(1, |d| d.as_micros() as u64);
     let mut node = Node::new(node_cfg, first_seq);
+    // Not ready until the start-up sync is done (`ClusterHandle::set_ready`).
+    node.handle(
+        Instant::now(),
+        Input::SetReady(false),
+        &mut StdRng::from_entropy(),
+    );
     {
         let now = daemon.now();
         node.handle(

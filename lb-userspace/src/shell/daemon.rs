@@ -457,6 +457,8 @@ impl<D: Dataplane> Daemon<D> {
             resumed: self.resumed,
             metrics: format!("http://{}/metrics", self.config.node.metrics_listen),
             rejected: Default::default(),
+            ready: true,
+            waiting_for: Vec::new(),
         }
     }
 

@@ -25,7 +25,7 @@ use crate::{
         feed::{feed, shapes_dataplane},
         node::{directory_roles, lease_key, DirNode, Input, Outputs},
         replication::{Msg, NodeId},
-        store::DirectoryStore,
+        store::{DirectoryStore, ReadOnly, Written},
         subscriptions::{Event, SubId, Subscriptions},
         tables::{names, Change, CompleteRoute, Entry, Op, Tables},
     },
@@ -35,6 +35,17 @@ use crate::{
 
 /// The largest replication message accepted (a snapshot of a big directory).
 pub const MAX_DSD_MESSAGE: usize = 64 << 20;
+
+/// How long a change waits for the master's acknowledgement (the backup stored it)
+/// before it is answered pending: longer than replacing a dead backup takes (a
+/// cluster timeout and a roles round).
+pub const ACK_WAIT: Duration = Duration::from_secs(2);
+
+/// What one step of the node did, as far as a caller waits on it.
+struct Stepped {
+    submitted: Vec<u64>,
+    refused: bool,
+}
 
 /// What the API, the managers and the route monitor hold of the directory.
 #[derive(Clone)]
@@ -56,12 +67,15 @@ pub struct DirHandle {
     wanted: Arc<watch::Sender<u64>>,
     /// ... and how many of them the feeder has handed to the daemon.
     fed: Arc<watch::Sender<u64>>,
+    /// Counts the steps in which the master acknowledged local requests ...
+    acks: Arc<watch::Sender<u64>>,
+    /// ... and the versions they were committed at, until their submitter takes them.
+    ack_versions: Arc<std::sync::Mutex<BTreeMap<u64, u64>>>,
 }
 
 impl DirHandle {
-    /// Runs one step of the node and carries out its outputs; returns how many
-    /// changes the replica applied.
-    fn step(&self, input: Input) -> (usize, u64) {
+    /// Runs one step of the node and carries out its outputs.
+    fn step(&self, input: Input) -> Stepped {
         let out = {
             let mut node = self.node.lock().expect("not poisoned");
             let out = node.handle(Instant::now(), input);
@@ -77,18 +91,49 @@ impl DirHandle {
         self.carry_out(out)
     }
 
-    fn carry_out(&self, out: Outputs) -> (usize, u64) {
+    fn carry_out(&self, out: Outputs) -> Stepped {
         if let Some(version) = out.became_master {
             info!(version, "this node is the directory master");
         }
         for c in &out.expired {
             info!(table = %c.table, key = %c.key, "lease expired: entry invalid");
         }
+        if out.resynced {
+            warn!(
+                rows = out.applied.len(),
+                "this node's directory replica differed from the master's at the same \
+                 version: replaced by the master's"
+            );
+            if let Some((c, id)) = &self.events {
+                c.publish(
+                    *id,
+                    crate::cluster::node::Event::DirectoryResync {
+                        rows: out.applied.len(),
+                    },
+                );
+            }
+        }
+        for agent in &out.diverged {
+            warn!(
+                agent,
+                "a replica differed from this master's: sent it a snapshot"
+            );
+        }
         if out.applied.iter().any(|c| shapes_dataplane(&c.table)) {
             self.wanted.send_modify(|n| *n += 1);
         }
+        if !out.acked.is_empty() {
+            self.ack_versions
+                .lock()
+                .expect("not poisoned")
+                .extend(out.acked.iter().copied());
+            self.acks.send_modify(|n| *n += 1);
+        }
         self.send(out.send);
-        (out.applied.len(), *self.wanted.borrow())
+        Stepped {
+            submitted: out.submitted,
+            refused: out.refused,
+        }
     }
 
     fn send(&self, remote: Vec<(NodeId, Msg)>) {
@@ -117,18 +162,68 @@ impl DirHandle {
     }
 
     /// Submits local changes through this node's agent (to the master, here or on
-    /// another node); returns how many the replica applied at once (all of them when
-    /// this node is the master; the others arrive with the master's pushes).
-    /// When a change applied here shapes the data plane, this returns once the daemon
-    /// has it (at most 3 s), so that the data plane holds what the caller was told.
-    pub async fn commit(&self, changes: Vec<Change>) -> Result<usize> {
-        let (applied, wanted) = self.step(Input::Submit(changes));
-        if applied > 0 {
-            let mut fed = self.fed.subscribe();
-            let _ =
-                tokio::time::timeout(Duration::from_secs(3), fed.wait_for(|n| *n >= wanted)).await;
+    /// another node) and waits until the master has acknowledged them, that is, until
+    /// they are stored where a failover keeps them (at most [`ACK_WAIT`]; then they
+    /// are `Pending`), and then until this node's data plane holds them (at most 3 s),
+    /// so that what the caller is told is what the cluster and the maps hold.
+    pub async fn commit(&self, changes: Vec<Change>) -> Result<Written> {
+        let mut acks = self.acks.subscribe();
+        let mut published = self.published.subscribe();
+        let stepped = self.step(Input::Submit(changes));
+        if stepped.refused {
+            return Err(ReadOnly.into());
         }
-        Ok(applied)
+        let reqs = stepped.submitted;
+        let all_acked = || {
+            let node = self.node.lock().expect("not poisoned");
+            reqs.iter().all(|r| !node.is_pending(*r))
+        };
+        let acked = tokio::time::timeout(ACK_WAIT, async {
+            while !all_acked() {
+                if acks.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await
+        .is_ok()
+            && all_acked();
+        let version = {
+            let mut versions = self.ack_versions.lock().expect("not poisoned");
+            reqs.iter()
+                .filter_map(|r| versions.remove(r))
+                .max()
+                .unwrap_or(0)
+        };
+        if !acked {
+            return Ok(Written::Pending);
+        }
+        // The replica applies the change when the master's push arrives (it may
+        // come after the ack); then the feeder hands it to the daemon.
+        let held = || self.node.lock().expect("not poisoned").replica_version() >= version;
+        let _ = tokio::time::timeout(Duration::from_secs(3), async {
+            while !held() {
+                if published.changed().await.is_err() {
+                    break;
+                }
+            }
+            let wanted = *self.wanted.borrow();
+            let mut fed = self.fed.subscribe();
+            let _ = fed.wait_for(|n| *n >= wanted).await;
+        })
+        .await;
+        Ok(Written::Committed)
+    }
+
+    /// Whether this node's replica has been brought to a master's state since it
+    /// started (it may have missed changes while it was away until then).
+    pub fn synced(&self) -> bool {
+        self.node.lock().expect("not poisoned").synced()
+    }
+
+    /// This node sees no quorum: the directory is read-only here.
+    pub fn read_only(&self) -> bool {
+        self.node.lock().expect("not poisoned").read_only()
     }
 
     /// Reads this node's replica.
@@ -168,7 +263,7 @@ impl DirHandle {
         key: &str,
         value: &str,
         valid: bool,
-    ) -> Result<usize> {
+    ) -> Result<Written> {
         self.commit(vec![Change {
             table: table.into(),
             key: key.into(),
@@ -180,12 +275,15 @@ impl DirHandle {
         .await
     }
 
-    /// Deletes an entry; `Ok(false)` if this node's replica does not have it.
-    async fn delete_entry(&self, table: &str, key: &str) -> Result<bool> {
+    /// Deletes an entry; `Ok(None)` if this node's replica does not have it.
+    async fn delete_entry(&self, table: &str, key: &str) -> Result<Option<Written>> {
         {
             let mut node = self.node.lock().expect("not poisoned");
             if node.tables().get(table, key).is_none() {
-                return Ok(false);
+                return Ok(None);
+            }
+            if node.read_only() {
+                return Err(ReadOnly.into());
             }
             node.forget_lease(table, key);
         }
@@ -194,24 +292,24 @@ impl DirHandle {
             key: key.into(),
             op: Op::Delete,
         }])
-        .await?;
-        Ok(true)
+        .await
+        .map(Some)
     }
 
     /// Writes the entry if the replica does not hold it like this, valid.
-    async fn put_if_changed(&self, table: &str, key: &str, value: &str) -> Result<()> {
+    async fn put_if_changed(&self, table: &str, key: &str, value: &str) -> Result<Written> {
         let current = self.with_tables(|t| t.get(table, key));
         if current.as_ref().map(|e| e.value.as_str()) != Some(value)
             || current.is_some_and(|e| !e.valid)
         {
-            self.put_entry(table, key, value, true).await?;
+            return self.put_entry(table, key, value, true).await;
         }
-        Ok(())
+        Ok(Written::Committed)
     }
 
     /// Writes the lease row (every renewal a new value, so that the master sees it
     /// and restarts the countdown), and marks the entry valid if it is not.
-    async fn renew(&self, table: &str, key: &str, ttl: Duration) -> Result<()> {
+    async fn renew(&self, table: &str, key: &str, ttl: Duration) -> Result<Written> {
         let valid = self.with_tables(|t| t.get(table, key).is_some_and(|e| e.valid));
         let mut changes = vec![Change {
             table: names::LEASES.into(),
@@ -228,28 +326,34 @@ impl DirHandle {
                 op: Op::Valid { valid: true },
             });
         }
-        self.commit(changes).await.map(drop)
+        self.commit(changes).await
     }
 
-    /// A heartbeat: valid now, and expected again within `time_max`. Returns whether
-    /// the entry exists.
-    async fn heartbeat_entry(&self, table: &str, key: &str, time_max: Duration) -> Result<bool> {
+    /// A heartbeat: valid now, and expected again within `time_max`. `None` if the
+    /// entry does not exist.
+    async fn heartbeat_entry(
+        &self,
+        table: &str,
+        key: &str,
+        time_max: Duration,
+    ) -> Result<Option<Written>> {
         if self.with_tables(|t| t.get(table, key)).is_none() {
-            return Ok(false);
+            return Ok(None);
         }
-        self.renew(table, key, time_max).await?;
-        Ok(true)
+        self.renew(table, key, time_max).await.map(Some)
     }
 
     /// Registers (or renews) a backend with its lease. The lease lives in the
     /// directory: whichever node is the master counts it down, so it expires even if
     /// this node dies.
-    pub async fn register(&self, r: &Registration) -> Result<()> {
+    pub async fn register(&self, r: &Registration) -> Result<Written> {
         let table = names::service(&r.service.to_string());
         let key = r.instance();
-        self.put_if_changed(&table, &key, &r.value()).await?;
-        self.renew(&table, &key, Duration::from_millis(r.ttl_ms))
-            .await
+        let row = self.put_if_changed(&table, &key, &r.value()).await?;
+        let lease = self
+            .renew(&table, &key, Duration::from_millis(r.ttl_ms))
+            .await?;
+        Ok(worse(row, lease))
     }
 
     /// A backend's load report, valid for `ttl` unless renewed.
@@ -260,17 +364,18 @@ impl DirHandle {
         load: u64,
         capacity: u64,
         ttl: Duration,
-    ) -> Result<()> {
+    ) -> Result<Written> {
         let key = crate::watermark::load_key(&service.to_string(), backend);
         let table = crate::watermark::LOAD_TABLE;
-        self.put_if_changed(table, &key, &format!("{load};{capacity}"))
+        let row = self
+            .put_if_changed(table, &key, &format!("{load};{capacity}"))
             .await?;
-        self.renew(table, &key, ttl).await
+        Ok(worse(row, self.renew(table, &key, ttl).await?))
     }
 
     /// Asks the SPM manager for a new epoch of `service` (through the directory, so
     /// that whichever node is master folds it in).
-    pub async fn bump_epoch(&self, service: ServiceKey) -> Result<()> {
+    pub async fn bump_epoch(&self, service: ServiceKey) -> Result<Written> {
         let key = service.to_string();
         let bumps: u64 = self.with_tables(|t| {
             t.get(names::SPM_BUMPS, &key)
@@ -279,16 +384,24 @@ impl DirHandle {
         });
         self.put_entry(names::SPM_BUMPS, &key, &(bumps + 1).to_string(), true)
             .await
-            .map(drop)
+    }
+}
+
+/// Of two writes, how far the less advanced got.
+fn worse(a: Written, b: Written) -> Written {
+    if a == Written::Pending || b == Written::Pending {
+        Written::Pending
+    } else {
+        Written::Committed
     }
 }
 
 impl DirectoryStore for DirHandle {
-    async fn add(&self, table: &str, key: &str, value: &str, valid: bool) -> Result<()> {
-        self.put_entry(table, key, value, valid).await.map(drop)
+    async fn add(&self, table: &str, key: &str, value: &str, valid: bool) -> Result<Written> {
+        self.put_entry(table, key, value, valid).await
     }
 
-    async fn delete(&self, table: &str, key: &str) -> Result<bool> {
+    async fn delete(&self, table: &str, key: &str) -> Result<Option<Written>> {
         self.delete_entry(table, key).await
     }
 
@@ -300,7 +413,12 @@ impl DirectoryStore for DirHandle {
         self.with_tables(|t| t.find_server(table, prefix))
     }
 
-    async fn heartbeat(&self, table: &str, key: &str, time_max: Duration) -> Result<bool> {
+    async fn heartbeat(
+        &self,
+        table: &str,
+        key: &str,
+        time_max: Duration,
+    ) -> Result<Option<Written>> {
         self.heartbeat_entry(table, key, time_max).await
     }
 
@@ -439,8 +557,16 @@ pub fn start(
         events: cluster.as_ref().map(|(c, cfg)| (c.clone(), cfg.id)),
         wanted: Arc::new(watch::channel(0).0),
         fed: Arc::new(watch::channel(0).0),
+        acks: Arc::new(watch::channel(0).0),
+        ack_versions: Arc::new(std::sync::Mutex::new(BTreeMap::new())),
     };
     tokio::spawn(feeder(handle.clone(), neighbors));
+    tokio::spawn(register_agent(
+        handle.clone(),
+        cluster
+            .as_ref()
+            .map(|(_, c)| peer::endpoint(c.id, c.port).to_string()),
+    ));
     let h = handle.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -449,23 +575,6 @@ pub fn start(
             tick.tick().await;
             n += 1;
             h.step(Input::Expire);
-            // The management agents table: this node, with a lease (3 s, renewed
-            // every second), so every node sees which agents are alive and which leads.
-            if n.is_multiple_of(20) {
-                let name = h.daemon.now().node.clone();
-                let role = h.node.lock().expect("not poisoned").role();
-                let endpoint = cluster
-                    .as_ref()
-                    .map(|(_, c)| peer::endpoint(c.id, c.port).to_string())
-                    .unwrap_or_else(|| "-".into());
-                let value = format!("{endpoint};role={role}");
-                if let Err(e) = h.put_if_changed(names::AGENTS, &name, &value).await {
-                    warn!("registering this agent: {e:#}");
-                }
-                if let Err(e) = h.renew(names::AGENTS, &name, Duration::from_secs(3)).await {
-                    warn!("renewing this agent: {e:#}");
-                }
-            }
             // No directory role before the cluster has had time to settle: a node that
             // just started sees only itself and would lead a directory of its own.
             let settled = cluster
@@ -475,7 +584,9 @@ pub fn start(
                 continue;
             }
             if let Some((c, cfg)) = &cluster {
-                if let Some((master, backup, peers)) = roles(c, cfg, me) {
+                if !c.view().quorate {
+                    h.step(Input::NoQuorum);
+                } else if let Some((master, backup, peers)) = roles(c, cfg, me) {
                     let ids: BTreeSet<NodeId> = peers.keys().copied().collect();
                     *h.peers.lock().expect("not poisoned") = peers;
                     h.step(Input::Roles {
@@ -486,15 +597,39 @@ pub fn start(
                     h.step(Input::Tick);
                 }
                 // Advertise this node's directory role and version in its heartbeats.
-                let (master, version) = {
+                let (master, version, digest) = {
                     let node = h.node.lock().expect("not poisoned");
-                    (node.is_master(), node.version())
+                    (node.is_master(), node.version(), node.digest())
                 };
-                c.set_directory(master, version).await;
+                c.set_directory(master, version, digest).await;
             } else {
                 h.step(Input::Tick);
             }
         }
     });
     handle
+}
+
+/// The management agents table: this node, with a lease (3 s, renewed every second),
+/// so that every node sees which agents are alive and which leads. On its own task:
+/// a write waits for the master's acknowledgement, which must not hold up the
+/// directory's timers.
+async fn register_agent(h: DirHandle, endpoint: Option<String>) {
+    let endpoint = endpoint.unwrap_or_else(|| "-".into());
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if h.read_only() {
+            continue;
+        }
+        let name = h.daemon.now().node.clone();
+        let role = h.node.lock().expect("not poisoned").role();
+        let value = format!("{endpoint};role={role}");
+        if let Err(e) = h.put_if_changed(names::AGENTS, &name, &value).await {
+            warn!("registering this agent: {e:#}");
+        }
+        if let Err(e) = h.renew(names::AGENTS, &name, Duration::from_secs(3)).await {
+            warn!("renewing this agent: {e:#}");
+        }
+    }
 }

@@ -26,6 +26,19 @@ fn show<T: serde::Serialize>(out: Output, v: &T, human: impl FnOnce(&T)) {
     }
 }
 
+/// A directory write that was taken but not acknowledged in time.
+fn pending_unless(committed: bool) -> Result<(), Failure> {
+    if committed {
+        return Ok(());
+    }
+    Err(Failure::Pending(
+        "pending: the directory's master has the change but its backup has not stored it \
+         yet (a master or backup is being replaced?); this node resends it until it is \
+         stored. Check with `lbctl dir search`, or send it again"
+            .into(),
+    ))
+}
+
 fn flush() {
     let _ = std::io::stdout().flush();
 }
@@ -470,7 +483,24 @@ async fn register_loop(
     };
     let mut first = true;
     loop {
-        let r: api::Registered = client.post("/v1/dir/register", &body).await?;
+        // After the first registration, a failed or pending renewal is retried
+        // (soon: the lease runs meanwhile) rather than ending the loop.
+        let r: api::Registered = match client.post("/v1/dir/register", &body).await {
+            Ok(r) => r,
+            Err(e) if !first => {
+                eprintln!("lbctl: renewing the registration failed (retrying in 1 s): {e}");
+                tokio::time::sleep(Duration::from_secs(1).min(ttl / 3)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if !r.committed {
+            eprintln!(
+                "lbctl: registration pending (not yet stored by the directory's backup); retrying"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
         if first {
             show(out, &r, |r| {
                 println!(
@@ -523,13 +553,23 @@ async fn dir(client: &Client, out: Output, cmd: DirCmd) -> Result<(), Failure> {
                     },
                 )
                 .await?;
-            show(out, &r, |_| println!("submitted to the directory"));
+            show(out, &r, |_| {
+                if r.committed {
+                    println!("stored in the directory")
+                }
+            });
+            pending_unless(r.committed)?;
         }
         DirCmd::Delete { table, key } => {
             let r: api::DirDeleted = client
                 .post("/v1/dir/delete", &api::DirKey { table, key })
                 .await?;
-            show(out, &r, |_| println!("deleted"));
+            show(out, &r, |_| {
+                if r.committed {
+                    println!("deleted")
+                }
+            });
+            pending_unless(r.committed)?;
         }
         DirCmd::Heartbeat {
             table,
@@ -546,7 +586,12 @@ async fn dir(client: &Client, out: Output, cmd: DirCmd) -> Result<(), Failure> {
                     },
                 )
                 .await?;
-            show(out, &r, |_| println!("valid for {time_max:?}"));
+            show(out, &r, |_| {
+                if r.committed {
+                    println!("valid for {time_max:?}")
+                }
+            });
+            pending_unless(r.committed)?;
         }
         DirCmd::Subscribe { table, prefix } => {
             client

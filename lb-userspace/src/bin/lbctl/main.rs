@@ -17,6 +17,8 @@ use cli::{Cli, Cmd};
 pub enum Failure {
     Client(ClientError),
     Input(String),
+    /// The directory took the change but has not stored it where a failover keeps it.
+    Pending(String),
 }
 
 impl From<ClientError> for Failure {
@@ -84,6 +86,10 @@ fn main() -> ExitCode {
         Err(Failure::Input(m)) => {
             eprintln!("lbctl: {m}");
             ExitCode::from(2)
+        }
+        Err(Failure::Pending(m)) => {
+            eprintln!("lbctl: {m}");
+            ExitCode::from(5)
         }
         Err(Failure::Client(e)) => {
             eprintln!("lbctl: {e}");

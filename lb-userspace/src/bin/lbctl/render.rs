@@ -67,6 +67,14 @@ pub fn status(s: &api::Status) {
     );
     println!("connections {}", s.conn_table_entries);
     println!("metrics     {}", s.metrics);
+    if s.ready {
+        println!("ready       yes");
+    } else {
+        println!("ready       NO: takes no VIP until its start-up sync is done");
+        for w in &s.waiting_for {
+            println!("  waiting   {w}");
+        }
+    }
     if !s.rejected.is_empty() {
         let r: Vec<String> = s.rejected.iter().map(|(k, n)| format!("{k} {n}")).collect();
         println!("refused     {}", r.join(", "));
