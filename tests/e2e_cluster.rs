@@ -282,6 +282,8 @@ fn forged_and_replayed_control_messages_change_nothing_and_are_counted() {
             addresses: vec![],
             dir_master: false,
             dir_version: 0,
+            dir_digest: 0,
+            ready: true,
             digests: Default::default(),
             unable: Default::default(),
         },
@@ -1043,7 +1045,8 @@ fn maintenance_set_on_one_node_is_refused_at_once_by_every_node_and_outlives_res
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // It serves the VIP when lb1 dies, and refuses as the others did.
+    // Once synced, it serves the VIP when lb1 dies, and refuses as the others did.
+    c.wait_ready("lb3", Duration::from_secs(5));
     c.lbds.get("lb1").unwrap().signal(Signal::SIGKILL).unwrap();
     c.lab.host("lb1").ns.ip("link set eth0 down").unwrap();
     c.lbds.remove("lb1");

@@ -352,7 +352,16 @@ impl Sampler {
 /// serving it; returns who holds what, or says what is wrong after `within`.
 pub fn one_holder_each(c: &Cluster, within: Duration) -> Result<BTreeMap<IpAddr, String>, String> {
     let deadline = Instant::now() + within;
+    let mut ready_since: Option<Instant> = None;
     loop {
+        // Every running node has finished its start-up sync and the leader has had a
+        // few rounds to act on it (hand a preferred node its VIP back).
+        if c.all_ready() {
+            ready_since.get_or_insert_with(Instant::now);
+        } else {
+            ready_since = None;
+        }
+        let settled = ready_since.is_some_and(|t| t.elapsed() > Duration::from_millis(600));
         // A node whose lbd is down may keep its addresses (its program forwards, its
         // ARP answers are guarded): only running nodes count.
         let mut h = holders_all(c);
@@ -363,7 +372,7 @@ pub fn one_holder_each(c: &Cluster, within: Duration) -> Result<BTreeMap<IpAddr,
         let ok = h.iter().all(|(vip, on)| {
             on.len() == 1 && owners.get(&vip.to_string()).is_some_and(|o| o == on)
         });
-        if ok {
+        if ok && settled {
             return Ok(h.into_iter().map(|(v, mut on)| (v, on.remove(0))).collect());
         }
         if Instant::now() > deadline {

@@ -409,6 +409,31 @@ impl Cluster {
         owners
     }
 
+    /// Waits until `lb` reports itself ready (start-up sync done).
+    pub fn wait_ready(&self, lb: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.is_ready(lb) {
+            assert!(
+                Instant::now() < deadline,
+                "{lb} not ready within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_ready(&self, lb: &str) -> bool {
+        self.view(lb)["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["me"] == true && h["info"]["ready"] == true)
+    }
+
+    /// Every running node reports itself ready (start-up sync done).
+    pub fn all_ready(&self) -> bool {
+        self.lbds.keys().all(|lb| self.is_ready(lb))
+    }
+
     /// The leader every running node follows, if they agree and each hears all of
     /// the running nodes.
     pub fn agreed_leader(&self) -> Option<String> {
@@ -428,9 +453,22 @@ impl Cluster {
     /// owner; returns the owners.
     pub fn settle(&self, within: Duration) -> BTreeMap<String, Vec<String>> {
         let deadline = Instant::now() + within;
+        let mut ready_since: Option<Instant> = None;
         loop {
+            // Every node has finished its start-up sync, and the leader has had a few
+            // rounds to act on it (a preferred node that was not ready yet gets its
+            // VIP handed back).
+            if self.all_ready() {
+                ready_since.get_or_insert_with(Instant::now);
+            } else {
+                ready_since = None;
+            }
             let o = self.owners();
-            if o.len() == 2 && o.values().all(|v| v.len() == 1) && self.agreed_leader().is_some() {
+            if ready_since.is_some_and(|t| t.elapsed() > Duration::from_millis(600))
+                && o.len() == 2
+                && o.values().all(|v| v.len() == 1)
+                && self.agreed_leader().is_some()
+            {
                 return o;
             }
             assert!(
