@@ -380,3 +380,87 @@ fn a_node_that_cannot_sync_at_start_takes_no_vip_and_serves_no_service_in_mainte
         assert!(!served(&c), "lb1 served a service in maintenance");
     }
 }
+
+/// Each running node's table digest for `vip`, by node.
+fn vip_digests(c: &Cluster, vip: &str) -> Vec<(String, Option<u64>)> {
+    c.lbds
+        .keys()
+        .map(|lb| {
+            let view = c.view(lb);
+            let me = view["hosts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|h| h["me"] == true)
+                .cloned()
+                .unwrap_or_default();
+            (lb.to_string(), me["info"]["digests"][vip].as_u64())
+        })
+        .collect()
+}
+
+/// The backends of `svc` on `lb`: (address, weight, drain).
+fn backends(c: &Cluster, lb: &str, svc: &str) -> Vec<(String, u64, bool)> {
+    let out = c.lbctl(lb, &["-o", "json", "backend", "list", svc]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    list.as_array()
+        .map(|l| {
+            l.iter()
+                .map(|b| {
+                    (
+                        b["address"].as_str().unwrap_or_default().to_string(),
+                        b["weight"].as_u64().unwrap_or_default(),
+                        b["drain"].as_bool().unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_drain_or_weight_set_through_any_node_is_applied_by_every_node() {
+    let c = Cluster::new("dsdops");
+    c.settle(Duration::from_secs(10));
+    let svc = format!("tcp/{}:{}", standard::VIP, standard::SERVICE_PORT);
+    let vip = standard::VIP.to_string();
+    let before = vip_digests(&c, &vip);
+    assert!(
+        before.windows(2).all(|w| w[0].1 == w[1].1),
+        "tables differ already: {before:?}"
+    );
+    let first = backends(&c, "lb3", &svc);
+    let target = first.first().expect("a backend").0.clone();
+    // Through lb3, which neither masters the directory nor serves the VIP.
+    let out = c.lbctl("lb3", &["backend", "drain", &svc, &target]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = c.lbctl("lb2", &["backend", "weight", &svc, &first[1].0, "7"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let lists: Vec<Vec<(String, u64, bool)>> = ["lb1", "lb2", "lb3"]
+            .iter()
+            .map(|lb| backends(&c, lb, &svc))
+            .collect();
+        let digests = vip_digests(&c, &vip);
+        let drained = lists
+            .iter()
+            .all(|l| l.iter().any(|b| b.0 == target && b.2) && l.iter().any(|b| b.1 == 7));
+        if drained && digests.windows(2).all(|w| w[0].1 == w[1].1) && digests != before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the operator's change is not on every node: {lists:?}, digests {digests:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

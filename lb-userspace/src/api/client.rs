@@ -84,7 +84,9 @@ impl Client {
             .await
             .map_err(|e| self.protocol(e))?
             .to_bytes();
-        if !status.is_success() {
+        // 202 with an error body: taken but not done (a cluster change still pending).
+        let pending = status.as_u16() == 202 && serde_json::from_slice::<ErrorBody>(&bytes).is_ok();
+        if !status.is_success() || pending {
             let message = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)));

@@ -36,6 +36,15 @@ pub fn shapes_dataplane(table: &str) -> bool {
         || table == names::HOST_ROUTES
         || table == names::SPM
         || table == VERDICT_TABLE
+        || table == names::DESIRED
+}
+
+/// The cluster's desired services, if an operator has set them through the API of
+/// any node (until then each node runs its own configuration). `Err`: the row does
+/// not parse (written by a newer lbd?); the node keeps what it has.
+pub fn desired(tables: &Tables) -> Option<Result<crate::desired::Desired, String>> {
+    let row = tables.get(names::DESIRED, names::DESIRED_KEY)?;
+    Some(serde_json::from_str(&row.value).map_err(|e| e.to_string()))
 }
 
 pub fn feed(tables: &Tables, services: &[ServiceKey]) -> Feed {

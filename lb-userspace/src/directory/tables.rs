@@ -26,6 +26,10 @@ pub mod names {
     pub const SPM: &str = "spm";
     /// Operator epoch bumps per service: a count the SPM manager folds in.
     pub const SPM_BUMPS: &str = "spm_bumps";
+    /// The cluster's desired services (what operators set through any node's API),
+    /// one row keyed [`DESIRED_KEY`]: JSON of `desired::Desired`. Every node applies it.
+    pub const DESIRED: &str = "desired";
+    pub const DESIRED_KEY: &str = "services";
     pub fn service(service: &str) -> String {
         format!("svc.{service}")
     }

@@ -145,6 +145,9 @@ pub(super) async fn apply(
         prefetch(&s, addrs).await;
     }
     let dry_run = req.dry_run;
+    if s.cluster.is_some() && !dry_run {
+        return through_cluster(&s, req.desired).await;
+    }
     let changes = s
         .daemon
         .call(move |d| d.apply(req.desired, dry_run))
@@ -175,6 +178,17 @@ pub(super) async fn change(
     state: &AppState,
     edit: impl FnOnce(&mut Desired) -> Result<(), ApiError> + Send + 'static,
 ) -> ApiResult<Applied> {
+    if state.cluster.is_some() {
+        let new = state
+            .daemon
+            .call(move |d| {
+                let mut new = d.desired().clone();
+                edit(&mut new)?;
+                Ok::<_, ApiError>(new)
+            })
+            .await?;
+        return through_cluster(state, new).await;
+    }
     let changes = state
         .daemon
         .call(move |d| {
@@ -187,6 +201,49 @@ pub(super) async fn change(
         changes,
         dry_run: false,
     }))
+}
+
+/// In a cluster, services and backends are the cluster's: a change made through any
+/// node is checked here (refused whole, nothing written, as on a single node), then
+/// written to the directory, which every node applies (this one before the answer).
+/// Node-local settings (interfaces, addresses, MACs learned, health verdicts) stay
+/// in each node's configuration.
+async fn through_cluster(state: &AppState, new: Desired) -> ApiResult<Applied> {
+    let check = new.clone();
+    let changes = state
+        .daemon
+        .call(move |d| d.apply(check, true))
+        .await
+        .map_err(|e| bad(format!("{e:#}")))?;
+    if changes.is_empty() {
+        return Ok(Json(Applied {
+            changes,
+            dry_run: false,
+        }));
+    }
+    match state.directory.set_desired(&new).await {
+        Ok(crate::directory::store::Written::Committed) => Ok(Json(Applied {
+            changes,
+            dry_run: false,
+        })),
+        Ok(crate::directory::store::Written::Pending) => Err(ApiError(
+            axum::http::StatusCode::ACCEPTED,
+            "pending: the change is with the directory's master but not yet stored by its \
+             backup; it is resent from this node until stored (`lbctl service list` on any \
+             node shows when it is applied)"
+                .into(),
+        )),
+        Err(e)
+            if e.downcast_ref::<crate::directory::store::ReadOnly>()
+                .is_some() =>
+        {
+            Err(ApiError(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                format!("{e:#}"),
+            ))
+        }
+        Err(e) => Err(internal(e)),
+    }
 }
 
 pub(super) fn service_mut(d: &mut Desired, key: ServiceKey) -> Result<&mut ServiceSpec, ApiError> {

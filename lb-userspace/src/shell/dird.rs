@@ -231,6 +231,13 @@ impl DirHandle {
         f(self.node.lock().expect("not poisoned").tables())
     }
 
+    /// Writes the cluster's desired services (see `names::DESIRED`).
+    pub async fn set_desired(&self, desired: &crate::desired::Desired) -> Result<Written> {
+        let value = serde_json::to_string(desired).expect("serializes");
+        self.put_entry(names::DESIRED, names::DESIRED_KEY, &value, true)
+            .await
+    }
+
     pub fn daemon(&self) -> &DaemonHandle {
         &self.daemon
     }
@@ -480,6 +487,17 @@ async fn feeder(h: DirHandle, neighbors: Arc<NeighborTable>) {
         }
         fed_once = true;
         let round = *wanted.borrow_and_update();
+        // The cluster's desired services first: the feed below is for them.
+        match h.with_tables(crate::directory::feed::desired) {
+            Some(Ok(d)) if d != h.daemon.now().desired => {
+                match h.daemon.call(move |daemon| daemon.apply(d, false)).await {
+                    Ok(changes) => info!(changes = changes.len(), "applied the cluster's desired services"),
+                    Err(e) => warn!("applying the cluster's desired services (this node keeps what it has): {e:#}"),
+                }
+            }
+            Some(Err(e)) => warn!("the cluster's desired services do not parse: {e}"),
+            _ => {}
+        }
         let services: Vec<ServiceKey> = h.daemon.now().desired.services.keys().copied().collect();
         let f = h.with_tables(|t| feed(t, &services));
         let now = Instant::now();
