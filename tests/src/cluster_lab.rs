@@ -426,7 +426,7 @@ impl Cluster {
             .as_array()
             .unwrap()
             .iter()
-            .any(|h| h["me"] == true && h["info"]["ready"] == true)
+            .any(|h| h["me"] == true && h["info"]["ready"] != false)
     }
 
     /// Every running node reports itself ready (start-up sync done).
