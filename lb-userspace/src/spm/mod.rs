@@ -363,19 +363,31 @@ pub fn project(
     } else {
         None
     };
+    // A field moves to the header only where it equals the header's: an entry whose
+    // sphere has another epoch (another service of the provider, in type 3) keeps
+    // its own, which overrides the header's, so no client is handed a wrong epoch.
+    let entries = entries
+        .into_iter()
+        .map(|e| Entry {
+            spec: if by_service && e.spec == spec {
+                None
+            } else {
+                e.spec.clone()
+            },
+            sphere: if by_sphere && e.sphere == sphere {
+                None
+            } else {
+                e.sphere.clone()
+            },
+            ..e.clone()
+        })
+        .collect();
     Ok(Spm {
         version: map.version,
         map_type,
         spec,
         sphere,
-        entries: entries
-            .into_iter()
-            .map(|e| Entry {
-                spec: if by_service { None } else { e.spec.clone() },
-                sphere: if by_sphere { None } else { e.sphere.clone() },
-                ..e.clone()
-            })
-            .collect(),
+        entries,
     })
 }
 

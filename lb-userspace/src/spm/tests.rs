@@ -256,6 +256,32 @@ fn map_types_move_exactly_the_shared_fields_to_the_header() {
 }
 
 #[test]
+fn a_sphere_map_keeps_each_services_own_epoch() {
+    let mut db = service("db", Rule::Plain);
+    db.epoch = 9;
+    let map = generate(&[service("web", Rule::Plain), db], &Client::default(), 0, 3);
+    let t3 = project(&map, 3, None, Some("east")).unwrap();
+    let header = t3.sphere.as_ref().unwrap();
+    assert_eq!(header.provider_id, "east");
+    // Every entry's epoch, as a client reads it (its own sphere, else the header's),
+    // is its service's.
+    for e in &t3.entries {
+        let epoch = e.sphere.as_ref().unwrap_or(header).epoch;
+        let want = if e.spec.as_ref().unwrap().service_id == "db" {
+            9
+        } else {
+            7
+        };
+        assert_eq!(epoch, want, "{e:?}");
+    }
+    assert_eq!(
+        t3.entries.iter().filter(|e| e.sphere.is_some()).count(),
+        1,
+        "only the entry that differs from the header keeps its sphere"
+    );
+}
+
+#[test]
 fn validity_windows_are_honoured() {
     let mut s = service("web", Rule::Plain);
     s.valid_from = Some(100);
