@@ -467,3 +467,62 @@ fn a_drain_or_weight_set_through_any_node_is_applied_by_every_node() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_reachable_instance_added_right_after_unresolvable_ones_is_in_every_data_plane_at_once() {
+    let c = Cluster::new("dsdstuck");
+    c.settle(Duration::from_secs(10));
+    let svc = format!("tcp/{}:{}", standard::VIP, standard::SERVICE_PORT);
+    let table = format!("svc.{svc}");
+    let b1 = standard::BACKENDS[0].0;
+    c.lab
+        .host(b1)
+        .ns
+        .ip("addr add 198.18.0.51/24 dev eth0")
+        .expect("second address on b1");
+    // Three instances on addresses nobody has and one that answers, added at once
+    // (as four backends registering together would).
+    let added = Instant::now();
+    let adds: Vec<std::process::Child> =
+        ["198.18.0.61", "198.18.0.62", "198.18.0.63", "198.18.0.51"]
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| {
+                c.lbctl_spawn(
+                    "lb2",
+                    &[
+                        "dir",
+                        "add",
+                        &table,
+                        &format!("i{i}"),
+                        &format!("{addr}:8080"),
+                    ],
+                )
+            })
+            .collect();
+    for mut a in adds {
+        assert!(a.wait().unwrap().success());
+    }
+    for lb in ["lb1", "lb2", "lb3"] {
+        loop {
+            let out = c.lbctl(lb, &["-o", "json", "backend", "list", &svc]);
+            let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let resolved = list.as_array().is_some_and(|l| {
+                l.iter()
+                    .any(|b| b["address"] == "198.18.0.51" && b["mac"].is_string())
+            });
+            if resolved {
+                break;
+            }
+            assert!(
+                added.elapsed() < Duration::from_millis(1300),
+                "{lb}: the reachable instance is not in the data plane: {list}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    eprintln!(
+        "a reachable instance after three unresolvable ones: in every node's data plane after {:?}",
+        added.elapsed()
+    );
+}

@@ -470,7 +470,7 @@ impl DirectoryStore for DirHandle {
 
 /// Hands the replica's contents to the daemon whenever they change: the feeder runs
 /// on its own, so that a message from another node is never held up by resolving a
-/// new next hop's MAC (up to 1.5 s). A next hop that did not answer is not asked
+/// new next hop's MAC (up to 200 ms). A next hop that did not answer is not asked
 /// again for 5 s (the daemon's neighbour refresh keeps trying).
 async fn feeder(h: DirHandle, neighbors: Arc<NeighborTable>) {
     let mut tried: BTreeMap<IpAddr, Instant> = BTreeMap::new();
@@ -512,9 +512,12 @@ async fn feeder(h: DirHandle, neighbors: Arc<NeighborTable>) {
         for addr in &unknown {
             tried.insert(*addr, now);
         }
-        // All at once and bounded: one unresolvable backend must not hold up others.
+        // All at once, and briefly: an answer comes within a millisecond or two on a
+        // link, and an unresolvable next hop must not hold up the others (nor the
+        // operator's change, which waits for this feed). Late answers come in with
+        // the neighbour refresh (every 250 ms while a backend is unresolved).
         let found = neighbors
-            .resolve_all(&unknown, Duration::from_millis(1500))
+            .resolve_all(&unknown, Duration::from_millis(200))
             .await;
         match h.daemon.call(move |d| d.set_feed(f, found)).await {
             Ok(touched) if !touched.is_empty() => {
