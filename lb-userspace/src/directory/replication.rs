@@ -440,6 +440,10 @@ pub struct Agent {
     next_req: u64,
     /// Snapshots that found this replica at the master's version with other rows.
     pub diverged: u64,
+    /// The version this replica had reached under the previous master: a new
+    /// master's snapshot at or below it that still changes rows replaced changes
+    /// this replica held and the new master lacks (the other side of a split).
+    before_change: Option<Version>,
 }
 
 impl Agent {
@@ -453,6 +457,7 @@ impl Agent {
             unacked: BTreeMap::new(),
             next_req: 1,
             diverged: 0,
+            before_change: None,
         }
     }
 
@@ -526,9 +531,12 @@ impl Agent {
                 }
                 // Report the difference as changes, so consumers stay incremental.
                 let diff = diff_tables(&self.tables, &fresh);
-                if version == self.applied && !diff.is_empty() {
+                let not_behind = version == self.applied
+                    || self.before_change.is_some_and(|b| version <= b);
+                if not_behind && !diff.is_empty() {
                     self.diverged += 1;
                 }
+                self.before_change = None;
                 applied.extend(diff);
                 self.tables = fresh;
                 self.applied = version;
@@ -588,6 +596,9 @@ impl Agent {
         // start from its own replica, or be the other side of a partition): ask for
         // a snapshot (after 0), which replaces the replica, so that no row the new
         // master lacks survives here.
+        if self.applied > 0 {
+            self.before_change = Some(self.applied);
+        }
         self.applied = 0;
         self.ahead.clear();
         self.tick()

@@ -176,7 +176,9 @@ pub fn stats(s: &api::Stats) {
 }
 
 pub fn cluster(c: &ClusterView) {
-    let mut rows = header(&["NODE", "ROLE", "OK", "QUIESCED", "AGE", "PREFERS", "SERVES"]);
+    let mut rows = header(&[
+        "NODE", "ROLE", "OK", "QUIESCED", "AGE", "DIRECTORY", "PREFERS", "SERVES",
+    ]);
     let list = |v: Vec<String>| {
         if v.is_empty() {
             "-".to_string()
@@ -194,7 +196,12 @@ pub fn cluster(c: &ClusterView) {
         rows.push(vec![
             h.info.id.to_string(),
             role.into(),
-            if h.info.ok { "yes" } else { "NO" }.into(),
+            match (h.info.ok, h.info.ready) {
+                (true, true) => "yes",
+                (false, _) => "NO",
+                (true, false) => "syncing",
+            }
+            .into(),
             match (h.info.quiesce, h.info.leaving) {
                 (_, true) => "leaving",
                 (true, false) => "yes",
@@ -202,6 +209,13 @@ pub fn cluster(c: &ClusterView) {
             }
             .into(),
             format!("{} ms", h.age_ms),
+            // Equal versions with different digests would be replicas that diverged.
+            format!(
+                "{}v{} #{:04x}",
+                if h.info.dir_master { "master " } else { "" },
+                h.info.dir_version,
+                h.info.dir_digest & 0xffff
+            ),
             list(h.info.preferred.iter().map(|a| a.to_string()).collect()),
             list(
                 h.info
