@@ -515,7 +515,7 @@ fn a_reachable_instance_added_right_after_unresolvable_ones_is_in_every_data_pla
                 break;
             }
             assert!(
-                added.elapsed() < Duration::from_millis(1300),
+                added.elapsed() < Duration::from_millis(1400),
                 "{lb}: the reachable instance is not in the data plane: {list}"
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -525,4 +525,79 @@ fn a_reachable_instance_added_right_after_unresolvable_ones_is_in_every_data_pla
         "a reachable instance after three unresolvable ones: in every node's data plane after {:?}",
         added.elapsed()
     );
+}
+
+#[test]
+fn a_drain_through_a_node_that_is_not_the_master_moves_a_stateful_epoch_on_every_node() {
+    let services = format!(
+        r#"
+[[service]]
+vip = "{vip}"
+port = {port}
+protocol = "tcp"
+
+[[service.backend]]
+address = "198.18.0.11"
+
+[[service.backend]]
+address = "198.18.0.12"
+
+[service.spm]
+id = "web"
+epoch_policy = "stateful"
+
+[[service]]
+vip = "{vip2}"
+port = {port}
+protocol = "tcp"
+
+[[service.backend]]
+address = "198.18.0.12"
+"#,
+        vip = standard::VIP,
+        vip2 = standard::VIP2,
+        port = standard::SERVICE_PORT,
+    );
+    let c = Cluster::with_services("dsdepoch", &services);
+    c.settle(Duration::from_secs(10));
+    let master = dir_master(&c, Duration::from_secs(5));
+    let via = ["lb3", "lb2"].into_iter().find(|lb| *lb != master).unwrap();
+    let svc = format!("tcp/{}:{}", standard::VIP, standard::SERVICE_PORT);
+    let entries = |lb: &str| -> Option<(u64, Vec<String>)> {
+        let out = c.lbctl(lb, &["-o", "json", "spm", "show", "--service", &svc]);
+        let m: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let e = m["entries"].as_array()?;
+        Some((
+            e.first()?["sphere"]["epoch"].as_u64()?,
+            e.iter()
+                .map(|e| {
+                    e["host"]["inet_address"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .collect(),
+        ))
+    };
+    let before = entries(master).expect("a map");
+    let out = c.lbctl(via, &["backend", "drain", &svc, "198.18.0.12"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let maps: Vec<Option<(u64, Vec<String>)>> =
+            ["lb1", "lb2", "lb3"].iter().map(|lb| entries(lb)).collect();
+        let want = Some((before.0 + 1, vec!["198.18.0.11".to_string()]));
+        if maps.iter().all(|m| *m == want) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "drained through {via} (master {master}): maps {maps:?}, want {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -349,8 +349,19 @@ impl Sampler {
 }
 
 /// Waits until every VIP is on exactly one node's interface and that node reports
-/// serving it; returns who holds what, or says what is wrong after `within`.
+/// serving it, every running node having finished its start-up sync 600 ms before
+/// (time for the leader to hand a preferred node its VIP back); returns who holds
+/// what, or says what is wrong after `within`.
 pub fn one_holder_each(c: &Cluster, within: Duration) -> Result<BTreeMap<IpAddr, String>, String> {
+    holders_settled(c, within, Duration::from_millis(600))
+}
+
+/// As [`one_holder_each`], with the given wait after every node is ready.
+pub fn holders_settled(
+    c: &Cluster,
+    within: Duration,
+    after_ready: Duration,
+) -> Result<BTreeMap<IpAddr, String>, String> {
     let deadline = Instant::now() + within;
     let mut ready_since: Option<Instant> = None;
     loop {
@@ -361,7 +372,7 @@ pub fn one_holder_each(c: &Cluster, within: Duration) -> Result<BTreeMap<IpAddr,
         } else {
             ready_since = None;
         }
-        let settled = ready_since.is_some_and(|t| t.elapsed() > Duration::from_millis(600));
+        let settled = ready_since.is_some_and(|t| t.elapsed() >= after_ready);
         // A node whose lbd is down may keep its addresses (its program forwards, its
         // ARP answers are guarded): only running nodes count.
         let mut h = holders_all(c);
@@ -468,7 +479,7 @@ pub mod scenarios {
         let vip: IpAddr = vip.into();
         let deadline = Instant::now() + within;
         loop {
-            if let Ok(h) = one_holder_each(c, Duration::from_millis(100)) {
+            if let Ok(h) = holders_settled(c, Duration::from_millis(100), Duration::ZERO) {
                 if h[&vip] == lb {
                     return;
                 }

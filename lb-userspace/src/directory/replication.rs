@@ -531,8 +531,8 @@ impl Agent {
                 }
                 // Report the difference as changes, so consumers stay incremental.
                 let diff = diff_tables(&self.tables, &fresh);
-                let not_behind = version == self.applied
-                    || self.before_change.is_some_and(|b| version <= b);
+                let not_behind =
+                    version == self.applied || self.before_change.is_some_and(|b| version <= b);
                 if not_behind && !diff.is_empty() {
                     self.diverged += 1;
                 }

@@ -470,7 +470,7 @@ impl DirectoryStore for DirHandle {
 
 /// Hands the replica's contents to the daemon whenever they change: the feeder runs
 /// on its own, so that a message from another node is never held up by resolving a
-/// new next hop's MAC (up to 200 ms). A next hop that did not answer is not asked
+/// new next hop's MAC (up to 100 ms). A next hop that did not answer is not asked
 /// again for 5 s (the daemon's neighbour refresh keeps trying).
 async fn feeder(h: DirHandle, neighbors: Arc<NeighborTable>) {
     let mut tried: BTreeMap<IpAddr, Instant> = BTreeMap::new();
@@ -517,7 +517,7 @@ async fn feeder(h: DirHandle, neighbors: Arc<NeighborTable>) {
         // operator's change, which waits for this feed). Late answers come in with
         // the neighbour refresh (every 250 ms while a backend is unresolved).
         let found = neighbors
-            .resolve_all(&unknown, Duration::from_millis(200))
+            .resolve_all(&unknown, Duration::from_millis(100))
             .await;
         match h.daemon.call(move |d| d.set_feed(f, found)).await {
             Ok(touched) if !touched.is_empty() => {

@@ -177,7 +177,14 @@ pub fn stats(s: &api::Stats) {
 
 pub fn cluster(c: &ClusterView) {
     let mut rows = header(&[
-        "NODE", "ROLE", "OK", "QUIESCED", "AGE", "DIRECTORY", "PREFERS", "SERVES",
+        "NODE",
+        "ROLE",
+        "OK",
+        "QUIESCED",
+        "AGE",
+        "DIRECTORY",
+        "PREFERS",
+        "SERVES",
     ]);
     let list = |v: Vec<String>| {
         if v.is_empty() {
