@@ -176,8 +176,12 @@ fn wait_ready(lb: &str, timeout: Duration) -> Result<()> {
 /// Waits until each VIP is online on exactly one node; returns who serves what.
 fn wait_assigned(timeout: Duration) -> Result<BTreeMap<String, String>> {
     let deadline = Instant::now() + timeout;
+    // Every node ready (its start-up sync done) for a moment first, so that a
+    // preferred node has had its VIP handed back.
+    let mut ready_since: Option<Instant> = None;
     loop {
         let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut all_ready = true;
         for (lb, _) in standard::LBS {
             let out = lbctl(lb, &["-o", "json", "cluster"]).output()?;
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
@@ -189,6 +193,7 @@ fn wait_assigned(timeout: Duration) -> Result<BTreeMap<String, String>> {
                 .flatten()
                 .filter(|h| h["me"] == true)
             {
+                all_ready &= h["info"]["ready"] != false;
                 for (vip, state) in h["info"]["serving"].as_object().into_iter().flatten() {
                     if state == "online" {
                         owners.entry(vip.clone()).or_default().push(lb.to_string());
@@ -196,7 +201,13 @@ fn wait_assigned(timeout: Duration) -> Result<BTreeMap<String, String>> {
                 }
             }
         }
-        if owners.len() == 2 && owners.values().all(|o| o.len() == 1) {
+        if all_ready {
+            ready_since.get_or_insert_with(Instant::now);
+        } else {
+            ready_since = None;
+        }
+        let settled = ready_since.is_some_and(|t| t.elapsed() > Duration::from_millis(600));
+        if settled && owners.len() == 2 && owners.values().all(|o| o.len() == 1) {
             return Ok(owners
                 .into_iter()
                 .map(|(k, mut v)| (k, v.remove(0)))
