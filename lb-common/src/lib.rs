@@ -318,9 +318,6 @@ pub struct GlobalStats {
     pub lru_miss: u64,
     /// An entry whose backend was removed or recycled: re-steered as a new flow.
     pub lru_stale: u64,
-    /// No entry on this CPU, but another CPU had one (the flow changed CPU): kept on
-    /// its backend and copied here. Counted in addition to `lru_hit`.
-    pub lru_other_cpu: u64,
     /// A connection from an older epoch of its service kept on its backend (per packet).
     pub epoch_keep: u64,
     /// A connection from an older epoch steered anew (per packet that was re-steered).
@@ -367,7 +364,7 @@ macro_rules! global_stats_fields {
             }
 
             /// The value of each field, in the order of [`Self::FIELDS`].
-            pub fn values(&self) -> [u64; 26] {
+            pub fn values(&self) -> [u64; 25] {
                 [$(self.$field),*]
             }
         }
@@ -391,7 +388,6 @@ global_stats_fields!(
     lru_hit,
     lru_miss,
     lru_stale,
-    lru_other_cpu,
     epoch_keep,
     epoch_resteer,
     drop_unavailable,
@@ -451,7 +447,7 @@ assert_layout!(Route, 20, 4);
 assert_layout!(FlowKey, 40, 2);
 assert_layout!(ConnEntry, 12, 4);
 assert_layout!(Counter, 16, 8);
-assert_layout!(GlobalStats, 26 * 8, 8);
+assert_layout!(GlobalStats, 25 * 8, 8);
 assert_layout!(Control, 8, 8);
 assert_layout!(RefuseBucket, 16, 8);
 assert_layout!(SphereKey, 20, 4);

@@ -1,12 +1,10 @@
 //! Which service, which backend: the connection table first, the Maglev table second.
 
-use core::ffi::c_void;
-
-use aya_ebpf::{helpers::bpf_map_lookup_percpu_elem, maps::lpm_trie::Key, programs::XdpContext};
+use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
 use aya_log_ebpf::error;
 use lb_common::{
     hash::flow_hash, AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, SphereKey, VipKey, VipMeta,
-    BACKEND_F_ACTIVE, FAMILY_V4, MAX_CPUS, RING_EMPTY, VIP_F_EPOCH_RESTEER, VIP_F_SRC_PARTITION,
+    BACKEND_F_ACTIVE, FAMILY_V4, RING_EMPTY, VIP_F_EPOCH_RESTEER, VIP_F_SRC_PARTITION,
     VIP_F_TOPOLOGY,
 };
 
@@ -50,30 +48,6 @@ fn live_backend(id: u32, gen: u32) -> Option<Backend> {
     (b.flags & BACKEND_F_ACTIVE != 0 && b.gen == gen).then_some(*b)
 }
 
-/// The entry another CPU holds for `flow`. Without RSS (veth, generic XDP) or when a
-/// flow is moved between queues, its packets arrive on several CPUs; each CPU's own
-/// slot starts empty, and without this the flow would be re-steered by the current
-/// table, which breaks it if the backend set changed since it began.
-#[inline(always)]
-fn other_cpu_entry(flow: &FlowKey) -> Option<ConnEntry> {
-    let map = core::ptr::addr_of!(CONNS) as *mut c_void;
-    let key = flow as *const FlowKey as *const c_void;
-    for cpu in 0..MAX_CPUS {
-        // SAFETY: `map` is the per-CPU LRU map (its static is the map definition),
-        // `key` points to a whole FlowKey; the helper returns NULL past the last CPU.
-        let p = unsafe { bpf_map_lookup_percpu_elem(map, key, cpu) } as *const ConnEntry;
-        if p.is_null() {
-            break;
-        }
-        // SAFETY: non-null: a value of the map's value type.
-        let e = unsafe { *p };
-        if e.backend_gen != 0 {
-            return Some(e);
-        }
-    }
-    None
-}
-
 /// The table a new flow is steered by: its sphere's, when the service partitions by
 /// topology and the client's subnet has one; the whole service's otherwise.
 #[inline(always)]
@@ -96,37 +70,21 @@ fn table(flow: &FlowKey, vip: &VipMeta) -> (u32, u32) {
 
 #[inline(always)]
 pub fn backend(ctx: &XdpContext, flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), Exit> {
-    // SAFETY: this CPU's value of a per-CPU map; copied out at once.
-    if let Some(mut conn) = unsafe { CONNS.get(flow) }.copied() {
-        // A zero generation: the key exists, but this CPU has not seen the flow.
-        let mut adopted = false;
-        if conn.backend_gen == 0 {
-            if let Some(other) = other_cpu_entry(flow) {
-                conn = other;
-                adopted = true;
+    // SAFETY: a hash map value, copied out at once (an update swaps it whole).
+    if let Some(conn) = unsafe { CONNS.get(flow) }.copied() {
+        let resteer = conn.epoch != vip.epoch && vip.flags & VIP_F_EPOCH_RESTEER != 0;
+        if resteer {
+            // The service moved on to a new epoch and wants its old connections
+            // steered like new ones.
+            stats::count_epoch_resteer();
+        } else if let Some(b) = live_backend(conn.backend_id, conn.backend_gen) {
+            if conn.epoch != vip.epoch {
+                stats::count_epoch_keep();
             }
-        }
-        if conn.backend_gen != 0 {
-            let resteer = conn.epoch != vip.epoch && vip.flags & VIP_F_EPOCH_RESTEER != 0;
-            if resteer {
-                // The service moved on to a new epoch and wants its old connections
-                // steered like new ones.
-                stats::count_epoch_resteer();
-            } else if let Some(b) = live_backend(conn.backend_id, conn.backend_gen) {
-                if conn.epoch != vip.epoch {
-                    stats::count_epoch_keep();
-                }
-                if adopted {
-                    stats::count_lru_other_cpu();
-                    let _ = CONNS.insert(flow, &conn, 0);
-                }
-                stats::count_lru_hit();
-                return Ok((conn.backend_id, b));
-            } else {
-                stats::count_lru_stale();
-            }
+            stats::count_lru_hit();
+            return Ok((conn.backend_id, b));
         } else {
-            stats::count_lru_miss();
+            stats::count_lru_stale();
         }
     } else {
         stats::count_lru_miss();

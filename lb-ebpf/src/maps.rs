@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     AddrKey, AddrMeta, Backend, ConnEntry, Control, Counter, FlowKey, GlobalStats, RefuseBucket,
@@ -31,9 +31,13 @@ pub static ROUTES: Array<Route> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 pub static TX_PORTS: DevMap = DevMap::with_max_entries(MAX_TX_PORTS, 0);
 
+/// The connection table: one entry per flow, shared by every CPU (a flow that moves
+/// between queues keeps its backend), the value beside its key. The common LRU list
+/// (flags 0): each CPU takes free nodes from its own local list, refilled in batches
+/// from the shared one, which costs far less per insert than per-CPU lists
+/// (`BPF_F_NO_COMMON_LRU`), and nothing is zeroed per possible CPU.
 #[map]
-// BPF_F_NO_COMMON_LRU (2): each CPU evicts from its own LRU list, no shared lock.
-pub static CONNS: LruPerCpuHashMap<FlowKey, ConnEntry> = LruPerCpuHashMap::with_max_entries(1, 2);
+pub static CONNS: LruHashMap<FlowKey, ConnEntry> = LruHashMap::with_max_entries(1, 0);
 
 /// Client subnet → sphere sub-table, for services with `VIP_F_TOPOLOGY`.
 #[map]

@@ -97,11 +97,6 @@ pub fn count_lru_stale() {
 }
 
 #[inline(always)]
-pub fn count_lru_other_cpu() {
-    bump(|g| &mut g.lru_other_cpu)
-}
-
-#[inline(always)]
 pub fn count_epoch_keep() {
     bump(|g| &mut g.epoch_keep)
 }

@@ -6,7 +6,7 @@ use std::{
 };
 
 use aya::{
-    maps::MapInfo,
+    maps::{MapInfo, MapType},
     programs::{
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
@@ -141,7 +141,11 @@ fn check_pinned_layouts(dir: &Path) -> Result<()> {
         }
         let info =
             MapInfo::from_pin(&path).map_err(|source| DataplaneError::Map { name, source })?;
-        if info.key_size() as usize != key || info.value_size() as usize != value {
+        // The connection table's kind changed too (per-CPU values before): same
+        // sizes, another map.
+        let kind_differs =
+            name == map_names::CONNS && !matches!(info.map_type(), Ok(MapType::LruHash));
+        if kind_differs || info.key_size() as usize != key || info.value_size() as usize != value {
             return Err(DataplaneError::Options(format!(
                 "the pinned map {} was made by another build (key {} / value {} bytes, this build uses {key} / {value}); \
                  detach the old data plane first (lbctl shutdown --detach, or remove {})",

@@ -25,7 +25,7 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, DevMap, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        Array, DevMap, HashMap, MapData, PerCpuArray, PerCpuValues,
     },
     Ebpf,
 };
@@ -83,7 +83,7 @@ pub struct MapManager {
     backends: Array<MapData, Backend>,
     routes: Array<MapData, Route>,
     tx_ports: DevMap<MapData>,
-    conns: PerCpuHashMap<MapData, FlowKey, ConnEntry>,
+    conns: HashMap<MapData, FlowKey, ConnEntry>,
     vip_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
     global_stats: PerCpuArray<MapData, GlobalStats>,
