@@ -34,6 +34,24 @@ fn word(b: &[u8; 16], i: usize) -> u32 {
     u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
+/// Words of the VIP address filter (`VIP_FILTER`): 64 × 64 bits.
+pub const VIP_FILTER_WORDS: u32 = 64;
+
+/// Where an address's bit lies in the VIP address filter: (word, bit). The program
+/// tests it before the `VIP_ADDRS` lookup, so that traffic to other addresses (most
+/// of what a node sees) costs one multiply and an array read instead of a hash-table
+/// lookup; a set bit only means "look it up".
+#[inline(always)]
+pub fn vip_filter_bit(addr: &[u8; 16], family: u8) -> (u32, u32) {
+    let w = if family == crate::FAMILY_V4 {
+        word(addr, 0)
+    } else {
+        word(addr, 0) ^ word(addr, 4) ^ word(addr, 8) ^ word(addr, 12)
+    };
+    let h = w.wrapping_mul(0x9e37_79b1) >> 20;
+    (h >> 6, h & 63)
+}
+
 /// Hash of a flow's 5-tuple, independent of the CPU and of the table size.
 #[inline(always)]
 pub fn flow_hash(k: &FlowKey) -> u32 {

@@ -50,7 +50,8 @@ pub mod map_names {
     pub const SPHERES: &str = "SPHERES";
     pub const REFUSALS: &str = "REFUSALS";
     pub const CONTROL: &str = "CONTROL";
-    pub const ALL: [&str; 13] = [
+    pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub const ALL: [&str; 14] = [
         VIP_ADDRS,
         VIPS,
         MAGLEV_RING,
@@ -64,6 +65,7 @@ pub mod map_names {
         SPHERES,
         REFUSALS,
         CONTROL,
+        VIP_FILTER,
     ];
 }
 

@@ -3,18 +3,23 @@
 use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
 use aya_log_ebpf::error;
 use lb_common::{
-    hash::flow_hash, AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, SphereKey, VipKey, VipMeta,
-    BACKEND_F_ACTIVE, FAMILY_V4, RING_EMPTY, VIP_F_EPOCH_RESTEER, VIP_F_SRC_PARTITION,
-    VIP_F_TOPOLOGY,
+    hash::{flow_hash, vip_filter_bit},
+    AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, SphereKey, VipKey, VipMeta, BACKEND_F_ACTIVE,
+    FAMILY_V4, RING_EMPTY, VIP_F_EPOCH_RESTEER, VIP_F_SRC_PARTITION, VIP_F_TOPOLOGY,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNS, MAGLEV_RING, SPHERES, VIPS, VIP_ADDRS},
+    maps::{BACKENDS, CONNS, MAGLEV_RING, SPHERES, VIPS, VIP_ADDRS, VIP_FILTER},
     stats::{self, Exit},
 };
 
 #[inline(always)]
 pub fn vip_addr(flow: &FlowKey) -> Result<AddrMeta, Exit> {
+    let (word, bit) = vip_filter_bit(&flow.dst, flow.family);
+    match VIP_FILTER.get(word) {
+        Some(w) if *w & (1u64 << bit) != 0 => {}
+        _ => return Err(Exit::NotVip),
+    }
     let key = AddrKey {
         addr: flow.dst,
         family: flow.family,

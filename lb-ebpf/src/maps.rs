@@ -14,6 +14,12 @@ use lb_common::{
 #[map]
 pub static VIP_ADDRS: HashMap<AddrKey, AddrMeta> = HashMap::with_max_entries(MAX_VIP_ADDRS, 0);
 
+/// A bit per hash of every `VIP_ADDRS` address (`lb_common::hash::vip_filter_bit`): a
+/// clear bit means "not ours" without the hash lookup. Written by lbd after
+/// `VIP_ADDRS` (set after an add, cleared after a remove).
+#[map]
+pub static VIP_FILTER: Array<u64> = Array::with_max_entries(lb_common::hash::VIP_FILTER_WORDS, 0);
+
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
 

@@ -1397,3 +1397,48 @@ fn a_stale_daemon_stamp_silences_neighbour_requests_for_served_vips_only() {
         .unwrap();
     assert_untouched(&lb, &requests[0].0, XDP_PASS, "pass_not_ip");
 }
+
+#[test]
+fn the_vip_filter_passes_other_addresses_and_never_hides_a_vip() {
+    use lb_common::{hash::vip_filter_bit, FAMILY_V4};
+    let mut lb = load_lb();
+    let key = service(VIP4, 80, Proto::Tcp);
+    lb.add(key, &backends4(2));
+    let to = |dst: &str| Frame::tcp(CLIENT4, dst, 40000, 80).build();
+    assert_eq!(lb.run(&to(VIP4)).0, XDP_TX);
+    // An address whose filter bit is the VIP's: the filter lets it through to the
+    // table, which says it is not ours.
+    let vip_bytes = |a: std::net::Ipv4Addr| {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&a.octets());
+        b
+    };
+    let vip: std::net::Ipv4Addr = VIP4.parse().unwrap();
+    let twin = (1u32..)
+        .map(|i| std::net::Ipv4Addr::from(u32::from(vip) ^ (i << 8)))
+        .find(|a| {
+            vip_filter_bit(&vip_bytes(*a), FAMILY_V4) == vip_filter_bit(&vip_bytes(vip), FAMILY_V4)
+        })
+        .unwrap();
+    let before = lb.stats().pass_not_vip;
+    assert_eq!(
+        lb.run(&to(&twin.to_string())).0,
+        XDP_PASS,
+        "{twin} shares the VIP's bit"
+    );
+    assert_eq!(lb.run(&to("198.18.0.200")).0, XDP_PASS);
+    assert_eq!(
+        lb.stats().pass_not_vip,
+        before + 2,
+        "both counted as not ours"
+    );
+    // The service goes: its address is foreign again (its bit cleared), and a new
+    // one is ours at once.
+    lb.remove(key);
+    assert_eq!(lb.run(&to(VIP4)).0, XDP_PASS);
+    let other = service("198.18.0.101", 80, Proto::Tcp);
+    lb.add(other, &backends4(2));
+    assert_eq!(lb.run(&to("198.18.0.101")).0, XDP_TX);
+    assert_eq!(lb.run(&to(VIP4)).0, XDP_PASS);
+    lb.dp.unpin_maps().unwrap();
+}

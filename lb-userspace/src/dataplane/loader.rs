@@ -97,7 +97,7 @@ pub enum Attached {
 /// A pinned map made with other sizes would be reused as it is, silently ignoring the
 /// new options: refuse instead.
 /// Key and value sizes of every map, as this build's types have them.
-fn layouts() -> [(&'static str, usize, usize); 13] {
+fn layouts() -> [(&'static str, usize, usize); 14] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -107,6 +107,7 @@ fn layouts() -> [(&'static str, usize, usize); 13] {
             size_of::<AddrMeta>(),
         ),
         (map_names::VIPS, size_of::<VipKey>(), size_of::<VipMeta>()),
+        (map_names::VIP_FILTER, 4, 8),
         (map_names::MAGLEV_RING, 4, 4),
         (map_names::BACKENDS, 4, size_of::<Backend>()),
         (map_names::ROUTES, 4, size_of::<Route>()),

@@ -78,6 +78,7 @@ struct Undo {
 
 pub struct MapManager {
     vip_addrs: HashMap<MapData, AddrKey, AddrMeta>,
+    vip_filter: Array<MapData, u64>,
     vips: HashMap<MapData, VipKey, VipMeta>,
     ring: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
@@ -164,8 +165,9 @@ impl MapManager {
     pub(crate) fn new(ebpf: &mut Ebpf, max_services: u32, ring_stride: u32) -> Result<Self> {
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| DataplaneError::Options(format!("reading {what}: {e}")))?;
-        Ok(Self {
+        let mut m = Self {
             vip_addrs: take(ebpf, map_names::VIP_ADDRS)?,
+            vip_filter: take(ebpf, map_names::VIP_FILTER)?,
             vips: take(ebpf, map_names::VIPS)?,
             ring: take(ebpf, map_names::MAGLEV_RING)?,
             backends: take(ebpf, map_names::BACKENDS)?,
@@ -192,7 +194,42 @@ impl MapManager {
             tx_port_slots: BTreeMap::new(),
             served: None,
             crash_after: None,
-        })
+        };
+        // Pinned `VIP_ADDRS` from a build without the filter, or a filter left behind
+        // by a crash between the two writes: make it say what the table holds.
+        m.sync_vip_filter()?;
+        Ok(m)
+    }
+
+    /// Sets the filter bit of an address just added to `VIP_ADDRS`.
+    pub(super) fn set_vip_filter_bit(&mut self, key: &AddrKey) -> Result<()> {
+        let (word, bit) = lb_common::hash::vip_filter_bit(&key.addr, key.family);
+        let w = self.vip_filter.get(&word, 0).unwrap_or(0);
+        if w & (1 << bit) == 0 {
+            self.vip_filter
+                .set(word, w | (1 << bit), 0)
+                .map_ctx(map_names::VIP_FILTER)?;
+        }
+        Ok(())
+    }
+
+    /// Sets exactly the filter bits of the addresses in `VIP_ADDRS` (after a removal,
+    /// and at start).
+    pub(super) fn sync_vip_filter(&mut self) -> Result<()> {
+        let mut want = [0u64; lb_common::hash::VIP_FILTER_WORDS as usize];
+        for key in self.vip_addrs.keys().filter_map(|k| k.ok()) {
+            let (word, bit) = lb_common::hash::vip_filter_bit(&key.addr, key.family);
+            want[word as usize] |= 1 << bit;
+        }
+        for (i, w) in want.iter().enumerate() {
+            let i = i as u32;
+            if self.vip_filter.get(&i, 0).ok() != Some(*w) {
+                self.vip_filter
+                    .set(i, *w, 0)
+                    .map_ctx(map_names::VIP_FILTER)?;
+            }
+        }
+        Ok(())
     }
 
     /// Test hook: the `n`+1-th map write from now on fails, and so does every one

@@ -341,14 +341,18 @@ impl MapManager {
                 return Ok(());
             }
             self.writing()?;
-            return match self.vip_addrs.remove(&key) {
-                Ok(()) => Ok(()),
-                Err(e) if is_missing(&e) => Ok(()),
-                Err(e) => Err(DataplaneError::Map {
-                    name: map_names::VIP_ADDRS,
-                    source: e,
-                }),
-            };
+            match self.vip_addrs.remove(&key) {
+                Ok(()) => {}
+                Err(e) if is_missing(&e) => {}
+                Err(e) => {
+                    return Err(DataplaneError::Map {
+                        name: map_names::VIP_ADDRS,
+                        source: e,
+                    })
+                }
+            }
+            // After the table: until then the filter still lets its packets look.
+            return self.sync_vip_filter();
         }
         let pass = on_addr.iter().any(|f| f & VIP_F_PASS_IRREGULAR != 0);
         let meta = AddrMeta {
@@ -360,6 +364,7 @@ impl MapManager {
         self.writing()?;
         self.vip_addrs
             .insert(key, meta, 0)
-            .map_ctx(map_names::VIP_ADDRS)
+            .map_ctx(map_names::VIP_ADDRS)?;
+        self.set_vip_filter_bit(&key)
     }
 }
