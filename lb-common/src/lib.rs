@@ -77,6 +77,8 @@ pub mod program_names {
     pub const PASS: &str = "lb_pass";
     /// Swaps MACs and returns `XDP_TX`: the benchmark's baseline.
     pub const SWAP_MACS: &str = "lb_swap_macs";
+    /// Returns `XDP_DROP`: the cost of running any program at all.
+    pub const DROP: &str = "lb_drop";
 }
 
 /// Key of `VIP_ADDRS`: every address that has at least one VIP. The XDP program looks

@@ -3,17 +3,19 @@
 //!
 //! `repeat = 1` per call with a fresh frame each time, as Katran's perf tester does:
 //! with `repeat > 1` the kernel reruns the program on its own output, and a new flow
-//! would become an established one from the second repetition. The figure is the
-//! kernel's own mean run time over the calls (it excludes the syscall), pinned to one
-//! CPU because the connection table is per CPU.
+//! would become an established one from the second repetition. The figures are the
+//! kernel's own run time per call (it excludes the syscall): mean and median.
+//!
+//! Honest conditions: the connection table has 1,048,576 entries per possible CPU
+//! (one shared table), is filled and emptied once before anything is timed (a used
+//! table hands out memory in another order than a fresh one), and every line runs
+//! in chunks interleaved with chunks of the baseline, each line's ratio taken against
+//! the baseline chunks around it, over several rounds.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::{
-    net::Ipv4Addr,
-    time::{Duration, Instant},
-};
+use std::{net::Ipv4Addr, time::Instant};
 
 use anyhow::{ensure, Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
@@ -24,37 +26,58 @@ use lb_userspace::{
 use support::{backend_mac, Frame, ETH_LEN, LB_MAC};
 
 const VIP: &str = "198.18.0.100";
-const MIN_TIME: Duration = Duration::from_secs(1);
-const MIN_CALLS: u64 = 200_000;
 const BACKENDS: u8 = 16;
+const ROUNDS: usize = 4;
+const CHUNK: u64 = 100_000;
+/// Established flows cycled through for the cold line.
+const COLD_FLOWS: u64 = 1 << 20;
 
+const XDP_DROP: u32 = 1;
 const XDP_TX: u32 = 3;
 const XDP_PASS: u32 = 2;
+/// The TCP flags byte of a built IPv4 frame.
+const TCP_FLAGS: usize = ETH_LEN + 20 + 13;
 
+/// Per-call kernel times of a line, over all its chunks, and the baseline's means of
+/// the chunks run beside it.
+#[derive(Default)]
 struct Line {
-    name: &'static str,
-    calls: u64,
-    kernel_ns: f64,
-    wall_ns: f64,
+    samples: Vec<u32>,
+    baseline_means: Vec<f64>,
 }
 
-/// Runs `program` on frames from `next_frame` until `MIN_TIME` and `MIN_CALLS` are both
-/// reached; every call must return `verdict`.
-fn measure(
+impl Line {
+    fn mean(&self) -> f64 {
+        self.samples.iter().map(|s| *s as f64).sum::<f64>() / self.samples.len().max(1) as f64
+    }
+    fn median(&mut self) -> f64 {
+        self.samples.sort_unstable();
+        self.samples
+            .get(self.samples.len() / 2)
+            .copied()
+            .unwrap_or(0) as f64
+    }
+    fn baseline(&self) -> f64 {
+        self.baseline_means.iter().sum::<f64>() / self.baseline_means.len().max(1) as f64
+    }
+}
+
+/// Runs `n` calls of `program` on frames from `next`; every call must return
+/// `verdict`. Returns the per-call kernel times in ns.
+fn chunk(
     dp: &Programs,
-    name: &'static str,
+    name: &str,
     program: Program,
     verdict: u32,
-    mut next_frame: impl FnMut(u64, &mut Vec<u8>),
-) -> Result<Line> {
+    n: u64,
+    next: &mut dyn FnMut(&mut Vec<u8>),
+) -> Result<Vec<u32>> {
     let prog = dp.program(program);
     let mut frame = Vec::new();
     let mut out = vec![0u8; 2048];
-    let mut kernel = Duration::ZERO;
-    let mut calls = 0u64;
-    let start = Instant::now();
-    while calls < MIN_CALLS || start.elapsed() < MIN_TIME {
-        next_frame(calls, &mut frame);
+    let mut samples = Vec::with_capacity(n as usize);
+    for call in 0..n {
+        next(&mut frame);
         let r = prog
             .test_run(TestRunOptions {
                 data_in: Some(&frame),
@@ -64,22 +87,15 @@ fn measure(
             .with_context(|| format!("{name}: BPF_PROG_TEST_RUN"))?;
         ensure!(
             r.return_value == verdict,
-            "{name}: verdict {} instead of {verdict} on call {calls}",
+            "{name}: verdict {} instead of {verdict} on call {call}",
             r.return_value
         );
-        kernel += r.duration;
-        calls += 1;
+        samples.push(r.duration.as_nanos().min(u32::MAX as u128) as u32);
     }
-    let wall = start.elapsed();
-    Ok(Line {
-        name,
-        calls,
-        kernel_ns: kernel.as_nanos() as f64 / calls as f64,
-        wall_ns: wall.as_nanos() as f64 / calls as f64,
-    })
+    Ok(samples)
 }
 
-/// Writes a distinct source (address, port) for flow `n` into a built IPv4/TCP frame.
+/// Writes a distinct source (address, port) for flow `n` into a built IPv4 frame.
 /// Checksums are left stale: the program does not read them.
 fn set_flow(frame: &mut [u8], n: u64) {
     let src = Ipv4Addr::new(
@@ -92,18 +108,108 @@ fn set_flow(frame: &mut [u8], n: u64) {
     frame[ETH_LEN + 20..ETH_LEN + 22].copy_from_slice(&(n as u16).to_be_bytes());
 }
 
+/// A source of frames for one line: a template and how call `n` changes it.
+struct Gen {
+    template: Vec<u8>,
+    n: u64,
+    step: fn(&mut [u8], u64),
+}
+
+impl Gen {
+    fn new(template: Vec<u8>, step: fn(&mut [u8], u64)) -> Gen {
+        Gen {
+            template,
+            n: 0,
+            step,
+        }
+    }
+    fn next(&mut self, f: &mut Vec<u8>) {
+        if f.is_empty() {
+            *f = self.template.clone();
+        }
+        (self.step)(f, self.n);
+        self.n += 1;
+    }
+}
+
+struct Spec {
+    name: &'static str,
+    program: Program,
+    verdict: u32,
+    gen: Gen,
+    line: Line,
+}
+
+impl Spec {
+    fn new(name: &'static str, program: Program, verdict: u32, gen: Gen) -> Spec {
+        Spec {
+            name,
+            program,
+            verdict,
+            gen,
+            line: Line::default(),
+        }
+    }
+}
+
+/// Rounds of (baseline chunk, line chunk) for every line, interleaved.
+fn run_rounds(dp: &Programs, baseline: &mut Gen, specs: &mut [&mut Spec]) -> Result<()> {
+    for _ in 0..ROUNDS {
+        for spec in specs.iter_mut() {
+            let base = chunk(
+                dp,
+                "baseline",
+                Program::SwapMacs,
+                XDP_TX,
+                CHUNK / 2,
+                &mut |f| baseline.next(f),
+            )?;
+            let mean = base.iter().map(|s| *s as f64).sum::<f64>() / base.len() as f64;
+            spec.line.baseline_means.push(mean);
+            let gen = &mut spec.gen;
+            let samples = chunk(dp, spec.name, spec.program, spec.verdict, CHUNK, &mut |f| {
+                gen.next(f)
+            })?;
+            spec.line.samples.extend(samples);
+        }
+    }
+    Ok(())
+}
+
+/// Runs `n` new flows (sources from `first`) through the balancer: fills the table.
+fn fill(dp: &Programs, template: &[u8], first: u64, n: u64) -> Result<()> {
+    let mut i = first;
+    chunk(dp, "fill", Program::Balancer, XDP_TX, n, &mut |f| {
+        if f.is_empty() {
+            *f = template.to_vec();
+        }
+        set_flow(f, i);
+        i += 1;
+    })
+    .map(drop)
+}
+
 fn main() -> Result<()> {
     let mut cpu0 = nix::sched::CpuSet::new();
     cpu0.set(0)?;
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu0)
         .context("pinning the benchmark to CPU 0")?;
-
-    let (dp, mut maps) = Programs::load(&LoadOptions::default())
+    let cpus = aya::util::nr_cpus().map_err(|(w, e)| anyhow::anyhow!("{w}: {e}"))? as u32;
+    let capacity = (1u32 << 20) * cpus;
+    let options = LoadOptions {
+        conn_table_size: capacity,
+        ..LoadOptions::default()
+    };
+    let (dp, mut maps) = Programs::load(&options)
         .context("loading the XDP program (the benchmark must run as root)")?;
     let key = ServiceKey {
         addr: VIP.parse()?,
         port: 80,
         proto: Proto::Tcp,
+    };
+    let udp_key = ServiceKey {
+        proto: Proto::Udp,
+        ..key
     };
     let backends: Vec<_> = (1..=BACKENDS)
         .map(|i| {
@@ -120,96 +226,158 @@ fn main() -> Result<()> {
         .collect();
     let mut plan = ServicePlan::with_backends(ServiceConfig::default(), backends);
     maps.write_service(key, &plan)?;
+    maps.write_service(udp_key, &plan)?;
 
-    let to_vip = Frame::tcp("198.19.0.1", VIP, 40000, 80).build();
+    let syn = Frame::tcp("198.19.0.1", VIP, 40000, 80).build();
+    let mut ack = syn.clone();
+    ack[TCP_FLAGS] = 0x10;
+    let udp = Frame::udp("198.19.0.1", VIP, 40000, 80).build();
     let to_other = Frame::tcp("198.19.0.1", "198.18.0.200", 40000, 80).build();
 
-    let baseline = measure(
-        &dp,
-        "baseline: swap MACs, XDP_TX",
-        Program::SwapMacs,
-        XDP_TX,
-        |_, f| {
-            if f.is_empty() {
-                *f = to_vip.clone();
-            }
-        },
-    )?;
-    let new_flow = measure(
-        &dp,
-        "new flow (LRU miss + Maglev)",
+    // A used table: filled to capacity by the program, then emptied.
+    let started = Instant::now();
+    fill(&dp, &syn, 1 << 40, capacity as u64)?;
+    let emptied = maps.clear_connections()?;
+    eprintln!(
+        "table filled with {capacity} flows and emptied ({emptied}) in {:?}",
+        started.elapsed()
+    );
+
+    fn same(_: &mut [u8], _: u64) {}
+    fn new_flow(f: &mut [u8], n: u64) {
+        set_flow(f, n)
+    }
+    fn new_udp(f: &mut [u8], n: u64) {
+        set_flow(f, (1 << 36) + n)
+    }
+    fn cold(f: &mut [u8], n: u64) {
+        set_flow(f, (1 << 38) + n % COLD_FLOWS)
+    }
+    fn refused(f: &mut [u8], n: u64) {
+        let src = 0xc613_0000u32.wrapping_add(n as u32);
+        f[ETH_LEN + 12..ETH_LEN + 16].copy_from_slice(&src.to_be_bytes());
+    }
+    let mut baseline = Gen::new(syn.clone(), same);
+    let mut drop = Spec::new(
+        "XDP_DROP one-liner",
+        Program::Drop,
+        XDP_DROP,
+        Gen::new(syn.clone(), same),
+    );
+    let mut established = Spec::new(
+        "established TCP ACK",
         Program::Balancer,
         XDP_TX,
-        |n, f| {
-            if f.is_empty() {
-                *f = to_vip.clone();
-            }
-            set_flow(f, n);
-        },
-    )?;
-    let established = measure(
-        &dp,
-        "established flow (LRU hit)",
-        Program::Balancer,
-        XDP_TX,
-        |_, f| {
-            if f.is_empty() {
-                *f = to_vip.clone();
-            }
-        },
-    )?;
-    let non_vip = measure(
-        &dp,
-        "non-VIP packet (XDP_PASS)",
+        Gen::new(ack.clone(), same),
+    );
+    let mut non_vip = Spec::new(
+        "non-VIP (XDP_PASS)",
         Program::Balancer,
         XDP_PASS,
-        |_, f| {
-            if f.is_empty() {
-                *f = to_other.clone();
-            }
-        },
+        Gen::new(to_other.clone(), same),
+    );
+    let mut tcp_new = Spec::new(
+        "new SYN, table not full",
+        Program::Balancer,
+        XDP_TX,
+        Gen::new(syn.clone(), new_flow),
+    );
+    let mut udp_new = Spec::new(
+        "UDP new, table not full",
+        Program::Balancer,
+        XDP_TX,
+        Gen::new(udp.clone(), new_udp),
+    );
+    // The one established flow first, so that its line is a hit from the first call.
+    chunk(&dp, "warm", Program::Balancer, XDP_TX, 1, &mut |f| {
+        *f = ack.clone()
+    })?;
+    run_rounds(
+        &dp,
+        &mut baseline,
+        &mut [
+            &mut drop,
+            &mut established,
+            &mut non_vip,
+            &mut tcp_new,
+            &mut udp_new,
+        ],
     )?;
+
+    // A full table: every insert evicts. The cold flows go in last, so that they are
+    // the most recent of a full table.
+    let present = ROUNDS as u64 * CHUNK * 2 + 1;
+    fill(
+        &dp,
+        &syn,
+        1 << 41,
+        (capacity as u64).saturating_sub(present + COLD_FLOWS),
+    )?;
+    fill(&dp, &syn, 1 << 38, COLD_FLOWS)?;
+    let mut full_new = Spec::new(
+        "new SYN, table full",
+        Program::Balancer,
+        XDP_TX,
+        Gen::new(syn.clone(), |f, n| set_flow(f, (1 << 42) + n)),
+    );
+    let mut cold_est = Spec::new(
+        "established, 1M flows, cold",
+        Program::Balancer,
+        XDP_TX,
+        Gen::new(ack.clone(), cold),
+    );
+    run_rounds(&dp, &mut baseline, &mut [&mut cold_est, &mut full_new])?;
+
     // Maintenance: every SYN is answered with a RST by the program itself. A new
     // client address per call keeps the per-source refusal budget out of the way.
     plan.config.unavailable = true;
     maps.write_service(key, &plan)?;
-    let refusal = measure(
-        &dp,
-        "refusal (SYN -> RST, maintenance)",
+    let mut refusal = Spec::new(
+        "refusal (SYN -> RST)",
         Program::Balancer,
         XDP_TX,
-        |n, f| {
-            if f.is_empty() {
-                *f = to_vip.clone();
-            }
-            let src = 0xc613_0000u32.wrapping_add(n as u32);
-            f[26..30].copy_from_slice(&src.to_be_bytes());
-        },
-    )?;
+        Gen::new(syn.clone(), refused),
+    );
+    run_rounds(&dp, &mut baseline, &mut [&mut refusal])?;
 
     let stats = maps.global_stats()?;
     println!(
-        "data plane, {} backends, Maglev table {}, connection table of {} entries; pinned to CPU 0",
-        BACKENDS,
+        "data plane, {BACKENDS} backends, Maglev table {}, connection table of {capacity} entries \
+         ({cpus} possible CPUs x 1,048,576; filled and emptied before timing); pinned to CPU 0; \
+         {ROUNDS} rounds of {CHUNK} calls per line, each beside a baseline chunk",
         ServiceConfig::default().maglev_size,
-        LoadOptions::default().conn_table_size
     );
     println!(
-        "{:<32} {:>10} {:>12} {:>10} {:>14}",
-        "line", "calls", "ns/packet", "ratio", "wall ns/call"
+        "{:<30} {:>9} {:>10} {:>10} {:>12} {:>8} {:>9}",
+        "line", "calls", "mean ns", "median ns", "baseline ns", "ratio", "med. ratio"
     );
-    for line in [&baseline, &new_flow, &established, &non_vip, &refusal] {
+    for spec in [
+        &mut drop,
+        &mut established,
+        &mut cold_est,
+        &mut non_vip,
+        &mut tcp_new,
+        &mut full_new,
+        &mut udp_new,
+        &mut refusal,
+    ] {
+        let base = spec.line.baseline();
+        let mean = spec.line.mean();
+        let median = spec.line.median();
         println!(
-            "{:<32} {:>10} {:>12.1} {:>10.2} {:>14.1}",
-            line.name,
-            line.calls,
-            line.kernel_ns,
-            line.kernel_ns / baseline.kernel_ns,
-            line.wall_ns
+            "{:<30} {:>9} {:>10.1} {:>10.1} {:>12.1} {:>8.2} {:>9.2}",
+            spec.name,
+            spec.line.samples.len(),
+            mean,
+            median,
+            base,
+            mean / base,
+            median / base
         );
     }
     println!(
-        "(ratio = ns/packet over the baseline's; LRU hits {}, misses {})",
+        "(ratio = the line's mean over the mean of the baseline chunks beside it; med. ratio = \
+         its median over the same; LRU hits {}, misses {})",
         stats.lru_hit, stats.lru_miss
     );
     Ok(())

@@ -35,16 +35,24 @@ pub enum Program {
     Pass,
     /// Swaps MACs and transmits: the benchmark's baseline.
     SwapMacs,
+    /// Drops everything: the least any XDP program costs (shown beside the baseline).
+    Drop,
 }
 
 impl Program {
-    pub const ALL: [Program; 3] = [Program::Balancer, Program::Pass, Program::SwapMacs];
+    pub const ALL: [Program; 4] = [
+        Program::Balancer,
+        Program::Pass,
+        Program::SwapMacs,
+        Program::Drop,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Program::Balancer => program_names::BALANCER,
             Program::Pass => program_names::PASS,
             Program::SwapMacs => program_names::SWAP_MACS,
+            Program::Drop => program_names::DROP,
         }
     }
 }

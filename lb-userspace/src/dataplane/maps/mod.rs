@@ -234,6 +234,17 @@ impl MapManager {
 
     /// Test hook: the `n`+1-th map write from now on fails, and so does every one
     /// after it, with nothing undone: what a process killed at that point leaves.
+    /// Benchmark hook: empties the connection table (a used table, as a node that
+    /// has run for a while has it, is filled and emptied once before timing).
+    #[doc(hidden)]
+    pub fn clear_connections(&mut self) -> Result<usize> {
+        let keys: Vec<FlowKey> = self.conns.keys().filter_map(|k| k.ok()).collect();
+        for k in &keys {
+            let _ = self.conns.remove(k);
+        }
+        Ok(keys.len())
+    }
+
     #[doc(hidden)]
     pub fn crash_after_writes(&mut self, n: u64) {
         self.crash_after = Some(n);
