@@ -246,6 +246,12 @@ pub struct Route {
     pub src_mac: [u8; 6],
 }
 
+// The data plane copies both MACs as one 12-byte run, in the Ethernet header's order.
+const _: () = assert!(
+    core::mem::offset_of!(Route, src_mac) == core::mem::offset_of!(Route, dst_mac) + 6
+        && core::mem::offset_of!(Route, dst_mac) % 4 == 0
+);
+
 /// No route (yet): the backend's MAC is not known. Its frames are dropped and counted
 /// (`drop_no_route`), so that it keeps its cells and the table stays what it is.
 pub const ROUTE_MODE_NONE: u32 = 0;

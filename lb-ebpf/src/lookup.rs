@@ -4,8 +4,9 @@ use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
 use aya_log_ebpf::error;
 use lb_common::{
     hash::{flow_hash, vip_filter_bit},
-    AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, SphereKey, VipKey, VipMeta, BACKEND_F_ACTIVE,
-    FAMILY_V4, RING_EMPTY, VIP_F_EPOCH_RESTEER, VIP_F_SRC_PARTITION, VIP_F_TOPOLOGY,
+    AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, GlobalStats, SphereKey, VipKey, VipMeta,
+    BACKEND_F_ACTIVE, FAMILY_V4, RING_EMPTY, VIP_F_EPOCH_RESTEER, VIP_F_SRC_PARTITION,
+    VIP_F_TOPOLOGY,
 };
 
 use crate::{
@@ -74,25 +75,30 @@ fn table(flow: &FlowKey, vip: &VipMeta) -> (u32, u32) {
 }
 
 #[inline(always)]
-pub fn backend(ctx: &XdpContext, flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), Exit> {
+pub fn backend(
+    ctx: &XdpContext,
+    flow: &FlowKey,
+    vip: &VipMeta,
+    g: &mut GlobalStats,
+) -> Result<(u32, Backend), Exit> {
     // SAFETY: a hash map value, copied out at once (an update swaps it whole).
     if let Some(conn) = unsafe { CONNS.get(flow) }.copied() {
         let resteer = conn.epoch != vip.epoch && vip.flags & VIP_F_EPOCH_RESTEER != 0;
         if resteer {
             // The service moved on to a new epoch and wants its old connections
             // steered like new ones.
-            stats::count_epoch_resteer();
+            stats::count_epoch_resteer(g);
         } else if let Some(b) = live_backend(conn.backend_id, conn.backend_gen) {
             if conn.epoch != vip.epoch {
-                stats::count_epoch_keep();
+                stats::count_epoch_keep(g);
             }
-            stats::count_lru_hit();
+            stats::count_lru_hit(g);
             return Ok((conn.backend_id, b));
         } else {
-            stats::count_lru_stale();
+            stats::count_lru_stale(g);
         }
     } else {
-        stats::count_lru_miss();
+        stats::count_lru_miss(g);
     }
 
     let (offset, size) = table(flow, vip);

@@ -19,7 +19,7 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use lb_common::{FlowKey, FAMILY_V6, VIP_F_UNAVAILABLE};
+use lb_common::{FlowKey, GlobalStats, FAMILY_V6, VIP_F_UNAVAILABLE};
 use network_types::eth::EthHdr;
 use stats::Exit;
 
@@ -27,17 +27,21 @@ const IPPROTO_ICMPV6: u8 = 58;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    match balance(&ctx) {
+    // Index 0 of a one-entry array: always there.
+    let Some(g) = stats::global() else {
+        return XDP_PASS;
+    };
+    match balance(&ctx, g) {
         Ok(action) => action,
         Err(exit) => {
-            stats::count_exit(exit);
+            stats::count_exit(g, exit);
             exit.action()
         }
     }
 }
 
 #[inline(always)]
-fn balance(ctx: &XdpContext) -> Result<u32, Exit> {
+fn balance(ctx: &XdpContext, g: &mut GlobalStats) -> Result<u32, Exit> {
     let mut flow = FlowKey::default();
     let l3 = match parse::l3(ctx, &mut flow) {
         Err(Exit::NotIp) => return Err(guard::arp(ctx)),
@@ -55,10 +59,10 @@ fn balance(ctx: &XdpContext) -> Result<u32, Exit> {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     stats::count_vip(vip.vip_id, frame_len);
     if vip.flags & VIP_F_UNAVAILABLE != 0 {
-        return refuse::refuse(ctx, &flow);
+        return refuse::refuse(ctx, &flow, g);
     }
-    let (backend_id, backend) = lookup::backend(ctx, &flow, &vip)?;
-    let action = forward::l2(ctx, &backend)?;
+    let (backend_id, backend) = lookup::backend(ctx, &flow, &vip, g)?;
+    let action = forward::l2(ctx, &backend, g)?;
     stats::count_backend(backend_id, frame_len);
     Ok(action)
 }

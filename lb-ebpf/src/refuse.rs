@@ -12,7 +12,9 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{FlowKey, RefuseBucket, FAMILY_V4, PROTO_TCP, PROTO_UDP, REFUSALS_PER_SECOND};
+use lb_common::{
+    FlowKey, GlobalStats, RefuseBucket, FAMILY_V4, PROTO_TCP, PROTO_UDP, REFUSALS_PER_SECOND,
+};
 
 use crate::{
     maps::REFUSALS,
@@ -33,7 +35,7 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 #[inline(always)]
-pub fn refuse(ctx: &XdpContext, flow: &FlowKey) -> Result<u32, Exit> {
+pub fn refuse(ctx: &XdpContext, flow: &FlowKey, g: &mut GlobalStats) -> Result<u32, Exit> {
     let v4 = flow.family == FAMILY_V4;
     answerable(ctx, flow)?;
     match flow.proto {
@@ -53,7 +55,7 @@ pub fn refuse(ctx: &XdpContext, flow: &FlowKey) -> Result<u32, Exit> {
             } else {
                 rst_v6(ctx)?
             }
-            stats::count_refuse_rst();
+            stats::count_refuse_rst(g);
             Ok(XDP_TX)
         }
         PROTO_UDP => {
@@ -63,7 +65,7 @@ pub fn refuse(ctx: &XdpContext, flow: &FlowKey) -> Result<u32, Exit> {
             } else {
                 icmp_v6(ctx)?
             }
-            stats::count_refuse_icmp();
+            stats::count_refuse_icmp(g);
             Ok(XDP_TX)
         }
         _ => Err(Exit::Unavailable),

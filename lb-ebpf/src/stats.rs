@@ -51,17 +51,19 @@ impl Exit {
     }
 }
 
+/// This CPU's counters, looked up once per packet and passed down (a per-CPU array
+/// lookup per counter would cost one each).
 #[inline(always)]
-fn bump(field: impl FnOnce(&mut GlobalStats) -> &mut u64) {
-    if let Some(g) = GLOBAL_STATS.get_ptr_mut(0) {
-        // SAFETY: this CPU's own slot; XDP does not preempt itself on a CPU.
-        *field(unsafe { &mut *g }) += 1;
-    }
+pub fn global() -> Option<&'static mut GlobalStats> {
+    let g = GLOBAL_STATS.get_ptr_mut(0)?;
+    // SAFETY: this CPU's own slot; XDP does not preempt itself on a CPU, and the
+    // reference lives only for this packet.
+    Some(unsafe { &mut *g })
 }
 
 #[inline(always)]
-pub fn count_exit(exit: Exit) {
-    bump(|g| match exit {
+pub fn count_exit(g: &mut GlobalStats, exit: Exit) {
+    *match exit {
         Exit::NotIp => &mut g.pass_not_ip,
         Exit::Unparsed => &mut g.pass_unparsed,
         Exit::NotVip => &mut g.pass_not_vip,
@@ -78,52 +80,52 @@ pub fn count_exit(exit: Exit) {
         Exit::RefuseLimited => &mut g.drop_refuse_limited,
         Exit::RefuseInvalid => &mut g.drop_refuse_invalid,
         Exit::DaemonStale => &mut g.drop_daemon_stale,
-    })
+    } += 1;
 }
 
 #[inline(always)]
-pub fn count_lru_hit() {
-    bump(|g| &mut g.lru_hit)
+pub fn count_lru_hit(g: &mut GlobalStats) {
+    g.lru_hit += 1;
 }
 
 #[inline(always)]
-pub fn count_lru_miss() {
-    bump(|g| &mut g.lru_miss)
+pub fn count_lru_miss(g: &mut GlobalStats) {
+    g.lru_miss += 1;
 }
 
 #[inline(always)]
-pub fn count_lru_stale() {
-    bump(|g| &mut g.lru_stale)
+pub fn count_lru_stale(g: &mut GlobalStats) {
+    g.lru_stale += 1;
 }
 
 #[inline(always)]
-pub fn count_epoch_keep() {
-    bump(|g| &mut g.epoch_keep)
+pub fn count_epoch_keep(g: &mut GlobalStats) {
+    g.epoch_keep += 1;
 }
 
 #[inline(always)]
-pub fn count_epoch_resteer() {
-    bump(|g| &mut g.epoch_resteer)
+pub fn count_epoch_resteer(g: &mut GlobalStats) {
+    g.epoch_resteer += 1;
 }
 
 #[inline(always)]
-pub fn count_refuse_rst() {
-    bump(|g| &mut g.refuse_rst)
+pub fn count_refuse_rst(g: &mut GlobalStats) {
+    g.refuse_rst += 1;
 }
 
 #[inline(always)]
-pub fn count_refuse_icmp() {
-    bump(|g| &mut g.refuse_icmp)
+pub fn count_refuse_icmp(g: &mut GlobalStats) {
+    g.refuse_icmp += 1;
 }
 
 #[inline(always)]
-pub fn count_tx() {
-    bump(|g| &mut g.tx)
+pub fn count_tx(g: &mut GlobalStats) {
+    g.tx += 1;
 }
 
 #[inline(always)]
-pub fn count_redirect() {
-    bump(|g| &mut g.redirect)
+pub fn count_redirect(g: &mut GlobalStats) {
+    g.redirect += 1;
 }
 
 #[inline(always)]
