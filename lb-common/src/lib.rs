@@ -258,8 +258,9 @@ pub const ROUTE_MODE_NONE: u32 = 0;
 /// L2 direct server return: rewrite the MACs, keep the IP packet as it is.
 pub const ROUTE_MODE_L2_DSR: u32 = 1;
 
-/// Key of the connection table `CONNS` (per-CPU LRU hash).
-#[repr(C)]
+/// Key of the connection table `CONNS` (LRU hash shared by every CPU). Aligned to 8
+/// so that the program zeroes and compares it in words, not bytes.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -271,8 +272,7 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// Value of `CONNS`. A zero `backend_gen` is "no entry": per-CPU maps hold a zeroed
-/// value for every CPU other than the one that inserted the key.
+/// Value of `CONNS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ConnEntry {
@@ -454,7 +454,7 @@ assert_layout!(VipKey, 20, 2);
 assert_layout!(VipMeta, 20, 4);
 assert_layout!(Backend, 32, 4);
 assert_layout!(Route, 20, 4);
-assert_layout!(FlowKey, 40, 2);
+assert_layout!(FlowKey, 40, 8);
 assert_layout!(ConnEntry, 12, 4);
 assert_layout!(Counter, 16, 8);
 assert_layout!(GlobalStats, 25 * 8, 8);
