@@ -485,6 +485,28 @@ drain = true
     }
 
     #[test]
+    fn startup_sync_is_peer_by_default_and_a_bad_value_names_the_field_and_line() {
+        let with = |extra: &str| {
+            parse(&format!(
+                "{GOOD}\n[cluster]\nid = \"198.18.0.2\"\nkey = \"0123456789abcdef\"\n\
+                 group = \"239.1.1.1:7400\"\nnodes = 5\n{extra}"
+            ))
+        };
+        let c = with("").unwrap().cluster.unwrap();
+        assert_eq!(c.startup_sync, StartupSync::Peer);
+        assert_eq!(c.startup_sync.peers_needed(c.quorum), 1);
+        let c = with("startup_sync = \"quorum\"").unwrap().cluster.unwrap();
+        assert_eq!(
+            c.startup_sync.peers_needed(c.quorum),
+            2,
+            "quorum 3 of 5: 2 peers"
+        );
+        let e = with("startup_sync = \"all\"").unwrap_err();
+        assert!(e.message.contains("cluster.startup_sync"), "{e}");
+        assert_eq!(e.line, GOOD.lines().count() + 7, "{e}");
+    }
+
+    #[test]
     fn spm_settings_parse_and_bad_ones_name_their_field() {
         let spm = r#"
 [service.spm]

@@ -386,19 +386,8 @@ impl Backup {
                 self.log.clear();
                 self.pending.retain(|v, _| *v > version);
                 self.done.extend(done);
-                while let Some((change, origin)) = self.pending.remove(&(self.stored + 1)) {
-                    self.stored += 1;
-                    self.tables.apply(&change);
-                    self.log.insert(self.stored, change);
-                    self.done.insert(origin, self.stored);
-                }
             }
-            return vec![Out::To(
-                master,
-                Msg::Stored {
-                    version: self.stored,
-                },
-            )];
+            return self.store_in_order(master);
         }
         if let Msg::Replicate {
             version,
@@ -409,20 +398,26 @@ impl Backup {
             if version > self.stored {
                 self.pending.insert(version, (change, origin));
             }
-            while let Some((change, origin)) = self.pending.remove(&(self.stored + 1)) {
-                self.stored += 1;
-                self.tables.apply(&change);
-                self.log.insert(self.stored, change);
-                self.done.insert(origin, self.stored);
-            }
-            return vec![Out::To(
-                master,
-                Msg::Stored {
-                    version: self.stored,
-                },
-            )];
+            return self.store_in_order(master);
         }
         Vec::new()
+    }
+
+    /// Stores the pending changes that follow what is stored, in version order, and
+    /// tells the master how far it got.
+    fn store_in_order(&mut self, master: NodeId) -> Vec<Out> {
+        while let Some((change, origin)) = self.pending.remove(&(self.stored + 1)) {
+            self.stored += 1;
+            self.tables.apply(&change);
+            self.log.insert(self.stored, change);
+            self.done.insert(origin, self.stored);
+        }
+        vec![Out::To(
+            master,
+            Msg::Stored {
+                version: self.stored,
+            },
+        )]
     }
 }
 
