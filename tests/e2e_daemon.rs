@@ -826,3 +826,93 @@ fn a_subscriber_sees_adds_and_deletes_of_its_prefix_only() {
     let _ = sub.kill();
     let _ = sub.wait();
 }
+
+#[test]
+fn sighup_reloads_the_services_of_the_config_file_and_a_bad_file_changes_nothing() {
+    let env = Env::new("sighup", &["b1", "b2"]);
+    let backends = |env: &Env| -> Vec<String> {
+        let list: serde_json::Value =
+            serde_json::from_str(&env.lbctl_ok(&["-o", "json", "backend", "list", SVC])).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["address"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(backends(&env), ["198.18.0.11", "198.18.0.12"]);
+    // The file gains b3 and a changed [dataplane] size: SIGHUP applies the first and
+    // says the second waits for a restart.
+    let text = common::config_text(
+        &format!("t{}-sighup", std::process::id()),
+        &env.dir,
+        &env.pin_dir,
+        &["b1", "b2", "b3"],
+    );
+    let node_line = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("name = "))
+        .unwrap()
+        .to_string();
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("name = ") {
+                node_line.clone()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("conn_table_size = 16384", "conn_table_size = 32768");
+    std::fs::write(&env.config, &text).unwrap();
+    env.lbd.as_ref().unwrap().signal(Signal::SIGHUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while backends(&env) != ["198.18.0.11", "198.18.0.12", "198.18.0.13"] {
+        assert!(
+            Instant::now() < deadline,
+            "b3 not added: {:?}",
+            backends(&env)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A broken file: lbd keeps running and keeps what it has, and says where.
+    std::fs::write(
+        &env.config,
+        text.replace("protocol = \"udp\"", "protocol = \"sctp\""),
+    )
+    .unwrap();
+    env.lbd.as_ref().unwrap().signal(Signal::SIGHUP).unwrap();
+    let log = std::fs::read_dir(&env.dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("lbd-") && n.ends_with(".log"))
+        })
+        .expect("lbd's log");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("was not reloaded") {
+            assert!(
+                text.contains("lbd.toml:") && text.contains("sctp"),
+                "the error says where: {text}"
+            );
+            assert!(text.contains("take effect at the next restart"), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reload error logged: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        env.lbctl(&["status"]).status.success(),
+        "lbd died on SIGHUP"
+    );
+    assert_eq!(
+        backends(&env),
+        ["198.18.0.11", "198.18.0.12", "198.18.0.13"]
+    );
+}

@@ -87,7 +87,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    match runtime.block_on(run(config, args.detach_on_exit)) {
+    match runtime.block_on(run(config, args.config.clone(), args.detach_on_exit)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -97,11 +97,11 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
+async fn run(config: Config, path: std::path::PathBuf, detach_on_exit: bool) -> Result<()> {
     let api_path = config.node.api_socket.clone();
     // Bind first: a second daemon for the same node must fail before touching the maps.
     let api_listener = bind_api(&api_path)?;
-    let result = serve(config, detach_on_exit, api_listener).await;
+    let result = serve(config, path, detach_on_exit, api_listener).await;
     // Whatever happened, the socket goes with this lbd.
     let _ = std::fs::remove_file(&api_path);
     result
@@ -109,6 +109,7 @@ async fn run(config: Config, detach_on_exit: bool) -> Result<()> {
 
 async fn serve(
     config: Config,
+    config_path: std::path::PathBuf,
     detach_on_exit: bool,
     api_listener: tokio::net::UnixListener,
 ) -> Result<()> {
@@ -295,18 +296,24 @@ async fn serve(
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let detach = tokio::select! {
-        _ = term.recv() => { info!("SIGTERM"); detach_on_exit }
-        _ = int.recv() => { info!("SIGINT"); detach_on_exit }
-        req = shutdown_rx.recv() => {
-            let detach = req.map(|r| r.detach).unwrap_or(false) || detach_on_exit;
-            info!(detach, "shutdown requested");
-            // Let the API answer the request before the listener goes.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            detach
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::pin!(api_task);
+    tokio::pin!(metrics_task);
+    let detach = loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM"); break detach_on_exit }
+            _ = int.recv() => { info!("SIGINT"); break detach_on_exit }
+            _ = hup.recv() => reload(&config_path, &state).await,
+            req = shutdown_rx.recv() => {
+                let detach = req.map(|r| r.detach).unwrap_or(false) || detach_on_exit;
+                info!(detach, "shutdown requested");
+                // Let the API answer the request before the listener goes.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                break detach
+            }
+            r = &mut api_task => { anyhow::bail!("the API server stopped: {r:?}") }
+            r = &mut metrics_task => { anyhow::bail!("the metrics server stopped: {r:?}") }
         }
-        r = api_task => { anyhow::bail!("the API server stopped: {r:?}") }
-        r = metrics_task => { anyhow::bail!("the metrics server stopped: {r:?}") }
     };
     refresh.abort();
     if detach {
@@ -338,4 +345,40 @@ async fn serve(
         info!("leaving the XDP program attached: traffic keeps flowing; the next lbd takes over");
     }
     Ok(())
+}
+
+/// SIGHUP: re-reads the config file. A bad file is logged (field and line) and changes
+/// nothing; changed services are applied (in a cluster, only while no operator change
+/// has made the services the cluster's); other changed sections wait for a restart.
+async fn reload(path: &std::path::Path, state: &AppState) {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("SIGHUP: the config file was not reloaded, nothing changed: {e}");
+            return;
+        }
+    };
+    let cluster_owned = state
+        .directory
+        .with_tables(lb_userspace::directory::feed::desired)
+        .is_some();
+    if cluster_owned && new.desired != state.daemon.now().desired {
+        warn!(
+            "SIGHUP: the services are the cluster's (set through the API of some node): \
+             the file's services are not applied; use `lbctl apply FILE` to change them everywhere"
+        );
+    }
+    match state
+        .daemon
+        .call(move |d| d.reload(new, !cluster_owned))
+        .await
+    {
+        Ok((changes, later)) => {
+            info!(changes = changes.len(), "SIGHUP: config file reloaded");
+            if !later.is_empty() {
+                warn!(sections = ?later, "SIGHUP: these sections changed and take effect at the next restart");
+            }
+        }
+        Err(e) => error!("SIGHUP: the file's services were refused, nothing changed: {e:#}"),
+    }
 }

@@ -319,6 +319,42 @@ impl<D: Dataplane> Daemon<D> {
         self.core.desired().services.keys().copied().collect()
     }
 
+    /// A re-read config file (SIGHUP). Its services, if they differ from the file's
+    /// last ones, replace the desired state, runtime changes included (as a restart
+    /// with a changed file does); a refusal changes nothing. Returns what changed, and
+    /// the sections whose changes wait for the next restart.
+    pub fn reload(
+        &mut self,
+        new: Config,
+        services_too: bool,
+    ) -> Result<(Vec<Change>, Vec<&'static str>)> {
+        let old = &self.config;
+        let mut later = Vec::new();
+        if old.node != new.node {
+            later.push("[node]");
+        }
+        if old.interfaces != new.interfaces
+            || old.max_services != new.max_services
+            || old.maglev_max_size != new.maglev_max_size
+            || old.conn_table_size != new.conn_table_size
+        {
+            later.push("[dataplane]");
+        }
+        if old.cluster != new.cluster {
+            later.push("[cluster]");
+        }
+        let mut changes = Vec::new();
+        if services_too && new.desired != self.from_config {
+            let dir = self.config.node.state_dir.clone();
+            let from = new.desired.clone();
+            changes = self.core.apply(new.desired.clone(), false, &mut |d| {
+                save_desired(&dir, &from, d)
+            })?;
+            self.from_config = new.desired;
+        }
+        Ok((changes, later))
+    }
+
     /// Makes `new` the desired state; returns what changed. Saved before the maps are
     /// written; a refused or failed change leaves both as they were.
     pub fn apply(&mut self, new: Desired, dry_run: bool) -> Result<Vec<Change>> {

@@ -51,6 +51,12 @@ pub struct Published {
 pub trait Core: Send {
     fn desired(&self) -> &Desired;
     fn apply(&mut self, new: Desired, dry_run: bool) -> Result<Vec<Change>>;
+    /// A re-read config file: what changed, and the sections that wait for a restart.
+    fn reload(
+        &mut self,
+        new: crate::config::Config,
+        services_too: bool,
+    ) -> Result<(Vec<Change>, Vec<&'static str>)>;
     fn set_feed(
         &mut self,
         feed: Feed,
@@ -77,6 +83,13 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
     }
     fn apply(&mut self, new: Desired, dry_run: bool) -> Result<Vec<Change>> {
         Daemon::apply(self, new, dry_run)
+    }
+    fn reload(
+        &mut self,
+        new: crate::config::Config,
+        services_too: bool,
+    ) -> Result<(Vec<Change>, Vec<&'static str>)> {
+        Daemon::reload(self, new, services_too)
     }
     fn set_feed(
         &mut self,
