@@ -897,6 +897,29 @@ address = "{b2}"
     let stale = c.lbctl("lb2", &["spm", "show", "--service", &svc, "--epoch", "0"]);
     assert_eq!(stale.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&stale.stderr).contains("epoch mismatch"));
+    // ... and lbctl prints the map to use, in both forms (issue 19: it printed none).
+    let shown = String::from_utf8_lossy(&stale.stdout);
+    assert!(
+        shown.contains("198.18.0.11") && shown.contains("198.18.0.12"),
+        "no entries printed on a mismatch: {shown:?}"
+    );
+    let stale_json = c.lbctl(
+        "lb2",
+        &[
+            "-o",
+            "json",
+            "spm",
+            "show",
+            "--service",
+            &svc,
+            "--epoch",
+            "0",
+        ],
+    );
+    assert_eq!(stale_json.status.code(), Some(1));
+    let printed: serde_json::Value = serde_json::from_slice(&stale_json.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&stale_json.stdout)));
+    assert_eq!(epochs(&printed["map"]), [1, 1], "{printed}");
     let raw = std::process::Command::new("curl")
         .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
         .arg(c.socket("lb2"))

@@ -211,32 +211,18 @@ pub async fn remove_address(handle: &rtnetlink::Handle, ifindex: u32, vip: IpAdd
 
 /// Every address of every interface (of the calling thread's network namespace).
 pub async fn all_addresses(handle: &rtnetlink::Handle) -> Result<Vec<IpAddr>> {
-    use netlink_packet_route::address::AddressAttribute;
-    let mut out = Vec::new();
-    let mut found = handle.address().get().execute();
-    while let Some(msg) = found
-        .try_next()
-        .await
-        .context("listing interface addresses")?
-    {
-        for a in msg.attributes {
-            if let AddressAttribute::Address(ip) = a {
-                out.push(ip);
-            }
-        }
-    }
-    Ok(out)
+    collect_addresses(handle.address().get()).await
 }
 
 /// The addresses on an interface.
 pub async fn addresses(handle: &rtnetlink::Handle, ifindex: u32) -> Result<Vec<IpAddr>> {
+    collect_addresses(handle.address().get().set_link_index_filter(ifindex)).await
+}
+
+async fn collect_addresses(request: rtnetlink::AddressGetRequest) -> Result<Vec<IpAddr>> {
     use netlink_packet_route::address::AddressAttribute;
     let mut out = Vec::new();
-    let mut found = handle
-        .address()
-        .get()
-        .set_link_index_filter(ifindex)
-        .execute();
+    let mut found = request.execute();
     while let Some(msg) = found
         .try_next()
         .await
