@@ -437,12 +437,7 @@ fn a_node_whose_backends_are_unreachable_gives_its_vip_up() {
     // The services (the cluster's: changed through lb1, applied by all) now point at
     // 198.18.0.50, an address of b1 that lb1 cannot resolve (its ARP replies are
     // dropped there): lb1's own tests fail, the others' pass.
-    let b1 = standard::BACKENDS[0].0;
-    c.lab
-        .host(b1)
-        .ns
-        .ip("addr add 198.18.0.50/24 dev eth0")
-        .expect("second address on b1");
+    c.second_address_on_b1("198.18.0.50");
     let out = c
         .lab
         .host("lb1")

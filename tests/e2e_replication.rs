@@ -474,12 +474,7 @@ fn a_reachable_instance_added_right_after_unresolvable_ones_is_in_every_data_pla
     c.settle(Duration::from_secs(10));
     let svc = format!("tcp/{}:{}", standard::VIP, standard::SERVICE_PORT);
     let table = format!("svc.{svc}");
-    let b1 = standard::BACKENDS[0].0;
-    c.lab
-        .host(b1)
-        .ns
-        .ip("addr add 198.18.0.51/24 dev eth0")
-        .expect("second address on b1");
+    c.second_address_on_b1("198.18.0.51");
     // Three instances on addresses nobody has and one that answers, added at once
     // (as four backends registering together would).
     let added = Instant::now();

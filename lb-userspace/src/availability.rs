@@ -91,6 +91,22 @@ pub fn is_available(set: &Set, service: &str) -> bool {
     set.get(service).is_none_or(|r| r.available)
 }
 
+/// Whether a starting node has synced its records: `answered` peers answered and
+/// `needed` must; or it is alone where alone is enough (`alone_ok`: a quorum of 1)
+/// with nobody else heard (`others_alive`) for `waited` of at least 3 s. Never just
+/// because time passed: a node that could not ask may have missed a maintenance
+/// record, and would serve a service that is down.
+pub fn startup_synced(
+    answered: usize,
+    needed: usize,
+    alone_ok: bool,
+    others_alive: usize,
+    waited: std::time::Duration,
+) -> bool {
+    answered >= needed
+        || (alone_ok && others_alive == 0 && waited > std::time::Duration::from_secs(3))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +126,34 @@ mod tests {
             expected_down_ms: None,
             expected_up_ms: None,
         }
+    }
+
+    #[test]
+    fn a_starting_node_is_synced_by_answers_never_by_time_alone() {
+        use std::time::Duration;
+        let long = Duration::from_secs(60);
+        assert!(startup_synced(1, 1, false, 2, Duration::ZERO));
+        assert!(
+            !startup_synced(0, 1, false, 2, long),
+            "peers alive, none answered"
+        );
+        assert!(
+            !startup_synced(0, 1, false, 0, long),
+            "alone, but a quorum needs more"
+        );
+        assert!(
+            !startup_synced(0, 1, true, 0, Duration::from_secs(1)),
+            "not yet 3 s"
+        );
+        assert!(startup_synced(0, 1, true, 0, long), "alone with quorum 1");
+        assert!(
+            !startup_synced(0, 1, true, 1, long),
+            "someone is there to ask"
+        );
+        assert!(
+            !startup_synced(1, 2, false, 2, long),
+            "quorum mode: two answers"
+        );
     }
 
     #[test]

@@ -353,7 +353,7 @@ impl Sampler {
 /// (time for the leader to hand a preferred node its VIP back); returns who holds
 /// what, or says what is wrong after `within`.
 pub fn one_holder_each(c: &Cluster, within: Duration) -> Result<BTreeMap<IpAddr, String>, String> {
-    holders_settled(c, within, Duration::from_millis(600))
+    holders_settled(c, within, crate::cluster_lab::AFTER_READY)
 }
 
 /// As [`one_holder_each`], with the given wait after every node is ready.
@@ -363,16 +363,9 @@ pub fn holders_settled(
     after_ready: Duration,
 ) -> Result<BTreeMap<IpAddr, String>, String> {
     let deadline = Instant::now() + within;
-    let mut ready_since: Option<Instant> = None;
+    let mut ready = crate::cluster_lab::ReadyClock::default();
     loop {
-        // Every running node has finished its start-up sync and the leader has had a
-        // few rounds to act on it (hand a preferred node its VIP back).
-        if c.all_ready() {
-            ready_since.get_or_insert_with(Instant::now);
-        } else {
-            ready_since = None;
-        }
-        let settled = ready_since.is_some_and(|t| t.elapsed() >= after_ready);
+        let settled = ready.ready_for(c) >= after_ready;
         // A node whose lbd is down may keep its addresses (its program forwards, its
         // ARP answers are guarded): only running nodes count.
         let mut h = holders_all(c);

@@ -409,6 +409,16 @@ impl Cluster {
         owners
     }
 
+    /// Gives backend b1 a second address on the lab's segment (it answers ARP for it and
+    /// serves the VIP behind it): a backend only some nodes can be kept from reaching.
+    pub fn second_address_on_b1(&self, addr: &str) {
+        self.lab
+            .host(standard::BACKENDS[0].0)
+            .ns
+            .ip(&format!("addr add {addr}/24 dev eth0"))
+            .expect("second address on b1");
+    }
+
     /// Waits until `lb` reports itself ready (start-up sync done).
     pub fn wait_ready(&self, lb: &str, within: Duration) {
         let deadline = Instant::now() + within;
@@ -453,18 +463,11 @@ impl Cluster {
     /// owner; returns the owners.
     pub fn settle(&self, within: Duration) -> BTreeMap<String, Vec<String>> {
         let deadline = Instant::now() + within;
-        let mut ready_since: Option<Instant> = None;
+        let mut ready = ReadyClock::default();
         loop {
-            // Every node has finished its start-up sync, and the leader has had a few
-            // rounds to act on it (a preferred node that was not ready yet gets its
-            // VIP handed back).
-            if self.all_ready() {
-                ready_since.get_or_insert_with(Instant::now);
-            } else {
-                ready_since = None;
-            }
+            let ready_for = ready.ready_for(self);
             let o = self.owners();
-            if ready_since.is_some_and(|t| t.elapsed() > Duration::from_millis(600))
+            if ready_for > AFTER_READY
                 && o.len() == 2
                 && o.values().all(|v| v.len() == 1)
                 && self.agreed_leader().is_some()
@@ -490,6 +493,27 @@ impl Cluster {
             .join()
             .expect("client panicked")
             .expect("client traffic")
+    }
+}
+
+/// How long every node has to have been ready before the cluster counts as settled:
+/// the leader's rounds to act on it (a preferred node that was not ready yet gets its
+/// VIP handed back).
+pub const AFTER_READY: Duration = Duration::from_millis(600);
+
+/// How long every running node has been ready (start-up sync done) without a break,
+/// as seen by successive polls.
+#[derive(Default)]
+pub struct ReadyClock(Option<Instant>);
+
+impl ReadyClock {
+    pub fn ready_for(&mut self, c: &Cluster) -> Duration {
+        if c.all_ready() {
+            self.0.get_or_insert_with(Instant::now).elapsed()
+        } else {
+            self.0 = None;
+            Duration::ZERO
+        }
     }
 }
 

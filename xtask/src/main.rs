@@ -86,6 +86,11 @@ fn status(mut cmd: Command, what: &str) -> Result<()> {
 
 /// lbd, lbctl and the lab's server, in target/debug.
 fn build_binaries() -> Result<()> {
+    build_bins(false)
+}
+
+/// lbd, lbctl and the lab server, in the profile the tests or benches run them in.
+fn build_bins(release: bool) -> Result<()> {
     let mut cmd = cargo();
     cmd.args([
         "build",
@@ -95,7 +100,17 @@ fn build_binaries() -> Result<()> {
         "lb-tests",
         "--bins",
     ]);
-    status(cmd, "cargo build")
+    if release {
+        cmd.arg("--release");
+    }
+    status(
+        cmd,
+        if release {
+            "cargo build --release"
+        } else {
+            "cargo build"
+        },
+    )
 }
 
 pub fn target_dir() -> PathBuf {
@@ -150,17 +165,7 @@ fn main() -> Result<()> {
         }
         Cmd::Chaos => {
             setup()?;
-            let mut cmd = cargo();
-            cmd.args([
-                "build",
-                "--release",
-                "--package",
-                "lb-userspace",
-                "--package",
-                "lb-tests",
-                "--bins",
-            ]);
-            status(cmd, "cargo build --release")?;
+            build_bins(true)?;
             let mut cmd = cargo();
             cmd.args(["bench", "--package", "lb-tests", "--bench", "chaos"]);
             status(cmd, "cargo bench (chaos)")
@@ -175,17 +180,7 @@ fn main() -> Result<()> {
             status(cmd, "cargo bench (directory)")?;
             // The failover bench drives lbd and the lab server: build them first, in
             // the profile the bench runs in.
-            let mut cmd = cargo();
-            cmd.args([
-                "build",
-                "--release",
-                "--package",
-                "lb-userspace",
-                "--package",
-                "lb-tests",
-                "--bins",
-            ]);
-            status(cmd, "cargo build --release")?;
+            build_bins(true)?;
             let mut cmd = cargo();
             cmd.args(["bench", "--package", "lb-tests", "--bench", "failover"]);
             status(cmd, "cargo bench (failover)")?;

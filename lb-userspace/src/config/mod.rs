@@ -144,6 +144,26 @@ impl StartupSync {
 }
 
 impl Config {
+    /// The sections of `new` that differ from this config in what only a restart
+    /// applies (everything but the services).
+    pub fn restart_needed(&self, new: &Config) -> Vec<&'static str> {
+        let mut later = Vec::new();
+        if self.node != new.node {
+            later.push("[node]");
+        }
+        if self.interfaces != new.interfaces
+            || self.max_services != new.max_services
+            || self.maglev_max_size != new.maglev_max_size
+            || self.conn_table_size != new.conn_table_size
+        {
+            later.push("[dataplane]");
+        }
+        if self.cluster != new.cluster {
+            later.push("[cluster]");
+        }
+        later
+    }
+
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions {
             max_services: self.max_services,
@@ -482,6 +502,22 @@ drain = true
             let e = with(&extra).unwrap_err();
             assert!(e.message.contains(field), "{extra}: {e}");
         }
+    }
+
+    #[test]
+    fn a_reload_names_the_sections_that_wait_for_a_restart_and_not_the_services() {
+        let old = parse(GOOD).unwrap();
+        let services = parse(&GOOD.replace("weight = 3", "weight = 4")).unwrap();
+        assert!(
+            old.restart_needed(&services).is_empty(),
+            "services reload in place"
+        );
+        let sized =
+            parse(&GOOD.replace("conn_table_size = 4096", "conn_table_size = 8192")).unwrap();
+        assert_eq!(old.restart_needed(&sized), ["[dataplane]"]);
+        let mut renamed = old.clone();
+        renamed.node.name = "other".into();
+        assert_eq!(old.restart_needed(&renamed), ["[node]"]);
     }
 
     #[test]

@@ -331,14 +331,14 @@ pub fn start(
                         }
                     }
                 }
-                // Synced with enough peers; or alone where being alone is enough (a
-                // group whose quorum is 1, nobody else heard for 3 s). Never just
-                // because time passed: a node that could not ask may have missed a
-                // maintenance record and would serve a service that is down.
                 let (need, alone_ok, alive) = h.sync_needs();
-                if answered >= need
-                    || (alone_ok && alive == 0 && start.elapsed() > Duration::from_secs(3))
-                {
+                if crate::availability::startup_synced(
+                    answered,
+                    need,
+                    alone_ok,
+                    alive,
+                    start.elapsed(),
+                ) {
                     info!(peers = peers.len(), answered, "availability synced");
                     h.synced.store(true, Ordering::Relaxed);
                 }

@@ -328,21 +328,7 @@ impl<D: Dataplane> Daemon<D> {
         new: Config,
         services_too: bool,
     ) -> Result<(Vec<Change>, Vec<&'static str>)> {
-        let old = &self.config;
-        let mut later = Vec::new();
-        if old.node != new.node {
-            later.push("[node]");
-        }
-        if old.interfaces != new.interfaces
-            || old.max_services != new.max_services
-            || old.maglev_max_size != new.maglev_max_size
-            || old.conn_table_size != new.conn_table_size
-        {
-            later.push("[dataplane]");
-        }
-        if old.cluster != new.cluster {
-            later.push("[cluster]");
-        }
+        let later = self.config.restart_needed(&new);
         let mut changes = Vec::new();
         if services_too && new.desired != self.from_config {
             let dir = self.config.node.state_dir.clone();
