@@ -358,9 +358,8 @@ fn a_replica_that_diverged_at_the_same_version_is_found_and_replaced() {
     let agent = (0..3)
         .find(|i| !s.nodes[*i as usize].is_master() && s.nodes[*i as usize].role() == "agent");
     let agent = agent.expect("an agent");
-    let now = s.now();
     let v = s.nodes[agent as usize].version();
-    s.nodes[agent as usize].corrupt_for_test(now, "svc.web", "stray");
+    s.nodes[agent as usize].corrupt_for_test("svc.web", "stray");
     assert_eq!(s.nodes[agent as usize].version(), v);
     s.settle(10_000);
     assert!(s.resynced >= 1, "the divergence was reported");

@@ -112,7 +112,7 @@ impl DirNode {
 
     /// A row this replica gets without any master's say (tests of divergence).
     #[cfg(test)]
-    pub fn corrupt_for_test(&mut self, _now: Instant, table: &str, key: &str) {
+    pub fn corrupt_for_test(&mut self, table: &str, key: &str) {
         self.agent
             .tables_mut()
             .add(table, key, "198.18.9.9:80", true);
