@@ -14,38 +14,68 @@ use crate::{
     stats::{self, Exit},
 };
 
+/// A key built in 8-aligned stack memory, so that it is written in words: the keys
+/// themselves are byte arrays (align 1 or 2) and would be written byte by byte.
+#[repr(C, align(8))]
+struct Aligned<T>(T);
+
+/// Copies `flow.dst` (8-aligned inside FlowKey) into an 8-aligned key's first 16 bytes.
 #[inline(always)]
-pub fn vip_addr(flow: &FlowKey) -> Result<AddrMeta, Exit> {
+fn copy_dst<T>(key: &mut Aligned<T>, flow: &FlowKey) {
+    let from = flow.dst.as_ptr() as *const u64;
+    let to = key as *mut Aligned<T> as *mut u64;
+    // SAFETY: both sides are 8-aligned and at least 16 bytes (keys starting with
+    // a 16-byte address; checked by the callers' types).
+    unsafe {
+        *to = *from;
+        *to.add(1) = *from.add(1);
+    }
+}
+
+/// Whether the destination may be a VIP address (one bit of `VIP_FILTER`).
+#[inline(always)]
+pub fn vip_filter(flow: &FlowKey) -> Result<(), Exit> {
     let (word, bit) = vip_filter_bit(&flow.dst, flow.family);
     match VIP_FILTER.get(word) {
-        Some(w) if *w & (1u64 << bit) != 0 => {}
-        _ => return Err(Exit::NotVip),
+        Some(w) if *w & (1u64 << bit) != 0 => Ok(()),
+        _ => Err(Exit::NotVip),
     }
-    let key = AddrKey {
-        addr: flow.dst,
-        family: flow.family,
+}
+
+#[inline(always)]
+pub fn vip_addr(flow: &FlowKey) -> Result<AddrMeta, Exit> {
+    vip_filter(flow)?;
+    let mut key = Aligned(AddrKey {
+        addr: [0; 16],
+        family: 0,
         _pad: [0; 3],
-    };
+    });
+    copy_dst(&mut key, flow);
+    // SAFETY: family then three padding bytes: one u32 at offset 16 of an 8-aligned key.
+    unsafe { *((&mut key as *mut Aligned<AddrKey> as *mut u32).add(4)) = flow.family as u32 };
     // SAFETY: AddrMeta is plain data; a concurrent update at worst gives the old value.
-    unsafe { VIP_ADDRS.get(&key) }.copied().ok_or(Exit::NotVip)
+    unsafe { VIP_ADDRS.get(&key.0) }
+        .copied()
+        .ok_or(Exit::NotVip)
 }
 
 /// The service on (address, port, protocol), else the address's port-less fallback.
 #[inline(always)]
 pub fn vip(flow: &FlowKey) -> Result<VipMeta, Exit> {
-    let mut key = VipKey {
-        addr: flow.dst,
+    let mut key = Aligned(VipKey {
+        addr: [0; 16],
         port_be: flow.dport_be,
         proto: flow.proto,
         family: flow.family,
-    };
+    });
+    copy_dst(&mut key, flow);
     // SAFETY: hash map values are swapped whole by updates; we copy out at once.
-    if let Some(meta) = unsafe { VIPS.get(&key) } {
+    if let Some(meta) = unsafe { VIPS.get(&key.0) } {
         return Ok(*meta);
     }
-    key.port_be = 0;
+    key.0.port_be = 0;
     // SAFETY: as above.
-    unsafe { VIPS.get(&key) }.copied().ok_or(Exit::NoService)
+    unsafe { VIPS.get(&key.0) }.copied().ok_or(Exit::NoService)
 }
 
 #[inline(always)]
@@ -108,9 +138,25 @@ pub fn backend(
     let point = if vip.flags & VIP_F_SRC_PARTITION != 0 {
         // The SPM's `source` rule: the client's address picks the instance, so a
         // client is always sent where its map says.
-        let s = &flow.src;
-        let at = if flow.family == FAMILY_V4 { 0 } else { 12 };
-        u32::from_be_bytes([s[at], s[at + 1], s[at + 2], s[at + 3]])
+        // The address's last 32 bits, read as one aligned word (FlowKey is 8-aligned,
+        // the source at offset 0; whole words, not bytes).
+        let words = flow.src.as_ptr() as *const u32;
+        // SAFETY: 16 bytes, 4-aligned: words 0 and 3 lie inside.
+        // Both words are read (volatile, so that LLVM keeps two loads) and the value
+        // chosen: a chosen pointer becomes "stack pointer | offset", which the
+        // verifier refuses.
+        let (first, last) = unsafe {
+            (
+                core::ptr::read_volatile(words),
+                core::ptr::read_volatile(words.add(3)),
+            )
+        };
+        let w = if flow.family == FAMILY_V4 {
+            first
+        } else {
+            last
+        };
+        u32::from_be(w)
     } else {
         flow_hash(flow)
     };

@@ -19,8 +19,9 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use lb_common::{FlowKey, GlobalStats, FAMILY_V6, VIP_F_UNAVAILABLE};
+use lb_common::{FlowKey, GlobalStats, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_UNAVAILABLE};
 use network_types::eth::EthHdr;
+use parse::Irregular;
 use stats::Exit;
 
 const IPPROTO_ICMPV6: u8 = 58;
@@ -42,26 +43,48 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn balance(ctx: &XdpContext, g: &mut GlobalStats) -> Result<u32, Exit> {
-    let mut flow = FlowKey::default();
-    let l3 = match parse::l3(ctx, &mut flow) {
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let flow = parse::zeroed_flow(&mut slot);
+    let l3 = match parse::l3(ctx, flow) {
         Err(Exit::NotIp) => return Err(guard::arp(ctx)),
         other => other?,
     };
-    let addr = match lookup::vip_addr(&flow) {
-        Err(Exit::NotVip) if flow.family == FAMILY_V6 && flow.proto == IPPROTO_ICMPV6 => {
-            return Err(guard::neighbour_solicitation(ctx))
+    // A regular TCP or UDP packet needs no address lookup: the filter's clear bit
+    // says "not ours", and its service lookup decides the rest. The address (its
+    // fragment/option policy, ICMPv6 for the guard) matters only for the others.
+    let fast =
+        l3.irregular == Irregular::None && (flow.proto == PROTO_TCP || flow.proto == PROTO_UDP);
+    if fast {
+        lookup::vip_filter(flow)?;
+    } else {
+        let addr = match lookup::vip_addr(flow) {
+            Err(Exit::NotVip) if flow.family == FAMILY_V6 && flow.proto == IPPROTO_ICMPV6 => {
+                return Err(guard::neighbour_solicitation(ctx))
+            }
+            other => other?,
+        };
+        parse::check_regular(l3.irregular, addr.flags)?;
+    }
+    // Past the filter on the fast path, the destination may still be foreign (a
+    // shared bit): what would drop or miss is checked against the address table, so
+    // that foreign traffic always passes.
+    let foreign = |e: Exit, flow: &FlowKey| {
+        if fast && lookup::vip_addr(flow).is_err() {
+            Exit::NotVip
+        } else {
+            e
         }
-        other => other?,
     };
-    parse::check_regular(l3.irregular, addr.flags)?;
-    parse::l4(ctx, &l3, &mut flow)?;
-    let vip = lookup::vip(&flow)?;
+    if let Err(e) = parse::l4(ctx, &l3, flow) {
+        return Err(foreign(e, flow));
+    }
+    let vip = lookup::vip(flow).map_err(|e| foreign(e, flow))?;
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     stats::count_vip(vip.vip_id, frame_len);
     if vip.flags & VIP_F_UNAVAILABLE != 0 {
-        return refuse::refuse(ctx, &flow, g);
+        return refuse::refuse(ctx, flow, g);
     }
-    let (backend_id, backend) = lookup::backend(ctx, &flow, &vip, g)?;
+    let (backend_id, backend) = lookup::backend(ctx, flow, &vip, g)?;
     let action = forward::l2(ctx, &backend, g)?;
     stats::count_backend(backend_id, frame_len);
     Ok(action)

@@ -52,6 +52,38 @@ pub struct L3 {
     pub ip_end: usize,
 }
 
+/// A zeroed flow key, as five 8-byte stores: `FlowKey::default()` compiles to a call of
+/// an out-of-line byte loop (memset) in BPF, and an IPv4 key needs its unused address
+/// bytes and the padding zero (they are part of the connection table's key).
+#[inline(always)]
+pub fn zeroed_flow(slot: &mut core::mem::MaybeUninit<FlowKey>) -> &mut FlowKey {
+    let words = slot.as_mut_ptr() as *mut u64;
+    // SAFETY: FlowKey is 40 bytes, 8-aligned, plain data: five u64 stores cover it and
+    // every bit pattern is a valid FlowKey. Volatile, or LLVM merges them back into
+    // a memset call.
+    unsafe {
+        for i in 0..5 {
+            core::ptr::write_volatile(words.add(i), 0);
+        }
+        slot.assume_init_mut()
+    }
+}
+
+/// Copies a 16-byte address out of the packet as four 4-byte words (a `copy_from_slice`
+/// of 16 bytes becomes a call of an out-of-line memcpy).
+#[inline(always)]
+fn copy_addr16(to: &mut [u8; 16], from: &[u8; 16]) {
+    let from = from.as_ptr() as *const u32;
+    let to = to.as_mut_ptr() as *mut u32;
+    // SAFETY: both are 16 bytes; unaligned accesses for the packet's side, and the
+    // key's side is 8-aligned (FlowKey's addresses lie at offsets 0 and 16).
+    unsafe {
+        for i in 0..4 {
+            core::ptr::write_unaligned(to.add(i), core::ptr::read_unaligned(from.add(i)));
+        }
+    }
+}
+
 /// Reads the IP header into `flow` (addresses, protocol, family).
 #[inline(always)]
 pub fn l3(ctx: &XdpContext, flow: &mut FlowKey) -> Result<L3, Exit> {
@@ -106,8 +138,8 @@ fn ipv6(ctx: &XdpContext, flow: &mut FlowKey, frame_len: usize) -> Result<L3, Ex
     let ip = unsafe { &*ip };
     flow.family = FAMILY_V6;
     flow.proto = ip.next_hdr;
-    flow.src = ip.src_addr;
-    flow.dst = ip.dst_addr;
+    copy_addr16(&mut flow.src, &ip.src_addr);
+    copy_addr16(&mut flow.dst, &ip.dst_addr);
     let version = ip.vcf[0] >> 4;
     let total_len = Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize;
     let irregular = if version != 6 || EthHdr::LEN + total_len > frame_len {

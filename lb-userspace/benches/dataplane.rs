@@ -154,8 +154,8 @@ impl Spec {
 
 /// Rounds of (baseline chunk, line chunk) for every line, interleaved.
 fn run_rounds(dp: &Programs, baseline: &mut Gen, specs: &mut [&mut Spec]) -> Result<()> {
-    for _ in 0..ROUNDS {
-        for spec in specs.iter_mut() {
+    for _ in 0..rounds() {
+        for spec in specs.iter_mut().filter(|s| selected(s.name)) {
             let base = chunk(
                 dp,
                 "baseline",
@@ -174,6 +174,23 @@ fn run_rounds(dp: &Programs, baseline: &mut Gen, specs: &mut [&mut Spec]) -> Res
         }
     }
     Ok(())
+}
+
+/// `LB_BENCH_LINES=established,non-VIP` runs only the lines whose names contain one
+/// of the words (for profiling one path with `perf`); all lines by default.
+fn selected(name: &str) -> bool {
+    match std::env::var("LB_BENCH_LINES") {
+        Ok(words) => words.split(',').any(|w| name.contains(w.trim())),
+        Err(_) => true,
+    }
+}
+
+/// `LB_BENCH_ROUNDS` overrides the number of rounds (longer runs for a profile).
+fn rounds() -> usize {
+    std::env::var("LB_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(ROUNDS)
 }
 
 /// Runs `n` new flows (sources from `first`) through the balancer: fills the table.
@@ -306,7 +323,7 @@ fn main() -> Result<()> {
 
     // A full table: every insert evicts. The cold flows go in last, so that they are
     // the most recent of a full table.
-    let present = ROUNDS as u64 * CHUNK * 2 + 1;
+    let present = rounds() as u64 * CHUNK * 2 + 1;
     fill(
         &dp,
         &syn,
@@ -344,8 +361,9 @@ fn main() -> Result<()> {
     println!(
         "data plane, {BACKENDS} backends, Maglev table {}, connection table of {capacity} entries \
          ({cpus} possible CPUs x 1,048,576; filled and emptied before timing); pinned to CPU 0; \
-         {ROUNDS} rounds of {CHUNK} calls per line, each beside a baseline chunk",
+         {} rounds of {CHUNK} calls per line, each beside a baseline chunk",
         ServiceConfig::default().maglev_size,
+        rounds(),
     );
     println!(
         "{:<30} {:>9} {:>10} {:>10} {:>12} {:>8} {:>9}",
@@ -361,6 +379,9 @@ fn main() -> Result<()> {
         &mut udp_new,
         &mut refusal,
     ] {
+        if spec.line.samples.is_empty() {
+            continue;
+        }
         let base = spec.line.baseline();
         let mean = spec.line.mean();
         let median = spec.line.median();

@@ -1432,6 +1432,14 @@ fn the_vip_filter_passes_other_addresses_and_never_hides_a_vip() {
         before + 2,
         "both counted as not ours"
     );
+    // Through the filter, a broken TCP header to the twin is still foreign traffic:
+    // passed untouched, never dropped as a malformed packet to a VIP.
+    let mut broken = to(&twin.to_string());
+    broken[ETH_LEN + IPV4_LEN + 12] = 0x40;
+    assert_untouched(&lb, &broken, XDP_PASS, "pass_not_vip");
+    let mut broken = to(VIP4);
+    broken[ETH_LEN + IPV4_LEN + 12] = 0x40;
+    assert_untouched(&lb, &broken, XDP_DROP, "drop_malformed");
     // The service goes: its address is foreign again (its bit cleared), and a new
     // one is ours at once.
     lb.remove(key);
