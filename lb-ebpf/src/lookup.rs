@@ -109,6 +109,7 @@ pub fn backend(
     ctx: &XdpContext,
     flow: &FlowKey,
     vip: &VipMeta,
+    enter: bool,
     g: &mut GlobalStats,
 ) -> Result<(u32, Backend), Exit> {
     // SAFETY: a hash map value, copied out at once (an update swaps it whole).
@@ -177,13 +178,17 @@ pub fn backend(
         );
         return Err(Exit::NoBackend);
     };
-    let entry = ConnEntry {
-        backend_id: id,
-        backend_gen: b.gen,
-        epoch: vip.epoch,
-    };
-    // A full LRU evicts its oldest entry; an insert only fails on a kernel error, and
-    // then the flow still goes to the right backend for this packet.
-    let _ = CONNS.insert(flow, &entry, 0);
+    // Entered only once the flow proves real (`parse::l4`); until then it is steered
+    // by the table alone. A full LRU evicts its oldest entry; an insert only fails
+    // on a kernel error, and then the flow still goes to the right backend for this
+    // packet.
+    if enter {
+        let entry = ConnEntry {
+            backend_id: id,
+            backend_gen: b.gen,
+            epoch: vip.epoch,
+        };
+        let _ = CONNS.insert(flow, &entry, 0);
+    }
     Ok((id, b))
 }

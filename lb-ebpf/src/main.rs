@@ -75,16 +75,17 @@ fn balance(ctx: &XdpContext, g: &mut GlobalStats) -> Result<u32, Exit> {
             e
         }
     };
-    if let Err(e) = parse::l4(ctx, &l3, flow) {
-        return Err(foreign(e, flow));
-    }
+    let enter = match parse::l4(ctx, &l3, flow) {
+        Ok(enter) => enter,
+        Err(e) => return Err(foreign(e, flow)),
+    };
     let vip = lookup::vip(flow).map_err(|e| foreign(e, flow))?;
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     stats::count_vip(vip.vip_id, frame_len);
     if vip.flags & VIP_F_UNAVAILABLE != 0 {
         return refuse::refuse(ctx, flow, g);
     }
-    let (backend_id, backend) = lookup::backend(ctx, flow, &vip, g)?;
+    let (backend_id, backend) = lookup::backend(ctx, flow, &vip, enter, g)?;
     let action = forward::l2(ctx, &backend, g)?;
     stats::count_backend(backend_id, frame_len);
     Ok(action)

@@ -172,10 +172,22 @@ pub fn check_regular(irregular: Irregular, addr_flags: u32) -> Result<(), Exit> 
     }
 }
 
-/// Reads the ports into `flow`. Only TCP and UDP are balanced; anything else to a VIP
-/// address is the node's own stack's (ping, ICMP errors).
+/// TCP flag bits of the header's 14th byte.
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// Reads the ports into `flow`, and says whether a flow missing from the connection
+/// table is entered on this packet. Only TCP and UDP are balanced; anything else to a
+/// VIP address is the node's own stack's (ping, ICMP errors).
+///
+/// A TCP flow is entered at its first packet of a synchronized connection (ACK set,
+/// neither SYN nor RST), not at its SYN: a SYN proves nothing about its source, and a
+/// flood of spoofed SYNs would otherwise evict the table's real flows. The SYN is
+/// steered by the Maglev table, as its ACK will be. UDP has no handshake: every
+/// packet is entered.
 #[inline(always)]
-pub fn l4(ctx: &XdpContext, l3: &L3, flow: &mut FlowKey) -> Result<(), Exit> {
+pub fn l4(ctx: &XdpContext, l3: &L3, flow: &mut FlowKey) -> Result<bool, Exit> {
     match flow.proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(ctx, l3.l4_off).map_err(|_| Exit::Malformed)?;
@@ -187,7 +199,9 @@ pub fn l4(ctx: &XdpContext, l3: &L3, flow: &mut FlowKey) -> Result<(), Exit> {
             }
             flow.sport_be = u16::from_ne_bytes(tcp.source);
             flow.dport_be = u16::from_ne_bytes(tcp.dest);
-            Ok(())
+            // SAFETY: byte 13 of the 20-byte header ptr_at checked.
+            let flags = unsafe { *(tcp as *const TcpHdr as *const u8).add(13) };
+            Ok(flags & (TCP_ACK | TCP_SYN | TCP_RST) == TCP_ACK)
         }
         PROTO_UDP => {
             let udp: *const UdpHdr = ptr_at(ctx, l3.l4_off).map_err(|_| Exit::Malformed)?;
@@ -199,7 +213,7 @@ pub fn l4(ctx: &XdpContext, l3: &L3, flow: &mut FlowKey) -> Result<(), Exit> {
             }
             flow.sport_be = u16::from_ne_bytes(udp.src);
             flow.dport_be = u16::from_ne_bytes(udp.dst);
-            Ok(())
+            Ok(true)
         }
         _ => Err(Exit::NotL4),
     }

@@ -57,6 +57,12 @@ impl Line {
             .copied()
             .unwrap_or(0) as f64
     }
+    /// Call at the given fraction of the sorted samples (after `median`, which sorts).
+    fn quantile(&self, q: f64) -> f64 {
+        let i =
+            ((self.samples.len() as f64 * q) as usize).min(self.samples.len().saturating_sub(1));
+        self.samples.get(i).copied().unwrap_or(0) as f64
+    }
     fn baseline(&self) -> f64 {
         self.baseline_means.iter().sum::<f64>() / self.baseline_means.len().max(1) as f64
     }
@@ -193,7 +199,8 @@ fn rounds() -> usize {
         .unwrap_or(ROUNDS)
 }
 
-/// Runs `n` new flows (sources from `first`) through the balancer: fills the table.
+/// Runs `n` new flows (sources from `first`) through the balancer: fills the table
+/// (`template` an ACK: a SYN does not enter its flow).
 fn fill(dp: &Programs, template: &[u8], first: u64, n: u64) -> Result<()> {
     let mut i = first;
     chunk(dp, "fill", Program::Balancer, XDP_TX, n, &mut |f| {
@@ -253,7 +260,7 @@ fn main() -> Result<()> {
 
     // A used table: filled to capacity by the program, then emptied.
     let started = Instant::now();
-    fill(&dp, &syn, 1 << 40, capacity as u64)?;
+    fill(&dp, &ack, 1 << 40, capacity as u64)?;
     let emptied = maps.clear_connections()?;
     eprintln!(
         "table filled with {capacity} flows and emptied ({emptied}) in {:?}",
@@ -293,11 +300,19 @@ fn main() -> Result<()> {
         XDP_PASS,
         Gen::new(to_other.clone(), same),
     );
-    let mut tcp_new = Spec::new(
-        "new SYN, table not full",
+    // A new TCP flow costs its SYN (steered by the Maglev table, not entered) and its
+    // first ACK (steered again, entered): both lines, each with its own new flows.
+    let mut tcp_syn = Spec::new(
+        "new SYN (steered, not entered)",
         Program::Balancer,
         XDP_TX,
-        Gen::new(syn.clone(), new_flow),
+        Gen::new(syn.clone(), |f, n| set_flow(f, (1 << 35) + n)),
+    );
+    let mut tcp_new = Spec::new(
+        "new flow's 1st ACK, not full",
+        Program::Balancer,
+        XDP_TX,
+        Gen::new(ack.clone(), new_flow),
     );
     let mut udp_new = Spec::new(
         "UDP new, table not full",
@@ -316,6 +331,7 @@ fn main() -> Result<()> {
             &mut drop,
             &mut established,
             &mut non_vip,
+            &mut tcp_syn,
             &mut tcp_new,
             &mut udp_new,
         ],
@@ -326,16 +342,22 @@ fn main() -> Result<()> {
     let present = rounds() as u64 * CHUNK * 2 + 1;
     fill(
         &dp,
-        &syn,
+        &ack,
         1 << 41,
         (capacity as u64).saturating_sub(present + COLD_FLOWS),
     )?;
-    fill(&dp, &syn, 1 << 38, COLD_FLOWS)?;
+    fill(&dp, &ack, 1 << 38, COLD_FLOWS)?;
     let mut full_new = Spec::new(
-        "new SYN, table full",
+        "new flow's 1st ACK, full",
         Program::Balancer,
         XDP_TX,
-        Gen::new(syn.clone(), |f, n| set_flow(f, (1 << 42) + n)),
+        Gen::new(ack.clone(), |f, n| set_flow(f, (1 << 42) + n)),
+    );
+    let mut full_syn = Spec::new(
+        "SYN flood, table full",
+        Program::Balancer,
+        XDP_TX,
+        Gen::new(syn.clone(), |f, n| set_flow(f, (1 << 43) + n)),
     );
     let mut cold_est = Spec::new(
         "established, 1M flows, cold",
@@ -343,7 +365,11 @@ fn main() -> Result<()> {
         XDP_TX,
         Gen::new(ack.clone(), cold),
     );
-    run_rounds(&dp, &mut baseline, &mut [&mut cold_est, &mut full_new])?;
+    run_rounds(
+        &dp,
+        &mut baseline,
+        &mut [&mut cold_est, &mut full_new, &mut full_syn],
+    )?;
 
     // Maintenance: every SYN is answered with a RST by the program itself. A new
     // client address per call keeps the per-source refusal budget out of the way.
@@ -366,16 +392,18 @@ fn main() -> Result<()> {
         rounds(),
     );
     println!(
-        "{:<30} {:>9} {:>10} {:>10} {:>12} {:>8} {:>9}",
-        "line", "calls", "mean ns", "median ns", "baseline ns", "ratio", "med. ratio"
+        "{:<30} {:>9} {:>10} {:>10} {:>8} {:>12} {:>8} {:>9}",
+        "line", "calls", "mean ns", "median ns", "p99 ns", "baseline ns", "ratio", "med. ratio"
     );
     for spec in [
         &mut drop,
         &mut established,
         &mut cold_est,
         &mut non_vip,
+        &mut tcp_syn,
         &mut tcp_new,
         &mut full_new,
+        &mut full_syn,
         &mut udp_new,
         &mut refusal,
     ] {
@@ -385,12 +413,14 @@ fn main() -> Result<()> {
         let base = spec.line.baseline();
         let mean = spec.line.mean();
         let median = spec.line.median();
+        let p99 = spec.line.quantile(0.99);
         println!(
-            "{:<30} {:>9} {:>10.1} {:>10.1} {:>12.1} {:>8.2} {:>9.2}",
+            "{:<30} {:>9} {:>10.1} {:>10.1} {:>8.0} {:>12.1} {:>8.2} {:>9.2}",
             spec.name,
             spec.line.samples.len(),
             mean,
             median,
+            p99,
             base,
             mean / base,
             median / base

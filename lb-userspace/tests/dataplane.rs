@@ -90,8 +90,8 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Per-CPU connection table: every run of a test must happen on the same CPU, or a flow
-/// inserted on one CPU is a miss on another.
+/// Every run of a test on one CPU: the connection table is shared, but the refusal
+/// budget, the counters and the LRU's free lists are per CPU.
 fn pin_to_cpu0() {
     let mut set = nix::sched::CpuSet::new();
     set.set(0).unwrap();
@@ -242,11 +242,13 @@ fn flow(l4: L4, v6: bool, i: u32, dport: u16) -> Frame {
     Frame::new(src, dst, l4, sport, dport)
 }
 
+/// Packets of `n` established connections (ACKs: a SYN is steered but not entered in
+/// the connection table).
 fn flows(n: u32, dport: u16) -> Vec<Frame> {
     // Spread the clients over addresses too, not only ports.
     (0..n)
         .map(|i| {
-            let mut f = flow(L4::Tcp, false, i, dport);
+            let mut f = flow(L4::Tcp, false, i, dport).established();
             f.src = format!("198.18.1.{}", 10 + i % 200).parse().unwrap();
             f.sport = 1024 + (i / 200) as u16 * 7 + (i % 7) as u16;
             f
@@ -375,6 +377,83 @@ fn established_flows_keep_their_backend_when_one_is_added() {
     assert!(
         on_new > 3000 / 8,
         "only {on_new} of 3000 new flows went to the new backend"
+    );
+}
+
+#[test]
+fn a_syn_is_steered_by_the_table_and_its_flow_entered_at_the_first_ack() {
+    let mut lb = load_lb();
+    let key = service(VIP4, 80, Proto::Tcp);
+    lb.add(key, &backends4(3));
+    let syn = Frame::tcp(CLIENT4, VIP4, 40000, 80);
+    let to = lb.forward(&syn);
+    assert_eq!(lb.maps.conn_count(), 0, "a SYN entered its flow");
+    // A RST or a SYN+ACK to a VIP proves no connection either.
+    let mut rst = syn.clone();
+    rst.tcp_flags = 0x14;
+    assert_eq!(lb.forward(&rst), to);
+    let mut syn_ack = syn.clone();
+    syn_ack.tcp_flags = 0x12;
+    assert_eq!(lb.forward(&syn_ack), to);
+    assert_eq!(lb.maps.conn_count(), 0, "a RST or SYN+ACK entered its flow");
+    // The handshake's ACK goes where the SYN went, and enters the flow.
+    assert_eq!(lb.forward(&syn.clone().established()), to);
+    assert_eq!(lb.maps.conn_count(), 1);
+    // From then on the table keeps it, SYN retransmits included.
+    lb.set_backends(key, &backends4(9));
+    assert_eq!(lb.forward(&syn), to);
+    assert_eq!(lb.forward(&syn.clone().established()), to);
+    // UDP has no handshake: its first datagram enters the flow.
+    let udp = service(VIP4, 53, Proto::Udp);
+    lb.add(udp, &backends4(3));
+    lb.forward(&Frame::udp(CLIENT4, VIP4, 40000, 53));
+    assert_eq!(lb.maps.conn_count(), 2);
+}
+
+#[test]
+fn a_flood_of_a_million_spoofed_syns_leaves_established_flows_on_their_backends() {
+    const ESTABLISHED: u32 = 10_000;
+    const FLOOD: u32 = 1_000_000;
+    let mut lb = load_lb();
+    let key = service(VIP4, 80, Proto::Tcp);
+    lb.add(key, &backends4(3));
+    let real = flows(ESTABLISHED, 80);
+    let before: Vec<u8> = real.iter().map(|f| lb.forward(f)).collect();
+    assert_eq!(lb.maps.conn_count(), ESTABLISHED as usize);
+
+    // 1M SYNs from spoofed sources (198.19.0.0/16 x ports), 30 times the table's
+    // capacity: each one is steered, none is entered.
+    let template = Frame::tcp("198.19.0.1", VIP4, 1, 80).build();
+    let mut frame = template.clone();
+    let mut out = vec![0u8; frame.len() + 64];
+    let prog = lb.dp.program(Program::Balancer);
+    for i in 0..FLOOD {
+        frame[ETH_LEN + 14..ETH_LEN + 16].copy_from_slice(&((i >> 16) as u16).to_be_bytes());
+        frame[ETH_LEN + IPV4_LEN..ETH_LEN + IPV4_LEN + 2]
+            .copy_from_slice(&(i as u16).to_be_bytes());
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        assert_eq!(r.return_value, XDP_TX, "SYN {i} of the flood not steered");
+    }
+    assert_eq!(
+        lb.maps.conn_count(),
+        ESTABLISHED as usize,
+        "the flood changed the connection table"
+    );
+
+    // The table changes (more backends): the real flows stay where they were,
+    // which only their connection-table entries can do.
+    lb.set_backends(key, &backends4(6));
+    let after: Vec<u8> = real.iter().map(|f| lb.forward(f)).collect();
+    let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+    assert_eq!(
+        moved, 0,
+        "{moved} of {ESTABLISHED} established flows changed backend"
     );
 }
 

@@ -52,6 +52,8 @@ pub struct Frame {
     pub ipv6_ext: Option<u8>,
     /// IPv4 flags+fragment offset field as sent (host order).
     pub ipv4_frag: u16,
+    /// TCP flags (SYN by default: a new connection's first packet).
+    pub tcp_flags: u8,
 }
 
 impl Frame {
@@ -68,6 +70,7 @@ impl Frame {
             ipv4_options: Vec::new(),
             ipv6_ext: None,
             ipv4_frag: 0x4000, // DF
+            tcp_flags: TcpFlags::SYN,
         }
     }
 
@@ -79,6 +82,12 @@ impl Frame {
             sport,
             dport,
         )
+    }
+
+    /// This frame as a packet of an established connection (ACK only).
+    pub fn established(mut self) -> Self {
+        self.tcp_flags = TcpFlags::ACK;
+        self
     }
 
     pub fn udp(src: &str, dst: &str, sport: u16, dport: u16) -> Self {
@@ -100,7 +109,7 @@ impl Frame {
                 tcp.set_destination(self.dport);
                 tcp.set_sequence(1);
                 tcp.set_data_offset(5);
-                tcp.set_flags(TcpFlags::SYN);
+                tcp.set_flags(self.tcp_flags);
                 tcp.set_window(65535);
                 tcp.set_payload(&self.payload);
                 let sum = match (self.src, self.dst) {
