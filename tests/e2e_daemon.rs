@@ -916,3 +916,55 @@ fn sighup_reloads_the_services_of_the_config_file_and_a_bad_file_changes_nothing
         ["198.18.0.11", "198.18.0.12", "198.18.0.13"]
     );
 }
+
+/// The XDP mode the kernel reports for lb1's eth0 (`ip -d link`): "xdpgeneric" is
+/// skb mode, "xdp" driver mode.
+fn kernel_xdp_mode(env: &Env) -> &'static str {
+    let out = env
+        .lab
+        .host("lb1")
+        .ns
+        .exec("ip", &["-d", "link", "show", "dev", "eth0"])
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains(" xdpgeneric") {
+        "skb"
+    } else if text.contains(" xdp ") || text.contains(" xdp/") {
+        "driver"
+    } else {
+        "none"
+    }
+}
+
+#[test]
+fn a_restart_with_another_xdp_mode_attaches_in_it_and_status_reports_the_kernels_mode() {
+    let mut env = Env::new("xdpmode", &["b1"]);
+    let status = |env: &Env| -> serde_json::Value {
+        serde_json::from_str(&env.lbctl_ok(&["-o", "json", "status"])).unwrap()
+    };
+    assert_eq!(kernel_xdp_mode(&env), "skb");
+    assert_eq!(status(&env)["interfaces"][0]["xdp_mode"], "skb");
+    for (asked, attach) in [("driver", "new"), ("skb", "new"), ("skb", "replaced")] {
+        // A plain stop keeps the data plane attached (a hitless restart).
+        let lbd = env.lbd.as_mut().unwrap();
+        lbd.signal(Signal::SIGTERM).unwrap();
+        lbd.wait_timeout(Duration::from_secs(10)).unwrap();
+        let text = std::fs::read_to_string(&env.config).unwrap();
+        let text = text
+            .replace("xdp_mode = \"skb\"", &format!("xdp_mode = \"{asked}\""))
+            .replace("xdp_mode = \"driver\"", &format!("xdp_mode = \"{asked}\""));
+        std::fs::write(&env.config, text).unwrap();
+        env.start_lbd();
+        let s = status(&env);
+        assert_eq!(
+            kernel_xdp_mode(&env),
+            asked,
+            "restarted with xdp_mode = {asked}: {s}"
+        );
+        assert_eq!(s["interfaces"][0]["xdp_mode"], asked, "{s}");
+        assert_eq!(s["interfaces"][0]["attach"], attach, "{s}");
+    }
+    // Still balancing after the re-attachments.
+    let tcp = env.spread(20);
+    assert_eq!(tcp.values().sum::<usize>(), 20, "{tcp:?}");
+}

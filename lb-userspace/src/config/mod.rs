@@ -45,6 +45,16 @@ pub enum XdpModeName {
 }
 
 impl XdpModeName {
+    /// Whether the kernel's report of an attach mode (`NeighborTable::xdp_attached`)
+    /// is this mode (`auto` is whatever the kernel chose).
+    pub fn is(self, kernel: &str) -> bool {
+        match self {
+            XdpModeName::Driver => kernel == "driver",
+            XdpModeName::Skb => kernel == "skb",
+            XdpModeName::Auto => true,
+        }
+    }
+
     pub fn mode(self) -> aya::programs::XdpMode {
         use aya::programs::XdpMode;
         match self {

@@ -51,7 +51,9 @@ pub struct Daemon<D: Dataplane = MapManager> {
     programs: Option<Programs>,
     core: Reconciler<D>,
     from_config: Desired,
-    interfaces: Vec<(LocalInterface, XdpModeName, Attached)>,
+    /// Each interface with the mode asked for, how it was attached and the mode the
+    /// kernel reports (read back after attaching).
+    interfaces: Vec<(LocalInterface, XdpModeName, Attached, String)>,
     started: Instant,
     resumed: bool,
     /// Cluster mode: VIPs found on the interface at start, still served.
@@ -90,6 +92,34 @@ pub async fn own_addresses(config: &Config, neighbors: &NeighborTable) -> Result
         own.insert(c.id);
     }
     Ok(own.difference(&vips).copied().collect())
+}
+
+/// Attaches the balancer to `name` in the asked mode and reads back the mode the
+/// kernel has. A pinned link from the last run is kept (a hitless restart) only if it
+/// is in that mode: a restart with another `xdp_mode` re-attaches, which leaves the
+/// interface without the program for a moment (the kernel cannot change a link's
+/// mode in place).
+async fn attach_in_mode(
+    programs: &mut Programs,
+    neighbors: &NeighborTable,
+    name: &str,
+    asked: XdpModeName,
+) -> Result<(Attached, &'static str)> {
+    let how = programs.attach_pinned(Program::Balancer, name, asked.mode())?;
+    let actual = neighbors.xdp_attached(name).await?;
+    if how == Attached::Replaced && !asked.is(actual) {
+        warn!(
+            interface = name,
+            was = actual,
+            asked = ?asked,
+            "re-attaching the XDP program in the asked mode: a restart with another \
+             xdp_mode cannot replace the program in place"
+        );
+        programs.detach_pinned(Program::Balancer, name)?;
+        let how = programs.attach_pinned(Program::Balancer, name, asked.mode())?;
+        return Ok((how, neighbors.xdp_attached(name).await?));
+    }
+    Ok((how, actual))
 }
 
 fn save_desired(dir: &std::path::Path, from_config: &Desired, desired: &Desired) -> Result<()> {
@@ -241,20 +271,21 @@ impl Daemon<MapManager> {
         if let Err(e) = written {
             return Err(fail(programs, vec![], e));
         }
-        let mut interfaces: Vec<(LocalInterface, XdpModeName, Attached)> = locals
+        let mut interfaces: Vec<(LocalInterface, XdpModeName, Attached, String)> = locals
             .iter()
             .zip(&config.interfaces)
-            .map(|(l, i)| (l.clone(), i.xdp_mode, Attached::New))
+            .map(|(l, i)| (l.clone(), i.xdp_mode, Attached::New, String::new()))
             .collect();
         let mut attached = Vec::new();
-        for (l, mode, how) in interfaces.iter_mut() {
-            match programs.attach_pinned(Program::Balancer, &l.name, mode.mode()) {
-                Ok(h) => {
-                    info!(interface = %l.name, ?mode, how = ?h, "XDP program attached");
+        for (l, mode, how, kernel_mode) in interfaces.iter_mut() {
+            match attach_in_mode(&mut programs, &neighbors, &l.name, *mode).await {
+                Ok((h, actual)) => {
+                    info!(interface = %l.name, mode = actual, how = ?h, "XDP program attached");
                     *how = h;
+                    *kernel_mode = actual.to_string();
                     attached.push(l.name.clone());
                 }
-                Err(e) => return Err(fail(programs, attached, e.into())),
+                Err(e) => return Err(fail(programs, attached, e)),
             }
         }
         let from_config = config.desired.clone();
@@ -466,9 +497,9 @@ impl<D: Dataplane> Daemon<D> {
             interfaces: self
                 .interfaces
                 .iter()
-                .map(|(l, mode, how)| api::InterfaceStatus {
+                .map(|(l, _, how, kernel_mode)| api::InterfaceStatus {
                     name: l.name.clone(),
-                    xdp_mode: format!("{mode:?}").to_lowercase(),
+                    xdp_mode: kernel_mode.clone(),
                     attach: format!("{how:?}").to_lowercase(),
                 })
                 .collect(),
@@ -507,7 +538,7 @@ impl<D: Dataplane> Daemon<D> {
         let Some(programs) = self.programs.as_mut() else {
             return Ok(());
         };
-        for (l, _, _) in self.interfaces.clone() {
+        for (l, _, _, _) in self.interfaces.clone() {
             programs.detach_pinned(Program::Balancer, &l.name)?;
         }
         programs.unpin_maps()?;

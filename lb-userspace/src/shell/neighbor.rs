@@ -184,6 +184,39 @@ impl NeighborTable {
             && msg.header.flags.contains(&LinkFlag::Running))
     }
 
+    /// The XDP attach mode the kernel reports for `name` ("driver", "skb", "hw",
+    /// "multi", or "none"): what is true, whatever was asked for.
+    pub async fn xdp_attached(&self, name: &str) -> Result<&'static str> {
+        use netlink_packet_route::link::{LinkAttribute, LinkXdp, XdpAttached};
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        let msg = links
+            .try_next()
+            .await
+            .with_context(|| format!("reading interface {name}'s XDP state"))?
+            .with_context(|| {
+                format!("interface {name} does not exist in this network namespace")
+            })?;
+        let attached = msg.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+                LinkXdp::Attached(a) => Some(a.clone()),
+                _ => None,
+            }),
+            _ => None,
+        });
+        Ok(match attached {
+            Some(XdpAttached::Driver) => "driver",
+            Some(XdpAttached::SocketBuffer) => "skb",
+            Some(XdpAttached::Hardware) => "hw",
+            Some(XdpAttached::Multiple) => "multi",
+            _ => "none",
+        })
+    }
+
     /// Reads one of this network namespace's interfaces over netlink (not /sys, which
     /// shows the namespace of whoever mounted it).
     pub async fn interface(&self, name: &str) -> Result<LocalInterface> {
