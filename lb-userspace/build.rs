@@ -76,5 +76,33 @@ fn main() -> Result<()> {
     let out = PathBuf::from(env::var("OUT_DIR")?).join("lb-ebpf.o");
     std::fs::copy(&object, &out).with_context(|| format!("copying {}", object.display()))?;
     println!("cargo:rustc-env=LB_EBPF_OBJECT={}", out.display());
+    commit();
     Ok(())
+}
+
+/// The commit being built, for `--version` and `lb_build_info`: `LB_COMMIT` when set
+/// (a package built from a tarball), else git's, else "unknown".
+fn commit() {
+    println!("cargo:rerun-if-env-changed=LB_COMMIT");
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git").args(args).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let commit = env::var("LB_COMMIT")
+        .ok()
+        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
+        .unwrap_or_else(|| "unknown".into());
+    // Rebuilt when HEAD moves: HEAD itself and the branch it names.
+    for path in [
+        git(&["rev-parse", "--git-path", "HEAD"]),
+        git(&["symbolic-ref", "-q", "HEAD"]).and_then(|r| git(&["rev-parse", "--git-path", &r])),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        println!("cargo:rerun-if-changed={path}");
+    }
+    println!("cargo:rustc-env=LB_COMMIT={commit}");
 }

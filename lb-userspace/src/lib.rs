@@ -5,6 +5,16 @@
 //! reconciler that drives it ([`reconcile`]), and the tokio shells around them
 //! (daemon, directory, cluster, availability, health, API server).
 
+/// The commit this build was made from (`LB_COMMIT` or git's; see build.rs).
+pub const COMMIT: &str = env!("LB_COMMIT");
+/// `--version` of lbd and lbctl: the package version and the commit.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("LB_COMMIT"),
+    ")"
+);
+
 pub mod api;
 pub mod availability;
 pub mod cluster;

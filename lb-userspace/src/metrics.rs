@@ -22,6 +22,25 @@ pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> 
     let _ = writeln!(out, "lb_up{{node=\"{}\"}} 1", escape(&status.node));
     family(
         &mut out,
+        "lb_node_info",
+        "gauge",
+        "Always 1; the node's name as a label, to join onto the other series.",
+    );
+    let _ = writeln!(out, "lb_node_info{{node=\"{}\"}} 1", escape(&status.node));
+    family(
+        &mut out,
+        "lb_build_info",
+        "gauge",
+        "Always 1; the running build's version and commit as labels.",
+    );
+    let _ = writeln!(
+        out,
+        "lb_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+        escape(&status.version),
+        crate::COMMIT
+    );
+    family(
+        &mut out,
         "lb_uptime_seconds",
         "gauge",
         "Seconds since the daemon started.",
@@ -64,9 +83,46 @@ pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> 
             escape(reason)
         );
     }
-    family(&mut out, "lb_dataplane_packets_total", "counter", "Packets by the data plane's outcome (pass_*, drop_*, tx, redirect) and LRU lookups (lru_*).");
+    // One packet is one verdict; the connection-table lookups and epoch decisions
+    // are counted besides (their sums are not packet counts).
+    family(
+        &mut out,
+        "lb_dataplane_packets_total",
+        "counter",
+        "Packets by the data plane's verdict (pass_*, drop_*, tx, redirect, refuse_*): the sum is every packet seen.",
+    );
     for (name, v) in &stats.global {
-        let _ = writeln!(out, "lb_dataplane_packets_total{{outcome=\"{name}\"}} {v}");
+        if !name.starts_with("lru_") && !name.starts_with("epoch_") {
+            let _ = writeln!(out, "lb_dataplane_packets_total{{outcome=\"{name}\"}} {v}");
+        }
+    }
+    family(
+        &mut out,
+        "lb_dataplane_conn_lookups_total",
+        "counter",
+        "Connection-table lookups of packets to a service: hit, miss (steered by the Maglev table), stale (its backend gone).",
+    );
+    for (name, v) in &stats.global {
+        if let Some(result) = name.strip_prefix("lru_") {
+            let _ = writeln!(
+                out,
+                "lb_dataplane_conn_lookups_total{{result=\"{result}\"}} {v}"
+            );
+        }
+    }
+    family(
+        &mut out,
+        "lb_dataplane_epoch_decisions_total",
+        "counter",
+        "Packets of connections from an older epoch of their service: kept on their backend or re-steered.",
+    );
+    for (name, v) in &stats.global {
+        if let Some(decision) = name.strip_prefix("epoch_") {
+            let _ = writeln!(
+                out,
+                "lb_dataplane_epoch_decisions_total{{decision=\"{decision}\"}} {v}"
+            );
+        }
     }
     family(
         &mut out,
@@ -100,12 +156,12 @@ pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> 
         &mut out,
         "lb_service_unavailable",
         "gauge",
-        "1 while the service is refused (maintenance, outage), by reason.",
+        "1 while the service is refused (maintenance, outage), with its reason; 0 with reason \"none\" while it is served.",
     );
     for s in &stats.services {
         let (v, reason) = match &s.unavailable {
             Some(r) => (1, format!("{:?}", r.reason).to_lowercase()),
-            None => (0, String::new()),
+            None => (0, "none".to_string()),
         };
         let _ = writeln!(
             out,
@@ -113,6 +169,23 @@ pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> 
             escape(&s.service),
             reason
         );
+    }
+    family(
+        &mut out,
+        "lb_backend_healthy",
+        "gauge",
+        "1 while the service's health check passes for the backend (always 1 without a check).",
+    );
+    for s in &stats.services {
+        for b in &s.backends {
+            let _ = writeln!(
+                out,
+                "lb_backend_healthy{{service=\"{}\",backend=\"{}\"}} {}",
+                escape(&s.service),
+                b.address,
+                u8::from(b.healthy)
+            );
+        }
     }
     family(
         &mut out,

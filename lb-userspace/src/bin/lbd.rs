@@ -26,7 +26,8 @@ use tracing::{error, info, warn};
 
 #[derive(Parser)]
 #[command(
-    version,
+    name = "lbd",
+    version = lb_userspace::LONG_VERSION,
     about = "The load balancer daemon: loads the XDP data plane and serves the management API"
 )]
 struct Args {

@@ -22,6 +22,8 @@ struct Api {
     client: Client,
     daemon: DaemonHandle,
     dir: PathBuf,
+    /// Where the metrics router listens (a loopback port of the test's own).
+    metrics: std::net::SocketAddr,
 }
 
 impl Drop for Api {
@@ -82,11 +84,16 @@ async fn api(test: &str) -> Api {
         availability,
     };
     let listener = super::bind_api(&socket).unwrap();
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = metrics.local_addr().unwrap();
+    let metrics_state = state.clone();
+    tokio::spawn(async move { axum::serve(metrics, super::metrics_router(metrics_state)).await });
     tokio::spawn(async move { axum::serve(listener, super::api_router(state)).await });
     Api {
         client: Client::new(socket),
         daemon,
         dir,
+        metrics: metrics_addr,
     }
 }
 
@@ -225,4 +232,65 @@ async fn unknown_services_and_backends_are_404_with_a_way_out() {
     };
     assert_eq!(status, 404);
     assert!(message.contains("lbctl service list"), "{message}");
+}
+
+/// A scrape of the metrics port, as Prometheus does it (plain HTTP/1.1).
+async fn scrape(a: &Api) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(a.metrics).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: lbd\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer
+}
+
+#[tokio::test]
+async fn metrics_separate_verdicts_from_lookups_name_the_node_and_build_and_always_set_reasons() {
+    let a = api("metrics").await;
+    let m = scrape(&a).await;
+    assert!(m.contains("lb_node_info{node=\"t\"} 1"), "{m}");
+    assert!(
+        m.contains(&format!(
+            "lb_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            crate::COMMIT
+        )),
+        "{m}"
+    );
+    // A packet is one verdict: lookups and epoch decisions are series of their own.
+    let outcomes: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("lb_dataplane_packets_total{"))
+        .collect();
+    assert!(!outcomes.is_empty(), "{m}");
+    assert!(
+        outcomes
+            .iter()
+            .all(|l| !l.contains("\"lru_") && !l.contains("\"epoch_")),
+        "{outcomes:?}"
+    );
+    for result in ["hit", "miss", "stale"] {
+        assert!(
+            m.contains(&format!(
+                "lb_dataplane_conn_lookups_total{{result=\"{result}\"}}"
+            )),
+            "{m}"
+        );
+    }
+    assert!(!m.contains("=\"\""), "a label without a value: {m}");
+    assert!(
+        m.contains(&format!(
+            "lb_service_unavailable{{service=\"{SVC}\",reason=\"none\"}} 0"
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "lb_backend_healthy{{service=\"{SVC}\",backend=\"198.18.0.11\"}} 1"
+        )),
+        "{m}"
+    );
 }

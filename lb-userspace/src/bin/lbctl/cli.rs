@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::model::{parse_mac, ServiceKey};
 
 #[derive(Parser)]
-#[command(version, about = "Control the load balancer daemon (lbd)")]
+#[command(name = "lbctl", version = lb_userspace::LONG_VERSION, about = "Control the load balancer daemon (lbd)")]
 pub struct Cli {
     /// lbd's API socket. Default: $LBCTL_SOCKET, else the only socket in /run/lb.
     #[arg(long, global = true)]
