@@ -278,7 +278,7 @@ impl Daemon<MapManager> {
             .collect();
         let mut attached = Vec::new();
         for (l, mode, how, kernel_mode) in interfaces.iter_mut() {
-            match attach_in_mode(&mut programs, &neighbors, &l.name, *mode).await {
+            match attach_in_mode(&mut programs, neighbors, &l.name, *mode).await {
                 Ok((h, actual)) => {
                     info!(interface = %l.name, mode = actual, how = ?h, "XDP program attached");
                     *how = h;

@@ -203,7 +203,7 @@ impl NeighborTable {
             })?;
         let attached = msg.attributes.iter().find_map(|a| match a {
             LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
-                LinkXdp::Attached(a) => Some(a.clone()),
+                LinkXdp::Attached(a) => Some(*a),
                 _ => None,
             }),
             _ => None,
