@@ -968,3 +968,49 @@ fn a_restart_with_another_xdp_mode_attaches_in_it_and_status_reports_the_kernels
     let tcp = env.spread(20);
     assert_eq!(tcp.values().sum::<usize>(), 20, "{tcp:?}");
 }
+
+#[test]
+fn with_json_output_errors_are_json_documents_with_the_exit_code() {
+    let env = Env::new("jsonerr", &["b1"]);
+    let json_of = |out: &std::process::Output| -> serde_json::Value {
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {} / {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    // Refused by lbd: exit 1.
+    let out = env.lbctl(&[
+        "-o",
+        "json",
+        "backend",
+        "remove",
+        "tcp/198.18.0.100:81",
+        "198.18.0.11",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let v = json_of(&out);
+    assert_eq!(v["exit"], 1, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("198.18.0.100:81"),
+        "{v}"
+    );
+    // No lbd on the socket: exit 3.
+    let out = std::process::Command::new(binary("lbctl"))
+        .args(["--socket", "/nonexistent/lbd.sock", "-o", "json", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(json_of(&out)["exit"], 3);
+    // A bad input file: exit 2.
+    let out = env.lbctl(&["-o", "json", "apply", "-f", "/nonexistent.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(json_of(&out)["exit"], 2);
+    // Humans still get a line on stderr, nothing on stdout.
+    let out = env.lbctl(&["backend", "remove", "tcp/198.18.0.100:81", "198.18.0.11"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("lbctl: "));
+}

@@ -39,12 +39,15 @@ pub enum Cmd {
         /// Print again every --interval seconds until interrupted.
         #[arg(long)]
         watch: bool,
+        /// Seconds between two prints with --watch (rates are over this interval).
         #[arg(long, default_value_t = 2)]
         interval: u64,
     },
     /// Make lbd's services exactly those of a file (an lbd config or just [[service]]
     /// sections); prints the changes.
     Apply {
+        /// The file: an lbd config (its [[service]] sections are used) or only
+        /// [[service]] sections.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
         /// Show the changes without making them.
@@ -64,6 +67,7 @@ pub enum Cmd {
     Node(NodeCmd),
     /// Cluster events (acquire, release, leader change...); --follow streams them.
     Events {
+        /// Keep printing events as they happen, until interrupted.
         #[arg(long, short)]
         follow: bool,
     },
@@ -74,33 +78,46 @@ pub enum Cmd {
     #[command(subcommand)]
     Dir(DirCmd),
     /// Print a shell completion script.
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        /// The shell: bash, elvish, fish, powershell or zsh.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Services are written as tcp/198.18.0.100:80, udp/[2001:db8::1]:53, tcp/198.18.0.100:* (any port).
 #[derive(Subcommand)]
 pub enum ServiceCmd {
+    /// Add a service (no backends yet: add them with `backend add`).
     Add {
+        /// The service, e.g. tcp/198.18.0.100:80 (tcp/ADDR:* for the port-less one).
         service: ServiceKey,
+        /// Its Maglev table size (a prime; default from the config's dataplane section).
         #[arg(long)]
         maglev_size: Option<u32>,
         /// Pass fragments and packets with IP options to the node's stack instead of dropping them.
         #[arg(long)]
         pass_irregular: bool,
     },
+    /// Remove a service and its backends; its flows are dropped from then on.
     Remove {
+        /// The service, e.g. tcp/198.18.0.100:80 (tcp/ADDR:* for the port-less one).
         service: ServiceKey,
     },
     /// Start a new epoch for the service: clients holding the old one are told so.
     BumpEpoch {
+        /// The service, e.g. tcp/198.18.0.100:80 (tcp/ADDR:* for the port-less one).
         service: ServiceKey,
     },
+    /// Every service with its backend count and state, one line each.
     List,
+    /// A service in detail: its settings and every backend (all services without one).
     Show {
-        service: ServiceKey,
+        /// The service, e.g. tcp/198.18.0.100:80 (tcp/ADDR:* for the port-less one).
+        service: Option<ServiceKey>,
     },
     /// Refuse the service on every LB node at once (SYN → RST, UDP → ICMP error).
     Maintenance {
+        /// The service, e.g. tcp/198.18.0.100:80 (tcp/ADDR:* for the port-less one).
         service: ServiceKey,
         /// planned, unplanned, testing or unknown.
         #[arg(long, default_value = "planned")]
@@ -114,7 +131,9 @@ pub enum ServiceCmd {
     },
     /// Serve the service again on every LB node.
     Available {
+        /// The service, e.g. tcp/198.18.0.100:80 (tcp/ADDR:* for the port-less one).
         service: ServiceKey,
+        /// Who is doing it (default: $USER).
         #[arg(long)]
         operator: Option<String>,
     },
@@ -122,7 +141,10 @@ pub enum ServiceCmd {
 
 #[derive(Subcommand)]
 pub enum SpmCmd {
+    /// The map as a client gets it (type 1: every service), or its part for one
+    /// service, sphere or client.
     Show {
+        /// Only this service's entries.
         #[arg(long)]
         service: Option<ServiceKey>,
         /// Apply the rules for this client address.
@@ -134,6 +156,7 @@ pub enum SpmCmd {
         /// Map type: 1 full, 2 one service, 3 one sphere, 4 one service in one sphere.
         #[arg(long = "type")]
         map_type: Option<u8>,
+        /// Only this provider's entries (its name in the SPM settings).
         #[arg(long)]
         provider: Option<String>,
         /// The epoch you hold for --service: a stale one gets the mismatch reply.
@@ -146,8 +169,10 @@ pub enum SpmCmd {
     /// Prints the map now and again each time it changes (one JSON line per version
     /// with --output json), until interrupted.
     Watch {
+        /// Only this service's entries.
         #[arg(long)]
         service: Option<ServiceKey>,
+        /// Apply the rules for this client address.
         #[arg(long)]
         client: Option<IpAddr>,
     },
@@ -157,35 +182,52 @@ pub enum SpmCmd {
 pub enum DirCmd {
     /// Rows whose key starts with PREFIX (all without one).
     Search {
+        /// The table, e.g. instances or routes.
         table: String,
+        /// Only keys that start with this.
         prefix: Option<String>,
     },
     /// Valid instances with the current route to their host.
     Find {
+        /// The table, e.g. instances or routes.
         table: String,
+        /// Only keys that start with this.
         prefix: Option<String>,
     },
+    /// Write a row (answered once a backup holds it: exit 5 if none does yet).
     Add {
+        /// The table, e.g. instances or routes.
         table: String,
+        /// The row's key.
         key: String,
+        /// The row's value.
         value: String,
+        /// Write it marked invalid (present, but not used).
         #[arg(long)]
         invalid: bool,
     },
+    /// Delete a row.
     Delete {
+        /// The table, e.g. instances or routes.
         table: String,
+        /// The row's key.
         key: String,
     },
     /// Valid now, and invalid unless renewed within --time-max.
     Heartbeat {
+        /// The table, e.g. instances or routes.
         table: String,
+        /// The row's key.
         key: String,
+        /// How long the row stays valid without another heartbeat (e.g. 5s).
         #[arg(long, value_parser = parse_duration)]
         time_max: Duration,
     },
     /// Stream Add / Delete / Resync events of a table (and key prefix).
     Subscribe {
+        /// The table, e.g. instances or routes.
         table: String,
+        /// Only keys that start with this.
         prefix: Option<String>,
     },
 }
@@ -214,27 +256,37 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub enum NodeCmd {
     /// Acquire no VIP from now on; keep the ones served.
     Quiesce,
+    /// Acquire VIPs again as the cluster assigns them.
     Unquiesce,
 }
 
 #[derive(Subcommand)]
 pub enum BackendCmd {
+    /// Add a backend to a service; it takes new flows at once.
     Add {
+        /// The service, e.g. tcp/198.18.0.100:80 (tcp/ADDR:* for the port-less one).
         service: ServiceKey,
+        /// The backend's address.
         address: IpAddr,
+        /// Its share of new flows relative to the others.
         #[arg(long, default_value_t = 1)]
         weight: u32,
         /// Fixed MAC; by default it is resolved through the neighbour table.
         #[arg(long, value_parser = parse_mac_arg)]
         mac: Option<[u8; 6]>,
     },
+    /// Remove a backend: it gets no packet from then on, not even of its old flows.
     Remove {
+        /// The service, e.g. tcp/198.18.0.100:80 (tcp/ADDR:* for the port-less one).
         service: ServiceKey,
+        /// The backend's address.
         address: IpAddr,
     },
     /// Take no new flows; established ones continue until they end.
     Drain {
+        /// The service, e.g. tcp/198.18.0.100:80 (tcp/ADDR:* for the port-less one).
         service: ServiceKey,
+        /// The backend's address.
         address: IpAddr,
         /// Put the backend back into rotation.
         #[arg(long)]
@@ -242,23 +294,31 @@ pub enum BackendCmd {
     },
     /// Change a backend's weight.
     Weight {
+        /// The service, e.g. tcp/198.18.0.100:80 (tcp/ADDR:* for the port-less one).
         service: ServiceKey,
+        /// The backend's address.
         address: IpAddr,
+        /// The new weight (0 takes it out of new flows, like a drain).
         weight: u32,
     },
+    /// A service's backends with weight, health, MAC and counters.
     List {
+        /// The service, e.g. tcp/198.18.0.100:80 (tcp/ADDR:* for the port-less one).
         service: ServiceKey,
     },
     /// Register a backend in the directory with a lease, and keep renewing it until
     /// interrupted: stop this and the backend leaves within the lease.
     Register {
+        /// The service, e.g. tcp/198.18.0.100:80 (tcp/ADDR:* for the port-less one).
         #[arg(long)]
         service: ServiceKey,
         /// The backend's address and port.
         #[arg(long)]
         addr: std::net::SocketAddr,
+        /// The lease: without a renewal within it, the registration ends.
         #[arg(long, value_parser = parse_duration, default_value = "2s")]
         ttl: Duration,
+        /// Its share of new flows relative to the others.
         #[arg(long, default_value_t = 1)]
         weight: u32,
         #[command(flatten)]
@@ -268,19 +328,24 @@ pub enum BackendCmd {
     /// until interrupted (or once). Without --load: this host's CPU busy time, per
     /// mille of --capacity.
     Report {
+        /// The service, e.g. tcp/198.18.0.100:80 (tcp/ADDR:* for the port-less one).
         #[arg(long)]
         service: ServiceKey,
         /// The backend's address.
         #[arg(long)]
         addr: IpAddr,
+        /// The load to report (default: this host's CPU busy time).
         #[arg(long)]
         load: Option<u64>,
+        /// The capacity the load is measured against.
         #[arg(long, default_value_t = 1000)]
         capacity: u64,
+        /// Time between two reports.
         #[arg(long, value_parser = parse_duration, default_value = "1s")]
         interval: Duration,
         #[command(flatten)]
         registry: Registry,
+        /// Report once and exit.
         #[arg(long)]
         once: bool,
     },
@@ -300,4 +365,33 @@ pub struct Registry {
     /// A file holding the registry key (the node's `registry_key`).
     #[arg(long)]
     pub registry_key_file: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every subcommand, at every depth, says what it does, and every argument what
+    /// it takes: `lbctl X --help` is never an empty line.
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                let here = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(here.clone());
+                }
+                for arg in sub.get_arguments() {
+                    let id = arg.get_id().as_str();
+                    if id != "help" && id != "version" && arg.get_help().is_none() {
+                        missing.push(format!("{here} <{id}>"));
+                    }
+                }
+                walk(sub, &here, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "lbctl", &mut missing);
+        assert!(missing.is_empty(), "no help for: {missing:#?}");
+    }
 }

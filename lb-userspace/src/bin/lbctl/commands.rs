@@ -258,9 +258,22 @@ async fn service(client: &Client, out: Output, cmd: ServiceCmd) -> Result<(), Fa
             let all: Vec<api::ServiceView> = client.get("/v1/services").await?;
             show(out, &all, |a| render::services(a));
         }
-        ServiceCmd::Show { service } => {
+        ServiceCmd::Show {
+            service: Some(service),
+        } => {
             let s = find_service(client, service).await?;
             show(out, &s, render::service);
+        }
+        ServiceCmd::Show { service: None } => {
+            let all: Vec<api::ServiceView> = client.get("/v1/services").await?;
+            show(out, &all, |all| {
+                for (i, s) in all.iter().enumerate() {
+                    if i > 0 {
+                        println!();
+                    }
+                    render::service(s);
+                }
+            });
         }
     }
     Ok(())

@@ -1,7 +1,9 @@
 //! lbctl: the balancer's command line, a client of lbd's management API.
 //!
 //! Exit codes: 0 done; 1 lbd refused the request (the message says why); 2 bad usage
-//! or input file; 3 lbd is not running; 4 unexpected answer from lbd.
+//! or input file; 3 lbd is not running; 4 unexpected answer from lbd; 5 a directory
+//! change taken but not yet stored by a backup. With `-o json` the error is a JSON
+//! object `{"error", "exit"}` on stdout.
 
 mod cli;
 mod commands;
@@ -81,23 +83,26 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Input(m)) => {
-            eprintln!("lbctl: {m}");
-            ExitCode::from(2)
-        }
-        Err(Failure::Pending(m)) => {
-            eprintln!("lbctl: {m}");
-            ExitCode::from(5)
-        }
+    let json = cli.output == cli::Output::Json;
+    let (message, code) = match runtime.block_on(run(cli)) {
+        Ok(()) => return ExitCode::SUCCESS,
+        Err(Failure::Input(m)) => (m, 2),
+        Err(Failure::Pending(m)) => (m, 5),
         Err(Failure::Client(e)) => {
-            eprintln!("lbctl: {e}");
-            ExitCode::from(match e {
+            let code = match e {
                 ClientError::Daemon { .. } => 1,
                 ClientError::NotRunning { .. } => 3,
                 ClientError::Protocol { .. } => 4,
-            })
+            };
+            (e.to_string(), code)
         }
+    };
+    if json {
+        // A script reading -o json gets a JSON document either way: the answer, or
+        // this (the exit code as for humans).
+        println!("{}", serde_json::json!({ "error": message, "exit": code }));
+    } else {
+        eprintln!("lbctl: {message}");
     }
+    ExitCode::from(code)
 }
