@@ -1014,3 +1014,54 @@ fn with_json_output_errors_are_json_documents_with_the_exit_code() {
     assert!(out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("lbctl: "));
 }
+
+/// lb1's config file as written by `Env`, with these backends and another connection
+/// table size (a [dataplane] change, which waits for a restart).
+fn reconfigured(env: &Env, backends: &[&str]) -> String {
+    let node_line = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("name = "))
+        .unwrap()
+        .to_string();
+    common::config_text("unused", &env.dir, &env.pin_dir, backends)
+        .lines()
+        .map(|l| {
+            if l.starts_with("name = ") {
+                node_line.clone()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("conn_table_size = 16384", "conn_table_size = 32768")
+}
+
+#[test]
+fn lbctl_reload_applies_the_file_and_answers_what_changed_and_a_bad_file_changes_nothing() {
+    let env = Env::new("reload", &["b1", "b2"]);
+    let text = reconfigured(&env, &["b1", "b2", "b3"]);
+    std::fs::write(&env.config, &text).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&env.lbctl_ok(&["-o", "json", "reload"])).unwrap();
+    let changes = r["changes"].to_string();
+    assert!(changes.contains("198.18.0.13"), "{r}");
+    assert_eq!(r["restart_needed"], serde_json::json!(["[dataplane]"]), "{r}");
+    let human = env.lbctl_ok(&["reload"]);
+    assert!(human.contains("no changes to the services"), "{human}");
+    assert!(human.contains("[dataplane] changed"), "{human}");
+    let list = env.lbctl_ok(&["-o", "json", "backend", "list", SVC]);
+    assert!(list.contains("198.18.0.13"), "{list}");
+    // A broken file: refused with where and why; nothing changes.
+    std::fs::write(
+        &env.config,
+        reconfigured(&env, &["b1"]).replace("protocol = \"udp\"", "protocol = \"sctp\""),
+    )
+    .unwrap();
+    let out = env.lbctl(&["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lbd.toml:") && err.contains("sctp"), "{err}");
+    assert_eq!(env.lbctl_ok(&["-o", "json", "backend", "list", SVC]), list);
+}

@@ -221,6 +221,22 @@ pub struct Apply {
     pub dry_run: bool,
 }
 
+/// The answer to a reload (`POST /v1/reload`, SIGHUP).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Reloaded {
+    /// The file that was read.
+    pub file: String,
+    /// What its services changed (empty: they were as before, or not applied).
+    pub changes: Vec<Change>,
+    /// False in a cluster whose services are the directory's: the file's are not
+    /// applied (`lbctl apply` changes them everywhere).
+    pub services_applied: bool,
+    /// The file's services are not what the cluster has (only when not applied).
+    pub services_differ_from_cluster: bool,
+    /// Sections that changed and take effect at the next restart (node, dataplane, ...).
+    pub restart_needed: Vec<String>,
+}
+
 /// The answer to every change: what it changed (empty: nothing to do).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Applied {

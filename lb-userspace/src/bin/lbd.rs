@@ -248,6 +248,7 @@ async fn serve(
         shutdown: shutdown_tx,
         neighbors: neighbors.clone(),
         cluster,
+        config_path: Some(config_path.clone()),
     };
     let api = axum::serve(api_listener, api_router(state.clone()));
     let metrics = axum::serve(metrics_listener, metrics_router(state.clone()));
@@ -304,7 +305,7 @@ async fn serve(
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM"); break detach_on_exit }
             _ = int.recv() => { info!("SIGINT"); break detach_on_exit }
-            _ = hup.recv() => reload(&config_path, &state).await,
+            _ = hup.recv() => lb_userspace::server::reload::on_hangup(&state).await,
             req = shutdown_rx.recv() => {
                 let detach = req.map(|r| r.detach).unwrap_or(false) || detach_on_exit;
                 info!(detach, "shutdown requested");
@@ -346,40 +347,4 @@ async fn serve(
         info!("leaving the XDP program attached: traffic keeps flowing; the next lbd takes over");
     }
     Ok(())
-}
-
-/// SIGHUP: re-reads the config file. A bad file is logged (field and line) and changes
-/// nothing; changed services are applied (in a cluster, only while no operator change
-/// has made the services the cluster's); other changed sections wait for a restart.
-async fn reload(path: &std::path::Path, state: &AppState) {
-    let new = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            error!("SIGHUP: the config file was not reloaded, nothing changed: {e}");
-            return;
-        }
-    };
-    let cluster_owned = state
-        .directory
-        .with_tables(lb_userspace::directory::feed::desired)
-        .is_some();
-    if cluster_owned && new.desired != state.daemon.now().desired {
-        warn!(
-            "SIGHUP: the services are the cluster's (set through the API of some node): \
-             the file's services are not applied; use `lbctl apply FILE` to change them everywhere"
-        );
-    }
-    match state
-        .daemon
-        .call(move |d| d.reload(new, !cluster_owned))
-        .await
-    {
-        Ok((changes, later)) => {
-            info!(changes = changes.len(), "SIGHUP: config file reloaded");
-            if !later.is_empty() {
-                warn!(sections = ?later, "SIGHUP: these sections changed and take effect at the next restart");
-            }
-        }
-        Err(e) => error!("SIGHUP: the file's services were refused, nothing changed: {e:#}"),
-    }
 }

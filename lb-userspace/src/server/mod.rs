@@ -4,6 +4,7 @@
 mod cluster;
 mod directory;
 mod peers;
+pub mod reload;
 mod services;
 mod spm;
 
@@ -45,6 +46,8 @@ pub struct AppState {
     pub cluster: Option<ClusterHandle>,
     pub directory: DirHandle,
     pub availability: AvailHandle,
+    /// The config file lbd was started with (what a reload re-reads).
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 pub struct ApiError(pub(crate) StatusCode, pub(crate) String);
@@ -141,6 +144,10 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
+fn conflict(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::CONFLICT, msg.into())
+}
+
 fn not_found(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::NOT_FOUND, msg.into())
 }
@@ -175,6 +182,7 @@ pub fn api_router(state: AppState) -> Router {
         .route("/v1/spm/watch", get(spm_watch))
         .route("/v1/apply", post(apply))
         .route("/v1/shutdown", post(shutdown))
+        .route("/v1/reload", post(reload::reload_handler))
         .route("/v1/cluster", get(cluster))
         .route("/v1/node/quiesce", post(quiesce))
         .route("/v1/events", get(events))

@@ -82,6 +82,7 @@ async fn api(test: &str) -> Api {
         cluster: None,
         directory,
         availability,
+        config_path: Some(dir.join("lbd.toml")),
     };
     let listener = super::bind_api(&socket).unwrap();
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

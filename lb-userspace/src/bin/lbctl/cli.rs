@@ -54,6 +54,9 @@ pub enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Re-read lbd's config file and apply its services, as SIGHUP does; prints the
+    /// changes and the sections that wait for a restart. A bad file changes nothing.
+    Reload,
     /// Stop lbd. The data plane keeps forwarding unless --detach.
     Shutdown {
         /// Also detach the XDP program and remove the pinned maps.

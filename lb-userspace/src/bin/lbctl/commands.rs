@@ -114,6 +114,10 @@ pub async fn run(
                 .await?;
             show(out, &r, render::applied);
         }
+        Cmd::Reload => {
+            let r: api::Reloaded = client.post("/v1/reload", &serde_json::json!({})).await?;
+            show(out, &r, render::reloaded);
+        }
         Cmd::Cluster => {
             let c: api::ClusterView = client.get("/v1/cluster").await?;
             show(out, &c, render::cluster);

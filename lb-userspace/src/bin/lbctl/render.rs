@@ -46,6 +46,29 @@ pub fn applied(a: &Applied) {
     }
 }
 
+pub fn reloaded(r: &api::Reloaded) {
+    println!("reloaded {}", r.file);
+    if !r.services_applied {
+        println!(
+            "services not applied: they are the cluster's{}; `lbctl apply -f {}` changes them everywhere",
+            if r.services_differ_from_cluster {
+                " and differ from the file's"
+            } else {
+                ""
+            },
+            r.file
+        );
+    } else if r.changes.is_empty() {
+        println!("no changes to the services");
+    }
+    for c in &r.changes {
+        println!("{c}");
+    }
+    for section in &r.restart_needed {
+        println!("{section} changed: takes effect at the next restart");
+    }
+}
+
 pub fn status(s: &api::Status) {
     println!("node        {} (lbd {}, API {})", s.node, s.version, s.api);
     println!(
