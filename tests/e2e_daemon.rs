@@ -1047,7 +1047,11 @@ fn lbctl_reload_applies_the_file_and_answers_what_changed_and_a_bad_file_changes
         serde_json::from_str(&env.lbctl_ok(&["-o", "json", "reload"])).unwrap();
     let changes = r["changes"].to_string();
     assert!(changes.contains("198.18.0.13"), "{r}");
-    assert_eq!(r["restart_needed"], serde_json::json!(["[dataplane]"]), "{r}");
+    assert_eq!(
+        r["restart_needed"],
+        serde_json::json!(["[dataplane]"]),
+        "{r}"
+    );
     let human = env.lbctl_ok(&["reload"]);
     assert!(human.contains("no changes to the services"), "{human}");
     assert!(human.contains("[dataplane] changed"), "{human}");

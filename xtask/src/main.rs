@@ -39,6 +39,9 @@ enum Cmd {
     /// The chaos suite's long forms against the release build (the cluster under
     /// kill -9, restarts, link flaps, partitions, slow ARP): prints a line per fault.
     Chaos,
+    /// Build the Debian package (release build): lbd, lbctl, the systemd unit, an
+    /// example /etc/lb/lbd.toml, manual pages and completions, in target/debian.
+    Package,
     /// The lab: client, two LB nodes and three backends in network namespaces.
     Lab {
         #[command(subcommand)]
@@ -162,6 +165,16 @@ fn main() -> Result<()> {
                 cmd.arg("--").args(args);
             }
             status(cmd, "cargo test")
+        }
+        Cmd::Package => {
+            setup()?;
+            build_bins(true)?;
+            let root = workspace_root();
+            let mut cmd = Command::new("sh");
+            cmd.arg(root.join("scripts/package.sh"))
+                .arg(root.join("target/release"))
+                .arg(root.join("target/debian"));
+            status(cmd, "scripts/package.sh")
         }
         Cmd::Chaos => {
             setup()?;

@@ -15,7 +15,7 @@ use lb_userspace::{
         dird,
         handle::DaemonHandle,
         neighbor::{nudge, NeighborTable},
-        preflight,
+        notify, preflight,
     },
 };
 use tokio::{
@@ -41,6 +41,9 @@ struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     check: bool,
+    /// Print the manual page lbd(8) in roff and exit (for packaging).
+    #[arg(long, hide = true)]
+    print_man: bool,
 }
 
 fn main() -> ExitCode {
@@ -53,6 +56,16 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    if args.print_man {
+        let man = clap_mangen::Man::new(<Args as clap::CommandFactory>::command()).section("8");
+        return match man.render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lbd: writing the manual page: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -296,6 +309,24 @@ async fn serve(
         })
     };
 
+    // systemd (Type=notify): ready once the data plane is attached and the API
+    // serves; the watchdog is fed only while the daemon thread answers, so a stuck
+    // daemon is restarted (and resumes the pinned data plane, hitless).
+    notify::notify("READY=1");
+    let watchdog = notify::watchdog_interval().map(|every| {
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let alive = tokio::time::timeout(every, daemon.call(|_| ())).await;
+                if alive.is_ok() {
+                    notify::notify("WATCHDOG=1");
+                } else {
+                    warn!("the daemon thread did not answer within {every:?}: not feeding the watchdog");
+                }
+            }
+        })
+    });
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -317,6 +348,10 @@ async fn serve(
             r = &mut metrics_task => { anyhow::bail!("the metrics server stopped: {r:?}") }
         }
     };
+    notify::notify("STOPPING=1");
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     refresh.abort();
     if detach {
         if let (Some(cluster), Some(c)) = (&state.cluster, &cluster_config) {

@@ -10,6 +10,7 @@ pub mod handle;
 pub mod health;
 pub mod managers;
 pub mod neighbor;
+pub mod notify;
 pub mod peer;
 pub mod preflight;
 pub mod routes;

@@ -80,6 +80,9 @@ pub enum Cmd {
     /// The directory: tables of service instances, host routes, partitions.
     #[command(subcommand)]
     Dir(DirCmd),
+    /// Print the manual page lbctl(8) in roff (for packaging).
+    #[command(hide = true)]
+    Man,
     /// Print a shell completion script.
     Completions {
         /// The shell: bash, elvish, fish, powershell or zsh.

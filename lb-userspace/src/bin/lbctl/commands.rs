@@ -100,7 +100,7 @@ pub async fn run(
     apply: Option<api::Apply>,
 ) -> Result<(), Failure> {
     match cmd {
-        Cmd::Completions { .. } => unreachable!("handled without lbd"),
+        Cmd::Completions { .. } | Cmd::Man => unreachable!("handled without lbd"),
         Cmd::Status => {
             let s: api::Status = client.get("/v1/status").await?;
             show(out, &s, render::status);

@@ -57,6 +57,12 @@ fn default_socket() -> Result<PathBuf, Failure> {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Cmd::Man = cli.command {
+        let man = clap_mangen::Man::new(Cli::command()).section("8");
+        return man
+            .render(&mut std::io::stdout())
+            .map_err(|e| Failure::Input(format!("writing the manual page: {e}")));
+    }
     if let Cmd::Completions { shell } = cli.command {
         clap_complete::generate(shell, &mut Cli::command(), "lbctl", &mut std::io::stdout());
         return Ok(());
