@@ -655,6 +655,7 @@ async fn spm(client: &Client, out: Output, cmd: SpmCmd) -> Result<(), Failure> {
                 }) => {
                     if let Ok(m) = serde_json::from_slice::<api::EpochMismatch>(&body) {
                         show(out, &m, |m| render::spm(&m.map));
+                        return Err(Failure::Shown(message));
                     }
                     return Err(Failure::Client(api::client::ClientError::Daemon {
                         message,

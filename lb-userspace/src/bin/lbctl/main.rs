@@ -21,6 +21,9 @@ pub enum Failure {
     Input(String),
     /// The directory took the change but has not stored it where a failover keeps it.
     Pending(String),
+    /// lbd refused the request with an answer already printed on stdout (an epoch
+    /// mismatch carries the map to use; its JSON names the error itself).
+    Shown(String),
 }
 
 impl From<ClientError> for Failure {
@@ -92,7 +95,15 @@ fn main() -> ExitCode {
     let json = cli.output == cli::Output::Json;
     let (message, code) = match runtime.block_on(run(cli)) {
         Ok(()) => return ExitCode::SUCCESS,
+        Err(Failure::Shown(m)) => {
+            if !json {
+                eprintln!("lbctl: {m}");
+            }
+            return ExitCode::from(1);
+        }
         Err(Failure::Input(m)) => (m, 2),
+        // The answer (`committed: false`) is already on stdout: no second document.
+        Err(Failure::Pending(_)) if json => return ExitCode::from(5),
         Err(Failure::Pending(m)) => (m, 5),
         Err(Failure::Client(e)) => {
             let code = match e {
