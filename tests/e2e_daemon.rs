@@ -1069,3 +1069,72 @@ fn lbctl_reload_applies_the_file_and_answers_what_changed_and_a_bad_file_changes
     assert!(err.contains("lbd.toml:") && err.contains("sctp"), "{err}");
     assert_eq!(env.lbctl_ok(&["-o", "json", "backend", "list", SVC]), list);
 }
+
+/// The newest lbd log of `env` (each start writes its own).
+fn newest_log(env: &Env) -> String {
+    let mut logs: Vec<_> = std::fs::read_dir(&env.dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with("lbd-") && n.ends_with(".log")
+        })
+        .map(|e| (e.metadata().unwrap().modified().unwrap(), e.path()))
+        .collect();
+    logs.sort();
+    std::fs::read_to_string(&logs.last().expect("a log").1).unwrap()
+}
+
+#[test]
+fn the_log_warns_of_unresolved_backends_and_refusals_and_a_standalone_start_is_quiet() {
+    let mut env = Env::new("logs", &["b1"]);
+    env.lbctl_ok(&["shutdown", "--detach"]);
+    env.lbd
+        .as_mut()
+        .unwrap()
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap();
+    // A backend no host answers ARP for.
+    let text = std::fs::read_to_string(&env.config).unwrap().replacen(
+        "[[service.backend]]",
+        "[[service.backend]]\naddress = \"198.18.0.77\"\n\n[[service.backend]]",
+        1,
+    );
+    std::fs::write(&env.config, text).unwrap();
+    env.start_lbd();
+    let refused = env.lbctl(&[
+        "backend",
+        "add",
+        SVC,
+        "198.18.0.14",
+        "--mac",
+        "ff:ff:ff:ff:ff:ff",
+    ]);
+    assert!(!refused.status.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = newest_log(&env);
+        if log.contains("request refused") || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("no MAC for this backend")
+            && l.contains("198.18.0.77")),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("request refused")
+            && l.contains("ff:ff:ff:ff:ff:ff")),
+        "{log}"
+    );
+    for noise in ["directory master", "SPM manager"] {
+        assert!(
+            !log.contains(noise),
+            "a standalone start logs {noise:?}: {log}"
+        );
+    }
+}

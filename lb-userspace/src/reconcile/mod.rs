@@ -462,7 +462,12 @@ impl<D: Dataplane> Reconciler<D> {
             self.known.unhealthy.insert((key, addr))
         };
         if changed {
-            info!(service = %key, backend = %addr, healthy, "health check verdict");
+            // Only changes of verdict get here; a backend going out is worth a warning.
+            if healthy {
+                info!(service = %key, backend = %addr, "backend passes its health check again: takes new flows");
+            } else {
+                warn!(service = %key, backend = %addr, "backend fails its health check: no new flows (established ones stay)");
+            }
             self.resync(BTreeSet::from([key]))?;
         }
         Ok(changed)

@@ -112,6 +112,12 @@ async fn method_not_allowed() -> ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // A refused request is the operator's to know about later too (the answer
+        // goes only to whoever asked); lookups of what does not exist are not.
+        if self.0 != StatusCode::NOT_FOUND && (self.0.is_client_error() || self.0.is_server_error())
+        {
+            tracing::warn!(status = self.0.as_u16(), "request refused: {}", self.1);
+        }
         (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
 }

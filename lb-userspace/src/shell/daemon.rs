@@ -271,6 +271,16 @@ impl Daemon<MapManager> {
         if let Err(e) = written {
             return Err(fail(programs, vec![], e));
         }
+        if !resumed {
+            for addr in core.unresolved() {
+                warn!(
+                    backend = %addr,
+                    "no MAC for this backend after {wait:?} (no ARP/ND answer): it gets no \
+                     traffic until it answers; check that it is up and on the interface's segment, \
+                     or give its mac in the config"
+                );
+            }
+        }
         let mut interfaces: Vec<(LocalInterface, XdpModeName, Attached, String)> = locals
             .iter()
             .zip(&config.interfaces)

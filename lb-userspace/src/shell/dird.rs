@@ -16,7 +16,7 @@ use std::{
 use anyhow::Result;
 use futures::Stream;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     api::Registration,
@@ -93,7 +93,12 @@ impl DirHandle {
 
     fn carry_out(&self, out: Outputs) -> Stepped {
         if let Some(version) = out.became_master {
-            info!(version, "this node is the directory master");
+            // A standalone node is its own master at every start: news only in a cluster.
+            if self.events.is_some() {
+                info!(version, "this node is the directory master");
+            } else {
+                debug!(version, "this node is the directory master (standalone)");
+            }
         }
         for c in &out.expired {
             info!(table = %c.table, key = %c.key, "lease expired: entry invalid");
@@ -520,8 +525,14 @@ async fn feeder(h: DirHandle, neighbors: Arc<NeighborTable>) {
             .resolve_all(&unknown, Duration::from_millis(100))
             .await;
         match h.daemon.call(move |d| d.set_feed(f, found)).await {
-            Ok(touched) if !touched.is_empty() => {
+            Ok(touched) if !touched.is_empty() && h.events.is_some() => {
                 info!(services = ?touched.iter().map(|k| k.to_string()).collect::<Vec<_>>(), "directory changed the data plane");
+            }
+            Ok(touched) if !touched.is_empty() => {
+                debug!(
+                    services = touched.len(),
+                    "directory changed the data plane (standalone)"
+                );
             }
             Ok(_) => {}
             Err(e) => warn!("feeding the data plane from the directory: {e:#}"),

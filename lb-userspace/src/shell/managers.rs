@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Result;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     cluster::node::Event,
@@ -54,7 +54,7 @@ async fn manage_spm(h: &DirHandle) -> Result<()> {
             .collect()
     });
     for (key, record) in records {
-        info!(service = %key, epoch = record.epoch, members = ?record.members, "SPM manager: service record");
+        debug!(service = %key, epoch = record.epoch, members = ?record.members, "SPM manager: service record");
         let value = serde_json::to_string(&record).expect("serializes");
         h.put_entry(names::SPM, &key, &value, true).await?;
     }
