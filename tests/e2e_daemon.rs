@@ -963,6 +963,14 @@ fn a_restart_with_another_xdp_mode_attaches_in_it_and_status_reports_the_kernels
         );
         assert_eq!(s["interfaces"][0]["xdp_mode"], asked, "{s}");
         assert_eq!(s["interfaces"][0]["attach"], attach, "{s}");
+        // lb1's eth0 is a veth: in driver mode its transmits need a program on the
+        // peer, and the status says so.
+        let warning = s["interfaces"][0]["warning"].as_str().unwrap_or("");
+        assert_eq!(
+            warning.contains("veth in driver mode"),
+            asked == "driver",
+            "{s}"
+        );
     }
     // Still balancing after the re-attachments.
     let tcp = env.spread(20);

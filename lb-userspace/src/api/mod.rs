@@ -25,6 +25,10 @@ pub struct InterfaceStatus {
     pub xdp_mode: String,
     /// `new` (attached by this run) or `replaced` (took over a pinned link).
     pub attach: String,
+    /// Something about this interface the operator must know (e.g. a veth in driver
+    /// mode, whose transmits need an XDP program on its peer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

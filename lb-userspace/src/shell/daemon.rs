@@ -54,6 +54,8 @@ pub struct Daemon<D: Dataplane = MapManager> {
     /// Each interface with the mode asked for, how it was attached and the mode the
     /// kernel reports (read back after attaching).
     interfaces: Vec<(LocalInterface, XdpModeName, Attached, String)>,
+    /// Warnings about interfaces, by name (shown in the status).
+    interface_warnings: BTreeMap<String, String>,
     started: Instant,
     resumed: bool,
     /// Cluster mode: VIPs found on the interface at start, still served.
@@ -116,6 +118,14 @@ async fn attach_in_mode(
              xdp_mode cannot replace the program in place"
         );
         programs.detach_pinned(Program::Balancer, name)?;
+        // The kernel frees a released link a moment later; until then a new
+        // attachment is refused (EEXIST). Bounded: 1 s.
+        for _ in 0..50 {
+            if neighbors.xdp_attached(name).await? == "none" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let how = programs.attach_pinned(Program::Balancer, name, asked.mode())?;
         return Ok((how, neighbors.xdp_attached(name).await?));
     }
@@ -287,6 +297,7 @@ impl Daemon<MapManager> {
             .map(|(l, i)| (l.clone(), i.xdp_mode, Attached::New, String::new()))
             .collect();
         let mut attached = Vec::new();
+        let mut interface_warnings = BTreeMap::new();
         for (l, mode, how, kernel_mode) in interfaces.iter_mut() {
             match attach_in_mode(&mut programs, neighbors, &l.name, *mode).await {
                 Ok((h, actual)) => {
@@ -294,6 +305,14 @@ impl Daemon<MapManager> {
                     *how = h;
                     *kernel_mode = actual.to_string();
                     attached.push(l.name.clone());
+                    if actual == "driver" && neighbors.is_veth(&l.name).await.unwrap_or(false) {
+                        let w = "a veth in driver mode: the frames XDP sends back out are dropped \
+                                 (ethtool -S shows xdp_tx_errors) unless the veth's peer has an XDP \
+                                 program too; use xdp_mode = \"skb\" or attach one to the peer"
+                            .to_string();
+                        warn!(interface = %l.name, "{w}");
+                        interface_warnings.insert(l.name.clone(), w);
+                    }
                 }
                 Err(e) => return Err(fail(programs, attached, e)),
             }
@@ -308,6 +327,7 @@ impl Daemon<MapManager> {
             programs: Some(programs),
             core,
             interfaces,
+            interface_warnings,
             started: Instant::now(),
             resumed,
             adopted,
@@ -326,6 +346,7 @@ impl<D: Dataplane> Daemon<D> {
         Ok(Daemon {
             from_config: config.desired.clone(),
             interfaces: Vec::new(),
+            interface_warnings: BTreeMap::new(),
             config,
             programs: None,
             core,
@@ -511,6 +532,7 @@ impl<D: Dataplane> Daemon<D> {
                     name: l.name.clone(),
                     xdp_mode: kernel_mode.clone(),
                     attach: format!("{how:?}").to_lowercase(),
+                    warning: self.interface_warnings.get(&l.name).cloned(),
                 })
                 .collect(),
             services: self.core.desired().services.len(),

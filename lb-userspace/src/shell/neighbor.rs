@@ -217,6 +217,28 @@ impl NeighborTable {
         })
     }
 
+    /// Whether `name` is a veth (its link kind over netlink).
+    pub async fn is_veth(&self, name: &str) -> Result<bool> {
+        use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        let msg = links
+            .try_next()
+            .await
+            .with_context(|| format!("reading interface {name}'s kind"))?
+            .with_context(|| {
+                format!("interface {name} does not exist in this network namespace")
+            })?;
+        Ok(msg.attributes.iter().any(|a| {
+            matches!(a, LinkAttribute::LinkInfo(infos)
+                if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+        }))
+    }
+
     /// Reads one of this network namespace's interfaces over netlink (not /sys, which
     /// shows the namespace of whoever mounted it).
     pub async fn interface(&self, name: &str) -> Result<LocalInterface> {

@@ -82,6 +82,9 @@ pub fn status(s: &api::Status) {
     );
     for i in &s.interfaces {
         println!("interface   {} (XDP {}, {})", i.name, i.xdp_mode, i.attach);
+        if let Some(w) = &i.warning {
+            println!("  warning   {w}");
+        }
     }
     println!("services    {}", s.services);
     println!(
