@@ -399,16 +399,24 @@ fn registry_client(r: &crate::cli::Registry) -> Result<Option<Client>, Failure> 
 }
 
 async fn stats(client: &Client, out: Output, watch: bool, interval: u64) -> Result<(), Failure> {
+    // With --watch a human sees the counters once, then rates over each interval.
+    let mut last: Option<(api::Stats, std::time::Instant)> = None;
     loop {
         let s: api::Stats = client.get("/v1/stats").await?;
-        match out {
-            Output::Json => println!("{}", serde_json::to_string(&s).expect("serializes")),
-            Output::Human => render::stats(&s),
+        let taken = std::time::Instant::now();
+        match (out, &last) {
+            (Output::Json, _) => println!("{}", serde_json::to_string(&s).expect("serializes")),
+            (Output::Human, None) => render::stats(&s),
+            (Output::Human, Some((prev, at))) => {
+                let secs = taken.duration_since(*at).as_secs_f64();
+                render::rates(&render::stats_rates(prev, &s, secs), secs);
+            }
         }
         flush();
         if !watch {
             return Ok(());
         }
+        last = Some((s, taken));
         tokio::time::sleep(Duration::from_secs(interval.max(1))).await;
         if out == Output::Human {
             println!();

@@ -201,6 +201,71 @@ pub fn stats(s: &api::Stats) {
     println!("connections: {}", s.conn_table_entries);
 }
 
+/// Per-second rates between two snapshots taken `secs` apart: each service's packets
+/// and bytes, and the data plane's counters that moved. A counter that went down
+/// (lbd restarted without its maps) counts from zero.
+pub fn stats_rates(prev: &api::Stats, now: &api::Stats, secs: f64) -> Rates {
+    let per_second = |a: u64, b: u64| (b.checked_sub(a).unwrap_or(b)) as f64 / secs.max(1e-3);
+    let services = now
+        .services
+        .iter()
+        .map(|s| {
+            let before = prev.services.iter().find(|p| p.service == s.service);
+            (
+                s.service.clone(),
+                per_second(before.map_or(0, |p| p.packets), s.packets),
+                per_second(before.map_or(0, |p| p.bytes), s.bytes),
+            )
+        })
+        .collect();
+    let global = now
+        .global
+        .iter()
+        .filter_map(|(name, v)| {
+            let before = prev
+                .global
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(0, |(_, v)| *v);
+            let r = per_second(before, *v);
+            (r > 0.0).then(|| (name.clone(), r))
+        })
+        .collect();
+    Rates { services, global }
+}
+
+pub struct Rates {
+    /// (service, packets/s, bytes/s)
+    pub services: Vec<(String, f64, f64)>,
+    /// Data-plane counters that moved, per second.
+    pub global: Vec<(String, f64)>,
+}
+
+pub fn rates(r: &Rates, secs: f64) {
+    let mut rows = header(&["SERVICE", "PACKETS/S", "BITS/S"]);
+    for (service, pps, bps) in &r.services {
+        rows.push(vec![
+            service.clone(),
+            format!("{pps:.0}"),
+            format!("{:.0}", bps * 8.0),
+        ]);
+    }
+    table(rows);
+    let moved: Vec<String> = r
+        .global
+        .iter()
+        .map(|(n, v)| format!("{n} {v:.0}/s"))
+        .collect();
+    println!(
+        "data plane, per second over the last {secs:.1} s: {}",
+        if moved.is_empty() {
+            "nothing".into()
+        } else {
+            moved.join(", ")
+        }
+    );
+}
+
 pub fn cluster(c: &ClusterView) {
     let mut rows = header(&[
         "NODE",
@@ -364,5 +429,34 @@ pub fn rows(rows: &[Entry]) {
 pub fn routes(routes: &[CompleteRoute]) {
     for r in routes {
         println!("{} {}:{}", r.instance, r.address, r.server.port);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_userspace::api;
+
+    fn stats(global: &[(&str, u64)]) -> api::Stats {
+        api::Stats {
+            services: Vec::new(),
+            global: global.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+            conn_table_entries: 0,
+        }
+    }
+
+    #[test]
+    fn watch_rates_are_per_second_differences_and_a_reset_counts_from_zero() {
+        let r = super::stats_rates(
+            &stats(&[("tx", 100), ("pass_not_vip", 500), ("drop_malformed", 7)]),
+            &stats(&[("tx", 400), ("pass_not_vip", 50), ("drop_malformed", 7)]),
+            2.0,
+        );
+        assert_eq!(
+            r.global,
+            [
+                ("tx".to_string(), 150.0),
+                ("pass_not_vip".to_string(), 25.0)
+            ]
+        );
     }
 }
