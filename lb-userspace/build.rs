@@ -76,6 +76,12 @@ fn main() -> Result<()> {
     let out = PathBuf::from(env::var("OUT_DIR")?).join("lb-ebpf.o");
     std::fs::copy(&object, &out).with_context(|| format!("copying {}", object.display()))?;
     println!("cargo:rustc-env=LB_EBPF_OBJECT={}", out.display());
+    // The map-less XDP_PASS object for veth peers, shipped beside lbd (the package
+    // installs it as /usr/lib/lb/lb-pass.o); `lbd --write-pass-object` writes it too.
+    let pass = target_dir.join(TARGET).join("release").join("lb-pass");
+    let pass_out = PathBuf::from(env::var("OUT_DIR")?).join("lb-pass.o");
+    std::fs::copy(&pass, &pass_out).with_context(|| format!("copying {}", pass.display()))?;
+    println!("cargo:rustc-env=LB_PASS_OBJECT={}", pass_out.display());
     commit();
     Ok(())
 }

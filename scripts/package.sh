@@ -15,6 +15,9 @@ trap 'rm -rf "$root"' EXIT
 
 install -D -s -m 0755 "$bin/lbd" "$root/usr/sbin/lbd"
 install -D -s -m 0755 "$bin/lbctl" "$root/usr/bin/lbctl"
+mkdir -p "$root/usr/lib/lb"
+"$bin/lbd" --write-pass-object "$root/usr/lib/lb/lb-pass.o"
+chmod 0644 "$root/usr/lib/lb/lb-pass.o"
 install -D -m 0644 "$here/packaging/lbd.service" "$root/lib/systemd/system/lbd.service"
 install -D -m 0644 "$here/packaging/lbd.toml" "$root/etc/lb/lbd.toml"
 mkdir -p "$root/usr/share/man/man8" "$root/usr/share/man/man5"

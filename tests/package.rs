@@ -86,6 +86,7 @@ fn the_package_installs_lbd_lbctl_unit_config_and_manuals_and_its_unit_command_s
         "usr/share/man/man5/lbd.toml.5.gz",
         "usr/share/bash-completion/completions/lbctl",
         "usr/share/doc/lb/API.md",
+        "usr/lib/lb/lb-pass.o",
     ] {
         assert!(root.join(file).is_file(), "the package lacks /{file}");
     }
@@ -159,6 +160,19 @@ fn the_package_installs_lbd_lbctl_unit_config_and_manuals_and_its_unit_command_s
         "the example config fails --check: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // lb-pass.o loads with iproute2 (libbpf), as the docs tell veth users to do:
+    // the balancer's own object, with aya's legacy map definitions, does not.
+    let ns = &lab.host("lb1").ns;
+    ns.ip("link add pkgx type veth peer name pkgy").unwrap();
+    ns.ip(&format!(
+        "link set dev pkgx xdp obj {} sec xdp",
+        root.join("usr/lib/lb/lb-pass.o").display()
+    ))
+    .unwrap();
+    let shown = ns.exec("ip", &["-d", "link", "show", "dev", "pkgx"]).unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("prog/xdp") && shown.contains("name lb_pass"), "{shown}");
 
     let notify_path = dir.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();

@@ -5,6 +5,8 @@
 //! reconciler that drives it ([`reconcile`]), and the tokio shells around them
 //! (daemon, directory, cluster, availability, health, API server).
 
+/// lb-pass.o: the map-less `XDP_PASS` object for veth peers (`lbd --write-pass-object`).
+pub const PASS_OBJECT: &[u8] = include_bytes!(env!("LB_PASS_OBJECT"));
 /// The commit this build was made from (`LB_COMMIT` or git's; see build.rs).
 pub const COMMIT: &str = env!("LB_COMMIT");
 /// `--version` of lbd and lbctl: the package version and the commit.

@@ -41,6 +41,12 @@ struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     check: bool,
+    /// Write lb-pass.o, an XDP program that passes every frame and has no maps, to
+    /// PATH and exit. Load it on a veth's peer that lbd does not manage (veth drops
+    /// what XDP transmits unless the peer runs XDP too):
+    /// `ip link set dev PEER xdp obj PATH sec xdp`.
+    #[arg(long, value_name = "PATH")]
+    write_pass_object: Option<PathBuf>,
     /// Print the manual page lbd(8) in roff and exit (for packaging).
     #[arg(long, hide = true)]
     print_man: bool,
@@ -56,6 +62,15 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    if let Some(path) = &args.write_pass_object {
+        return match std::fs::write(path, lb_userspace::PASS_OBJECT) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lbd: writing {}: {e}", path.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.print_man {
         let man = clap_mangen::Man::new(<Args as clap::CommandFactory>::command()).section("8");
         return match man.render(&mut std::io::stdout()) {
