@@ -971,6 +971,29 @@ fn a_restart_with_another_xdp_mode_attaches_in_it_and_status_reports_the_kernels
             asked == "driver",
             "{s}"
         );
+        if asked == "driver" {
+            // The bridge-side peer has no XDP program: what the program sends back
+            // out is dropped, and now counted where an operator looks.
+            let answered = env
+                .client(|| Ok(traffic::http_get(None, vip(), Duration::from_millis(300)).is_ok()));
+            assert!(!answered, "answered through a veth whose peer runs no XDP");
+            let s = status(&env);
+            let dropped = s["interfaces"][0]["xdp_tx_errors"].as_u64().unwrap_or(0);
+            assert!(dropped > 0, "no transmit errors counted: {s}");
+            let m = env
+                .lab
+                .host("lb1")
+                .ns
+                .exec("curl", &["-s", "http://127.0.0.1:9469/metrics"])
+                .unwrap();
+            let m = String::from_utf8_lossy(&m.stdout);
+            assert!(
+                m.lines().any(|l| l
+                    .starts_with("lb_interface_xdp_tx_errors_total{interface=\"eth0\"}")
+                    && !l.ends_with(" 0")),
+                "{m}"
+            );
+        }
     }
     // Still balancing after the re-attachments.
     let tcp = env.spread(20);

@@ -170,9 +170,14 @@ fn the_package_installs_lbd_lbctl_unit_config_and_manuals_and_its_unit_command_s
         root.join("usr/lib/lb/lb-pass.o").display()
     ))
     .unwrap();
-    let shown = ns.exec("ip", &["-d", "link", "show", "dev", "pkgx"]).unwrap();
+    let shown = ns
+        .exec("ip", &["-d", "link", "show", "dev", "pkgx"])
+        .unwrap();
     let shown = String::from_utf8_lossy(&shown.stdout);
-    assert!(shown.contains("prog/xdp") && shown.contains("name lb_pass"), "{shown}");
+    assert!(
+        shown.contains("prog/xdp") && shown.contains("name lb_pass"),
+        "{shown}"
+    );
 
     let notify_path = dir.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();

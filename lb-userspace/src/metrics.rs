@@ -62,6 +62,21 @@ pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> 
     let _ = writeln!(out, "lb_backends_unresolved {}", status.unresolved_backends);
     family(
         &mut out,
+        "lb_interface_xdp_tx_errors_total",
+        "counter",
+        "Frames XDP transmitted that the driver dropped (veth without an XDP program on its peer), where the driver counts them.",
+    );
+    for i in &status.interfaces {
+        if let Some(n) = i.xdp_tx_errors {
+            let _ = writeln!(
+                out,
+                "lb_interface_xdp_tx_errors_total{{interface=\"{}\"}} {n}",
+                escape(&i.name)
+            );
+        }
+    }
+    family(
+        &mut out,
         "lb_conn_table_entries",
         "gauge",
         "Entries in the connection table.",

@@ -29,6 +29,10 @@ pub struct InterfaceStatus {
     /// mode, whose transmits need an XDP program on its peer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// Frames XDP transmitted that the driver dropped (`ethtool -S`: veth's
+    /// `xdp_tx_errors`), where the driver counts them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xdp_tx_errors: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -533,6 +533,7 @@ impl<D: Dataplane> Daemon<D> {
                     xdp_mode: kernel_mode.clone(),
                     attach: format!("{how:?}").to_lowercase(),
                     warning: self.interface_warnings.get(&l.name).cloned(),
+                    xdp_tx_errors: super::ethtool::xdp_tx_errors(&l.name),
                 })
                 .collect(),
             services: self.core.desired().services.len(),

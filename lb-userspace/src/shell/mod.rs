@@ -6,6 +6,7 @@ pub mod availd;
 pub mod clusterd;
 pub mod daemon;
 pub mod dird;
+pub mod ethtool;
 pub mod handle;
 pub mod health;
 pub mod managers;

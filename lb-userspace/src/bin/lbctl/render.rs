@@ -85,6 +85,9 @@ pub fn status(s: &api::Status) {
         if let Some(w) = &i.warning {
             println!("  warning   {w}");
         }
+        if let Some(n) = i.xdp_tx_errors.filter(|n| *n > 0) {
+            println!("  dropped   {n} frames XDP transmitted (the driver's xdp_tx_errors)");
+        }
     }
     println!("services    {}", s.services);
     println!(
