@@ -1169,3 +1169,68 @@ fn the_log_warns_of_unresolved_backends_and_refusals_and_a_standalone_start_is_q
         );
     }
 }
+
+/// Headless Chromium on lb1's status page (the metrics port, inside lb1's
+/// namespace), run for `ms` of the page's (virtual) time: its DOM, or a screenshot
+/// into `png`.
+fn chromium(env: &Env, profile: &Path, ms: u64, png: Option<&Path>) -> std::process::Output {
+    let mut cmd = env.lab.host("lb1").ns.command("chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .arg(format!("--virtual-time-budget={ms}"))
+    .arg("--window-size=1280,900");
+    match png {
+        Some(p) => cmd.arg(format!("--screenshot={}", p.display())),
+        None => cmd.arg("--dump-dom"),
+    };
+    cmd.arg("http://127.0.0.1:9469/")
+        .stderr(std::process::Stdio::null())
+        .output()
+        .expect("chromium (installed by scripts/install-toolchain.sh)")
+}
+
+#[test]
+fn the_status_page_draws_services_backends_and_their_state_in_headless_chromium() {
+    let env = Env::new("page", &["b1", "b2"]);
+    env.lbctl_ok(&["backend", "drain", SVC, "198.18.0.12"]);
+    let profile = env.dir.join("chromium");
+    let out = chromium(&env, &profile, 3500, None);
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    // The page ran, polled more than once (no reload), and drew what lbd has.
+    let refreshes: u32 = dom
+        .split("refreshed ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("the page did not run: {dom}"));
+    assert!(refreshes >= 2, "refreshed {refreshes} times: {dom}");
+    let row = |addr: &str| -> String {
+        dom.split(&format!("data-backend=\"{addr}\""))
+            .nth(1)
+            .and_then(|r| r.split("</tr>").next())
+            .unwrap_or_else(|| panic!("no row for {addr}: {dom}"))
+            .to_string()
+    };
+    assert!(
+        row("198.18.0.12").contains("draining"),
+        "{}",
+        row("198.18.0.12")
+    );
+    assert!(
+        row("198.18.0.11").contains("active"),
+        "{}",
+        row("198.18.0.11")
+    );
+    assert!(dom.contains(&format!("data-service=\"{SVC}\"")), "{dom}");
+    assert!(dom.contains("standalone node"), "{dom}");
+    // A screenshot for the test output.
+    let png = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    let _ = std::fs::remove_file(&png);
+    let shot = chromium(&env, &profile, 2500, Some(&png));
+    assert!(shot.status.success() && png.is_file(), "no screenshot");
+    eprintln!("screenshot of the status page: {}", png.display());
+}

@@ -3,6 +3,7 @@
 
 mod cluster;
 mod directory;
+mod page;
 mod peers;
 pub mod reload;
 mod services;
@@ -216,6 +217,8 @@ async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
 pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
+        .route("/", get(page::page))
+        .route("/page.json", get(page::data))
         .with_state(state)
 }
 
