@@ -11,7 +11,7 @@ LLVM_PREFIX=/usr/lib/llvm-22
 APT_PACKAGES=(
   rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev libpolly-22-dev
   bpftool iproute2 iputils-ping iputils-arping ethtool tcpdump curl nftables
-  fakeroot xz-utils chromium
+  fakeroot xz-utils chromium chromium-driver
 )
 
 log() { echo "install-toolchain: $*" >&2; }

@@ -1127,3 +1127,49 @@ fn maintenance_set_on_one_node_is_refused_at_once_by_every_node_and_outlives_res
     }
     c.client(move || traffic::http_get(None, vip1, TIMEOUT).map(drop));
 }
+
+#[test]
+fn the_status_page_of_a_node_shows_a_failover_within_two_seconds() {
+    let mut c = Cluster::new("pagefail");
+    c.settle(Duration::from_secs(5));
+    let page = lb_tests::browser::Browser::open(
+        &c.lab.host("lb2").ns,
+        "http://127.0.0.1:9469/",
+        &c.dir.join("chromium"),
+    )
+    .unwrap();
+    // Which node's row says it serves the VIP.
+    let owner = |p: &lb_tests::browser::Browser| -> String {
+        p.eval(&format!(
+            "for (const r of document.querySelectorAll('tr[data-node]')) \
+               if (r.lastChild.innerText.split(', ').includes('{}')) return r.dataset.node; \
+             return '';",
+            standard::VIP
+        ))
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+    };
+    page.wait_for(Duration::from_secs(10), |p| owner(p) == "198.18.0.2")
+        .unwrap_or_else(|| panic!("the page never showed lb1 serving: {:?}", page.text("body")));
+    c.lbds.get("lb1").unwrap().signal(Signal::SIGKILL).unwrap();
+    c.lab.host("lb1").ns.ip("link set eth0 down").unwrap();
+    c.lbds.remove("lb1");
+    let took = page
+        .wait_for(Duration::from_secs(10), |p| {
+            let o = owner(p);
+            !o.is_empty() && o != "198.18.0.2"
+        })
+        .unwrap_or_else(|| panic!("no failover on the page: {:?}", page.text("body")));
+    eprintln!("the open page showed the failover {took:?} after the kill");
+    assert!(
+        took <= Duration::from_secs(2),
+        "the failover showed after {took:?}"
+    );
+    assert!(
+        page.text("#changes")
+            .contains(&format!("VIP {}", standard::VIP)),
+        "{:?}",
+        page.text("#changes")
+    );
+}

@@ -1234,3 +1234,33 @@ fn the_status_page_draws_services_backends_and_their_state_in_headless_chromium(
     assert!(shot.status.success() && png.is_file(), "no screenshot");
     eprintln!("screenshot of the status page: {}", png.display());
 }
+
+#[test]
+fn the_status_page_shows_a_drain_within_two_seconds_in_an_open_browser() {
+    let env = Env::new("pagelive", &["b1", "b2"]);
+    let page = lb_tests::browser::Browser::open(
+        &env.lab.host("lb1").ns,
+        "http://127.0.0.1:9469/",
+        &env.dir.join("chromium-live"),
+    )
+    .unwrap();
+    let row = "[data-backend=\"198.18.0.12\"]";
+    page.wait_for(Duration::from_secs(10), |p| p.text(row).contains("active"))
+        .unwrap_or_else(|| panic!("the page never drew b2: {:?}", page.text("body")));
+    // The drain, with the page open: it must show without a reload, within 2 s.
+    env.lbctl_ok(&["backend", "drain", SVC, "198.18.0.12"]);
+    let took = page
+        .wait_for(Duration::from_secs(5), |p| p.text(row).contains("draining"))
+        .unwrap_or_else(|| panic!("no drain on the page after 5 s: {:?}", page.text("body")));
+    eprintln!("the open page showed the drain after {took:?}");
+    assert!(
+        took <= Duration::from_secs(2),
+        "the drain showed after {took:?}"
+    );
+    assert!(
+        page.text("#changes")
+            .contains("198.18.0.12 active → draining"),
+        "{:?}",
+        page.text("#changes")
+    );
+}
