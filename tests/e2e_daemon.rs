@@ -1263,4 +1263,15 @@ fn the_status_page_shows_a_drain_within_two_seconds_in_an_open_browser() {
         "{:?}",
         page.text("#changes")
     );
+    // New connections show as new flows per second.
+    env.spread(30);
+    let new_flows = |p: &lb_tests::browser::Browser| -> u64 {
+        let text = p.text("#newflows");
+        text.split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    page.wait_for(Duration::from_secs(3), |p| new_flows(p) > 0)
+        .unwrap_or_else(|| panic!("no new flows/s shown: {:?}", page.text("#summary")));
 }
