@@ -842,30 +842,7 @@ fn sighup_reloads_the_services_of_the_config_file_and_a_bad_file_changes_nothing
     assert_eq!(backends(&env), ["198.18.0.11", "198.18.0.12"]);
     // The file gains b3 and a changed [dataplane] size: SIGHUP applies the first and
     // says the second waits for a restart.
-    let text = common::config_text(
-        &format!("t{}-sighup", std::process::id()),
-        &env.dir,
-        &env.pin_dir,
-        &["b1", "b2", "b3"],
-    );
-    let node_line = std::fs::read_to_string(&env.config)
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("name = "))
-        .unwrap()
-        .to_string();
-    let text: String = text
-        .lines()
-        .map(|l| {
-            if l.starts_with("name = ") {
-                node_line.clone()
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-        .replace("conn_table_size = 16384", "conn_table_size = 32768");
+    let text = reconfigured(&env, &["b1", "b2", "b3"]);
     std::fs::write(&env.config, &text).unwrap();
     env.lbd.as_ref().unwrap().signal(Signal::SIGHUP).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -184,23 +184,28 @@ impl NeighborTable {
             && msg.header.flags.contains(&LinkFlag::Running))
     }
 
-    /// The XDP attach mode the kernel reports for `name` ("driver", "skb", "hw",
-    /// "multi", or "none"): what is true, whatever was asked for.
-    pub async fn xdp_attached(&self, name: &str) -> Result<&'static str> {
-        use netlink_packet_route::link::{LinkAttribute, LinkXdp, XdpAttached};
+    /// One of this network namespace's links by name, over netlink (not /sys, which
+    /// shows the namespace of whoever mounted it).
+    async fn link(&self, name: &str) -> Result<netlink_packet_route::link::LinkMessage> {
         let mut links = self
             .handle
             .link()
             .get()
             .match_name(name.to_string())
             .execute();
-        let msg = links
+        let missing = || format!("interface {name} does not exist in this network namespace");
+        links
             .try_next()
             .await
-            .with_context(|| format!("reading interface {name}'s XDP state"))?
-            .with_context(|| {
-                format!("interface {name} does not exist in this network namespace")
-            })?;
+            .with_context(missing)?
+            .with_context(missing)
+    }
+
+    /// The XDP attach mode the kernel reports for `name` ("driver", "skb", "hw",
+    /// "multi", or "none"): what is true, whatever was asked for.
+    pub async fn xdp_attached(&self, name: &str) -> Result<&'static str> {
+        use netlink_packet_route::link::{LinkAttribute, LinkXdp, XdpAttached};
+        let msg = self.link(name).await?;
         let attached = msg.attributes.iter().find_map(|a| match a {
             LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
                 LinkXdp::Attached(a) => Some(*a),
@@ -220,42 +225,17 @@ impl NeighborTable {
     /// Whether `name` is a veth (its link kind over netlink).
     pub async fn is_veth(&self, name: &str) -> Result<bool> {
         use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        let msg = links
-            .try_next()
-            .await
-            .with_context(|| format!("reading interface {name}'s kind"))?
-            .with_context(|| {
-                format!("interface {name} does not exist in this network namespace")
-            })?;
+        let msg = self.link(name).await?;
         Ok(msg.attributes.iter().any(|a| {
             matches!(a, LinkAttribute::LinkInfo(infos)
                 if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
         }))
     }
 
-    /// Reads one of this network namespace's interfaces over netlink (not /sys, which
-    /// shows the namespace of whoever mounted it).
+    /// Reads one of this network namespace's interfaces: name, index, MAC.
     pub async fn interface(&self, name: &str) -> Result<LocalInterface> {
         use netlink_packet_route::link::LinkAttribute;
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        let msg = links
-            .try_next()
-            .await
-            .with_context(|| format!("interface {name} does not exist in this network namespace"))?
-            .with_context(|| {
-                format!("interface {name} does not exist in this network namespace")
-            })?;
+        let msg = self.link(name).await?;
         let mac = msg
             .attributes
             .iter()
