@@ -954,9 +954,17 @@ fn a_restart_with_another_xdp_mode_attaches_in_it_and_status_reports_the_kernels
             let answered = env
                 .client(|| Ok(traffic::http_get(None, vip(), Duration::from_millis(300)).is_ok()));
             assert!(!answered, "answered through a veth whose peer runs no XDP");
-            let s = status(&env);
-            let dropped = s["interfaces"][0]["xdp_tx_errors"].as_u64().unwrap_or(0);
-            assert!(dropped > 0, "no transmit errors counted: {s}");
+            // The driver's counters are read once a second.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                let s = status(&env);
+                let dropped = s["interfaces"][0]["xdp_tx_errors"].as_u64().unwrap_or(0);
+                if dropped > 0 {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no transmit errors counted: {s}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
             let m = env
                 .lab
                 .host("lb1")

@@ -64,6 +64,9 @@ pub struct Daemon<D: Dataplane = MapManager> {
     owned: Option<BTreeSet<IpAddr>>,
     /// Entries in the connection table, as last counted (counting walks the table).
     conn_entries: usize,
+    /// Each interface's dropped XDP transmits as last read from its driver (three
+    /// ioctls: read once a second with the count, not on every status).
+    xdp_tx_errors: BTreeMap<String, u64>,
 }
 
 /// This node's own addresses: those of its data-plane and VIP interfaces that the
@@ -333,6 +336,7 @@ impl Daemon<MapManager> {
             adopted,
             owned,
             conn_entries: 0,
+            xdp_tx_errors: BTreeMap::new(),
         })
     }
 }
@@ -355,6 +359,7 @@ impl<D: Dataplane> Daemon<D> {
             adopted: BTreeSet::new(),
             owned: None,
             conn_entries: 0,
+            xdp_tx_errors: BTreeMap::new(),
         })
     }
 
@@ -513,9 +518,15 @@ impl<D: Dataplane> Daemon<D> {
         }
     }
 
-    /// Counts the connection table again (it walks the table: not on every read).
+    /// Counts the connection table again (it walks the table: not on every read) and
+    /// reads the interfaces' driver counters.
     pub fn count_connections(&mut self) {
         self.conn_entries = self.core.dp.conn_count();
+        self.xdp_tx_errors = self
+            .interfaces
+            .iter()
+            .filter_map(|(l, ..)| Some((l.name.clone(), super::ethtool::xdp_tx_errors(&l.name)?)))
+            .collect();
     }
 
     pub fn status(&self) -> api::Status {
@@ -533,7 +544,7 @@ impl<D: Dataplane> Daemon<D> {
                     xdp_mode: kernel_mode.clone(),
                     attach: format!("{how:?}").to_lowercase(),
                     warning: self.interface_warnings.get(&l.name).cloned(),
-                    xdp_tx_errors: super::ethtool::xdp_tx_errors(&l.name),
+                    xdp_tx_errors: self.xdp_tx_errors.get(&l.name).copied(),
                 })
                 .collect(),
             services: self.core.desired().services.len(),
