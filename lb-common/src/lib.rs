@@ -18,14 +18,14 @@ pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// Default Maglev table size: prime, and large enough that one backend more or less
-/// moves a share of flows close to the ideal 1/N.
-pub const MAGLEV_DEFAULT_SIZE: u32 = 65537;
+/// The kernel's `BPF_F_MMAPABLE` map flag: the ring array is written by lbd through
+/// a shared mapping.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Marks a ring entry that has no backend (a service with no usable backend).
 pub const RING_EMPTY: u32 = u32::MAX;
 
-/// Capacity of the address, VIP, backend and route tables. The ring array and the
-/// connection table are sized by the loader at load time instead (they dominate memory).
+/// Placeholder capacities of the address, VIP, backend and route tables in the object:
+/// the loader sizes every one of them from `[dataplane]` at load time.
 pub const MAX_VIP_ADDRS: u32 = 1024;
 pub const MAX_VIPS: u32 = 1024;
 pub const MAX_BACKENDS: u32 = 8192;

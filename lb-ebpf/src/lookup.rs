@@ -162,7 +162,8 @@ pub fn backend(
         flow_hash(flow)
     };
     let index = offset + point % size;
-    let id = *MAGLEV_RING.get(index).ok_or(Exit::NoBackend)?;
+    let pair = *MAGLEV_RING.get(index / 2).ok_or(Exit::NoBackend)?;
+    let id = (pair >> ((index & 1) * 32)) as u32;
     if id == RING_EMPTY {
         return Err(Exit::NoBackend);
     }

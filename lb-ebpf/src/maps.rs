@@ -23,10 +23,14 @@ pub static VIP_FILTER: Array<u64> = Array::with_max_entries(lb_common::hash::VIP
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
 
-/// All services' Maglev tables back to back; a service owns two slots and flips
-/// between them (see `VipMeta`).
+/// All services' Maglev tables, each where lbd's allocator put it; a service owns two
+/// slots of its own table's size and flips between them (see `VipMeta`). Two 4-byte
+/// cells per element, cell `2k` in the low half (the kernel spends 8 bytes on every
+/// array element, so one cell per element would waste half). Mappable
+/// (`BPF_F_MMAPABLE`), so lbd writes and reads whole tables as memory rather than
+/// with one syscall per cell.
 #[map]
-pub static MAGLEV_RING: Array<u32> = Array::with_max_entries(1, 0);
+pub static MAGLEV_RING: Array<u64> = Array::with_max_entries(1, lb_common::BPF_F_MMAPABLE);
 
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);

@@ -126,10 +126,11 @@ fn describe_backend(spec: &BackendSpec) -> String {
 }
 
 fn describe_service(c: &ServiceConfig) -> String {
-    let mut s = format!(
-        "maglev {}, pass_irregular {}",
-        c.maglev_size, c.pass_irregular
-    );
+    let maglev = match c.maglev_size {
+        0 => "auto".to_string(),
+        n => n.to_string(),
+    };
+    let mut s = format!("maglev {maglev}, pass_irregular {}", c.pass_irregular);
     if c.epoch != 0 || c.epoch_resteer {
         s.push_str(&format!(
             ", epoch {}{}",
@@ -318,7 +319,7 @@ mod tests {
             changes,
             [
                 "- service tcp/198.18.0.100:443",
-                "+ service tcp/198.18.0.100:53 (maglev 65537, pass_irregular true)",
+                "+ service tcp/198.18.0.100:53 (maglev auto, pass_irregular true)",
                 "- backend 198.18.0.12 of tcp/198.18.0.100:80",
                 "~ backend 198.18.0.11 of tcp/198.18.0.100:80: weight 1 -> weight 2",
                 "+ backend 198.18.0.13 of tcp/198.18.0.100:80 (weight 1)",

@@ -5,7 +5,7 @@
 
 use std::{fmt, net::IpAddr, time::Duration};
 
-use lb_common::{MAGLEV_DEFAULT_SIZE, PROTO_TCP, PROTO_UDP};
+use lb_common::{PROTO_TCP, PROTO_UDP};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -96,7 +96,9 @@ impl std::str::FromStr for ServiceKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
-    /// Entries of the service's Maglev table; a prime.
+    /// Entries of the service's Maglev table, a prime, pinned by the operator; 0: sized
+    /// by its backends (`dataplane::layout::table_size`).
+    #[serde(default)]
     pub maglev_size: u32,
     /// Pass fragments and packets with IP options to the kernel instead of dropping them.
     pub pass_irregular: bool,
@@ -114,7 +116,7 @@ pub struct ServiceConfig {
 impl Default for ServiceConfig {
     fn default() -> Self {
         Self {
-            maglev_size: MAGLEV_DEFAULT_SIZE,
+            maglev_size: 0,
             pass_irregular: false,
             epoch: 0,
             epoch_resteer: false,

@@ -30,8 +30,10 @@ fn options(dir: &PathBuf) -> LoadOptions {
     LoadOptions {
         max_services: 4,
         maglev_max_size: 4093,
+        ring_cells: 1 << 16,
         conn_table_size: 1 << 12,
         pin_dir: Some(dir.clone()),
+        ..LoadOptions::default()
     }
 }
 
@@ -122,7 +124,7 @@ fn assert_holds_the_plan(r: &Reconciler<MapManager>, when: &str) {
     assert_eq!(held, wanted, "{when}: services");
     for k in wanted {
         let p = plan::plan_service(&inputs, &k, r.written(&k)).unwrap();
-        let expected = Contents::expected(&p, 4093).unwrap();
+        let expected = Contents::expected(&p, options(&PathBuf::new()).tables()).unwrap();
         let got = r.dp.read_back(k).unwrap().unwrap();
         assert_eq!(got, expected, "{when}: {k}");
     }

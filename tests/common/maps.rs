@@ -63,9 +63,10 @@ pub fn active_backends(dir: &Path) -> BTreeMap<u32, Backend> {
 
 /// The backend ids a service's live table names.
 pub fn table_ids(dir: &Path, meta: &VipMeta) -> std::collections::BTreeSet<u32> {
-    let map: Array<MapData, u32> = Array::try_from(Map::Array(open(dir, "MAGLEV_RING"))).unwrap();
+    // Two cells per element, cell 2k in the low half.
+    let map: Array<MapData, u64> = Array::try_from(Map::Array(open(dir, "MAGLEV_RING"))).unwrap();
     (meta.ring_offset..meta.ring_offset + meta.ring_size)
-        .map(|i| map.get(&i, 0).unwrap())
+        .map(|i| (map.get(&(i / 2), 0).unwrap() >> ((i & 1) * 32)) as u32)
         .filter(|id| *id != u32::MAX)
         .collect()
 }

@@ -102,6 +102,9 @@ pub(super) struct DataplaneSection {
     #[serde(default)]
     pub(super) interfaces: Vec<InterfaceSection>,
     pub(super) max_services: Option<Spanned<u32>>,
+    pub(super) max_backends: Option<Spanned<u32>>,
+    pub(super) ring_cells: Option<Spanned<u32>>,
+    pub(super) maglev_min_size: Option<Spanned<u32>>,
     pub(super) maglev_max_size: Option<Spanned<u32>>,
     pub(super) conn_table_size: Option<Spanned<u32>>,
 }

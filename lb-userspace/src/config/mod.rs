@@ -20,16 +20,17 @@ use toml::Spanned;
 pub use error::ConfigError;
 pub use services::parse_services;
 
-use crate::{dataplane::loader::LoadOptions, desired::Desired, maglev::is_prime};
+use crate::{
+    dataplane::loader::{
+        LoadOptions, CONN_TABLE_LIMIT, MAX_BACKENDS_LIMIT, MAX_SERVICES_LIMIT, RING_CELLS_LIMIT,
+    },
+    desired::Desired,
+    maglev::is_prime,
+};
 use error::Ctx;
 use file::File;
 
 pub const DEFAULT_PATH: &str = "/etc/lb/lbd.toml";
-/// The largest connection table accepted (documented in docs/API.md).
-pub const MAX_CONN_TABLE: u32 = 16 << 20;
-/// Kernel memory of one connection-table entry (key, value, hash-table overhead), per
-/// CPU with today's per-CPU table.
-pub const CONN_ENTRY_BYTES: u32 = 40 + 16 + 48;
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9469";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -91,9 +92,8 @@ pub struct Config {
     pub path: PathBuf,
     pub node: NodeConfig,
     pub interfaces: Vec<Interface>,
-    pub max_services: u32,
-    pub maglev_max_size: u32,
-    pub conn_table_size: u32,
+    /// `[dataplane]`'s sizes (`pin_dir` unset: it is `node.pin_dir`).
+    pub sizes: LoadOptions,
     pub desired: Desired,
     /// Present when this node is one of a cluster that moves VIPs between nodes.
     pub cluster: Option<ClusterConfig>,
@@ -161,11 +161,7 @@ impl Config {
         if self.node != new.node {
             later.push("[node]");
         }
-        if self.interfaces != new.interfaces
-            || self.max_services != new.max_services
-            || self.maglev_max_size != new.maglev_max_size
-            || self.conn_table_size != new.conn_table_size
-        {
+        if self.interfaces != new.interfaces || self.sizes != new.sizes {
             later.push("[dataplane]");
         }
         if self.cluster != new.cluster {
@@ -176,10 +172,8 @@ impl Config {
 
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions {
-            max_services: self.max_services,
-            maglev_max_size: self.maglev_max_size,
-            conn_table_size: self.conn_table_size,
             pin_dir: Some(self.node.pin_dir.clone()),
+            ..self.sizes.clone()
         }
     }
 }
@@ -234,7 +228,7 @@ impl Config {
             ));
         }
         let defaults = LoadOptions::default();
-        let (interfaces, max_services, maglev_max_size, conn_table_size) =
+        let (interfaces, sizes) =
             match file.dataplane {
                 None => return Err(ctx.err(
                     node_span,
@@ -249,37 +243,63 @@ impl Config {
                             "dataplane.interfaces: name at least one interface to attach to",
                         ));
                     }
-                    let max_services = sized(
-                        &ctx,
-                        dp.max_services,
-                        defaults.max_services,
-                        "max_services",
-                        |v| {
-                            (v == 0 || v > lb_common::MAX_VIPS)
-                                .then(|| format!("must be 1..={}", lb_common::MAX_VIPS))
-                        },
-                    )?;
-                    let maglev_max_size = sized(
-                        &ctx,
-                        dp.maglev_max_size,
-                        defaults.maglev_max_size,
-                        "maglev_max_size",
-                        |v| (!is_prime(v)).then(|| format!("{v} is not a prime")),
-                    )?;
-                    let conn_table_size = sized(
-                        &ctx,
-                        dp.conn_table_size,
-                        defaults.conn_table_size,
-                        "conn_table_size",
-                        |v| {
-                            (v == 0 || v > MAX_CONN_TABLE).then(|| {
-                                format!(
-                                    "{v}: must be 1..={MAX_CONN_TABLE} (entries; each costs about \
-                                     {CONN_ENTRY_BYTES} bytes of kernel memory per CPU)"
-                                )
-                            })
-                        },
-                    )?;
+                    let range = |max: u32, unit: &'static str| {
+                        move |v: u32| {
+                            (v == 0 || v > max).then(|| format!("{v} must be 1..={max} ({unit})"))
+                        }
+                    };
+                    let prime = |v: u32| (!is_prime(v)).then(|| format!("{v} is not a prime"));
+                    let sizes = LoadOptions {
+                        max_services: sized(
+                            &ctx,
+                            dp.max_services,
+                            defaults.max_services,
+                            "max_services",
+                            range(MAX_SERVICES_LIMIT, "services"),
+                        )?,
+                        max_backends: sized(
+                            &ctx,
+                            dp.max_backends,
+                            defaults.max_backends,
+                            "max_backends",
+                            range(MAX_BACKENDS_LIMIT, "backends over all services"),
+                        )?,
+                        ring_cells: sized(
+                            &ctx,
+                            dp.ring_cells,
+                            defaults.ring_cells,
+                            "ring_cells",
+                            range(RING_CELLS_LIMIT, "table cells, 4 bytes each"),
+                        )?,
+                        maglev_min_size: sized(
+                            &ctx,
+                            dp.maglev_min_size,
+                            defaults.maglev_min_size,
+                            "maglev_min_size",
+                            prime,
+                        )?,
+                        maglev_max_size: sized(
+                            &ctx,
+                            dp.maglev_max_size,
+                            defaults.maglev_max_size,
+                            "maglev_max_size",
+                            prime,
+                        )?,
+                        conn_table_size: sized(
+                            &ctx,
+                            dp.conn_table_size,
+                            defaults.conn_table_size,
+                            "conn_table_size",
+                            range(
+                                CONN_TABLE_LIMIT,
+                                "entries; each costs about 112 bytes of kernel memory",
+                            ),
+                        )?,
+                        pin_dir: None,
+                    };
+                    if let Some(why) = sizes.refusal() {
+                        return Err(ctx.err(span, why));
+                    }
                     let interfaces: Vec<Interface> = dp
                         .interfaces
                         .into_iter()
@@ -288,23 +308,14 @@ impl Config {
                             xdp_mode: i.xdp_mode,
                         })
                         .collect();
-                    (interfaces, max_services, maglev_max_size, conn_table_size)
+                    (interfaces, sizes)
                 }
             };
-        let desired = services::services(&ctx, file.service, maglev_max_size)?;
+        let desired = services::services(&ctx, file.service, Some(&sizes))?;
         let cluster = match file.cluster {
             None => None,
             Some(c) => Some(cluster::cluster(&ctx, c, path, &interfaces)?),
         };
-        if desired.services.len() > max_services as usize {
-            return Err(ctx.err(
-                node_span,
-                format!(
-                    "service: {} services but dataplane.max_services is {max_services}",
-                    desired.services.len()
-                ),
-            ));
-        }
         Ok(Config {
             path: path.to_path_buf(),
             node: NodeConfig {
@@ -325,9 +336,7 @@ impl Config {
                 name,
             },
             interfaces,
-            max_services,
-            maglev_max_size,
-            conn_table_size,
+            sizes,
             desired,
             cluster,
         })
@@ -382,8 +391,9 @@ drain = true
         assert_eq!(c.node.api_socket, PathBuf::from("/run/lb/lb1.sock"));
         assert_eq!(c.node.pin_dir, PathBuf::from("/sys/fs/bpf/lb/lb1"));
         assert_eq!(c.interfaces[0].xdp_mode, XdpModeName::Skb);
-        assert_eq!(c.conn_table_size, 4096);
-        assert_eq!(c.maglev_max_size, 65537);
+        assert_eq!(c.sizes.conn_table_size, 4096);
+        assert_eq!(c.sizes.maglev_max_size, 16_777_213);
+        assert_eq!(c.sizes.max_services, 1024);
         let (key, svc) = c.desired.services.iter().next().unwrap();
         assert_eq!(key.to_string(), "tcp/198.18.0.100:80");
         let b: Vec<_> = svc.backends.values().collect();

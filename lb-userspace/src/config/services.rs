@@ -9,17 +9,23 @@ use super::{
     file::{ServiceSection, ServicesFile},
 };
 use crate::{
+    dataplane::loader::LoadOptions,
     desired::{BackendSpec, Desired, ServiceSpec},
     maglev::is_prime,
     model::{CheckConfig, Probe, ServiceConfig, ServiceKey},
 };
 
+/// `sizes`: the data plane's (from `[dataplane]`), to refuse what it cannot hold at
+/// the service that goes beyond; `None` for a file of services only (`lbctl apply`),
+/// which the daemon checks.
 pub(super) fn services(
     ctx: &Ctx,
     sections: Vec<Spanned<ServiceSection>>,
-    max_size: u32,
+    sizes: Option<&LoadOptions>,
 ) -> Result<Desired, ConfigError> {
+    let max_size = sizes.map_or(u32::MAX, |s| s.maglev_max_size);
     let mut out = BTreeMap::new();
+    let (mut backends_total, mut cells_total) = (0u64, 0u64);
     for section in sections {
         let span = section.span();
         let s = section.into_inner();
@@ -40,7 +46,10 @@ pub(super) fn services(
             if !is_prime(v) {
                 return Err(ctx.err(
                     size.span(),
-                    format!("maglev_size: {v} is not a prime (65537 is the default)"),
+                    format!(
+                        "maglev_size: {v} is not a prime (leave it out to size the table by \
+                         the backends: a prime of at least 100 cells per backend)"
+                    ),
                 ));
             }
             if v > max_size {
@@ -50,9 +59,6 @@ pub(super) fn services(
                 ));
             }
             config.maglev_size = v;
-        }
-        if config.maglev_size > max_size {
-            config.maglev_size = max_size;
         }
         let mut spm = crate::spm::Settings::default();
         if let Some(section) = s.spm {
@@ -223,19 +229,49 @@ pub(super) fn services(
                 })
             }
         };
-        if out
-            .insert(
-                key,
-                ServiceSpec {
-                    config,
-                    backends,
-                    check,
-                    spm,
-                    steering,
-                },
-            )
-            .is_some()
-        {
+        let spec = ServiceSpec {
+            config,
+            backends,
+            check,
+            spm,
+            steering,
+        };
+        if let Some(sizes) = sizes {
+            let n = out.len() as u64 + 1;
+            if n > sizes.max_services as u64 {
+                return Err(ctx.err(
+                    span,
+                    format!(
+                        "service: {key} is service number {n}, but dataplane.max_services is {}",
+                        sizes.max_services
+                    ),
+                ));
+            }
+            backends_total += spec.backends.len() as u64;
+            if backends_total > sizes.max_backends as u64 {
+                return Err(ctx.err(
+                    span,
+                    format!(
+                        "service: {key} brings the backends to {backends_total}, but \
+                         dataplane.max_backends is {}",
+                        sizes.max_backends
+                    ),
+                ));
+            }
+            cells_total += crate::dataplane::spec_reservation(&spec, sizes.tables());
+            if cells_total > sizes.ring_cells as u64 {
+                return Err(ctx.err(
+                    span,
+                    format!(
+                        "service: {key} brings the tables to {cells_total} ring cells (two \
+                         slots per service), but dataplane.ring_cells is {}; raise it (4 bytes \
+                         a cell) or pin smaller maglev_size values",
+                        sizes.ring_cells
+                    ),
+                ));
+            }
+        }
+        if out.insert(key, spec).is_some() {
             return Err(ctx.err(span, format!("service: {key} is defined twice")));
         }
     }
@@ -246,5 +282,5 @@ pub(super) fn services(
 pub fn parse_services(path: &Path, text: &str) -> Result<Desired, ConfigError> {
     let ctx = Ctx { path, text };
     let file: ServicesFile = toml::from_str(text).map_err(|e| ctx.toml_err(e))?;
-    services(&ctx, file.service, u32::MAX)
+    services(&ctx, file.service, None)
 }

@@ -58,6 +58,13 @@ pub enum DataplaneError {
         size: u32,
         max: u32,
     },
+    #[error("no room in the ring for {service}: its tables need {needed} cells, {free} of {total} are free; raise dataplane.ring_cells (4 bytes each) and restart with the maps detached, or pin a smaller maglev_size")]
+    RingFull {
+        service: ServiceKey,
+        needed: u64,
+        free: u64,
+        total: u64,
+    },
     #[error("backend {backend} of {service} is not of the service's address family")]
     FamilyMismatch {
         service: ServiceKey,

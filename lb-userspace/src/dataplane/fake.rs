@@ -9,7 +9,7 @@ use std::{
 
 use lb_common::{Counter, GlobalStats};
 
-use super::{Contents, Dataplane, DataplaneError, Limits, Result, ServiceCounters, Usage};
+use super::{Contents, Dataplane, DataplaneError, Held, Limits, Result, ServiceCounters, Usage};
 use crate::{
     model::ServiceKey,
     plan::{Rule, ServicePlan},
@@ -58,28 +58,30 @@ impl Dataplane for FakeDataplane {
         self.limits
     }
 
-    fn usage(&self) -> Usage {
-        Usage {
-            services: self
-                .services
-                .iter()
-                .map(|(k, p)| {
-                    let rules = match &p.rule {
-                        Rule::Topology { subnets } => subnets.len(),
-                        _ => 0,
-                    };
-                    (*k, (p.backends.keys().copied().collect(), rules))
-                })
-                .collect(),
-            tx_ports: BTreeSet::new(),
-        }
+    fn usage(&self, keys: &mut dyn Iterator<Item = ServiceKey>) -> Usage {
+        let held = self.services.iter().map(|(k, p)| {
+            let rules = match &p.rule {
+                Rule::Topology { subnets } => subnets.len(),
+                _ => 0,
+            };
+            (
+                *k,
+                Held {
+                    backends: p.backends.keys().copied().collect(),
+                    rules,
+                    ring_cells: super::ring_reservation(p, self.limits.tables),
+                },
+            )
+        });
+        let keys: Vec<ServiceKey> = keys.collect();
+        Usage::of(held, &keys)
     }
 
     fn write_service(&mut self, key: ServiceKey, plan: &ServicePlan) -> Result<u64> {
         // The same refusals as the maps, checked before anything changes.
         let next = BTreeMap::from([(key, Some(plan.clone()))]);
-        super::check_fits(&self.limits, &self.usage(), &next)?;
-        let l = super::layout::layout(plan, self.limits.ring_stride)?;
+        super::check_fits(&self.limits, &self.usage(&mut std::iter::once(key)), &next)?;
+        let l = super::layout::layout(plan, self.limits.tables)?;
         self.call()?;
         self.services.insert(key, plan.clone());
         Ok(super::layout::fingerprint(plan, &l))
@@ -126,7 +128,7 @@ impl Dataplane for FakeDataplane {
     fn read_back(&self, key: ServiceKey) -> Result<Option<Contents>> {
         self.services
             .get(&key)
-            .map(|p| Contents::expected(p, self.limits.ring_stride))
+            .map(|p| Contents::expected(p, self.limits.tables))
             .transpose()
     }
 

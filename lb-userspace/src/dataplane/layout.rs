@@ -49,12 +49,71 @@ pub fn maglev_key(addr: IpAddr) -> u64 {
     hi ^ lo.rotate_left(29) ^ family as u64
 }
 
-/// The largest prime not above `n` (at least 2).
-fn prime_at_most(n: u32) -> u32 {
-    (2..=n.max(2))
-        .rev()
-        .find(|p| maglev::is_prime(*p))
-        .unwrap_or(2)
+/// The smallest prime not below `n`.
+fn prime_at_least(n: u64) -> u64 {
+    (n.max(2)..)
+        .find(|p| *p > u32::MAX as u64 || maglev::is_prime(*p as u32))
+        .expect("primes are unbounded")
+}
+
+/// Where an automatically sized table may lie (`[dataplane] maglev_min_size` and
+/// `maglev_max_size`, both primes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableBounds {
+    pub min: u32,
+    pub max: u32,
+}
+
+/// Cells per backend of an automatically sized table: Maglev's guidance (M >= 100 N
+/// keeps every backend's share within about 1% of its weight).
+pub const CELLS_PER_BACKEND: u64 = 100;
+
+/// `ceil(2^(k/2))` in integers, so that every node computes the same ladder.
+fn ladder(k: u32) -> u64 {
+    let square = 1u128 << k;
+    let mut r = (square as f64).sqrt() as u128;
+    while r * r > square {
+        r -= 1;
+    }
+    while r * r < square {
+        r += 1;
+    }
+    r as u64
+}
+
+/// The table size of a service with `backends` backends: `pinned` if the operator
+/// chose one (non-zero), else the first prime at or above the first step of a
+/// sqrt(2) ladder that holds `CELLS_PER_BACKEND` cells per backend, within `bounds`.
+/// The ladder keeps the size still while backends come and go in small numbers: a
+/// new size moves every new flow (not the established ones, which the connection
+/// table holds), a new backend only its share.
+pub fn table_size(pinned: u32, backends: usize, bounds: TableBounds) -> u32 {
+    if pinned != 0 {
+        return pinned;
+    }
+    let want = (backends.max(1) as u64 * CELLS_PER_BACKEND).max(bounds.min as u64);
+    let step = (0..64).map(ladder).find(|v| *v >= want).unwrap_or(want);
+    let p = prime_at_least(step);
+    if p > bounds.max as u64 {
+        bounds.max
+    } else {
+        p as u32
+    }
+}
+
+/// The most cells a slot of `plan` can take (its table, and one sub-table per sphere
+/// of the topology rule), without building it: what capacity checks count.
+pub fn slot_max(plan: &ServicePlan, bounds: TableBounds) -> u64 {
+    let size = table_size(plan.config.maglev_size, plan.backends.len(), bounds) as u64;
+    let spheres = match &plan.rule {
+        Rule::Topology { subnets } => subnets
+            .iter()
+            .map(|(_, _, s)| s)
+            .collect::<BTreeSet<_>>()
+            .len() as u64,
+        _ => 0,
+    };
+    size * (1 + spheres)
 }
 
 /// `addr` with the bits beyond `prefix` cleared.
@@ -77,9 +136,9 @@ pub fn masked(addr: IpAddr, prefix: u8) -> IpAddr {
     }
 }
 
-/// The slot's contents for `plan`, within `stride` cells.
-pub fn layout(plan: &ServicePlan, stride: u32) -> Result<Layout, MaglevError> {
-    let size = plan.config.maglev_size;
+/// The slot's contents for `plan`, its table sized by [`table_size`].
+pub fn layout(plan: &ServicePlan, bounds: TableBounds) -> Result<Layout, MaglevError> {
+    let size = table_size(plan.config.maglev_size, plan.backends.len(), bounds);
     let members: Vec<MaglevBackend> = plan
         .backends
         .iter()
@@ -95,13 +154,9 @@ pub fn layout(plan: &ServicePlan, stride: u32) -> Result<Layout, MaglevError> {
         _ => &[],
     };
     let spheres: BTreeSet<&String> = subnets.iter().map(|(_, _, s)| s).collect();
-    // Sphere tables share the slot with the whole service's table: each gets an equal
-    // part, and Maglev tables stay prime.
-    let part = if spheres.is_empty() {
-        size
-    } else {
-        prime_at_most(size.min(stride / (spheres.len() as u32 + 1)))
-    };
+    // Each sphere's table has the whole table's size: a slot holds at most
+    // `slot_max` cells.
+    let part = size;
     let table_of = |members: &[MaglevBackend]| -> Result<Vec<u32>, MaglevError> {
         if plan.rule == Rule::Source {
             // Address order, as the SPM generator's `source` rule.
@@ -184,6 +239,11 @@ mod tests {
         plan::BackendPlan,
     };
 
+    const B: TableBounds = TableBounds {
+        min: 251,
+        max: 16_777_213,
+    };
+
     fn plan(addrs: &[(&str, u32)], size: u32) -> ServicePlan {
         let route = L2Route {
             dst_mac: [2, 0, 0, 0, 0, 1],
@@ -205,7 +265,7 @@ mod tests {
             &[("198.18.0.11", 1), ("198.18.0.12", 2), ("198.18.0.13", 1)],
             4093,
         );
-        let la = layout(&a, 65537).unwrap();
+        let la = layout(&a, B).unwrap();
         // The same service reached by another path of changes is the same service.
         let mut b = plan(&[("198.18.0.13", 1)], 4093);
         b.backends.insert(
@@ -220,7 +280,7 @@ mod tests {
             "198.18.0.11".parse().unwrap(),
             a.backends.values().next().unwrap().clone(),
         );
-        let lb = layout(&b, 65537).unwrap();
+        let lb = layout(&b, B).unwrap();
         assert_eq!(la, lb);
         assert_eq!(
             fingerprint(&a, &la),
@@ -233,7 +293,7 @@ mod tests {
         );
         assert_ne!(
             fingerprint(&a, &la),
-            fingerprint(&c, &layout(&c, 65537).unwrap())
+            fingerprint(&c, &layout(&c, B).unwrap())
         );
     }
 
@@ -243,8 +303,8 @@ mod tests {
         let refs: Vec<(&str, u32)> = ten.iter().map(|(a, w)| (a.as_str(), *w)).collect();
         let before = plan(&refs[..9], 65537);
         let after = plan(&refs, 65537);
-        let lb = layout(&before, 65537).unwrap();
-        let la = layout(&after, 65537).unwrap();
+        let lb = layout(&before, B).unwrap();
+        let la = layout(&after, B).unwrap();
         let name = |p: &ServicePlan, c: u32| p.backends.keys().nth(c as usize).copied();
         let moved = lb
             .cells
@@ -267,7 +327,42 @@ mod tests {
             4093,
         );
         p.rule = Rule::Source;
-        let l = layout(&p, 65537).unwrap();
+        let l = layout(&p, B).unwrap();
         assert_eq!(l.cells, vec![0, 1]);
+    }
+
+    #[test]
+    fn an_automatic_table_follows_its_backends_on_a_ladder_within_bounds() {
+        assert_eq!(table_size(4093, 3, B), 4093, "a pinned size is kept");
+        assert_eq!(table_size(0, 0, B), 257, "at least the minimum");
+        assert_eq!(table_size(0, 3, B), 367);
+        let thousand = table_size(0, 1000, B);
+        assert!(thousand >= 100_000 && thousand < 142_000, "{thousand}");
+        assert_eq!(table_size(0, 1001, B), thousand);
+        assert!(maglev::is_prime(table_size(0, 100_000, B)));
+        assert!(table_size(0, 100_000, B) >= 10_000_000);
+        let small = TableBounds {
+            min: 251,
+            max: 4093,
+        };
+        assert_eq!(table_size(0, 1000, small), 4093, "never above the maximum");
+        let mut three = plan(
+            &[("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)],
+            0,
+        );
+        three.config.maglev_size = 0;
+        let l = layout(&three, B).unwrap();
+        assert_eq!(l.table_size, 367);
+        for i in 0..3 {
+            let n = l.cells.iter().filter(|c| **c == i).count();
+            assert!((122..=123).contains(&n), "backend {i}: {n} cells");
+        }
+        for n in [0, 1, 2, 3, 7, 50, 333, 4000] {
+            let s = table_size(0, n, B);
+            assert!(
+                maglev::is_prime(s) && s as u64 >= (n as u64 * 100).max(251),
+                "{n}: {s}"
+            );
+        }
     }
 }

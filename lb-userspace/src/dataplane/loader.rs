@@ -15,7 +15,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
-use lb_common::{map_names, program_names, MAGLEV_DEFAULT_SIZE};
+use lb_common::{map_names, program_names};
 
 use super::{
     error::{DataplaneError, Result},
@@ -57,28 +57,91 @@ impl Program {
     }
 }
 
-/// Sizes fixed at load time: the ring array and the connection table dominate memory.
-#[derive(Clone, Debug)]
+/// Sizes fixed at load time. The kernel preallocates every map whole, so these are
+/// what the data plane costs in memory whatever it holds (see `docs/DEPLOYING.md`,
+/// "Limits and memory").
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// Services (VIP, port, protocol) the data plane can hold at once.
+    /// Services (VIP, port, protocol) the data plane can hold at once: `VIPS`,
+    /// `VIP_ADDRS` and `VIP_STATS` entries.
     pub max_services: u32,
-    /// Largest Maglev table a service may use (a prime). Each service owns two slots of
-    /// this size, so the ring array takes `max_services * 2 * maglev_max_size * 4` bytes.
+    /// Backends over all services: `BACKENDS`, `ROUTES` and `BACKEND_STATS` entries.
+    pub max_backends: u32,
+    /// Cells (4 bytes each) of the ring array all services' tables share; a service
+    /// reserves two slots of its own table's size (`dataplane::ring_reservation`).
+    pub ring_cells: u32,
+    /// Bounds of an automatically sized table (primes).
+    pub maglev_min_size: u32,
     pub maglev_max_size: u32,
-    /// Entries of the per-CPU LRU connection table.
+    /// Entries of the connection table (LRU hash shared by every CPU).
     pub conn_table_size: u32,
     /// A bpffs directory to pin the maps in. A later load with the same directory
     /// reuses them, contents and all: what a restarting daemon needs.
     pub pin_dir: Option<PathBuf>,
 }
 
+/// What `[dataplane]` accepts: each bound keeps a map within what one node can hold
+/// (and the kernel can allocate) on a typical machine.
+pub const MAX_SERVICES_LIMIT: u32 = 65_536;
+pub const MAX_BACKENDS_LIMIT: u32 = 1 << 20;
+pub const RING_CELLS_LIMIT: u32 = 1 << 28;
+pub const CONN_TABLE_LIMIT: u32 = 16 << 20;
+
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
-            max_services: 64,
-            maglev_max_size: MAGLEV_DEFAULT_SIZE,
+            max_services: 1024,
+            max_backends: 16_384,
+            ring_cells: 8 << 20,
+            maglev_min_size: 251,
+            maglev_max_size: 16_777_213,
             conn_table_size: 1 << 18,
             pin_dir: None,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// The first option out of its range, named as in `[dataplane]`.
+    pub fn refusal(&self) -> Option<String> {
+        let range = |name: &str, v: u32, max: u32| {
+            (v == 0 || v > max).then(|| format!("dataplane.{name}: {v} must be 1..={max}"))
+        };
+        range("max_services", self.max_services, MAX_SERVICES_LIMIT)
+            .or_else(|| range("max_backends", self.max_backends, MAX_BACKENDS_LIMIT))
+            .or_else(|| range("ring_cells", self.ring_cells, RING_CELLS_LIMIT))
+            .or_else(|| range("conn_table_size", self.conn_table_size, CONN_TABLE_LIMIT))
+            .or_else(|| {
+                (!is_prime(self.maglev_min_size)).then(|| {
+                    format!(
+                        "dataplane.maglev_min_size: {} is not a prime",
+                        self.maglev_min_size
+                    )
+                })
+            })
+            .or_else(|| {
+                (!is_prime(self.maglev_max_size)).then(|| {
+                    format!(
+                        "dataplane.maglev_max_size: {} is not a prime",
+                        self.maglev_max_size
+                    )
+                })
+            })
+            .or_else(|| {
+                (self.maglev_min_size > self.maglev_max_size).then(|| {
+                    format!(
+                        "dataplane.maglev_min_size: {} is above maglev_max_size {}",
+                        self.maglev_min_size, self.maglev_max_size
+                    )
+                })
+            })
+    }
+
+    /// The bounds of automatically sized tables.
+    pub fn tables(&self) -> super::layout::TableBounds {
+        super::layout::TableBounds {
+            min: self.maglev_min_size,
+            max: self.maglev_max_size,
         }
     }
 }
@@ -116,7 +179,8 @@ fn layouts() -> [(&'static str, usize, usize); 14] {
         ),
         (map_names::VIPS, size_of::<VipKey>(), size_of::<VipMeta>()),
         (map_names::VIP_FILTER, 4, 8),
-        (map_names::MAGLEV_RING, 4, 4),
+        // Two cells per element.
+        (map_names::MAGLEV_RING, 4, 8),
         (map_names::BACKENDS, 4, size_of::<Backend>()),
         (map_names::ROUTES, 4, size_of::<Route>()),
         // A devmap value is `struct bpf_devmap_val`: ifindex and program fd.
@@ -152,8 +216,11 @@ fn check_pinned_layouts(dir: &Path) -> Result<()> {
             MapInfo::from_pin(&path).map_err(|source| DataplaneError::Map { name, source })?;
         // The connection table's kind changed too (per-CPU values before): same
         // sizes, another map.
-        let kind_differs =
-            name == map_names::CONNS && !matches!(info.map_type(), Ok(MapType::LruHash));
+        // And the ring became mappable.
+        let kind_differs = (name == map_names::CONNS
+            && !matches!(info.map_type(), Ok(MapType::LruHash)))
+            || (name == map_names::MAGLEV_RING
+                && info.map_flags() & lb_common::BPF_F_MMAPABLE == 0);
         if kind_differs || info.key_size() as usize != key || info.value_size() as usize != value {
             return Err(DataplaneError::Options(format!(
                 "the pinned map {} was made by another build (key {} / value {} bytes, this build uses {key} / {value}); \
@@ -195,34 +262,31 @@ fn check_pinned_size(dir: &Path, name: &str, expected: u32, option: &str) -> Res
 impl Programs {
     /// Loads every program and hands back the maps to write services into.
     pub fn load(options: &LoadOptions) -> Result<(Programs, MapManager)> {
-        if !is_prime(options.maglev_max_size) {
-            return Err(DataplaneError::Options(format!(
-                "maglev_max_size {} is not a prime",
-                options.maglev_max_size
-            )));
-        }
-        let ring_entries = options
-            .max_services
-            .checked_mul(2)
-            .and_then(|n| n.checked_mul(options.maglev_max_size))
-            .filter(|&n| n > 0 && options.max_services <= lb_common::MAX_VIPS)
-            .ok_or_else(|| {
-                DataplaneError::Options(format!(
-                    "max_services {} (at most {}) times two slots of {} entries does not fit the ring array",
-                    options.max_services,
-                    lb_common::MAX_VIPS,
-                    options.maglev_max_size
-                ))
-            })?;
-        if options.conn_table_size == 0 {
-            return Err(DataplaneError::Options(
-                "conn_table_size must be positive".into(),
-            ));
+        if let Some(why) = options.refusal() {
+            return Err(DataplaneError::Options(why));
         }
         let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(map_names::MAGLEV_RING, ring_entries)
-            .map_max_entries(map_names::CONNS, options.conn_table_size);
+        let sizes = [
+            (map_names::VIP_ADDRS, options.max_services, "max_services"),
+            (map_names::VIPS, options.max_services, "max_services"),
+            (map_names::VIP_STATS, options.max_services, "max_services"),
+            (map_names::BACKENDS, options.max_backends, "max_backends"),
+            (map_names::ROUTES, options.max_backends, "max_backends"),
+            (
+                map_names::BACKEND_STATS,
+                options.max_backends,
+                "max_backends",
+            ),
+            (
+                map_names::MAGLEV_RING,
+                options.ring_cells.div_ceil(2),
+                "ring_cells",
+            ),
+            (map_names::CONNS, options.conn_table_size, "conn_table_size"),
+        ];
+        for (name, entries, _) in sizes {
+            loader.map_max_entries(name, entries);
+        }
         if let Some(dir) = &options.pin_dir {
             std::fs::create_dir_all(dir).map_err(|e| {
                 DataplaneError::Options(format!(
@@ -230,18 +294,9 @@ impl Programs {
                     dir.display()
                 ))
             })?;
-            check_pinned_size(
-                dir,
-                map_names::MAGLEV_RING,
-                ring_entries,
-                "max_services or maglev_max_size",
-            )?;
-            check_pinned_size(
-                dir,
-                map_names::CONNS,
-                options.conn_table_size,
-                "conn_table_size",
-            )?;
+            for (name, entries, option) in sizes {
+                check_pinned_size(dir, name, entries, option)?;
+            }
             check_pinned_layouts(dir)?;
             for name in map_names::ALL {
                 loader.map_pin_path(name, dir.join(name));
@@ -262,7 +317,7 @@ impl Programs {
                 source,
             })?;
         }
-        let maps = MapManager::new(&mut ebpf, options.max_services, options.maglev_max_size)?;
+        let maps = MapManager::new(&mut ebpf, options)?;
         let dataplane = Programs {
             ebpf,
             logger,

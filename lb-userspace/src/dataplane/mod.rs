@@ -39,21 +39,88 @@ use crate::{
 pub struct Limits {
     pub services: u32,
     pub backends: u32,
-    /// Cells of one ring slot: the largest table (with its sphere tables) of a service.
-    pub ring_stride: u32,
+    /// Bounds of the automatically sized tables; `max` also bounds a pinned size.
+    pub tables: layout::TableBounds,
+    /// Cells of the ring array, shared by all services' tables.
+    pub ring_cells: u64,
     /// Client subnet rules over all services and both ring slots.
     pub sphere_rules: u32,
     /// Egress interfaces other than the receiving one.
     pub tx_ports: u32,
 }
 
-/// What the maps hold now, as far as capacity is concerned.
+/// What one service holds, as far as capacity is concerned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Its backends (each holds one backend id).
+    pub backends: BTreeSet<IpAddr>,
+    /// Its subnet rules (live slot).
+    pub rules: usize,
+    /// Ring cells reserved for it: two slots of its largest table.
+    pub ring_cells: u64,
+}
+
+/// What the maps hold now, as far as capacity is concerned: the services asked about
+/// in detail, the rest as totals (so that a change to one service costs in proportion
+/// to that service, not to the node).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
-    /// Each service's backends (each holds one backend id) and subnet rules.
-    pub services: BTreeMap<ServiceKey, (BTreeSet<IpAddr>, usize)>,
+    /// The services asked about that the maps hold.
+    pub services: BTreeMap<ServiceKey, Held>,
+    /// Over every service the maps hold: services, backends, subnet rules, ring cells.
+    pub service_count: usize,
+    pub backend_count: usize,
+    pub rule_count: usize,
+    pub ring_cells: u64,
     /// Egress interfaces that have a devmap slot.
     pub tx_ports: BTreeSet<u32>,
+}
+
+impl Usage {
+    /// The usage of `held`, detailed for `keys` (test and fake helper).
+    pub fn of<'a>(
+        held: impl IntoIterator<Item = (ServiceKey, Held)>,
+        keys: impl IntoIterator<Item = &'a ServiceKey>,
+    ) -> Usage {
+        let all: BTreeMap<ServiceKey, Held> = held.into_iter().collect();
+        let mut u = Usage {
+            service_count: all.len(),
+            ..Usage::default()
+        };
+        for h in all.values() {
+            u.backend_count += h.backends.len();
+            u.rule_count += h.rules;
+            u.ring_cells += h.ring_cells;
+        }
+        for k in keys {
+            if let Some(h) = all.get(k) {
+                u.services.insert(*k, h.clone());
+            }
+        }
+        u
+    }
+}
+
+/// [`ring_reservation`] of a service as configured (its own backends).
+pub fn spec_reservation(spec: &crate::desired::ServiceSpec, bounds: layout::TableBounds) -> u64 {
+    let size = layout::table_size(spec.config.maglev_size, spec.backends.len(), bounds) as u64;
+    let spheres = match spec.spm.rule {
+        crate::spm::RuleName::Topology => spec
+            .spm
+            .topology
+            .iter()
+            .map(|(_, _, s)| s)
+            .collect::<BTreeSet<_>>()
+            .len() as u64,
+        _ => 0,
+    };
+    2 * size * (1 + spheres)
+}
+
+/// The ring cells a service with `plan` reserves: two slots (the live one and the
+/// one the next table is written to) of its largest slot.
+pub fn ring_reservation(plan: &ServicePlan, bounds: layout::TableBounds) -> u64 {
+    2 * layout::slot_max(plan, bounds)
 }
 
 /// Packet and byte counters of a service and of each of its backends.
@@ -102,8 +169,8 @@ pub fn vip_flags(plan: &ServicePlan) -> u32 {
 
 impl Contents {
     /// What the maps must hold for `plan`.
-    pub fn expected(plan: &ServicePlan, stride: u32) -> Result<Contents> {
-        let l = layout::layout(plan, stride)?;
+    pub fn expected(plan: &ServicePlan, bounds: layout::TableBounds) -> Result<Contents> {
+        let l = layout::layout(plan, bounds)?;
         let addrs: Vec<IpAddr> = plan.backends.keys().copied().collect();
         let mut subnets = l.subnets.clone();
         subnets.sort();
@@ -125,7 +192,8 @@ impl Contents {
 /// The data plane, in the verbs the reconciler needs.
 pub trait Dataplane {
     fn limits(&self) -> Limits;
-    fn usage(&self) -> Usage;
+    /// What the maps hold: `keys` in detail, everything as totals.
+    fn usage(&self, keys: &mut dyn Iterator<Item = ServiceKey>) -> Usage;
     /// Makes the maps hold `plan` for `key` (adding the service if it is new). All or
     /// nothing; writes only what differs from what the maps hold. Returns the
     /// fingerprint of the table written (`layout::fingerprint`).
@@ -157,46 +225,61 @@ pub fn check_fits(
     usage: &Usage,
     next: &BTreeMap<ServiceKey, Option<ServicePlan>>,
 ) -> Result<Vec<ServiceKey>> {
-    let empty = (BTreeSet::new(), 0usize);
+    let empty = Held::default();
     let mut order: Vec<(i64, ServiceKey)> = Vec::new();
     for (key, plan) in next {
-        let (held, _) = usage.services.get(key).unwrap_or(&empty);
+        let held = usage.services.get(key).unwrap_or(&empty);
         let rank = match plan {
             None => i64::MIN,
             Some(p) => {
-                let added = p.backends.keys().filter(|a| !held.contains(a)).count() as i64;
-                let removed = held.iter().filter(|a| !p.backends.contains_key(a)).count() as i64;
+                let added = p
+                    .backends
+                    .keys()
+                    .filter(|a| !held.backends.contains(a))
+                    .count() as i64;
+                let removed = held
+                    .backends
+                    .iter()
+                    .filter(|a| !p.backends.contains_key(a))
+                    .count() as i64;
                 added - removed
             }
         };
         order.push((rank, *key));
     }
     order.sort();
-    let mut services: BTreeSet<ServiceKey> = usage.services.keys().copied().collect();
-    let mut used: i64 = usage.services.values().map(|(b, _)| b.len() as i64).sum();
-    let mut rules: i64 = usage.services.values().map(|(_, r)| *r as i64).sum();
+    let mut services = usage.service_count as i64;
+    let mut used = usage.backend_count as i64;
+    let mut rules = usage.rule_count as i64;
+    let mut cells = usage.ring_cells as i64;
     let mut ports = usage.tx_ports.clone();
     for (_, key) in &order {
-        let (held, held_rules) = usage.services.get(key).unwrap_or(&empty);
+        let known = usage.services.get(key);
+        let held = known.unwrap_or(&empty);
         let Some(plan) = &next[key] else {
-            if services.remove(key) {
-                used -= held.len() as i64;
-                rules -= *held_rules as i64;
+            if known.is_some() {
+                services -= 1;
+                used -= held.backends.len() as i64;
+                rules -= held.rules as i64;
+                cells -= held.ring_cells as i64;
             }
             continue;
         };
-        if services.insert(*key) && services.len() > limits.services as usize {
-            return Err(DataplaneError::TooManyServices {
-                service: *key,
-                max: limits.services,
-            });
+        if known.is_none() {
+            services += 1;
+            if services > limits.services as i64 {
+                return Err(DataplaneError::TooManyServices {
+                    service: *key,
+                    max: limits.services,
+                });
+            }
         }
-        let size = plan.config.maglev_size;
-        if size > limits.ring_stride {
+        let size = layout::table_size(plan.config.maglev_size, plan.backends.len(), limits.tables);
+        if size > limits.tables.max {
             return Err(DataplaneError::RingTooLarge {
                 service: *key,
                 size,
-                max: limits.ring_stride,
+                max: limits.tables.max,
             });
         }
         if !maglev::is_prime(size) {
@@ -221,7 +304,7 @@ pub fn check_fits(
         let added: Vec<IpAddr> = plan
             .backends
             .keys()
-            .filter(|a| !held.contains(a))
+            .filter(|a| !held.backends.contains(a))
             .copied()
             .collect();
         if used + added.len() as i64 > limits.backends as i64 {
@@ -233,10 +316,22 @@ pub fn check_fits(
             });
         }
         let removed = held
+            .backends
             .iter()
             .filter(|a| !plan.backends.contains_key(a))
             .count() as i64;
         used += added.len() as i64 - removed;
+        // A service keeps its reservation until its new one is made.
+        let want = ring_reservation(plan, limits.tables) as i64;
+        if cells - held.ring_cells as i64 + want > limits.ring_cells as i64 {
+            return Err(DataplaneError::RingFull {
+                service: *key,
+                needed: want as u64,
+                free: (limits.ring_cells as i64 - cells).max(0) as u64,
+                total: limits.ring_cells,
+            });
+        }
+        cells += want - held.ring_cells as i64;
         let new_rules = match &plan.rule {
             Rule::Topology { subnets } => subnets.len() as i64,
             _ => 0,
@@ -248,7 +343,7 @@ pub fn check_fits(
                 limits.sphere_rules
             )));
         }
-        rules += new_rules - *held_rules as i64;
+        rules += new_rules - held.rules as i64;
         for b in plan.backends.values() {
             if let Some(L2Route {
                 egress: Egress::Interface { ifindex },
@@ -297,7 +392,11 @@ mod tests {
         Limits {
             services: 4,
             backends: 100,
-            ring_stride: 65537,
+            tables: layout::TableBounds {
+                min: 251,
+                max: 65537,
+            },
+            ring_cells: 1 << 20,
             sphere_rules: 16,
             tx_ports: 4,
         }
@@ -308,13 +407,18 @@ mod tests {
     }
 
     fn usage(of: &[(ServiceKey, &ServicePlan)]) -> Usage {
-        Usage {
-            services: of
-                .iter()
-                .map(|(k, p)| (*k, (p.backends.keys().copied().collect(), 0)))
-                .collect(),
-            tx_ports: BTreeSet::new(),
-        }
+        let held = of.iter().map(|(k, p)| {
+            (
+                *k,
+                Held {
+                    backends: p.backends.keys().copied().collect(),
+                    rules: 0,
+                    ring_cells: ring_reservation(p, limits().tables),
+                },
+            )
+        });
+        let keys: Vec<ServiceKey> = of.iter().map(|(k, _)| *k).collect();
+        Usage::of(held, &keys)
     }
 
     #[test]
@@ -366,5 +470,34 @@ mod tests {
             check_fits(&limits(), &u, &next),
             Err(DataplaneError::RingTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn ring_cells_are_reserved_for_what_each_table_needs_and_refused_beyond() {
+        // 4093-cell tables reserve 2 x 4093 cells each; 1 << 20 cells hold 128 of them.
+        let u = usage(&[(key(1), &plan(1, 0))]);
+        let mut small = limits();
+        small.services = 1000;
+        small.ring_cells = 3 * 2 * 4093;
+        let next: BTreeMap<_, _> = (2..=3).map(|p| (key(p), Some(plan(1, p as u32)))).collect();
+        check_fits(&small, &u, &next).unwrap();
+        let next: BTreeMap<_, _> = (2..=4).map(|p| (key(p), Some(plan(1, p as u32)))).collect();
+        let e = check_fits(&small, &u, &next).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DataplaneError::RingFull {
+                    needed: 8186,
+                    free: 0,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("ring_cells"), "{e}");
+        // An automatic table is sized by its backends: three backends reserve 2 x 367.
+        let mut auto = plan(3, 0);
+        auto.config.maglev_size = 0;
+        assert_eq!(ring_reservation(&auto, small.tables), 2 * 367);
     }
 }

@@ -87,9 +87,10 @@ pub fn validate(
         );
     }
     for (key, spec) in &desired.services {
-        if spec.config.maglev_size > max_size || !crate::maglev::is_prime(spec.config.maglev_size) {
+        let pinned = spec.config.maglev_size;
+        if pinned != 0 && (pinned > max_size || !crate::maglev::is_prime(pinned)) {
             anyhow::bail!(
-                "{key}: maglev_size {} must be a prime no larger than {max_size}",
+                "{key}: maglev_size {} must be a prime no larger than {max_size} (or 0: sized by its backends)",
                 spec.config.maglev_size,
             );
         }
@@ -196,7 +197,11 @@ impl<D: Dataplane> Reconciler<D> {
         if next.is_empty() {
             return Ok(Vec::new());
         }
-        let order = check_fits(&self.dp.limits(), &self.dp.usage(), &next)?;
+        let order = check_fits(
+            &self.dp.limits(),
+            &self.dp.usage(&mut next.keys().copied()),
+            &next,
+        )?;
         let mut done: Vec<(ServiceKey, Option<ServicePlan>)> = Vec::new();
         for key in &order {
             let r = match &next[key] {
@@ -307,7 +312,7 @@ impl<D: Dataplane> Reconciler<D> {
         validate(
             &new,
             limits.services,
-            limits.ring_stride,
+            limits.tables.max,
             &self.known.own_addresses,
         )?;
         let changes = diff(&self.known.desired, &new);
@@ -317,7 +322,7 @@ impl<D: Dataplane> Reconciler<D> {
         let touched: BTreeSet<ServiceKey> = changes.iter().map(Change::service).collect();
         let old = std::mem::replace(&mut self.known.desired, new);
         let next = self.plans(&touched);
-        if let Err(e) = check_fits(&limits, &self.dp.usage(), &next) {
+        if let Err(e) = check_fits(&limits, &self.dp.usage(&mut next.keys().copied()), &next) {
             self.known.desired = old;
             return Err(e.into());
         }

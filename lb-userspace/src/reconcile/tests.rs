@@ -11,7 +11,11 @@ fn limits() -> Limits {
     Limits {
         services: 4,
         backends: 16,
-        ring_stride: 4093,
+        tables: crate::dataplane::layout::TableBounds {
+            min: 251,
+            max: 4093,
+        },
+        ring_cells: 1 << 20,
         sphere_rules: 16,
         tx_ports: 4,
     }
@@ -86,7 +90,7 @@ fn assert_holds_the_plan(r: &Reconciler<FakeDataplane>) {
         let p = plan::plan_service(&inputs, &k, r.written.get(&k)).unwrap();
         assert_eq!(
             r.dp.read_back(k).unwrap(),
-            Some(Contents::expected(&p, limits().ring_stride).unwrap()),
+            Some(Contents::expected(&p, limits().tables).unwrap()),
             "{k}"
         );
     }

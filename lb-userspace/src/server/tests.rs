@@ -36,7 +36,11 @@ fn limits() -> Limits {
     Limits {
         services: 4,
         backends: 8,
-        ring_stride: 4093,
+        tables: crate::dataplane::layout::TableBounds {
+            min: 251,
+            max: 4093,
+        },
+        ring_cells: 1 << 20,
         sphere_rules: 16,
         tx_ports: 4,
     }

@@ -228,9 +228,12 @@ impl Daemon<MapManager> {
             Ok(o) => o,
             Err(e) => return Err(fail(programs, vec![], e)),
         };
-        if let Err(e) =
-            crate::reconcile::validate(&desired, config.max_services, config.maglev_max_size, &own)
-        {
+        if let Err(e) = crate::reconcile::validate(
+            &desired,
+            config.sizes.max_services,
+            config.sizes.maglev_max_size,
+            &own,
+        ) {
             return Err(fail(programs, vec![], e));
         }
         // In a cluster this node serves only what the cluster gives it. VIPs still on

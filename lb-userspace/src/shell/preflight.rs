@@ -52,8 +52,8 @@ pub async fn check(config: &Config, neighbors: &NeighborTable) -> Result<()> {
     let own = crate::shell::daemon::own_addresses(config, neighbors).await?;
     crate::reconcile::validate(
         &config.desired,
-        config.max_services,
-        config.maglev_max_size,
+        config.sizes.max_services,
+        config.sizes.maglev_max_size,
         &own,
     )
     .map_err(|e| anyhow::anyhow!("service: {e:#}"))?;

@@ -31,14 +31,15 @@ use aya::{
 };
 use lb_common::{
     map_names, AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, Route,
-    SphereKey, SphereMeta, VipKey, VipMeta, BACKEND_F_ACTIVE, FAMILY_V4, FAMILY_V6, MAX_BACKENDS,
+    SphereKey, SphereMeta, VipKey, VipMeta, BACKEND_F_ACTIVE, FAMILY_V4, FAMILY_V6,
     MAX_SPHERE_RULES, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, ROUTE_MODE_L2_DSR, ROUTE_MODE_NONE,
 };
 
 use super::{
     error::{DataplaneError, MapResultExt, Result},
     layout::{addr_bytes, layout},
-    Contents, Dataplane, Limits, ServiceCounters, Usage,
+    loader::LoadOptions,
+    Contents, Dataplane, Held, Limits, ServiceCounters, Usage,
 };
 use crate::{
     model::{Egress, L2Route, Proto, ServiceKey},
@@ -46,7 +47,10 @@ use crate::{
 };
 
 mod restore;
+mod ring;
 mod write;
+
+use ring::{Extent, Extents, Ring};
 
 #[derive(Clone, Debug)]
 struct BackendState {
@@ -65,6 +69,10 @@ struct ServiceState {
     backends: BTreeMap<IpAddr, BackendState>,
     /// The `SPHERES` keys written for each ring slot.
     sphere_keys: [Vec<(u32, SphereKey)>; 2],
+    /// Where each slot's table lies in the ring (`None`: the slot holds no cells).
+    slots: [Option<Extent>; 2],
+    /// Ring cells counted against the ring for it (`dataplane::ring_reservation`).
+    reserved: u64,
 }
 
 /// What a write did before its commit point, to be undone if it fails there.
@@ -80,7 +88,9 @@ pub struct MapManager {
     vip_addrs: HashMap<MapData, AddrKey, AddrMeta>,
     vip_filter: Array<MapData, u64>,
     vips: HashMap<MapData, VipKey, VipMeta>,
-    ring: Array<MapData, u32>,
+    ring: Ring,
+    /// The ring's cells that no slot holds.
+    extents: Extents,
     backends: Array<MapData, Backend>,
     routes: Array<MapData, Route>,
     tx_ports: DevMap<MapData>,
@@ -93,9 +103,6 @@ pub struct MapManager {
     nr_cpus: usize,
     limits: Limits,
     services: BTreeMap<ServiceKey, ServiceState>,
-    /// What each ring slot holds, by `vip_id * 2 + slot`, as far as it is known
-    /// (`None`: unknown, the next table written there is written whole).
-    ring_shadow: Vec<Option<Vec<u32>>>,
     free_backend_ids: BTreeSet<u32>,
     free_vip_ids: BTreeSet<u32>,
     /// Above every generation any `BACKENDS` entry holds or held.
@@ -161,15 +168,26 @@ fn vip_key(key: &ServiceKey) -> VipKey {
 }
 
 impl MapManager {
-    /// `max_services` services, each owning two ring slots of `ring_stride` cells.
-    pub(crate) fn new(ebpf: &mut Ebpf, max_services: u32, ring_stride: u32) -> Result<Self> {
+    /// The maps of a loaded object, sized as `options` say.
+    pub(crate) fn new(ebpf: &mut Ebpf, options: &LoadOptions) -> Result<Self> {
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| DataplaneError::Options(format!("reading {what}: {e}")))?;
+        let ring = match ebpf.take_map(map_names::MAGLEV_RING) {
+            Some(aya::maps::Map::Array(data)) => Ring::new(data)?,
+            _ => {
+                return Err(DataplaneError::MapShape {
+                    name: map_names::MAGLEV_RING,
+                })
+            }
+        };
+        let max_services = options.max_services;
+        let max_backends = options.max_backends;
         let mut m = Self {
             vip_addrs: take(ebpf, map_names::VIP_ADDRS)?,
             vip_filter: take(ebpf, map_names::VIP_FILTER)?,
             vips: take(ebpf, map_names::VIPS)?,
-            ring: take(ebpf, map_names::MAGLEV_RING)?,
+            extents: Extents::new(ring.cells()),
+            ring,
             backends: take(ebpf, map_names::BACKENDS)?,
             routes: take(ebpf, map_names::ROUTES)?,
             tx_ports: take(ebpf, map_names::TX_PORTS)?,
@@ -181,14 +199,14 @@ impl MapManager {
             nr_cpus,
             limits: Limits {
                 services: max_services,
-                backends: MAX_BACKENDS,
-                ring_stride,
+                backends: max_backends,
+                tables: options.tables(),
+                ring_cells: options.ring_cells as u64,
                 sphere_rules: MAX_SPHERE_RULES,
                 tx_ports: MAX_TX_PORTS - 1,
             },
             services: BTreeMap::new(),
-            ring_shadow: vec![None; max_services as usize * 2],
-            free_backend_ids: (0..MAX_BACKENDS).collect(),
+            free_backend_ids: (0..max_backends).collect(),
             free_vip_ids: (0..max_services).collect(),
             next_gen: 1,
             tx_port_slots: BTreeMap::new(),
@@ -398,28 +416,35 @@ impl Dataplane for MapManager {
         self.limits
     }
 
-    fn usage(&self) -> Usage {
-        Usage {
-            services: self
-                .services
-                .iter()
-                .map(|(k, s)| {
-                    (
-                        *k,
-                        (
-                            s.backends.keys().copied().collect(),
-                            s.sphere_keys[s.active_slot].len(),
-                        ),
-                    )
-                })
-                .collect(),
+    fn usage(&self, keys: &mut dyn Iterator<Item = ServiceKey>) -> Usage {
+        let mut u = Usage {
+            service_count: self.services.len(),
             tx_ports: self.tx_port_slots.keys().copied().collect(),
+            ..Usage::default()
+        };
+        for s in self.services.values() {
+            u.backend_count += s.backends.len();
+            u.rule_count += s.sphere_keys[s.active_slot].len();
+            u.ring_cells += s.reserved;
         }
+        for k in keys {
+            if let Some(s) = self.services.get(&k) {
+                u.services.insert(
+                    k,
+                    Held {
+                        backends: s.backends.keys().copied().collect(),
+                        rules: s.sphere_keys[s.active_slot].len(),
+                        ring_cells: s.reserved,
+                    },
+                );
+            }
+        }
+        u
     }
 
     fn write_service(&mut self, key: ServiceKey, plan: &ServicePlan) -> Result<u64> {
         self.check(key, plan)?;
-        let l = layout(plan, self.limits.ring_stride)?;
+        let l = layout(plan, self.limits.tables)?;
         let mut undo = Undo::default();
         match self.write(key, plan, &l, &mut undo) {
             Ok(()) => Ok(super::layout::fingerprint(plan, &l)),
@@ -451,6 +476,9 @@ impl Dataplane for MapManager {
         // Unreachable from here on; what follows only frees.
         self.services.remove(&key);
         self.free_vip_ids.insert(state.vip_id);
+        for e in state.slots.iter().flatten() {
+            self.extents.release(*e);
+        }
         self.write_addr(key.addr)?;
         for b in state.backends.values() {
             self.deactivate(b.id, b.entry)?;

@@ -8,7 +8,10 @@ use lb_common::{
     FAMILY_V6, RING_EMPTY,
 };
 
-use super::{addr_of, is_missing, service_key_of, vip_key, BackendState, MapManager, ServiceState};
+use super::{
+    addr_of, is_missing, service_key_of, vip_key, BackendState, Extent, Extents, MapManager,
+    ServiceState,
+};
 use crate::{
     dataplane::{
         error::{DataplaneError, MapResultExt, Result},
@@ -19,9 +22,14 @@ use crate::{
 
 impl MapManager {
     fn read_ring(&self, offset: u32, len: u32) -> Result<Vec<u32>> {
-        (offset..offset + len)
-            .map(|i| self.ring.get(&i, 0).map_ctx(map_names::MAGLEV_RING))
-            .collect()
+        if offset as u64 + len as u64 > self.ring.cells() as u64 {
+            return Err(DataplaneError::Options(format!(
+                "{}: a table at {offset} of {len} cells lies beyond the ring's {} cells",
+                map_names::MAGLEV_RING,
+                self.ring.cells()
+            )));
+        }
+        Ok(self.ring.read(offset, len))
     }
 
     /// Takes over maps an earlier run filled (pinned maps) from the maps alone:
@@ -31,7 +39,6 @@ impl MapManager {
     /// else is corrected by the next write of each service's plan. Returns how many
     /// backends were deactivated.
     pub fn restore(&mut self) -> Result<u32> {
-        let stride = self.limits.ring_stride;
         let vips: Vec<(VipKey, VipMeta)> = self
             .vips
             .iter()
@@ -65,6 +72,7 @@ impl MapManager {
                 .or_default()
                 .push((k.prefix_len(), data, v));
         }
+        let mut used: BTreeMap<u32, u32> = BTreeMap::new();
         for (vkey, meta) in vips {
             let Some(key) = service_key_of(&vkey) else {
                 continue;
@@ -72,24 +80,29 @@ impl MapManager {
             if meta.vip_id >= self.limits.services {
                 continue;
             }
-            let slot = (meta.ring_offset / stride) as usize % 2;
-            let live_rules = sphere_keys
-                .get(&meta.ring_offset)
-                .cloned()
-                .unwrap_or_default();
+            let live_rules = sphere_keys.remove(&meta.ring_offset).unwrap_or_default();
+            // The live slot: its table and sphere tables. The other slot is not
+            // known; the next table is written to a new extent.
             let len = live_rules
                 .iter()
                 .map(|(_, _, m)| m.offset + m.size)
                 .max()
                 .unwrap_or(0)
-                .max(meta.ring_size)
-                .min(stride);
-            let cells = self.read_ring(meta.ring_offset, len)?;
-            let base = meta.vip_id as usize * 2;
-            self.ring_shadow[base + slot] = Some(cells);
-            // The spare slot's contents are not read (a restart must not cost a
-            // table's worth of reads per service): its next table is written whole.
-            self.ring_shadow[base + 1 - slot] = None;
+                .max(meta.ring_size);
+            if meta.ring_offset as u64 + len as u64 > self.ring.cells() as u64 {
+                continue;
+            }
+            let extent = Extent {
+                offset: meta.ring_offset,
+                len,
+            };
+            let before = used.range(..extent.offset + extent.len.max(1)).next_back();
+            if before.is_some_and(|(o, l)| o + l > extent.offset) {
+                // Two services naming the same cells: only a corrupted map does that;
+                // the later one is written anew (as if new) by the next reconcile.
+                continue;
+            }
+            used.insert(extent.offset, extent.len);
             let mut backends = BTreeMap::new();
             for (id, b) in active.remove(&meta.vip_id).unwrap_or_default() {
                 let Some(addr) = addr_of(&b.addr, b.family) else {
@@ -106,24 +119,32 @@ impl MapManager {
                     },
                 );
             }
-            let spare_offset = (meta.vip_id * 2 + (1 - slot) as u32) * stride;
-            let keys = |rules: Vec<(u32, SphereKey, SphereMeta)>| -> Vec<(u32, SphereKey)> {
-                rules.into_iter().map(|(p, k, _)| (p, k)).collect()
-            };
-            let mut sk = [Vec::new(), Vec::new()];
-            sk[slot] = keys(live_rules);
-            sk[1 - slot] = keys(sphere_keys.get(&spare_offset).cloned().unwrap_or_default());
+            let sk = [
+                live_rules.into_iter().map(|(p, k, _)| (p, k)).collect(),
+                Vec::new(),
+            ];
             self.free_vip_ids.remove(&meta.vip_id);
             self.services.insert(
                 key,
                 ServiceState {
                     vip_id: meta.vip_id,
-                    active_slot: slot,
+                    active_slot: 0,
                     meta: Some(meta),
                     backends,
                     sphere_keys: sk,
+                    slots: [Some(extent), None],
+                    reserved: 2 * len as u64,
                 },
             );
+        }
+        self.extents = Extents::with_used(
+            self.ring.cells(),
+            used.into_iter().map(|(offset, len)| Extent { offset, len }),
+        );
+        // Subnet rules of slots no service points at: their cells go to whoever
+        // gets the extent next.
+        for (p, k, _) in sphere_keys.into_values().flatten() {
+            self.remove_sphere_key((p, k))?;
         }
         // Backends of no service: written by a run that died before naming them.
         let mut collected = 0;

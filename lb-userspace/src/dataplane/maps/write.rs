@@ -25,7 +25,7 @@ impl MapManager {
     /// Refusals that need no write: what does not fit is refused before anything is.
     pub(super) fn check(&self, key: ServiceKey, plan: &ServicePlan) -> Result<()> {
         let next = BTreeMap::from([(key, Some(plan.clone()))]);
-        check_fits(&self.limits, &self.usage(), &next)?;
+        check_fits(&self.limits, &self.usage(&mut std::iter::once(key)), &next)?;
         let newcomers = plan
             .backends
             .keys()
@@ -59,7 +59,6 @@ impl MapManager {
         l: &Layout,
         undo: &mut Undo,
     ) -> Result<()> {
-        let stride = self.limits.ring_stride;
         if !self.services.contains_key(&key) {
             let vip_id = *self.free_vip_ids.first().expect("checked");
             self.zero_counter(false, vip_id)?;
@@ -72,6 +71,8 @@ impl MapManager {
                     meta: None,
                     backends: BTreeMap::new(),
                     sphere_keys: [Vec::new(), Vec::new()],
+                    slots: [None, None],
+                    reserved: 0,
                 },
             );
             undo.new_service = true;
@@ -169,11 +170,12 @@ impl MapManager {
                 })
                 .collect()
         };
-        let active_offset = (vip_id * 2 + active as u32) * stride;
+        let active_extent = s.slots[active];
+        let active_offset = active_extent.map_or(0, |e| e.offset);
         let same_table = s.meta.is_some_and(|m| m.ring_size == l.table_size)
-            && self.ring_shadow[(vip_id * 2) as usize + active]
-                .as_ref()
-                .is_some_and(|sh| sh.len() >= cells.len() && sh[..cells.len()] == cells[..])
+            && active_extent.is_some_and(|e| {
+                e.len as usize == cells.len() && self.ring.holds(e.offset, &cells)
+            })
             && {
                 let mut want: Vec<(u32, SphereKey)> = keys_for(active_offset)
                     .into_iter()
@@ -190,6 +192,7 @@ impl MapManager {
             .filter(|(a, _)| !plan.backends.contains_key(a))
             .map(|(a, b)| (*a, b.clone()))
             .collect();
+        let reserved = super::super::ring_reservation(plan, self.limits.tables);
 
         if same_table {
             let meta = VipMeta {
@@ -208,26 +211,35 @@ impl MapManager {
             }
         } else {
             let spare = 1 - active;
-            let index = (vip_id * 2) as usize + spare;
-            let offset = index as u32 * stride;
-            let shadow = self.ring_shadow[index].take();
-            for (cell, &id) in cells.iter().enumerate() {
-                // Beyond what is known of the slot, every cell is written.
-                let known = shadow.as_ref().and_then(|s| s.get(cell)).copied();
-                if known != Some(id) {
-                    self.writing()?;
-                    self.ring
-                        .set(offset + cell as u32, id, 0)
-                        .map_ctx(map_names::MAGLEV_RING)?;
+            let len = cells.len() as u32;
+            // The spare slot's extent, if it has this table's size; else a new one
+            // (the old one's subnet rules go with it: another service may get it).
+            let extent = match self.services[&key].slots[spare] {
+                Some(e) if e.len == len => e,
+                old => {
+                    if let Some(e) = old {
+                        let stale = std::mem::take(
+                            &mut self.services.get_mut(&key).expect("exists").sphere_keys[spare],
+                        );
+                        for k in stale {
+                            self.remove_sphere_key(k)?;
+                        }
+                        self.services.get_mut(&key).expect("exists").slots[spare] = None;
+                        self.extents.release(e);
+                    }
+                    let e = self.extents.alloc(len).ok_or(DataplaneError::RingFull {
+                        service: key,
+                        needed: len as u64,
+                        free: self.extents.free_cells(),
+                        total: self.limits.ring_cells,
+                    })?;
+                    self.services.get_mut(&key).expect("exists").slots[spare] = Some(e);
+                    e
                 }
-            }
-            self.ring_shadow[index] = Some(match shadow {
-                Some(mut known) if known.len() >= cells.len() => {
-                    known[..cells.len()].copy_from_slice(&cells);
-                    known
-                }
-                _ => cells.clone(),
-            });
+            };
+            let offset = extent.offset;
+            self.writing()?;
+            self.ring.write(offset, &cells);
 
             // The spare slot's subnet rules before the flip; the old slot's after it.
             let new_keys = keys_for(offset);
@@ -262,6 +274,7 @@ impl MapManager {
             let s = self.services.get_mut(&key).expect("exists");
             s.active_slot = spare;
             s.meta = Some(meta);
+
             s.sphere_keys[spare] = new_keys.into_iter().map(|(k, _)| k).collect();
             let old = std::mem::take(&mut s.sphere_keys[active]);
             for k in old {
@@ -269,6 +282,7 @@ impl MapManager {
             }
         }
         *undo = Undo::default();
+        self.services.get_mut(&key).expect("exists").reserved = reserved;
         // After the flip: no table names these any more.
         for (addr, b) in removed {
             self.deactivate(b.id, b.entry)?;
@@ -315,6 +329,9 @@ impl MapManager {
         if undo.new_service {
             if let Some(s) = self.services.remove(&key) {
                 self.free_vip_ids.insert(s.vip_id);
+                for e in s.slots.iter().flatten() {
+                    self.extents.release(*e);
+                }
             }
         }
     }
@@ -328,10 +345,20 @@ impl MapManager {
             family,
             _pad: [0; 3],
         };
+        // The services of one address are neighbours in the map's order.
+        let first = ServiceKey {
+            addr,
+            port: 0,
+            proto: crate::model::Proto::Tcp,
+        };
+        let last = ServiceKey {
+            addr,
+            port: u16::MAX,
+            proto: crate::model::Proto::Udp,
+        };
         let on_addr: Vec<u32> = self
             .services
-            .iter()
-            .filter(|(k, _)| k.addr == addr)
+            .range(first..=last)
             .filter_map(|(_, s)| s.meta.map(|m| m.flags))
             .collect();
         let served = self.served.as_ref().is_none_or(|o| o.contains(&addr));
