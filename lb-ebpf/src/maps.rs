@@ -32,8 +32,11 @@ pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 
 #[map]
 pub static MAGLEV_RING: Array<u64> = Array::with_max_entries(1, lb_common::BPF_F_MMAPABLE);
 
+/// Mappable, so that lbd reads all of it (a restart, a read-back) as memory; it
+/// still writes entries with map updates.
 #[map]
-pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+pub static BACKENDS: Array<Backend> =
+    Array::with_max_entries(MAX_BACKENDS, lb_common::BPF_F_MMAPABLE);
 
 #[map]
 pub static ROUTES: Array<Route> = Array::with_max_entries(MAX_BACKENDS, 0);

@@ -219,7 +219,7 @@ fn check_pinned_layouts(dir: &Path) -> Result<()> {
         // And the ring became mappable.
         let kind_differs = (name == map_names::CONNS
             && !matches!(info.map_type(), Ok(MapType::LruHash)))
-            || (name == map_names::MAGLEV_RING
+            || ((name == map_names::MAGLEV_RING || name == map_names::BACKENDS)
                 && info.map_flags() & lb_common::BPF_F_MMAPABLE == 0);
         if kind_differs || info.key_size() as usize != key || info.value_size() as usize != value {
             return Err(DataplaneError::Options(format!(

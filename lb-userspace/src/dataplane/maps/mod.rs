@@ -25,7 +25,7 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, DevMap, HashMap, MapData, PerCpuArray, PerCpuValues,
+        Array, DevMap, HashMap, IterableMap, MapData, PerCpuArray, PerCpuValues,
     },
     Ebpf,
 };
@@ -50,7 +50,7 @@ mod restore;
 mod ring;
 mod write;
 
-use ring::{Extent, Extents, Ring};
+use ring::{Extent, Extents, Mapped, Ring};
 
 #[derive(Clone, Debug)]
 struct BackendState {
@@ -92,6 +92,8 @@ pub struct MapManager {
     /// The ring's cells that no slot holds.
     extents: Extents,
     backends: Array<MapData, Backend>,
+    /// `BACKENDS` as memory, for reading it whole.
+    backends_view: Mapped,
     routes: Array<MapData, Route>,
     tx_ports: DevMap<MapData>,
     conns: HashMap<MapData, FlowKey, ConnEntry>,
@@ -182,13 +184,20 @@ impl MapManager {
         };
         let max_services = options.max_services;
         let max_backends = options.max_backends;
+        let backends: Array<MapData, Backend> = take(ebpf, map_names::BACKENDS)?;
+        let backends_view = Mapped::view(
+            backends.map(),
+            map_names::BACKENDS,
+            std::mem::size_of::<Backend>(),
+        )?;
         let mut m = Self {
             vip_addrs: take(ebpf, map_names::VIP_ADDRS)?,
             vip_filter: take(ebpf, map_names::VIP_FILTER)?,
             vips: take(ebpf, map_names::VIPS)?,
             extents: Extents::new(ring.cells()),
             ring,
-            backends: take(ebpf, map_names::BACKENDS)?,
+            backends,
+            backends_view,
             routes: take(ebpf, map_names::ROUTES)?,
             tx_ports: take(ebpf, map_names::TX_PORTS)?,
             conns: take(ebpf, map_names::CONNS)?,

@@ -46,8 +46,8 @@ impl MapManager {
             .map_ctx(map_names::VIPS)?;
         let mut max_gen = 0;
         let mut active: BTreeMap<u32, Vec<(u32, Backend)>> = BTreeMap::new();
-        for id in 0..self.limits.backends {
-            let b = self.backends.get(&id, 0).map_ctx(map_names::BACKENDS)?;
+        for id in 0..self.backends_view.entries() {
+            let b: Backend = self.backends_view.get(id);
             max_gen = max_gen.max(b.gen);
             if b.flags & BACKEND_F_ACTIVE != 0 {
                 active.entry(b.vip_id).or_default().push((id, b));
@@ -169,8 +169,8 @@ impl MapManager {
         };
         let mut by_id: BTreeMap<u32, IpAddr> = BTreeMap::new();
         let mut backends = BTreeMap::new();
-        for id in 0..self.limits.backends {
-            let b = self.backends.get(&id, 0).map_ctx(map_names::BACKENDS)?;
+        for id in 0..self.backends_view.entries() {
+            let b: Backend = self.backends_view.get(id);
             if b.flags & BACKEND_F_ACTIVE == 0 || b.vip_id != meta.vip_id {
                 continue;
             }

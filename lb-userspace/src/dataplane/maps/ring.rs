@@ -15,40 +15,37 @@ use lb_common::map_names;
 
 use crate::dataplane::error::{DataplaneError, Result};
 
-/// The kernel's ring array, mapped.
-pub(super) struct Ring {
+/// An array map made with `BPF_F_MMAPABLE`, mapped shared: element `i` lies at
+/// `i * round_up(value_size, 8)` (the kernel's element size).
+pub(super) struct Mapped {
     // Keeps the map (and so the mapping's object) alive as long as the mapping.
     _map: MapData,
-    base: NonNull<AtomicU32>,
-    cells: u32,
+    base: NonNull<u8>,
+    entries: u32,
+    elem: usize,
     bytes: usize,
 }
 
-// The mapping is only touched through `&self`/`&mut self` of the one `MapManager`
-// that owns it, which moves between threads as a whole.
-unsafe impl Send for Ring {}
+// The mapping is only touched through the one `MapManager` that owns it, which
+// moves between threads as a whole.
+unsafe impl Send for Mapped {}
 
-impl Ring {
-    pub(super) fn new(map: MapData) -> Result<Ring> {
-        // Two 4-byte cells per 8-byte element, low half first (little-endian).
-        let cells = map
+impl Mapped {
+    /// Maps `map` (named `name` in errors), whose values are `value_size` bytes.
+    pub(super) fn new(map: MapData, name: &'static str, value_size: usize) -> Result<Mapped> {
+        let entries = map
             .info()
-            .map_err(|source| DataplaneError::Map {
-                name: map_names::MAGLEV_RING,
-                source,
-            })?
-            .max_entries()
-            .saturating_mul(2);
+            .map_err(|source| DataplaneError::Map { name, source })?
+            .max_entries();
+        let elem = value_size.div_ceil(8) * 8;
         // SAFETY: sysconf has no preconditions.
         let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
             p if p > 0 => p as usize,
             _ => 4096,
         };
-        let bytes = (cells as usize * 4).div_ceil(page) * page;
+        let bytes = (entries as usize * elem).div_ceil(page) * page;
         if bytes == 0 {
-            return Err(DataplaneError::Options(
-                "the ring array has no cells".into(),
-            ));
+            return Err(DataplaneError::Options(format!("{name} has no entries")));
         }
         // SAFETY: a shared read-write mapping of the whole array, which the kernel
         // allows for a BPF_F_MMAPABLE array of this many bytes (page-rounded).
@@ -64,29 +61,73 @@ impl Ring {
         };
         if ptr == libc::MAP_FAILED {
             return Err(DataplaneError::Options(format!(
-                "mapping the ring array ({cells} cells) into memory: {}; it must be made \
-                 with BPF_F_MMAPABLE (detach an older data plane: lbctl shutdown --detach)",
+                "mapping {name} ({entries} entries) into memory: {}; it must be made with \
+                 BPF_F_MMAPABLE (detach an older data plane: lbctl shutdown --detach)",
                 std::io::Error::last_os_error()
             )));
         }
-        let ptr = NonNull::new(ptr).expect("mmap succeeded");
-        Ok(Ring {
+        Ok(Mapped {
             _map: map,
-            base: ptr.cast(),
-            cells,
+            base: NonNull::new(ptr.cast()).expect("mmap succeeded"),
+            entries,
+            elem,
             bytes,
         })
     }
 
+    /// A second handle on the map behind `map` (a duplicated descriptor), mapped.
+    pub(super) fn view(map: &MapData, name: &'static str, value_size: usize) -> Result<Mapped> {
+        let fd = map.fd().as_fd().try_clone_to_owned().map_err(|e| {
+            DataplaneError::Options(format!("duplicating {name}'s descriptor: {e}"))
+        })?;
+        let dup = MapData::from_fd(fd).map_err(|source| DataplaneError::Map { name, source })?;
+        Mapped::new(dup, name, value_size)
+    }
+
+    pub(super) fn entries(&self) -> u32 {
+        self.entries
+    }
+
+    /// Element `i` as a `T` (read whole; the program never writes these maps).
+    pub(super) fn get<T: Copy>(&self, i: u32) -> T {
+        assert!(i < self.entries && std::mem::size_of::<T>() <= self.elem);
+        // SAFETY: inside the mapping, which lives as long as `self`; unaligned read
+        // of plain data.
+        unsafe { std::ptr::read_unaligned(self.base.as_ptr().add(i as usize * self.elem).cast()) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.bytes);
+        }
+    }
+}
+
+/// The kernel's ring array, mapped: 4-byte cells, two per 8-byte element.
+pub(super) struct Ring {
+    map: Mapped,
+}
+
+impl Ring {
+    pub(super) fn new(map: MapData) -> Result<Ring> {
+        Ok(Ring {
+            map: Mapped::new(map, map_names::MAGLEV_RING, 8)?,
+        })
+    }
+
     pub(super) fn cells(&self) -> u32 {
-        self.cells
+        self.map.entries.saturating_mul(2)
     }
 
     fn cell(&self, i: u32) -> &AtomicU32 {
-        assert!(i < self.cells, "ring cell {i} beyond {}", self.cells);
+        assert!(i < self.cells(), "ring cell {i} beyond {}", self.cells());
         // SAFETY: in bounds of the mapping, which lives as long as `self`; aligned,
-        // since the mapping is page-aligned and cells are 4 bytes.
-        unsafe { &*self.base.as_ptr().add(i as usize) }
+        // since the mapping is page-aligned and cells are 4 bytes (cell 2k is the low
+        // half of element k, little-endian).
+        unsafe { &*self.map.base.as_ptr().cast::<AtomicU32>().add(i as usize) }
     }
 
     pub(super) fn read(&self, offset: u32, len: u32) -> Vec<u32> {
@@ -97,7 +138,7 @@ impl Ring {
 
     /// Whether the cells at `offset` are `cells`.
     pub(super) fn holds(&self, offset: u32, cells: &[u32]) -> bool {
-        offset as u64 + cells.len() as u64 <= self.cells as u64
+        offset as u64 + cells.len() as u64 <= self.cells() as u64
             && cells
                 .iter()
                 .enumerate()
@@ -111,15 +152,6 @@ impl Ring {
             self.cell(offset + i as u32).store(*c, Ordering::Relaxed);
         }
         fence(Ordering::SeqCst);
-    }
-}
-
-impl Drop for Ring {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, unmapped once.
-        unsafe {
-            libc::munmap(self.base.as_ptr().cast(), self.bytes);
-        }
     }
 }
 

@@ -1,0 +1,185 @@
+//! A node at the scale the data plane is documented for: 10,000 services of three
+//! backends each, written to the real maps, a flow to the last service through the
+//! real program (`BPF_PROG_TEST_RUN`), and a restart that resumes the pinned maps with
+//! every table unchanged. Needs root. Durations are printed, not asserted (the
+//! benchmark's scale table measures them).
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    time::Instant,
+};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_userspace::{
+    dataplane::{Contents, Dataplane},
+    desired::{BackendSpec, Desired, ServiceSpec},
+    model::{LocalInterface, Proto, ServiceKey},
+    reconcile::{Known, Reconciler},
+    LoadOptions, MapManager, Program, Programs,
+};
+use support::{macs, Frame};
+
+const SERVICES: u32 = 10_000;
+const XDP_TX: u32 = 3;
+
+struct Unpin(PathBuf);
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn options(dir: &std::path::Path) -> LoadOptions {
+    LoadOptions {
+        max_services: SERVICES,
+        max_backends: 4 * SERVICES,
+        conn_table_size: 1 << 16,
+        pin_dir: Some(dir.to_path_buf()),
+        ..LoadOptions::default()
+    }
+}
+
+/// Service `i`: 100 addresses in 198.18.200.0/24 with 100 ports each.
+fn service(i: u32) -> ServiceKey {
+    ServiceKey {
+        addr: IpAddr::from(Ipv4Addr::new(198, 18, 200, (i / 100) as u8)),
+        port: 1000 + (i % 100) as u16,
+        proto: Proto::Tcp,
+    }
+}
+
+/// Backend `j` of all: 198.19.0.0/16, its MAC made of its number.
+fn backend(j: u32) -> (IpAddr, [u8; 6]) {
+    (
+        IpAddr::from(Ipv4Addr::from(0xc613_0000 + j)),
+        [2, 0, 0, (j >> 16) as u8, (j >> 8) as u8, j as u8],
+    )
+}
+
+fn desired() -> Desired {
+    let services = (0..SERVICES)
+        .map(|i| {
+            let backends = (0..3)
+                .map(|b| {
+                    let (addr, mac) = backend(i * 3 + b);
+                    (
+                        addr,
+                        BackendSpec {
+                            mac: Some(mac),
+                            weight: 1,
+                            drain: false,
+                        },
+                    )
+                })
+                .collect();
+            (
+                service(i),
+                ServiceSpec {
+                    backends,
+                    ..ServiceSpec::default()
+                },
+            )
+        })
+        .collect();
+    Desired { services }
+}
+
+fn known(desired: Desired) -> Known {
+    Known {
+        desired,
+        interfaces: vec![LocalInterface {
+            name: "eth0".into(),
+            ifindex: 2,
+            mac: [2, 0, 0, 0, 0, 0xfe],
+        }],
+        directory_fed: true,
+        ..Known::default()
+    }
+}
+
+/// Sends a handshake's ACK to service `i`; returns the destination MAC it left with.
+fn forward(programs: &Programs, i: u32, sport: u16) -> [u8; 6] {
+    let key = service(i);
+    let frame = Frame::tcp("198.18.1.10", &key.addr.to_string(), sport, key.port)
+        .established()
+        .build();
+    let mut out = vec![0u8; frame.len() + 512];
+    let r = programs
+        .program(Program::Balancer)
+        .test_run(TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    assert_eq!(r.return_value, XDP_TX, "a flow to {key} was not forwarded");
+    out.truncate(r.data_size_out as usize);
+    macs(&out).0
+}
+
+fn contents(r: &Reconciler<MapManager>) -> BTreeMap<ServiceKey, Contents> {
+    r.dp.services()
+        .into_iter()
+        .map(|k| (k, r.dp.read_back(k).unwrap().expect("held")))
+        .collect()
+}
+
+#[test]
+fn ten_thousand_services_start_serve_their_last_service_and_resume_unchanged() {
+    let dir = PathBuf::from(format!("/sys/fs/bpf/lbtest-{}-scale", std::process::id()));
+    let _cleanup = Unpin(dir.clone());
+    let want = desired();
+
+    let t = Instant::now();
+    let (programs, maps) = Programs::load(&options(&dir)).expect("loading the XDP object");
+    let mut r = Reconciler::new(maps, known(want.clone()));
+    let written = r.reconcile_all().unwrap();
+    eprintln!("start: {SERVICES} services written in {:?}", t.elapsed());
+    assert_eq!(written.len(), SERVICES as usize);
+
+    let last = SERVICES - 1;
+    let theirs: Vec<[u8; 6]> = (0..3).map(|b| backend(last * 3 + b).1).collect();
+    for sport in 40000..40020 {
+        let mac = forward(&programs, last, sport);
+        assert!(
+            theirs.contains(&mac),
+            "{mac:02x?} is not a backend of the last service"
+        );
+    }
+    // Every table holds what its service's plan says, and each is the service's own.
+    let before = contents(&r);
+    assert_eq!(before.len(), SERVICES as usize);
+    for (k, c) in &before {
+        assert_eq!(
+            c.table_size, 367,
+            "{k}: three backends get a 367-cell table"
+        );
+        assert!(c
+            .cells
+            .iter()
+            .all(|cell| cell.is_some_and(|a| want.services[k].backends.contains_key(&a))));
+    }
+
+    // A restart: the maps are pinned; the new run takes them over and writes nothing.
+    drop(r);
+    drop(programs);
+    let t = Instant::now();
+    let (programs, mut maps) = Programs::load(&options(&dir)).unwrap();
+    maps.restore().unwrap();
+    let mut r = Reconciler::new(maps, known(want));
+    r.reconcile_all().unwrap();
+    eprintln!(
+        "resume: {SERVICES} services taken over in {:?}",
+        t.elapsed()
+    );
+    assert_eq!(contents(&r), before, "a table changed across the restart");
+    for sport in 40000..40020 {
+        let mac = forward(&programs, last, sport);
+        assert!(theirs.contains(&mac));
+    }
+}
