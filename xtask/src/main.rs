@@ -199,7 +199,10 @@ fn main() -> Result<()> {
             status(cmd, "cargo bench (failover)")?;
             let mut cmd = cargo();
             cmd.args(["bench", "--package", "lb-tests", "--bench", "propagation"]);
-            status(cmd, "cargo bench (directory propagation)")
+            status(cmd, "cargo bench (directory propagation)")?;
+            let mut cmd = cargo();
+            cmd.args(["bench", "--package", "lb-tests", "--bench", "scale"]);
+            status(cmd, "cargo bench (scale)")
         }
     }
 }
