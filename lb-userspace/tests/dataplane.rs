@@ -751,6 +751,17 @@ fn service_and_backend_counters_count_packets_and_bytes() {
     assert_eq!(per[0].packets + per[1].packets, 100);
     assert!(per[0].packets > 0 && per[1].packets > 0);
     assert_eq!(per[0].bytes + per[1].bytes, 100 * len);
+
+    // Read in batches for many services at once: the same figures.
+    let other = service(VIP4, 81, Proto::Tcp);
+    lb.add(other, &backends4(3));
+    for f in flows(30, 81) {
+        lb.forward(&f);
+    }
+    let all = lb.maps.counters_of(&mut [key, other].into_iter());
+    assert_eq!(all[&key], lb.maps.counters(key).unwrap());
+    assert_eq!(all[&other], lb.maps.counters(other).unwrap());
+    assert_eq!(all[&other].service.packets, 30);
 }
 
 #[test]

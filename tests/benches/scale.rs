@@ -24,13 +24,34 @@ struct Case {
 }
 
 const CASES: [Case; 7] = [
-    Case { services: 1, backends: 3 },
-    Case { services: 100, backends: 3 },
-    Case { services: 1_000, backends: 3 },
-    Case { services: 10_000, backends: 3 },
-    Case { services: 1, backends: 1_000 },
-    Case { services: 1, backends: 10_000 },
-    Case { services: 1, backends: 100_000 },
+    Case {
+        services: 1,
+        backends: 3,
+    },
+    Case {
+        services: 100,
+        backends: 3,
+    },
+    Case {
+        services: 1_000,
+        backends: 3,
+    },
+    Case {
+        services: 10_000,
+        backends: 3,
+    },
+    Case {
+        services: 1,
+        backends: 1_000,
+    },
+    Case {
+        services: 1,
+        backends: 10_000,
+    },
+    Case {
+        services: 1,
+        backends: 100_000,
+    },
 ];
 
 fn binary(name: &str) -> PathBuf {
@@ -40,7 +61,10 @@ fn binary(name: &str) -> PathBuf {
 /// Service `i`'s VIP and port: 100 ports per address in 198.18.200.0/22.
 fn service(i: u32) -> (String, u16) {
     let a = 200 * 256 + i / 100;
-    (format!("198.18.{}.{}", a >> 8, a & 255), 1000 + (i % 100) as u16)
+    (
+        format!("198.18.{}.{}", a >> 8, a & 255),
+        1000 + (i % 100) as u16,
+    )
 }
 
 /// Backend `j`: 198.19.0.0/16 and up, its MAC made of its number.
@@ -48,7 +72,12 @@ fn backend(j: u32) -> (String, String) {
     let a = 0xc613_0000u32 + j;
     (
         std::net::Ipv4Addr::from(a).to_string(),
-        format!("02:00:00:{:02x}:{:02x}:{:02x}", (j >> 16) & 255, (j >> 8) & 255, j & 255),
+        format!(
+            "02:00:00:{:02x}:{:02x}:{:02x}",
+            (j >> 16) & 255,
+            (j >> 8) & 255,
+            j & 255
+        ),
     )
 }
 
@@ -133,11 +162,19 @@ impl Node<'_> {
                     return Ok(t.elapsed());
                 }
             }
-            if let Some(st) = self.lbd.as_mut().expect("started").wait_timeout(Duration::from_millis(20))? {
+            if let Some(st) = self
+                .lbd
+                .as_mut()
+                .expect("started")
+                .wait_timeout(Duration::from_millis(20))?
+            {
                 bail!("lbd exited with {st}: {}", std::fs::read_to_string(&log)?);
             }
         }
-        bail!("lbd did not come up in 300 s: {}", std::fs::read_to_string(&log)?)
+        bail!(
+            "lbd did not come up in 300 s: {}",
+            std::fs::read_to_string(&log)?
+        )
     }
 
     fn stop(&mut self) -> Result<()> {
@@ -172,7 +209,9 @@ impl Node<'_> {
             return 0.0;
         };
         for fd in fds.flatten() {
-            let Ok(info) = std::fs::read_to_string(fd.path()) else { continue };
+            let Ok(info) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
             let field = |name: &str| {
                 info.lines()
                     .find(|l| l.starts_with(name))
@@ -220,6 +259,11 @@ fn run(lab: &Lab, case: &Case) -> Result<String> {
     };
     let result = (|| -> Result<String> {
         let start = node.start(case.services)?;
+        if let Ok(secs) = std::env::var("LB_BENCH_SCALE_HOLD") {
+            // For profiling by hand: the node stays up this long.
+            println!("holding: lbctl --socket {}", node.socket.display());
+            std::thread::sleep(Duration::from_secs(secs.parse().unwrap_or(60)));
+        }
         let (rss, maps) = (node.rss_mb(), node.map_mib());
         let (floor, _) = node.lbctl(&["--version"])?;
         let (last_vip, last_port) = service(case.services - 1);
@@ -241,9 +285,12 @@ fn run(lab: &Lab, case: &Case) -> Result<String> {
                 .arg(&socket)
                 .args(["apply", "-f", &file.to_string_lossy()])
                 .output()
-                .map(|o| o.status.success().then_some(()).ok_or_else(|| {
-                    String::from_utf8_lossy(&o.stderr).into_owned()
-                }));
+                .map(|o| {
+                    o.status
+                        .success()
+                        .then_some(())
+                        .ok_or_else(|| String::from_utf8_lossy(&o.stderr).into_owned())
+                });
             (t.elapsed(), ok)
         });
         let mut worst = Duration::ZERO;
@@ -292,10 +339,26 @@ fn main() -> Result<()> {
     println!("scale: lbd (release) on one node, backends with their MACs configured; times in s, commands in ms (lbctl's own floor in `lbctl`)");
     println!(
         "{:>18} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
-        "services x backends", "start s", "resume s", "anon MB", "maps MiB", "1 change", "list", "stats", "metrics", "lbctl", "apply all", "API max"
+        "services x backends",
+        "start s",
+        "resume s",
+        "anon MB",
+        "maps MiB",
+        "1 change",
+        "list",
+        "stats",
+        "metrics",
+        "lbctl",
+        "apply all",
+        "API max"
     );
     for case in CASES {
-        if filter.is_some_and(|m| case.services * case.backends > m) {
+        let only: Option<u32> = std::env::var("LB_BENCH_SCALE_ONLY")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        if filter.is_some_and(|m| case.services * case.backends > m)
+            || only.is_some_and(|n| case.services * case.backends != n)
+        {
             continue;
         }
         match run(&lab, &case) {

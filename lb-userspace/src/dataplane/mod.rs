@@ -206,6 +206,14 @@ pub trait Dataplane {
     /// The services the maps hold.
     fn services(&self) -> Vec<ServiceKey>;
     fn counters(&self, key: ServiceKey) -> Option<ServiceCounters>;
+    /// The counters of every service in `keys` the maps hold (an implementation reads
+    /// each counter map once, not once per service).
+    fn counters_of(
+        &self,
+        keys: &mut dyn Iterator<Item = ServiceKey>,
+    ) -> BTreeMap<ServiceKey, ServiceCounters> {
+        keys.filter_map(|k| Some((k, self.counters(k)?))).collect()
+    }
     fn global_stats(&self) -> Result<GlobalStats>;
     /// Entries in the connection table.
     fn conn_count(&self) -> usize;

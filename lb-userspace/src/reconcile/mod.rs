@@ -590,7 +590,19 @@ impl<D: Dataplane> Reconciler<D> {
 
     /// The services as the API shows them: what is written, with counters.
     pub fn views(&self) -> Vec<api::ServiceView> {
+        self.views_with(true)
+    }
+
+    /// The views; without the maps' counters (zero) when `counters` is false, for
+    /// callers that only need what is planned (the SPM manager).
+    pub fn views_with(&self, counters: bool) -> Vec<api::ServiceView> {
         let inputs = self.known.inputs();
+        let mut all = if counters {
+            self.dp
+                .counters_of(&mut self.known.desired.services.keys().copied())
+        } else {
+            BTreeMap::new()
+        };
         let mut out = Vec::new();
         for (key, spec) in &self.known.desired.services {
             let planned;
@@ -601,7 +613,7 @@ impl<D: Dataplane> Reconciler<D> {
                     &planned
                 }
             };
-            let counters = self.dp.counters(*key).unwrap_or_default();
+            let counters = all.remove(key).unwrap_or_default();
             let mut spm = spec.spm.clone();
             let mut backends = Vec::new();
             for (addr, (b, dir)) in plan::merged(spec, self.known.directory.get(key)) {

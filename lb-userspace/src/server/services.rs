@@ -26,7 +26,7 @@ pub(super) async fn status(State(s): State<AppState>) -> ApiResult<api::Status> 
 
 pub(super) async fn services(State(s): State<AppState>) -> ApiResult<Vec<api::ServiceView>> {
     s.daemon
-        .call(|d| d.services())
+        .read(|d| d.services())
         .await
         .map(Json)
         .map_err(internal)
@@ -34,7 +34,7 @@ pub(super) async fn services(State(s): State<AppState>) -> ApiResult<Vec<api::Se
 
 pub(super) async fn stats(State(s): State<AppState>) -> ApiResult<api::Stats> {
     s.daemon
-        .call(|d| d.stats())
+        .read(|d| d.stats())
         .await
         .map(Json)
         .map_err(internal)

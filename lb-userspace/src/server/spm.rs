@@ -22,7 +22,7 @@ pub(super) async fn bump_epoch(
 ) -> ApiResult<api::EpochBumped> {
     let service = req.service;
     let epoch_now = |d: DaemonHandle| async move {
-        d.call(move |d| d.services())
+        d.read(move |d| d.services())
             .await
             .ok()?
             .into_iter()
@@ -169,7 +169,7 @@ pub(super) async fn spm(
     State(s): State<AppState>,
     ApiQuery(q): ApiQuery<api::SpmQuery>,
 ) -> Result<Response, ApiError> {
-    let views = s.daemon.call(|d| d.services()).await.map_err(internal)?;
+    let views = s.daemon.read(|d| d.services()).await.map_err(internal)?;
     let (map, mismatch) = spm_answer(&views, &q)?;
     if let Some(body) = mismatch {
         return Ok((StatusCode::CONFLICT, Json(body)).into_response());
@@ -183,7 +183,7 @@ pub(super) async fn spm_watch(
     State(s): State<AppState>,
     ApiQuery(q): ApiQuery<api::SpmQuery>,
 ) -> Result<Response, ApiError> {
-    let views = s.daemon.call(|d| d.services()).await.map_err(internal)?;
+    let views = s.daemon.read(|d| d.services()).await.map_err(internal)?;
     let (first, _) = spm_answer(&views, &q)?;
     let (tx, rx) = mpsc::channel::<std::result::Result<String, std::convert::Infallible>>(16);
     tokio::spawn(async move {
@@ -197,7 +197,7 @@ pub(super) async fn spm_watch(
             if tx.is_closed() {
                 return;
             }
-            let Ok(views) = s.daemon.call(|d| d.services()).await else {
+            let Ok(views) = s.daemon.read(|d| d.services()).await else {
                 continue;
             };
             let Ok((map, _)) = spm_answer(&views, &q) else {

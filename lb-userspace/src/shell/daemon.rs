@@ -566,6 +566,10 @@ impl<D: Dataplane> Daemon<D> {
         Ok(self.core.views())
     }
 
+    pub fn planned_services(&self) -> Vec<api::ServiceView> {
+        self.core.views_with(false)
+    }
+
     pub fn stats(&self) -> Result<api::Stats> {
         let global = self.core.dp.global_stats()?;
         Ok(api::Stats {

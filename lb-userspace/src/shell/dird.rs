@@ -247,6 +247,11 @@ impl DirHandle {
         &self.daemon
     }
 
+    /// The replica's version (changes with every change of the directory).
+    pub fn version(&self) -> u64 {
+        self.node.lock().expect("not poisoned").version()
+    }
+
     pub fn master_in_sync(&self) -> bool {
         self.node.lock().expect("not poisoned").master_in_sync()
     }
@@ -284,6 +289,21 @@ impl DirHandle {
                 valid,
             },
         }])
+        .await
+    }
+
+    /// Puts valid entries of one table in one commit (one round of replication and
+    /// one feed of the data plane, however many).
+    pub async fn put_entries(&self, table: &str, rows: Vec<(String, String)>) -> Result<Written> {
+        self.commit(
+            rows.into_iter()
+                .map(|(key, value)| Change {
+                    table: table.into(),
+                    key,
+                    op: Op::Put { value, valid: true },
+                })
+                .collect(),
+        )
         .await
     }
 

@@ -70,6 +70,8 @@ pub trait Core: Send {
     fn served_of(&self, addrs: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr>;
     /// The services with their counters (reads the maps).
     fn services(&self) -> Result<Vec<api::ServiceView>>;
+    /// The services' views without the maps' counters.
+    fn planned_services(&self) -> Vec<api::ServiceView>;
     fn stats(&self) -> Result<api::Stats>;
     fn flush_logs(&mut self);
     fn count_connections(&mut self);
@@ -113,6 +115,9 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
     fn served_of(&self, addrs: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
         addrs.iter().copied().filter(|a| self.serves(*a)).collect()
     }
+    fn planned_services(&self) -> Vec<api::ServiceView> {
+        Daemon::planned_services(self)
+    }
     fn services(&self) -> Result<Vec<api::ServiceView>> {
         Daemon::services(self)
     }
@@ -145,7 +150,9 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
     }
 }
 
-type Job = Box<dyn FnOnce(&mut dyn Core) + Send>;
+/// A job, and whether it may change what is published (reads do not republish: the
+/// snapshot costs in proportion to the node, and reads come often).
+type Job = (Box<dyn FnOnce(&mut dyn Core) + Send>, bool);
 
 #[derive(Clone)]
 pub struct DaemonHandle {
@@ -176,7 +183,12 @@ impl DaemonHandle {
                         Recv::Closed => return,
                     };
                     match job {
-                        Some(job) => job(&mut core),
+                        Some((job, changes)) => {
+                            job(&mut core);
+                            if !changes {
+                                continue;
+                            }
+                        }
                         None => {
                             core.count_connections();
                             core.flush_logs();
@@ -195,10 +207,30 @@ impl DaemonHandle {
         &self,
         f: impl FnOnce(&mut dyn Core) -> R + Send + 'static,
     ) -> R {
+        self.job(f, true).await
+    }
+
+    /// Runs `f`, which only reads (counters, views), on the daemon; nothing is
+    /// republished after it.
+    pub async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Core) -> R + Send + 'static,
+    ) -> R {
+        self.job(move |core: &mut dyn Core| f(core), false).await
+    }
+
+    async fn job<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Core) -> R + Send + 'static,
+        changes: bool,
+    ) -> R {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |core| {
-            let _ = tx.send(f(core));
-        });
+        let job: Job = (
+            Box::new(move |core| {
+                let _ = tx.send(f(core));
+            }),
+            changes,
+        );
         self.jobs
             .send(job)
             .await

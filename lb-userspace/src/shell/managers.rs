@@ -25,11 +25,26 @@ use crate::{
 /// service's policy and its operators' bumps say. Every node takes its epochs from
 /// that table. Acts only when the master's replica is in sync (else it would write
 /// the same record again and again).
-async fn manage_spm(h: &DirHandle) -> Result<()> {
+async fn manage_spm(
+    h: &DirHandle,
+    seen: &mut Option<(std::sync::Arc<crate::shell::handle::Published>, u64)>,
+) -> Result<()> {
     if !h.master_in_sync() {
         return Ok(());
     }
-    let views = h.daemon().call(|d| d.services()).await?;
+    // Nothing to do while neither the daemon's state nor the directory changed: the
+    // records follow from those two alone (a node of 10,000 services must not plan
+    // them all ten times a second).
+    // (The snapshot is held, so its address cannot be reused by a newer one.)
+    let (published, version) = (h.daemon().now(), h.version());
+    if seen
+        .as_ref()
+        .is_some_and(|(p, v)| std::sync::Arc::ptr_eq(p, &published) && *v == version)
+    {
+        return Ok(());
+    }
+    *seen = Some((published, version));
+    let views = h.daemon().read(|d| d.planned_services()).await;
     let records: Vec<(String, EpochRecord)> = h.with_tables(|tables| {
         views
             .iter()
@@ -53,10 +68,21 @@ async fn manage_spm(h: &DirHandle) -> Result<()> {
             })
             .collect()
     });
-    for (key, record) in records {
-        debug!(service = %key, epoch = record.epoch, members = ?record.members, "SPM manager: service record");
-        let value = serde_json::to_string(&record).expect("serializes");
-        h.put_entry(names::SPM, &key, &value, true).await?;
+    if records.is_empty() {
+        return Ok(());
+    }
+    let rows = records
+        .into_iter()
+        .map(|(key, record)| {
+            debug!(service = %key, epoch = record.epoch, members = ?record.members, "SPM manager: service record");
+            (key, serde_json::to_string(&record).expect("serializes"))
+        })
+        .collect();
+    // One commit for all: a start of 10,000 services is one replication round and
+    // one feed, not 10,000.
+    if let Err(e) = h.put_entries(names::SPM, rows).await {
+        *seen = None;
+        return Err(e);
     }
     Ok(())
 }
@@ -118,9 +144,8 @@ async fn manage_load(h: &DirHandle, runs: &mut BTreeMap<ServiceKey, Instant>) ->
         }
         writes.push((svc, serde_json::to_string(&verdicts).expect("serializes")));
     }
-    for (svc, value) in writes {
-        h.put_entry(watermark::VERDICT_TABLE, &svc, &value, true)
-            .await?;
+    if !writes.is_empty() {
+        h.put_entries(watermark::VERDICT_TABLE, writes).await?;
     }
     Ok(())
 }
@@ -130,9 +155,10 @@ pub fn start(h: DirHandle) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut runs = BTreeMap::new();
+        let mut seen = None;
         loop {
             tick.tick().await;
-            if let Err(e) = manage_spm(&h).await {
+            if let Err(e) = manage_spm(&h, &mut seen).await {
                 warn!("SPM manager: {e:#}");
             }
             if let Err(e) = manage_load(&h, &mut runs).await {

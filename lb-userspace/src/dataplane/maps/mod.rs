@@ -46,6 +46,7 @@ use crate::{
     plan::ServicePlan,
 };
 
+mod batch;
 mod restore;
 mod ring;
 mod write;
@@ -538,6 +539,51 @@ impl Dataplane for MapManager {
             })
             .collect();
         Some(ServiceCounters { service, backends })
+    }
+
+    fn counters_of(
+        &self,
+        keys: &mut dyn Iterator<Item = ServiceKey>,
+    ) -> BTreeMap<ServiceKey, ServiceCounters> {
+        let held: Vec<(ServiceKey, &ServiceState)> = keys
+            .filter_map(|k| Some((k, self.services.get(&k)?)))
+            .collect();
+        let vip_upto = held.iter().map(|(_, s)| s.vip_id + 1).max().unwrap_or(0);
+        let backend_upto = held
+            .iter()
+            .flat_map(|(_, s)| s.backends.values().map(|b| b.id + 1))
+            .max()
+            .unwrap_or(0);
+        let read = || -> std::io::Result<(Vec<Counter>, Vec<Counter>)> {
+            Ok((
+                batch::sum_per_cpu(self.vip_stats.map(), vip_upto, self.nr_cpus)?,
+                batch::sum_per_cpu(self.backend_stats.map(), backend_upto, self.nr_cpus)?,
+            ))
+        };
+        match read() {
+            Ok((vips, backends)) => held
+                .into_iter()
+                .map(|(k, s)| {
+                    let at =
+                        |v: &Vec<Counter>, i: u32| v.get(i as usize).copied().unwrap_or_default();
+                    let c = ServiceCounters {
+                        service: at(&vips, s.vip_id),
+                        backends: s
+                            .backends
+                            .iter()
+                            .map(|(a, b)| (*a, at(&backends, b.id)))
+                            .collect(),
+                    };
+                    (k, c)
+                })
+                .collect(),
+            Err(e) => {
+                tracing::debug!("reading counters in batches: {e}; one by one instead");
+                held.into_iter()
+                    .filter_map(|(k, _)| Some((k, self.counters(k)?)))
+                    .collect()
+            }
+        }
     }
 
     fn global_stats(&self) -> Result<GlobalStats> {
