@@ -88,8 +88,17 @@ fn services_text(case: &Case, extra: u32) -> String {
         s.push_str(&format!(
             "[[service]]\nvip = \"{vip}\"\nport = {port}\nprotocol = \"tcp\"\n"
         ));
-        for b in 0..case.backends + extra {
-            let (addr, mac) = backend(i * (case.backends + 1) + b);
+        // In the 10,000-service case the last service has 1,000 backends: the issue's
+        // "a change to a service of 1,000 while 10,000 exist".
+        let big = case.services >= 10_000 && i == case.services - 1;
+        let n = if big { 1000 } else { case.backends };
+        for b in 0..n + extra {
+            let j = if big {
+                2_000_000 + b
+            } else {
+                i * (case.backends + 1) + b
+            };
+            let (addr, mac) = backend(j);
             s.push_str(&format!(
                 "[[service.backend]]\naddress = \"{addr}\"\nmac = \"{mac}\"\n"
             ));
@@ -99,7 +108,7 @@ fn services_text(case: &Case, extra: u32) -> String {
 }
 
 fn config(dir: &Path, pin: &Path, case: &Case) -> String {
-    let total = case.services * (case.backends + 1);
+    let total = case.services * (case.backends + 1) + 1001;
     // Two slots of each table: 3 (+1) backends get 367 or 521 cells, N backends at
     // most 100 N x sqrt(2) rounded up to a prime.
     let per_table = (case.backends as u64 + 1) * 100 * 146 / 100 + 1000;
@@ -268,8 +277,19 @@ fn run(lab: &Lab, case: &Case) -> Result<String> {
         let (floor, _) = node.lbctl(&["--version"])?;
         let (last_vip, last_port) = service(case.services - 1);
         let svc = format!("tcp/{last_vip}:{last_port}");
-        let (addr, mac) = backend(case.services * (case.backends + 1) + 7);
-        let (change, _) = node.lbctl(&["backend", "add", &svc, &addr, "--mac", &mac])?;
+        // Once the start's own work (the SPM records, the first feed) is done: the
+        // median of five changes to the last service.
+        std::thread::sleep(Duration::from_secs(3));
+        let mut changes = Vec::new();
+        for k in 0..5 {
+            let (addr, mac) = backend(case.services * (case.backends + 1) + 1000 + k);
+            changes.push(
+                node.lbctl(&["backend", "add", &svc, &addr, "--mac", &mac])?
+                    .0,
+            );
+        }
+        changes.sort();
+        let change = changes[2];
         let (list, _) = node.lbctl(&["service", "list"])?;
         let (stats, _) = node.lbctl(&["stats"])?;
         let metrics = node.metrics()?;
@@ -308,9 +328,10 @@ fn run(lab: &Lab, case: &Case) -> Result<String> {
         node.stop()?;
         let resume = node.start(case.services)?;
         Ok(format!(
-            "{:>8} x {:<7} {:>9.2} {:>9.2} {:>8.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.0} {:>9.1}",
+            "{:>8} x {:<7}{} {:>9.2} {:>9.2} {:>8.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.0} {:>9.1}",
             case.services,
             case.backends,
+            if case.services >= 10_000 { " (last: 1,000)" } else { "" },
             start.as_secs_f64(),
             resume.as_secs_f64(),
             rss,

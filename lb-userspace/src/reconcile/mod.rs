@@ -69,6 +69,11 @@ pub struct Reconciler<D: Dataplane> {
     /// Why the maps do not hold the plan of what is known, when a change from outside
     /// the operator (the directory, say) did not fit; retried with every change.
     behind: Option<String>,
+    /// Counts the changes of what is written and desired: what follows from the
+    /// plans (the SPM manager's records) need not be computed again while it stands.
+    generation: u64,
+    /// The generation at which each service last changed.
+    touched: BTreeMap<ServiceKey, u64>,
 }
 
 /// Checks what the data plane would refuse, and what must never reach it (see
@@ -113,6 +118,8 @@ impl<D: Dataplane> Reconciler<D> {
             written: BTreeMap::new(),
             digests: BTreeMap::new(),
             behind: None,
+            generation: 0,
+            touched: BTreeMap::new(),
         }
     }
 
@@ -168,6 +175,11 @@ impl<D: Dataplane> Reconciler<D> {
             .collect()
     }
 
+    /// See the field: changes whenever a plan is written or the desired state changes.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn behind(&self) -> Option<&str> {
         self.behind.as_deref()
     }
@@ -196,6 +208,10 @@ impl<D: Dataplane> Reconciler<D> {
             .collect();
         if next.is_empty() {
             return Ok(Vec::new());
+        }
+        self.generation += 1;
+        for k in next.keys() {
+            self.touched.insert(*k, self.generation);
         }
         let order = check_fits(
             &self.dp.limits(),
@@ -348,6 +364,10 @@ impl<D: Dataplane> Reconciler<D> {
             return Err(e);
         }
         crate::fault::point("apply.maps-written");
+        self.generation += 1;
+        for k in &touched {
+            self.touched.insert(*k, self.generation);
+        }
         Ok(changes)
     }
 
@@ -596,15 +616,36 @@ impl<D: Dataplane> Reconciler<D> {
     /// The views; without the maps' counters (zero) when `counters` is false, for
     /// callers that only need what is planned (the SPM manager).
     pub fn views_with(&self, counters: bool) -> Vec<api::ServiceView> {
+        self.views_of(&mut self.known.desired.services.keys().copied(), counters)
+    }
+
+    /// The services that changed after generation `since`.
+    pub fn touched_since(&self, since: u64) -> Vec<ServiceKey> {
+        self.touched
+            .iter()
+            .filter(|(_, g)| **g > since)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// The views of the desired services among `keys`.
+    pub fn views_of(
+        &self,
+        keys: &mut dyn Iterator<Item = ServiceKey>,
+        counters: bool,
+    ) -> Vec<api::ServiceView> {
+        let keys: Vec<ServiceKey> = keys
+            .filter(|k| self.known.desired.services.contains_key(k))
+            .collect();
         let inputs = self.known.inputs();
         let mut all = if counters {
-            self.dp
-                .counters_of(&mut self.known.desired.services.keys().copied())
+            self.dp.counters_of(&mut keys.iter().copied())
         } else {
             BTreeMap::new()
         };
         let mut out = Vec::new();
-        for (key, spec) in &self.known.desired.services {
+        for key in &keys {
+            let spec = &self.known.desired.services[key];
             let planned;
             let p = match self.written.get(key) {
                 Some(p) => p,

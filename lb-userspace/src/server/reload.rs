@@ -26,7 +26,7 @@ pub async fn reload(s: &AppState) -> Result<api::Reloaded, ApiError> {
         .directory
         .with_tables(crate::directory::feed::desired)
         .is_some();
-    let file_differs = new.desired != s.daemon.now().desired;
+    let file_differs = new.desired != *s.daemon.now().desired;
     let (changes, later) = s
         .daemon
         .call(move |d| d.reload(new, !cluster_owned))

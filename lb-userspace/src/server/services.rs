@@ -41,7 +41,7 @@ pub(super) async fn stats(State(s): State<AppState>) -> ApiResult<api::Stats> {
 }
 
 pub(super) async fn desired(State(s): State<AppState>) -> ApiResult<Desired> {
-    Ok(Json(s.daemon.now().desired.clone()))
+    Ok(Json((*s.daemon.now().desired).clone()))
 }
 
 pub(super) async fn add_service(

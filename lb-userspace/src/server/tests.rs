@@ -163,7 +163,7 @@ async fn an_added_backend_is_answered_as_a_change_and_reaches_the_data_plane() {
 #[tokio::test]
 async fn a_change_beyond_the_backend_slots_is_refused_with_its_reason_and_changes_nothing() {
     let a = api("refused").await;
-    let before = a.daemon.now().desired.clone();
+    let before = (*a.daemon.now().desired).clone();
     let mut too_big = before.clone();
     let svc = too_big.services.get_mut(&key()).unwrap();
     for i in 20..40u8 {
@@ -189,14 +189,14 @@ async fn a_change_beyond_the_backend_slots_is_refused_with_its_reason_and_change
     };
     assert_eq!(status, 400);
     assert!(message.contains("backend slots"), "{message}");
-    assert_eq!(a.daemon.now().desired, before);
+    assert_eq!(*a.daemon.now().desired, before);
     assert_eq!(held(&a).await, [ip("198.18.0.11")]);
 }
 
 #[tokio::test]
 async fn a_dry_run_lists_the_changes_and_makes_none() {
     let a = api("dry").await;
-    let mut new = a.daemon.now().desired.clone();
+    let mut new = (*a.daemon.now().desired).clone();
     new.services.get_mut(&key()).unwrap().backends.clear();
     let r: api::Applied = a
         .client

@@ -14,7 +14,6 @@ use std::{
 
 use anyhow::{Context, Result};
 use lb_common::map_names;
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::{
@@ -28,22 +27,12 @@ use crate::{
     desired::{Change, Desired},
     model::{CheckConfig, DirBackend, LocalInterface, Neighbor, ServiceKey},
     reconcile::{Known, Reconciler},
-    shell::neighbor::NeighborTable,
+    shell::{desired_log::DesiredLog, neighbor::NeighborTable},
     watermark::Verdict,
 };
 
-const DESIRED_FILE: &str = "desired.json";
 /// Written by earlier versions; the maps now say what it said.
 const OLD_SNAPSHOT_FILE: &str = "snapshot.json";
-
-/// What is saved of the operator's intent.
-#[derive(Serialize, Deserialize)]
-struct SavedDesired {
-    /// The config file's services when `desired` was derived from them: if the file
-    /// says something else now, it was edited since, and the file wins.
-    from_config: Desired,
-    desired: Desired,
-}
 
 pub struct Daemon<D: Dataplane = MapManager> {
     pub config: Config,
@@ -51,6 +40,9 @@ pub struct Daemon<D: Dataplane = MapManager> {
     programs: Option<Programs>,
     core: Reconciler<D>,
     from_config: Desired,
+    /// Where the desired state is saved before the maps change.
+    log: DesiredLog,
+    desired_cache: std::sync::Mutex<Option<(u64, std::sync::Arc<Desired>)>>,
     /// Each interface with the mode asked for, how it was attached and the mode the
     /// kernel reports (read back after attaching).
     interfaces: Vec<(LocalInterface, XdpModeName, Attached, String)>,
@@ -135,17 +127,6 @@ async fn attach_in_mode(
     Ok((how, actual))
 }
 
-fn save_desired(dir: &std::path::Path, from_config: &Desired, desired: &Desired) -> Result<()> {
-    let saved = SavedDesired {
-        from_config: from_config.clone(),
-        desired: desired.clone(),
-    };
-    crate::shell::state_file::write_atomic(
-        &dir.join(DESIRED_FILE),
-        &serde_json::to_vec_pretty(&saved)?,
-    )
-}
-
 impl Daemon<MapManager> {
     /// Loads the data plane (taking over pinned maps and links if an earlier run left
     /// them), writes the desired state, attaches. `availability` is the set the last
@@ -213,11 +194,9 @@ impl Daemon<MapManager> {
             }
         }
         let _ = std::fs::remove_file(config.node.state_dir.join(OLD_SNAPSHOT_FILE));
-        let saved: Option<SavedDesired> = std::fs::read(config.node.state_dir.join(DESIRED_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        let desired = match saved {
-            Some(s) if s.from_config == config.desired => s.desired,
+        let mut log = DesiredLog::open(&config.node.state_dir);
+        let desired = match log.saved() {
+            Some(s) if s.from_config == config.desired => s.desired.clone(),
             Some(_) => {
                 info!("the config file changed since the last run: its services replace runtime changes");
                 config.desired.clone()
@@ -324,11 +303,13 @@ impl Daemon<MapManager> {
             }
         }
         let from_config = config.desired.clone();
-        if let Err(e) = save_desired(&config.node.state_dir, &from_config, core.desired()) {
+        if let Err(e) = log.save(&from_config, core.desired()) {
             return Err(fail(programs, attached, e));
         }
         Ok(Daemon {
             from_config,
+            log,
+            desired_cache: Default::default(),
             config,
             programs: Some(programs),
             core,
@@ -352,6 +333,8 @@ impl<D: Dataplane> Daemon<D> {
         core.reconcile_all()?;
         Ok(Daemon {
             from_config: config.desired.clone(),
+            log: DesiredLog::open(&config.node.state_dir),
+            desired_cache: Default::default(),
             interfaces: Vec::new(),
             interface_warnings: BTreeMap::new(),
             config,
@@ -401,11 +384,11 @@ impl<D: Dataplane> Daemon<D> {
         let later = self.config.restart_needed(&new);
         let mut changes = Vec::new();
         if services_too && new.desired != self.from_config {
-            let dir = self.config.node.state_dir.clone();
             let from = new.desired.clone();
-            changes = self.core.apply(new.desired.clone(), false, &mut |d| {
-                save_desired(&dir, &from, d)
-            })?;
+            let log = &mut self.log;
+            changes = self
+                .core
+                .apply(new.desired.clone(), false, &mut |d| log.save(&from, d))?;
             self.from_config = new.desired;
         }
         Ok((changes, later))
@@ -414,9 +397,8 @@ impl<D: Dataplane> Daemon<D> {
     /// Makes `new` the desired state; returns what changed. Saved before the maps are
     /// written; a refused or failed change leaves both as they were.
     pub fn apply(&mut self, new: Desired, dry_run: bool) -> Result<Vec<Change>> {
-        let (dir, from) = (self.config.node.state_dir.clone(), self.from_config.clone());
-        self.core
-            .apply(new, dry_run, &mut |d| save_desired(&dir, &from, d))
+        let (log, from) = (&mut self.log, &self.from_config);
+        self.core.apply(new, dry_run, &mut |d| log.save(from, d))
     }
 
     pub fn set_directory(
@@ -566,8 +548,32 @@ impl<D: Dataplane> Daemon<D> {
         Ok(self.core.views())
     }
 
-    pub fn planned_services(&self) -> Vec<api::ServiceView> {
-        self.core.views_with(false)
+    pub fn generation(&self) -> u64 {
+        self.core.generation()
+    }
+
+    /// The desired state for the published snapshot: copied once per generation, not
+    /// after every job (a node of 10,000 services republishes often).
+    pub fn shared_desired(&self) -> std::sync::Arc<Desired> {
+        let mut cache = self.desired_cache.lock().expect("not poisoned");
+        match &*cache {
+            Some((g, d)) if *g == self.core.generation() => d.clone(),
+            _ => {
+                let d = std::sync::Arc::new(self.core.desired().clone());
+                *cache = Some((self.core.generation(), d.clone()));
+                d
+            }
+        }
+    }
+
+    pub fn planned_services(&self, since: Option<u64>) -> (u64, Vec<api::ServiceView>) {
+        let views = match since {
+            None => self.core.views_with(false),
+            Some(g) => self
+                .core
+                .views_of(&mut self.core.touched_since(g).into_iter(), false),
+        };
+        (self.core.generation(), views)
     }
 
     pub fn stats(&self) -> Result<api::Stats> {

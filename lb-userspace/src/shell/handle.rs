@@ -30,7 +30,8 @@ pub struct Published {
     pub node: String,
     pub state_dir: PathBuf,
     pub status: api::Status,
-    pub desired: Desired,
+    /// Shared with the snapshots before it while it does not change.
+    pub desired: Arc<Desired>,
     /// Every service with a health check, and the backends to check.
     pub checks: Vec<(ServiceKey, CheckConfig, Vec<IpAddr>)>,
     /// Next hops whose MAC comes from the neighbour table.
@@ -44,6 +45,8 @@ pub struct Published {
     pub digests: BTreeMap<IpAddr, u64>,
     /// VIPs with a service this node cannot send new flows for.
     pub unable: BTreeSet<IpAddr>,
+    /// The reconciler's generation (`Reconciler::generation`).
+    pub generation: u64,
 }
 
 /// The daemon as the jobs see it: object-safe, so that the handle does not depend
@@ -70,8 +73,9 @@ pub trait Core: Send {
     fn served_of(&self, addrs: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr>;
     /// The services with their counters (reads the maps).
     fn services(&self) -> Result<Vec<api::ServiceView>>;
-    /// The services' views without the maps' counters.
-    fn planned_services(&self) -> Vec<api::ServiceView>;
+    /// The views (without the maps' counters) of the services changed after
+    /// generation `since` (`None`: all), and the generation they are of.
+    fn planned_services(&self, since: Option<u64>) -> (u64, Vec<api::ServiceView>);
     fn stats(&self) -> Result<api::Stats>;
     fn flush_logs(&mut self);
     fn count_connections(&mut self);
@@ -115,8 +119,8 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
     fn served_of(&self, addrs: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
         addrs.iter().copied().filter(|a| self.serves(*a)).collect()
     }
-    fn planned_services(&self) -> Vec<api::ServiceView> {
-        Daemon::planned_services(self)
+    fn planned_services(&self, since: Option<u64>) -> (u64, Vec<api::ServiceView>) {
+        Daemon::planned_services(self, since)
     }
     fn services(&self) -> Result<Vec<api::ServiceView>> {
         Daemon::services(self)
@@ -138,7 +142,7 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
             node: self.config.node.name.clone(),
             state_dir: self.state_dir(),
             status: self.status(),
-            desired: self.desired().clone(),
+            desired: self.shared_desired(),
             checks: self.checks(),
             resolvable: self.resolvable(),
             known_neighbors: self.known_neighbors(),
@@ -146,6 +150,7 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
             adopted: self.adopted().clone(),
             digests: self.vip_digests(),
             unable: self.unable(),
+            generation: self.generation(),
         }
     }
 }

@@ -21,30 +21,42 @@ use crate::{
     watermark::{self, Marks, Verdict},
 };
 
+/// What the SPM manager planned last: the daemon's generation and the bumps.
+pub struct Seen {
+    generation: u64,
+    bumps: Vec<(String, String)>,
+}
+
 /// Records each service's epoch and valid instance set, bumping the epoch as the
 /// service's policy and its operators' bumps say. Every node takes its epochs from
 /// that table. Acts only when the master's replica is in sync (else it would write
 /// the same record again and again).
-async fn manage_spm(
-    h: &DirHandle,
-    seen: &mut Option<(std::sync::Arc<crate::shell::handle::Published>, u64)>,
-) -> Result<()> {
+async fn manage_spm(h: &DirHandle, seen: &mut Option<Seen>) -> Result<()> {
     if !h.master_in_sync() {
+        *seen = None;
         return Ok(());
     }
-    // Nothing to do while neither the daemon's state nor the directory changed: the
-    // records follow from those two alone (a node of 10,000 services must not plan
-    // them all ten times a second).
-    // (The snapshot is held, so its address cannot be reused by a newer one.)
-    let (published, version) = (h.daemon().now(), h.version());
-    if seen
-        .as_ref()
-        .is_some_and(|(p, v)| std::sync::Arc::ptr_eq(p, &published) && *v == version)
-    {
-        return Ok(());
-    }
-    *seen = Some((published, version));
-    let views = h.daemon().read(|d| d.planned_services()).await;
+    // A record follows from the service's plan and its operators' bumps: plan again
+    // only the services that changed since the last round, and all of them when a
+    // bump came (a node of 10,000 services must not plan them all ten times a second).
+    let bumps: Vec<(String, String)> = h.with_tables(|t| {
+        t.search(names::SPM_BUMPS, "")
+            .into_iter()
+            .map(|e| (e.key.clone(), e.value.clone()))
+            .collect()
+    });
+    let generation = h.daemon().now().generation;
+    let since = match seen {
+        Some(s) if s.bumps == bumps => {
+            if s.generation == generation {
+                return Ok(());
+            }
+            Some(s.generation)
+        }
+        _ => None,
+    };
+    let (generation, views) = h.daemon().read(move |d| d.planned_services(since)).await;
+    *seen = Some(Seen { generation, bumps });
     let records: Vec<(String, EpochRecord)> = h.with_tables(|tables| {
         views
             .iter()

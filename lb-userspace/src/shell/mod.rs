@@ -5,6 +5,7 @@
 pub mod availd;
 pub mod clusterd;
 pub mod daemon;
+pub mod desired_log;
 pub mod dird;
 pub mod ethtool;
 pub mod handle;
