@@ -121,7 +121,8 @@ fn service_section(vip: Ipv4Addr, port: u16, first: u32, n: u32) -> String {
     s
 }
 
-/// Item 2: an apply refused for want of backend slots leaves the maps as they were.
+/// Item 2: an apply refused for want of backend slots (16,384 by default) leaves the
+/// maps as they were.
 #[test]
 fn a_refused_apply_changes_nothing_in_the_maps() {
     let env = Env::new("refused", &["b1", "b2", "b3"]);
@@ -134,7 +135,7 @@ fn a_refused_apply_changes_nothing_in_the_maps() {
         Ipv4Addr::new(198, 18, 0, 201),
         80,
         1000,
-        8150,
+        16_300,
     ));
     let path = env.dir.join("big.toml");
     std::fs::write(&path, file).unwrap();
