@@ -113,7 +113,7 @@ pub fn slot_max(plan: &ServicePlan, bounds: TableBounds) -> u64 {
             .len() as u64,
         _ => 0,
     };
-    size * (1 + spheres)
+    size * (1 + spheres) + TRAILER_CELLS as u64
 }
 
 /// `addr` with the bits beyond `prefix` cleared.
@@ -200,6 +200,52 @@ pub fn layout(plan: &ServicePlan, bounds: TableBounds) -> Result<Layout, MaglevE
         table_size,
         subnets,
     })
+}
+
+/// Cells after each table in its extent: the digest of the plan it was built from
+/// and the table's fingerprint (two cells each). The program never reads them; a
+/// restarted lbd does, to take a table over without building it again.
+pub const TRAILER_CELLS: u32 = 4;
+
+/// A digest of everything [`layout`] reads from a plan (the size, the rule and its
+/// subnets, each backend's address, table weight and sphere): equal digests, equal
+/// layouts. 64-bit FNV-1a.
+pub fn plan_digest(plan: &ServicePlan, bounds: TableBounds) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    };
+    eat(&table_size(plan.config.maglev_size, plan.backends.len(), bounds).to_le_bytes());
+    match &plan.rule {
+        Rule::Hash => eat(&[0]),
+        Rule::Source => eat(&[1]),
+        Rule::Topology { subnets } => {
+            eat(&[2]);
+            for (net, prefix, sphere) in subnets {
+                eat(&addr_bytes(*net).0);
+                eat(&[*prefix]);
+                eat(sphere.as_bytes());
+                eat(&[0]);
+            }
+        }
+    }
+    for (addr, b) in &plan.backends {
+        let (a, f) = addr_bytes(*addr);
+        eat(&[f]);
+        eat(&a);
+        eat(&b.weight.to_le_bytes());
+        match &b.sphere {
+            Some(s) => {
+                eat(&[1]);
+                eat(s.as_bytes());
+                eat(&[0]);
+            }
+            None => eat(&[0]),
+        }
+    }
+    h
 }
 
 /// A digest of what a layout steers where (cells by backend address, the subnet rules

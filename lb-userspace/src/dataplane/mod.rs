@@ -114,7 +114,7 @@ pub fn spec_reservation(spec: &crate::desired::ServiceSpec, bounds: layout::Tabl
             .len() as u64,
         _ => 0,
     };
-    2 * size * (1 + spheres)
+    2 * (size * (1 + spheres) + layout::TRAILER_CELLS as u64)
 }
 
 /// The ring cells a service with `plan` reserves: two slots (the live one and the
@@ -482,11 +482,11 @@ mod tests {
 
     #[test]
     fn ring_cells_are_reserved_for_what_each_table_needs_and_refused_beyond() {
-        // 4093-cell tables reserve 2 x 4093 cells each; 1 << 20 cells hold 128 of them.
+        // 4093-cell tables reserve 2 x (4093 + 4) cells each (a table and its trailer).
         let u = usage(&[(key(1), &plan(1, 0))]);
         let mut small = limits();
         small.services = 1000;
-        small.ring_cells = 3 * 2 * 4093;
+        small.ring_cells = 3 * 2 * 4097;
         let next: BTreeMap<_, _> = (2..=3).map(|p| (key(p), Some(plan(1, p as u32)))).collect();
         check_fits(&small, &u, &next).unwrap();
         let next: BTreeMap<_, _> = (2..=4).map(|p| (key(p), Some(plan(1, p as u32)))).collect();
@@ -495,7 +495,7 @@ mod tests {
             matches!(
                 e,
                 DataplaneError::RingFull {
-                    needed: 8186,
+                    needed: 8194,
                     free: 0,
                     ..
                 }
@@ -506,6 +506,6 @@ mod tests {
         // An automatic table is sized by its backends: three backends reserve 2 x 367.
         let mut auto = plan(3, 0);
         auto.config.maglev_size = 0;
-        assert_eq!(ring_reservation(&auto, small.tables), 2 * 367);
+        assert_eq!(ring_reservation(&auto, small.tables), 2 * (367 + 4));
     }
 }

@@ -74,6 +74,26 @@ struct ServiceState {
     slots: [Option<Extent>; 2],
     /// Ring cells counted against the ring for it (`dataplane::ring_reservation`).
     reserved: u64,
+    /// Each slot's trailer: the digest of the plan its table was built from and the
+    /// table's fingerprint (`layout::TRAILER_CELLS`).
+    trailers: [Option<(u64, u64)>; 2],
+}
+
+/// A trailer's cells: the plan digest and the fingerprint, low halves first.
+fn trailer_cells(digest: u64, fingerprint: u64) -> [u32; 4] {
+    [
+        digest as u32,
+        (digest >> 32) as u32,
+        fingerprint as u32,
+        (fingerprint >> 32) as u32,
+    ]
+}
+
+fn trailer_of(cells: &[u32]) -> (u64, u64) {
+    (
+        cells[0] as u64 | (cells[1] as u64) << 32,
+        cells[2] as u64 | (cells[3] as u64) << 32,
+    )
 }
 
 /// What a write did before its commit point, to be undone if it fails there.
@@ -115,6 +135,8 @@ pub struct MapManager {
     /// Test hook: after this many more map writes every write fails and nothing is
     /// undone, as if the process had died there.
     crash_after: Option<u64>,
+    /// Tables built (`layout::layout`) by this manager.
+    tables_built: u64,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
@@ -222,11 +244,42 @@ impl MapManager {
             tx_port_slots: BTreeMap::new(),
             served: None,
             crash_after: None,
+            tables_built: 0,
         };
         // Pinned `VIP_ADDRS` from a build without the filter, or a filter left behind
         // by a crash between the two writes: make it say what the table holds.
         m.sync_vip_filter()?;
         Ok(m)
+    }
+
+    /// The fingerprint of the service's live table if the maps hold `plan` already:
+    /// the live slot's trailer names a plan of this digest, and `VIPS`, the backends
+    /// and their routes say what the plan says.
+    fn unchanged(&self, key: ServiceKey, plan: &ServicePlan, digest: u64) -> Option<u64> {
+        let s = self.services.get(&key)?;
+        let meta = s.meta?;
+        let (d, fingerprint) = s.trailers[s.active_slot]?;
+        if d != digest
+            || meta.flags != super::vip_flags(plan)
+            || meta.epoch != plan.config.epoch
+            || s.backends.len() != plan.backends.len()
+        {
+            return None;
+        }
+        for (addr, b) in &plan.backends {
+            let held = s.backends.get(addr)?;
+            if let Some(L2Route {
+                egress: Egress::Interface { ifindex },
+                ..
+            }) = b.route
+            {
+                self.tx_port_slots.get(&ifindex)?;
+            }
+            if held.route != self.route_entry(b.route.as_ref()) {
+                return None;
+            }
+        }
+        Some(fingerprint)
     }
 
     /// Sets the filter bit of an address just added to `VIP_ADDRS`.
@@ -271,6 +324,12 @@ impl MapManager {
             let _ = self.conns.remove(k);
         }
         Ok(keys.len())
+    }
+
+    /// How many tables this manager has built (a resume of unchanged services
+    /// builds none).
+    pub fn tables_built(&self) -> u64 {
+        self.tables_built
     }
 
     #[doc(hidden)]
@@ -454,10 +513,19 @@ impl Dataplane for MapManager {
 
     fn write_service(&mut self, key: ServiceKey, plan: &ServicePlan) -> Result<u64> {
         self.check(key, plan)?;
+        let digest = super::layout::plan_digest(plan, self.limits.tables);
+        if let Some(fingerprint) = self.unchanged(key, plan, digest) {
+            // What a restart finds: the maps hold this plan already; its table is
+            // not built again (a service of 100,000 backends takes seconds to build).
+            self.write_addr(key.addr)?;
+            return Ok(fingerprint);
+        }
         let l = layout(plan, self.limits.tables)?;
+        self.tables_built += 1;
+        let fingerprint = super::layout::fingerprint(plan, &l);
         let mut undo = Undo::default();
-        match self.write(key, plan, &l, &mut undo) {
-            Ok(()) => Ok(super::layout::fingerprint(plan, &l)),
+        match self.write(key, plan, &l, trailer_cells(digest, fingerprint), &mut undo) {
+            Ok(()) => Ok(fingerprint),
             Err(e @ DataplaneError::Crashed) => Err(e),
             Err(e) => {
                 self.undo(key, undo);

@@ -3,6 +3,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
+use crate::dataplane::layout::TRAILER_CELLS;
 use lb_common::{
     map_names, Backend, SphereKey, SphereMeta, VipKey, VipMeta, BACKEND_F_ACTIVE, FAMILY_V4,
     FAMILY_V6, RING_EMPTY,
@@ -89,6 +90,7 @@ impl MapManager {
                 .max()
                 .unwrap_or(0)
                 .max(meta.ring_size);
+            let len = len + TRAILER_CELLS;
             if meta.ring_offset as u64 + len as u64 > self.ring.cells() as u64 {
                 continue;
             }
@@ -96,6 +98,11 @@ impl MapManager {
                 offset: meta.ring_offset,
                 len,
             };
+            let trailer = super::trailer_of(
+                &self
+                    .ring
+                    .read(meta.ring_offset + len - TRAILER_CELLS, TRAILER_CELLS),
+            );
             let before = used.range(..extent.offset + extent.len.max(1)).next_back();
             if before.is_some_and(|(o, l)| o + l > extent.offset) {
                 // Two services naming the same cells: only a corrupted map does that;
@@ -134,6 +141,7 @@ impl MapManager {
                     sphere_keys: sk,
                     slots: [Some(extent), None],
                     reserved: 2 * len as u64,
+                    trailers: [Some(trailer), None],
                 },
             );
         }

@@ -14,7 +14,7 @@ use crate::{
     dataplane::{
         check_fits,
         error::{DataplaneError, MapResultExt, Result},
-        layout::{addr_bytes, Layout},
+        layout::{addr_bytes, Layout, TRAILER_CELLS},
         vip_flags, Dataplane,
     },
     model::{Egress, L2Route, ServiceKey},
@@ -57,6 +57,7 @@ impl MapManager {
         key: ServiceKey,
         plan: &ServicePlan,
         l: &Layout,
+        trailer: [u32; 4],
         undo: &mut Undo,
     ) -> Result<()> {
         if !self.services.contains_key(&key) {
@@ -73,6 +74,7 @@ impl MapManager {
                     sphere_keys: [Vec::new(), Vec::new()],
                     slots: [None, None],
                     reserved: 0,
+                    trailers: [None, None],
                 },
             );
             undo.new_service = true;
@@ -174,7 +176,8 @@ impl MapManager {
         let active_offset = active_extent.map_or(0, |e| e.offset);
         let same_table = s.meta.is_some_and(|m| m.ring_size == l.table_size)
             && active_extent.is_some_and(|e| {
-                e.len as usize == cells.len() && self.ring.holds(e.offset, &cells)
+                e.len as usize == cells.len() + TRAILER_CELLS as usize
+                    && self.ring.holds(e.offset, &cells)
             })
             && {
                 let mut want: Vec<(u32, SphereKey)> = keys_for(active_offset)
@@ -209,9 +212,16 @@ impl MapManager {
                     .map_ctx(map_names::VIPS)?;
                 self.services.get_mut(&key).expect("exists").meta = Some(meta);
             }
+            // Same cells, maybe from a plan of another digest (a weight that moved
+            // nothing): the live trailer says which plan it now stands for. The
+            // program never reads it.
+            let e = active_extent.expect("same table");
+            self.ring.write(e.offset + cells.len() as u32, &trailer);
+            self.services.get_mut(&key).expect("exists").trailers[active] =
+                Some(super::trailer_of(&trailer));
         } else {
             let spare = 1 - active;
-            let len = cells.len() as u32;
+            let len = cells.len() as u32 + TRAILER_CELLS;
             // The spare slot's extent, if it has this table's size; else a new one
             // (the old one's subnet rules go with it: another service may get it).
             let extent = match self.services[&key].slots[spare] {
@@ -240,6 +250,9 @@ impl MapManager {
             let offset = extent.offset;
             self.writing()?;
             self.ring.write(offset, &cells);
+            self.ring.write(offset + cells.len() as u32, &trailer);
+            self.services.get_mut(&key).expect("exists").trailers[spare] =
+                Some(super::trailer_of(&trailer));
 
             // The spare slot's subnet rules before the flip; the old slot's after it.
             let new_keys = keys_for(offset);
