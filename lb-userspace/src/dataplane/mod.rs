@@ -215,7 +215,8 @@ pub trait Dataplane {
         keys.filter_map(|k| Some((k, self.counters(k)?))).collect()
     }
     fn global_stats(&self) -> Result<GlobalStats>;
-    /// Entries in the connection table.
+    /// Entries in the connection table, as last counted (the real maps count on a
+    /// thread of their own, every second or as often as a walk allows).
     fn conn_count(&self) -> usize;
     /// What the maps hold for `key`, read back from them.
     fn read_back(&self, key: ServiceKey) -> Result<Option<Contents>>;

@@ -20,6 +20,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    os::fd::AsFd,
 };
 
 use aya::{
@@ -118,6 +119,8 @@ pub struct MapManager {
     routes: Array<MapData, Route>,
     tx_ports: DevMap<MapData>,
     conns: HashMap<MapData, FlowKey, ConnEntry>,
+    /// Entries in `CONNS`, as last counted by the counting thread.
+    conn_entries: std::sync::Arc<std::sync::atomic::AtomicU64>,
     vip_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
     global_stats: PerCpuArray<MapData, GlobalStats>,
@@ -224,6 +227,7 @@ impl MapManager {
             routes: take(ebpf, map_names::ROUTES)?,
             tx_ports: take(ebpf, map_names::TX_PORTS)?,
             conns: take(ebpf, map_names::CONNS)?,
+            conn_entries: Default::default(),
             vip_stats: take(ebpf, map_names::VIP_STATS)?,
             backend_stats: take(ebpf, map_names::BACKEND_STATS)?,
             global_stats: take(ebpf, map_names::GLOBAL_STATS)?,
@@ -246,6 +250,7 @@ impl MapManager {
             crash_after: None,
             tables_built: 0,
         };
+        m.count_connections_apart()?;
         // Pinned `VIP_ADDRS` from a build without the filter, or a filter left behind
         // by a crash between the two writes: make it say what the table holds.
         m.sync_vip_filter()?;
@@ -280,6 +285,51 @@ impl MapManager {
             }
         }
         Some(fingerprint)
+    }
+
+    /// Walks the connection table now (tests and benchmarks: the daemon reads the
+    /// count the counting thread keeps).
+    pub fn count_connections_now(&self) -> usize {
+        self.conns.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Counts the connection table on a thread of its own, through a second handle
+    /// on the map: a walk of 16M entries takes seconds, which must not hold up the
+    /// daemon (nor anything waiting for it). It walks, publishes the count, and
+    /// rests at least as long as the walk took (at least a second); it ends once
+    /// the manager is gone.
+    fn count_connections_apart(&self) -> Result<()> {
+        use std::sync::{atomic::Ordering, Arc};
+        let fd = self
+            .conns
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| DataplaneError::Options(format!("duplicating CONNS' descriptor: {e}")))?;
+        let data = MapData::from_fd(fd).map_ctx(map_names::CONNS)?;
+        let conns: HashMap<MapData, FlowKey, ConnEntry> =
+            HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_ctx(map_names::CONNS)?;
+        let count = Arc::clone(&self.conn_entries);
+        std::thread::Builder::new()
+            .name("lbd-conn-count".into())
+            .spawn(move || {
+                while Arc::strong_count(&count) > 1 {
+                    let t = std::time::Instant::now();
+                    let n = conns.keys().filter(|k| k.is_ok()).count();
+                    count.store(n as u64, Ordering::Relaxed);
+                    let rest = t.elapsed().max(std::time::Duration::from_secs(1));
+                    let until = std::time::Instant::now() + rest;
+                    // In short steps, so that it ends soon after the manager.
+                    while std::time::Instant::now() < until && Arc::strong_count(&count) > 1 {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                }
+            })
+            .map_err(|e| {
+                DataplaneError::Options(format!("starting the connection counter: {e}"))
+            })?;
+        Ok(())
     }
 
     /// Sets the filter bit of an address just added to `VIP_ADDRS`.
@@ -659,7 +709,7 @@ impl Dataplane for MapManager {
     }
 
     fn conn_count(&self) -> usize {
-        self.conns.keys().filter(|k| k.is_ok()).count()
+        self.conn_entries.load(std::sync::atomic::Ordering::Relaxed) as usize
     }
 
     fn read_back(&self, key: ServiceKey) -> Result<Option<Contents>> {
