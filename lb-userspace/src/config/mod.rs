@@ -407,6 +407,53 @@ drain = true
     }
 
     #[test]
+    fn limits_beyond_the_data_plane_are_refused_at_their_line_or_service() {
+        let e = error_of(&GOOD.replace("conn_table_size = 4096", "conn_table_size = 16777217"));
+        assert_eq!(e.line, 7, "{e}");
+        assert!(
+            e.message
+                .contains("dataplane.conn_table_size: 16777217 must be 1..=16777216"),
+            "{e}"
+        );
+        parse(&GOOD.replace("conn_table_size = 4096", "conn_table_size = 16777216")).unwrap();
+        let e = error_of(&GOOD.replace("conn_table_size = 4096", "max_services = 65537"));
+        assert!(
+            e.message.contains("max_services: 65537 must be 1..=65536"),
+            "{e}"
+        );
+        // 10,000 services are accepted with max_services raised, refused without.
+        let many: String = (0..10_000)
+            .map(|i| {
+                format!(
+                    "\n[[service]]\nvip = \"198.18.{}.{}\"\nport = 80\nprotocol = \"tcp\"\n",
+                    100 + i / 250,
+                    i % 250
+                )
+            })
+            .collect();
+        let head = "[node]\nname = \"lb1\"\n\n[dataplane]\ninterfaces = [{ name = \"eth0\" }]\n";
+        let e = error_of(&format!("{head}{many}"));
+        assert!(
+            e.message
+                .contains("service number 1025, but dataplane.max_services is 1024"),
+            "{e}"
+        );
+        assert_eq!(e.line, 6 + 1024 * 5 + 1, "{e}");
+        let c = parse(&format!("{head}max_services = 10000\n{many}")).unwrap();
+        assert_eq!(c.desired.services.len(), 10_000);
+        // The ring: a table pinned large enough that two slots do not fit.
+        let e = error_of(
+            &GOOD
+                .replace(
+                    "conn_table_size = 4096",
+                    "ring_cells = 100000\nmaglev_max_size = 65537",
+                )
+                .replace("port = 80", "port = 80\nmaglev_size = 65537"),
+        );
+        assert!(e.message.contains("dataplane.ring_cells is 100000"), "{e}");
+    }
+
+    #[test]
     fn a_typo_in_a_field_name_is_located() {
         let e = error_of(&GOOD.replace("weight = 3", "wieght = 3"));
         assert_eq!(e.line, 20, "{e}");
