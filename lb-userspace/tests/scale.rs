@@ -156,8 +156,8 @@ fn ten_thousand_services_start_serve_their_last_service_and_resume_unchanged() {
     assert_eq!(before.len(), SERVICES as usize);
     for (k, c) in &before {
         assert_eq!(
-            c.table_size, 367,
-            "{k}: three backends get a 367-cell table"
+            c.table_size, 1031,
+            "{k}: three backends get the smallest table (the first prime above 1,021's step)"
         );
         assert!(c
             .cells

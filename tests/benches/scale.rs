@@ -111,8 +111,10 @@ fn config(dir: &Path, pin: &Path, case: &Case) -> String {
     let total = case.services * (case.backends + 1) + 1001;
     // Two slots of each table: 3 (+1) backends get 367 or 521 cells, N backends at
     // most 100 N x sqrt(2) rounded up to a prime.
+    // The default ring (24M cells) holds the services cases; one service of N
+    // backends needs two slots of about 100 N x sqrt(2) cells.
     let per_table = (case.backends as u64 + 1) * 100 * 146 / 100 + 1000;
-    let ring = (case.services as u64 * 2 * per_table).clamp(1 << 20, 1 << 28);
+    let ring = (case.services as u64 * 2 * per_table).clamp(24 << 20, 1 << 28);
     format!(
         "[node]\nname = \"scale\"\napi_socket = \"{d}/lbd.sock\"\nmetrics_listen = \"127.0.0.1:9469\"\n\
          state_dir = \"{d}/state\"\npin_dir = \"{p}\"\n\n[dataplane]\n\
@@ -313,10 +315,11 @@ fn run(lab: &Lab, case: &Case) -> Result<String> {
                 });
             (t.elapsed(), ok)
         });
-        let mut worst = Duration::ZERO;
+        let (mut worst, mut worst_metrics) = (Duration::ZERO, Duration::ZERO);
         while !apply.is_finished() {
             let (took, _) = node.lbctl(&["status"])?;
             worst = worst.max(took);
+            worst_metrics = worst_metrics.max(node.metrics()?);
             std::thread::sleep(Duration::from_millis(20));
         }
         let (applied, ok) = apply.join().expect("apply thread");
@@ -328,7 +331,7 @@ fn run(lab: &Lab, case: &Case) -> Result<String> {
         node.stop()?;
         let resume = node.start(case.services)?;
         Ok(format!(
-            "{:>8} x {:<7}{} {:>9.2} {:>9.2} {:>8.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.0} {:>9.1}",
+            "{:>8} x {:<7}{} {:>9.2} {:>9.2} {:>8.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.0} {:>9.1} {:>11.1}",
             case.services,
             case.backends,
             if case.services >= 10_000 { " (last: 1,000)" } else { "" },
@@ -343,6 +346,7 @@ fn run(lab: &Lab, case: &Case) -> Result<String> {
             ms(floor),
             ms(applied),
             ms(worst),
+            ms(worst_metrics),
         ))
     })();
     let _ = node.lbctl(&["shutdown", "--detach"]);
@@ -359,7 +363,7 @@ fn main() -> Result<()> {
     let lab = Lab::new()?.standard(&std::env::temp_dir())?;
     println!("scale: lbd (release) on one node, backends with their MACs configured; times in s, commands in ms (lbctl's own floor in `lbctl`)");
     println!(
-        "{:>18} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
+        "{:>18} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>11}",
         "services x backends",
         "start s",
         "resume s",
@@ -371,7 +375,8 @@ fn main() -> Result<()> {
         "metrics",
         "lbctl",
         "apply all",
-        "API max"
+        "status max",
+        "metrics max"
     );
     for case in CASES {
         let only: Option<u32> = std::env::var("LB_BENCH_SCALE_ONLY")

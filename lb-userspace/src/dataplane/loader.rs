@@ -92,8 +92,11 @@ impl Default for LoadOptions {
         Self {
             max_services: 1024,
             max_backends: 16_384,
-            ring_cells: 8 << 20,
-            maglev_min_size: 251,
+            ring_cells: 24 << 20,
+            // Small services keep one size while they grow to ten backends: a new
+            // size re-steers every new flow, and a handshake whose SYN was steered
+            // by the old table and its ACK by the new one is reset.
+            maglev_min_size: 1021,
             maglev_max_size: 16_777_213,
             conn_table_size: 1 << 18,
             pin_dir: None,
