@@ -25,19 +25,11 @@ pub(super) async fn status(State(s): State<AppState>) -> ApiResult<api::Status> 
 }
 
 pub(super) async fn services(State(s): State<AppState>) -> ApiResult<Vec<api::ServiceView>> {
-    s.daemon
-        .read(|d| d.services())
-        .await
-        .map(Json)
-        .map_err(internal)
+    s.daemon.services_view().await.map(Json).map_err(internal)
 }
 
 pub(super) async fn stats(State(s): State<AppState>) -> ApiResult<api::Stats> {
-    s.daemon
-        .read(|d| d.stats())
-        .await
-        .map(Json)
-        .map_err(internal)
+    s.daemon.stats_view().await.map(Json).map_err(internal)
 }
 
 pub(super) async fn desired(State(s): State<AppState>) -> ApiResult<Desired> {

@@ -299,3 +299,39 @@ async fn metrics_separate_verdicts_from_lookups_name_the_node_and_build_and_alwa
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_during_a_long_job_is_answered_with_the_last_counters() {
+    let a = api("busy").await;
+    let first = scrape(&a).await;
+    // A job that holds the daemon (as the apply of 10,000 services does) until told.
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let (started, running) = tokio::sync::oneshot::channel::<()>();
+    let busy = a.daemon.clone();
+    let job = tokio::spawn(async move {
+        busy.call(move |_| {
+            let _ = started.send(());
+            let _ = held.recv_timeout(Duration::from_secs(10));
+        })
+        .await
+    });
+    running.await.unwrap();
+    // Answered while the job still holds the daemon: from the last counters read.
+    let during = tokio::time::timeout(Duration::from_secs(5), scrape(&a))
+        .await
+        .expect("the scrape waited for the daemon's job");
+    assert!(during.contains("lb_node_info{node=\"t\"} 1"), "{during}");
+    assert_eq!(
+        first
+            .lines()
+            .filter(|l| l.starts_with("lb_service_"))
+            .count(),
+        during
+            .lines()
+            .filter(|l| l.starts_with("lb_service_"))
+            .count()
+    );
+    assert!(!job.is_finished(), "the job was still running");
+    release.send(()).unwrap();
+    job.await.unwrap();
+}

@@ -163,7 +163,23 @@ type Job = (Box<dyn FnOnce(&mut dyn Core) + Send>, bool);
 pub struct DaemonHandle {
     jobs: mpsc::Sender<Job>,
     now: watch::Receiver<Arc<Published>>,
+    /// The last views and stats read, for readers that must not wait behind a long
+    /// job (an apply of 10,000 services is one).
+    last: Arc<std::sync::Mutex<LastRead>>,
 }
+
+/// Each with the generation published before it was read: it is at least that new,
+/// and it is used only while that is still the generation published (so a client
+/// never reads back something older than its own change).
+#[derive(Default)]
+struct LastRead {
+    services: Option<(u64, Vec<api::ServiceView>)>,
+    stats: Option<(u64, api::Stats)>,
+}
+
+/// How long a counters reader waits for the daemon before it is answered with the
+/// last counters read.
+pub const READ_PATIENCE: Duration = Duration::from_millis(100);
 
 impl DaemonHandle {
     /// Starts the daemon's thread. It also counts the connection table and flushes
@@ -204,7 +220,11 @@ impl DaemonHandle {
                 }
             })
             .expect("spawning the daemon thread");
-        DaemonHandle { jobs, now }
+        DaemonHandle {
+            jobs,
+            now,
+            last: Default::default(),
+        }
     }
 
     /// Runs `f` on the daemon and returns its result.
@@ -241,6 +261,50 @@ impl DaemonHandle {
             .await
             .expect("the daemon thread outlives every handle");
         rx.await.expect("the daemon runs every job it takes")
+    }
+
+    /// The services' views with their counters; if the daemon is busy for longer
+    /// than `READ_PATIENCE` (a long apply), the last ones read.
+    pub async fn services_view(&self) -> Result<Vec<api::ServiceView>> {
+        let generation = self.now().generation;
+        let fresh = tokio::time::timeout(READ_PATIENCE, self.read(|d| d.services())).await;
+        if let Ok(r) = fresh {
+            let v = r?;
+            self.last.lock().expect("not poisoned").services = Some((generation, v.clone()));
+            return Ok(v);
+        }
+        let cached = self.last.lock().expect("not poisoned").services.clone();
+        match cached {
+            Some((g, v)) if g == self.now().generation => Ok(v),
+            _ => {
+                let generation = self.now().generation;
+                let v = self.read(|d| d.services()).await?;
+                self.last.lock().expect("not poisoned").services = Some((generation, v.clone()));
+                Ok(v)
+            }
+        }
+    }
+
+    /// The stats; if the daemon is busy for longer than `READ_PATIENCE`, the last
+    /// ones read.
+    pub async fn stats_view(&self) -> Result<api::Stats> {
+        let generation = self.now().generation;
+        let fresh = tokio::time::timeout(READ_PATIENCE, self.read(|d| d.stats())).await;
+        if let Ok(r) = fresh {
+            let v = r?;
+            self.last.lock().expect("not poisoned").stats = Some((generation, v.clone()));
+            return Ok(v);
+        }
+        let cached = self.last.lock().expect("not poisoned").stats.clone();
+        match cached {
+            Some((g, v)) if g == self.now().generation => Ok(v),
+            _ => {
+                let generation = self.now().generation;
+                let v = self.read(|d| d.stats()).await?;
+                self.last.lock().expect("not poisoned").stats = Some((generation, v.clone()));
+                Ok(v)
+            }
+        }
     }
 
     /// What the daemon published last.
