@@ -266,45 +266,36 @@ impl DaemonHandle {
     /// The services' views with their counters; if the daemon is busy for longer
     /// than `READ_PATIENCE` (a long apply), the last ones read.
     pub async fn services_view(&self) -> Result<Vec<api::ServiceView>> {
-        let generation = self.now().generation;
-        let fresh = tokio::time::timeout(READ_PATIENCE, self.read(|d| d.services())).await;
-        if let Ok(r) = fresh {
-            let v = r?;
-            self.last.lock().expect("not poisoned").services = Some((generation, v.clone()));
-            return Ok(v);
-        }
-        let cached = self.last.lock().expect("not poisoned").services.clone();
-        match cached {
-            Some((g, v)) if g == self.now().generation => Ok(v),
-            _ => {
-                let generation = self.now().generation;
-                let v = self.read(|d| d.services()).await?;
-                self.last.lock().expect("not poisoned").services = Some((generation, v.clone()));
-                Ok(v)
-            }
-        }
+        self.patiently(|d| d.services(), |l| &mut l.services).await
     }
 
     /// The stats; if the daemon is busy for longer than `READ_PATIENCE`, the last
     /// ones read.
     pub async fn stats_view(&self) -> Result<api::Stats> {
+        self.patiently(|d| d.stats(), |l| &mut l.stats).await
+    }
+
+    /// `read` on the daemon, or the last result kept in `slot` when the daemon
+    /// takes longer than `READ_PATIENCE` and nothing was published since.
+    async fn patiently<T: Clone + Send + 'static>(
+        &self,
+        read: fn(&dyn Core) -> Result<T>,
+        slot: fn(&mut LastRead) -> &mut Option<(u64, T)>,
+    ) -> Result<T> {
         let generation = self.now().generation;
-        let fresh = tokio::time::timeout(READ_PATIENCE, self.read(|d| d.stats())).await;
-        if let Ok(r) = fresh {
-            let v = r?;
-            self.last.lock().expect("not poisoned").stats = Some((generation, v.clone()));
-            return Ok(v);
-        }
-        let cached = self.last.lock().expect("not poisoned").stats.clone();
-        match cached {
-            Some((g, v)) if g == self.now().generation => Ok(v),
-            _ => {
-                let generation = self.now().generation;
-                let v = self.read(|d| d.stats()).await?;
-                self.last.lock().expect("not poisoned").stats = Some((generation, v.clone()));
-                Ok(v)
+        let fresh = tokio::time::timeout(READ_PATIENCE, self.read(read)).await;
+        let (generation, v) = match fresh {
+            Ok(r) => (generation, r?),
+            Err(_) => {
+                let cached = slot(&mut self.last.lock().expect("not poisoned")).clone();
+                match cached {
+                    Some((g, v)) if g == self.now().generation => return Ok(v),
+                    _ => (self.now().generation, self.read(read).await?),
+                }
             }
-        }
+        };
+        *slot(&mut self.last.lock().expect("not poisoned")) = Some((generation, v.clone()));
+        Ok(v)
     }
 
     /// What the daemon published last.
