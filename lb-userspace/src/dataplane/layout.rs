@@ -104,15 +104,33 @@ pub fn table_size(pinned: u32, backends: usize, bounds: TableBounds) -> u32 {
 /// The most cells a slot of `plan` can take (its table, and one sub-table per sphere
 /// of the topology rule), without building it: what capacity checks count.
 pub fn slot_max(plan: &ServicePlan, bounds: TableBounds) -> u64 {
-    let size = table_size(plan.config.maglev_size, plan.backends.len(), bounds) as u64;
-    let spheres = match &plan.rule {
-        Rule::Topology { subnets } => subnets
-            .iter()
-            .map(|(_, _, s)| s)
-            .collect::<BTreeSet<_>>()
-            .len() as u64,
-        _ => 0,
+    let subnets = match &plan.rule {
+        Rule::Topology { subnets } => subnets.as_slice(),
+        _ => &[],
     };
+    slot_cells(
+        plan.config.maglev_size,
+        plan.backends.len(),
+        subnets,
+        bounds,
+    )
+}
+
+/// The most cells a slot takes for a table of `pinned` size (0: sized by its
+/// `backends`) with the topology rule's `subnets` (none for the other rules): the
+/// table, one sub-table per sphere, the trailer.
+pub fn slot_cells(
+    pinned: u32,
+    backends: usize,
+    subnets: &[(IpAddr, u8, String)],
+    bounds: TableBounds,
+) -> u64 {
+    let size = table_size(pinned, backends, bounds) as u64;
+    let spheres = subnets
+        .iter()
+        .map(|(_, _, s)| s)
+        .collect::<BTreeSet<_>>()
+        .len() as u64;
     size * (1 + spheres) + TRAILER_CELLS as u64
 }
 

@@ -103,18 +103,16 @@ impl Usage {
 
 /// [`ring_reservation`] of a service as configured (its own backends).
 pub fn spec_reservation(spec: &crate::desired::ServiceSpec, bounds: layout::TableBounds) -> u64 {
-    let size = layout::table_size(spec.config.maglev_size, spec.backends.len(), bounds) as u64;
-    let spheres = match spec.spm.rule {
-        crate::spm::RuleName::Topology => spec
-            .spm
-            .topology
-            .iter()
-            .map(|(_, _, s)| s)
-            .collect::<BTreeSet<_>>()
-            .len() as u64,
-        _ => 0,
+    let subnets = match spec.spm.rule {
+        crate::spm::RuleName::Topology => spec.spm.topology.as_slice(),
+        _ => &[],
     };
-    2 * (size * (1 + spheres) + layout::TRAILER_CELLS as u64)
+    2 * layout::slot_cells(
+        spec.config.maglev_size,
+        spec.backends.len(),
+        subnets,
+        bounds,
+    )
 }
 
 /// The ring cells a service with `plan` reserves: two slots (the live one and the
