@@ -191,18 +191,7 @@ impl Lb {
     }
 
     fn run_prog(&self, program: Program, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 512];
-        let result = self
-            .dp
-            .program(program)
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        support::test_run(&self.dp, program, frame)
     }
 
     fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {

@@ -11,12 +11,15 @@ use std::{
 use lb_userspace::{
     dataplane::{Contents, Dataplane},
     desired::{BackendSpec, Desired, ServiceSpec},
-    model::{LocalInterface, ServiceConfig, ServiceKey},
+    model::{ServiceConfig, ServiceKey},
     plan,
-    reconcile::{Known, Reconciler},
+    reconcile::Reconciler,
     LoadOptions, MapManager, Programs,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use support::known;
+
+mod support;
 
 struct Unpin(PathBuf);
 
@@ -34,19 +37,6 @@ fn options(dir: &PathBuf) -> LoadOptions {
         conn_table_size: 1 << 12,
         pin_dir: Some(dir.clone()),
         ..LoadOptions::default()
-    }
-}
-
-fn known(desired: Desired) -> Known {
-    Known {
-        desired,
-        interfaces: vec![LocalInterface {
-            name: "eth0".into(),
-            ifindex: 2,
-            mac: [2, 0, 0, 0, 0, 0xfe],
-        }],
-        directory_fed: true,
-        ..Known::default()
     }
 }
 

@@ -13,15 +13,14 @@ use std::{
     time::Instant,
 };
 
-use aya::programs::{TestRun, TestRunOptions};
 use lb_userspace::{
     dataplane::{Contents, Dataplane},
     desired::{BackendSpec, Desired, ServiceSpec},
-    model::{LocalInterface, Proto, ServiceKey},
-    reconcile::{Known, Reconciler},
+    model::{Proto, ServiceKey},
+    reconcile::Reconciler,
     LoadOptions, MapManager, Program, Programs,
 };
-use support::{macs, Frame};
+use support::{known, macs, Frame};
 
 const SERVICES: u32 = 10_000;
 const XDP_TX: u32 = 3;
@@ -89,36 +88,14 @@ fn desired() -> Desired {
     Desired { services }
 }
 
-fn known(desired: Desired) -> Known {
-    Known {
-        desired,
-        interfaces: vec![LocalInterface {
-            name: "eth0".into(),
-            ifindex: 2,
-            mac: [2, 0, 0, 0, 0, 0xfe],
-        }],
-        directory_fed: true,
-        ..Known::default()
-    }
-}
-
 /// Sends a handshake's ACK to service `i`; returns the destination MAC it left with.
 fn forward(programs: &Programs, i: u32, sport: u16) -> [u8; 6] {
     let key = service(i);
     let frame = Frame::tcp("198.18.1.10", &key.addr.to_string(), sport, key.port)
         .established()
         .build();
-    let mut out = vec![0u8; frame.len() + 512];
-    let r = programs
-        .program(Program::Balancer)
-        .test_run(TestRunOptions {
-            data_in: Some(&frame),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    assert_eq!(r.return_value, XDP_TX, "a flow to {key} was not forwarded");
-    out.truncate(r.data_size_out as usize);
+    let (verdict, out) = support::test_run(programs, Program::Balancer, &frame);
+    assert_eq!(verdict, XDP_TX, "a flow to {key} was not forwarded");
     macs(&out).0
 }
 

@@ -217,3 +217,39 @@ pub fn macs(frame: &[u8]) -> ([u8; 6], [u8; 6]) {
 pub fn backend_mac(i: u8) -> [u8; 6] {
     [0x02, 0xbe, 0, 0, 0, i]
 }
+
+/// Runs `frame` through `program` with `BPF_PROG_TEST_RUN`: the verdict and the
+/// frame that left (room for a frame grown in front, as the refusals do).
+pub fn test_run(
+    programs: &lb_userspace::Programs,
+    program: lb_userspace::Program,
+    frame: &[u8],
+) -> (u32, Vec<u8>) {
+    use aya::programs::{TestRun, TestRunOptions};
+    let mut out = vec![0u8; frame.len() + 512];
+    let result = programs
+        .program(program)
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// What the reconciler knows on a test node: `desired`, one interface (eth0) and a
+/// directory that has fed it.
+pub fn known(desired: lb_userspace::desired::Desired) -> lb_userspace::reconcile::Known {
+    lb_userspace::reconcile::Known {
+        desired,
+        interfaces: vec![lb_userspace::model::LocalInterface {
+            name: "eth0".into(),
+            ifindex: 2,
+            mac: [2, 0, 0, 0, 0, 0xfe],
+        }],
+        directory_fed: true,
+        ..Default::default()
+    }
+}
