@@ -185,3 +185,69 @@ fn ten_thousand_services_start_serve_their_last_service_and_resume_unchanged() {
         "the weight-0 backend left the table"
     );
 }
+
+/// One service of 10,000 backends: more than the 8,192 backend slots the data
+/// plane once had in all (lbd exited at 8,193).
+#[test]
+fn one_service_of_ten_thousand_backends_is_served_and_resumed_without_a_rebuild() {
+    const BACKENDS: u32 = 10_000;
+    let dir = PathBuf::from(format!(
+        "/sys/fs/bpf/lbtest-{}-scale-wide",
+        std::process::id()
+    ));
+    let _cleanup = Unpin(dir.clone());
+    let key = service(0);
+    let spec = ServiceSpec {
+        backends: (0..BACKENDS)
+            .map(|j| {
+                let (addr, mac) = backend(j);
+                (
+                    addr,
+                    BackendSpec {
+                        mac: Some(mac),
+                        weight: 1,
+                        drain: false,
+                    },
+                )
+            })
+            .collect(),
+        ..ServiceSpec::default()
+    };
+    let want = Desired {
+        services: BTreeMap::from([(key, spec)]),
+    };
+    let (programs, maps) = Programs::load(&options(&dir)).expect("loading the XDP object");
+    let mut r = Reconciler::new(maps, known(want.clone()));
+    r.reconcile_all().unwrap();
+    let before = r.dp.read_back(key).unwrap().expect("held");
+    assert_eq!(before.backends.len(), BACKENDS as usize);
+    assert!(
+        before.table_size as u64 >= 100 * BACKENDS as u64,
+        "{}",
+        before.table_size
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 40000..40200 {
+        let mac = forward(&programs, 0, sport);
+        assert_eq!(mac[..3], [2, 0, 0], "not a backend's MAC: {mac:02x?}");
+        seen.insert(mac);
+    }
+    assert!(
+        seen.len() > 150,
+        "200 flows reached only {} backends",
+        seen.len()
+    );
+
+    drop(r);
+    drop(programs);
+    let (_programs, mut maps) = Programs::load(&options(&dir)).unwrap();
+    maps.restore().unwrap();
+    let mut r = Reconciler::new(maps, known(want));
+    r.reconcile_all().unwrap();
+    assert_eq!(
+        r.dp.tables_built(),
+        0,
+        "the table was built again on resume"
+    );
+    assert_eq!(r.dp.read_back(key).unwrap().unwrap(), before);
+}
