@@ -68,10 +68,7 @@ pub(super) fn sum_per_cpu(map: &MapData, upto: u32, cpus: usize) -> std::io::Res
         }
         for i in 0..attr.count as usize {
             let per_cpu = &values[i * cpus..(i + 1) * cpus];
-            out.push(per_cpu.iter().fold(Counter::default(), |a, c| Counter {
-                packets: a.packets + c.packets,
-                bytes: a.bytes + c.bytes,
-            }));
+            out.push(super::sum_cpus(per_cpu.iter()));
         }
         first = false;
         if err.is_some() || attr.count == 0 {

@@ -142,6 +142,14 @@ pub struct MapManager {
     tables_built: u64,
 }
 
+/// A counter's per-CPU values added up.
+fn sum_cpus<'a>(values: impl Iterator<Item = &'a Counter>) -> Counter {
+    values.fold(Counter::default(), |acc, c| Counter {
+        packets: acc.packets + c.packets,
+        bytes: acc.bytes + c.bytes,
+    })
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map>,
@@ -523,10 +531,7 @@ impl MapManager {
     }
 
     fn sum(values: PerCpuValues<Counter>) -> Counter {
-        values.iter().fold(Counter::default(), |acc, c| Counter {
-            packets: acc.packets + c.packets,
-            bytes: acc.bytes + c.bytes,
-        })
+        sum_cpus(values.iter())
     }
 }
 
