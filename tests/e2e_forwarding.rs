@@ -14,7 +14,7 @@ use lb_tests::{
     servers::{ask_name, NameServer},
 };
 use lb_userspace::{
-    plan::ServicePlan, Dataplane, Egress, L2Route, LoadOptions, Program, Programs, Proto,
+    plan::ServicePlan, Dataplane, Egress, BackendRoute, LoadOptions, Program, Programs, Proto,
     ServiceConfig, ServiceKey,
 };
 
@@ -59,10 +59,11 @@ fn tcp_requests_to_the_vip_are_answered_by_both_backends() -> Result<()> {
         backends.push((
             host.ip.into(),
             1,
-            L2Route {
+            BackendRoute {
                 dst_mac: host.mac,
                 src_mac: lb.mac,
                 egress: Egress::Ingress,
+                encap: None,
             },
         ));
     }

@@ -51,6 +51,12 @@ pub mod map_names {
     pub const REFUSALS: &str = "REFUSALS";
     pub const CONTROL: &str = "CONTROL";
     pub const VIP_FILTER: &str = "VIP_FILTER";
+    /// The backend side's decapsulation (`lb_decap`); not the balancer's, not pinned
+    /// with its maps.
+    pub const DECAP_SOURCES: &str = "DECAP_SOURCES";
+    pub const DECAP_CONFIG: &str = "DECAP_CONFIG";
+    pub const DECAP_STATS: &str = "DECAP_STATS";
+    /// The balancer's maps.
     pub const ALL: [&str; 14] = [
         VIP_ADDRS,
         VIPS,
@@ -79,6 +85,8 @@ pub mod program_names {
     pub const SWAP_MACS: &str = "lb_swap_macs";
     /// Returns `XDP_DROP`: the cost of running any program at all.
     pub const DROP: &str = "lb_drop";
+    /// The backend side: strips IPIP/GUE from the LB nodes' packets (XDP).
+    pub const DECAP: &str = "lb_decap";
 }
 
 /// Key of `VIP_ADDRS`: every address that has at least one VIP. The XDP program looks
@@ -230,8 +238,8 @@ pub struct Backend {
 pub const BACKEND_F_ACTIVE: u16 = 1 << 0;
 
 /// Value of `ROUTES`: how a frame for a backend leaves this node. `mode` says which
-/// fields mean something; an encapsulating mode gets a new `mode` value and new fields
-/// after these, and the L2 fields keep their meaning.
+/// fields mean something: the L2 fields always, the outer ones for an encapsulating
+/// mode.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Route {
@@ -240,10 +248,20 @@ pub struct Route {
     /// 0: out of the interface the packet came in on (`XDP_TX`). Otherwise the key of
     /// the egress interface in `TX_PORTS` (`XDP_REDIRECT`).
     pub tx_port: u32,
-    /// The backend's MAC, or its next hop's.
+    /// The backend's MAC, or its next hop's (an encapsulating mode: the gateway's).
     pub dst_mac: [u8; 6],
     /// Our MAC on the egress interface.
     pub src_mac: [u8; 6],
+    /// Encapsulating modes: the outer header's source, an address of this node of the
+    /// backend's family (as in [`AddrKey::addr`]); the outer destination is the
+    /// backend's own address (`Backend::addr`).
+    pub outer_src: [u8; 16],
+    /// Encapsulating modes: the largest IP packet the egress path carries, outer
+    /// header included. A packet that would not fit is answered with ICMP "too big".
+    pub mtu: u16,
+    /// `ROUTE_MODE_GUE`: the UDP port the backend's decapsulation listens on,
+    /// network byte order.
+    pub gue_port_be: u16,
 }
 
 // The data plane copies both MACs as one 12-byte run, in the Ethernet header's order.
@@ -257,6 +275,21 @@ const _: () = assert!(
 pub const ROUTE_MODE_NONE: u32 = 0;
 /// L2 direct server return: rewrite the MACs, keep the IP packet as it is.
 pub const ROUTE_MODE_L2_DSR: u32 = 1;
+/// IP in IP: an outer IPv4 (protocol 4 or 41) or IPv6 (next header 4 or 41) header
+/// from `Route::outer_src` to the backend, the client's packet unchanged inside.
+pub const ROUTE_MODE_IPIP: u32 = 2;
+/// GUE variant 1 (IP directly in UDP): as IPIP with a UDP header between, its source
+/// port from the flow hash so the backend's NIC spreads flows over its queues.
+pub const ROUTE_MODE_GUE: u32 = 3;
+
+/// The outer header's TTL / hop limit. The inner packet's is left as the client sent
+/// it (the tunnel is one hop, as a router would count it only at its ends).
+pub const ENCAP_TTL: u8 = 64;
+/// The UDP port a backend's decapsulation listens on for GUE unless configured.
+pub const GUE_PORT_DEFAULT: u16 = 6080;
+/// The outer source port range of GUE: the top quarter of the ports (RFC 7605's
+/// dynamic range), 14 bits of the flow hash below it.
+pub const GUE_SPORT_BASE: u16 = 0xc000;
 
 /// Key of the connection table `CONNS` (LRU hash shared by every CPU). Aligned to 8
 /// so that the program zeroes and compares it in words, not bytes.
@@ -349,6 +382,61 @@ pub struct GlobalStats {
     /// while lbd's liveness stamp (`Control`) is stale: a node whose daemon died
     /// stops answering for its VIPs (the cluster moves them), yet keeps forwarding.
     pub drop_daemon_stale: u64,
+    /// Forwarded by L2 direct server return (also counted in `tx` or `redirect`).
+    pub fwd_l2: u64,
+    /// Forwarded in IP in IP (also counted in `tx` or `redirect`).
+    pub fwd_ipip: u64,
+    /// Forwarded in GUE (also counted in `tx` or `redirect`).
+    pub fwd_gue: u64,
+    /// Too big for the backend's path once encapsulated: answered with ICMP
+    /// "fragmentation needed" / ICMPv6 "packet too big" carrying the path's MTU
+    /// less the encapsulation (`XDP_TX`).
+    pub icmp_too_big: u64,
+    /// Too big once encapsulated, and no ICMP may be sent (an IPv4 packet without DF,
+    /// the source's budget spent, or a source never answered): dropped, never
+    /// fragmented.
+    pub drop_too_big: u64,
+    /// An ICMP error about one of our flows (a router's "too big" or "unreachable"
+    /// quoting a packet a backend sent from the VIP) sent on to that flow's backend.
+    pub icmp_steered: u64,
+    /// The frame could not be grown for the outer header (no headroom): dropped.
+    pub drop_encap_failed: u64,
+}
+
+/// Capacity of `DECAP_SOURCES`: the LB nodes' outer source addresses a backend takes
+/// encapsulated packets from.
+pub const MAX_DECAP_SOURCES: u32 = 256;
+
+/// `DECAP_CONFIG[0]`: the backend side's settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DecapConfig {
+    /// The UDP port GUE packets come to, network byte order; 0: GUE is not taken.
+    pub gue_port_be: u16,
+    pub _pad: u16,
+    /// `DECAP_F_*`.
+    pub flags: u32,
+}
+
+/// Counters of the decapsulation, per CPU, in `DECAP_STATS[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DecapStats {
+    /// IP in IP from an LB source, stripped and passed to the stack.
+    pub ipip: u64,
+    /// GUE from an LB source, stripped and passed to the stack.
+    pub gue: u64,
+    /// Encapsulated (IPIP, or UDP to the GUE port) but not from a configured LB
+    /// source: passed untouched (the stack has no tunnel for it and drops it).
+    pub foreign_source: u64,
+    /// From an LB source with an inner packet that is no IP packet of the family its
+    /// header says (or a fragment of the outer packet): passed untouched.
+    pub malformed: u64,
+    /// The outer header was marked CE (congestion) and the inner packet does not
+    /// speak ECN: dropped, as RFC 6040 says.
+    pub ce_dropped: u64,
+    /// Everything else: not encapsulated, passed untouched.
+    pub passed: u64,
 }
 
 /// `CONTROL[0]`: what lbd tells the program about itself.
@@ -374,7 +462,7 @@ macro_rules! global_stats_fields {
             }
 
             /// The value of each field, in the order of [`Self::FIELDS`].
-            pub fn values(&self) -> [u64; 25] {
+            pub fn values(&self) -> [u64; 32] {
                 [$(self.$field),*]
             }
         }
@@ -406,6 +494,13 @@ global_stats_fields!(
     refuse_icmp,
     drop_refuse_invalid,
     drop_daemon_stale,
+    fwd_l2,
+    fwd_ipip,
+    fwd_gue,
+    icmp_too_big,
+    drop_too_big,
+    icmp_steered,
+    drop_encap_failed,
 );
 
 #[cfg(feature = "user")]
@@ -440,6 +535,10 @@ mod pod {
     unsafe impl aya::Pod for SphereMeta {}
     // SAFETY: as above.
     unsafe impl aya::Pod for RefuseBucket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DecapConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DecapStats {}
 }
 
 macro_rules! assert_layout {
@@ -453,12 +552,14 @@ assert_layout!(AddrMeta, 4, 4);
 assert_layout!(VipKey, 20, 2);
 assert_layout!(VipMeta, 20, 4);
 assert_layout!(Backend, 32, 4);
-assert_layout!(Route, 20, 4);
+assert_layout!(Route, 40, 4);
 assert_layout!(FlowKey, 40, 8);
 assert_layout!(ConnEntry, 12, 4);
 assert_layout!(Counter, 16, 8);
-assert_layout!(GlobalStats, 25 * 8, 8);
+assert_layout!(GlobalStats, 32 * 8, 8);
 assert_layout!(Control, 8, 8);
 assert_layout!(RefuseBucket, 16, 8);
 assert_layout!(SphereKey, 20, 4);
 assert_layout!(SphereMeta, 8, 4);
+assert_layout!(DecapConfig, 8, 4);
+assert_layout!(DecapStats, 48, 8);

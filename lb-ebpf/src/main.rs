@@ -6,8 +6,11 @@
 #![no_std]
 #![no_main]
 
+mod decap;
+mod encap;
 mod forward;
 mod guard;
+mod icmp;
 mod lookup;
 mod maps;
 mod parse;
@@ -23,8 +26,6 @@ use lb_common::{FlowKey, GlobalStats, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_UNA
 use network_types::eth::EthHdr;
 use parse::Irregular;
 use stats::Exit;
-
-const IPPROTO_ICMPV6: u8 = 58;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -58,12 +59,15 @@ fn balance(ctx: &XdpContext, g: &mut GlobalStats) -> Result<u32, Exit> {
         lookup::vip_filter(flow)?;
     } else {
         let addr = match lookup::vip_addr(flow) {
-            Err(Exit::NotVip) if flow.family == FAMILY_V6 && flow.proto == IPPROTO_ICMPV6 => {
+            Err(Exit::NotVip) if flow.family == FAMILY_V6 && flow.proto == icmp::IPPROTO_ICMPV6 => {
                 return Err(guard::neighbour_solicitation(ctx))
             }
             other => other?,
         };
         parse::check_regular(l3.irregular, addr.flags)?;
+        if icmp::is_icmp(flow) {
+            return icmp::steer(ctx, &l3, flow, g);
+        }
     }
     // Past the filter on the fast path, the destination may still be foreign (a
     // shared bit): what would drop or miss is checked against the address table, so
@@ -86,7 +90,7 @@ fn balance(ctx: &XdpContext, g: &mut GlobalStats) -> Result<u32, Exit> {
         return refuse::refuse(ctx, flow, g);
     }
     let (backend_id, backend) = lookup::backend(ctx, flow, &vip, enter, g)?;
-    let action = forward::l2(ctx, &backend, g)?;
+    let action = forward::send(ctx, &backend, flow, l3.ip_end - l3.l3_off, g)?;
     stats::count_backend(backend_id, frame_len);
     Ok(action)
 }
@@ -96,6 +100,12 @@ fn balance(ctx: &XdpContext, g: &mut GlobalStats) -> Result<u32, Exit> {
 #[xdp]
 pub fn lb_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
+}
+
+/// The backend side: strips IPIP/GUE sent by the LB nodes (`decap`).
+#[xdp]
+pub fn lb_decap(ctx: XdpContext) -> u32 {
+    decap::run(&ctx)
 }
 
 /// The benchmark's baseline: the least a forwarding XDP program can do.

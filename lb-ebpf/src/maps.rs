@@ -6,9 +6,10 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, AddrMeta, Backend, ConnEntry, Control, Counter, FlowKey, GlobalStats, RefuseBucket,
+    AddrKey, AddrMeta, Backend, ConnEntry, Control, Counter, DecapConfig, DecapStats, FlowKey,
+    GlobalStats, RefuseBucket,
     Route, SphereKey, SphereMeta, VipKey, VipMeta, MAX_BACKENDS, MAX_REFUSING_SOURCES,
-    MAX_SPHERE_RULES, MAX_TX_PORTS, MAX_VIPS, MAX_VIP_ADDRS,
+    MAX_DECAP_SOURCES, MAX_SPHERE_RULES, MAX_TX_PORTS, MAX_VIPS, MAX_VIP_ADDRS,
 };
 
 #[map]
@@ -74,3 +75,14 @@ pub static GLOBAL_STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entrie
 /// What lbd tells the program about itself (its liveness stamp).
 #[map]
 pub static CONTROL: Array<Control> = Array::with_max_entries(1, 0);
+
+/// The backend side (`lb_decap`): LB nodes' outer source addresses, the only senders
+/// whose encapsulated packets are stripped.
+#[map]
+pub static DECAP_SOURCES: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_DECAP_SOURCES, 0);
+
+#[map]
+pub static DECAP_CONFIG: Array<DecapConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static DECAP_STATS: PerCpuArray<DecapStats> = PerCpuArray::with_max_entries(1, 0);

@@ -46,6 +46,8 @@ pub enum Irregular {
 
 pub struct L3 {
     pub irregular: Irregular,
+    /// Offset of the IP header.
+    pub l3_off: usize,
     /// Offset of the L4 header (fixed: packets with options never reach L4 parsing).
     pub l4_off: usize,
     /// Offset one past the IP packet's last byte, from its own length field.
@@ -126,6 +128,7 @@ fn ipv4(ctx: &XdpContext, flow: &mut FlowKey, frame_len: usize) -> Result<L3, Ex
     };
     Ok(L3 {
         irregular,
+        l3_off: EthHdr::LEN,
         l4_off: EthHdr::LEN + Ipv4Hdr::LEN,
         ip_end: EthHdr::LEN + total_len,
     })
@@ -153,6 +156,7 @@ fn ipv6(ctx: &XdpContext, flow: &mut FlowKey, frame_len: usize) -> Result<L3, Ex
     };
     Ok(L3 {
         irregular,
+        l3_off: EthHdr::LEN,
         l4_off: EthHdr::LEN + Ipv6Hdr::LEN,
         ip_end: EthHdr::LEN + total_len,
     })

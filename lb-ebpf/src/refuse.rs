@@ -36,6 +36,17 @@ const TCP_ACK: u8 = 0x10;
 
 #[inline(always)]
 pub fn refuse(ctx: &XdpContext, flow: &FlowKey, g: &mut GlobalStats) -> Result<u32, Exit> {
+    stats::unpack(refuse_apart(ctx, flow, g))
+}
+
+// Not inlined: its own frame keeps the main program's stack within BPF's 512 bytes.
+#[inline(never)]
+fn refuse_apart(ctx: &XdpContext, flow: &FlowKey, g: &mut GlobalStats) -> u64 {
+    stats::pack(refusal(ctx, flow, g))
+}
+
+#[inline(always)]
+fn refusal(ctx: &XdpContext, flow: &FlowKey, g: &mut GlobalStats) -> Result<u32, Exit> {
     let v4 = flow.family == FAMILY_V4;
     answerable(ctx, flow)?;
     match flow.proto {
@@ -61,9 +72,12 @@ pub fn refuse(ctx: &XdpContext, flow: &FlowKey, g: &mut GlobalStats) -> Result<u
         PROTO_UDP => {
             allowed(&flow.src)?;
             if v4 {
-                icmp_v4(ctx)?
+                // Destination unreachable, communication administratively prohibited.
+                icmp_v4(ctx, 3, 13, [0; 4])?
             } else {
-                icmp_v6(ctx)?
+                // Destination unreachable, communication with the destination
+                // administratively prohibited.
+                icmp_v6(ctx, 1, 1, [0; 4])?
             }
             stats::count_refuse_icmp(g);
             Ok(XDP_TX)
@@ -77,7 +91,7 @@ pub fn refuse(ctx: &XdpContext, flow: &FlowKey, g: &mut GlobalStats) -> Result<u
 /// itself, so that a spoofed source can neither make us answer a group nor escape the
 /// per-source budget.
 #[inline(always)]
-fn answerable(ctx: &XdpContext, flow: &FlowKey) -> Result<(), Exit> {
+pub fn answerable(ctx: &XdpContext, flow: &FlowKey) -> Result<(), Exit> {
     let eth: *const [u8; ETH] = ptr_at(ctx, 0).map_err(|_| Exit::Malformed)?;
     // SAFETY: ptr_at checked the bounds.
     let eth = unsafe { &*eth };
@@ -105,7 +119,7 @@ fn answerable(ctx: &XdpContext, flow: &FlowKey) -> Result<(), Exit> {
 
 /// At most `REFUSALS_PER_SECOND` per source in each one-second window.
 #[inline(always)]
-fn allowed(src: &[u8; 16]) -> Result<(), Exit> {
+pub fn allowed(src: &[u8; 16]) -> Result<(), Exit> {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     match REFUSALS.get_ptr_mut(src) {
@@ -138,7 +152,7 @@ fn allowed(src: &[u8; 16]) -> Result<(), Exit> {
 
 /// The Internet checksum of `data` (even length), folded and complemented.
 #[inline(always)]
-fn checksum<const N: usize>(data: &[u8; N]) -> [u8; 2] {
+pub fn checksum<const N: usize>(data: &[u8; N]) -> [u8; 2] {
     let mut sum: u32 = 0;
     let mut i = 0;
     while i + 1 < N {
@@ -279,93 +293,162 @@ fn rst_v6(ctx: &XdpContext) -> Result<(), Exit> {
     shrink(ctx, ETH + IP6 + TCP)
 }
 
-/// ICMP destination unreachable, code 13: communication administratively prohibited.
+/// Answers the frame's IPv4 packet with an ICMP error of `kind` and `code` quoting
+/// its header and first 8 bytes; `rest` is the 4 bytes after the checksum (the MTU
+/// of a "fragmentation needed").
+/// One's-complement sum of the 16-bit words of `p[from..to]` (`to - from` even),
+/// added to `sum`, unfolded. Constant bounds once inlined: the verifier sees a loop of
+/// known length.
 #[inline(always)]
-fn icmp_v4(ctx: &XdpContext) -> Result<(), Exit> {
+fn add_words<const N: usize>(p: &[u8; N], from: usize, to: usize, mut sum: u32) -> u32 {
+    let mut i = from;
+    while i + 1 < to {
+        sum += u16::from_be_bytes([p[i], p[i + 1]]) as u32;
+        i += 2;
+    }
+    sum
+}
+
+/// Folds and complements a sum into a checksum field's bytes.
+#[inline(always)]
+fn finish(mut sum: u32) -> [u8; 2] {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_be_bytes()
+}
+
+/// Puts the new frame's MACs (the old frame's, swapped; the old frame now starts at
+/// `old`) and the old EtherType in front.
+#[inline(always)]
+fn answer_eth<const N: usize>(p: &mut [u8; N], old: usize) {
+    for i in 0..6 {
+        p[i] = p[old + 6 + i];
+        p[6 + i] = p[old + i];
+    }
+    p[12] = p[old + 12];
+    p[13] = p[old + 13];
+}
+
+// Not inlined: called for refusals and "too big" alike. Built in place: the new
+// headers go in front of the old frame, whose IP header and first 8 bytes stay where
+// they are and become the quote, so nothing is copied to the stack.
+/// Answers the frame's IPv4 packet with an ICMP error of `kind` and `code` quoting
+/// its header and first 8 bytes; `rest` is the 4 bytes after the checksum (the MTU
+/// of a "fragmentation needed").
+#[inline(always)]
+pub fn icmp_v4(ctx: &XdpContext, kind: u8, code: u8, rest: [u8; 4]) -> Result<(), Exit> {
+    stats::unpack(icmp_v4_apart(ctx, kind, code, u32::from_ne_bytes(rest))).map(|_| ())
+}
+
+#[inline(never)]
+fn icmp_v4_apart(ctx: &XdpContext, kind: u8, code: u8, rest: u32) -> u64 {
+    stats::pack(build_icmp_v4(ctx, kind, code, rest.to_ne_bytes()).map(|_| 0))
+}
+
+#[inline(always)]
+fn build_icmp_v4(ctx: &XdpContext, kind: u8, code: u8, rest: [u8; 4]) -> Result<(), Exit> {
     const QUOTE: usize = IP4 + QUOTED_L4;
     const ICMP: usize = 8;
     const GROW: usize = IP4 + ICMP;
-    let eth: *const [u8; ETH] = ptr_at(ctx, 0).map_err(|_| Exit::Malformed)?;
-    let quote: *const [u8; QUOTE] = ptr_at(ctx, ETH).map_err(|_| Exit::Malformed)?;
-    // SAFETY: ptr_at checked the bounds; copied out before the packet moves.
-    let (old_eth, quote) = unsafe { (*eth, *quote) };
-    // Room in front for the new IP and ICMP headers; the old IP header and UDP header
-    // stay where they are and become the quote.
+    const Q: usize = GROW + ETH;
+    ptr_at::<[u8; ETH + QUOTE]>(ctx, 0).map_err(|_| Exit::Malformed)?;
     // SAFETY: growing the head of the packet we own; the helper checks the headroom.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
         return Err(Exit::Unavailable);
     }
-    let out: *mut [u8; ETH + IP4 + ICMP] = ptr_at_mut(ctx, 0).map_err(|_| Exit::Malformed)?;
+    let p: *mut [u8; Q + QUOTE] = ptr_at_mut(ctx, 0).map_err(|_| Exit::Malformed)?;
     // SAFETY: ptr_at_mut checked the bounds.
-    let out = unsafe { &mut *out };
-    out[0..6].copy_from_slice(&old_eth[6..12]);
-    out[6..12].copy_from_slice(&old_eth[0..6]);
-    out[12..14].copy_from_slice(&old_eth[12..14]);
-    let total = (IP4 + ICMP + QUOTE) as u16;
-    let mut ip = [0u8; IP4];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 1; // ICMP
-    ip[12..16].copy_from_slice(&quote[16..20]);
-    ip[16..20].copy_from_slice(&quote[12..16]);
-    let sum = checksum(&ip);
-    ip[10] = sum[0];
-    ip[11] = sum[1];
-    out[ETH..ETH + IP4].copy_from_slice(&ip);
-    let mut icmp = [0u8; ICMP + QUOTE];
-    icmp[0] = 3; // destination unreachable
-    icmp[1] = 13; // communication administratively prohibited
-    icmp[ICMP..].copy_from_slice(&quote);
-    let sum = checksum(&icmp);
-    icmp[2] = sum[0];
-    icmp[3] = sum[1];
-    out[ETH + IP4..].copy_from_slice(&icmp[..ICMP]);
-    shrink(ctx, ETH + IP4 + ICMP + QUOTE)
+    let p = unsafe { &mut *p };
+    answer_eth(p, GROW);
+    let total = ((IP4 + ICMP + QUOTE) as u16).to_be_bytes();
+    let ip = ETH;
+    p[ip] = 0x45;
+    p[ip + 1] = 0;
+    p[ip + 2] = total[0];
+    p[ip + 3] = total[1];
+    for i in 4..8 {
+        p[ip + i] = 0;
+    }
+    p[ip + 8] = 64;
+    p[ip + 9] = 1; // ICMP
+    p[ip + 10] = 0;
+    p[ip + 11] = 0;
+    for i in 0..4 {
+        // From the quoted packet's destination, to its source.
+        p[ip + 12 + i] = p[Q + 16 + i];
+        p[ip + 16 + i] = p[Q + 12 + i];
+    }
+    let sum = finish(add_words(p, ip, ip + IP4, 0));
+    p[ip + 10] = sum[0];
+    p[ip + 11] = sum[1];
+    let icmp = ETH + IP4;
+    p[icmp] = kind;
+    p[icmp + 1] = code;
+    p[icmp + 2] = 0;
+    p[icmp + 3] = 0;
+    for i in 0..4 {
+        p[icmp + 4 + i] = rest[i];
+    }
+    let sum = finish(add_words(p, icmp, Q + QUOTE, 0));
+    p[icmp + 2] = sum[0];
+    p[icmp + 3] = sum[1];
+    shrink(ctx, Q + QUOTE)
 }
 
-/// ICMPv6 destination unreachable, code 1: communication with the destination
-/// administratively prohibited.
+/// As [`icmp_v4`], for IPv6: an ICMPv6 error quoting the header and 8 bytes.
+// Not inlined, as `icmp_v4`.
 #[inline(always)]
-fn icmp_v6(ctx: &XdpContext) -> Result<(), Exit> {
+pub fn icmp_v6(ctx: &XdpContext, kind: u8, code: u8, rest: [u8; 4]) -> Result<(), Exit> {
+    stats::unpack(icmp_v6_apart(ctx, kind, code, u32::from_ne_bytes(rest))).map(|_| ())
+}
+
+#[inline(never)]
+fn icmp_v6_apart(ctx: &XdpContext, kind: u8, code: u8, rest: u32) -> u64 {
+    stats::pack(build_icmp_v6(ctx, kind, code, rest.to_ne_bytes()).map(|_| 0))
+}
+
+#[inline(always)]
+fn build_icmp_v6(ctx: &XdpContext, kind: u8, code: u8, rest: [u8; 4]) -> Result<(), Exit> {
     const QUOTE: usize = IP6 + QUOTED_L4;
     const ICMP: usize = 8;
     const GROW: usize = IP6 + ICMP;
-    let eth: *const [u8; ETH] = ptr_at(ctx, 0).map_err(|_| Exit::Malformed)?;
-    let quote: *const [u8; QUOTE] = ptr_at(ctx, ETH).map_err(|_| Exit::Malformed)?;
-    // SAFETY: ptr_at checked the bounds; copied out before the packet moves.
-    let (old_eth, quote) = unsafe { (*eth, *quote) };
+    const Q: usize = GROW + ETH;
+    ptr_at::<[u8; ETH + QUOTE]>(ctx, 0).map_err(|_| Exit::Malformed)?;
     // SAFETY: growing the head of the packet we own; the helper checks the headroom.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
         return Err(Exit::Unavailable);
     }
-    let out: *mut [u8; ETH + IP6 + ICMP] = ptr_at_mut(ctx, 0).map_err(|_| Exit::Malformed)?;
+    let p: *mut [u8; Q + QUOTE] = ptr_at_mut(ctx, 0).map_err(|_| Exit::Malformed)?;
     // SAFETY: ptr_at_mut checked the bounds.
-    let out = unsafe { &mut *out };
-    out[0..6].copy_from_slice(&old_eth[6..12]);
-    out[6..12].copy_from_slice(&old_eth[0..6]);
-    out[12..14].copy_from_slice(&old_eth[12..14]);
-    let payload = (ICMP + QUOTE) as u16;
-    let mut ip = [0u8; IP6];
-    ip[0] = 0x60;
-    ip[4..6].copy_from_slice(&payload.to_be_bytes());
-    ip[6] = 58; // ICMPv6
-    ip[7] = 64;
-    ip[8..24].copy_from_slice(&quote[24..40]);
-    ip[24..40].copy_from_slice(&quote[8..24]);
-    out[ETH..ETH + IP6].copy_from_slice(&ip);
-    let mut sum_input = [0u8; 40 + ICMP + QUOTE];
-    sum_input[0..32].copy_from_slice(&ip[8..40]);
-    sum_input[34..36].copy_from_slice(&payload.to_be_bytes());
-    sum_input[39] = 58;
-    sum_input[40] = 1; // destination unreachable
-    sum_input[41] = 1; // administratively prohibited
-    sum_input[40 + ICMP..].copy_from_slice(&quote);
-    let sum = checksum(&sum_input);
-    out[ETH + IP6] = 1;
-    out[ETH + IP6 + 1] = 1;
-    out[ETH + IP6 + 2] = sum[0];
-    out[ETH + IP6 + 3] = sum[1];
-    out[ETH + IP6 + 4..].copy_from_slice(&[0; 4]);
-    shrink(ctx, ETH + IP6 + ICMP + QUOTE)
+    let p = unsafe { &mut *p };
+    answer_eth(p, GROW);
+    let payload = ((ICMP + QUOTE) as u16).to_be_bytes();
+    let ip = ETH;
+    p[ip] = 0x60;
+    p[ip + 1] = 0;
+    p[ip + 2] = 0;
+    p[ip + 3] = 0;
+    p[ip + 4] = payload[0];
+    p[ip + 5] = payload[1];
+    p[ip + 6] = 58; // ICMPv6
+    p[ip + 7] = 64;
+    for i in 0..16 {
+        p[ip + 8 + i] = p[Q + 24 + i];
+        p[ip + 24 + i] = p[Q + 8 + i];
+    }
+    let icmp = ETH + IP6;
+    p[icmp] = kind;
+    p[icmp + 1] = code;
+    p[icmp + 2] = 0;
+    p[icmp + 3] = 0;
+    for i in 0..4 {
+        p[icmp + 4 + i] = rest[i];
+    }
+    // Pseudo header: both addresses, the length, the next header.
+    let mut sum = add_words(p, ip + 8, ip + IP6, 0);
+    sum += (ICMP + QUOTE) as u32 + 58;
+    let sum = finish(add_words(p, icmp, Q + QUOTE, sum));
+    p[icmp + 2] = sum[0];
+    p[icmp + 3] = sum[1];
+    shrink(ctx, Q + QUOTE)
 }

@@ -8,6 +8,7 @@ use crate::maps::{BACKEND_STATS, GLOBAL_STATS, VIP_STATS};
 
 /// Why a packet was not forwarded.
 #[derive(Clone, Copy)]
+#[repr(u32)]
 pub enum Exit {
     NotIp,
     Unparsed,
@@ -25,6 +26,29 @@ pub enum Exit {
     RefuseLimited,
     RefuseInvalid,
     DaemonStale,
+    TooBig,
+    EncapFailed,
+}
+
+/// A result in one register, for functions the program calls rather than inlines: a
+/// Rust `Result` returned from a BPF function may leave part of its register
+/// unwritten on some paths, which the verifier refuses ("R0 !read_ok").
+#[inline(always)]
+pub fn pack(r: Result<u32, Exit>) -> u64 {
+    match r {
+        Ok(action) => action as u64,
+        Err(e) => (1 << 32) | e as u32 as u64,
+    }
+}
+
+#[inline(always)]
+pub fn unpack(v: u64) -> Result<u32, Exit> {
+    if v >> 32 == 0 {
+        Ok(v as u32)
+    } else {
+        // SAFETY: only `pack` makes these values, from an `Exit`.
+        Err(unsafe { core::mem::transmute::<u32, Exit>(v as u32) })
+    }
 }
 
 impl Exit {
@@ -46,7 +70,9 @@ impl Exit {
             | Exit::Unavailable
             | Exit::RefuseLimited
             | Exit::RefuseInvalid
-            | Exit::DaemonStale => XDP_DROP,
+            | Exit::DaemonStale
+            | Exit::TooBig
+            | Exit::EncapFailed => XDP_DROP,
         }
     }
 }
@@ -80,6 +106,8 @@ pub fn count_exit(g: &mut GlobalStats, exit: Exit) {
         Exit::RefuseLimited => &mut g.drop_refuse_limited,
         Exit::RefuseInvalid => &mut g.drop_refuse_invalid,
         Exit::DaemonStale => &mut g.drop_daemon_stale,
+        Exit::TooBig => &mut g.drop_too_big,
+        Exit::EncapFailed => &mut g.drop_encap_failed,
     } += 1;
 }
 
@@ -126,6 +154,16 @@ pub fn count_tx(g: &mut GlobalStats) {
 #[inline(always)]
 pub fn count_redirect(g: &mut GlobalStats) {
     g.redirect += 1;
+}
+
+#[inline(always)]
+pub fn count_too_big(g: &mut GlobalStats) {
+    g.icmp_too_big += 1;
+}
+
+#[inline(always)]
+pub fn count_icmp_steered(g: &mut GlobalStats) {
+    g.icmp_steered += 1;
 }
 
 #[inline(always)]

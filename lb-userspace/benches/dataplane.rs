@@ -20,7 +20,7 @@ use std::{net::Ipv4Addr, time::Instant};
 use anyhow::{ensure, Context, Result};
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, XdpMode};
 use lb_userspace::{
-    plan::ServicePlan, Dataplane, Egress, L2Route, LoadOptions, Program, Programs, Proto,
+    plan::ServicePlan, Dataplane, Egress, BackendRoute, LoadOptions, Program, Programs, Proto,
     ServiceConfig, ServiceKey,
 };
 use support::{backend_mac, Frame, ETH_LEN, LB_MAC};
@@ -337,10 +337,11 @@ fn main() -> Result<()> {
             (
                 format!("198.18.0.{i}").parse().expect("address"),
                 1,
-                L2Route {
+                BackendRoute {
                     dst_mac: backend_mac(i),
                     src_mac: LB_MAC,
                     egress: Egress::Ingress,
+                    encap: None,
                 },
             )
         })

@@ -42,4 +42,4 @@ pub use dataplane::{
     maps::MapManager,
     Dataplane, DataplaneError,
 };
-pub use model::{Egress, L2Route, Proto, ServiceConfig, ServiceKey};
+pub use model::{Egress, BackendRoute, Proto, ServiceConfig, ServiceKey};

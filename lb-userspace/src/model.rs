@@ -111,6 +111,9 @@ pub struct ServiceConfig {
     /// Maintenance or outage: SYNs get a RST, UDP an ICMP error, the rest is dropped.
     #[serde(default)]
     pub unavailable: bool,
+    /// How packets reach the backends: L2 (same segment) or encapsulated.
+    #[serde(default)]
+    pub forward: Forward,
 }
 
 impl Default for ServiceConfig {
@@ -121,6 +124,7 @@ impl Default for ServiceConfig {
             epoch: 0,
             epoch_resteer: false,
             unavailable: false,
+            forward: Forward::L2,
         }
     }
 }
@@ -134,13 +138,105 @@ pub enum Egress {
     Interface { ifindex: u32 },
 }
 
-/// L2 direct server return: the frame goes to `dst_mac` (the backend's, or its next
-/// hop's) from `src_mac` (ours on the egress interface).
+/// Where a backend's frames go: to `dst_mac` (the backend's, or its next hop's) from
+/// `src_mac` (ours on the egress interface); as they came (L2 direct server return)
+/// or wrapped in an outer header (`encap`) for a backend beyond this segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct L2Route {
+pub struct BackendRoute {
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
     pub egress: Egress,
+    #[serde(default)]
+    pub encap: Option<Encap>,
+}
+
+/// How a service's packets are carried to its backends.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Forward {
+    /// L2 direct server return: new MACs, the packet as it came. The backend must
+    /// share a segment with this node.
+    #[default]
+    L2,
+    /// IP in IP (IPv4 or IPv6 outer header, of the backend's family), to the backend's
+    /// address through the kernel's route to it.
+    Ipip,
+    /// GUE variant 1 (IP in UDP), as `Ipip` with a UDP header whose source port
+    /// carries the flow hash.
+    Gue,
+}
+
+impl Forward {
+    pub fn encapsulates(self) -> bool {
+        self != Forward::L2
+    }
+}
+
+impl fmt::Display for Forward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Forward::L2 => "l2",
+            Forward::Ipip => "ipip",
+            Forward::Gue => "gue",
+        })
+    }
+}
+
+impl std::str::FromStr for Forward {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "l2" => Ok(Forward::L2),
+            "ipip" => Ok(Forward::Ipip),
+            "gue" => Ok(Forward::Gue),
+            _ => Err(format!("`{s}` is not a forwarding mode: l2, ipip or gue")),
+        }
+    }
+}
+
+/// This node's side of encapsulation (`[dataplane]`): the outer header's source per
+/// family (an address of this node the backends route back to), the GUE port, and
+/// the largest IP packet the paths to the backends carry when it is below the
+/// egress link's MTU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncapSettings {
+    pub source_v4: Option<std::net::Ipv4Addr>,
+    pub source_v6: Option<std::net::Ipv6Addr>,
+    /// 0: `lb_common::GUE_PORT_DEFAULT`.
+    pub gue_port: u16,
+    pub path_mtu: Option<u16>,
+}
+
+impl EncapSettings {
+    /// The outer source for a backend at `addr`, if one is configured.
+    pub fn source_for(&self, addr: IpAddr) -> Option<IpAddr> {
+        match addr {
+            IpAddr::V4(_) => self.source_v4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.source_v6.map(IpAddr::V6),
+        }
+    }
+
+    pub fn gue_port(&self) -> u16 {
+        if self.gue_port == 0 {
+            lb_common::GUE_PORT_DEFAULT
+        } else {
+            self.gue_port
+        }
+    }
+}
+
+/// An encapsulating route's outer header: `mode` (ipip or gue) from `source` (an
+/// address of this node of the backend's family) to the backend, on a path that
+/// carries `mtu` bytes; GUE to UDP port `gue_port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encap {
+    pub mode: Forward,
+    pub source: IpAddr,
+    pub mtu: u16,
+    pub gue_port: u16,
 }
 
 // ---- MAC addresses -------------------------------------------------------------
@@ -256,6 +352,8 @@ pub struct LocalInterface {
     pub name: String,
     pub ifindex: u32,
     pub mac: [u8; 6],
+    /// The link's MTU: the largest IP packet an encapsulated frame may be on it.
+    pub mtu: u32,
 }
 
 #[cfg(test)]

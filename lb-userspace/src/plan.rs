@@ -18,7 +18,10 @@ use serde::{Deserialize, Serialize};
 use crate::{
     availability,
     desired::{BackendSpec, Desired, ServiceSpec},
-    model::{DirBackend, Egress, L2Route, LocalInterface, Neighbor, ServiceConfig, ServiceKey},
+    model::{
+        BackendRoute, DirBackend, Egress, Encap, EncapSettings, Forward, LocalInterface, Neighbor,
+        ServiceConfig, ServiceKey,
+    },
     spm::RuleName,
     watermark::Verdict,
 };
@@ -43,6 +46,8 @@ pub struct Inputs<'a> {
     pub neighbors: &'a BTreeMap<IpAddr, Neighbor>,
     /// The data-plane interfaces, the first being where frames leave by default.
     pub interfaces: &'a [LocalInterface],
+    /// This node's outer sources and GUE port, for services that encapsulate.
+    pub encap: &'a EncapSettings,
 }
 
 /// How a service's new flows pick a backend.
@@ -68,7 +73,7 @@ pub struct BackendPlan {
     /// still has its cells (a table must not depend on what one node has resolved
     /// yet, or failing over to that node would move flows): its frames are dropped
     /// and counted (`drop_no_route`) until the route is known.
-    pub route: Option<L2Route>,
+    pub route: Option<BackendRoute>,
     /// Its sphere (SPM provider), for the topology rule.
     pub sphere: Option<String>,
 }
@@ -87,7 +92,7 @@ impl ServicePlan {
     /// A plain service with these backends (tests and tools).
     pub fn with_backends(
         config: ServiceConfig,
-        backends: impl IntoIterator<Item = (IpAddr, u32, L2Route)>,
+        backends: impl IntoIterator<Item = (IpAddr, u32, BackendRoute)>,
     ) -> ServicePlan {
         ServicePlan {
             config,
@@ -164,17 +169,23 @@ pub fn valid_instance(spec: &BackendSpec, healthy: bool, resolved: bool) -> bool
 }
 
 /// Where a backend's frames go: to its MAC (configured, or its next hop's from the
-/// neighbour table; a directory backend's next hop is its host's current route), out
-/// of the interface that neighbour is on. `previous` is the route written now: kept
-/// while a new next hop is unresolved, so a route change never re-steers flows.
+/// neighbour table; a directory backend's next hop is its host's current route; an
+/// encapsulated backend's, the gateway the kernel routes it through), out of the
+/// interface that neighbour is on. `previous` is the route written now: kept while a
+/// new next hop is unresolved, so a route change never re-steers flows. An
+/// encapsulating service's backend of a family without a configured outer source
+/// has no route (the config check refuses that).
+#[allow(clippy::too_many_arguments)]
 pub fn route_of(
     addr: IpAddr,
     spec: &BackendSpec,
     dir: Option<&DirBackend>,
     neighbors: &BTreeMap<IpAddr, Neighbor>,
     interfaces: &[LocalInterface],
-    previous: Option<&L2Route>,
-) -> Option<L2Route> {
+    previous: Option<&BackendRoute>,
+    forward: Forward,
+    settings: &EncapSettings,
+) -> Option<BackendRoute> {
     let first = interfaces.first()?;
     let hop = dir.map_or(addr, |d| d.via);
     let neighbor = neighbors.get(&hop);
@@ -191,10 +202,22 @@ pub fn route_of(
             ifindex: out.ifindex,
         }
     };
-    Some(L2Route {
+    let encap = if forward.encapsulates() {
+        let link = out.mtu.min(u16::MAX as u32) as u16;
+        Some(Encap {
+            mode: forward,
+            source: settings.source_for(addr)?,
+            mtu: settings.path_mtu.map_or(link, |m| m.min(link)),
+            gue_port: settings.gue_port(),
+        })
+    } else {
+        None
+    };
+    Some(BackendRoute {
         dst_mac,
         src_mac: out.mac,
         egress,
+        encap,
     })
 }
 
@@ -290,6 +313,8 @@ pub fn plan_service(
                         inputs.neighbors,
                         inputs.interfaces,
                         before,
+                        spec.config.forward,
+                        inputs.encap,
                     ),
                     sphere,
                 },
@@ -330,6 +355,7 @@ mod tests {
             name: format!("eth{ifindex}"),
             ifindex,
             mac: [2, 0, 0, 0, 0, last],
+            mtu: 1500,
         }
     }
 
@@ -342,6 +368,7 @@ mod tests {
         availability: availability::Set,
         neighbors: BTreeMap<IpAddr, Neighbor>,
         interfaces: Vec<LocalInterface>,
+        encap: EncapSettings,
         fed: bool,
     }
 
@@ -383,6 +410,7 @@ mod tests {
                     },
                 )]),
                 interfaces: vec![local(7, 9)],
+                encap: EncapSettings::default(),
                 fed: true,
             }
         }
@@ -398,6 +426,7 @@ mod tests {
                 availability: &self.availability,
                 neighbors: &self.neighbors,
                 interfaces: &self.interfaces,
+                encap: &self.encap,
             }
         }
 
@@ -513,10 +542,11 @@ mod tests {
     fn a_backend_whose_next_hop_is_unknown_keeps_the_route_it_has() {
         let w = World::new();
         let mut before = w.plan();
-        let kept = L2Route {
+        let kept = BackendRoute {
             dst_mac: [2, 5, 5, 5, 5, 5],
             src_mac: [2, 0, 0, 0, 0, 9],
             egress: Egress::Ingress,
+            encap: None,
         };
         before.backends.get_mut(&ip("198.18.0.13")).unwrap().route = Some(kept);
         let p = plan_service(&w.inputs(), &key(), Some(&before)).unwrap();

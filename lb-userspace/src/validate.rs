@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use crate::{
     desired::Desired,
-    model::{mac_refusal, ServiceKey},
+    model::{mac_refusal, EncapSettings, Forward, ServiceKey},
 };
 
 /// Why `addr` cannot be a host address (a VIP or a backend), if it cannot.
@@ -63,14 +63,22 @@ pub fn vip_refusal(addr: IpAddr, own: &BTreeSet<IpAddr>) -> Option<String> {
     })
 }
 
-/// Why `addr` cannot be a backend of `service`, if it cannot.
-pub fn backend_refusal(service: &ServiceKey, addr: IpAddr) -> Option<String> {
+/// Why `addr` cannot be the outer source of encapsulated packets, if it cannot.
+pub fn source_refusal(addr: IpAddr) -> Option<&'static str> {
+    not_a_host(addr)
+}
+
+/// Why `addr` cannot be a backend of `service` reached by `forward`, if it cannot.
+/// Only an encapsulating service may have backends of the other family (the outer
+/// header is of the backend's family, the client's packet inside it of the VIP's).
+pub fn backend_refusal(service: &ServiceKey, addr: IpAddr, forward: Forward) -> Option<String> {
     if let Some(why) = not_a_host(addr) {
         return Some(format!("{addr} cannot be a backend of {service}: {why}"));
     }
-    if addr.is_ipv4() != service.addr.is_ipv4() {
+    if addr.is_ipv4() != service.addr.is_ipv4() && !forward.encapsulates() {
         return Some(format!(
-            "{addr} cannot be a backend of {service}: it is of the other address family"
+            "{addr} cannot be a backend of {service}: it is of the other address family \
+             (only an encapsulating service, forward = \"ipip\" or \"gue\", may mix them)"
         ));
     }
     (addr == service.addr).then(|| {
@@ -79,13 +87,21 @@ pub fn backend_refusal(service: &ServiceKey, addr: IpAddr) -> Option<String> {
 }
 
 /// The first thing in `desired` that breaks the rules, said with the service.
-pub fn desired(desired: &Desired, own: &BTreeSet<IpAddr>) -> Result<(), String> {
+pub fn desired(
+    desired: &Desired,
+    own: &BTreeSet<IpAddr>,
+    encap: &EncapSettings,
+) -> Result<(), String> {
     for (key, spec) in &desired.services {
         if let Some(why) = vip_refusal(key.addr, own) {
             return Err(format!("service {key}: {why}"));
         }
+        let forward = spec.config.forward;
         for (addr, b) in &spec.backends {
-            if let Some(why) = backend_refusal(key, *addr) {
+            if let Some(why) = backend_refusal(key, *addr, forward) {
+                return Err(why);
+            }
+            if let Some(why) = encap_refusal(key, *addr, forward, encap) {
                 return Err(why);
             }
             if let Some(mac) = &b.mac {
@@ -99,6 +115,28 @@ pub fn desired(desired: &Desired, own: &BTreeSet<IpAddr>) -> Result<(), String> 
         }
     }
     Ok(())
+}
+
+/// Why this node cannot encapsulate for backend `addr` of `service`, if it cannot:
+/// it needs an outer source of the backend's family.
+pub fn encap_refusal(
+    service: &ServiceKey,
+    addr: IpAddr,
+    forward: Forward,
+    encap: &EncapSettings,
+) -> Option<String> {
+    if !forward.encapsulates() || encap.source_for(addr).is_some() {
+        return None;
+    }
+    let field = if addr.is_ipv4() {
+        "encap_source_v4"
+    } else {
+        "encap_source_v6"
+    };
+    Some(format!(
+        "backend {addr} of {service} (forward = \"{forward}\"): this node has no outer source \
+         for it; set [dataplane] {field} to an address of this node the backend routes back to"
+    ))
 }
 
 #[cfg(test)]
@@ -138,7 +176,10 @@ mod tests {
     #[test]
     fn a_backend_is_a_host_of_the_services_family_and_not_the_vip() {
         let key: ServiceKey = "tcp/198.18.0.100:80".parse().unwrap();
-        assert_eq!(backend_refusal(&key, ip("198.18.0.11")), None);
+        assert_eq!(backend_refusal(&key, ip("198.18.0.11"), Forward::L2), None);
+        // Encapsulated, the outer header is the backend's family.
+        assert_eq!(backend_refusal(&key, ip("2001:db8::11"), Forward::Ipip), None);
+        assert!(backend_refusal(&key, ip("198.18.0.100"), Forward::Gue).is_some());
         for bad in [
             "198.18.0.100",
             "2001:db8::11",
@@ -146,7 +187,7 @@ mod tests {
             "224.0.0.1",
             "0.0.0.0",
         ] {
-            assert!(backend_refusal(&key, ip(bad)).is_some(), "{bad}");
+            assert!(backend_refusal(&key, ip(bad), Forward::L2).is_some(), "{bad}");
         }
     }
 }

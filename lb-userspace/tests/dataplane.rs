@@ -12,7 +12,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use lb_common::GlobalStats;
 use lb_userspace::{
     plan::{BackendPlan, Rule, ServicePlan},
-    Dataplane, Egress, L2Route, LoadOptions, MapManager, Program, Programs, Proto, ServiceConfig,
+    Dataplane, Egress, BackendRoute, LoadOptions, MapManager, Program, Programs, Proto, ServiceConfig,
     ServiceKey,
 };
 use support::{backend_mac, macs, Frame, CLIENT_MAC, ETH_LEN, IPV4_LEN, L4, LB_MAC};
@@ -39,7 +39,7 @@ struct Lb {
 struct BackendConfig {
     addr: IpAddr,
     weight: u32,
-    route: L2Route,
+    route: BackendRoute,
 }
 
 /// The L4 rules as a test gives them.
@@ -125,10 +125,11 @@ fn backend(addr: &str, i: u8, weight: u32) -> BackendConfig {
     BackendConfig {
         addr: addr.parse().unwrap(),
         weight,
-        route: L2Route {
+        route: BackendRoute {
             dst_mac: backend_mac(i),
             src_mac: LB_MAC,
             egress: Egress::Ingress,
+            encap: None,
         },
     }
 }

@@ -107,6 +107,12 @@ pub(super) struct DataplaneSection {
     pub(super) maglev_min_size: Option<Spanned<u32>>,
     pub(super) maglev_max_size: Option<Spanned<u32>>,
     pub(super) conn_table_size: Option<Spanned<u32>>,
+    /// Encapsulation (services with `forward = "ipip"` or `"gue"`): this node's
+    /// outer source per family, the backends' GUE port, the paths' MTU.
+    pub(super) encap_source_v4: Option<Spanned<std::net::Ipv4Addr>>,
+    pub(super) encap_source_v6: Option<Spanned<std::net::Ipv6Addr>>,
+    pub(super) gue_port: Option<Spanned<u16>>,
+    pub(super) encap_mtu: Option<Spanned<u16>>,
 }
 
 #[derive(Deserialize)]
@@ -119,6 +125,7 @@ pub(super) struct ServiceSection {
     pub(super) maglev_size: Option<Spanned<u32>>,
     #[serde(default)]
     pub(super) pass_irregular: bool,
+    pub(super) forward: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) backend: Vec<Spanned<BackendSection>>,
     pub(super) check: Option<Spanned<CheckSection>>,

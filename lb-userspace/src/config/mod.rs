@@ -26,6 +26,7 @@ use crate::{
     },
     desired::Desired,
     maglev::is_prime,
+    model::EncapSettings,
 };
 use error::Ctx;
 use file::File;
@@ -94,6 +95,8 @@ pub struct Config {
     pub interfaces: Vec<Interface>,
     /// `[dataplane]`'s sizes (`pin_dir` unset: it is `node.pin_dir`).
     pub sizes: LoadOptions,
+    /// `[dataplane]`'s encapsulation settings.
+    pub encap: EncapSettings,
     pub desired: Desired,
     /// Present when this node is one of a cluster that moves VIPs between nodes.
     pub cluster: Option<ClusterConfig>,
@@ -161,7 +164,8 @@ impl Config {
         if self.node != new.node {
             later.push("[node]");
         }
-        if self.interfaces != new.interfaces || self.sizes != new.sizes {
+        if self.interfaces != new.interfaces || self.sizes != new.sizes || self.encap != new.encap
+        {
             later.push("[dataplane]");
         }
         if self.cluster != new.cluster {
@@ -228,7 +232,7 @@ impl Config {
             ));
         }
         let defaults = LoadOptions::default();
-        let (interfaces, sizes) =
+        let (interfaces, sizes, encap) =
             match file.dataplane {
                 None => return Err(ctx.err(
                     node_span,
@@ -300,6 +304,34 @@ impl Config {
                     if let Some(why) = sizes.refusal() {
                         return Err(ctx.err(span, why));
                     }
+                    let mut encap = EncapSettings {
+                        source_v4: dp.encap_source_v4.as_ref().map(|a| *a.get_ref()),
+                        source_v6: dp.encap_source_v6.as_ref().map(|a| *a.get_ref()),
+                        ..EncapSettings::default()
+                    };
+                    for (field, a) in [
+                        ("encap_source_v4", dp.encap_source_v4.map(|a| (IpAddr::V4(*a.get_ref()), a.span()))),
+                        ("encap_source_v6", dp.encap_source_v6.map(|a| (IpAddr::V6(*a.get_ref()), a.span()))),
+                    ] {
+                        if let Some((a, span)) = a {
+                            if let Some(why) = crate::validate::source_refusal(a) {
+                                return Err(ctx.err(span, format!("dataplane.{field}: {a} {why}")));
+                            }
+                        }
+                    }
+                    if let Some(p) = dp.gue_port {
+                        if *p.get_ref() == 0 {
+                            return Err(ctx.err(p.span(), "dataplane.gue_port: 0 is no port (leave it out for 6080)"));
+                        }
+                        encap.gue_port = *p.get_ref();
+                    }
+                    if let Some(m) = dp.encap_mtu {
+                        let v = *m.get_ref();
+                        if !(576..=9216).contains(&v) {
+                            return Err(ctx.err(m.span(), format!("dataplane.encap_mtu: {v} must be 576..=9216 (bytes of an IP packet, outer header included)")));
+                        }
+                        encap.path_mtu = Some(v);
+                    }
                     let interfaces: Vec<Interface> = dp
                         .interfaces
                         .into_iter()
@@ -308,10 +340,10 @@ impl Config {
                             xdp_mode: i.xdp_mode,
                         })
                         .collect();
-                    (interfaces, sizes)
+                    (interfaces, sizes, encap)
                 }
             };
-        let desired = services::services(&ctx, file.service, Some(&sizes))?;
+        let desired = services::services(&ctx, file.service, Some((&sizes, &encap)))?;
         let cluster = match file.cluster {
             None => None,
             Some(c) => Some(cluster::cluster(&ctx, c, path, &interfaces)?),
@@ -337,6 +369,7 @@ impl Config {
             },
             interfaces,
             sizes,
+            encap,
             desired,
             cluster,
         })

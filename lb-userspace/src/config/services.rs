@@ -12,7 +12,7 @@ use crate::{
     dataplane::loader::LoadOptions,
     desired::{BackendSpec, Desired, ServiceSpec},
     maglev::is_prime,
-    model::{CheckConfig, Probe, ServiceConfig, ServiceKey},
+    model::{CheckConfig, EncapSettings, Probe, ServiceConfig, ServiceKey},
 };
 
 /// `sizes`: the data plane's (from `[dataplane]`), to refuse what it cannot hold at
@@ -21,9 +21,9 @@ use crate::{
 pub(super) fn services(
     ctx: &Ctx,
     sections: Vec<Spanned<ServiceSection>>,
-    sizes: Option<&LoadOptions>,
+    sizes: Option<(&LoadOptions, &EncapSettings)>,
 ) -> Result<Desired, ConfigError> {
-    let max_size = sizes.map_or(u32::MAX, |s| s.maglev_max_size);
+    let max_size = sizes.map_or(u32::MAX, |s| s.0.maglev_max_size);
     let mut out = BTreeMap::new();
     let (mut backends_total, mut cells_total) = (0u64, 0u64);
     for section in sections {
@@ -41,6 +41,12 @@ pub(super) fn services(
             pass_irregular: s.pass_irregular,
             ..ServiceConfig::default()
         };
+        if let Some(f) = s.forward {
+            config.forward = f
+                .get_ref()
+                .parse()
+                .map_err(|e: String| ctx.err(f.span(), format!("forward: {e}")))?;
+        }
         if let Some(size) = s.maglev_size {
             let v = *size.get_ref();
             if !is_prime(v) {
@@ -154,17 +160,25 @@ pub(super) fn services(
         for b in s.backend {
             let bspan = b.span();
             let b = b.into_inner();
-            if b.address.is_ipv4() != s.vip.is_ipv4() {
+            if b.address.is_ipv4() != s.vip.is_ipv4() && !config.forward.encapsulates() {
                 return Err(ctx.err(
                     bspan,
                     format!(
-                        "backend.address: {} is not of the same family as vip {}",
+                        "backend.address: {} is not of the same family as vip {} (only an \
+                         encapsulating service, forward = \"ipip\" or \"gue\", may mix them)",
                         b.address, s.vip
                     ),
                 ));
             }
-            if let Some(why) = crate::validate::backend_refusal(&key, b.address) {
+            if let Some(why) = crate::validate::backend_refusal(&key, b.address, config.forward) {
                 return Err(ctx.err(bspan, format!("backend.address: {why}")));
+            }
+            if let Some((_, encap)) = sizes {
+                if let Some(why) =
+                    crate::validate::encap_refusal(&key, b.address, config.forward, encap)
+                {
+                    return Err(ctx.err(bspan, format!("backend.address: {why}")));
+                }
             }
             if let Some(why) = b.mac.as_ref().and_then(crate::model::mac_refusal) {
                 return Err(ctx.err(bspan, format!("backend.mac: {why}")));
@@ -236,7 +250,7 @@ pub(super) fn services(
             spm,
             steering,
         };
-        if let Some(sizes) = sizes {
+        if let Some((sizes, _)) = sizes {
             let n = out.len() as u64 + 1;
             if n > sizes.max_services as u64 {
                 return Err(ctx.err(

@@ -299,7 +299,7 @@ pub fn fingerprint(plan: &ServicePlan, layout: &Layout) -> u64 {
 mod tests {
     use super::*;
     use crate::{
-        model::{Egress, L2Route, ServiceConfig},
+        model::{Egress, BackendRoute, ServiceConfig},
         plan::BackendPlan,
     };
 
@@ -309,10 +309,11 @@ mod tests {
     };
 
     fn plan(addrs: &[(&str, u32)], size: u32) -> ServicePlan {
-        let route = L2Route {
+        let route = BackendRoute {
             dst_mac: [2, 0, 0, 0, 0, 1],
             src_mac: [2, 0, 0, 0, 0, 2],
             egress: Egress::Ingress,
+            encap: None,
         };
         ServicePlan::with_backends(
             ServiceConfig {

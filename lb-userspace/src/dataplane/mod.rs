@@ -30,7 +30,7 @@ pub use error::{DataplaneError, Result};
 
 use crate::{
     maglev,
-    model::{Egress, L2Route, ServiceKey},
+    model::{Egress, BackendRoute, ServiceKey},
     plan::{Rule, ServicePlan},
 };
 
@@ -137,7 +137,7 @@ pub struct Contents {
     pub epoch: u32,
     pub table_size: u32,
     /// Active backends and their routes (`None`: no route, frames dropped).
-    pub backends: BTreeMap<IpAddr, Option<L2Route>>,
+    pub backends: BTreeMap<IpAddr, Option<BackendRoute>>,
     /// The live slot: whole table and sphere tables, by backend address.
     pub cells: Vec<Option<IpAddr>>,
     /// (network, prefix, offset, size) of the subnet rules of the live slot.
@@ -352,7 +352,7 @@ pub fn check_fits(
         }
         rules += new_rules - held.rules as i64;
         for b in plan.backends.values() {
-            if let Some(L2Route {
+            if let Some(BackendRoute {
                 egress: Egress::Interface { ifindex },
                 ..
             }) = b.route
@@ -375,10 +375,11 @@ mod tests {
     use crate::model::ServiceConfig;
 
     fn plan(n: u32, base: u32) -> ServicePlan {
-        let route = L2Route {
+        let route = BackendRoute {
             dst_mac: [2, 0, 0, 0, 0, 1],
             src_mac: [2, 0, 0, 0, 0, 2],
             egress: Egress::Ingress,
+            encap: None,
         };
         ServicePlan::with_backends(
             ServiceConfig {

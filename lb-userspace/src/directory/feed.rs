@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use super::tables::{names, ServerRoute, Tables};
 use crate::{
-    model::{DirBackend, ServiceKey},
+    model::{DirBackend, Forward, ServiceKey},
     spm::EpochRecord,
     watermark::{Verdict, VERDICT_TABLE},
 };
@@ -106,8 +106,9 @@ pub fn backends_by_service(
             // The same rules as for a configured backend: a registration cannot make
             // the data plane send a service's packets to a group, to loopback or to
             // the VIP itself.
-            if crate::validate::backend_refusal(key, identity).is_some()
-                || crate::validate::backend_refusal(key, via).is_some()
+            // Judged as L2: a registered host's next hop is a neighbour of its family.
+            if crate::validate::backend_refusal(key, identity, Forward::L2).is_some()
+                || crate::validate::backend_refusal(key, via, Forward::L2).is_some()
             {
                 continue;
             }

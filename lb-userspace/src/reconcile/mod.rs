@@ -21,7 +21,9 @@ use crate::{
     api, availability,
     dataplane::{check_fits, Dataplane},
     desired::{diff, Change, Desired},
-    model::{mac_to_string, CheckConfig, DirBackend, LocalInterface, Neighbor, ServiceKey},
+    model::{
+        mac_to_string, CheckConfig, DirBackend, EncapSettings, LocalInterface, Neighbor, ServiceKey,
+    },
     plan::{self, Inputs, ServicePlan},
     watermark::Verdict,
 };
@@ -38,6 +40,8 @@ pub struct Known {
     pub availability: availability::Set,
     pub neighbors: BTreeMap<IpAddr, Neighbor>,
     pub interfaces: Vec<LocalInterface>,
+    /// This node's outer sources and GUE port (`[dataplane]`).
+    pub encap: EncapSettings,
     /// This node's own addresses (its interfaces' addresses the config does not name
     /// as VIPs): never a VIP.
     pub own_addresses: BTreeSet<IpAddr>,
@@ -55,6 +59,7 @@ impl Known {
             availability: &self.availability,
             neighbors: &self.neighbors,
             interfaces: &self.interfaces,
+            encap: &self.encap,
         }
     }
 }
@@ -83,8 +88,9 @@ pub fn validate(
     max_services: u32,
     max_size: u32,
     own: &BTreeSet<IpAddr>,
+    encap: &EncapSettings,
 ) -> Result<()> {
-    crate::validate::desired(desired, own).map_err(|e| anyhow::anyhow!(e))?;
+    crate::validate::desired(desired, own, encap).map_err(|e| anyhow::anyhow!(e))?;
     if desired.services.len() > max_services as usize {
         anyhow::bail!(
             "{} services, but the data plane holds {max_services} (dataplane.max_services)",
@@ -330,6 +336,7 @@ impl<D: Dataplane> Reconciler<D> {
             limits.services,
             limits.tables.max,
             &self.known.own_addresses,
+            &self.known.encap,
         )?;
         let changes = diff(&self.known.desired, &new);
         if changes.is_empty() {

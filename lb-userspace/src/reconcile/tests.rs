@@ -61,6 +61,7 @@ fn known() -> Known {
             name: "eth0".into(),
             ifindex: 2,
             mac: [2, 0, 0, 0, 0, 0xfe],
+            mtu: 1500,
         }],
         directory_fed: true,
         ..Known::default()

@@ -65,6 +65,7 @@ async fn api(test: &str) -> Api {
             name: "eth0".into(),
             ifindex: 2,
             mac: [2, 0, 0, 0, 0, 2],
+            mtu: 1500,
         }],
         directory_fed: true,
         ..Known::default()

@@ -212,6 +212,7 @@ impl Daemon<MapManager> {
             config.sizes.max_services,
             config.sizes.maglev_max_size,
             &own,
+            &config.encap,
         ) {
             return Err(fail(programs, vec![], e));
         }
@@ -246,6 +247,7 @@ impl Daemon<MapManager> {
                 desired,
                 availability,
                 interfaces: locals.clone(),
+                encap: config.encap,
                 own_addresses: own,
                 ..Known::default()
             },

@@ -244,10 +244,19 @@ impl NeighborTable {
                 _ => None,
             })
             .with_context(|| format!("interface {name} has no Ethernet address"))?;
+        let mtu = msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            })
+            .unwrap_or(1500);
         Ok(LocalInterface {
             name: name.to_string(),
             ifindex: msg.header.index,
             mac,
+            mtu,
         })
     }
 }

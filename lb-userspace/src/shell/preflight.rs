@@ -55,6 +55,7 @@ pub async fn check(config: &Config, neighbors: &NeighborTable) -> Result<()> {
         config.sizes.max_services,
         config.sizes.maglev_max_size,
         &own,
+        &config.encap,
     )
     .map_err(|e| anyhow::anyhow!("service: {e:#}"))?;
     let bpffs = config

@@ -248,6 +248,7 @@ pub fn known(desired: lb_userspace::desired::Desired) -> lb_userspace::reconcile
             name: "eth0".into(),
             ifindex: 2,
             mac: [2, 0, 0, 0, 0, 0xfe],
+            mtu: 1500,
         }],
         directory_fed: true,
         ..Default::default()

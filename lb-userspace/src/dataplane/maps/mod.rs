@@ -33,7 +33,8 @@ use aya::{
 use lb_common::{
     map_names, AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, Route,
     SphereKey, SphereMeta, VipKey, VipMeta, BACKEND_F_ACTIVE, FAMILY_V4, FAMILY_V6,
-    MAX_SPHERE_RULES, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, ROUTE_MODE_L2_DSR, ROUTE_MODE_NONE,
+    MAX_SPHERE_RULES, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, ROUTE_MODE_GUE, ROUTE_MODE_IPIP,
+    ROUTE_MODE_L2_DSR, ROUTE_MODE_NONE,
 };
 
 use super::{
@@ -43,7 +44,7 @@ use super::{
     Contents, Dataplane, Held, Limits, ServiceCounters, Usage,
 };
 use crate::{
-    model::{Egress, L2Route, Proto, ServiceKey},
+    model::{BackendRoute, Egress, Encap, Forward, Proto, ServiceKey},
     plan::ServicePlan,
 };
 
@@ -281,7 +282,7 @@ impl MapManager {
         }
         for (addr, b) in &plan.backends {
             let held = s.backends.get(addr)?;
-            if let Some(L2Route {
+            if let Some(BackendRoute {
                 egress: Egress::Interface { ifindex },
                 ..
             }) = b.route
@@ -459,7 +460,7 @@ impl MapManager {
     }
 
     /// The `Route` for `route`; its egress must have a devmap slot already.
-    fn route_entry(&self, route: Option<&L2Route>) -> Route {
+    fn route_entry(&self, route: Option<&BackendRoute>) -> Route {
         let Some(r) = route else {
             return Route {
                 mode: ROUTE_MODE_NONE,
@@ -470,15 +471,29 @@ impl MapManager {
             Egress::Ingress => 0,
             Egress::Interface { ifindex } => self.tx_port_slots[&ifindex],
         };
-        Route {
+        let mut entry = Route {
             mode: ROUTE_MODE_L2_DSR,
             tx_port,
             dst_mac: r.dst_mac,
             src_mac: r.src_mac,
+            ..Route::default()
+        };
+        if let Some(e) = r.encap {
+            entry.mode = match e.mode {
+                Forward::Gue => ROUTE_MODE_GUE,
+                _ => ROUTE_MODE_IPIP,
+            };
+            entry.outer_src = addr_bytes(e.source).0;
+            entry.mtu = e.mtu;
+            if e.mode == Forward::Gue {
+                entry.gue_port_be = e.gue_port.to_be();
+            }
         }
+        entry
     }
 
-    fn l2_route(&self, r: &Route) -> Option<L2Route> {
+    /// The route a `Route` entry of a backend of `family` says (read back).
+    fn backend_route(&self, r: &Route, family: u8) -> Option<BackendRoute> {
         if r.mode == ROUTE_MODE_NONE {
             return None;
         }
@@ -492,10 +507,28 @@ impl MapManager {
                     .map_or(0, |(i, _)| *i),
             },
         };
-        Some(L2Route {
+        let encap = match r.mode {
+            ROUTE_MODE_IPIP | ROUTE_MODE_GUE => Some(Encap {
+                mode: if r.mode == ROUTE_MODE_GUE {
+                    Forward::Gue
+                } else {
+                    Forward::Ipip
+                },
+                source: addr_of(&r.outer_src, family)?,
+                mtu: r.mtu,
+                gue_port: if r.mode == ROUTE_MODE_GUE {
+                    u16::from_be(r.gue_port_be)
+                } else {
+                    lb_common::GUE_PORT_DEFAULT
+                },
+            }),
+            _ => None,
+        };
+        Some(BackendRoute {
             dst_mac: r.dst_mac,
             src_mac: r.src_mac,
             egress,
+            encap,
         })
     }
 

@@ -187,7 +187,7 @@ impl MapManager {
             };
             let route = self.routes.get(&b.route_id, 0).map_ctx(map_names::ROUTES)?;
             by_id.insert(id, addr);
-            backends.insert(addr, self.l2_route(&route));
+            backends.insert(addr, self.backend_route(&route, b.family));
         }
         let mut subnets = Vec::new();
         for k in self.spheres.keys() {

@@ -17,7 +17,7 @@ use crate::{
         layout::{addr_bytes, Layout, TRAILER_CELLS},
         vip_flags, Dataplane,
     },
-    model::{Egress, L2Route, ServiceKey},
+    model::{Egress, BackendRoute, ServiceKey},
     plan::ServicePlan,
 };
 
@@ -80,7 +80,7 @@ impl MapManager {
             undo.new_service = true;
         }
         for b in plan.backends.values() {
-            if let Some(L2Route {
+            if let Some(BackendRoute {
                 egress: Egress::Interface { ifindex },
                 ..
             }) = b.route

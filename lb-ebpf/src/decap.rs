@@ -1,0 +1,206 @@
+//! The backend side: `lb_decap` strips the outer header from IP-in-IP and GUE packets
+//! that LB nodes sent (their outer source is in `DECAP_SOURCES`) and passes the inner
+//! packet, addressed to a VIP on this host's `lo`, to the stack. No tunnel device and
+//! no kernel module: the kernel never sees the tunnel. Everything else passes as it
+//! came.
+//!
+//! ECN follows RFC 6040: a CE mark set on the outer header on the way is copied into
+//! an ECN-capable inner packet, and an inner packet that is not ECN-capable is dropped.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::bpf_xdp_adjust_head,
+    programs::XdpContext,
+};
+use lb_common::{AddrKey, DecapStats, FAMILY_V4, FAMILY_V6, PROTO_UDP};
+
+use crate::{
+    maps::{DECAP_CONFIG, DECAP_SOURCES, DECAP_STATS},
+    parse::{ptr_at, ptr_at_mut},
+};
+
+const ETH: usize = 14;
+const IP4: usize = 20;
+const IP6: usize = 40;
+const UDP: usize = 8;
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_IPV6: u8 = 41;
+const ECN_CE: u8 = 3;
+
+enum Verdict {
+    Ipip,
+    Gue,
+    ForeignSource,
+    Malformed,
+    CeDropped,
+    Passed,
+}
+
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> u32 {
+    let verdict = decap(ctx).unwrap_or(Verdict::Passed);
+    if let Some(s) = DECAP_STATS.get_ptr_mut(0) {
+        // SAFETY: this CPU's own slot.
+        let s: &mut DecapStats = unsafe { &mut *s };
+        *match verdict {
+            Verdict::Ipip => &mut s.ipip,
+            Verdict::Gue => &mut s.gue,
+            Verdict::ForeignSource => &mut s.foreign_source,
+            Verdict::Malformed => &mut s.malformed,
+            Verdict::CeDropped => &mut s.ce_dropped,
+            Verdict::Passed => &mut s.passed,
+        } += 1;
+    }
+    match verdict {
+        Verdict::CeDropped => XDP_DROP,
+        _ => XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn decap(ctx: &XdpContext) -> Result<Verdict, ()> {
+    let eth: *const [u8; ETH] = ptr_at(ctx, 0)?;
+    // SAFETY: ptr_at checked the bounds.
+    let eth = unsafe { *eth };
+    let gue_port = DECAP_CONFIG.get(0).map_or(0, |c| c.gue_port_be);
+    match [eth[12], eth[13]] {
+        [0x08, 0x00] => {
+            let ip: *const [u8; IP4] = ptr_at(ctx, ETH)?;
+            // SAFETY: ptr_at checked the bounds.
+            let ip = unsafe { &*ip };
+            if ip[0] != 0x45 {
+                return Ok(Verdict::Passed);
+            }
+            let gue = match ip[9] {
+                IPPROTO_IPIP | IPPROTO_IPV6 => false,
+                PROTO_UDP if gue_port != 0 && dport(ctx, ETH + IP4)? == gue_port => true,
+                _ => return Ok(Verdict::Passed),
+            };
+            let mut key = AddrKey {
+                family: FAMILY_V4,
+                ..AddrKey::default()
+            };
+            key.addr[..4].copy_from_slice(&ip[12..16]);
+            // SAFETY: a plain value, only tested for presence.
+            if unsafe { DECAP_SOURCES.get(&key) }.is_none() {
+                return Ok(Verdict::ForeignSource);
+            }
+            if (ip[6] & 0x3f) | ip[7] != 0 {
+                // A fragment of the outer packet: the inner one is not whole here.
+                return Ok(Verdict::Malformed);
+            }
+            let want = match ip[9] {
+                IPPROTO_IPIP => 4,
+                IPPROTO_IPV6 => 6,
+                _ => 0,
+            };
+            let ecn = ip[1] & 3;
+            if gue {
+                strip::<{ IP4 + UDP }>(ctx, &eth, want, ecn, Verdict::Gue)
+            } else {
+                strip::<IP4>(ctx, &eth, want, ecn, Verdict::Ipip)
+            }
+        }
+        [0x86, 0xdd] => {
+            let ip: *const [u8; IP6] = ptr_at(ctx, ETH)?;
+            // SAFETY: ptr_at checked the bounds.
+            let ip = unsafe { &*ip };
+            if ip[0] >> 4 != 6 {
+                return Ok(Verdict::Passed);
+            }
+            let gue = match ip[6] {
+                IPPROTO_IPIP | IPPROTO_IPV6 => false,
+                PROTO_UDP if gue_port != 0 && dport(ctx, ETH + IP6)? == gue_port => true,
+                _ => return Ok(Verdict::Passed),
+            };
+            let mut key = AddrKey {
+                family: FAMILY_V6,
+                ..AddrKey::default()
+            };
+            key.addr.copy_from_slice(&ip[8..24]);
+            // SAFETY: a plain value, only tested for presence.
+            if unsafe { DECAP_SOURCES.get(&key) }.is_none() {
+                return Ok(Verdict::ForeignSource);
+            }
+            let want = match ip[6] {
+                IPPROTO_IPIP => 4,
+                IPPROTO_IPV6 => 6,
+                _ => 0,
+            };
+            let ecn = (ip[1] >> 4) & 3;
+            if gue {
+                strip::<{ IP6 + UDP }>(ctx, &eth, want, ecn, Verdict::Gue)
+            } else {
+                strip::<IP6>(ctx, &eth, want, ecn, Verdict::Ipip)
+            }
+        }
+        _ => Ok(Verdict::Passed),
+    }
+}
+
+/// The UDP destination port at `off`, as it lies in the packet.
+#[inline(always)]
+fn dport(ctx: &XdpContext, off: usize) -> Result<u16, ()> {
+    let udp: *const [u8; 4] = ptr_at(ctx, off)?;
+    // SAFETY: ptr_at checked the bounds.
+    let udp = unsafe { &*udp };
+    Ok(u16::from_ne_bytes([udp[2], udp[3]]))
+}
+
+/// Removes the `OUTER` bytes after the Ethernet header. `want`: the inner version
+/// the outer header announced (0: any, GUE says it by the version nibble).
+#[inline(always)]
+fn strip<const OUTER: usize>(
+    ctx: &XdpContext,
+    eth: &[u8; ETH],
+    want: u8,
+    outer_ecn: u8,
+    done: Verdict,
+) -> Result<Verdict, ()> {
+    let inner: *mut [u8; IP4] = match ptr_at_mut(ctx, ETH + OUTER) {
+        Ok(p) => p,
+        Err(_) => return Ok(Verdict::Malformed),
+    };
+    // SAFETY: ptr_at_mut checked the bounds (20 bytes: all of an IPv4 header and the
+    // start of an IPv6 one).
+    let inner = unsafe { &mut *inner };
+    let version = inner[0] >> 4;
+    if (version != 4 && version != 6) || (want != 0 && version != want) {
+        return Ok(Verdict::Malformed);
+    }
+    if outer_ecn == ECN_CE {
+        if version == 4 {
+            if inner[1] & 3 == 0 {
+                return Ok(Verdict::CeDropped);
+            }
+            // RFC 1624 incremental update of the header checksum for the first word.
+            let old = u16::from_be_bytes([inner[0], inner[1]]);
+            inner[1] |= ECN_CE;
+            let new = u16::from_be_bytes([inner[0], inner[1]]);
+            let check = u16::from_be_bytes([inner[10], inner[11]]);
+            let mut sum = (!check) as u32 + (!old) as u32 + new as u32;
+            sum = (sum & 0xffff) + (sum >> 16);
+            sum = (sum & 0xffff) + (sum >> 16);
+            let c = (!(sum as u16)).to_be_bytes();
+            inner[10] = c[0];
+            inner[11] = c[1];
+        } else {
+            if (inner[1] >> 4) & 3 == 0 {
+                return Ok(Verdict::CeDropped);
+            }
+            inner[1] |= ECN_CE << 4;
+        }
+    }
+    let ether_type: [u8; 2] = if version == 4 { [0x08, 0x00] } else { [0x86, 0xdd] };
+    // SAFETY: shrinking the head of the packet we own; the helper checks the bounds.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, OUTER as i32) } != 0 {
+        return Ok(Verdict::Malformed);
+    }
+    let out: *mut [u8; ETH] = ptr_at_mut(ctx, 0)?;
+    let mut e = *eth;
+    e[12] = ether_type[0];
+    e[13] = ether_type[1];
+    // SAFETY: ptr_at_mut checked the bounds.
+    unsafe { *out = e };
+    Ok(done)
+}
