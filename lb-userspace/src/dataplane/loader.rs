@@ -26,6 +26,11 @@ use crate::maglev::is_prime;
 /// The XDP object built from `lb-ebpf` by this crate's build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
 
+/// The object, for the other program loaded from it (`decap`).
+pub(super) fn object() -> &'static [u8] {
+    OBJECT
+}
+
 /// The programs in the object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Program {

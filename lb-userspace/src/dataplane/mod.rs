@@ -9,6 +9,7 @@
 //! (services, backend ids, subnet rules, egress ports) is decided before anything is
 //! written, by the pure [`check_fits`], so a refused change touches nothing.
 
+pub mod decap;
 pub mod error;
 pub mod fake;
 pub mod layout;
@@ -300,8 +301,12 @@ pub fn check_fits(
             }
             .into());
         }
-        for addr in plan.backends.keys() {
-            if addr.is_ipv4() != key.addr.is_ipv4() {
+        // Only an encapsulated backend may be of the other family: its outer header
+        // is of its own family.
+        for (addr, b) in &plan.backends {
+            let encapsulated = plan.config.forward.encapsulates()
+                || b.route.is_some_and(|r| r.encap.is_some());
+            if addr.is_ipv4() != key.addr.is_ipv4() && !encapsulated {
                 return Err(DataplaneError::FamilyMismatch {
                     service: *key,
                     backend: *addr,
