@@ -300,18 +300,19 @@ async fn serve(
                 // not this node's to take.
                 let wait = if missing { 250 } else { 2000 };
                 tokio::time::sleep(Duration::from_millis(wait)).await;
-                let wanted = daemon.now().resolvable.clone();
-                let table = match neighbors.dump().await {
+                let (wanted, routed) = {
+                    let now = daemon.now();
+                    (now.resolvable.clone(), now.routed.clone())
+                };
+                // An encapsulated backend's entry is its gateway's: a route change
+                // moves its frames to the new gateway.
+                let found: BTreeMap<_, _> = match neighbors.table_for(&wanted, &routed).await {
                     Ok(t) => t,
                     Err(e) => {
                         warn!("reading the neighbour table: {e:#}");
                         continue;
                     }
                 };
-                let found: BTreeMap<_, _> = table
-                    .into_iter()
-                    .filter(|(a, _)| wanted.contains(a))
-                    .collect();
                 missing = false;
                 for addr in wanted.iter().filter(|a| !found.contains_key(a)) {
                     nudge(*addr);

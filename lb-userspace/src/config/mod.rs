@@ -315,7 +315,7 @@ impl Config {
                     ] {
                         if let Some((a, span)) = a {
                             if let Some(why) = crate::validate::source_refusal(a) {
-                                return Err(ctx.err(span, format!("dataplane.{field}: {a} {why}")));
+                                return Err(ctx.err(span, format!("dataplane.{field}: {a} cannot be an outer source: {why}")));
                             }
                         }
                     }
@@ -389,6 +389,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Forward;
 
     const GOOD: &str = r#"
 [node]
@@ -437,6 +438,36 @@ drain = true
 
     fn error_of(text: &str) -> ConfigError {
         parse(text).expect_err("should not parse")
+    }
+
+    #[test]
+    fn an_encapsulating_service_needs_an_outer_source_of_each_backends_family() {
+        let head = "[node]\nname = \"lb1\"\n\n[dataplane]\ninterfaces = [{ name = \"eth0\" }]\n";
+        let svc = "\n[[service]]\nvip = \"198.18.0.100\"\nport = 80\nprotocol = \"tcp\"\nforward = \"gue\"\n\
+                   backend = [{ address = \"198.18.5.1\" }, { address = \"2001:db8:5::1\" }]\n";
+        let c = parse(&format!(
+            "{head}encap_source_v4 = \"198.18.0.2\"\nencap_source_v6 = \"2001:db8::2\"\n\
+             gue_port = 7000\nencap_mtu = 1400\n{svc}"
+        ))
+        .unwrap();
+        let (_, spec) = c.desired.services.iter().next().unwrap();
+        assert_eq!(spec.config.forward, Forward::Gue);
+        assert_eq!(c.encap.source_v4, Some("198.18.0.2".parse().unwrap()));
+        assert_eq!((c.encap.gue_port(), c.encap.path_mtu), (7000, Some(1400)));
+        // Without the IPv6 source, the IPv6 backend's line says what to set.
+        let e = error_of(&format!("{head}encap_source_v4 = \"198.18.0.2\"\n{svc}"));
+        assert_eq!((e.line, e.column), (13, 40), "{e}");
+        assert!(e.message.contains("set [dataplane] encap_source_v6"), "{e}");
+        // The families mix only when encapsulated.
+        let e = error_of(&format!(
+            "{head}encap_source_v4 = \"198.18.0.2\"\nencap_source_v6 = \"2001:db8::2\"\n{}",
+            svc.replace("forward = \"gue\"\n", "")
+        ));
+        assert!(e.message.contains("not of the same family"), "{e}");
+        let e = error_of(&format!("{head}{}", svc.replace("\"gue\"", "\"vxlan\"")));
+        assert!(e.message.contains("forward: `vxlan` is not a forwarding mode: l2, ipip or gue"), "{e}");
+        let e = error_of(&format!("{head}encap_source_v4 = \"127.0.0.1\"\n"));
+        assert!(e.message.contains("dataplane.encap_source_v4: 127.0.0.1 cannot be an outer source: it is a loopback address"), "{e}");
     }
 
     #[test]

@@ -565,6 +565,23 @@ impl<D: Dataplane> Reconciler<D> {
         set.into_iter().collect()
     }
 
+    /// Next hops that may be reached through a gateway: the backends of encapsulating
+    /// services (their frames go to whatever the kernel routes them through). The
+    /// others must be on a link of this node (L2 direct server return).
+    pub fn routed(&self) -> Vec<IpAddr> {
+        let set: BTreeSet<IpAddr> = self
+            .known
+            .desired
+            .services
+            .values()
+            .filter(|s| s.config.forward.encapsulates())
+            .flat_map(|s| s.backends.iter())
+            .filter(|(_, b)| b.mac.is_none())
+            .map(|(a, _)| *a)
+            .collect();
+        set.into_iter().collect()
+    }
+
     /// Backends (by next hop) whose MAC is not known yet.
     pub fn unresolved(&self) -> Vec<IpAddr> {
         self.resolvable()

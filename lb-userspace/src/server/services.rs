@@ -260,20 +260,20 @@ pub(super) fn backend_mut(
 /// that a new backend takes traffic from the moment the change is applied rather than
 /// from the next background refresh.
 pub(super) async fn prefetch(state: &AppState, addrs: Vec<IpAddr>) {
-    let wanted: Vec<IpAddr> = {
-        let known = state.daemon.now().known_neighbors.clone();
-        addrs.into_iter().filter(|a| !known.contains(a)).collect()
+    let (wanted, routed): (Vec<IpAddr>, Vec<IpAddr>) = {
+        let now = state.daemon.now();
+        let wanted = addrs
+            .into_iter()
+            .filter(|a| !now.known_neighbors.contains(a))
+            .collect();
+        (wanted, now.routed.clone())
     };
-    let mut found = BTreeMap::new();
-    for addr in wanted {
-        if let Ok(Some(n)) = state
-            .neighbors
-            .resolve(addr, Duration::from_millis(1500))
-            .await
-        {
-            found.insert(addr, n);
-        }
-    }
+    // A backend of a service only now made encapsulating is not in `routed` yet: its
+    // gateway's MAC comes with the next neighbour refresh (within 250 ms).
+    let found: BTreeMap<IpAddr, _> = state
+        .neighbors
+        .resolve_all(&wanted, &routed, Duration::from_millis(1500))
+        .await;
     if !found.is_empty() {
         if let Err(e) = state.daemon.call(move |d| d.update_neighbors(found)).await {
             tracing::warn!("applying resolved MACs: {e:#}");

@@ -261,7 +261,9 @@ impl Daemon<MapManager> {
         } else {
             Duration::from_millis(1500)
         };
-        let fresh = neighbors.resolve_all(&core.unresolved(), wait).await;
+        let fresh = neighbors
+            .resolve_all(&core.unresolved(), &core.routed(), wait)
+            .await;
         let written = core
             .update_neighbors(fresh)
             .and_then(|_| core.reconcile_all());
@@ -363,6 +365,11 @@ impl<D: Dataplane> Daemon<D> {
     /// Next hops whose MAC comes from the neighbour table.
     pub fn resolvable(&self) -> Vec<IpAddr> {
         self.core.resolvable()
+    }
+
+    /// Those next hops that may be behind a gateway (encapsulated backends).
+    pub fn routed(&self) -> Vec<IpAddr> {
+        self.core.routed()
     }
 
     pub fn desired(&self) -> &Desired {

@@ -542,7 +542,7 @@ async fn feeder(h: DirHandle, neighbors: Arc<NeighborTable>) {
         // operator's change, which waits for this feed). Late answers come in with
         // the neighbour refresh (every 250 ms while a backend is unresolved).
         let found = neighbors
-            .resolve_all(&unknown, Duration::from_millis(100))
+            .resolve_all(&unknown, &[], Duration::from_millis(100))
             .await;
         match h.daemon.call(move |d| d.set_feed(f, found)).await {
             Ok(touched) if !touched.is_empty() && h.events.is_some() => {

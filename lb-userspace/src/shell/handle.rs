@@ -36,6 +36,8 @@ pub struct Published {
     pub checks: Vec<(ServiceKey, CheckConfig, Vec<IpAddr>)>,
     /// Next hops whose MAC comes from the neighbour table.
     pub resolvable: Vec<IpAddr>,
+    /// Those of them that may be behind a gateway (encapsulated backends).
+    pub routed: Vec<IpAddr>,
     /// Next hops whose MAC is known.
     pub known_neighbors: BTreeSet<IpAddr>,
     pub service_addresses: Vec<IpAddr>,
@@ -145,6 +147,7 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
             desired: self.shared_desired(),
             checks: self.checks(),
             resolvable: self.resolvable(),
+            routed: self.routed(),
             known_neighbors: self.known_neighbors(),
             service_addresses: self.service_addresses(),
             adopted: self.adopted().clone(),

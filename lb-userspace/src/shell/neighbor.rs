@@ -112,26 +112,111 @@ pub fn nudge(ip: IpAddr) {
     }
 }
 
+/// A route of the main table: destination, prefix length, gateway.
+pub type KernelRoute = (IpAddr, u8, Option<IpAddr>);
+
+/// The gateway the longest matching route names for `addr`; `None` when the best
+/// route has none (`addr` is on a link) or there is no route at all.
+pub fn gateway_of(routes: &[KernelRoute], addr: IpAddr) -> Option<IpAddr> {
+    let bits = |a: IpAddr| -> u128 {
+        match a {
+            IpAddr::V4(v) => (u32::from(v) as u128) << 96,
+            IpAddr::V6(v) => u128::from(v),
+        }
+    };
+    routes
+        .iter()
+        .filter(|(net, len, _)| {
+            net.is_ipv4() == addr.is_ipv4() && {
+                let mask = if *len == 0 { 0 } else { u128::MAX << (128 - *len as u32) };
+                bits(*net) & mask == bits(addr) & mask
+            }
+        })
+        .max_by_key(|(_, len, _)| *len)
+        .and_then(|(_, _, gw)| *gw)
+}
+
 impl NeighborTable {
+    /// The main table's unicast routes, both families.
+    pub async fn routes(&self) -> Result<Vec<KernelRoute>> {
+        use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteType};
+        let mut out = Vec::new();
+        for version in [rtnetlink::IpVersion::V4, rtnetlink::IpVersion::V6] {
+            let v6 = version == rtnetlink::IpVersion::V6;
+            let mut routes = self.handle.route().get(version).execute();
+            while let Some(msg) = routes.try_next().await.context("reading the routing table")? {
+                if msg.header.kind != RouteType::Unicast {
+                    continue;
+                }
+                let mut table = msg.header.table as u32;
+                let (mut dst, mut gw) = (None, None);
+                for attr in &msg.attributes {
+                    match attr {
+                        RouteAttribute::Table(t) => table = *t,
+                        RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
+                        RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
+                        RouteAttribute::Gateway(RouteAddress::Inet(a)) => gw = Some(IpAddr::V4(*a)),
+                        RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gw = Some(IpAddr::V6(*a)),
+                        _ => {}
+                    }
+                }
+                // RT_TABLE_MAIN: the table the kernel routes by without policy rules.
+                if table != 254 {
+                    continue;
+                }
+                let any: IpAddr = if v6 {
+                    Ipv6Addr::UNSPECIFIED.into()
+                } else {
+                    Ipv4Addr::UNSPECIFIED.into()
+                };
+                out.push((dst.unwrap_or(any), msg.header.destination_prefix_length, gw));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The neighbour entries for `wanted` next hops, keyed by them: a `routed` one's
+    /// is its gateway's (the kernel's route to it), any other's its own.
+    pub async fn table_for(
+        &self,
+        wanted: &[IpAddr],
+        routed: &[IpAddr],
+    ) -> Result<std::collections::BTreeMap<IpAddr, Neighbor>> {
+        let table: std::collections::BTreeMap<IpAddr, Neighbor> =
+            self.dump().await?.into_iter().collect();
+        let routes = if routed.is_empty() {
+            Vec::new()
+        } else {
+            self.routes().await?
+        };
+        Ok(wanted
+            .iter()
+            .filter_map(|a| {
+                let hop = if routed.contains(a) {
+                    gateway_of(&routes, *a).unwrap_or(*a)
+                } else {
+                    *a
+                };
+                Some((*a, *table.get(&hop)?))
+            })
+            .collect())
+    }
+
     /// Resolves `addrs` through the neighbour table, all at once, within `within`: one
     /// dump at a time (concurrent dumps on one netlink socket are refused with EBUSY).
+    /// A `routed` address is resolved through its gateway.
     pub async fn resolve_all(
         &self,
         addrs: &[IpAddr],
+        routed: &[IpAddr],
         within: Duration,
     ) -> std::collections::BTreeMap<IpAddr, Neighbor> {
         let deadline = tokio::time::Instant::now() + within;
         let mut found = std::collections::BTreeMap::new();
         let mut nudged = false;
         loop {
-            match self.dump().await {
-                Ok(table) => {
-                    for (a, n) in table {
-                        if addrs.contains(&a) {
-                            found.insert(a, n);
-                        }
-                    }
-                }
+            match self.table_for(addrs, routed).await {
+                Ok(table) => found.extend(table),
                 Err(e) => tracing::warn!("reading the neighbour table: {e:#}"),
             }
             let missing: Vec<IpAddr> = addrs
@@ -258,5 +343,31 @@ impl NeighborTable {
             mac,
             mtu,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_longest_matching_route_names_the_gateway() {
+        let routes = [
+            (ip("0.0.0.0"), 0, Some(ip("198.18.0.254"))),
+            (ip("198.18.0.0"), 24, None),
+            (ip("198.18.5.0"), 24, Some(ip("198.18.0.1"))),
+            (ip("::"), 0, Some(ip("2001:db8::fe"))),
+            (ip("2001:db8::"), 64, None),
+        ];
+        assert_eq!(gateway_of(&routes, ip("198.18.5.7")), Some(ip("198.18.0.1")));
+        assert_eq!(gateway_of(&routes, ip("198.18.0.7")), None, "on the link");
+        assert_eq!(gateway_of(&routes, ip("203.0.113.1")), Some(ip("198.18.0.254")));
+        assert_eq!(gateway_of(&routes, ip("2001:db8:5::1")), Some(ip("2001:db8::fe")));
+        assert_eq!(gateway_of(&routes, ip("2001:db8::9")), None);
+        assert_eq!(gateway_of(&routes[1..3], ip("203.0.113.1")), None, "no route");
     }
 }
