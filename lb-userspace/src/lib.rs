@@ -19,6 +19,7 @@ pub const LONG_VERSION: &str = concat!(
 
 pub mod api;
 pub mod availability;
+pub mod backend_side;
 pub mod cluster;
 pub mod config;
 pub mod dataplane;

@@ -3,6 +3,7 @@
 //! another's internals beyond the handles they pass each other.
 
 pub mod availd;
+pub mod backend_side;
 pub mod clusterd;
 pub mod daemon;
 pub mod desired_log;

@@ -307,6 +307,24 @@ impl NeighborTable {
         })
     }
 
+    /// The id of the XDP program attached to `name`, if one is.
+    pub async fn xdp_program_id(&self, name: &str) -> Result<Option<u32>> {
+        use netlink_packet_route::link::{LinkAttribute, LinkXdp};
+        let msg = self.link(name).await?;
+        Ok(msg.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+                LinkXdp::ProgId(id) if *id != 0 => Some(*id),
+                _ => None,
+            }),
+            _ => None,
+        }))
+    }
+
+    /// The index of interface `name`, if it exists in this network namespace.
+    pub async fn ifindex(&self, name: &str) -> Option<u32> {
+        self.link(name).await.ok().map(|m| m.header.index)
+    }
+
     /// Whether `name` is a veth (its link kind over netlink).
     pub async fn is_veth(&self, name: &str) -> Result<bool> {
         use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo};

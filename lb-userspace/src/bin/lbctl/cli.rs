@@ -307,6 +307,22 @@ pub enum BackendCmd {
         /// The new weight (0 takes it out of new flows, like a drain).
         weight: u32,
     },
+    /// On a backend host: everything it needs to take a service's traffic: the VIPs
+    /// on lo, ARP kept quiet about them, and for ipip/gue the decapsulation program
+    /// (lb_decap) attached with the LB nodes' sources. Needs no lbd; safe to repeat.
+    Setup {
+        #[command(flatten)]
+        host: BackendHost,
+        /// XDP mode of the decapsulation (auto: driver where the interface has it).
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: XdpModeArg,
+    },
+    /// On a backend host: check what `backend setup` sets up, and say what is wrong
+    /// with the command that fixes it. Exits 1 if anything is.
+    Doctor {
+        #[command(flatten)]
+        host: BackendHost,
+    },
     /// A service's backends with weight, health, MAC and counters.
     List {
         /// The service, e.g. tcp/198.18.0.100:80 (tcp/ADDR:* for the port-less one).
@@ -355,6 +371,37 @@ pub enum BackendCmd {
         #[arg(long)]
         once: bool,
     },
+}
+
+/// A backend host as `backend setup` and `doctor` take it.
+#[derive(clap::Args, Clone, Debug)]
+pub struct BackendHost {
+    /// The interface the service's packets arrive on.
+    #[arg(long, default_value = "eth0")]
+    pub interface: String,
+    /// A VIP this backend serves (repeat for more).
+    #[arg(long = "vip", required = true)]
+    pub vips: Vec<IpAddr>,
+    /// How the LB nodes send it packets: l2 (same segment), ipip or gue.
+    #[arg(long, default_value = "l2")]
+    pub mode: lb_userspace::model::Forward,
+    /// An LB node's outer source address (its encap_source_v4/_v6); repeat for each
+    /// node. Required for ipip and gue.
+    #[arg(long = "lb-source")]
+    pub lb_sources: Vec<IpAddr>,
+    /// The UDP port GUE comes to (the LB nodes' dataplane.gue_port).
+    #[arg(long, default_value_t = lb_common::GUE_PORT_DEFAULT)]
+    pub gue_port: u16,
+    /// bpffs directory for the decapsulation's maps and link.
+    #[arg(long, default_value = "/sys/fs/bpf/lb-decap")]
+    pub pin_dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum XdpModeArg {
+    Auto,
+    Driver,
+    Skb,
 }
 
 pub fn parse_mac_arg(s: &str) -> Result<[u8; 6], String> {

@@ -353,6 +353,57 @@ async fn backend(client: &Client, out: Output, cmd: BackendCmd) -> Result<(), Fa
                 )
                 .await?,
         ),
+        BackendCmd::Setup { host, xdp_mode } => {
+            let setup = backend_setup(host)?;
+            let mode = match xdp_mode {
+                crate::cli::XdpModeArg::Auto => aya::programs::XdpMode::Default,
+                crate::cli::XdpModeArg::Driver => aya::programs::XdpMode::Driver,
+                crate::cli::XdpModeArg::Skb => aya::programs::XdpMode::Skb,
+            };
+            let done = lb_userspace::shell::backend_side::apply(&setup, mode)
+                .await
+                .map_err(|e| Failure::Shown(format!("backend setup: {e:#}")))?;
+            let left = lb_userspace::shell::backend_side::doctor(&setup)
+                .await
+                .map_err(|e| Failure::Shown(format!("checking the setup: {e:#}")))?;
+            match out {
+                Output::Json => render::json(&serde_json::json!({ "done": done, "problems": left })),
+                Output::Human => {
+                    for d in &done {
+                        println!("{d}");
+                    }
+                    if done.is_empty() {
+                        println!("nothing to do: this host was set up already");
+                    }
+                    for f in &left {
+                        println!("still wrong: {}\n  fix: {}", f.problem, f.fix);
+                    }
+                }
+            }
+            if !left.is_empty() {
+                return Err(Failure::Shown(format!("{} problem(s) remain", left.len())));
+            }
+        }
+        BackendCmd::Doctor { host } => {
+            let setup = backend_setup(host)?;
+            let found = lb_userspace::shell::backend_side::doctor(&setup)
+                .await
+                .map_err(|e| Failure::Shown(format!("backend doctor: {e:#}")))?;
+            match out {
+                Output::Json => render::json(&found),
+                Output::Human => {
+                    if found.is_empty() {
+                        println!("ok: this host is set up for {}", setup.mode);
+                    }
+                    for f in &found {
+                        println!("{}\n  fix: {}", f.problem, f.fix);
+                    }
+                }
+            }
+            if !found.is_empty() {
+                return Err(Failure::Shown(format!("{} problem(s) found", found.len())));
+            }
+        }
         BackendCmd::List { service } => {
             let s = find_service(client, service).await?;
             match out {
@@ -695,4 +746,23 @@ async fn spm(client: &Client, out: Output, cmd: SpmCmd) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// The setup a `backend setup`/`doctor` command line asks for.
+fn backend_setup(host: crate::cli::BackendHost) -> Result<lb_userspace::backend_side::Setup, Failure> {
+    if host.mode.encapsulates() && host.lb_sources.is_empty() {
+        return Err(Failure::Input(format!(
+            "--mode {} needs --lb-source: the LB nodes' encap_source_v4/_v6 addresses, whose \
+             packets the decapsulation takes",
+            host.mode
+        )));
+    }
+    Ok(lb_userspace::backend_side::Setup {
+        interface: host.interface,
+        vips: host.vips,
+        mode: host.mode,
+        lb_sources: host.lb_sources,
+        gue_port: host.gue_port,
+        pin_dir: host.pin_dir,
+    })
 }

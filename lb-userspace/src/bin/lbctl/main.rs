@@ -77,6 +77,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Backend(
             cli::BackendCmd::Register { registry, .. } | cli::BackendCmd::Report { registry, .. }
         ) if registry.registry.is_some()
+    ) || matches!(
+        &cli.command,
+        Cmd::Backend(cli::BackendCmd::Setup { .. } | cli::BackendCmd::Doctor { .. })
     );
     let socket = match cli.socket {
         Some(s) => s,
