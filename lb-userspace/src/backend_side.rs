@@ -248,7 +248,10 @@ mod tests {
         assert!(d[0].problem.contains("is 0, needs 1"), "{d:?}");
 
         let mut f = ready(&s);
+        // The kernel takes the larger of `all` and the interface's: loose wins.
         f.sysctls.insert("net.ipv4.conf.eth0.rp_filter".into(), "1".into());
+        assert_eq!(diagnose(&s, &f), vec![]);
+        f.sysctls.insert("net.ipv4.conf.all.rp_filter".into(), "1".into());
         let d = diagnose(&s, &f);
         assert!(d[0].problem.contains("rp_filter is strict"), "{d:?}");
 
