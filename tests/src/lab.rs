@@ -169,6 +169,49 @@ impl Lab {
         Ok(self.hosts.last().expect("just pushed"))
     }
 
+    /// Adds host `tag` behind host `router` on a subnet of its own, 198.18.`subnet`.0/24
+    /// and 2001:db8:`subnet`::/64: the router is .254 / ::fe there and the host .1 /
+    /// ::1, routed by default through it. No L2 adjacency with anything on the
+    /// bridge. The router forwards (and keeps no reverse-path filter).
+    pub fn add_routed_host(&mut self, tag: &str, router: &str, subnet: u8) -> Result<&Host> {
+        let ns = Netns::create_named(&format!("{}-{tag}", self.prefix), self.persistent)?;
+        let ip = Ipv4Addr::new(198, 18, subnet, 1);
+        let mac = [0x02, 0x1d, 0, 0, subnet, 1];
+        let r = self.host(router);
+        let port = format!("r-{tag}");
+        r.ns.ip(&format!("link add {port} type veth peer name eth0 netns {}", ns.name()))?;
+        r.ns.ip(&format!("addr add 198.18.{subnet}.254/24 dev {port}"))?;
+        r.ns.ip(&format!("-6 addr add 2001:db8:{subnet:x}::fe/64 dev {port} nodad"))?;
+        r.ns.ip(&format!("link set {port} up"))?;
+        r.ns.exec("ethtool", &["-K", &port, "tx", "off"])?;
+        for key in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ] {
+            let (k, v) = key.split_once('=').expect("key=value");
+            r.ns.sysctl(k, v)?;
+        }
+        ns.ip(&format!("link set eth0 address {}", mac_string(&mac)))?;
+        ns.ip(&format!("addr add {ip}/24 dev eth0"))?;
+        ns.ip(&format!("-6 addr add 2001:db8:{subnet:x}::1/64 dev eth0 nodad"))?;
+        ns.ip("link set eth0 up")?;
+        ns.ip("link set lo up")?;
+        ns.ip(&format!("route add default via 198.18.{subnet}.254"))?;
+        ns.ip(&format!("-6 route add default via 2001:db8:{subnet:x}::fe"))?;
+        ns.exec("ethtool", &["-K", "eth0", "tx", "off"])
+            .with_context(|| format!("turning off TX checksum offload in {tag}"))?;
+        self.hosts.push(Host {
+            tag: tag.to_string(),
+            ns,
+            ip,
+            mac,
+            bridge_port: String::new(),
+        });
+        Ok(self.hosts.last().expect("just pushed"))
+    }
+
     pub fn host(&self, tag: &str) -> &Host {
         self.hosts
             .iter()

@@ -1,0 +1,372 @@
+//! Backends beyond the LB's segment: the client, lb1 and a router share the lab
+//! bridge; b1 and b2 sit in subnets of their own behind the router (198.18.5.0/24 and
+//! 198.18.6.0/24, 2001:db8:5::/64 and 2001:db8:6::/64), with no L2 adjacency to the
+//! LB. lbd reaches them in IPIP and GUE; the backends run `lbctl backend setup`
+//! (lb_decap, VIPs on lo) and answer the client directly through the router.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::Output,
+    time::{Duration, Instant},
+};
+
+use common::binary;
+use lb_tests::{
+    lab::{Lab, Proc},
+    traffic::{self, Conversation},
+};
+
+const PORT: u16 = 8080;
+const TIMEOUT: Duration = Duration::from_secs(3);
+/// (VIP, forwarding mode) of each service pair (TCP and UDP on PORT).
+const VIPS: [(&str, &str); 4] = [
+    ("198.18.0.100", "ipip"),
+    ("198.18.0.101", "gue"),
+    ("2001:db8::100", "ipip"),
+    ("2001:db8::101", "gue"),
+];
+const BACKENDS: [(&str, u8); 2] = [("b1", 5), ("b2", 6)];
+
+struct Routed {
+    lbd: Option<Proc>,
+    servers: Vec<Proc>,
+    lab: Lab,
+    dir: PathBuf,
+    socket: PathBuf,
+    pins: Vec<PathBuf>,
+}
+
+fn backend_addr(subnet: u8, v6: bool) -> String {
+    if v6 {
+        format!("2001:db8:{subnet:x}::1")
+    } else {
+        format!("198.18.{subnet}.1")
+    }
+}
+
+fn decap_pin(node: &str, tag: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/lb-decap-{node}-{tag}"))
+}
+
+impl Routed {
+    /// The topology, lbd on lb1 and both backends set up. `encap_mtu`: the LB's
+    /// `dataplane.encap_mtu`; `router_mtu`: the MTU of the router's link to the
+    /// bridge (the backends' replies cross it).
+    fn new(test: &str, encap_mtu: Option<u16>, router_mtu: Option<u32>) -> Routed {
+        let mut lab = Lab::new().expect("creating the lab");
+        lab.add_host("client", 10).unwrap();
+        lab.add_host("lb1", 2).unwrap();
+        lab.add_host("router", 1).unwrap();
+        for (tag, subnet) in BACKENDS {
+            lab.add_routed_host(tag, "router", subnet).unwrap();
+        }
+        let lb = lab.host("lb1");
+        for (vip, _) in VIPS {
+            let v6 = vip.contains(':');
+            let (fam, len) = if v6 { ("-6 ", 128) } else { ("", 32) };
+            let nodad = if v6 { " nodad" } else { "" };
+            lb.ns
+                .ip(&format!("{fam}addr add {vip}/{len} dev eth0{nodad}"))
+                .unwrap();
+        }
+        for (_, subnet) in BACKENDS {
+            lb.ns
+                .ip(&format!("route add 198.18.{subnet}.0/24 via 198.18.0.1"))
+                .unwrap();
+            lb.ns
+                .ip(&format!("-6 route add 2001:db8:{subnet:x}::/64 via 2001:db8::1"))
+                .unwrap();
+        }
+        if let Some(mtu) = router_mtu {
+            lab.host("router")
+                .ns
+                .ip(&format!("link set eth0 mtu {mtu}"))
+                .unwrap();
+        }
+        let node = format!("t{}-{test}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("lb-e2e-{node}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let server = binary("lab-server");
+        let mut pins = vec![PathBuf::from(format!("/sys/fs/bpf/lb/{node}"))];
+        let mut servers = Vec::new();
+        for (tag, _) in BACKENDS {
+            let log = dir.join(format!("lab-server-{tag}.log"));
+            servers.push(
+                lab.spawn(tag, &server, &[tag, &PORT.to_string()], &log)
+                    .unwrap(),
+            );
+            pins.push(decap_pin(&node, tag));
+        }
+        let mut env = Routed {
+            lbd: None,
+            servers,
+            lab,
+            socket: dir.join("lbd.sock"),
+            dir,
+            pins,
+        };
+        for (tag, _) in BACKENDS {
+            let out = env.backend_lbctl(tag, &node, "setup", &["--xdp-mode", "skb"]);
+            assert!(
+                out.status.success(),
+                "backend setup on {tag}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let config = env.dir.join("lbd.toml");
+        std::fs::write(&config, config_text(&node, &env.dir, &env.pins[0], encap_mtu)).unwrap();
+        let log = env.dir.join("lbd.log");
+        env.lbd = Some(
+            env.lab
+                .spawn("lb1", &binary("lbd"), &["--config", &config.to_string_lossy()], &log)
+                .expect("starting lbd"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !env.lbctl(&["status"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "lbd did not answer within 20 s: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        env
+    }
+
+    fn lbctl(&self, args: &[&str]) -> Output {
+        std::process::Command::new(binary("lbctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("running lbctl")
+    }
+
+    /// `lbctl backend <verb>` on backend `tag`, for every VIP, in gue mode (which
+    /// takes IPIP too) from lb1's outer sources.
+    fn backend_lbctl(&self, tag: &str, node: &str, verb: &str, extra: &[&str]) -> Output {
+        let pin = decap_pin(node, tag);
+        let mut args: Vec<String> = vec!["backend".into(), verb.into(), "--interface".into(), "eth0".into()];
+        for (vip, _) in VIPS {
+            args.extend(["--vip".into(), vip.into()]);
+        }
+        args.extend(
+            [
+                "--mode", "gue", "--lb-source", "198.18.0.2", "--lb-source", "2001:db8::2",
+                "--pin-dir",
+            ]
+            .map(String::from),
+        );
+        args.push(pin.to_string_lossy().into_owned());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.lab
+            .host(tag)
+            .ns
+            .command(&binary("lbctl").to_string_lossy())
+            .args(&args)
+            .output()
+            .expect("running lbctl in the backend")
+    }
+
+    fn global(&self) -> BTreeMap<String, u64> {
+        let out = self.lbctl(&["-o", "json", "stats"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["global"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_u64().unwrap()))
+            .collect()
+    }
+
+    fn client<T: Send + 'static>(&self, f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> T {
+        self.lab
+            .host("client")
+            .ns
+            .spawn(f)
+            .join()
+            .expect("client thread panicked")
+            .expect("client traffic")
+    }
+}
+
+impl Drop for Routed {
+    fn drop(&mut self) {
+        self.lbd.take();
+        self.servers.clear();
+        if std::thread::panicking() {
+            lb_tests::lab::print_log_tails(&self.dir, 40);
+        }
+        for p in &self.pins {
+            let _ = std::fs::remove_dir_all(p);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn config_text(node: &str, dir: &std::path::Path, pin: &std::path::Path, encap_mtu: Option<u16>) -> String {
+    let mut services = String::new();
+    for (vip, mode) in VIPS {
+        let v6 = vip.contains(':');
+        let backends: String = BACKENDS
+            .iter()
+            .map(|(_, s)| format!("\n[[service.backend]]\naddress = \"{}\"\n", backend_addr(*s, v6)))
+            .collect();
+        for proto in ["tcp", "udp"] {
+            services.push_str(&format!(
+                "\n[[service]]\nvip = \"{vip}\"\nport = {PORT}\nprotocol = \"{proto}\"\nforward = \"{mode}\"\n{backends}"
+            ));
+        }
+    }
+    let mtu = encap_mtu.map_or(String::new(), |m| format!("encap_mtu = {m}\n"));
+    format!(
+        r#"[node]
+name = "{node}"
+api_socket = "{dir}/lbd.sock"
+metrics_listen = "127.0.0.1:9469"
+state_dir = "{dir}/state"
+pin_dir = "{pin}"
+
+[dataplane]
+interfaces = [{{ name = "eth0", xdp_mode = "skb" }}]
+max_services = 16
+conn_table_size = 16384
+encap_source_v4 = "198.18.0.2"
+encap_source_v6 = "2001:db8::2"
+{mtu}{services}"#,
+        dir = dir.display(),
+        pin = pin.display(),
+    )
+}
+
+fn addr(vip: &str) -> SocketAddr {
+    SocketAddr::new(vip.parse::<IpAddr>().unwrap(), PORT)
+}
+
+/// `n` HTTP requests and `n` UDP questions to `vip`; the backends that answered each.
+fn ask(vip: &'static str, n: usize) -> anyhow::Result<(BTreeMap<String, usize>, BTreeMap<String, usize>)> {
+    let mut tcp = BTreeMap::new();
+    let mut udp = BTreeMap::new();
+    for i in 0..n {
+        let name = traffic::http_get(None, addr(vip), TIMEOUT)
+            .map_err(|e| e.context(format!("HTTP request {i} to {vip}")))?;
+        *tcp.entry(name).or_default() += 1;
+        let name = traffic::udp_ask(None, addr(vip), &format!("q{i}"), TIMEOUT)
+            .map_err(|e| e.context(format!("UDP question {i} to {vip}")))?;
+        *udp.entry(name).or_default() += 1;
+    }
+    Ok((tcp, udp))
+}
+
+#[test]
+fn remote_backends_serve_tcp_and_udp_over_ipv4_and_ipv6_vips_via_ipip_and_gue() {
+    let env = Routed::new("encap", None, None);
+    for (vip, mode) in VIPS {
+        let (tcp, udp) = env.client(move || ask(vip, 16));
+        for (what, spread) in [("TCP", &tcp), ("UDP", &udp)] {
+            assert_eq!(
+                spread.keys().collect::<Vec<_>>(),
+                ["b1", "b2"],
+                "{what} to {vip} ({mode}): {spread:?}"
+            );
+        }
+    }
+    let g = env.global();
+    assert!(g["fwd_ipip"] > 0 && g["fwd_gue"] > 0, "{g:?}");
+    assert_eq!(g["fwd_l2"], 0, "nothing went by L2: {g:?}");
+}
+
+#[test]
+fn a_large_transfer_through_smaller_mtus_completes_by_too_big_answers_both_ways() {
+    // The tunnel's path carries 1,400 bytes (the LB answers the client's larger
+    // packets with "too big"), and so does the router's link to the client (the
+    // router's own "too big" about a backend's reply goes to the VIP, i.e. to the
+    // LB, which steers it to that backend).
+    let env = Routed::new("ptb", Some(1400), Some(1400));
+    for (vip, _) in VIPS {
+        let line: String = std::iter::repeat_n('x', 20_000).collect();
+        let name = env.client(move || {
+            let mut c = Conversation::open(None, addr(vip), Duration::from_secs(10))?;
+            c.ask(&line)
+        });
+        assert!(name == "b1" || name == "b2", "{vip}: {name}");
+    }
+    let g = env.global();
+    assert!(g["icmp_too_big"] >= 4, "the LB answered each VIP's large packets: {g:?}");
+    assert!(g["icmp_steered"] >= 4, "the router's errors reached the backends: {g:?}");
+}
+
+#[test]
+fn backend_doctor_names_each_broken_setting_and_the_command_that_fixes_it() {
+    let env = Routed::new("doctor", None, None);
+    let node = format!("t{}-doctor", std::process::id());
+    let doctor = |expect_ok: bool| -> String {
+        let out = env.backend_lbctl("b1", &node, "doctor", &[]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(out.status.success(), expect_ok, "{text}{}", String::from_utf8_lossy(&out.stderr));
+        text
+    };
+    assert!(doctor(true).starts_with("ok: this host is set up for gue"));
+    let b1 = &env.lab.host("b1").ns;
+    let breaks: [(&str, &str, &str, &str); 4] = [
+        (
+            "addr del 198.18.0.100/32 dev lo",
+            "",
+            "VIP 198.18.0.100 is not on lo",
+            "fix: ip addr add 198.18.0.100/32 dev lo",
+        ),
+        (
+            "",
+            "net.ipv4.conf.eth0.arp_ignore=0",
+            "net.ipv4.conf.eth0.arp_ignore is 0, needs 1",
+            "fix: sysctl -w net.ipv4.conf.eth0.arp_ignore=1",
+        ),
+        (
+            "",
+            "net.ipv4.conf.all.rp_filter=1",
+            "rp_filter is strict (1) on eth0",
+            "fix: sysctl -w net.ipv4.conf.all.rp_filter=2",
+        ),
+        (
+            "link set eth0 xdp off",
+            "",
+            "no decapsulation on eth0",
+            "fix: lbctl backend setup --interface eth0",
+        ),
+    ];
+    for (ip_cmd, sysctl, problem, fix) in breaks {
+        if !ip_cmd.is_empty() {
+            if ip_cmd.contains("xdp off") {
+                // A pinned link holds the program: removing the pin takes it off.
+                let _ = std::fs::remove_file(
+                    decap_pin(&node, "b1").join("link-lb_decap-eth0"),
+                );
+            } else {
+                b1.ip(ip_cmd).unwrap();
+            }
+        }
+        if let Some((k, v)) = sysctl.split_once('=') {
+            b1.sysctl(k, v).unwrap();
+        }
+        let text = doctor(false);
+        assert!(text.contains(problem), "{problem}: {text}");
+        assert!(text.contains(fix), "{fix}: {text}");
+        // Setup puts it right, and doctor agrees.
+        let out = env.backend_lbctl("b1", &node, "setup", &["--xdp-mode", "skb"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        doctor(true);
+    }
+    // Set up again (safe to repeat), it still serves.
+    let out = env.backend_lbctl("b1", &node, "setup", &["--xdp-mode", "skb"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("lb_decap attached"), "{text}");
+    let (tcp, _) = env.client(|| ask("198.18.0.100", 16));
+    assert!(tcp.contains_key("b1"), "{tcp:?}");
+}
