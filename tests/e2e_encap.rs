@@ -57,6 +57,11 @@ impl Routed {
     /// `dataplane.encap_mtu`; `router_mtu`: the MTU of the router's link to the
     /// bridge (the backends' replies cross it).
     fn new(test: &str, encap_mtu: Option<u16>, router_mtu: Option<u32>) -> Routed {
+        Self::with_check(test, encap_mtu, router_mtu, "")
+    }
+
+    /// As `new`, with `check` (a `[service.check]` section) on every TCP service.
+    fn with_check(test: &str, encap_mtu: Option<u16>, router_mtu: Option<u32>, check: &str) -> Routed {
         let mut lab = Lab::new().expect("creating the lab");
         lab.add_host("client", 10).unwrap();
         lab.add_host("lb1", 2).unwrap();
@@ -120,7 +125,7 @@ impl Routed {
             );
         }
         let config = env.dir.join("lbd.toml");
-        std::fs::write(&config, config_text(&node, &env.dir, &env.pins[0], encap_mtu)).unwrap();
+        std::fs::write(&config, config_text(&node, &env.dir, &env.pins[0], encap_mtu, check)).unwrap();
         let log = env.dir.join("lbd.log");
         env.lbd = Some(
             env.lab
@@ -211,7 +216,13 @@ impl Drop for Routed {
     }
 }
 
-fn config_text(node: &str, dir: &std::path::Path, pin: &std::path::Path, encap_mtu: Option<u16>) -> String {
+fn config_text(
+    node: &str,
+    dir: &std::path::Path,
+    pin: &std::path::Path,
+    encap_mtu: Option<u16>,
+    check: &str,
+) -> String {
     let mut services = String::new();
     for (vip, mode) in VIPS {
         let v6 = vip.contains(':');
@@ -220,8 +231,9 @@ fn config_text(node: &str, dir: &std::path::Path, pin: &std::path::Path, encap_m
             .map(|(_, s)| format!("\n[[service.backend]]\naddress = \"{}\"\n", backend_addr(*s, v6)))
             .collect();
         for proto in ["tcp", "udp"] {
+            let check = if proto == "tcp" { check } else { "" };
             services.push_str(&format!(
-                "\n[[service]]\nvip = \"{vip}\"\nport = {PORT}\nprotocol = \"{proto}\"\nforward = \"{mode}\"\n{backends}"
+                "\n[[service]]\nvip = \"{vip}\"\nport = {PORT}\nprotocol = \"{proto}\"\nforward = \"{mode}\"\n{backends}{check}"
             ));
         }
     }
@@ -369,4 +381,71 @@ fn backend_doctor_names_each_broken_setting_and_the_command_that_fixes_it() {
     assert!(text.contains("lb_decap attached"), "{text}");
     let (tcp, _) = env.client(|| ask("198.18.0.100", 16));
     assert!(tcp.contains_key("b1"), "{tcp:?}");
+}
+
+/// Whether lbd holds backend `addr` of `service` healthy.
+fn healthy(env: &Routed, service: &str, addr: &str) -> bool {
+    let out = env.lbctl(&["-o", "json", "backend", "list", service]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == addr)
+        .unwrap_or_else(|| panic!("no {addr} in {list}"));
+    b["healthy"] == true
+}
+
+/// Waits up to 10 s for `done`; fails saying `what`.
+fn within(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within 10 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn health_checks_go_through_the_tunnel_so_a_broken_decapsulation_fails_them() {
+    let check = "\n[service.check]\nkind = \"http\"\npath = \"/\"\ninterval_ms = 200\ntimeout_ms = 300\nrise = 2\nfall = 2\n";
+    let env = Routed::with_check("health", None, None, check);
+    let node = format!("t{}-health", std::process::id());
+    let services = [
+        ("tcp/198.18.0.100:8080", "198.18.5.1"),
+        ("tcp/198.18.0.101:8080", "198.18.5.1"),
+        ("tcp/[2001:db8::100]:8080", "2001:db8:5::1"),
+        ("tcp/[2001:db8::101]:8080", "2001:db8:5::1"),
+    ];
+    // A backend starts healthy; wait until every probe has had answers for a while
+    // (the lab's fresh links finish IPv6 duplicate address detection first, which
+    // holds the router's first neighbour solicitations for about two seconds).
+    let all_up = || {
+        services.iter().all(|(svc, b1)| {
+            healthy(&env, svc, b1) && healthy(&env, svc, &b1.replace('5', "6"))
+        })
+    };
+    let mut steady = 0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while steady < 25 {
+        assert!(Instant::now() < deadline, "the backends never stayed healthy for 2.5 s");
+        steady = if all_up() { steady + 1 } else { 0 };
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // b1's decapsulation goes (its link's pin removed): its server still answers
+    // anyone who reaches it directly, but the LB's packets, and its probes, are
+    // wrapped and now dropped.
+    std::fs::remove_file(decap_pin(&node, "b1").join("link-lb_decap-eth0")).unwrap();
+    for (svc, b1) in services {
+        within(&format!("{b1} of {svc} judged down"), || !healthy(&env, svc, b1));
+        assert!(healthy(&env, svc, &b1.replace('5', "6")), "b2 of {svc} stays up");
+    }
+    let tcp = env.client(|| traffic::http_spread(&[], addr("198.18.0.100"), 12, TIMEOUT));
+    assert_eq!(tcp.keys().collect::<Vec<_>>(), ["b2"], "{tcp:?}");
+    // Set up again, it comes back.
+    let out = env.backend_lbctl("b1", &node, "setup", &["--xdp-mode", "skb"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    for (svc, b1) in services {
+        within(&format!("{b1} of {svc} healthy again"), || healthy(&env, svc, b1));
+    }
 }

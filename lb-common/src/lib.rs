@@ -56,6 +56,8 @@ pub mod map_names {
     pub const DECAP_SOURCES: &str = "DECAP_SOURCES";
     pub const DECAP_CONFIG: &str = "DECAP_CONFIG";
     pub const DECAP_STATS: &str = "DECAP_STATS";
+    /// `lb_probe_encap`'s settings (written at every start, not pinned).
+    pub const PROBE_CONFIG: &str = "PROBE_CONFIG";
     /// The balancer's maps.
     pub const ALL: [&str; 14] = [
         VIP_ADDRS,
@@ -87,6 +89,8 @@ pub mod program_names {
     pub const DROP: &str = "lb_drop";
     /// The backend side: strips IPIP/GUE from the LB nodes' packets (XDP).
     pub const DECAP: &str = "lb_decap";
+    /// tc egress of the data-plane interfaces: wraps marked health probes.
+    pub const PROBE_ENCAP: &str = "lb_probe_encap";
 }
 
 /// Key of `VIP_ADDRS`: every address that has at least one VIP. The XDP program looks
@@ -403,6 +407,27 @@ pub struct GlobalStats {
     pub drop_encap_failed: u64,
 }
 
+/// The socket mark of lbd's health probes of an encapsulating service:
+/// `PROBE_MARK_BASE | ROUTE_MODE_IPIP` or `| ROUTE_MODE_GUE`. `lb_probe_encap` wraps
+/// the packets of marked sockets as the service's traffic is wrapped.
+pub const PROBE_MARK_BASE: u32 = 0x4c42_0000;
+pub const PROBE_MARK_MASK: u32 = 0xffff_ff00;
+
+pub const fn probe_mark(route_mode: u32) -> u32 {
+    PROBE_MARK_BASE | route_mode
+}
+
+/// `PROBE_CONFIG[0]`: this node's outer sources and the backends' GUE port, for
+/// `lb_probe_encap`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ProbeConfig {
+    pub source_v4: [u8; 4],
+    pub gue_port_be: u16,
+    pub _pad: u16,
+    pub source_v6: [u8; 16],
+}
+
 /// Capacity of `DECAP_SOURCES`: the LB nodes' outer source addresses a backend takes
 /// encapsulated packets from.
 pub const MAX_DECAP_SOURCES: u32 = 256;
@@ -539,6 +564,8 @@ mod pod {
     unsafe impl aya::Pod for DecapConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for DecapStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ProbeConfig {}
 }
 
 macro_rules! assert_layout {
@@ -562,4 +589,5 @@ assert_layout!(RefuseBucket, 16, 8);
 assert_layout!(SphereKey, 20, 4);
 assert_layout!(SphereMeta, 8, 4);
 assert_layout!(DecapConfig, 8, 4);
+assert_layout!(ProbeConfig, 24, 2);
 assert_layout!(DecapStats, 48, 8);

@@ -14,13 +14,14 @@ mod icmp;
 mod lookup;
 mod maps;
 mod parse;
+mod probe;
 mod refuse;
 mod stats;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    macros::xdp,
-    programs::XdpContext,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{FlowKey, GlobalStats, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_UNAVAILABLE};
 use network_types::eth::EthHdr;
@@ -106,6 +107,13 @@ pub fn lb_pass(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
     decap::run(&ctx)
+}
+
+/// tc egress of the data-plane interfaces: lbd's marked health probes of an
+/// encapsulating service leave wrapped like its traffic (`probe`).
+#[classifier]
+pub fn lb_probe_encap(ctx: TcContext) -> i32 {
+    probe::run(&ctx)
 }
 
 /// The benchmark's baseline: the least a forwarding XDP program can do.

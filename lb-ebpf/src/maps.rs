@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, AddrMeta, Backend, ConnEntry, Control, Counter, DecapConfig, DecapStats, FlowKey,
-    GlobalStats, RefuseBucket,
+    GlobalStats, ProbeConfig, RefuseBucket,
     Route, SphereKey, SphereMeta, VipKey, VipMeta, MAX_BACKENDS, MAX_REFUSING_SOURCES,
     MAX_DECAP_SOURCES, MAX_SPHERE_RULES, MAX_TX_PORTS, MAX_VIPS, MAX_VIP_ADDRS,
 };
@@ -86,3 +86,7 @@ pub static DECAP_CONFIG: Array<DecapConfig> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static DECAP_STATS: PerCpuArray<DecapStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// `lb_probe_encap`'s settings: this node's outer sources, the GUE port.
+#[map]
+pub static PROBE_CONFIG: Array<ProbeConfig> = Array::with_max_entries(1, 0);

@@ -297,6 +297,21 @@ pub enum Probe {
     },
 }
 
+/// One service's health checks: how, of which backends, and how its traffic reaches
+/// them (an encapsulating service's probes are wrapped the same way, so a backend
+/// whose decapsulation is broken fails them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceChecks {
+    pub service: ServiceKey,
+    pub check: CheckConfig,
+    pub backends: Vec<IpAddr>,
+    pub forward: Forward,
+    /// This node's outer sources: an encapsulated probe comes from the one of its
+    /// backend's family (the answer must come back to this node, not to a VIP the
+    /// kernel might pick as the source, which the backend holds on its own lo).
+    pub encap: EncapSettings,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckConfig {

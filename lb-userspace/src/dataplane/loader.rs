@@ -6,22 +6,23 @@ use std::{
 };
 
 use aya::{
-    maps::{MapInfo, MapType},
+    maps::{Array, MapData, MapInfo, MapType},
     programs::{
         links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachType},
         xdp::{XdpLink, XdpLinkId},
-        Xdp, XdpMode,
+        SchedClassifier, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
-use lb_common::{map_names, program_names};
+use lb_common::{map_names, program_names, ProbeConfig};
 
 use super::{
     error::{DataplaneError, Result},
     maps::MapManager,
 };
-use crate::maglev::is_prime;
+use crate::{maglev::is_prime, model::EncapSettings};
 
 /// The XDP object built from `lb-ebpf` by this crate's build script.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
@@ -325,6 +326,16 @@ impl Programs {
                 source,
             })?;
         }
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(program_names::PROBE_ENCAP)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DataplaneError::MissingProgram {
+                name: program_names::PROBE_ENCAP,
+            })?;
+        tc.load().map_err(|source| DataplaneError::ProgramLoad {
+            name: program_names::PROBE_ENCAP,
+            source,
+        })?;
         let maps = MapManager::new(&mut ebpf, options)?;
         let dataplane = Programs {
             ebpf,
@@ -441,6 +452,95 @@ impl Programs {
             DataplaneError::Options(format!("pinning the link at {}: {e}", path.display()))
         })?;
         Ok(Attached::New)
+    }
+
+    /// Wraps this node's marked health probes on `interface`'s egress as `encap`
+    /// says (`lb_probe_encap`): from its outer sources, GUE to its port. Through a
+    /// link pinned in the pin directory (replaced in one step by a later run), or a
+    /// plain one without a pin directory (tests).
+    pub fn attach_probe_encap(&mut self, interface: &str, encap: &EncapSettings) -> Result<()> {
+        let mut config: Array<&mut MapData, ProbeConfig> = Array::try_from(
+            self.ebpf
+                .map_mut(map_names::PROBE_CONFIG)
+                .ok_or(DataplaneError::MapShape {
+                    name: map_names::PROBE_CONFIG,
+                })?,
+        )
+        .map_err(|source| DataplaneError::Map {
+            name: map_names::PROBE_CONFIG,
+            source,
+        })?;
+        let c = ProbeConfig {
+            source_v4: encap.source_v4.map_or([0; 4], |a| a.octets()),
+            gue_port_be: encap.gue_port().to_be(),
+            _pad: 0,
+            source_v6: encap.source_v6.map_or([0; 16], |a| a.octets()),
+        };
+        config.set(0, c, 0).map_err(|source| DataplaneError::Map {
+            name: map_names::PROBE_CONFIG,
+            source,
+        })?;
+        let attach_err = |source| DataplaneError::Attach {
+            program: program_names::PROBE_ENCAP,
+            interface: interface.to_string(),
+            source,
+        };
+        let path = self
+            .pin_dir
+            .as_ref()
+            .map(|d| d.join(format!("link-{}-{interface}", program_names::PROBE_ENCAP)));
+        let tc: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program_names::PROBE_ENCAP)
+            .and_then(|p| p.try_into().ok())
+            .expect("checked at load");
+        if let Some(path) = path.as_ref().filter(|p| p.exists()) {
+            let old = PinnedLink::from_pin(path).map_err(|e| {
+                DataplaneError::Options(format!("opening pinned link {}: {e}", path.display()))
+            })?;
+            let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| {
+                DataplaneError::Options(format!(
+                    "pinned link {} is not a tc link: {e}",
+                    path.display()
+                ))
+            })?;
+            let id = tc.attach_to_link(link).map_err(attach_err)?;
+            // The pin holds the link; this process's handle must not take it down.
+            let _ = tc.take_link(id);
+            return Ok(());
+        }
+        let id = tc
+            .attach(interface, TcAttachType::Egress)
+            .map_err(attach_err)?;
+        let Some(path) = path else {
+            // Kept with the program: detached when `Programs` drops.
+            return Ok(());
+        };
+        let link = tc.take_link(id).map_err(attach_err)?;
+        let fd_link = FdLink::try_from(link).map_err(|e| {
+            DataplaneError::Options(format!(
+                "the kernel attached {} to {interface} without a BPF link (tcx), which cannot \
+                 be pinned: {e}",
+                program_names::PROBE_ENCAP
+            ))
+        })?;
+        fd_link.pin(&path).map_err(|e| {
+            DataplaneError::Options(format!("pinning the link at {}: {e}", path.display()))
+        })?;
+        Ok(())
+    }
+
+    /// Removes the probe encapsulation's pinned link on `interface`, if there is one.
+    pub fn detach_probe_encap(&mut self, interface: &str) -> Result<()> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok(());
+        };
+        let path = dir.join(format!("link-{}-{interface}", program_names::PROBE_ENCAP));
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DataplaneError::Options(format!("removing {}: {e}", path.display()))),
+        }
     }
 
     /// Removes the pinned link of `program` on `interface`: the program comes off the

@@ -22,7 +22,8 @@ use crate::{
     dataplane::{check_fits, Dataplane},
     desired::{diff, Change, Desired},
     model::{
-        mac_to_string, CheckConfig, DirBackend, EncapSettings, LocalInterface, Neighbor, ServiceKey,
+        mac_to_string, DirBackend, EncapSettings, LocalInterface, Neighbor, ServiceChecks,
+        ServiceKey,
     },
     plan::{self, Inputs, ServicePlan},
     watermark::Verdict,
@@ -595,7 +596,7 @@ impl<D: Dataplane> Reconciler<D> {
     }
 
     /// Every service with a health check, and the backends to check.
-    pub fn checks(&self) -> Vec<(ServiceKey, CheckConfig, Vec<IpAddr>)> {
+    pub fn checks(&self) -> Vec<ServiceChecks> {
         self.known
             .desired
             .services
@@ -605,7 +606,13 @@ impl<D: Dataplane> Reconciler<D> {
                 let backends = plan::merged(s, self.known.directory.get(k))
                     .into_keys()
                     .collect();
-                Some((*k, check, backends))
+                Some(ServiceChecks {
+                    service: *k,
+                    check,
+                    backends,
+                    forward: s.config.forward,
+                    encap: self.known.encap,
+                })
             })
             .collect()
     }

@@ -25,7 +25,7 @@ use crate::{
         Dataplane,
     },
     desired::{Change, Desired},
-    model::{CheckConfig, DirBackend, LocalInterface, Neighbor, ServiceKey},
+    model::{DirBackend, LocalInterface, Neighbor, ServiceKey},
     reconcile::{Known, Reconciler},
     shell::{desired_log::DesiredLog, neighbor::NeighborTable},
     watermark::Verdict,
@@ -306,6 +306,14 @@ impl Daemon<MapManager> {
                 Err(e) => return Err(fail(programs, attached, e)),
             }
         }
+        // Health probes of encapsulating services leave wrapped like their traffic.
+        if config.encap.source_v4.is_some() || config.encap.source_v6.is_some() {
+            for l in &locals {
+                if let Err(e) = programs.attach_probe_encap(&l.name, &config.encap) {
+                    return Err(fail(programs, attached, e.into()));
+                }
+            }
+        }
         let from_config = config.desired.clone();
         if let Err(e) = log.save(&from_config, core.desired()) {
             return Err(fail(programs, attached, e));
@@ -449,7 +457,7 @@ impl<D: Dataplane> Daemon<D> {
         self.core.is_healthy(key, addr)
     }
 
-    pub fn checks(&self) -> Vec<(ServiceKey, CheckConfig, Vec<IpAddr>)> {
+    pub fn checks(&self) -> Vec<crate::model::ServiceChecks> {
         self.core.checks()
     }
 
@@ -606,6 +614,7 @@ impl<D: Dataplane> Daemon<D> {
         };
         for (l, _, _, _) in self.interfaces.clone() {
             programs.detach_pinned(Program::Balancer, &l.name)?;
+            programs.detach_probe_encap(&l.name)?;
         }
         programs.unpin_maps()?;
         info!("XDP program detached, pinned maps removed");
@@ -630,6 +639,7 @@ impl StartFailed {
         if let Some(mut p) = self.programs.take() {
             for i in &self.interfaces {
                 let _ = p.detach_pinned(Program::Balancer, i);
+                let _ = p.detach_probe_encap(i);
             }
             if let Err(e) = p.unpin_maps() {
                 warn!("removing the maps of a failed start: {e:#}");

@@ -20,7 +20,7 @@ use crate::{
     dataplane::Dataplane,
     desired::{Change, Desired},
     directory::feed::Feed,
-    model::{CheckConfig, Neighbor, ServiceKey},
+    model::{Neighbor, ServiceKey},
     shell::daemon::Daemon,
 };
 
@@ -33,7 +33,7 @@ pub struct Published {
     /// Shared with the snapshots before it while it does not change.
     pub desired: Arc<Desired>,
     /// Every service with a health check, and the backends to check.
-    pub checks: Vec<(ServiceKey, CheckConfig, Vec<IpAddr>)>,
+    pub checks: Vec<crate::model::ServiceChecks>,
     /// Next hops whose MAC comes from the neighbour table.
     pub resolvable: Vec<IpAddr>,
     /// Those of them that may be behind a gateway (encapsulated backends).

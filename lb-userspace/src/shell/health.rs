@@ -5,33 +5,69 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use crate::{health::Health, model::Probe};
+use crate::{
+    health::Health,
+    model::{Forward, Probe},
+};
 use anyhow::{bail, Context, Result};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpStream, UdpSocket},
+    net::{TcpSocket, TcpStream, UdpSocket},
     time::timeout,
 };
 
+/// How a probe leaves: `mark` makes `lb_probe_encap` wrap it like the service's
+/// traffic (0: not wrapped), from `source` (`None`: the kernel's choice).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Via {
+    pub mark: u32,
+    pub source: Option<std::net::IpAddr>,
+}
+
 /// Runs one probe against `target`, bounded by `limit`.
-pub async fn probe(target: SocketAddr, probe: &Probe, limit: Duration) -> Result<()> {
-    timeout(limit, run_probe(target, probe))
+pub async fn probe(target: SocketAddr, probe: &Probe, limit: Duration, via: Via) -> Result<()> {
+    timeout(limit, run_probe(target, probe, via))
         .await
         .with_context(|| format!("no answer from {target} within {limit:?}"))?
 }
 
-async fn run_probe(target: SocketAddr, probe: &Probe) -> Result<()> {
+/// The socket mark of probes to a backend reached by `forward`.
+pub fn mark_for(forward: Forward) -> u32 {
+    match forward {
+        Forward::L2 => 0,
+        Forward::Ipip => lb_common::probe_mark(lb_common::ROUTE_MODE_IPIP),
+        Forward::Gue => lb_common::probe_mark(lb_common::ROUTE_MODE_GUE),
+    }
+}
+
+async fn connect(target: SocketAddr, via: Via) -> Result<TcpStream> {
+    let sock = if target.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if via.mark != 0 {
+        socket2::SockRef::from(&sock)
+            .set_mark(via.mark)
+            .context("marking a health probe (needs CAP_NET_ADMIN)")?;
+    }
+    if let Some(src) = via.source {
+        sock.bind(SocketAddr::new(src, 0))
+            .with_context(|| format!("binding a health probe to {src}"))?;
+    }
+    sock.connect(target)
+        .await
+        .with_context(|| format!("connecting to {target}"))
+}
+
+async fn run_probe(target: SocketAddr, probe: &Probe, via: Via) -> Result<()> {
     match probe {
         Probe::Tcp => {
-            TcpStream::connect(target)
-                .await
-                .with_context(|| format!("connecting to {target}"))?;
+            connect(target, via).await?;
             Ok(())
         }
         Probe::Http { path, status } => {
-            let mut s = TcpStream::connect(target)
-                .await
-                .with_context(|| format!("connecting to {target}"))?;
+            let mut s = connect(target, via).await?;
             s.write_all(
                 format!("GET {path} HTTP/1.0\r\nHost: {target}\r\nUser-Agent: lbd-health\r\n\r\n")
                     .as_bytes(),
@@ -51,14 +87,17 @@ async fn run_probe(target: SocketAddr, probe: &Probe) -> Result<()> {
             Ok(())
         }
         Probe::Udp { send, expect } => {
-            let bind: SocketAddr = if target.is_ipv4() {
-                "0.0.0.0:0"
+            let any: std::net::IpAddr = if target.is_ipv4() {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
             } else {
-                "[::]:0"
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            };
+            let sock = UdpSocket::bind(SocketAddr::new(via.source.unwrap_or(any), 0)).await?;
+            if via.mark != 0 {
+                socket2::SockRef::from(&sock)
+                    .set_mark(via.mark)
+                    .context("marking a health probe (needs CAP_NET_ADMIN)")?;
             }
-            .parse()
-            .expect("valid");
-            let sock = UdpSocket::bind(bind).await?;
             sock.connect(target).await?;
             sock.send(send.as_bytes()).await?;
             let mut buf = vec![0u8; 2048];
@@ -95,8 +134,12 @@ pub async fn run_checks(daemon: crate::shell::handle::DaemonHandle) {
                 let checks = daemon.now().checks.clone();
                 let now = Instant::now();
                 let mut wanted = std::collections::BTreeSet::new();
-                for (key, check, backends) in checks {
+                for crate::model::ServiceChecks { service: key, check, backends, forward, encap } in checks {
                     for addr in backends {
+                        let via = Via {
+                            mark: mark_for(forward),
+                            source: forward.encapsulates().then(|| encap.source_for(addr)).flatten(),
+                        };
                         wanted.insert((key, addr));
                         let entry = states.entry((key, addr)).or_insert((Health::default(), now));
                         if entry.1 > now {
@@ -107,7 +150,7 @@ pub async fn run_checks(daemon: crate::shell::handle::DaemonHandle) {
                         let target = std::net::SocketAddr::new(addr, check.port);
                         let (rise, fall) = (check.rise, check.fall);
                         tokio::spawn(async move {
-                            let ok = probe(target, &probe_kind, limit).await.is_ok();
+                            let ok = probe(target, &probe_kind, limit, via).await.is_ok();
                             let _ = tx.send((key, addr, ok, rise, fall)).await;
                         });
                     }
@@ -156,7 +199,7 @@ mod tests {
             }
         });
         let limit = Duration::from_millis(500);
-        probe(addr, &Probe::Tcp, limit).await.unwrap();
+        probe(addr, &Probe::Tcp, limit, Via::default()).await.unwrap();
         probe(
             addr,
             &Probe::Http {
@@ -164,6 +207,7 @@ mod tests {
                 status: 200,
             },
             limit,
+            Via::default(),
         )
         .await
         .unwrap();
@@ -174,6 +218,7 @@ mod tests {
                 status: 200,
             },
             limit,
+            Via::default(),
         )
         .await
         .unwrap_err();
@@ -184,7 +229,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        assert!(probe(dead, &Probe::Tcp, limit).await.is_err());
+        assert!(probe(dead, &Probe::Tcp, limit, Via::default()).await.is_err());
 
         let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let uaddr = udp.local_addr().unwrap();
@@ -198,12 +243,13 @@ mod tests {
             send: "ping".into(),
             expect: Some("pong".into()),
         };
-        probe(uaddr, &ping, limit).await.unwrap();
+        probe(uaddr, &ping, limit, Via::default()).await.unwrap();
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let e = probe(
             silent.local_addr().unwrap(),
             &ping,
             Duration::from_millis(200),
+            Via::default(),
         )
         .await
         .unwrap_err();
