@@ -293,6 +293,35 @@ fn remote_backends_serve_tcp_and_udp_over_ipv4_and_ipv6_vips_via_ipip_and_gue() 
     let g = env.global();
     assert!(g["fwd_ipip"] > 0 && g["fwd_gue"] > 0, "{g:?}");
     assert_eq!(g["fwd_l2"], 0, "nothing went by L2: {g:?}");
+
+    // The same through lbctl: the service made again, now in GUE.
+    let ok = |args: &[&str]| {
+        let out = env.lbctl(args);
+        assert!(out.status.success(), "lbctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let svc = "tcp/198.18.0.100:8080";
+    ok(&["service", "remove", svc]);
+    ok(&["service", "add", svc, "--forward", "gue"]);
+    for (_, subnet) in BACKENDS {
+        ok(&["backend", "add", svc, &backend_addr(subnet, false)]);
+    }
+    let list = ok(&["service", "list"]);
+    assert!(list.lines().any(|l| l.contains(svc) && l.contains("gue")), "{list}");
+    let before = env.global()["fwd_gue"];
+    let (tcp, _) = env.client(|| ask("198.18.0.100", 16));
+    assert_eq!(tcp.keys().collect::<Vec<_>>(), ["b1", "b2"], "{tcp:?}");
+    assert!(env.global()["fwd_gue"] >= before + 16 * 3, "the TCP service now goes by GUE");
+    // An L2 service cannot have a backend of the other family; an encapsulating one can.
+    let out = env.lbctl(&["service", "add", "tcp/198.18.0.100:9000"]);
+    assert!(out.status.success());
+    let out = env.lbctl(&["backend", "add", "tcp/198.18.0.100:9000", "2001:db8:5::1"]);
+    assert!(!out.status.success(), "an L2 service took an IPv6 backend");
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.contains("only an encapsulating service"), "{why}");
+    ok(&["service", "remove", "tcp/198.18.0.100:9000"]);
+    ok(&["service", "add", "tcp/198.18.0.100:9000", "--forward", "ipip"]);
+    ok(&["backend", "add", "tcp/198.18.0.100:9000", "2001:db8:5::1"]);
 }
 
 #[test]

@@ -106,8 +106,10 @@ pub fn validate(
                 spec.config.maglev_size,
             );
         }
+        // Only an encapsulating service may mix families (its outer header is the
+        // backend's family); `validate::desired` above says so with the reason.
         for addr in spec.backends.keys() {
-            if addr.is_ipv4() != key.addr.is_ipv4() {
+            if addr.is_ipv4() != key.addr.is_ipv4() && !spec.config.forward.encapsulates() {
                 anyhow::bail!("{key}: backend {addr} is not of the service's address family");
             }
         }

@@ -72,11 +72,10 @@ pub(super) async fn add_backend(
     }
     change(&s, move |d| {
         let svc = service_mut(d, req.service)?;
-        if req.backend.is_ipv4() != req.service.addr.is_ipv4() {
-            return Err(bad(format!(
-                "backend {} is not of {}'s address family",
-                req.backend, req.service
-            )));
+        if let Some(why) =
+            crate::validate::backend_refusal(&req.service, req.backend, svc.config.forward)
+        {
+            return Err(bad(why));
         }
         svc.backends
             .insert(req.backend, req.spec.unwrap_or_default());

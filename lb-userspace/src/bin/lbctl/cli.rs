@@ -103,6 +103,10 @@ pub enum ServiceCmd {
         /// Pass fragments and packets with IP options to the node's stack instead of dropping them.
         #[arg(long)]
         pass_irregular: bool,
+        /// How packets reach the backends: l2 (on this segment), ipip or gue (behind
+        /// routers; needs the node's dataplane.encap_source_v4/_v6).
+        #[arg(long, default_value = "l2")]
+        forward: lb_userspace::model::Forward,
     },
     /// Remove a service and its backends; its flows are dropped from then on.
     Remove {

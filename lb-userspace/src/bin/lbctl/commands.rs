@@ -188,9 +188,11 @@ async fn service(client: &Client, out: Output, cmd: ServiceCmd) -> Result<(), Fa
             service,
             maglev_size,
             pass_irregular,
+            forward,
         } => {
             let mut config = ServiceConfig {
                 pass_irregular,
+                forward,
                 ..ServiceConfig::default()
             };
             if let Some(m) = maglev_size {

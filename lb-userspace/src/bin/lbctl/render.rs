@@ -111,11 +111,12 @@ pub fn status(s: &api::Status) {
 }
 
 pub fn services(services: &[api::ServiceView]) {
-    let mut rows = header(&["SERVICE", "BACKENDS", "MAGLEV", "PACKETS", "BYTES"]);
+    let mut rows = header(&["SERVICE", "BACKENDS", "FORWARD", "MAGLEV", "PACKETS", "BYTES"]);
     for s in services {
         rows.push(vec![
             s.service.clone(),
             s.backends.len().to_string(),
+            s.config.forward.to_string(),
             s.config.maglev_size.to_string(),
             s.packets.to_string(),
             s.bytes.to_string(),
