@@ -20,14 +20,19 @@ use std::{net::Ipv4Addr, time::Instant};
 use anyhow::{ensure, Context, Result};
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, XdpMode};
 use lb_userspace::{
-    plan::ServicePlan, Dataplane, Egress, BackendRoute, LoadOptions, Program, Programs, Proto,
-    ServiceConfig, ServiceKey,
+    model::{Encap, Forward},
+    plan::ServicePlan,
+    BackendRoute, Dataplane, Egress, LoadOptions, Program, Programs, Proto, ServiceConfig,
+    ServiceKey,
 };
 use support::{backend_mac, Frame, ETH_LEN, LB_MAC};
 
 /// The service's pinned table size: Katran's default ring.
 const MAGLEV_SIZE: u32 = 65537;
 const VIP: &str = "198.18.0.100";
+/// Services whose backends are behind a router: IPIP on one, GUE on the other.
+const VIP_IPIP: &str = "198.18.0.101";
+const VIP_GUE: &str = "198.18.0.102";
 const BACKENDS: u8 = 16;
 const ROUNDS: usize = 4;
 const CHUNK: u64 = 100_000;
@@ -357,12 +362,54 @@ fn main() -> Result<()> {
     );
     maps.write_service(key, &plan)?;
     maps.write_service(udp_key, &plan)?;
+    // The same 16 backends' worth of remote ones, wrapped (outer IPv4 header to the
+    // gateway's MAC), for the encapsulated lines.
+    for (vip, mode) in [(VIP_IPIP, Forward::Ipip), (VIP_GUE, Forward::Gue)] {
+        let remote: Vec<_> = (1..=BACKENDS)
+            .map(|i| {
+                (
+                    format!("198.18.5.{i}").parse().expect("address"),
+                    1,
+                    BackendRoute {
+                        dst_mac: backend_mac(200),
+                        src_mac: LB_MAC,
+                        egress: Egress::Ingress,
+                        encap: Some(Encap {
+                            mode,
+                            source: "198.18.0.2".parse().expect("address"),
+                            mtu: 1500,
+                            gue_port: lb_common::GUE_PORT_DEFAULT,
+                        }),
+                    },
+                )
+            })
+            .collect();
+        let remote_plan = ServicePlan::with_backends(
+            ServiceConfig {
+                maglev_size: MAGLEV_SIZE,
+                forward: mode,
+                ..ServiceConfig::default()
+            },
+            remote,
+        );
+        let k = ServiceKey {
+            addr: vip.parse()?,
+            ..key
+        };
+        maps.write_service(k, &remote_plan)?;
+    }
 
     let syn = Frame::tcp("198.19.0.1", VIP, 40000, 80).build();
     let mut ack = syn.clone();
     ack[TCP_FLAGS] = 0x10;
     let udp = Frame::udp("198.19.0.1", VIP, 40000, 80).build();
     let to_other = Frame::tcp("198.19.0.1", "198.18.0.200", 40000, 80).build();
+    let ack_to = |vip: &str| {
+        let mut f = Frame::tcp("198.19.0.1", vip, 40000, 80).build();
+        f[TCP_FLAGS] = 0x10;
+        f
+    };
+    let (ack_ipip, ack_gue) = (ack_to(VIP_IPIP), ack_to(VIP_GUE));
 
     // A used table: filled to capacity by the program, then emptied.
     let started = Instant::now();
@@ -426,10 +473,36 @@ fn main() -> Result<()> {
         XDP_TX,
         Gen::new(udp.clone(), new_udp),
     );
-    // The one established flow first, so that its line is a hit from the first call.
-    chunk(&dp, "warm", Program::Balancer, XDP_TX, 1, &mut |f| {
-        *f = ack.clone()
-    })?;
+    let mut ipip_est = Spec::new(
+        "IPIP established TCP ACK",
+        Program::Balancer,
+        XDP_TX,
+        Gen::new(ack_ipip.clone(), same),
+    );
+    let mut ipip_new = Spec::new(
+        "IPIP new flow's 1st ACK",
+        Program::Balancer,
+        XDP_TX,
+        Gen::new(ack_ipip.clone(), new_flow),
+    );
+    let mut gue_est = Spec::new(
+        "GUE established TCP ACK",
+        Program::Balancer,
+        XDP_TX,
+        Gen::new(ack_gue.clone(), same),
+    );
+    let mut gue_new = Spec::new(
+        "GUE new flow's 1st ACK",
+        Program::Balancer,
+        XDP_TX,
+        Gen::new(ack_gue.clone(), new_flow),
+    );
+    // The established flows first, so that their lines are hits from the first call.
+    for warm in [&ack, &ack_ipip, &ack_gue] {
+        chunk(&dp, "warm", Program::Balancer, XDP_TX, 1, &mut |f| {
+            *f = warm.clone()
+        })?;
+    }
     run_rounds(
         &dp,
         &mut baseline,
@@ -440,6 +513,10 @@ fn main() -> Result<()> {
             &mut tcp_syn,
             &mut tcp_new,
             &mut udp_new,
+            &mut ipip_est,
+            &mut ipip_new,
+            &mut gue_est,
+            &mut gue_new,
         ],
     )?;
 
@@ -511,6 +588,10 @@ fn main() -> Result<()> {
         &mut full_new,
         &mut full_syn,
         &mut udp_new,
+        &mut ipip_est,
+        &mut ipip_new,
+        &mut gue_est,
+        &mut gue_new,
         &mut refusal,
     ] {
         if spec.line.samples.is_empty() {
