@@ -31,13 +31,19 @@ const VIPS: [(&str, &str); 4] = [
 ];
 const BACKENDS: [(&str, u8); 2] = [("b1", 5), ("b2", 6)];
 
+/// LB nodes: tag and last octet (198.18.0.x, 2001:db8::x).
+const LBS: [(&str, u8); 2] = [("lb1", 2), ("lb2", 3)];
+
 struct Routed {
-    lbd: Option<Proc>,
+    lbds: Vec<Proc>,
     servers: Vec<Proc>,
     lab: Lab,
     dir: PathBuf,
-    socket: PathBuf,
+    /// lb1's API socket (and lb2's, in a cluster).
+    sockets: Vec<PathBuf>,
     pins: Vec<PathBuf>,
+    /// The LB nodes lbd runs on.
+    lbs: usize,
 }
 
 fn backend_addr(subnet: u8, v6: bool) -> String {
@@ -52,41 +58,59 @@ fn decap_pin(node: &str, tag: &str) -> PathBuf {
     PathBuf::from(format!("/sys/fs/bpf/lb-decap-{node}-{tag}"))
 }
 
+/// What a `Routed` lab is built with.
+#[derive(Default)]
+struct Opts {
+    /// The LB's `dataplane.encap_mtu`.
+    encap_mtu: Option<u16>,
+    /// The MTU of the router's link to the bridge (the backends' replies cross it).
+    router_mtu: Option<u32>,
+    /// A `[service.check]` section for every TCP service.
+    check: &'static str,
+    /// lb1 and lb2 as a cluster (lb1 prefers every VIP) instead of lb1 alone with the
+    /// VIPs on its interface.
+    cluster: bool,
+}
+
 impl Routed {
-    /// The topology, lbd on lb1 and both backends set up. `encap_mtu`: the LB's
-    /// `dataplane.encap_mtu`; `router_mtu`: the MTU of the router's link to the
-    /// bridge (the backends' replies cross it).
+    /// The topology, lbd on lb1 and both backends set up.
     fn new(test: &str, encap_mtu: Option<u16>, router_mtu: Option<u32>) -> Routed {
-        Self::with_check(test, encap_mtu, router_mtu, "")
+        Self::build(test, Opts { encap_mtu, router_mtu, ..Opts::default() })
     }
 
-    /// As `new`, with `check` (a `[service.check]` section) on every TCP service.
-    fn with_check(test: &str, encap_mtu: Option<u16>, router_mtu: Option<u32>, check: &str) -> Routed {
+    fn build(test: &str, opts: Opts) -> Routed {
+        let lbs = if opts.cluster { 2 } else { 1 };
         let mut lab = Lab::new().expect("creating the lab");
         lab.add_host("client", 10).unwrap();
-        lab.add_host("lb1", 2).unwrap();
+        for (tag, octet) in &LBS[..lbs] {
+            lab.add_host(tag, *octet).unwrap();
+        }
         lab.add_host("router", 1).unwrap();
         for (tag, subnet) in BACKENDS {
             lab.add_routed_host(tag, "router", subnet).unwrap();
         }
-        let lb = lab.host("lb1");
-        for (vip, _) in VIPS {
-            let v6 = vip.contains(':');
-            let (fam, len) = if v6 { ("-6 ", 128) } else { ("", 32) };
-            let nodad = if v6 { " nodad" } else { "" };
-            lb.ns
-                .ip(&format!("{fam}addr add {vip}/{len} dev eth0{nodad}"))
-                .unwrap();
+        for (tag, _) in &LBS[..lbs] {
+            let lb = lab.host(tag);
+            if !opts.cluster {
+                for (vip, _) in VIPS {
+                    let v6 = vip.contains(':');
+                    let (fam, len) = if v6 { ("-6 ", 128) } else { ("", 32) };
+                    let nodad = if v6 { " nodad" } else { "" };
+                    lb.ns
+                        .ip(&format!("{fam}addr add {vip}/{len} dev eth0{nodad}"))
+                        .unwrap();
+                }
+            }
+            for (_, subnet) in BACKENDS {
+                lb.ns
+                    .ip(&format!("route add 198.18.{subnet}.0/24 via 198.18.0.1"))
+                    .unwrap();
+                lb.ns
+                    .ip(&format!("-6 route add 2001:db8:{subnet:x}::/64 via 2001:db8::1"))
+                    .unwrap();
+            }
         }
-        for (_, subnet) in BACKENDS {
-            lb.ns
-                .ip(&format!("route add 198.18.{subnet}.0/24 via 198.18.0.1"))
-                .unwrap();
-            lb.ns
-                .ip(&format!("-6 route add 2001:db8:{subnet:x}::/64 via 2001:db8::1"))
-                .unwrap();
-        }
-        if let Some(mtu) = router_mtu {
+        if let Some(mtu) = opts.router_mtu {
             lab.host("router")
                 .ns
                 .ip(&format!("link set eth0 mtu {mtu}"))
@@ -97,7 +121,10 @@ impl Routed {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let server = binary("lab-server");
-        let mut pins = vec![PathBuf::from(format!("/sys/fs/bpf/lb/{node}"))];
+        let mut pins: Vec<PathBuf> = LBS[..lbs]
+            .iter()
+            .map(|(tag, _)| PathBuf::from(format!("/sys/fs/bpf/lb/{node}-{tag}")))
+            .collect();
         let mut servers = Vec::new();
         for (tag, _) in BACKENDS {
             let log = dir.join(format!("lab-server-{tag}.log"));
@@ -108,12 +135,16 @@ impl Routed {
             pins.push(decap_pin(&node, tag));
         }
         let mut env = Routed {
-            lbd: None,
+            lbds: Vec::new(),
             servers,
             lab,
-            socket: dir.join("lbd.sock"),
+            sockets: LBS[..lbs]
+                .iter()
+                .map(|(tag, _)| dir.join(format!("{tag}.sock")))
+                .collect(),
             dir,
             pins,
+            lbs,
         };
         for (tag, _) in BACKENDS {
             let out = env.backend_lbctl(tag, &node, "setup", &["--xdp-mode", "skb"]);
@@ -124,50 +155,57 @@ impl Routed {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let config = env.dir.join("lbd.toml");
-        std::fs::write(&config, config_text(&node, &env.dir, &env.pins[0], encap_mtu, check)).unwrap();
-        let log = env.dir.join("lbd.log");
-        env.lbd = Some(
-            env.lab
-                .spawn("lb1", &binary("lbd"), &["--config", &config.to_string_lossy()], &log)
-                .expect("starting lbd"),
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !env.lbctl(&["status"]).status.success() {
-            assert!(
-                Instant::now() < deadline,
-                "lbd did not answer within 20 s: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
+        for (i, (tag, octet)) in LBS[..lbs].iter().enumerate() {
+            let config = env.dir.join(format!("{tag}.toml"));
+            let text = config_text(&node, tag, *octet, &env.dir, &env.pins[i], &opts);
+            std::fs::write(&config, text).unwrap();
+            let log = env.dir.join(format!("lbd-{tag}.log"));
+            env.lbds.push(
+                env.lab
+                    .spawn(tag, &binary("lbd"), &["--config", &config.to_string_lossy()], &log)
+                    .expect("starting lbd"),
             );
-            std::thread::sleep(Duration::from_millis(50));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !env.lbctl_on(i, &["status"]).status.success() {
+                assert!(
+                    Instant::now() < deadline,
+                    "lbd on {tag} did not answer within 20 s: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         env
     }
 
     fn lbctl(&self, args: &[&str]) -> Output {
+        self.lbctl_on(0, args)
+    }
+
+    fn lbctl_on(&self, lb: usize, args: &[&str]) -> Output {
         std::process::Command::new(binary("lbctl"))
             .arg("--socket")
-            .arg(&self.socket)
+            .arg(&self.sockets[lb])
             .args(args)
             .output()
             .expect("running lbctl")
     }
 
+
     /// `lbctl backend <verb>` on backend `tag`, for every VIP, in gue mode (which
-    /// takes IPIP too) from lb1's outer sources.
+    /// takes IPIP too) from the LB nodes' outer sources.
     fn backend_lbctl(&self, tag: &str, node: &str, verb: &str, extra: &[&str]) -> Output {
         let pin = decap_pin(node, tag);
         let mut args: Vec<String> = vec!["backend".into(), verb.into(), "--interface".into(), "eth0".into()];
         for (vip, _) in VIPS {
             args.extend(["--vip".into(), vip.into()]);
         }
-        args.extend(
-            [
-                "--mode", "gue", "--lb-source", "198.18.0.2", "--lb-source", "2001:db8::2",
-                "--pin-dir",
-            ]
-            .map(String::from),
-        );
+        args.extend(["--mode".into(), "gue".into()]);
+        for (_, octet) in &LBS[..self.lbs] {
+            args.extend(["--lb-source".into(), format!("198.18.0.{octet}")]);
+            args.extend(["--lb-source".into(), format!("2001:db8::{octet:x}")]);
+        }
+        args.push("--pin-dir".into());
         args.push(pin.to_string_lossy().into_owned());
         args.extend(extra.iter().map(|s| s.to_string()));
         self.lab
@@ -204,7 +242,7 @@ impl Routed {
 
 impl Drop for Routed {
     fn drop(&mut self) {
-        self.lbd.take();
+        self.lbds.clear();
         self.servers.clear();
         if std::thread::panicking() {
             lb_tests::lab::print_log_tails(&self.dir, 40);
@@ -216,13 +254,7 @@ impl Drop for Routed {
     }
 }
 
-fn config_text(
-    node: &str,
-    dir: &std::path::Path,
-    pin: &std::path::Path,
-    encap_mtu: Option<u16>,
-    check: &str,
-) -> String {
+fn config_text(node: &str, lb: &str, octet: u8, dir: &std::path::Path, pin: &std::path::Path, opts: &Opts) -> String {
     let mut services = String::new();
     for (vip, mode) in VIPS {
         let v6 = vip.contains(':');
@@ -231,28 +263,42 @@ fn config_text(
             .map(|(_, s)| format!("\n[[service.backend]]\naddress = \"{}\"\n", backend_addr(*s, v6)))
             .collect();
         for proto in ["tcp", "udp"] {
-            let check = if proto == "tcp" { check } else { "" };
+            let check = if proto == "tcp" { opts.check } else { "" };
             services.push_str(&format!(
                 "\n[[service]]\nvip = \"{vip}\"\nport = {PORT}\nprotocol = \"{proto}\"\nforward = \"{mode}\"\n{backends}{check}"
             ));
         }
     }
-    let mtu = encap_mtu.map_or(String::new(), |m| format!("encap_mtu = {m}\n"));
+    let mtu = opts.encap_mtu.map_or(String::new(), |m| format!("encap_mtu = {m}\n"));
+    let cluster = if opts.cluster {
+        let preferred: Vec<String> = if lb == "lb1" {
+            VIPS.iter().map(|(v, _)| format!("\"{v}\"")).collect()
+        } else {
+            Vec::new()
+        };
+        format!(
+            "\n[cluster]\nid = \"198.18.0.{octet}\"\ngroup = \"239.255.18.9:7400\"\nnodes = 2\nquorum = 1\n\
+             key = \"encap-cluster-key-0123456789\"\ninterval_ms = 100\npreferred = [{}]\n",
+            preferred.join(", ")
+        )
+    } else {
+        String::new()
+    };
     format!(
         r#"[node]
-name = "{node}"
-api_socket = "{dir}/lbd.sock"
+name = "{node}-{lb}"
+api_socket = "{dir}/{lb}.sock"
 metrics_listen = "127.0.0.1:9469"
-state_dir = "{dir}/state"
+state_dir = "{dir}/state-{lb}"
 pin_dir = "{pin}"
 
 [dataplane]
 interfaces = [{{ name = "eth0", xdp_mode = "skb" }}]
 max_services = 16
 conn_table_size = 16384
-encap_source_v4 = "198.18.0.2"
-encap_source_v6 = "2001:db8::2"
-{mtu}{services}"#,
+encap_source_v4 = "198.18.0.{octet}"
+encap_source_v6 = "2001:db8::{octet:x}"
+{mtu}{services}{cluster}"#,
         dir = dir.display(),
         pin = pin.display(),
     )
@@ -437,8 +483,8 @@ fn within(what: &str, done: impl Fn() -> bool) {
 
 #[test]
 fn health_checks_go_through_the_tunnel_so_a_broken_decapsulation_fails_them() {
-    let check = "\n[service.check]\nkind = \"http\"\npath = \"/\"\ninterval_ms = 200\ntimeout_ms = 300\nrise = 2\nfall = 2\n";
-    let env = Routed::with_check("health", None, None, check);
+    let check: &'static str = "\n[service.check]\nkind = \"http\"\npath = \"/\"\ninterval_ms = 200\ntimeout_ms = 300\nrise = 2\nfall = 2\n";
+    let env = Routed::build("health", Opts { check, ..Opts::default() });
     let node = format!("t{}-health", std::process::id());
     let services = [
         ("tcp/198.18.0.100:8080", "198.18.5.1"),
@@ -477,4 +523,63 @@ fn health_checks_go_through_the_tunnel_so_a_broken_decapsulation_fails_them() {
     for (svc, b1) in services {
         within(&format!("{b1} of {svc} healthy again"), || healthy(&env, svc, b1));
     }
+}
+
+#[test]
+fn a_cluster_failover_keeps_established_encapsulated_connections() {
+    let env = Routed::build("failover", Opts { cluster: true, ..Opts::default() });
+    // lb1 takes every VIP (it prefers them); wait for traffic to flow through it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ok = env.client(|| {
+            Ok(VIPS
+                .iter()
+                .all(|(vip, _)| traffic::http_get(None, addr(vip), Duration::from_millis(500)).is_ok()))
+        });
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cluster never served every VIP");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // One long-lived connection per VIP (IPIP and GUE, IPv4 and IPv6), through lb1.
+    let (convs, homes) = env.client(|| {
+        let mut convs = Vec::new();
+        let mut homes = Vec::new();
+        for (vip, _) in VIPS {
+            let mut c = Conversation::open(None, addr(vip), TIMEOUT)?;
+            homes.push(c.ask("before")?);
+            convs.push(c);
+        }
+        Ok((convs, homes))
+    });
+    let global_of = |lb: usize| -> BTreeMap<String, u64> {
+        let out = env.lbctl_on(lb, &["-o", "json", "stats"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["global"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_u64().unwrap()))
+            .collect()
+    };
+    let (g1, g2) = (global_of(0), global_of(1));
+    assert!(g1["fwd_ipip"] > 0 && g1["fwd_gue"] > 0, "lb1 carried them first: {g1:?}");
+    assert_eq!((g2["fwd_ipip"], g2["fwd_gue"]), (0, 0), "lb2 carried nothing yet: {g2:?}");
+    // lb1 dies: its daemon killed, its link down. lb2 takes the VIPs, and steers the
+    // connections it has never seen by the same table to the same backends, wrapped
+    // from its own source (which the backends take too).
+    env.lbds[0].signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+    env.lab.host("lb1").ns.ip("link set eth0 down").unwrap();
+    let after = env.client(move || {
+        let mut names = Vec::new();
+        for mut c in convs {
+            names.push(c.ask_within("after", Duration::from_secs(10))?);
+        }
+        Ok(names)
+    });
+    assert_eq!(after, homes, "every connection kept its backend across the failover");
+    let g = global_of(1);
+    assert!(g["fwd_ipip"] > 0 && g["fwd_gue"] > 0, "lb2 carried them: {g:?}");
 }
