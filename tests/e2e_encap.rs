@@ -453,9 +453,20 @@ fn backend_doctor_names_each_broken_setting_and_the_command_that_fixes_it() {
     // Set up again (safe to repeat), it still serves.
     let out = env.backend_lbctl("b1", &node, "setup", &["--xdp-mode", "skb"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(text.contains("lb_decap attached"), "{text}");
+    assert!(text.contains("lb_decap (XDP) attached to eth0"), "{text}");
     let (tcp, _) = env.client(|| ask("198.18.0.100", 16));
     assert!(tcp.contains_key("b1"), "{tcp:?}");
+    // Where XDP is not wanted (or not possible): the same on tc ingress.
+    std::fs::remove_file(decap_pin(&node, "b1").join("link-lb_decap-eth0")).unwrap();
+    let out = env.backend_lbctl("b1", &node, "setup", &["--hook", "tc"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("lb_decap_tc (tc ingress) attached to eth0"), "{text}");
+    doctor(true);
+    let (tcp, udp) = env.client(|| ask("198.18.0.101", 16));
+    assert!(tcp.contains_key("b1") && udp.contains_key("b1"), "GUE through tc: {tcp:?} {udp:?}");
+    let (tcp, _) = env.client(|| ask("2001:db8::100", 16));
+    assert!(tcp.contains_key("b1"), "IPv6 IPIP through tc: {tcp:?}");
 }
 
 /// Whether lbd holds backend `addr` of `service` healthy.

@@ -89,6 +89,8 @@ pub mod program_names {
     pub const DROP: &str = "lb_drop";
     /// The backend side: strips IPIP/GUE from the LB nodes' packets (XDP).
     pub const DECAP: &str = "lb_decap";
+    /// The same on tc ingress, where an interface takes no XDP program.
+    pub const DECAP_TC: &str = "lb_decap_tc";
     /// tc egress of the data-plane interfaces: wraps marked health probes.
     pub const PROBE_ENCAP: &str = "lb_probe_encap";
 }

@@ -8,9 +8,13 @@
 //! an ECN-capable inner packet, and an inner packet that is not ECN-capable is dropped.
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    bindings::{
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        xdp_action::{XDP_DROP, XDP_PASS},
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, TC_ACT_OK, TC_ACT_SHOT,
+    },
     helpers::bpf_xdp_adjust_head,
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{AddrKey, DecapStats, FAMILY_V4, FAMILY_V6, PROTO_UDP};
 
@@ -39,6 +43,28 @@ enum Verdict {
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> u32 {
     let verdict = decap(ctx).unwrap_or(Verdict::Passed);
+    count(&verdict);
+    match verdict {
+        Verdict::CeDropped => XDP_DROP,
+        _ => XDP_PASS,
+    }
+}
+
+/// The same for tc ingress (`lb_decap_tc`), where an interface takes no XDP program:
+/// the headers are read with `bpf_skb_load_bytes` and removed with
+/// `bpf_skb_adjust_room`.
+#[inline(always)]
+pub fn run_tc(ctx: &TcContext) -> i32 {
+    let verdict = decap_skb(ctx).unwrap_or(Verdict::Passed);
+    count(&verdict);
+    match verdict {
+        Verdict::CeDropped => TC_ACT_SHOT as i32,
+        _ => TC_ACT_OK as i32,
+    }
+}
+
+#[inline(always)]
+fn count(verdict: &Verdict) {
     if let Some(s) = DECAP_STATS.get_ptr_mut(0) {
         // SAFETY: this CPU's own slot.
         let s: &mut DecapStats = unsafe { &mut *s };
@@ -51,10 +77,134 @@ pub fn run(ctx: &XdpContext) -> u32 {
             Verdict::Passed => &mut s.passed,
         } += 1;
     }
-    match verdict {
-        Verdict::CeDropped => XDP_DROP,
-        _ => XDP_PASS,
+}
+
+/// Whether `addr` (of `family`) is an LB node's outer source.
+#[inline(always)]
+fn from_lb(addr: &[u8], family: u8) -> bool {
+    let mut key = AddrKey {
+        family,
+        ..AddrKey::default()
+    };
+    let n = if family == FAMILY_V4 { 4 } else { 16 };
+    let mut i = 0;
+    while i < n && i < addr.len() {
+        key.addr[i] = addr[i];
+        i += 1;
     }
+    // SAFETY: a plain value, only tested for presence.
+    unsafe { DECAP_SOURCES.get(&key) }.is_some()
+}
+
+#[inline(always)]
+fn decap_skb(ctx: &TcContext) -> Result<Verdict, i64> {
+    let ether: [u8; 2] = ctx.load(12)?;
+    let gue_port = DECAP_CONFIG.get(0).map_or(0, |c| c.gue_port_be);
+    let (outer, want, ecn, gue, outer_v4) = match ether {
+        [0x08, 0x00] => {
+            let ip: [u8; IP4] = ctx.load(ETH)?;
+            if ip[0] != 0x45 {
+                return Ok(Verdict::Passed);
+            }
+            let gue = match ip[9] {
+                IPPROTO_IPIP | IPPROTO_IPV6 => false,
+                PROTO_UDP if gue_port != 0 => {
+                    let ports: [u8; 4] = ctx.load(ETH + IP4)?;
+                    if u16::from_ne_bytes([ports[2], ports[3]]) != gue_port {
+                        return Ok(Verdict::Passed);
+                    }
+                    true
+                }
+                _ => return Ok(Verdict::Passed),
+            };
+            if !from_lb(&ip[12..16], FAMILY_V4) {
+                return Ok(Verdict::ForeignSource);
+            }
+            if (ip[6] & 0x3f) | ip[7] != 0 {
+                return Ok(Verdict::Malformed);
+            }
+            let want = match ip[9] {
+                IPPROTO_IPIP => 4,
+                IPPROTO_IPV6 => 6,
+                _ => 0,
+            };
+            (if gue { IP4 + UDP } else { IP4 }, want, ip[1] & 3, gue, true)
+        }
+        [0x86, 0xdd] => {
+            let ip: [u8; IP6] = ctx.load(ETH)?;
+            if ip[0] >> 4 != 6 {
+                return Ok(Verdict::Passed);
+            }
+            let gue = match ip[6] {
+                IPPROTO_IPIP | IPPROTO_IPV6 => false,
+                PROTO_UDP if gue_port != 0 => {
+                    let ports: [u8; 4] = ctx.load(ETH + IP6)?;
+                    if u16::from_ne_bytes([ports[2], ports[3]]) != gue_port {
+                        return Ok(Verdict::Passed);
+                    }
+                    true
+                }
+                _ => return Ok(Verdict::Passed),
+            };
+            if !from_lb(&ip[8..24], FAMILY_V6) {
+                return Ok(Verdict::ForeignSource);
+            }
+            let want = match ip[6] {
+                IPPROTO_IPIP => 4,
+                IPPROTO_IPV6 => 6,
+                _ => 0,
+            };
+            (if gue { IP6 + UDP } else { IP6 }, want, (ip[1] >> 4) & 3, gue, false)
+        }
+        _ => return Ok(Verdict::Passed),
+    };
+    let inner_at = ETH + outer;
+    let Ok(mut inner) = ctx.load::<[u8; IP4]>(inner_at) else {
+        return Ok(Verdict::Malformed);
+    };
+    let version = inner[0] >> 4;
+    if (version != 4 && version != 6) || (want != 0 && version != want) {
+        return Ok(Verdict::Malformed);
+    }
+    if ecn == ECN_CE {
+        if version == 4 {
+            if inner[1] & 3 == 0 {
+                return Ok(Verdict::CeDropped);
+            }
+            let old = u16::from_be_bytes([inner[0], inner[1]]);
+            inner[1] |= ECN_CE;
+            let new = u16::from_be_bytes([inner[0], inner[1]]);
+            let check = u16::from_be_bytes([inner[10], inner[11]]);
+            let mut sum = (!check) as u32 + (!old) as u32 + new as u32;
+            sum = (sum & 0xffff) + (sum >> 16);
+            sum = (sum & 0xffff) + (sum >> 16);
+            let c = (!(sum as u16)).to_be_bytes();
+            ctx.store(inner_at + 1, &inner[1], 0)?;
+            ctx.store(inner_at + 10, &c, 0)?;
+        } else {
+            if (inner[1] >> 4) & 3 == 0 {
+                return Ok(Verdict::CeDropped);
+            }
+            inner[1] |= ECN_CE << 4;
+            ctx.store(inner_at + 1, &inner[1], 0)?;
+        }
+    }
+    let inner_v4 = version == 4;
+    let flags = if inner_v4 == outer_v4 {
+        0
+    } else if inner_v4 {
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4 as u64
+    } else {
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV6 as u64
+    };
+    if ctx.adjust_room(-(outer as i32), BPF_ADJ_ROOM_MAC, flags).is_err() {
+        return Ok(Verdict::Malformed);
+    }
+    if inner_v4 != outer_v4 {
+        let ether: [u8; 2] = if inner_v4 { [0x08, 0x00] } else { [0x86, 0xdd] };
+        ctx.store(12, &ether, 0)?;
+    }
+    Ok(if gue { Verdict::Gue } else { Verdict::Ipip })
 }
 
 #[inline(always)]

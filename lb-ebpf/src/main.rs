@@ -109,6 +109,12 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
     decap::run(&ctx)
 }
 
+/// The backend side where an interface takes no XDP program: the same on tc ingress.
+#[classifier]
+pub fn lb_decap_tc(ctx: TcContext) -> i32 {
+    decap::run_tc(&ctx)
+}
+
 /// tc egress of the data-plane interfaces: lbd's marked health probes of an
 /// encapsulating service leave wrapped like its traffic (`probe`).
 #[classifier]

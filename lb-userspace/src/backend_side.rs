@@ -35,6 +35,9 @@ pub struct Facts {
     pub sysctls: BTreeMap<String, String>,
     /// The XDP program attached to the interface, by name ("none" if none).
     pub xdp_program: Option<String>,
+    /// The tc ingress (tcx) programs on the interface, by name: `lb_decap_tc` is the
+    /// decapsulation where XDP cannot attach.
+    pub tc_programs: Vec<String>,
     /// The pinned decapsulation's sources and GUE port, if it is pinned.
     pub decap: Option<(Vec<IpAddr>, u16)>,
     /// The interface exists.
@@ -128,8 +131,13 @@ pub fn diagnose(setup: &Setup, facts: &Facts) -> Vec<Finding> {
             });
         }
         let setup_cmd = setup_command(setup);
+        let on_tc = facts
+            .tc_programs
+            .iter()
+            .any(|p| p == lb_common::program_names::DECAP_TC);
         match facts.xdp_program.as_deref() {
             Some(lb_common::program_names::DECAP) => {}
+            _ if on_tc => {}
             Some("none") | None => out.push(Finding {
                 problem: format!(
                     "no decapsulation on {i}: {} packets from the LB nodes reach the stack \
@@ -225,6 +233,7 @@ mod tests {
             on_lo: setup.vips.clone(),
             sysctls,
             xdp_program: Some("lb_decap".into()),
+            tc_programs: Vec::new(),
             decap: Some((setup.lb_sources.clone(), setup.gue_port)),
             interface_exists: true,
         }
@@ -264,6 +273,12 @@ mod tests {
             "lbctl backend setup --interface eth0 --vip 198.18.0.100 --vip 2001:db8::100 \
              --mode gue --lb-source 198.18.0.2 --gue-port 6080"
         );
+
+        // The tc fallback counts as the decapsulation too.
+        let mut f = ready(&s);
+        f.xdp_program = Some("none".into());
+        f.tc_programs = vec!["lb_decap_tc".into()];
+        assert_eq!(diagnose(&s, &f), vec![]);
 
         let mut f = ready(&s);
         f.decap = Some((vec![ip("198.18.0.3")], 7000));

@@ -551,3 +551,61 @@ fn a_congestion_mark_on_the_tunnel_reaches_the_inner_packet_or_drops_it() {
     assert_eq!(verdict, XDP_DROP);
     assert_eq!(d.stats().unwrap().ce_dropped, 1);
 }
+
+fn decap_tc_run(d: &Decap, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 64];
+    let r = d
+        .tc_program()
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+#[test]
+fn the_tc_fallback_decapsulates_as_the_xdp_program_does() {
+    let mut lb = load_lb();
+    let d = decap();
+    let mut n = 0;
+    for (vip, client, backend) in [
+        (VIP4, CLIENT4, REMOTE4),
+        (VIP6, CLIENT6, REMOTE6),
+        (VIP4, CLIENT4, REMOTE6),
+        (VIP6, CLIENT6, REMOTE4),
+    ] {
+        for mode in [Forward::Ipip, Forward::Gue] {
+            let key = lb.serve(vip, Proto::Tcp, mode, &[backend], 1500);
+            let input = Frame::tcp(client, vip, 40000, 80).build();
+            let (_, wrapped) = lb.run(&input);
+            let (verdict, out) = decap_tc_run(&d, &wrapped);
+            assert_eq!(verdict, TC_ACT_OK);
+            assert_eq!(out[ETH_LEN - 2..], input[ETH_LEN - 2..], "{mode:?} {client} via {backend}");
+            assert_eq!(out[..12], wrapped[..12], "the frame's MACs stay");
+            lb.maps.remove_service(key).unwrap();
+            n += 1;
+        }
+    }
+    assert_eq!(d.stats().unwrap().ipip + d.stats().unwrap().gue, n);
+    // Foreign senders and plain traffic pass untouched; a CE mark on a packet that
+    // does not speak ECN is dropped, as by XDP.
+    lb.serve(VIP4, Proto::Tcp, Forward::Ipip, &[REMOTE4], 1500);
+    let (_, wrapped) = lb.run(&Frame::tcp(CLIENT4, VIP4, 40001, 80).build());
+    let mut foreign = wrapped.clone();
+    foreign[ETH_LEN + 12..ETH_LEN + 16].copy_from_slice(&[198, 18, 9, 9]);
+    let plain = Frame::tcp(CLIENT4, VIP4, 40000, 80).build();
+    for frame in [&foreign, &plain] {
+        let (verdict, out) = decap_tc_run(&d, frame);
+        assert_eq!((verdict, &out), (TC_ACT_OK, frame));
+    }
+    let mut ce = wrapped;
+    ce[ETH_LEN + 1] |= 3;
+    let (verdict, _) = decap_tc_run(&d, &ce);
+    assert_eq!(verdict, TC_ACT_SHOT);
+}

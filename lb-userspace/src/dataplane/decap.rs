@@ -14,8 +14,9 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachType},
         xdp::XdpLink,
-        Xdp, XdpMode,
+        SchedClassifier, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -88,6 +89,16 @@ impl Decap {
             name: program_names::DECAP,
             source,
         })?;
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(program_names::DECAP_TC)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DataplaneError::MissingProgram {
+                name: program_names::DECAP_TC,
+            })?;
+        tc.load().map_err(|source| DataplaneError::ProgramLoad {
+            name: program_names::DECAP_TC,
+            source,
+        })?;
         let mut decap = Decap {
             ebpf,
             pin_dir: pin_dir.map(Path::to_path_buf),
@@ -138,6 +149,56 @@ impl Decap {
             .program(program_names::DECAP)
             .and_then(|p| p.try_into().ok())
             .expect("checked at load")
+    }
+
+    /// The tc fallback (`lb_decap_tc`).
+    pub fn tc_program(&self) -> &SchedClassifier {
+        self.ebpf
+            .program(program_names::DECAP_TC)
+            .and_then(|p| p.try_into().ok())
+            .expect("checked at load")
+    }
+
+    /// Attaches `lb_decap_tc` to `interface`'s tc ingress (tcx) through a pinned
+    /// link, for interfaces where XDP cannot attach; a link an earlier setup pinned
+    /// gets this program in one step.
+    pub fn attach_tc_pinned(&mut self, interface: &str) -> Result<()> {
+        let dir = self.pin_dir.clone().ok_or_else(|| {
+            DataplaneError::Options("a pinned attach needs a pin directory".into())
+        })?;
+        let path = tc_link_path(&dir, interface);
+        let attach_err = |source| DataplaneError::Attach {
+            program: program_names::DECAP_TC,
+            interface: interface.to_string(),
+            source,
+        };
+        let tc: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program_names::DECAP_TC)
+            .and_then(|p| p.try_into().ok())
+            .expect("checked at load");
+        if path.exists() {
+            let old = PinnedLink::from_pin(&path).map_err(|e| {
+                DataplaneError::Options(format!("opening pinned link {}: {e}", path.display()))
+            })?;
+            let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| {
+                DataplaneError::Options(format!("pinned link {} is not a tc link: {e}", path.display()))
+            })?;
+            let id = tc.attach_to_link(link).map_err(attach_err)?;
+            let _ = tc.take_link(id);
+            return Ok(());
+        }
+        let id = tc.attach(interface, TcAttachType::Ingress).map_err(attach_err)?;
+        let link = tc.take_link(id).map_err(attach_err)?;
+        let fd_link = FdLink::try_from(link).map_err(|e| {
+            DataplaneError::Options(format!(
+                "the kernel attached lb_decap_tc to {interface} without a BPF link (tcx), which cannot be pinned: {e}"
+            ))
+        })?;
+        fd_link.pin(&path).map_err(|e| {
+            DataplaneError::Options(format!("pinning the link at {}: {e}", path.display()))
+        })?;
+        Ok(())
     }
 
     /// The counters, summed over CPUs.
@@ -196,9 +257,14 @@ impl Decap {
     }
 }
 
-/// Where the link of `interface` is pinned.
+/// Where the XDP link of `interface` is pinned.
 pub fn link_path(dir: &Path, interface: &str) -> PathBuf {
     dir.join(format!("link-{}-{interface}", program_names::DECAP))
+}
+
+/// Where the tc link of `interface` is pinned.
+pub fn tc_link_path(dir: &Path, interface: &str) -> PathBuf {
+    dir.join(format!("link-{}-{interface}", program_names::DECAP_TC))
 }
 
 pub fn source_key(addr: IpAddr) -> AddrKey {

@@ -62,16 +62,35 @@ pub async fn gather(setup: &Setup) -> Result<Facts> {
                 .unwrap_or_else(|| format!("program {id}")),
         });
     }
+    if facts.interface_exists {
+        if let Ok((_, progs)) =
+            aya::programs::SchedClassifier::query_tcx(i, aya::programs::TcAttachType::Ingress)
+        {
+            facts.tc_programs = progs
+                .iter()
+                .filter_map(|p| p.name_as_str().map(str::to_string))
+                .collect();
+        }
+    }
     facts.decap = decap::read_pinned(&setup.pin_dir)
         .ok()
         .map(|(s, _)| (s.sources, s.gue_port));
     Ok(facts)
 }
 
+/// Where the decapsulation attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// XDP in this mode, else (the interface or driver refuses it) tc ingress.
+    Auto(XdpMode),
+    Xdp(XdpMode),
+    Tc,
+}
+
 /// Makes the host what `setup` needs: VIPs on lo, the sysctls, and for ipip/gue the
 /// decapsulation loaded, configured and attached through a pinned link (it outlives
 /// this command). Returns what it did, a line each.
-pub async fn apply(setup: &Setup, xdp_mode: XdpMode) -> Result<Vec<String>> {
+pub async fn apply(setup: &Setup, hook: Hook) -> Result<Vec<String>> {
     let mut done = Vec::new();
     let facts = gather(setup).await?;
     anyhow::ensure!(
@@ -111,9 +130,26 @@ pub async fn apply(setup: &Setup, xdp_mode: XdpMode) -> Result<Vec<String>> {
             },
         };
         let mut d = Decap::load(&settings, Some(&setup.pin_dir))?;
-        d.attach_pinned(&setup.interface, xdp_mode)?;
+        let name = match hook {
+            Hook::Xdp(mode) => {
+                d.attach_pinned(&setup.interface, mode)?;
+                "lb_decap (XDP)"
+            }
+            Hook::Tc => {
+                d.attach_tc_pinned(&setup.interface)?;
+                "lb_decap_tc (tc ingress)"
+            }
+            Hook::Auto(mode) => match d.attach_pinned(&setup.interface, mode) {
+                Ok(()) => "lb_decap (XDP)",
+                Err(e) => {
+                    done.push(format!("XDP did not attach ({e}); using tc ingress"));
+                    d.attach_tc_pinned(&setup.interface)?;
+                    "lb_decap_tc (tc ingress)"
+                }
+            },
+        };
         done.push(format!(
-            "lb_decap attached to {} for {} from {}",
+            "{name} attached to {} for {} from {}",
             setup.interface,
             setup.mode,
             setup

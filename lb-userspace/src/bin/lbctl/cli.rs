@@ -320,6 +320,10 @@ pub enum BackendCmd {
         /// XDP mode of the decapsulation (auto: driver where the interface has it).
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: XdpModeArg,
+        /// Where the decapsulation goes: xdp, tc (ingress, for interfaces that take
+        /// no XDP program), or auto (XDP, else tc).
+        #[arg(long, value_enum, default_value = "auto")]
+        hook: HookArg,
     },
     /// On a backend host: check what `backend setup` sets up, and say what is wrong
     /// with the command that fixes it. Exits 1 if anything is.
@@ -399,6 +403,13 @@ pub struct BackendHost {
     /// bpffs directory for the decapsulation's maps and link.
     #[arg(long, default_value = "/sys/fs/bpf/lb-decap")]
     pub pin_dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum HookArg {
+    Auto,
+    Xdp,
+    Tc,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

@@ -355,14 +355,24 @@ async fn backend(client: &Client, out: Output, cmd: BackendCmd) -> Result<(), Fa
                 )
                 .await?,
         ),
-        BackendCmd::Setup { host, xdp_mode } => {
+        BackendCmd::Setup {
+            host,
+            xdp_mode,
+            hook,
+        } => {
+            use lb_userspace::shell::backend_side::Hook;
             let setup = backend_setup(host)?;
             let mode = match xdp_mode {
                 crate::cli::XdpModeArg::Auto => aya::programs::XdpMode::Default,
                 crate::cli::XdpModeArg::Driver => aya::programs::XdpMode::Driver,
                 crate::cli::XdpModeArg::Skb => aya::programs::XdpMode::Skb,
             };
-            let done = lb_userspace::shell::backend_side::apply(&setup, mode)
+            let hook = match hook {
+                crate::cli::HookArg::Auto => Hook::Auto(mode),
+                crate::cli::HookArg::Xdp => Hook::Xdp(mode),
+                crate::cli::HookArg::Tc => Hook::Tc,
+            };
+            let done = lb_userspace::shell::backend_side::apply(&setup, hook)
                 .await
                 .map_err(|e| Failure::Shown(format!("backend setup: {e:#}")))?;
             let left = lb_userspace::shell::backend_side::doctor(&setup)
