@@ -150,7 +150,7 @@ fn random_changes_restarts_and_crashes_leave_the_maps_holding_the_plan() {
                 r.dp.crash_after_writes(rng.gen_range(0..20));
             }
             let mut saves = Vec::new();
-            let result = r.apply(next, false, &mut |d| {
+            let result = r.apply(next, false, &mut |d, _| {
                 saves.push(d.clone());
                 Ok(())
             });

@@ -178,7 +178,7 @@ fn ten_thousand_services_start_serve_their_last_service_and_resume_unchanged() {
         .next()
         .unwrap()
         .weight = 0;
-    r.apply(changed, false, &mut |_| Ok(())).unwrap();
+    r.apply(changed, false, &mut |_, _| Ok(())).unwrap();
     let after = r.dp.read_back(k).unwrap().unwrap();
     assert_ne!(
         after.cells, before[&k].cells,

@@ -80,6 +80,10 @@ pub struct Reconciler<D: Dataplane> {
     generation: u64,
     /// The generation at which each service last changed.
     touched: BTreeMap<ServiceKey, u64>,
+    /// Bumped whenever `written` may change; keys `counts`.
+    written_changes: u64,
+    /// `backend_counts` as of a `written_changes`.
+    counts: std::cell::Cell<Option<(u64, usize, usize)>>,
 }
 
 /// Checks what the data plane would refuse, and what must never reach it (see
@@ -129,6 +133,8 @@ impl<D: Dataplane> Reconciler<D> {
             behind: None,
             generation: 0,
             touched: BTreeMap::new(),
+            written_changes: 0,
+            counts: std::cell::Cell::new(None),
         }
     }
 
@@ -207,6 +213,8 @@ impl<D: Dataplane> Reconciler<D> {
         &mut self,
         next: BTreeMap<ServiceKey, Option<ServicePlan>>,
     ) -> Result<Vec<ServiceKey>> {
+        // `written` may change from here on (and in `roll_back`, called from here).
+        self.written_changes += 1;
         let held: BTreeSet<ServiceKey> = self.dp.services().into_iter().collect();
         let next: BTreeMap<ServiceKey, Option<ServicePlan>> = next
             .into_iter()
@@ -297,6 +305,7 @@ impl<D: Dataplane> Reconciler<D> {
             .collect();
         // Nothing is taken as written: each service is compared with what the maps hold.
         self.written.clear();
+        self.written_changes += 1;
         let next = self.plans(&keys);
         self.transition(next)
     }
@@ -331,7 +340,7 @@ impl<D: Dataplane> Reconciler<D> {
         &mut self,
         new: Desired,
         dry_run: bool,
-        save: &mut dyn FnMut(&Desired) -> Result<()>,
+        save: &mut dyn FnMut(&Desired, &BTreeSet<ServiceKey>) -> Result<()>,
     ) -> Result<Vec<Change>> {
         let limits = self.dp.limits();
         validate(
@@ -356,7 +365,7 @@ impl<D: Dataplane> Reconciler<D> {
             self.known.desired = old;
             return Ok(changes);
         }
-        if let Err(e) = save(&self.known.desired) {
+        if let Err(e) = save(&self.known.desired, &touched) {
             self.known.desired = old;
             return Err(e).context("saving the desired state; nothing was changed");
         }
@@ -366,7 +375,7 @@ impl<D: Dataplane> Reconciler<D> {
         crate::fault::point("apply.saved");
         if let Err(e) = self.transition(next) {
             let new = std::mem::replace(&mut self.known.desired, old);
-            if let Err(s) = save(&self.known.desired) {
+            if let Err(s) = save(&self.known.desired, &touched) {
                 warn!("restoring the saved desired state after a failed change: {s:#}");
                 // The file says `new`: the next start applies it.
                 let _ = new;
@@ -734,13 +743,27 @@ impl<D: Dataplane> Reconciler<D> {
     }
 
     /// Backends in the plans, and how many of them have no route yet.
+    /// Backends written, and those without a route. Counted once per change of what
+    /// is written (every published snapshot asks; a node may hold 100,000 backends).
     pub fn backend_counts(&self) -> (usize, usize) {
-        let all: Vec<&plan::BackendPlan> = self
-            .written
-            .values()
-            .flat_map(|p| p.backends.values())
-            .collect();
-        (all.len(), all.iter().filter(|b| b.route.is_none()).count())
+        let version = self.written_version();
+        if let Some((v, all, unrouted)) = self.counts.get() {
+            if v == version {
+                return (all, unrouted);
+            }
+        }
+        let (mut all, mut unrouted) = (0, 0);
+        for p in self.written.values() {
+            all += p.backends.len();
+            unrouted += p.backends.values().filter(|b| b.route.is_none()).count();
+        }
+        self.counts.set(Some((version, all, unrouted)));
+        (all, unrouted)
+    }
+
+    /// Changes whenever `written` does: the generation of what the maps hold.
+    fn written_version(&self) -> u64 {
+        self.written_changes
     }
 }
 

@@ -97,8 +97,8 @@ fn assert_holds_the_plan(r: &Reconciler<FakeDataplane>) {
     }
 }
 
-fn never_saved() -> impl FnMut(&Desired) -> Result<()> {
-    |_| Ok(())
+fn never_saved() -> impl FnMut(&Desired, &BTreeSet<ServiceKey>) -> Result<()> {
+    |_, _| Ok(())
 }
 
 #[test]
@@ -110,7 +110,7 @@ fn a_change_that_does_not_fit_changes_nothing() {
         .apply(
             desired(&[(80, 3, 1), (81, 6, 10), (82, 9, 20)]),
             false,
-            &mut |_| {
+            &mut |_, _| {
                 saved += 1;
                 Ok(())
             },
@@ -134,7 +134,7 @@ fn a_write_that_fails_is_rolled_back_with_the_saved_intent() {
         .apply(
             desired(&[(80, 2, 1), (81, 3, 10), (82, 3, 20)]),
             false,
-            &mut |d| {
+            &mut |d, _| {
                 saves.push(d.clone());
                 Ok(())
             },
@@ -158,7 +158,7 @@ fn a_restart_on_maps_a_crash_left_holds_the_saved_intent() {
     let mut r = started(desired(&[(80, 3, 1), (81, 2, 10)]));
     r.dp.fail_call = Some(r.dp.calls + 2);
     let mut saved = None;
-    let _ = r.apply(desired(&[(80, 1, 1), (81, 4, 10)]), false, &mut |d| {
+    let _ = r.apply(desired(&[(80, 1, 1), (81, 4, 10)]), false, &mut |d, _| {
         saved.get_or_insert_with(|| d.clone());
         Ok(())
     });

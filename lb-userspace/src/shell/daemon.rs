@@ -315,7 +315,7 @@ impl Daemon<MapManager> {
             }
         }
         let from_config = config.desired.clone();
-        if let Err(e) = log.save(&from_config, core.desired()) {
+        if let Err(e) = log.save(&from_config, core.desired(), None) {
             return Err(fail(programs, attached, e));
         }
         Ok(Daemon {
@@ -405,7 +405,7 @@ impl<D: Dataplane> Daemon<D> {
             let log = &mut self.log;
             changes = self
                 .core
-                .apply(new.desired.clone(), false, &mut |d| log.save(&from, d))?;
+                .apply(new.desired.clone(), false, &mut |d, _| log.save(&from, d, None))?;
             self.from_config = new.desired;
         }
         Ok((changes, later))
@@ -415,7 +415,9 @@ impl<D: Dataplane> Daemon<D> {
     /// written; a refused or failed change leaves both as they were.
     pub fn apply(&mut self, new: Desired, dry_run: bool) -> Result<Vec<Change>> {
         let (log, from) = (&mut self.log, &self.from_config);
-        self.core.apply(new, dry_run, &mut |d| log.save(from, d))
+        // The config is what it was at the last save: only the touched services differ.
+        self.core
+            .apply(new, dry_run, &mut |d, touched| log.save(from, d, Some(touched)))
     }
 
     pub fn set_directory(

@@ -10,7 +10,7 @@
 //! disk).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io::Write,
     path::{Path, PathBuf},
 };
@@ -57,6 +57,21 @@ fn delta(old: &Desired, new: &Desired) -> BTreeMap<ServiceKey, Option<ServiceSpe
         }
     }
     out
+}
+
+/// As `delta`, looking only at `keys`.
+fn delta_of(
+    old: &Desired,
+    new: &Desired,
+    keys: &BTreeSet<ServiceKey>,
+) -> BTreeMap<ServiceKey, Option<ServiceSpec>> {
+    keys.iter()
+        .filter_map(|k| match (old.services.get(k), new.services.get(k)) {
+            (a, Some(b)) if a != Some(b) => Some((*k, Some(b.clone()))),
+            (Some(_), None) => Some((*k, None)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// `desired` with a log's lines applied; the lines after a torn one are not read.
@@ -119,18 +134,29 @@ impl DesiredLog {
 
     /// Makes `desired` (derived from `from_config`) what is saved: one appended line,
     /// or a new snapshot (the first save of a run, another config, a long log).
-    pub fn save(&mut self, from_config: &Desired, desired: &Desired) -> Result<()> {
+    /// `touched`: the caller knows that `from_config` is the one of the last save and
+    /// that only these services may differ from it, so nothing else is compared (a
+    /// change to one service of 10,000 costs that service); `None`: compare all.
+    pub fn save(
+        &mut self,
+        from_config: &Desired,
+        desired: &Desired,
+        touched: Option<&BTreeSet<ServiceKey>>,
+    ) -> Result<()> {
         let appendable = self.log_bytes <= FOLD_AT.max(self.snapshot_bytes)
             && self
                 .saved
                 .as_ref()
-                .is_some_and(|s| &s.from_config == from_config);
+                .is_some_and(|s| touched.is_some() || &s.from_config == from_config);
         if !appendable {
             return self.snapshot(from_config, desired);
         }
         let saved = self.saved.as_mut().expect("appendable");
         let line = Line {
-            services: delta(&saved.desired, desired),
+            services: match touched {
+                Some(keys) => delta_of(&saved.desired, desired, keys),
+                None => delta(&saved.desired, desired),
+            },
         };
         if line.services.is_empty() {
             return Ok(());
@@ -223,13 +249,13 @@ mod tests {
         let config = desired(100, 3);
         let mut log = DesiredLog::open(&d);
         assert!(log.saved().is_none());
-        log.save(&config, &config).unwrap();
+        log.save(&config, &config, None).unwrap();
         let snapshot = std::fs::metadata(d.join(SNAPSHOT_FILE)).unwrap().len();
         let mut now = config.clone();
         now.services.values_mut().next().unwrap().backends.clear();
         let gone = *now.services.keys().last().unwrap();
         now.services.remove(&gone);
-        log.save(&config, &now).unwrap();
+        log.save(&config, &now, None).unwrap();
         let appended = std::fs::metadata(d.join(LOG_FILE)).unwrap().len();
         assert!(
             appended < snapshot / 20,
@@ -246,11 +272,39 @@ mod tests {
     }
 
     #[test]
+    fn a_save_told_the_touched_services_appends_them_as_a_full_comparison_would() {
+        let d = dir("touched");
+        let config = desired(100, 3);
+        let mut log = DesiredLog::open(&d);
+        log.save(&config, &config, None).unwrap();
+        let mut now = config.clone();
+        let first = *now.services.keys().next().unwrap();
+        let gone = *now.services.keys().last().unwrap();
+        now.services.get_mut(&first).unwrap().backends.clear();
+        now.services.remove(&gone);
+        let touched = BTreeSet::from([first, gone]);
+        log.save(&config, &now, Some(&touched)).unwrap();
+        let text = std::fs::read_to_string(d.join(LOG_FILE)).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let again = DesiredLog::open(&d);
+        assert_eq!(again.saved().unwrap().desired, now);
+        // Only the named services are looked at: an untouched one that differs (which
+        // a caller must never do) is not in the line.
+        let mut sneaky = now.clone();
+        let other = *sneaky.services.keys().nth(5).unwrap();
+        sneaky.services.get_mut(&other).unwrap().backends.clear();
+        let mut log = DesiredLog::open(&d);
+        log.save(&config, &now, None).unwrap();
+        log.save(&config, &sneaky, Some(&BTreeSet::new())).unwrap();
+        assert_eq!(DesiredLog::open(&d).saved().unwrap().desired, now);
+    }
+
+    #[test]
     fn a_torn_last_line_is_a_change_that_never_happened() {
         let d = dir("torn");
         let config = desired(3, 1);
         let mut log = DesiredLog::open(&d);
-        log.save(&config, &config).unwrap();
+        log.save(&config, &config, None).unwrap();
         let mut one = config.clone();
         one.services
             .values_mut()
@@ -258,7 +312,7 @@ mod tests {
             .unwrap()
             .config
             .pass_irregular = true;
-        log.save(&config, &one).unwrap();
+        log.save(&config, &one, None).unwrap();
         // A crash in the middle of appending the next change.
         let mut f = std::fs::OpenOptions::new()
             .append(true)
@@ -274,11 +328,11 @@ mod tests {
         let d = dir("fold");
         let config = desired(2, 1);
         let mut log = DesiredLog::open(&d);
-        log.save(&config, &config).unwrap();
+        log.save(&config, &config, None).unwrap();
         let mut now = config.clone();
         for i in 0..20_000u32 {
             now.services.values_mut().next().unwrap().config.epoch = i;
-            log.save(&config, &now).unwrap();
+            log.save(&config, &now, None).unwrap();
         }
         let logged = std::fs::metadata(d.join(LOG_FILE)).unwrap().len();
         assert!(
@@ -287,7 +341,7 @@ mod tests {
         );
         assert_eq!(DesiredLog::open(&d).saved().unwrap().desired, now);
         let other = desired(5, 2);
-        log.save(&other, &other).unwrap();
+        log.save(&other, &other, None).unwrap();
         assert_eq!(std::fs::metadata(d.join(LOG_FILE)).unwrap().len(), 0);
         assert_eq!(DesiredLog::open(&d).saved().unwrap().from_config, other);
     }
