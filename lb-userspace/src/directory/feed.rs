@@ -39,6 +39,43 @@ pub fn shapes_dataplane(table: &str) -> bool {
         || table == names::DESIRED
 }
 
+/// Which services a set of directory changes can change the feed of: a service's own
+/// table, its SPM record and its water-mark verdicts name it; a host route (shared by
+/// every service with a backend on that host) or the cluster's desired services
+/// concern all of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    pub all: bool,
+    pub services: std::collections::BTreeSet<ServiceKey>,
+}
+
+impl Scope {
+    /// Adds what a change of row `key` in `table` concerns (nothing if it does not
+    /// shape the data plane).
+    pub fn add(&mut self, table: &str, key: &str) {
+        if !shapes_dataplane(table) {
+            return;
+        }
+        let named = if let Some(s) = table.strip_prefix("svc.") {
+            s.parse::<ServiceKey>().ok()
+        } else if table == names::SPM || table == VERDICT_TABLE {
+            key.parse::<ServiceKey>().ok()
+        } else {
+            None
+        };
+        match named {
+            Some(k) => {
+                self.services.insert(k);
+            }
+            None => self.all = true,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.services.is_empty()
+    }
+}
+
 /// The cluster's desired services, if an operator has set them through the API of
 /// any node (until then each node runs its own configuration). `Err`: the row does
 /// not parse (written by a newer lbd?); the node keeps what it has.
@@ -133,6 +170,25 @@ pub fn backends_by_service(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_concerns_the_service_it_names_and_a_host_route_all() {
+        let key: ServiceKey = "tcp/198.18.0.100:8080".parse().unwrap();
+        let mut s = Scope::default();
+        s.add(&names::service(&key.to_string()), "a");
+        s.add(names::SPM, &key.to_string());
+        s.add(VERDICT_TABLE, &key.to_string());
+        s.add(names::AGENTS, "lb1");
+        assert_eq!(s, Scope { all: false, services: [key].into() });
+        s.add(names::HOST_ROUTES, "host2/0");
+        assert!(s.all);
+        let mut s = Scope::default();
+        s.add(names::DESIRED, names::DESIRED_KEY);
+        assert!(s.all);
+        let mut s = Scope::default();
+        s.add(names::SPM, "not a service");
+        assert!(s.all, "what cannot be read concerns everything");
+    }
 
     #[test]
     fn the_data_plane_sees_valid_entries_weighted_and_invalid_ones_drained() {

@@ -446,22 +446,87 @@ impl<D: Dataplane> Reconciler<D> {
             self.known.directory_fed = true;
             touched.extend(self.known.desired.services.keys().copied());
         }
-        // Services with a backend whose next hop has just been resolved.
-        for (k, s) in &self.known.desired.services {
-            let dir = feed.backends.get(k);
-            let hops = s
-                .backends
-                .keys()
-                .copied()
-                .chain(dir.into_iter().flat_map(|d| d.values().map(|b| b.via)));
-            if hops.into_iter().any(|h| learned.contains(&h)) {
-                touched.insert(*k);
-            }
-        }
         self.known.epochs = feed.epochs;
         self.known.verdicts = feed.verdicts;
         self.known.directory = feed.backends;
+        touched.extend(self.resolved_through(&learned));
         self.resync(touched)
+    }
+
+    /// As `set_feed`, for the services `keys` only: `feed` holds what the directory
+    /// has for them (a key missing from it has nothing there), the others keep what
+    /// they had. Costs those services, not the node. Only after a whole feed (the
+    /// first one decides which services are judged out).
+    pub fn set_feed_of(
+        &mut self,
+        keys: &BTreeSet<ServiceKey>,
+        mut feed: crate::directory::feed::Feed,
+        neighbors: BTreeMap<IpAddr, Neighbor>,
+    ) -> Result<Vec<ServiceKey>> {
+        anyhow::ensure!(
+            self.known.directory_fed,
+            "a partial feed before the first whole one"
+        );
+        let learned: BTreeSet<IpAddr> = neighbors
+            .iter()
+            .filter(|(a, n)| self.known.neighbors.get(a) != Some(*n))
+            .map(|(a, _)| *a)
+            .collect();
+        for a in &learned {
+            info!(backend = %a, mac = %mac_to_string(&neighbors[a].mac), "backend MAC learned");
+        }
+        self.known.neighbors.extend(neighbors);
+        let mut touched = BTreeSet::new();
+        for k in keys {
+            let (e, v, b) = (
+                feed.epochs.remove(k),
+                feed.verdicts.remove(k),
+                feed.backends.remove(k),
+            );
+            let before = (
+                self.known.epochs.get(k).copied(),
+                self.known.verdicts.get(k).cloned(),
+                self.known.directory.get(k).cloned(),
+            );
+            if before != (e, v.clone(), b.clone()) {
+                touched.insert(*k);
+            }
+            match e {
+                Some(e) => self.known.epochs.insert(*k, e),
+                None => self.known.epochs.remove(k),
+            };
+            match v {
+                Some(v) => self.known.verdicts.insert(*k, v),
+                None => self.known.verdicts.remove(k),
+            };
+            match b {
+                Some(b) => self.known.directory.insert(*k, b),
+                None => self.known.directory.remove(k),
+            };
+        }
+        touched.extend(self.resolved_through(&learned));
+        self.resync(touched)
+    }
+
+    /// Services with a backend whose next hop is among `learned` (just resolved).
+    fn resolved_through(&self, learned: &BTreeSet<IpAddr>) -> BTreeSet<ServiceKey> {
+        if learned.is_empty() {
+            return BTreeSet::new();
+        }
+        self.known
+            .desired
+            .services
+            .iter()
+            .filter(|(k, s)| {
+                let dir = self.known.directory.get(*k);
+                s.backends
+                    .keys()
+                    .copied()
+                    .chain(dir.into_iter().flat_map(|d| d.values().map(|b| b.via)))
+                    .any(|h| learned.contains(&h))
+            })
+            .map(|(k, _)| *k)
+            .collect()
     }
 
     /// The SPM manager's epochs (from the directory).

@@ -303,3 +303,42 @@ fn a_configured_backend_follows_its_host_route_in_the_directory() {
     r.set_directory(via("198.18.0.53")).unwrap();
     assert_eq!(mac(&r), 53);
 }
+
+#[test]
+fn a_partial_feed_changes_its_services_only_and_keeps_the_others() {
+    use crate::directory::feed::Feed;
+    let mut r = started(desired(&[(80, 1, 1), (81, 1, 10)]));
+    let dir = |via: &str| {
+        BTreeMap::from([(
+            "198.18.0.60".parse::<IpAddr>().unwrap(),
+            DirBackend {
+                weight: 1,
+                via: via.parse().unwrap(),
+                sphere: None,
+            },
+        )])
+    };
+    let one = BTreeSet::from([key(80)]);
+    let whole = Feed {
+        backends: BTreeMap::from([(key(80), dir("198.18.0.50")), (key(81), dir("198.18.0.51"))]),
+        ..Feed::default()
+    };
+    r.set_feed(whole, BTreeMap::new()).unwrap();
+    // Service 80's backend moves to another next hop; 81 is not named and keeps its.
+    let part = Feed {
+        backends: BTreeMap::from([(key(80), dir("198.18.0.52"))]),
+        epochs: BTreeMap::from([(key(80), 3)]),
+        ..Feed::default()
+    };
+    assert_eq!(r.set_feed_of(&one, part, BTreeMap::new()).unwrap(), vec![key(80)]);
+    let k = r.known();
+    assert_eq!(k.directory[&key(80)], dir("198.18.0.52"));
+    assert_eq!(k.directory[&key(81)], dir("198.18.0.51"));
+    assert_eq!(k.epochs.get(&key(80)), Some(&3));
+    // A named service with nothing in the feed has nothing left in the directory.
+    assert_eq!(r.set_feed_of(&one, Feed::default(), BTreeMap::new()).unwrap(), vec![key(80)]);
+    assert!(!r.known().directory.contains_key(&key(80)));
+    assert_eq!(r.known().directory[&key(81)], dir("198.18.0.51"));
+    // The same again changes nothing.
+    assert!(r.set_feed_of(&one, Feed::default(), BTreeMap::new()).unwrap().is_empty());
+}

@@ -436,6 +436,15 @@ impl<D: Dataplane> Daemon<D> {
         self.core.set_feed(feed, neighbors)
     }
 
+    pub fn set_feed_of(
+        &mut self,
+        keys: &BTreeSet<ServiceKey>,
+        feed: crate::directory::feed::Feed,
+        neighbors: BTreeMap<IpAddr, Neighbor>,
+    ) -> Result<Vec<ServiceKey>> {
+        self.core.set_feed_of(keys, feed, neighbors)
+    }
+
     pub fn set_epochs(&mut self, epochs: BTreeMap<ServiceKey, u64>) -> Result<Vec<ServiceKey>> {
         self.core.set_epochs(epochs)
     }

@@ -65,6 +65,8 @@ pub struct DirHandle {
     pub(crate) events: Option<(ClusterHandle, IpAddr)>,
     /// Counts the replica changes that shape the data plane (wakes the feeder) ...
     wanted: Arc<watch::Sender<u64>>,
+    /// ... and which services they concern, until the feeder takes them.
+    scope: Arc<std::sync::Mutex<crate::directory::feed::Scope>>,
     /// ... and how many of them the feeder has handed to the daemon.
     fed: Arc<watch::Sender<u64>>,
     /// Counts the steps in which the master acknowledged local requests ...
@@ -125,6 +127,16 @@ impl DirHandle {
             );
         }
         if out.applied.iter().any(|c| shapes_dataplane(&c.table)) {
+            {
+                let mut scope = self.scope.lock().expect("not poisoned");
+                for c in &out.applied {
+                    scope.add(&c.table, &c.key);
+                }
+                // A resync replaced the replica: anything may have changed.
+                if out.resynced {
+                    scope.all = true;
+                }
+            }
             self.wanted.send_modify(|n| *n += 1);
         }
         if !out.acked.is_empty() {
@@ -504,6 +516,10 @@ async fn feeder(h: DirHandle, neighbors: Arc<NeighborTable>) {
     let first = tokio::time::sleep(Duration::from_secs(1));
     tokio::pin!(first);
     let mut fed_once = false;
+    // Whether the daemon has had one whole feed; until then every round is whole.
+    let mut fed_whole = false;
+    // The services fed at least once (a newly desired one is fed in the next round).
+    let mut seen: std::collections::BTreeSet<ServiceKey> = Default::default();
     let mut wanted = h.wanted.subscribe();
     loop {
         tokio::select! {
@@ -523,8 +539,34 @@ async fn feeder(h: DirHandle, neighbors: Arc<NeighborTable>) {
             Some(Err(e)) => warn!("the cluster's desired services do not parse: {e}"),
             _ => {}
         }
-        let services: Vec<ServiceKey> = h.daemon.now().desired.services.keys().copied().collect();
+        // Only the services the changes named, once the directory has been fed whole
+        // (a change to one service of 10,000 must not re-feed the others).
+        let scope = std::mem::take(&mut *h.scope.lock().expect("not poisoned"));
+        let partial = fed_whole && !scope.all;
+        let mut scope = scope;
+        let services: Vec<ServiceKey> = {
+            let now = h.daemon.now();
+            if partial {
+                // Services desired since the last round have never been fed.
+                scope.services.extend(
+                    now.desired
+                        .services
+                        .keys()
+                        .filter(|k| !seen.contains(k))
+                        .copied(),
+                );
+                scope
+                    .services
+                    .iter()
+                    .filter(|k| now.desired.services.contains_key(k))
+                    .copied()
+                    .collect()
+            } else {
+                now.desired.services.keys().copied().collect()
+            }
+        };
         let f = h.with_tables(|t| feed(t, &services));
+        let services_fed = services.clone();
         let now = Instant::now();
         tried.retain(|_, at| now.duration_since(*at) < Duration::from_secs(5));
         let unknown: Vec<IpAddr> = {
@@ -544,7 +586,27 @@ async fn feeder(h: DirHandle, neighbors: Arc<NeighborTable>) {
         let found = neighbors
             .resolve_all(&unknown, &[], Duration::from_millis(100))
             .await;
-        match h.daemon.call(move |d| d.set_feed(f, found)).await {
+        let keys = partial.then(|| scope.services.clone());
+        let result = h
+            .daemon
+            .call(move |d| match &keys {
+                Some(keys) => d.set_feed_of(keys, f, found),
+                None => d.set_feed(f, found),
+            })
+            .await;
+        if result.is_ok() {
+            if !partial {
+                seen.clear();
+            }
+            seen.extend(services_fed.iter().copied());
+        }
+        match (&result, partial) {
+            (Ok(_), false) => fed_whole = true,
+            // Not taken: the next round feeds everything.
+            (Err(_), _) => h.scope.lock().expect("not poisoned").all = true,
+            _ => {}
+        }
+        match result {
             Ok(touched) if !touched.is_empty() && h.events.is_some() => {
                 info!(services = ?touched.iter().map(|k| k.to_string()).collect::<Vec<_>>(), "directory changed the data plane");
             }
@@ -608,6 +670,7 @@ pub fn start(
         published: Arc::new(watch::channel(0).0),
         events: cluster.as_ref().map(|(c, cfg)| (c.clone(), cfg.id)),
         wanted: Arc::new(watch::channel(0).0),
+        scope: Arc::new(std::sync::Mutex::new(Default::default())),
         fed: Arc::new(watch::channel(0).0),
         acks: Arc::new(watch::channel(0).0),
         ack_versions: Arc::new(std::sync::Mutex::new(BTreeMap::new())),

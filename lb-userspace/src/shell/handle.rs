@@ -67,6 +67,13 @@ pub trait Core: Send {
         feed: Feed,
         neighbors: BTreeMap<IpAddr, Neighbor>,
     ) -> Result<Vec<ServiceKey>>;
+    /// As `set_feed`, for `keys` only (`feed` holds those services, and no other).
+    fn set_feed_of(
+        &mut self,
+        keys: &std::collections::BTreeSet<ServiceKey>,
+        feed: Feed,
+        neighbors: BTreeMap<IpAddr, Neighbor>,
+    ) -> Result<Vec<ServiceKey>>;
     fn set_availability(&mut self, set: availability::Set) -> Result<()>;
     fn set_health(&mut self, key: ServiceKey, addr: IpAddr, healthy: bool) -> Result<()>;
     fn update_neighbors(&mut self, fresh: BTreeMap<IpAddr, Neighbor>) -> Result<Vec<IpAddr>>;
@@ -105,6 +112,14 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
         neighbors: BTreeMap<IpAddr, Neighbor>,
     ) -> Result<Vec<ServiceKey>> {
         Daemon::set_feed(self, feed, neighbors)
+    }
+    fn set_feed_of(
+        &mut self,
+        keys: &std::collections::BTreeSet<ServiceKey>,
+        feed: Feed,
+        neighbors: BTreeMap<IpAddr, Neighbor>,
+    ) -> Result<Vec<ServiceKey>> {
+        Daemon::set_feed_of(self, keys, feed, neighbors)
     }
     fn set_availability(&mut self, set: availability::Set) -> Result<()> {
         Daemon::set_availability(self, set)
