@@ -96,98 +96,150 @@ fn from_lb(addr: &[u8], family: u8) -> bool {
     unsafe { DECAP_SOURCES.get(&key) }.is_some()
 }
 
+/// An encapsulated packet from an LB node, to strip: the bytes after Ethernet to
+/// remove, the inner version the outer header announces (0: any; GUE says it by the
+/// version nibble), the outer ECN bits, and whether it is GUE.
+struct Strip {
+    outer: usize,
+    want: u8,
+    ecn: u8,
+    gue: bool,
+}
+
+/// Judges an outer IPv4 header: `Err` is the verdict to pass it with. `dport` reads
+/// the UDP destination port after it, when needed.
+#[inline(always)]
+fn judge_v4(
+    ip: &[u8; IP4],
+    gue_port: u16,
+    dport: impl FnOnce() -> Option<u16>,
+) -> Result<Strip, Verdict> {
+    if ip[0] != 0x45 {
+        return Err(Verdict::Passed);
+    }
+    let gue = judge_proto(ip[9], gue_port, dport)?;
+    if !from_lb(&ip[12..16], FAMILY_V4) {
+        return Err(Verdict::ForeignSource);
+    }
+    if (ip[6] & 0x3f) | ip[7] != 0 {
+        // A fragment of the outer packet: the inner one is not whole here.
+        return Err(Verdict::Malformed);
+    }
+    Ok(Strip {
+        outer: if gue { IP4 + UDP } else { IP4 },
+        want: announced(ip[9]),
+        ecn: ip[1] & 3,
+        gue,
+    })
+}
+
+/// As `judge_v4`, for an outer IPv6 header.
+#[inline(always)]
+fn judge_v6(
+    ip: &[u8; IP6],
+    gue_port: u16,
+    dport: impl FnOnce() -> Option<u16>,
+) -> Result<Strip, Verdict> {
+    if ip[0] >> 4 != 6 {
+        return Err(Verdict::Passed);
+    }
+    let gue = judge_proto(ip[6], gue_port, dport)?;
+    if !from_lb(&ip[8..24], FAMILY_V6) {
+        return Err(Verdict::ForeignSource);
+    }
+    Ok(Strip {
+        outer: if gue { IP6 + UDP } else { IP6 },
+        want: announced(ip[6]),
+        ecn: (ip[1] >> 4) & 3,
+        gue,
+    })
+}
+
+/// Whether the outer protocol is GUE (UDP to our port) or IPIP; `Err`: neither.
+#[inline(always)]
+fn judge_proto(proto: u8, gue_port: u16, dport: impl FnOnce() -> Option<u16>) -> Result<bool, Verdict> {
+    match proto {
+        IPPROTO_IPIP | IPPROTO_IPV6 => Ok(false),
+        PROTO_UDP if gue_port != 0 && dport() == Some(gue_port) => Ok(true),
+        _ => Err(Verdict::Passed),
+    }
+}
+
+/// The inner version an outer protocol number announces (0: GUE, any).
+#[inline(always)]
+fn announced(proto: u8) -> u8 {
+    match proto {
+        IPPROTO_IPIP => 4,
+        IPPROTO_IPV6 => 6,
+        _ => 0,
+    }
+}
+
+/// Checks the inner header's start (`inner`: 20 bytes, all of an IPv4 header, the
+/// start of an IPv6 one) and applies RFC 6040 to it. Returns its version and whether
+/// `inner` was changed (CE copied in; for IPv4 the checksum updated, RFC 1624).
+#[inline(always)]
+fn judge_inner(inner: &mut [u8; IP4], strip: &Strip) -> Result<(u8, bool), Verdict> {
+    let version = inner[0] >> 4;
+    if (version != 4 && version != 6) || (strip.want != 0 && version != strip.want) {
+        return Err(Verdict::Malformed);
+    }
+    if strip.ecn != ECN_CE {
+        return Ok((version, false));
+    }
+    if version == 4 {
+        if inner[1] & 3 == 0 {
+            return Err(Verdict::CeDropped);
+        }
+        let old = u16::from_be_bytes([inner[0], inner[1]]);
+        inner[1] |= ECN_CE;
+        let new = u16::from_be_bytes([inner[0], inner[1]]);
+        let check = u16::from_be_bytes([inner[10], inner[11]]);
+        let mut sum = (!check) as u32 + (!old) as u32 + new as u32;
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        let c = (!(sum as u16)).to_be_bytes();
+        inner[10] = c[0];
+        inner[11] = c[1];
+    } else {
+        if (inner[1] >> 4) & 3 == 0 {
+            return Err(Verdict::CeDropped);
+        }
+        inner[1] |= ECN_CE << 4;
+    }
+    Ok((version, true))
+}
+
 #[inline(always)]
 fn decap_skb(ctx: &TcContext) -> Result<Verdict, i64> {
     let ether: [u8; 2] = ctx.load(12)?;
     let gue_port = DECAP_CONFIG.get(0).map_or(0, |c| c.gue_port_be);
-    let (outer, want, ecn, gue, outer_v4) = match ether {
+    let udp_dport = |off: usize| ctx.load::<[u8; 4]>(off).ok().map(|p| u16::from_ne_bytes([p[2], p[3]]));
+    let (judged, outer_v4) = match ether {
         [0x08, 0x00] => {
             let ip: [u8; IP4] = ctx.load(ETH)?;
-            if ip[0] != 0x45 {
-                return Ok(Verdict::Passed);
-            }
-            let gue = match ip[9] {
-                IPPROTO_IPIP | IPPROTO_IPV6 => false,
-                PROTO_UDP if gue_port != 0 => {
-                    let ports: [u8; 4] = ctx.load(ETH + IP4)?;
-                    if u16::from_ne_bytes([ports[2], ports[3]]) != gue_port {
-                        return Ok(Verdict::Passed);
-                    }
-                    true
-                }
-                _ => return Ok(Verdict::Passed),
-            };
-            if !from_lb(&ip[12..16], FAMILY_V4) {
-                return Ok(Verdict::ForeignSource);
-            }
-            if (ip[6] & 0x3f) | ip[7] != 0 {
-                return Ok(Verdict::Malformed);
-            }
-            let want = match ip[9] {
-                IPPROTO_IPIP => 4,
-                IPPROTO_IPV6 => 6,
-                _ => 0,
-            };
-            (if gue { IP4 + UDP } else { IP4 }, want, ip[1] & 3, gue, true)
+            (judge_v4(&ip, gue_port, || udp_dport(ETH + IP4)), true)
         }
         [0x86, 0xdd] => {
             let ip: [u8; IP6] = ctx.load(ETH)?;
-            if ip[0] >> 4 != 6 {
-                return Ok(Verdict::Passed);
-            }
-            let gue = match ip[6] {
-                IPPROTO_IPIP | IPPROTO_IPV6 => false,
-                PROTO_UDP if gue_port != 0 => {
-                    let ports: [u8; 4] = ctx.load(ETH + IP6)?;
-                    if u16::from_ne_bytes([ports[2], ports[3]]) != gue_port {
-                        return Ok(Verdict::Passed);
-                    }
-                    true
-                }
-                _ => return Ok(Verdict::Passed),
-            };
-            if !from_lb(&ip[8..24], FAMILY_V6) {
-                return Ok(Verdict::ForeignSource);
-            }
-            let want = match ip[6] {
-                IPPROTO_IPIP => 4,
-                IPPROTO_IPV6 => 6,
-                _ => 0,
-            };
-            (if gue { IP6 + UDP } else { IP6 }, want, (ip[1] >> 4) & 3, gue, false)
+            (judge_v6(&ip, gue_port, || udp_dport(ETH + IP6)), false)
         }
         _ => return Ok(Verdict::Passed),
     };
-    let inner_at = ETH + outer;
+    let strip = match judged {
+        Ok(s) => s,
+        Err(v) => return Ok(v),
+    };
+    let inner_at = ETH + strip.outer;
     let Ok(mut inner) = ctx.load::<[u8; IP4]>(inner_at) else {
         return Ok(Verdict::Malformed);
     };
-    let version = inner[0] >> 4;
-    if (version != 4 && version != 6) || (want != 0 && version != want) {
-        return Ok(Verdict::Malformed);
-    }
-    if ecn == ECN_CE {
-        if version == 4 {
-            if inner[1] & 3 == 0 {
-                return Ok(Verdict::CeDropped);
-            }
-            let old = u16::from_be_bytes([inner[0], inner[1]]);
-            inner[1] |= ECN_CE;
-            let new = u16::from_be_bytes([inner[0], inner[1]]);
-            let check = u16::from_be_bytes([inner[10], inner[11]]);
-            let mut sum = (!check) as u32 + (!old) as u32 + new as u32;
-            sum = (sum & 0xffff) + (sum >> 16);
-            sum = (sum & 0xffff) + (sum >> 16);
-            let c = (!(sum as u16)).to_be_bytes();
-            ctx.store(inner_at + 1, &inner[1], 0)?;
-            ctx.store(inner_at + 10, &c, 0)?;
-        } else {
-            if (inner[1] >> 4) & 3 == 0 {
-                return Ok(Verdict::CeDropped);
-            }
-            inner[1] |= ECN_CE << 4;
-            ctx.store(inner_at + 1, &inner[1], 0)?;
-        }
+    let (version, changed) = match judge_inner(&mut inner, &strip) {
+        Ok(j) => j,
+        Err(v) => return Ok(v),
+    };
+    if changed {
+        ctx.store(inner_at, &inner, 0)?;
     }
     let inner_v4 = version == 4;
     let flags = if inner_v4 == outer_v4 {
@@ -197,14 +249,14 @@ fn decap_skb(ctx: &TcContext) -> Result<Verdict, i64> {
     } else {
         BPF_F_ADJ_ROOM_DECAP_L3_IPV6 as u64
     };
-    if ctx.adjust_room(-(outer as i32), BPF_ADJ_ROOM_MAC, flags).is_err() {
+    if ctx.adjust_room(-(strip.outer as i32), BPF_ADJ_ROOM_MAC, flags).is_err() {
         return Ok(Verdict::Malformed);
     }
     if inner_v4 != outer_v4 {
         let ether: [u8; 2] = if inner_v4 { [0x08, 0x00] } else { [0x86, 0xdd] };
         ctx.store(12, &ether, 0)?;
     }
-    Ok(if gue { Verdict::Gue } else { Verdict::Ipip })
+    Ok(if strip.gue { Verdict::Gue } else { Verdict::Ipip })
 }
 
 #[inline(always)]
@@ -213,78 +265,29 @@ fn decap(ctx: &XdpContext) -> Result<Verdict, ()> {
     // SAFETY: ptr_at checked the bounds.
     let eth = unsafe { *eth };
     let gue_port = DECAP_CONFIG.get(0).map_or(0, |c| c.gue_port_be);
-    match [eth[12], eth[13]] {
+    let judged = match [eth[12], eth[13]] {
         [0x08, 0x00] => {
             let ip: *const [u8; IP4] = ptr_at(ctx, ETH)?;
             // SAFETY: ptr_at checked the bounds.
-            let ip = unsafe { &*ip };
-            if ip[0] != 0x45 {
-                return Ok(Verdict::Passed);
-            }
-            let gue = match ip[9] {
-                IPPROTO_IPIP | IPPROTO_IPV6 => false,
-                PROTO_UDP if gue_port != 0 && dport(ctx, ETH + IP4)? == gue_port => true,
-                _ => return Ok(Verdict::Passed),
-            };
-            let mut key = AddrKey {
-                family: FAMILY_V4,
-                ..AddrKey::default()
-            };
-            key.addr[..4].copy_from_slice(&ip[12..16]);
-            // SAFETY: a plain value, only tested for presence.
-            if unsafe { DECAP_SOURCES.get(&key) }.is_none() {
-                return Ok(Verdict::ForeignSource);
-            }
-            if (ip[6] & 0x3f) | ip[7] != 0 {
-                // A fragment of the outer packet: the inner one is not whole here.
-                return Ok(Verdict::Malformed);
-            }
-            let want = match ip[9] {
-                IPPROTO_IPIP => 4,
-                IPPROTO_IPV6 => 6,
-                _ => 0,
-            };
-            let ecn = ip[1] & 3;
-            if gue {
-                strip::<{ IP4 + UDP }>(ctx, &eth, want, ecn, Verdict::Gue)
-            } else {
-                strip::<IP4>(ctx, &eth, want, ecn, Verdict::Ipip)
-            }
+            judge_v4(unsafe { &*ip }, gue_port, || dport(ctx, ETH + IP4).ok())
         }
         [0x86, 0xdd] => {
             let ip: *const [u8; IP6] = ptr_at(ctx, ETH)?;
             // SAFETY: ptr_at checked the bounds.
-            let ip = unsafe { &*ip };
-            if ip[0] >> 4 != 6 {
-                return Ok(Verdict::Passed);
-            }
-            let gue = match ip[6] {
-                IPPROTO_IPIP | IPPROTO_IPV6 => false,
-                PROTO_UDP if gue_port != 0 && dport(ctx, ETH + IP6)? == gue_port => true,
-                _ => return Ok(Verdict::Passed),
-            };
-            let mut key = AddrKey {
-                family: FAMILY_V6,
-                ..AddrKey::default()
-            };
-            key.addr.copy_from_slice(&ip[8..24]);
-            // SAFETY: a plain value, only tested for presence.
-            if unsafe { DECAP_SOURCES.get(&key) }.is_none() {
-                return Ok(Verdict::ForeignSource);
-            }
-            let want = match ip[6] {
-                IPPROTO_IPIP => 4,
-                IPPROTO_IPV6 => 6,
-                _ => 0,
-            };
-            let ecn = (ip[1] >> 4) & 3;
-            if gue {
-                strip::<{ IP6 + UDP }>(ctx, &eth, want, ecn, Verdict::Gue)
-            } else {
-                strip::<IP6>(ctx, &eth, want, ecn, Verdict::Ipip)
-            }
+            judge_v6(unsafe { &*ip }, gue_port, || dport(ctx, ETH + IP6).ok())
         }
-        _ => Ok(Verdict::Passed),
+        _ => return Ok(Verdict::Passed),
+    };
+    let strip = match judged {
+        Ok(s) => s,
+        Err(v) => return Ok(v),
+    };
+    // The outer size as a constant for each case, so the verifier can bound it.
+    match strip.outer {
+        IP4 => remove::<IP4>(ctx, &eth, &strip),
+        o if o == IP4 + UDP => remove::<{ IP4 + UDP }>(ctx, &eth, &strip),
+        IP6 => remove::<IP6>(ctx, &eth, &strip),
+        _ => remove::<{ IP6 + UDP }>(ctx, &eth, &strip),
     }
 }
 
@@ -297,50 +300,18 @@ fn dport(ctx: &XdpContext, off: usize) -> Result<u16, ()> {
     Ok(u16::from_ne_bytes([udp[2], udp[3]]))
 }
 
-/// Removes the `OUTER` bytes after the Ethernet header. `want`: the inner version
-/// the outer header announced (0: any, GUE says it by the version nibble).
+/// Removes the `OUTER` bytes after the Ethernet header.
 #[inline(always)]
-fn strip<const OUTER: usize>(
-    ctx: &XdpContext,
-    eth: &[u8; ETH],
-    want: u8,
-    outer_ecn: u8,
-    done: Verdict,
-) -> Result<Verdict, ()> {
+fn remove<const OUTER: usize>(ctx: &XdpContext, eth: &[u8; ETH], strip: &Strip) -> Result<Verdict, ()> {
     let inner: *mut [u8; IP4] = match ptr_at_mut(ctx, ETH + OUTER) {
         Ok(p) => p,
         Err(_) => return Ok(Verdict::Malformed),
     };
-    // SAFETY: ptr_at_mut checked the bounds (20 bytes: all of an IPv4 header and the
-    // start of an IPv6 one).
-    let inner = unsafe { &mut *inner };
-    let version = inner[0] >> 4;
-    if (version != 4 && version != 6) || (want != 0 && version != want) {
-        return Ok(Verdict::Malformed);
-    }
-    if outer_ecn == ECN_CE {
-        if version == 4 {
-            if inner[1] & 3 == 0 {
-                return Ok(Verdict::CeDropped);
-            }
-            // RFC 1624 incremental update of the header checksum for the first word.
-            let old = u16::from_be_bytes([inner[0], inner[1]]);
-            inner[1] |= ECN_CE;
-            let new = u16::from_be_bytes([inner[0], inner[1]]);
-            let check = u16::from_be_bytes([inner[10], inner[11]]);
-            let mut sum = (!check) as u32 + (!old) as u32 + new as u32;
-            sum = (sum & 0xffff) + (sum >> 16);
-            sum = (sum & 0xffff) + (sum >> 16);
-            let c = (!(sum as u16)).to_be_bytes();
-            inner[10] = c[0];
-            inner[11] = c[1];
-        } else {
-            if (inner[1] >> 4) & 3 == 0 {
-                return Ok(Verdict::CeDropped);
-            }
-            inner[1] |= ECN_CE << 4;
-        }
-    }
+    // SAFETY: ptr_at_mut checked the bounds; changed in place.
+    let (version, _) = match judge_inner(unsafe { &mut *inner }, strip) {
+        Ok(j) => j,
+        Err(v) => return Ok(v),
+    };
     let ether_type: [u8; 2] = if version == 4 { [0x08, 0x00] } else { [0x86, 0xdd] };
     // SAFETY: shrinking the head of the packet we own; the helper checks the bounds.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, OUTER as i32) } != 0 {
@@ -352,5 +323,5 @@ fn strip<const OUTER: usize>(
     e[13] = ether_type[1];
     // SAFETY: ptr_at_mut checked the bounds.
     unsafe { *out = e };
-    Ok(done)
+    Ok(if strip.gue { Verdict::Gue } else { Verdict::Ipip })
 }

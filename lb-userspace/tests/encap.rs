@@ -440,18 +440,27 @@ fn an_icmp_error_about_a_flow_goes_to_that_flows_backend_encapsulated_like_it() 
     }
 }
 
-fn decap_run(d: &Decap, frame: &[u8]) -> (u32, Vec<u8>) {
+/// Runs `frame` through the backend side's XDP program, or with `tc` its tc
+/// fallback: the verdict and the frame that left.
+fn decap_through(d: &Decap, tc: bool, frame: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; frame.len() + 64];
-    let r = d
-        .program()
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ..TestRunOptions::default()
+    };
+    let r = if tc {
+        d.tc_program().test_run(opts)
+    } else {
+        d.program().test_run(opts)
+    }
+    .expect("BPF_PROG_TEST_RUN");
     out.truncate(r.data_size_out as usize);
     (r.return_value, out)
+}
+
+fn decap_run(d: &Decap, frame: &[u8]) -> (u32, Vec<u8>) {
+    decap_through(d, false, frame)
 }
 
 fn decap() -> Decap {
@@ -539,12 +548,17 @@ fn a_congestion_mark_on_the_tunnel_reaches_the_inner_packet_or_drops_it() {
     let input = with_tos(Frame::tcp(CLIENT4, VIP4, 40000, 80).build(), 2);
     let (_, wrapped) = lb.run(&input);
     assert_eq!(wrapped[ETH_LEN + 1], 2, "ECN copied out");
-    let (verdict, out) = decap_run(&d, &mark_ce(wrapped));
-    assert_eq!(verdict, XDP_PASS);
-    assert_eq!(out[ETH_LEN + 1], 3, "CE inside");
-    let inner = pnet::packet::ipv4::Ipv4Packet::new(&out[ETH_LEN..]).unwrap();
-    assert_eq!(ipv4::checksum(&inner), inner.get_checksum());
-    assert_eq!(out[ETH_LEN + 20..], input[ETH_LEN + 20..]);
+    // The XDP program and its tc fallback alike.
+    for ((verdict, out), passed) in [
+        (decap_run(&d, &mark_ce(wrapped.clone())), XDP_PASS),
+        (decap_tc_run(&d, &mark_ce(wrapped)), TC_ACT_OK),
+    ] {
+        assert_eq!(verdict, passed);
+        assert_eq!(out[ETH_LEN + 1], 3, "CE inside");
+        let inner = pnet::packet::ipv4::Ipv4Packet::new(&out[ETH_LEN..]).unwrap();
+        assert_eq!(ipv4::checksum(&inner), inner.get_checksum());
+        assert_eq!(out[ETH_LEN + 20..], input[ETH_LEN + 20..]);
+    }
     // Not ECN-capable inside: RFC 6040 drops it.
     let (_, wrapped) = lb.run(&Frame::tcp(CLIENT4, VIP4, 40001, 80).build());
     let (verdict, _) = decap_run(&d, &mark_ce(wrapped));
@@ -553,17 +567,7 @@ fn a_congestion_mark_on_the_tunnel_reaches_the_inner_packet_or_drops_it() {
 }
 
 fn decap_tc_run(d: &Decap, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 64];
-    let r = d
-        .tc_program()
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
+    decap_through(d, true, frame)
 }
 
 const TC_ACT_OK: u32 = 0;

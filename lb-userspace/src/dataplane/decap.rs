@@ -13,7 +13,6 @@ use std::{
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
-        links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachType},
         xdp::XdpLink,
         SchedClassifier, Xdp, XdpMode,
@@ -25,6 +24,7 @@ use lb_common::{map_names, program_names, AddrKey, DecapConfig, DecapStats};
 use super::{
     error::{DataplaneError, MapResultExt, Result},
     layout::addr_bytes,
+    loader::{pin_link, pinned_link},
 };
 
 /// The decapsulation's maps, by name: what is pinned in its directory.
@@ -177,28 +177,14 @@ impl Decap {
             .program_mut(program_names::DECAP_TC)
             .and_then(|p| p.try_into().ok())
             .expect("checked at load");
-        if path.exists() {
-            let old = PinnedLink::from_pin(&path).map_err(|e| {
-                DataplaneError::Options(format!("opening pinned link {}: {e}", path.display()))
-            })?;
-            let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| {
-                DataplaneError::Options(format!("pinned link {} is not a tc link: {e}", path.display()))
-            })?;
+        if let Some(link) = pinned_link::<SchedClassifierLink>(&path, "a tc")? {
             let id = tc.attach_to_link(link).map_err(attach_err)?;
             let _ = tc.take_link(id);
             return Ok(());
         }
         let id = tc.attach(interface, TcAttachType::Ingress).map_err(attach_err)?;
         let link = tc.take_link(id).map_err(attach_err)?;
-        let fd_link = FdLink::try_from(link).map_err(|e| {
-            DataplaneError::Options(format!(
-                "the kernel attached lb_decap_tc to {interface} without a BPF link (tcx), which cannot be pinned: {e}"
-            ))
-        })?;
-        fd_link.pin(&path).map_err(|e| {
-            DataplaneError::Options(format!("pinning the link at {}: {e}", path.display()))
-        })?;
-        Ok(())
+        pin_link(link, &path, program_names::DECAP_TC, interface)
     }
 
     /// The counters, summed over CPUs.
@@ -228,16 +214,7 @@ impl Decap {
             .program_mut(program_names::DECAP)
             .and_then(|p| p.try_into().ok())
             .expect("checked at load");
-        if path.exists() {
-            let old = PinnedLink::from_pin(&path).map_err(|e| {
-                DataplaneError::Options(format!("opening pinned link {}: {e}", path.display()))
-            })?;
-            let link = XdpLink::try_from(FdLink::from(old)).map_err(|e| {
-                DataplaneError::Options(format!(
-                    "pinned link {} is not an XDP link: {e}",
-                    path.display()
-                ))
-            })?;
+        if let Some(link) = pinned_link::<XdpLink>(&path, "an XDP")? {
             let id = xdp.attach_to_link(link).map_err(attach_err)?;
             // The link stays pinned; this process's handle goes with it.
             let _ = xdp.take_link(id);
@@ -245,15 +222,7 @@ impl Decap {
         }
         let id = xdp.attach(interface, mode).map_err(attach_err)?;
         let link = xdp.take_link(id).map_err(attach_err)?;
-        let fd_link = FdLink::try_from(link).map_err(|e| {
-            DataplaneError::Options(format!(
-                "the kernel attached lb_decap to {interface} without a BPF link, which cannot be pinned: {e}"
-            ))
-        })?;
-        fd_link.pin(&path).map_err(|e| {
-            DataplaneError::Options(format!("pinning the link at {}: {e}", path.display()))
-        })?;
-        Ok(())
+        pin_link(link, &path, program_names::DECAP, interface)
     }
 }
 

@@ -268,6 +268,45 @@ fn check_pinned_size(dir: &Path, name: &str, expected: u32, option: &str) -> Res
     Ok(())
 }
 
+/// The link pinned at `path` (by an earlier run), as a link of type `L`, for its
+/// program to be replaced in one step; `None` if nothing is pinned there.
+pub(super) fn pinned_link<L>(path: &Path, kind: &str) -> Result<Option<L>>
+where
+    L: TryFrom<FdLink>,
+    <L as TryFrom<FdLink>>::Error: std::fmt::Display,
+{
+    if !path.exists() {
+        return Ok(None);
+    }
+    let old = PinnedLink::from_pin(path).map_err(|e| {
+        DataplaneError::Options(format!("opening pinned link {}: {e}", path.display()))
+    })?;
+    L::try_from(FdLink::from(old)).map(Some).map_err(|e| {
+        DataplaneError::Options(format!(
+            "pinned link {} is not {kind} link: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// Pins `link` (just made by attaching `program` to `interface`) at `path`: pinned,
+/// it lives on when this process's handle closes.
+pub(super) fn pin_link<L>(link: L, path: &Path, program: &str, interface: &str) -> Result<()>
+where
+    FdLink: TryFrom<L>,
+    <FdLink as TryFrom<L>>::Error: std::fmt::Display,
+{
+    let fd_link = FdLink::try_from(link).map_err(|e| {
+        DataplaneError::Options(format!(
+            "the kernel attached {program} to {interface} without a BPF link, which cannot be pinned: {e}"
+        ))
+    })?;
+    fd_link.pin(path).map_err(|e| {
+        DataplaneError::Options(format!("pinning the link at {}: {e}", path.display()))
+    })?;
+    Ok(())
+}
+
 impl Programs {
     /// Loads every program and hands back the maps to write services into.
     pub fn load(options: &LoadOptions) -> Result<(Programs, MapManager)> {
@@ -421,16 +460,7 @@ impl Programs {
             interface: interface.to_string(),
             source,
         };
-        if path.exists() {
-            let old = PinnedLink::from_pin(&path).map_err(|e| {
-                DataplaneError::Options(format!("opening pinned link {}: {e}", path.display()))
-            })?;
-            let link = XdpLink::try_from(FdLink::from(old)).map_err(|e| {
-                DataplaneError::Options(format!(
-                    "pinned link {} is not an XDP link: {e}",
-                    path.display()
-                ))
-            })?;
+        if let Some(link) = pinned_link::<XdpLink>(&path, "an XDP")? {
             let id = self
                 .program_mut(program)
                 .attach_to_link(link)
@@ -441,16 +471,7 @@ impl Programs {
         let xdp = self.program_mut(program);
         let id = xdp.attach(interface, mode).map_err(attach_err)?;
         let link = xdp.take_link(id).map_err(attach_err)?;
-        let fd_link = FdLink::try_from(link).map_err(|e| {
-            DataplaneError::Options(format!(
-                "the kernel attached {} to {interface} without a BPF link, which cannot be pinned: {e}",
-                program.name()
-            ))
-        })?;
-        // Pinned, the link lives on when this fd closes.
-        fd_link.pin(&path).map_err(|e| {
-            DataplaneError::Options(format!("pinning the link at {}: {e}", path.display()))
-        })?;
+        pin_link(link, &path, program.name(), interface)?;
         Ok(Attached::New)
     }
 
@@ -494,16 +515,11 @@ impl Programs {
             .program_mut(program_names::PROBE_ENCAP)
             .and_then(|p| p.try_into().ok())
             .expect("checked at load");
-        if let Some(path) = path.as_ref().filter(|p| p.exists()) {
-            let old = PinnedLink::from_pin(path).map_err(|e| {
-                DataplaneError::Options(format!("opening pinned link {}: {e}", path.display()))
-            })?;
-            let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| {
-                DataplaneError::Options(format!(
-                    "pinned link {} is not a tc link: {e}",
-                    path.display()
-                ))
-            })?;
+        let old = match &path {
+            Some(p) => pinned_link::<SchedClassifierLink>(p, "a tc")?,
+            None => None,
+        };
+        if let Some(link) = old {
             let id = tc.attach_to_link(link).map_err(attach_err)?;
             // The pin holds the link; this process's handle must not take it down.
             let _ = tc.take_link(id);
@@ -517,17 +533,7 @@ impl Programs {
             return Ok(());
         };
         let link = tc.take_link(id).map_err(attach_err)?;
-        let fd_link = FdLink::try_from(link).map_err(|e| {
-            DataplaneError::Options(format!(
-                "the kernel attached {} to {interface} without a BPF link (tcx), which cannot \
-                 be pinned: {e}",
-                program_names::PROBE_ENCAP
-            ))
-        })?;
-        fd_link.pin(&path).map_err(|e| {
-            DataplaneError::Options(format!("pinning the link at {}: {e}", path.display()))
-        })?;
-        Ok(())
+        pin_link(link, &path, program_names::PROBE_ENCAP, interface)
     }
 
     /// Removes the probe encapsulation's pinned link on `interface`, if there is one.

@@ -428,15 +428,7 @@ impl<D: Dataplane> Reconciler<D> {
         feed: crate::directory::feed::Feed,
         neighbors: BTreeMap<IpAddr, Neighbor>,
     ) -> Result<Vec<ServiceKey>> {
-        let learned: BTreeSet<IpAddr> = neighbors
-            .iter()
-            .filter(|(a, n)| self.known.neighbors.get(a) != Some(*n))
-            .map(|(a, _)| *a)
-            .collect();
-        for a in &learned {
-            info!(backend = %a, mac = %mac_to_string(&neighbors[a].mac), "backend MAC learned");
-        }
-        self.known.neighbors.extend(neighbors);
+        let learned = self.learn(neighbors);
         let mut touched = self.changed(&self.known.epochs, &feed.epochs);
         touched.extend(self.changed(&self.known.verdicts, &feed.verdicts));
         if self.known.directory_fed {
@@ -467,15 +459,7 @@ impl<D: Dataplane> Reconciler<D> {
             self.known.directory_fed,
             "a partial feed before the first whole one"
         );
-        let learned: BTreeSet<IpAddr> = neighbors
-            .iter()
-            .filter(|(a, n)| self.known.neighbors.get(a) != Some(*n))
-            .map(|(a, _)| *a)
-            .collect();
-        for a in &learned {
-            info!(backend = %a, mac = %mac_to_string(&neighbors[a].mac), "backend MAC learned");
-        }
-        self.known.neighbors.extend(neighbors);
+        let learned = self.learn(neighbors);
         let mut touched = BTreeSet::new();
         for k in keys {
             let (e, v, b) = (
@@ -506,6 +490,21 @@ impl<D: Dataplane> Reconciler<D> {
         }
         touched.extend(self.resolved_through(&learned));
         self.resync(touched)
+    }
+
+    /// Takes in neighbour entries that came with a feed; returns the addresses whose
+    /// entry is new or changed.
+    fn learn(&mut self, neighbors: BTreeMap<IpAddr, Neighbor>) -> BTreeSet<IpAddr> {
+        let learned: BTreeSet<IpAddr> = neighbors
+            .iter()
+            .filter(|(a, n)| self.known.neighbors.get(a) != Some(*n))
+            .map(|(a, _)| *a)
+            .collect();
+        for a in &learned {
+            info!(backend = %a, mac = %mac_to_string(&neighbors[a].mac), "backend MAC learned");
+        }
+        self.known.neighbors.extend(neighbors);
+        learned
     }
 
     /// Services with a backend whose next hop is among `learned` (just resolved).
