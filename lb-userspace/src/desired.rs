@@ -2,7 +2,11 @@
 //! commands produce, what is saved so a restart keeps it, and what `diff` compares to
 //! tell what an `apply` changes. Pure: no maps, no I/O.
 
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -201,58 +205,81 @@ pub fn diff(old: &Desired, new: &Desired) -> Vec<Change> {
         }
     }
     for (key, spec) in &new.services {
-        let empty = ServiceSpec::default();
-        let before = match old.services.get(key) {
-            None => {
-                changes.push(Change::AddService {
-                    service: *key,
-                    config: spec.config,
-                });
-                &empty
-            }
-            Some(before) => {
-                if before.config != spec.config {
-                    changes.push(Change::ChangeService {
-                        service: *key,
-                        from: before.config,
-                        to: spec.config,
-                    });
-                }
-                if before.spm != spec.spm || before.steering != spec.steering {
-                    changes.push(Change::ChangeSpm {
-                        service: *key,
-                        to: spec.spm.clone(),
-                    });
-                }
-                before
-            }
-        };
-        for addr in before.backends.keys() {
-            if !spec.backends.contains_key(addr) {
-                changes.push(Change::RemoveBackend {
-                    service: *key,
-                    backend: *addr,
-                });
-            }
+        diff_service(*key, old.services.get(key), spec, &mut changes);
+    }
+    changes
+}
+
+/// As [`diff`], given that only the services `keys` may differ: the same changes,
+/// in the same order, at the cost of those services.
+pub fn diff_of(old: &Desired, new: &Desired, keys: &BTreeSet<ServiceKey>) -> Vec<Change> {
+    let mut changes = Vec::new();
+    for key in keys {
+        if old.services.contains_key(key) && !new.services.contains_key(key) {
+            changes.push(Change::RemoveService { service: *key });
         }
-        for (addr, b) in &spec.backends {
-            match before.backends.get(addr) {
-                None => changes.push(Change::AddBackend {
-                    service: *key,
-                    backend: *addr,
-                    spec: *b,
-                }),
-                Some(a) if a != b => changes.push(Change::ChangeBackend {
-                    service: *key,
-                    backend: *addr,
-                    from: *a,
-                    to: *b,
-                }),
-                Some(_) => {}
-            }
+    }
+    for key in keys {
+        if let Some(spec) = new.services.get(key) {
+            diff_service(*key, old.services.get(key), spec, &mut changes);
         }
     }
     changes
+}
+
+/// The changes that make service `key` go from `before` (absent: a new service) to
+/// `spec`.
+fn diff_service(key: ServiceKey, before: Option<&ServiceSpec>, spec: &ServiceSpec, changes: &mut Vec<Change>) {
+    let empty = ServiceSpec::default();
+    let before = match before {
+        None => {
+            changes.push(Change::AddService {
+                service: key,
+                config: spec.config,
+            });
+            &empty
+        }
+        Some(before) => {
+            if before.config != spec.config {
+                changes.push(Change::ChangeService {
+                    service: key,
+                    from: before.config,
+                    to: spec.config,
+                });
+            }
+            if before.spm != spec.spm || before.steering != spec.steering {
+                changes.push(Change::ChangeSpm {
+                    service: key,
+                    to: spec.spm.clone(),
+                });
+            }
+            before
+        }
+    };
+    for addr in before.backends.keys() {
+        if !spec.backends.contains_key(addr) {
+            changes.push(Change::RemoveBackend {
+                service: key,
+                backend: *addr,
+            });
+        }
+    }
+    for (addr, b) in &spec.backends {
+        match before.backends.get(addr) {
+            None => changes.push(Change::AddBackend {
+                service: key,
+                backend: *addr,
+                spec: *b,
+            }),
+            Some(a) if a != b => changes.push(Change::ChangeBackend {
+                service: key,
+                backend: *addr,
+                from: *a,
+                to: *b,
+            }),
+            Some(_) => {}
+        }
+    }
 }
 
 #[cfg(test)]
@@ -336,5 +363,20 @@ mod tests {
         };
         assert_eq!(b.effective_weight(), 0);
         assert_eq!(b.weight, 5);
+    }
+
+    #[test]
+    fn a_diff_of_the_edited_services_is_the_whole_diff() {
+        let old = desired(&[(80, &[("198.18.0.11", 1)]), (81, &[("198.18.0.12", 1)]), (82, &[])]);
+        let edits: [(Desired, &[u16]); 4] = [
+            (desired(&[(80, &[("198.18.0.11", 2), ("198.18.0.13", 1)]), (81, &[("198.18.0.12", 1)]), (82, &[])]), &[80]),
+            (desired(&[(80, &[("198.18.0.11", 1)]), (82, &[])]), &[81]),
+            (desired(&[(80, &[("198.18.0.11", 1)]), (81, &[("198.18.0.12", 1)]), (82, &[]), (83, &[("198.18.0.14", 1)])]), &[83]),
+            (desired(&[(81, &[])]), &[80, 81, 82]),
+        ];
+        for (new, ports) in edits {
+            let keys: BTreeSet<ServiceKey> = ports.iter().map(|p| key(*p)).collect();
+            assert_eq!(diff_of(&old, &new, &keys), diff(&old, &new), "{ports:?}");
+        }
     }
 }

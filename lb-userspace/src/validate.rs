@@ -92,7 +92,16 @@ pub fn desired(
     own: &BTreeSet<IpAddr>,
     encap: &EncapSettings,
 ) -> Result<(), String> {
-    for (key, spec) in &desired.services {
+    services(desired.services.iter(), own, encap)
+}
+
+/// As [`desired`], for some of its services.
+pub fn services<'a>(
+    services: impl Iterator<Item = (&'a ServiceKey, &'a crate::desired::ServiceSpec)>,
+    own: &BTreeSet<IpAddr>,
+    encap: &EncapSettings,
+) -> Result<(), String> {
+    for (key, spec) in services {
         if let Some(why) = vip_refusal(key.addr, own) {
             return Err(format!("service {key}: {why}"));
         }

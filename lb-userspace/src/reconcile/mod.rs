@@ -95,14 +95,34 @@ pub fn validate(
     own: &BTreeSet<IpAddr>,
     encap: &EncapSettings,
 ) -> Result<()> {
-    crate::validate::desired(desired, own, encap).map_err(|e| anyhow::anyhow!(e))?;
+    validate_services(desired, None, max_services, max_size, own, encap)
+}
+
+/// As [`validate`], judging only the services `keys` (all with `None`): the others
+/// are known to be as they were, and valid.
+fn validate_services(
+    desired: &Desired,
+    keys: Option<&BTreeSet<ServiceKey>>,
+    max_services: u32,
+    max_size: u32,
+    own: &BTreeSet<IpAddr>,
+    encap: &EncapSettings,
+) -> Result<()> {
+    let judged: Vec<(&ServiceKey, &crate::desired::ServiceSpec)> = match keys {
+        None => desired.services.iter().collect(),
+        Some(keys) => keys
+            .iter()
+            .filter_map(|k| desired.services.get_key_value(k))
+            .collect(),
+    };
+    crate::validate::services(judged.iter().copied(), own, encap).map_err(|e| anyhow::anyhow!(e))?;
     if desired.services.len() > max_services as usize {
         anyhow::bail!(
             "{} services, but the data plane holds {max_services} (dataplane.max_services)",
             desired.services.len(),
         );
     }
-    for (key, spec) in &desired.services {
+    for (key, spec) in judged {
         let pinned = spec.config.maglev_size;
         if pinned != 0 && (pinned > max_size || !crate::maglev::is_prime(pinned)) {
             anyhow::bail!(
@@ -342,15 +362,32 @@ impl<D: Dataplane> Reconciler<D> {
         dry_run: bool,
         save: &mut dyn FnMut(&Desired, &BTreeSet<ServiceKey>) -> Result<()>,
     ) -> Result<Vec<Change>> {
+        self.apply_of(new, None, dry_run, save)
+    }
+
+    /// As [`Self::apply`], given that only the services `keys` may differ between
+    /// what is desired now and `new` (an edit of one service): only those are
+    /// compared and judged, so the cost is theirs, not the node's. `None`: all.
+    pub fn apply_of(
+        &mut self,
+        new: Desired,
+        keys: Option<&BTreeSet<ServiceKey>>,
+        dry_run: bool,
+        save: &mut dyn FnMut(&Desired, &BTreeSet<ServiceKey>) -> Result<()>,
+    ) -> Result<Vec<Change>> {
         let limits = self.dp.limits();
-        validate(
+        validate_services(
             &new,
+            keys,
             limits.services,
             limits.tables.max,
             &self.known.own_addresses,
             &self.known.encap,
         )?;
-        let changes = diff(&self.known.desired, &new);
+        let changes = match keys {
+            None => diff(&self.known.desired, &new),
+            Some(keys) => crate::desired::diff_of(&self.known.desired, &new, keys),
+        };
         if changes.is_empty() {
             return Ok(changes);
         }

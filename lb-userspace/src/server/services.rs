@@ -40,7 +40,7 @@ pub(super) async fn add_service(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<AddService>,
 ) -> ApiResult<Applied> {
-    change(&s, move |d| {
+    change(&s, req.service, move |d| {
         let spec = d.services.entry(req.service).or_default();
         if let Some(c) = req.config {
             spec.config = c;
@@ -54,7 +54,7 @@ pub(super) async fn remove_service(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<ServiceRef>,
 ) -> ApiResult<Applied> {
-    change(&s, move |d| {
+    change(&s, req.service, move |d| {
         d.services
             .remove(&req.service)
             .map(drop)
@@ -70,7 +70,7 @@ pub(super) async fn add_backend(
     if req.spec.is_none_or(|b| b.mac.is_none()) {
         prefetch(&s, vec![req.backend]).await;
     }
-    change(&s, move |d| {
+    change(&s, req.service, move |d| {
         let svc = service_mut(d, req.service)?;
         if let Some(why) =
             crate::validate::backend_refusal(&req.service, req.backend, svc.config.forward)
@@ -88,7 +88,7 @@ pub(super) async fn remove_backend(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<BackendRef>,
 ) -> ApiResult<Applied> {
-    change(&s, move |d| {
+    change(&s, req.service, move |d| {
         service_mut(d, req.service)?
             .backends
             .remove(&req.backend)
@@ -102,7 +102,7 @@ pub(super) async fn drain_backend(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<DrainBackend>,
 ) -> ApiResult<Applied> {
-    change(&s, move |d| {
+    change(&s, req.service, move |d| {
         backend_mut(d, req.service, req.backend)?.drain = req.drain;
         Ok(())
     })
@@ -113,7 +113,7 @@ pub(super) async fn set_weight(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<SetWeight>,
 ) -> ApiResult<Applied> {
-    change(&s, move |d| {
+    change(&s, req.service, move |d| {
         backend_mut(d, req.service, req.backend)?.weight = req.weight;
         Ok(())
     })
@@ -165,8 +165,10 @@ pub(super) async fn shutdown(
 
 /// Applies `edit` to a copy of the desired state, then the copy: both in one job on
 /// the daemon, so that no other change comes in between.
+/// Edits service `key` (and nothing else) of the desired state and applies it.
 pub(super) async fn change(
     state: &AppState,
+    key: ServiceKey,
     edit: impl FnOnce(&mut Desired) -> Result<(), ApiError> + Send + 'static,
 ) -> ApiResult<Applied> {
     if state.cluster.is_some() {
@@ -185,7 +187,7 @@ pub(super) async fn change(
         .call(move |d| {
             let mut new = d.desired().clone();
             edit(&mut new)?;
-            d.apply(new, false).map_err(|e| bad(format!("{e:#}")))
+            d.apply_edit(new, key).map_err(|e| bad(format!("{e:#}")))
         })
         .await?;
     Ok(Json(Applied {

@@ -420,6 +420,16 @@ impl<D: Dataplane> Daemon<D> {
             .apply(new, dry_run, &mut |d, touched| log.save(from, d, Some(touched)))
     }
 
+    /// As `apply`, for `new` = what is desired with only service `key` edited: only
+    /// that service is compared and judged (an API change costs its service).
+    pub fn apply_edit(&mut self, new: Desired, key: ServiceKey) -> Result<Vec<Change>> {
+        let (log, from) = (&mut self.log, &self.from_config);
+        let keys = BTreeSet::from([key]);
+        self.core.apply_of(new, Some(&keys), false, &mut |d, touched| {
+            log.save(from, d, Some(touched))
+        })
+    }
+
     pub fn set_directory(
         &mut self,
         directory: BTreeMap<ServiceKey, BTreeMap<IpAddr, DirBackend>>,

@@ -56,6 +56,8 @@ pub struct Published {
 pub trait Core: Send {
     fn desired(&self) -> &Desired;
     fn apply(&mut self, new: Desired, dry_run: bool) -> Result<Vec<Change>>;
+    /// As `apply`, for an edit of the one service `key` (nothing else differs).
+    fn apply_edit(&mut self, new: Desired, key: ServiceKey) -> Result<Vec<Change>>;
     /// A re-read config file: what changed, and the sections that wait for a restart.
     fn reload(
         &mut self,
@@ -98,6 +100,9 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
     }
     fn apply(&mut self, new: Desired, dry_run: bool) -> Result<Vec<Change>> {
         Daemon::apply(self, new, dry_run)
+    }
+    fn apply_edit(&mut self, new: Desired, key: ServiceKey) -> Result<Vec<Change>> {
+        Daemon::apply_edit(self, new, key)
     }
     fn reload(
         &mut self,
