@@ -75,7 +75,14 @@ struct Opts {
 impl Routed {
     /// The topology, lbd on lb1 and both backends set up.
     fn new(test: &str, encap_mtu: Option<u16>, router_mtu: Option<u32>) -> Routed {
-        Self::build(test, Opts { encap_mtu, router_mtu, ..Opts::default() })
+        Self::build(
+            test,
+            Opts {
+                encap_mtu,
+                router_mtu,
+                ..Opts::default()
+            },
+        )
     }
 
     fn build(test: &str, opts: Opts) -> Routed {
@@ -106,7 +113,9 @@ impl Routed {
                     .ip(&format!("route add 198.18.{subnet}.0/24 via 198.18.0.1"))
                     .unwrap();
                 lb.ns
-                    .ip(&format!("-6 route add 2001:db8:{subnet:x}::/64 via 2001:db8::1"))
+                    .ip(&format!(
+                        "-6 route add 2001:db8:{subnet:x}::/64 via 2001:db8::1"
+                    ))
                     .unwrap();
             }
         }
@@ -162,7 +171,12 @@ impl Routed {
             let log = env.dir.join(format!("lbd-{tag}.log"));
             env.lbds.push(
                 env.lab
-                    .spawn(tag, &binary("lbd"), &["--config", &config.to_string_lossy()], &log)
+                    .spawn(
+                        tag,
+                        &binary("lbd"),
+                        &["--config", &config.to_string_lossy()],
+                        &log,
+                    )
                     .expect("starting lbd"),
             );
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -191,12 +205,16 @@ impl Routed {
             .expect("running lbctl")
     }
 
-
     /// `lbctl backend <verb>` on backend `tag`, for every VIP, in gue mode (which
     /// takes IPIP too) from the LB nodes' outer sources.
     fn backend_lbctl(&self, tag: &str, node: &str, verb: &str, extra: &[&str]) -> Output {
         let pin = decap_pin(node, tag);
-        let mut args: Vec<String> = vec!["backend".into(), verb.into(), "--interface".into(), "eth0".into()];
+        let mut args: Vec<String> = vec![
+            "backend".into(),
+            verb.into(),
+            "--interface".into(),
+            "eth0".into(),
+        ];
         for (vip, _) in VIPS {
             args.extend(["--vip".into(), vip.into()]);
         }
@@ -219,7 +237,11 @@ impl Routed {
 
     fn global(&self) -> BTreeMap<String, u64> {
         let out = self.lbctl(&["-o", "json", "stats"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v["global"]
             .as_array()
@@ -229,7 +251,10 @@ impl Routed {
             .collect()
     }
 
-    fn client<T: Send + 'static>(&self, f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> T {
+    fn client<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> T {
         self.lab
             .host("client")
             .ns
@@ -254,13 +279,25 @@ impl Drop for Routed {
     }
 }
 
-fn config_text(node: &str, lb: &str, octet: u8, dir: &std::path::Path, pin: &std::path::Path, opts: &Opts) -> String {
+fn config_text(
+    node: &str,
+    lb: &str,
+    octet: u8,
+    dir: &std::path::Path,
+    pin: &std::path::Path,
+    opts: &Opts,
+) -> String {
     let mut services = String::new();
     for (vip, mode) in VIPS {
         let v6 = vip.contains(':');
         let backends: String = BACKENDS
             .iter()
-            .map(|(_, s)| format!("\n[[service.backend]]\naddress = \"{}\"\n", backend_addr(*s, v6)))
+            .map(|(_, s)| {
+                format!(
+                    "\n[[service.backend]]\naddress = \"{}\"\n",
+                    backend_addr(*s, v6)
+                )
+            })
             .collect();
         for proto in ["tcp", "udp"] {
             let check = if proto == "tcp" { opts.check } else { "" };
@@ -269,7 +306,9 @@ fn config_text(node: &str, lb: &str, octet: u8, dir: &std::path::Path, pin: &std
             ));
         }
     }
-    let mtu = opts.encap_mtu.map_or(String::new(), |m| format!("encap_mtu = {m}\n"));
+    let mtu = opts
+        .encap_mtu
+        .map_or(String::new(), |m| format!("encap_mtu = {m}\n"));
     let cluster = if opts.cluster {
         let preferred: Vec<String> = if lb == "lb1" {
             VIPS.iter().map(|(v, _)| format!("\"{v}\"")).collect()
@@ -309,7 +348,10 @@ fn addr(vip: &str) -> SocketAddr {
 }
 
 /// `n` HTTP requests and `n` UDP questions to `vip`; the backends that answered each.
-fn ask(vip: &'static str, n: usize) -> anyhow::Result<(BTreeMap<String, usize>, BTreeMap<String, usize>)> {
+fn ask(
+    vip: &'static str,
+    n: usize,
+) -> anyhow::Result<(BTreeMap<String, usize>, BTreeMap<String, usize>)> {
     let mut tcp = BTreeMap::new();
     let mut udp = BTreeMap::new();
     for i in 0..n {
@@ -343,7 +385,11 @@ fn remote_backends_serve_tcp_and_udp_over_ipv4_and_ipv6_vips_via_ipip_and_gue() 
     // The same through lbctl: the service made again, now in GUE.
     let ok = |args: &[&str]| {
         let out = env.lbctl(args);
-        assert!(out.status.success(), "lbctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "lbctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let svc = "tcp/198.18.0.100:8080";
@@ -353,11 +399,17 @@ fn remote_backends_serve_tcp_and_udp_over_ipv4_and_ipv6_vips_via_ipip_and_gue() 
         ok(&["backend", "add", svc, &backend_addr(subnet, false)]);
     }
     let list = ok(&["service", "list"]);
-    assert!(list.lines().any(|l| l.contains(svc) && l.contains("gue")), "{list}");
+    assert!(
+        list.lines().any(|l| l.contains(svc) && l.contains("gue")),
+        "{list}"
+    );
     let before = env.global()["fwd_gue"];
     let (tcp, _) = env.client(|| ask("198.18.0.100", 16));
     assert_eq!(tcp.keys().collect::<Vec<_>>(), ["b1", "b2"], "{tcp:?}");
-    assert!(env.global()["fwd_gue"] >= before + 16 * 3, "the TCP service now goes by GUE");
+    assert!(
+        env.global()["fwd_gue"] >= before + 16 * 3,
+        "the TCP service now goes by GUE"
+    );
     // An L2 service cannot have a backend of the other family; an encapsulating one can.
     let out = env.lbctl(&["service", "add", "tcp/198.18.0.100:9000"]);
     assert!(out.status.success());
@@ -366,7 +418,13 @@ fn remote_backends_serve_tcp_and_udp_over_ipv4_and_ipv6_vips_via_ipip_and_gue() 
     let why = String::from_utf8_lossy(&out.stderr);
     assert!(why.contains("only an encapsulating service"), "{why}");
     ok(&["service", "remove", "tcp/198.18.0.100:9000"]);
-    ok(&["service", "add", "tcp/198.18.0.100:9000", "--forward", "ipip"]);
+    ok(&[
+        "service",
+        "add",
+        "tcp/198.18.0.100:9000",
+        "--forward",
+        "ipip",
+    ]);
     ok(&["backend", "add", "tcp/198.18.0.100:9000", "2001:db8:5::1"]);
 }
 
@@ -386,8 +444,14 @@ fn a_large_transfer_through_smaller_mtus_completes_by_too_big_answers_both_ways(
         assert!(name == "b1" || name == "b2", "{vip}: {name}");
     }
     let g = env.global();
-    assert!(g["icmp_too_big"] >= 4, "the LB answered each VIP's large packets: {g:?}");
-    assert!(g["icmp_steered"] >= 4, "the router's errors reached the backends: {g:?}");
+    assert!(
+        g["icmp_too_big"] >= 4,
+        "the LB answered each VIP's large packets: {g:?}"
+    );
+    assert!(
+        g["icmp_steered"] >= 4,
+        "the router's errors reached the backends: {g:?}"
+    );
 }
 
 #[test]
@@ -397,7 +461,12 @@ fn backend_doctor_names_each_broken_setting_and_the_command_that_fixes_it() {
     let doctor = |expect_ok: bool| -> String {
         let out = env.backend_lbctl("b1", &node, "doctor", &[]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert_eq!(out.status.success(), expect_ok, "{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.success(),
+            expect_ok,
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         text
     };
     assert!(doctor(true).starts_with("ok: this host is set up for gue"));
@@ -432,9 +501,7 @@ fn backend_doctor_names_each_broken_setting_and_the_command_that_fixes_it() {
         if !ip_cmd.is_empty() {
             if ip_cmd.contains("xdp off") {
                 // A pinned link holds the program: removing the pin takes it off.
-                let _ = std::fs::remove_file(
-                    decap_pin(&node, "b1").join("link-lb_decap-eth0"),
-                );
+                let _ = std::fs::remove_file(decap_pin(&node, "b1").join("link-lb_decap-eth0"));
             } else {
                 b1.ip(ip_cmd).unwrap();
             }
@@ -447,7 +514,11 @@ fn backend_doctor_names_each_broken_setting_and_the_command_that_fixes_it() {
         assert!(text.contains(fix), "{fix}: {text}");
         // Setup puts it right, and doctor agrees.
         let out = env.backend_lbctl("b1", &node, "setup", &["--xdp-mode", "skb"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         doctor(true);
     }
     // Set up again (safe to repeat), it still serves.
@@ -461,10 +532,16 @@ fn backend_doctor_names_each_broken_setting_and_the_command_that_fixes_it() {
     let out = env.backend_lbctl("b1", &node, "setup", &["--hook", "tc"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("lb_decap_tc (tc ingress) attached to eth0"), "{text}");
+    assert!(
+        text.contains("lb_decap_tc (tc ingress) attached to eth0"),
+        "{text}"
+    );
     doctor(true);
     let (tcp, udp) = env.client(|| ask("198.18.0.101", 16));
-    assert!(tcp.contains_key("b1") && udp.contains_key("b1"), "GUE through tc: {tcp:?} {udp:?}");
+    assert!(
+        tcp.contains_key("b1") && udp.contains_key("b1"),
+        "GUE through tc: {tcp:?} {udp:?}"
+    );
     let (tcp, _) = env.client(|| ask("2001:db8::100", 16));
     assert!(tcp.contains_key("b1"), "IPv6 IPIP through tc: {tcp:?}");
 }
@@ -472,7 +549,11 @@ fn backend_doctor_names_each_broken_setting_and_the_command_that_fixes_it() {
 /// Whether lbd holds backend `addr` of `service` healthy.
 fn healthy(env: &Routed, service: &str, addr: &str) -> bool {
     let out = env.lbctl(&["-o", "json", "backend", "list", service]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let b = list
         .as_array()
@@ -495,7 +576,13 @@ fn within(what: &str, done: impl Fn() -> bool) {
 #[test]
 fn health_checks_go_through_the_tunnel_so_a_broken_decapsulation_fails_them() {
     let check: &'static str = "\n[service.check]\nkind = \"http\"\npath = \"/\"\ninterval_ms = 200\ntimeout_ms = 300\nrise = 2\nfall = 2\n";
-    let env = Routed::build("health", Opts { check, ..Opts::default() });
+    let env = Routed::build(
+        "health",
+        Opts {
+            check,
+            ..Opts::default()
+        },
+    );
     let node = format!("t{}-health", std::process::id());
     let services = [
         ("tcp/198.18.0.100:8080", "198.18.5.1"),
@@ -507,14 +594,17 @@ fn health_checks_go_through_the_tunnel_so_a_broken_decapsulation_fails_them() {
     // (the lab's fresh links finish IPv6 duplicate address detection first, which
     // holds the router's first neighbour solicitations for about two seconds).
     let all_up = || {
-        services.iter().all(|(svc, b1)| {
-            healthy(&env, svc, b1) && healthy(&env, svc, &b1.replace('5', "6"))
-        })
+        services
+            .iter()
+            .all(|(svc, b1)| healthy(&env, svc, b1) && healthy(&env, svc, &b1.replace('5', "6")))
     };
     let mut steady = 0;
     let deadline = Instant::now() + Duration::from_secs(15);
     while steady < 25 {
-        assert!(Instant::now() < deadline, "the backends never stayed healthy for 2.5 s");
+        assert!(
+            Instant::now() < deadline,
+            "the backends never stayed healthy for 2.5 s"
+        );
         steady = if all_up() { steady + 1 } else { 0 };
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -523,34 +613,54 @@ fn health_checks_go_through_the_tunnel_so_a_broken_decapsulation_fails_them() {
     // wrapped and now dropped.
     std::fs::remove_file(decap_pin(&node, "b1").join("link-lb_decap-eth0")).unwrap();
     for (svc, b1) in services {
-        within(&format!("{b1} of {svc} judged down"), || !healthy(&env, svc, b1));
-        assert!(healthy(&env, svc, &b1.replace('5', "6")), "b2 of {svc} stays up");
+        within(&format!("{b1} of {svc} judged down"), || {
+            !healthy(&env, svc, b1)
+        });
+        assert!(
+            healthy(&env, svc, &b1.replace('5', "6")),
+            "b2 of {svc} stays up"
+        );
     }
     let tcp = env.client(|| traffic::http_spread(&[], addr("198.18.0.100"), 12, TIMEOUT));
     assert_eq!(tcp.keys().collect::<Vec<_>>(), ["b2"], "{tcp:?}");
     // Set up again, it comes back.
     let out = env.backend_lbctl("b1", &node, "setup", &["--xdp-mode", "skb"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     for (svc, b1) in services {
-        within(&format!("{b1} of {svc} healthy again"), || healthy(&env, svc, b1));
+        within(&format!("{b1} of {svc} healthy again"), || {
+            healthy(&env, svc, b1)
+        });
     }
 }
 
 #[test]
 fn a_cluster_failover_keeps_established_encapsulated_connections() {
-    let env = Routed::build("failover", Opts { cluster: true, ..Opts::default() });
+    let env = Routed::build(
+        "failover",
+        Opts {
+            cluster: true,
+            ..Opts::default()
+        },
+    );
     // lb1 takes every VIP (it prefers them); wait for traffic to flow through it.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let ok = env.client(|| {
-            Ok(VIPS
-                .iter()
-                .all(|(vip, _)| traffic::http_get(None, addr(vip), Duration::from_millis(500)).is_ok()))
+            Ok(VIPS.iter().all(|(vip, _)| {
+                traffic::http_get(None, addr(vip), Duration::from_millis(500)).is_ok()
+            }))
         });
         if ok {
             break;
         }
-        assert!(Instant::now() < deadline, "the cluster never served every VIP");
+        assert!(
+            Instant::now() < deadline,
+            "the cluster never served every VIP"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // One long-lived connection per VIP (IPIP and GUE, IPv4 and IPv6), through lb1.
@@ -566,7 +676,11 @@ fn a_cluster_failover_keeps_established_encapsulated_connections() {
     });
     let global_of = |lb: usize| -> BTreeMap<String, u64> {
         let out = env.lbctl_on(lb, &["-o", "json", "stats"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v["global"]
             .as_array()
@@ -576,12 +690,21 @@ fn a_cluster_failover_keeps_established_encapsulated_connections() {
             .collect()
     };
     let (g1, g2) = (global_of(0), global_of(1));
-    assert!(g1["fwd_ipip"] > 0 && g1["fwd_gue"] > 0, "lb1 carried them first: {g1:?}");
-    assert_eq!((g2["fwd_ipip"], g2["fwd_gue"]), (0, 0), "lb2 carried nothing yet: {g2:?}");
+    assert!(
+        g1["fwd_ipip"] > 0 && g1["fwd_gue"] > 0,
+        "lb1 carried them first: {g1:?}"
+    );
+    assert_eq!(
+        (g2["fwd_ipip"], g2["fwd_gue"]),
+        (0, 0),
+        "lb2 carried nothing yet: {g2:?}"
+    );
     // lb1 dies: its daemon killed, its link down. lb2 takes the VIPs, and steers the
     // connections it has never seen by the same table to the same backends, wrapped
     // from its own source (which the backends take too).
-    env.lbds[0].signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+    env.lbds[0]
+        .signal(nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
     env.lab.host("lb1").ns.ip("link set eth0 down").unwrap();
     let after = env.client(move || {
         let mut names = Vec::new();
@@ -590,7 +713,13 @@ fn a_cluster_failover_keeps_established_encapsulated_connections() {
         }
         Ok(names)
     });
-    assert_eq!(after, homes, "every connection kept its backend across the failover");
+    assert_eq!(
+        after, homes,
+        "every connection kept its backend across the failover"
+    );
     let g = global_of(1);
-    assert!(g["fwd_ipip"] > 0 && g["fwd_gue"] > 0, "lb2 carried them: {g:?}");
+    assert!(
+        g["fwd_ipip"] > 0 && g["fwd_gue"] > 0,
+        "lb2 carried them: {g:?}"
+    );
 }

@@ -14,7 +14,7 @@ use lb_tests::{
     servers::{ask_name, NameServer},
 };
 use lb_userspace::{
-    plan::ServicePlan, Dataplane, Egress, BackendRoute, LoadOptions, Program, Programs, Proto,
+    plan::ServicePlan, BackendRoute, Dataplane, Egress, LoadOptions, Program, Programs, Proto,
     ServiceConfig, ServiceKey,
 };
 

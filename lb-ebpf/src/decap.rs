@@ -157,7 +157,11 @@ fn judge_v6(
 
 /// Whether the outer protocol is GUE (UDP to our port) or IPIP; `Err`: neither.
 #[inline(always)]
-fn judge_proto(proto: u8, gue_port: u16, dport: impl FnOnce() -> Option<u16>) -> Result<bool, Verdict> {
+fn judge_proto(
+    proto: u8,
+    gue_port: u16,
+    dport: impl FnOnce() -> Option<u16>,
+) -> Result<bool, Verdict> {
     match proto {
         IPPROTO_IPIP | IPPROTO_IPV6 => Ok(false),
         PROTO_UDP if gue_port != 0 && dport() == Some(gue_port) => Ok(true),
@@ -214,7 +218,11 @@ fn judge_inner(inner: &mut [u8; IP4], strip: &Strip) -> Result<(u8, bool), Verdi
 fn decap_skb(ctx: &TcContext) -> Result<Verdict, i64> {
     let ether: [u8; 2] = ctx.load(12)?;
     let gue_port = DECAP_CONFIG.get(0).map_or(0, |c| c.gue_port_be);
-    let udp_dport = |off: usize| ctx.load::<[u8; 4]>(off).ok().map(|p| u16::from_ne_bytes([p[2], p[3]]));
+    let udp_dport = |off: usize| {
+        ctx.load::<[u8; 4]>(off)
+            .ok()
+            .map(|p| u16::from_ne_bytes([p[2], p[3]]))
+    };
     let (judged, outer_v4) = match ether {
         [0x08, 0x00] => {
             let ip: [u8; IP4] = ctx.load(ETH)?;
@@ -249,14 +257,21 @@ fn decap_skb(ctx: &TcContext) -> Result<Verdict, i64> {
     } else {
         BPF_F_ADJ_ROOM_DECAP_L3_IPV6 as u64
     };
-    if ctx.adjust_room(-(strip.outer as i32), BPF_ADJ_ROOM_MAC, flags).is_err() {
+    if ctx
+        .adjust_room(-(strip.outer as i32), BPF_ADJ_ROOM_MAC, flags)
+        .is_err()
+    {
         return Ok(Verdict::Malformed);
     }
     if inner_v4 != outer_v4 {
         let ether: [u8; 2] = if inner_v4 { [0x08, 0x00] } else { [0x86, 0xdd] };
         ctx.store(12, &ether, 0)?;
     }
-    Ok(if strip.gue { Verdict::Gue } else { Verdict::Ipip })
+    Ok(if strip.gue {
+        Verdict::Gue
+    } else {
+        Verdict::Ipip
+    })
 }
 
 #[inline(always)]
@@ -302,7 +317,11 @@ fn dport(ctx: &XdpContext, off: usize) -> Result<u16, ()> {
 
 /// Removes the `OUTER` bytes after the Ethernet header.
 #[inline(always)]
-fn remove<const OUTER: usize>(ctx: &XdpContext, eth: &[u8; ETH], strip: &Strip) -> Result<Verdict, ()> {
+fn remove<const OUTER: usize>(
+    ctx: &XdpContext,
+    eth: &[u8; ETH],
+    strip: &Strip,
+) -> Result<Verdict, ()> {
     let inner: *mut [u8; IP4] = match ptr_at_mut(ctx, ETH + OUTER) {
         Ok(p) => p,
         Err(_) => return Ok(Verdict::Malformed),
@@ -312,7 +331,11 @@ fn remove<const OUTER: usize>(ctx: &XdpContext, eth: &[u8; ETH], strip: &Strip) 
         Ok(j) => j,
         Err(v) => return Ok(v),
     };
-    let ether_type: [u8; 2] = if version == 4 { [0x08, 0x00] } else { [0x86, 0xdd] };
+    let ether_type: [u8; 2] = if version == 4 {
+        [0x08, 0x00]
+    } else {
+        [0x86, 0xdd]
+    };
     // SAFETY: shrinking the head of the packet we own; the helper checks the bounds.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, OUTER as i32) } != 0 {
         return Ok(Verdict::Malformed);
@@ -323,5 +346,9 @@ fn remove<const OUTER: usize>(ctx: &XdpContext, eth: &[u8; ETH], strip: &Strip) 
     e[13] = ether_type[1];
     // SAFETY: ptr_at_mut checked the bounds.
     unsafe { *out = e };
-    Ok(if strip.gue { Verdict::Gue } else { Verdict::Ipip })
+    Ok(if strip.gue {
+        Verdict::Gue
+    } else {
+        Verdict::Ipip
+    })
 }

@@ -112,8 +112,14 @@ fn push<const OUTER: usize>(
         let w1 = 0x0000_4000;
         let w2 = ((ENCAP_TTL as u32) << 24) | ((proto as u32) << 16);
         let (s, d) = (u32::from_be(src), u32::from_be(dst));
-        let sum = (w0 >> 16) + (w0 & 0xffff) + (w1 & 0xffff) + (w2 >> 16)
-            + (s >> 16) + (s & 0xffff) + (d >> 16) + (d & 0xffff);
+        let sum = (w0 >> 16)
+            + (w0 & 0xffff)
+            + (w1 & 0xffff)
+            + (w2 >> 16)
+            + (s >> 16)
+            + (s & 0xffff)
+            + (d >> 16)
+            + (d & 0xffff);
         let w2 = w2 | (!fold(sum)) as u32;
         let out = ip as *mut u32;
         // SAFETY: ptr_at_mut checked that 20 bytes lie inside the packet; packet
@@ -241,8 +247,7 @@ fn inner_sum(ctx: &XdpContext, inner: usize, inner_v4: bool) -> Result<Option<u3
             return Ok(Some(0));
         }
         if proto == PROTO_UDP {
-            let udp: *const [u8; UDP] =
-                ptr_at(ctx, inner + IP4).map_err(|_| Exit::Malformed)?;
+            let udp: *const [u8; UDP] = ptr_at(ctx, inner + IP4).map_err(|_| Exit::Malformed)?;
             // SAFETY: ptr_at checked the bounds.
             let udp = unsafe { &*udp };
             if udp[6] == 0 && udp[7] == 0 {
@@ -276,7 +281,12 @@ fn inner_sum(ctx: &XdpContext, inner: usize, inner_v4: bool) -> Result<Option<u3
 /// (`room`), as a router would; never fragment. Only TCP and UDP are answered (an
 /// ICMP error is never answered with another, RFC 1122 3.2.2).
 #[inline(always)]
-fn too_big(ctx: &XdpContext, flow: &FlowKey, room: usize, g: &mut GlobalStats) -> Result<u32, Exit> {
+fn too_big(
+    ctx: &XdpContext,
+    flow: &FlowKey,
+    room: usize,
+    g: &mut GlobalStats,
+) -> Result<u32, Exit> {
     let ip: *const [u8; 10] = ptr_at(ctx, ETH).map_err(|_| Exit::Malformed)?;
     // SAFETY: ptr_at checked the bounds.
     let ip = unsafe { &*ip };

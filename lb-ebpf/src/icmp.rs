@@ -35,7 +35,12 @@ pub fn is_icmp(flow: &FlowKey) -> bool {
 /// Steers the ICMP error in the frame to the backend of the flow it quotes;
 /// `Exit::NotL4` (to the node's stack, as before) when it is no error of ours.
 #[inline(always)]
-pub fn steer(ctx: &XdpContext, l3: &L3, flow: &mut FlowKey, g: &mut GlobalStats) -> Result<u32, Exit> {
+pub fn steer(
+    ctx: &XdpContext,
+    l3: &L3,
+    flow: &mut FlowKey,
+    g: &mut GlobalStats,
+) -> Result<u32, Exit> {
     // In place: the error's key becomes the quoted flow's (its destination, the VIP,
     // stays), so no second key takes stack.
     quoted_flow(ctx, l3, flow)?;
@@ -94,7 +99,10 @@ fn quoted_flow(ctx: &XdpContext, l3: &L3, flow: &mut FlowKey) -> Result<(), Exit
         // SAFETY: ptr_at checked the bounds.
         let (ip, ports) = unsafe { (&*ip, &*ports) };
         let proto = ip[6];
-        if ip[0] >> 4 != 6 || (proto != PROTO_TCP && proto != PROTO_UDP) || !same16(ip, 8, &flow.dst) {
+        if ip[0] >> 4 != 6
+            || (proto != PROTO_TCP && proto != PROTO_UDP)
+            || !same16(ip, 8, &flow.dst)
+        {
             return Err(Exit::NotL4);
         }
         flow.proto = proto;

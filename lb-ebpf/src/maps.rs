@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, AddrMeta, Backend, ConnEntry, Control, Counter, DecapConfig, DecapStats, FlowKey,
-    GlobalStats, ProbeConfig, RefuseBucket,
-    Route, SphereKey, SphereMeta, VipKey, VipMeta, MAX_BACKENDS, MAX_REFUSING_SOURCES,
-    MAX_DECAP_SOURCES, MAX_SPHERE_RULES, MAX_TX_PORTS, MAX_VIPS, MAX_VIP_ADDRS,
+    GlobalStats, ProbeConfig, RefuseBucket, Route, SphereKey, SphereMeta, VipKey, VipMeta,
+    MAX_BACKENDS, MAX_DECAP_SOURCES, MAX_REFUSING_SOURCES, MAX_SPHERE_RULES, MAX_TX_PORTS,
+    MAX_VIPS, MAX_VIP_ADDRS,
 };
 
 #[map]

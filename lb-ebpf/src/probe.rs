@@ -55,7 +55,11 @@ fn wrap(ctx: &TcContext) -> Result<(), i64> {
             let outer = if gue { IP4 + UDP } else { IP4 };
             let flags = BPF_F_ADJ_ROOM_FIXED_GSO as u64
                 | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
-                | if gue { BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64 } else { 0 };
+                | if gue {
+                    BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
+                } else {
+                    0
+                };
             ctx.adjust_room(outer as i32, BPF_ADJ_ROOM_MAC, flags)?;
             let total = ((inner_len + outer) as u16).to_be_bytes();
             let s = cfg.source_v4;
@@ -103,7 +107,11 @@ fn wrap(ctx: &TcContext) -> Result<(), i64> {
             let outer = if gue { IP6 + UDP } else { IP6 };
             let flags = BPF_F_ADJ_ROOM_FIXED_GSO as u64
                 | BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 as u64
-                | if gue { BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64 } else { 0 };
+                | if gue {
+                    BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
+                } else {
+                    0
+                };
             ctx.adjust_room(outer as i32, BPF_ADJ_ROOM_MAC, flags)?;
             let mut h = [0u8; IP6 + UDP];
             // Version and traffic class as the inner packet's; no flow label.

@@ -99,7 +99,11 @@ pub fn diagnose(setup: &Setup, facts: &Facts) -> Vec<Finding> {
     }
     for vip in &setup.vips {
         if !facts.on_lo.contains(vip) {
-            let (v6, len) = if vip.is_ipv6() { ("-6 ", 128) } else { ("", 32) };
+            let (v6, len) = if vip.is_ipv6() {
+                ("-6 ", 128)
+            } else {
+                ("", 32)
+            };
             out.push(Finding {
                 problem: format!("VIP {vip} is not on lo: the stack drops packets to it"),
                 fix: format!("ip {v6}addr add {vip}/{len} dev lo"),
@@ -251,16 +255,22 @@ mod tests {
         assert_eq!(d[0].fix, "ip -6 addr add 2001:db8::100/128 dev lo");
 
         let mut f = ready(&s);
-        f.sysctls.insert("net.ipv4.conf.eth0.arp_ignore".into(), "0".into());
+        f.sysctls
+            .insert("net.ipv4.conf.eth0.arp_ignore".into(), "0".into());
         let d = diagnose(&s, &f);
-        assert_eq!(d[0].fix, "sysctl -w net.ipv4.conf.eth0.arp_ignore=1", "{d:?}");
+        assert_eq!(
+            d[0].fix, "sysctl -w net.ipv4.conf.eth0.arp_ignore=1",
+            "{d:?}"
+        );
         assert!(d[0].problem.contains("is 0, needs 1"), "{d:?}");
 
         let mut f = ready(&s);
         // The kernel takes the larger of `all` and the interface's: loose wins.
-        f.sysctls.insert("net.ipv4.conf.eth0.rp_filter".into(), "1".into());
+        f.sysctls
+            .insert("net.ipv4.conf.eth0.rp_filter".into(), "1".into());
         assert_eq!(diagnose(&s, &f), vec![]);
-        f.sysctls.insert("net.ipv4.conf.all.rp_filter".into(), "1".into());
+        f.sysctls
+            .insert("net.ipv4.conf.all.rp_filter".into(), "1".into());
         let d = diagnose(&s, &f);
         assert!(d[0].problem.contains("rp_filter is strict"), "{d:?}");
 
@@ -294,7 +304,8 @@ mod tests {
         let mut f = ready(&s);
         f.xdp_program = Some("none".into());
         f.decap = None;
-        f.sysctls.insert("net.ipv4.conf.all.rp_filter".into(), "1".into());
+        f.sysctls
+            .insert("net.ipv4.conf.all.rp_filter".into(), "1".into());
         assert_eq!(diagnose(&s, &f), vec![]);
     }
 }

@@ -229,7 +229,12 @@ pub fn diff_of(old: &Desired, new: &Desired, keys: &BTreeSet<ServiceKey>) -> Vec
 
 /// The changes that make service `key` go from `before` (absent: a new service) to
 /// `spec`.
-fn diff_service(key: ServiceKey, before: Option<&ServiceSpec>, spec: &ServiceSpec, changes: &mut Vec<Change>) {
+fn diff_service(
+    key: ServiceKey,
+    before: Option<&ServiceSpec>,
+    spec: &ServiceSpec,
+    changes: &mut Vec<Change>,
+) {
     let empty = ServiceSpec::default();
     let before = match before {
         None => {
@@ -367,11 +372,30 @@ mod tests {
 
     #[test]
     fn a_diff_of_the_edited_services_is_the_whole_diff() {
-        let old = desired(&[(80, &[("198.18.0.11", 1)]), (81, &[("198.18.0.12", 1)]), (82, &[])]);
+        let old = desired(&[
+            (80, &[("198.18.0.11", 1)]),
+            (81, &[("198.18.0.12", 1)]),
+            (82, &[]),
+        ]);
         let edits: [(Desired, &[u16]); 4] = [
-            (desired(&[(80, &[("198.18.0.11", 2), ("198.18.0.13", 1)]), (81, &[("198.18.0.12", 1)]), (82, &[])]), &[80]),
+            (
+                desired(&[
+                    (80, &[("198.18.0.11", 2), ("198.18.0.13", 1)]),
+                    (81, &[("198.18.0.12", 1)]),
+                    (82, &[]),
+                ]),
+                &[80],
+            ),
             (desired(&[(80, &[("198.18.0.11", 1)]), (82, &[])]), &[81]),
-            (desired(&[(80, &[("198.18.0.11", 1)]), (81, &[("198.18.0.12", 1)]), (82, &[]), (83, &[("198.18.0.14", 1)])]), &[83]),
+            (
+                desired(&[
+                    (80, &[("198.18.0.11", 1)]),
+                    (81, &[("198.18.0.12", 1)]),
+                    (82, &[]),
+                    (83, &[("198.18.0.14", 1)]),
+                ]),
+                &[83],
+            ),
             (desired(&[(81, &[])]), &[80, 81, 82]),
         ];
         for (new, ports) in edits {

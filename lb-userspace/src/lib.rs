@@ -43,4 +43,4 @@ pub use dataplane::{
     maps::MapManager,
     Dataplane, DataplaneError,
 };
-pub use model::{Egress, BackendRoute, Proto, ServiceConfig, ServiceKey};
+pub use model::{BackendRoute, Egress, Proto, ServiceConfig, ServiceKey};

@@ -187,7 +187,10 @@ mod tests {
         let key: ServiceKey = "tcp/198.18.0.100:80".parse().unwrap();
         assert_eq!(backend_refusal(&key, ip("198.18.0.11"), Forward::L2), None);
         // Encapsulated, the outer header is the backend's family.
-        assert_eq!(backend_refusal(&key, ip("2001:db8::11"), Forward::Ipip), None);
+        assert_eq!(
+            backend_refusal(&key, ip("2001:db8::11"), Forward::Ipip),
+            None
+        );
         assert!(backend_refusal(&key, ip("198.18.0.100"), Forward::Gue).is_some());
         for bad in [
             "198.18.0.100",
@@ -196,7 +199,10 @@ mod tests {
             "224.0.0.1",
             "0.0.0.0",
         ] {
-            assert!(backend_refusal(&key, ip(bad), Forward::L2).is_some(), "{bad}");
+            assert!(
+                backend_refusal(&key, ip(bad), Forward::L2).is_some(),
+                "{bad}"
+            );
         }
     }
 }

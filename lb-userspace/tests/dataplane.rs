@@ -12,8 +12,8 @@ use aya::programs::{TestRun, TestRunOptions};
 use lb_common::GlobalStats;
 use lb_userspace::{
     plan::{BackendPlan, Rule, ServicePlan},
-    Dataplane, Egress, BackendRoute, LoadOptions, MapManager, Program, Programs, Proto, ServiceConfig,
-    ServiceKey,
+    BackendRoute, Dataplane, Egress, LoadOptions, MapManager, Program, Programs, Proto,
+    ServiceConfig, ServiceKey,
 };
 use support::{backend_mac, macs, Frame, CLIENT_MAC, ETH_LEN, IPV4_LEN, L4, LB_MAC};
 

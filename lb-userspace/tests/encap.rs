@@ -77,7 +77,14 @@ fn route(mode: Forward, backend: IpAddr, mtu: u16) -> BackendRoute {
 }
 
 impl Lb {
-    fn serve(&mut self, vip: &str, proto: Proto, mode: Forward, backends: &[&str], mtu: u16) -> ServiceKey {
+    fn serve(
+        &mut self,
+        vip: &str,
+        proto: Proto,
+        mode: Forward,
+        backends: &[&str],
+        mtu: u16,
+    ) -> ServiceKey {
         let key = ServiceKey {
             addr: vip.parse().unwrap(),
             port: if proto == Proto::Tcp { 80 } else { 53 },
@@ -247,8 +254,16 @@ fn every_family_pair_is_wrapped_in_ipip_and_gue_byte_for_byte() {
             let (verdict, out) = lb.run(&input);
             let what = format!("{mode:?} {proto:?} {client} -> {vip} via {backend}");
             assert_eq!(verdict, XDP_TX, "{what}");
-            let src: IpAddr = if backend.contains(':') { SRC6 } else { SRC4 }.parse().unwrap();
-            let want = expected(&input[ETH_LEN..], mode, src, backend.parse().unwrap(), flow_hash(&key_of(&f)));
+            let src: IpAddr = if backend.contains(':') { SRC6 } else { SRC4 }
+                .parse()
+                .unwrap();
+            let want = expected(
+                &input[ETH_LEN..],
+                mode,
+                src,
+                backend.parse().unwrap(),
+                flow_hash(&key_of(&f)),
+            );
             assert_eq!(out.len(), want.len(), "{what}: length");
             assert_eq!(out, want, "{what}");
             lb.maps.remove_service(key).unwrap();
@@ -269,14 +284,27 @@ fn gue_spreads_flows_over_source_ports_and_ipv6_flow_labels() {
         let f = Frame::tcp(CLIENT6, VIP6, 20000 + i, 80);
         let (verdict, out) = lb.run(&f.build());
         assert_eq!(verdict, XDP_TX);
-        let label = u32::from_be_bytes([0, out[ETH_LEN + 1] & 0x0f, out[ETH_LEN + 2], out[ETH_LEN + 3]]);
+        let label = u32::from_be_bytes([
+            0,
+            out[ETH_LEN + 1] & 0x0f,
+            out[ETH_LEN + 2],
+            out[ETH_LEN + 3],
+        ]);
         let sport = u16::from_be_bytes([out[ETH_LEN + 40], out[ETH_LEN + 41]]);
         assert!(sport >= GUE_SPORT_BASE, "{sport}");
         ports.insert(sport);
         labels.insert(label);
     }
-    assert!(ports.len() >= 60, "64 flows used {} source ports", ports.len());
-    assert!(labels.len() >= 60, "64 flows used {} flow labels", labels.len());
+    assert!(
+        ports.len() >= 60,
+        "64 flows used {} source ports",
+        ports.len()
+    );
+    assert!(
+        labels.len() >= 60,
+        "64 flows used {} flow labels",
+        labels.len()
+    );
 }
 
 /// Checks an ICMP error the balancer built: addressed back to the client from the
@@ -287,12 +315,26 @@ fn check_icmp_v4(out: &[u8], input: &[u8], kind: u8, code: u8) -> [u8; 4] {
     let ip = &out[ETH_LEN..];
     assert_eq!(out.len(), ETH_LEN + 20 + 8 + 28);
     assert_eq!(ip[9], 1, "ICMP");
-    assert_eq!(ip[12..16], input[ETH_LEN + 16..ETH_LEN + 20], "from the VIP");
-    assert_eq!(ip[16..20], input[ETH_LEN + 12..ETH_LEN + 16], "to the client");
-    assert_eq!(util::checksum(&ip[..20], 5), u16::from_be_bytes([ip[10], ip[11]]));
+    assert_eq!(
+        ip[12..16],
+        input[ETH_LEN + 16..ETH_LEN + 20],
+        "from the VIP"
+    );
+    assert_eq!(
+        ip[16..20],
+        input[ETH_LEN + 12..ETH_LEN + 16],
+        "to the client"
+    );
+    assert_eq!(
+        util::checksum(&ip[..20], 5),
+        u16::from_be_bytes([ip[10], ip[11]])
+    );
     let icmp = &ip[20..];
     assert_eq!((icmp[0], icmp[1]), (kind, code));
-    assert_eq!(util::checksum(icmp, 1), u16::from_be_bytes([icmp[2], icmp[3]]));
+    assert_eq!(
+        util::checksum(icmp, 1),
+        u16::from_be_bytes([icmp[2], icmp[3]])
+    );
     assert_eq!(icmp[8..], input[ETH_LEN..ETH_LEN + 28], "the quote");
     [icmp[4], icmp[5], icmp[6], icmp[7]]
 }
@@ -348,11 +390,19 @@ fn an_ipv6_packet_too_big_gets_an_icmpv6_packet_too_big() {
     let ip = &out[ETH_LEN..];
     assert_eq!(ip[6], 58, "ICMPv6");
     assert_eq!(ip[8..24], input[ETH_LEN + 24..ETH_LEN + 40], "from the VIP");
-    assert_eq!(ip[24..40], input[ETH_LEN + 8..ETH_LEN + 24], "to the client");
+    assert_eq!(
+        ip[24..40],
+        input[ETH_LEN + 8..ETH_LEN + 24],
+        "to the client"
+    );
     let icmp = &ip[40..];
     assert_eq!((icmp[0], icmp[1]), (2, 0), "packet too big");
-    assert_eq!(u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]), 1480);
-    let (s, d): (std::net::Ipv6Addr, std::net::Ipv6Addr) = (VIP6.parse().unwrap(), CLIENT6.parse().unwrap());
+    assert_eq!(
+        u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]),
+        1480
+    );
+    let (s, d): (std::net::Ipv6Addr, std::net::Ipv6Addr) =
+        (VIP6.parse().unwrap(), CLIENT6.parse().unwrap());
     let sum = util::ipv6_checksum(icmp, 1, &[], &s, &d, IpNextHeaderProtocol(58));
     assert_eq!(sum, u16::from_be_bytes([icmp[2], icmp[3]]));
     assert_eq!(icmp[8..], input[ETH_LEN..ETH_LEN + 48], "the quote");
@@ -362,13 +412,21 @@ fn an_ipv6_packet_too_big_gets_an_icmpv6_packet_too_big() {
 /// `client`:`cport` (TCP).
 fn router_error(vip: &str, client: &str, cport: u16, kind: u8, code: u8, rest: [u8; 4]) -> Frame {
     let (v, c): (IpAddr, IpAddr) = (vip.parse().unwrap(), client.parse().unwrap());
-    let router: IpAddr = if v.is_ipv4() { "198.18.2.1" } else { "2001:db8:2::1" }.parse().unwrap();
+    let router: IpAddr = if v.is_ipv4() {
+        "198.18.2.1"
+    } else {
+        "2001:db8:2::1"
+    }
+    .parse()
+    .unwrap();
     let reply = Frame::new(v, c, L4::Tcp, 80, cport).established().build();
     let quote_len = if v.is_ipv4() { 28 } else { 48 };
     let mut msg = vec![kind, code, 0, 0, rest[0], rest[1], rest[2], rest[3]];
     msg.extend_from_slice(&reply[ETH_LEN..ETH_LEN + quote_len]);
     let sum = match (router, v) {
-        (IpAddr::V6(r), IpAddr::V6(v)) => util::ipv6_checksum(&msg, 1, &[], &r, &v, IpNextHeaderProtocol(58)),
+        (IpAddr::V6(r), IpAddr::V6(v)) => {
+            util::ipv6_checksum(&msg, 1, &[], &r, &v, IpNextHeaderProtocol(58))
+        }
         _ => util::checksum(&msg, 1),
     };
     msg[2..4].copy_from_slice(&sum.to_be_bytes());
@@ -393,7 +451,11 @@ fn an_icmp_error_about_a_flow_goes_to_that_flows_backend_encapsulated_like_it() 
             let (verdict, out) = lb.run(&flow.build());
             assert_eq!(verdict, XDP_TX);
             let outer_dst = |out: &[u8]| -> Vec<u8> {
-                if vip.contains(':') { out[ETH_LEN + 24..ETH_LEN + 40].to_vec() } else { out[ETH_LEN + 16..ETH_LEN + 20].to_vec() }
+                if vip.contains(':') {
+                    out[ETH_LEN + 24..ETH_LEN + 40].to_vec()
+                } else {
+                    out[ETH_LEN + 16..ETH_LEN + 20].to_vec()
+                }
             };
             let owner = outer_dst(&out);
             let error = router_error(vip, client, cport, kind, code, [0, 0, 0x05, 0x00]);
@@ -404,11 +466,17 @@ fn an_icmp_error_about_a_flow_goes_to_that_flows_backend_encapsulated_like_it() 
             let want = expected(
                 &input[ETH_LEN..],
                 Forward::Gue,
-                (if vip.contains(':') { SRC6 } else { SRC4 }).parse().unwrap(),
+                (if vip.contains(':') { SRC6 } else { SRC4 })
+                    .parse()
+                    .unwrap(),
                 IpAddr::from(if vip.contains(':') {
-                    <[u8; 16]>::try_from(owner.as_slice()).map(IpAddr::from).unwrap()
+                    <[u8; 16]>::try_from(owner.as_slice())
+                        .map(IpAddr::from)
+                        .unwrap()
                 } else {
-                    <[u8; 4]>::try_from(owner.as_slice()).map(IpAddr::from).unwrap()
+                    <[u8; 4]>::try_from(owner.as_slice())
+                        .map(IpAddr::from)
+                        .unwrap()
                 }),
                 flow_hash(&key_of(&flow)),
             );
@@ -420,19 +488,36 @@ fn an_icmp_error_about_a_flow_goes_to_that_flows_backend_encapsulated_like_it() 
         let (verdict, out) = lb.run(&error.build());
         assert_eq!(verdict, XDP_TX);
         let (_, syn) = lb.run(&Frame::tcp(client, vip, 50000, 80).build());
-        let at = if vip.contains(':') { ETH_LEN + 24..ETH_LEN + 40 } else { ETH_LEN + 16..ETH_LEN + 20 };
+        let at = if vip.contains(':') {
+            ETH_LEN + 24..ETH_LEN + 40
+        } else {
+            ETH_LEN + 16..ETH_LEN + 20
+        };
         assert_eq!(out[at.clone()], syn[at]);
         let s = lb.maps.global_stats().unwrap();
         assert_eq!(s.icmp_steered, 25);
         // About a port with no service, or an echo request: the node's stack's.
         let mut foreign = router_error(vip, client, 40000, kind, code, [0; 4]);
-        let reply = Frame::new(vip.parse().unwrap(), client.parse().unwrap(), L4::Tcp, 81, 40000).build();
+        let reply = Frame::new(
+            vip.parse().unwrap(),
+            client.parse().unwrap(),
+            L4::Tcp,
+            81,
+            40000,
+        )
+        .build();
         let q = if vip.contains(':') { 48 } else { 28 };
         foreign.payload[8..].copy_from_slice(&reply[ETH_LEN..ETH_LEN + q]);
         let input = foreign.build();
         let (verdict, out) = lb.run(&input);
         assert_eq!((verdict, &out), (XDP_PASS, &input), "no service on port 81");
-        let mut ping = Frame::new(client.parse().unwrap(), vip.parse().unwrap(), L4::Other(if vip.contains(':') { 58 } else { 1 }), 0, 0);
+        let mut ping = Frame::new(
+            client.parse().unwrap(),
+            vip.parse().unwrap(),
+            L4::Other(if vip.contains(':') { 58 } else { 1 }),
+            0,
+            0,
+        );
         ping.payload = vec![if vip.contains(':') { 128 } else { 8 }, 0, 0, 0, 0, 1, 0, 1];
         let input = ping.build();
         let (verdict, out) = lb.run(&input);
@@ -491,7 +576,11 @@ fn the_backends_decap_gives_the_stack_the_clients_packet_for_every_mode_and_fami
             let (_, wrapped) = lb.run(&input);
             let (verdict, out) = decap_run(&d, &wrapped);
             assert_eq!(verdict, XDP_PASS);
-            assert_eq!(out[ETH_LEN - 2..], input[ETH_LEN - 2..], "{mode:?} {client} via {backend}: the client's packet");
+            assert_eq!(
+                out[ETH_LEN - 2..],
+                input[ETH_LEN - 2..],
+                "{mode:?} {client} via {backend}: the client's packet"
+            );
             assert_eq!(out[..12], wrapped[..12], "the frame's MACs stay");
             lb.maps.remove_service(key).unwrap();
             n += 1;
@@ -524,12 +613,20 @@ fn the_decap_leaves_everything_else_untouched() {
     // UDP to another port, and plain traffic.
     let plain = Frame::tcp(CLIENT4, VIP4, 40000, 80).build();
     let other_port = Frame::udp(SRC4, REMOTE4, 40000, 6081).build();
-    for (what, frame) in [("foreign source", &foreign), ("fragment", &fragment), ("plain", &plain), ("udp to 6081", &other_port)] {
+    for (what, frame) in [
+        ("foreign source", &foreign),
+        ("fragment", &fragment),
+        ("plain", &plain),
+        ("udp to 6081", &other_port),
+    ] {
         let (verdict, out) = decap_run(&d, frame);
         assert_eq!((verdict, &out), (XDP_PASS, frame), "{what}");
     }
     let s = d.stats().unwrap();
-    assert_eq!((s.foreign_source, s.malformed, s.passed, s.ipip), (1, 1, 2, 0));
+    assert_eq!(
+        (s.foreign_source, s.malformed, s.passed, s.ipip),
+        (1, 1, 2, 0)
+    );
 }
 
 #[test]
@@ -590,7 +687,11 @@ fn the_tc_fallback_decapsulates_as_the_xdp_program_does() {
             let (_, wrapped) = lb.run(&input);
             let (verdict, out) = decap_tc_run(&d, &wrapped);
             assert_eq!(verdict, TC_ACT_OK);
-            assert_eq!(out[ETH_LEN - 2..], input[ETH_LEN - 2..], "{mode:?} {client} via {backend}");
+            assert_eq!(
+                out[ETH_LEN - 2..],
+                input[ETH_LEN - 2..],
+                "{mode:?} {client} via {backend}"
+            );
             assert_eq!(out[..12], wrapped[..12], "the frame's MACs stay");
             lb.maps.remove_service(key).unwrap();
             n += 1;

@@ -179,9 +179,14 @@ impl Lab {
         let mac = [0x02, 0x1d, 0, 0, subnet, 1];
         let r = self.host(router);
         let port = format!("r-{tag}");
-        r.ns.ip(&format!("link add {port} type veth peer name eth0 netns {}", ns.name()))?;
+        r.ns.ip(&format!(
+            "link add {port} type veth peer name eth0 netns {}",
+            ns.name()
+        ))?;
         r.ns.ip(&format!("addr add 198.18.{subnet}.254/24 dev {port}"))?;
-        r.ns.ip(&format!("-6 addr add 2001:db8:{subnet:x}::fe/64 dev {port} nodad"))?;
+        r.ns.ip(&format!(
+            "-6 addr add 2001:db8:{subnet:x}::fe/64 dev {port} nodad"
+        ))?;
         r.ns.ip(&format!("link set {port} up"))?;
         r.ns.exec("ethtool", &["-K", &port, "tx", "off"])?;
         for key in [
@@ -195,7 +200,9 @@ impl Lab {
         }
         ns.ip(&format!("link set eth0 address {}", mac_string(&mac)))?;
         ns.ip(&format!("addr add {ip}/24 dev eth0"))?;
-        ns.ip(&format!("-6 addr add 2001:db8:{subnet:x}::1/64 dev eth0 nodad"))?;
+        ns.ip(&format!(
+            "-6 addr add 2001:db8:{subnet:x}::1/64 dev eth0 nodad"
+        ))?;
         ns.ip("link set eth0 up")?;
         ns.ip("link set lo up")?;
         ns.ip(&format!("route add default via 198.18.{subnet}.254"))?;

@@ -164,8 +164,7 @@ impl Config {
         if self.node != new.node {
             later.push("[node]");
         }
-        if self.interfaces != new.interfaces || self.sizes != new.sizes || self.encap != new.encap
-        {
+        if self.interfaces != new.interfaces || self.sizes != new.sizes || self.encap != new.encap {
             later.push("[dataplane]");
         }
         if self.cluster != new.cluster {
@@ -232,117 +231,132 @@ impl Config {
             ));
         }
         let defaults = LoadOptions::default();
-        let (interfaces, sizes, encap) =
-            match file.dataplane {
-                None => return Err(ctx.err(
+        let (interfaces, sizes, encap) = match file.dataplane {
+            None => {
+                return Err(ctx.err(
                     node_span,
                     "dataplane: missing; add [dataplane] with interfaces = [{ name = \"eth0\" }]",
-                )),
-                Some(dp) => {
-                    let span = dp.span();
-                    let dp = dp.into_inner();
-                    if dp.interfaces.is_empty() {
+                ))
+            }
+            Some(dp) => {
+                let span = dp.span();
+                let dp = dp.into_inner();
+                if dp.interfaces.is_empty() {
+                    return Err(ctx.err(
+                        span,
+                        "dataplane.interfaces: name at least one interface to attach to",
+                    ));
+                }
+                let range = |max: u32, unit: &'static str| {
+                    move |v: u32| {
+                        (v == 0 || v > max).then(|| format!("{v} must be 1..={max} ({unit})"))
+                    }
+                };
+                let prime = |v: u32| (!is_prime(v)).then(|| format!("{v} is not a prime"));
+                let sizes = LoadOptions {
+                    max_services: sized(
+                        &ctx,
+                        dp.max_services,
+                        defaults.max_services,
+                        "max_services",
+                        range(MAX_SERVICES_LIMIT, "services"),
+                    )?,
+                    max_backends: sized(
+                        &ctx,
+                        dp.max_backends,
+                        defaults.max_backends,
+                        "max_backends",
+                        range(MAX_BACKENDS_LIMIT, "backends over all services"),
+                    )?,
+                    ring_cells: sized(
+                        &ctx,
+                        dp.ring_cells,
+                        defaults.ring_cells,
+                        "ring_cells",
+                        range(RING_CELLS_LIMIT, "table cells, 4 bytes each"),
+                    )?,
+                    maglev_min_size: sized(
+                        &ctx,
+                        dp.maglev_min_size,
+                        defaults.maglev_min_size,
+                        "maglev_min_size",
+                        prime,
+                    )?,
+                    maglev_max_size: sized(
+                        &ctx,
+                        dp.maglev_max_size,
+                        defaults.maglev_max_size,
+                        "maglev_max_size",
+                        prime,
+                    )?,
+                    conn_table_size: sized(
+                        &ctx,
+                        dp.conn_table_size,
+                        defaults.conn_table_size,
+                        "conn_table_size",
+                        range(
+                            CONN_TABLE_LIMIT,
+                            "entries; each costs about 112 bytes of kernel memory",
+                        ),
+                    )?,
+                    pin_dir: None,
+                };
+                if let Some(why) = sizes.refusal() {
+                    return Err(ctx.err(span, why));
+                }
+                let mut encap = EncapSettings {
+                    source_v4: dp.encap_source_v4.as_ref().map(|a| *a.get_ref()),
+                    source_v6: dp.encap_source_v6.as_ref().map(|a| *a.get_ref()),
+                    ..EncapSettings::default()
+                };
+                for (field, a) in [
+                    (
+                        "encap_source_v4",
+                        dp.encap_source_v4
+                            .map(|a| (IpAddr::V4(*a.get_ref()), a.span())),
+                    ),
+                    (
+                        "encap_source_v6",
+                        dp.encap_source_v6
+                            .map(|a| (IpAddr::V6(*a.get_ref()), a.span())),
+                    ),
+                ] {
+                    if let Some((a, span)) = a {
+                        if let Some(why) = crate::validate::source_refusal(a) {
+                            return Err(ctx.err(
+                                span,
+                                format!("dataplane.{field}: {a} cannot be an outer source: {why}"),
+                            ));
+                        }
+                    }
+                }
+                if let Some(p) = dp.gue_port {
+                    if *p.get_ref() == 0 {
                         return Err(ctx.err(
-                            span,
-                            "dataplane.interfaces: name at least one interface to attach to",
+                            p.span(),
+                            "dataplane.gue_port: 0 is no port (leave it out for 6080)",
                         ));
                     }
-                    let range = |max: u32, unit: &'static str| {
-                        move |v: u32| {
-                            (v == 0 || v > max).then(|| format!("{v} must be 1..={max} ({unit})"))
-                        }
-                    };
-                    let prime = |v: u32| (!is_prime(v)).then(|| format!("{v} is not a prime"));
-                    let sizes = LoadOptions {
-                        max_services: sized(
-                            &ctx,
-                            dp.max_services,
-                            defaults.max_services,
-                            "max_services",
-                            range(MAX_SERVICES_LIMIT, "services"),
-                        )?,
-                        max_backends: sized(
-                            &ctx,
-                            dp.max_backends,
-                            defaults.max_backends,
-                            "max_backends",
-                            range(MAX_BACKENDS_LIMIT, "backends over all services"),
-                        )?,
-                        ring_cells: sized(
-                            &ctx,
-                            dp.ring_cells,
-                            defaults.ring_cells,
-                            "ring_cells",
-                            range(RING_CELLS_LIMIT, "table cells, 4 bytes each"),
-                        )?,
-                        maglev_min_size: sized(
-                            &ctx,
-                            dp.maglev_min_size,
-                            defaults.maglev_min_size,
-                            "maglev_min_size",
-                            prime,
-                        )?,
-                        maglev_max_size: sized(
-                            &ctx,
-                            dp.maglev_max_size,
-                            defaults.maglev_max_size,
-                            "maglev_max_size",
-                            prime,
-                        )?,
-                        conn_table_size: sized(
-                            &ctx,
-                            dp.conn_table_size,
-                            defaults.conn_table_size,
-                            "conn_table_size",
-                            range(
-                                CONN_TABLE_LIMIT,
-                                "entries; each costs about 112 bytes of kernel memory",
-                            ),
-                        )?,
-                        pin_dir: None,
-                    };
-                    if let Some(why) = sizes.refusal() {
-                        return Err(ctx.err(span, why));
-                    }
-                    let mut encap = EncapSettings {
-                        source_v4: dp.encap_source_v4.as_ref().map(|a| *a.get_ref()),
-                        source_v6: dp.encap_source_v6.as_ref().map(|a| *a.get_ref()),
-                        ..EncapSettings::default()
-                    };
-                    for (field, a) in [
-                        ("encap_source_v4", dp.encap_source_v4.map(|a| (IpAddr::V4(*a.get_ref()), a.span()))),
-                        ("encap_source_v6", dp.encap_source_v6.map(|a| (IpAddr::V6(*a.get_ref()), a.span()))),
-                    ] {
-                        if let Some((a, span)) = a {
-                            if let Some(why) = crate::validate::source_refusal(a) {
-                                return Err(ctx.err(span, format!("dataplane.{field}: {a} cannot be an outer source: {why}")));
-                            }
-                        }
-                    }
-                    if let Some(p) = dp.gue_port {
-                        if *p.get_ref() == 0 {
-                            return Err(ctx.err(p.span(), "dataplane.gue_port: 0 is no port (leave it out for 6080)"));
-                        }
-                        encap.gue_port = *p.get_ref();
-                    }
-                    if let Some(m) = dp.encap_mtu {
-                        let v = *m.get_ref();
-                        if !(576..=9216).contains(&v) {
-                            return Err(ctx.err(m.span(), format!("dataplane.encap_mtu: {v} must be 576..=9216 (bytes of an IP packet, outer header included)")));
-                        }
-                        encap.path_mtu = Some(v);
-                    }
-                    let interfaces: Vec<Interface> = dp
-                        .interfaces
-                        .into_iter()
-                        .map(|i| Interface {
-                            name: i.name,
-                            xdp_mode: i.xdp_mode,
-                        })
-                        .collect();
-                    (interfaces, sizes, encap)
+                    encap.gue_port = *p.get_ref();
                 }
-            };
+                if let Some(m) = dp.encap_mtu {
+                    let v = *m.get_ref();
+                    if !(576..=9216).contains(&v) {
+                        return Err(ctx.err(m.span(), format!("dataplane.encap_mtu: {v} must be 576..=9216 (bytes of an IP packet, outer header included)")));
+                    }
+                    encap.path_mtu = Some(v);
+                }
+                let interfaces: Vec<Interface> = dp
+                    .interfaces
+                    .into_iter()
+                    .map(|i| Interface {
+                        name: i.name,
+                        xdp_mode: i.xdp_mode,
+                    })
+                    .collect();
+                (interfaces, sizes, encap)
+            }
+        };
         let desired = services::services(&ctx, file.service, Some((&sizes, &encap)))?;
         let cluster = match file.cluster {
             None => None,
@@ -465,7 +479,11 @@ drain = true
         ));
         assert!(e.message.contains("not of the same family"), "{e}");
         let e = error_of(&format!("{head}{}", svc.replace("\"gue\"", "\"vxlan\"")));
-        assert!(e.message.contains("forward: `vxlan` is not a forwarding mode: l2, ipip or gue"), "{e}");
+        assert!(
+            e.message
+                .contains("forward: `vxlan` is not a forwarding mode: l2, ipip or gue"),
+            "{e}"
+        );
         let e = error_of(&format!("{head}encap_source_v4 = \"127.0.0.1\"\n"));
         assert!(e.message.contains("dataplane.encap_source_v4: 127.0.0.1 cannot be an outer source: it is a loopback address"), "{e}");
     }

@@ -109,14 +109,13 @@ impl Decap {
 
     /// Replaces the sources and the GUE port with `settings`.
     pub fn configure(&mut self, settings: &DecapSettings) -> Result<()> {
-        let mut sources: HashMap<&mut MapData, AddrKey, u32> = HashMap::try_from(
-            self.ebpf
-                .map_mut(map_names::DECAP_SOURCES)
-                .ok_or(DataplaneError::MapShape {
+        let mut sources: HashMap<&mut MapData, AddrKey, u32> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::DECAP_SOURCES).ok_or(
+                DataplaneError::MapShape {
                     name: map_names::DECAP_SOURCES,
-                })?,
-        )
-        .map_ctx(map_names::DECAP_SOURCES)?;
+                },
+            )?)
+            .map_ctx(map_names::DECAP_SOURCES)?;
         let wanted: Vec<AddrKey> = settings.sources.iter().map(|a| source_key(*a)).collect();
         let stale: Vec<AddrKey> = sources
             .keys()
@@ -129,14 +128,13 @@ impl Decap {
         for k in &wanted {
             sources.insert(k, 1, 0).map_ctx(map_names::DECAP_SOURCES)?;
         }
-        let mut config: Array<&mut MapData, DecapConfig> = Array::try_from(
-            self.ebpf
-                .map_mut(map_names::DECAP_CONFIG)
-                .ok_or(DataplaneError::MapShape {
+        let mut config: Array<&mut MapData, DecapConfig> =
+            Array::try_from(self.ebpf.map_mut(map_names::DECAP_CONFIG).ok_or(
+                DataplaneError::MapShape {
                     name: map_names::DECAP_CONFIG,
-                })?,
-        )
-        .map_ctx(map_names::DECAP_CONFIG)?;
+                },
+            )?)
+            .map_ctx(map_names::DECAP_CONFIG)?;
         let c = DecapConfig {
             gue_port_be: settings.gue_port.to_be(),
             ..DecapConfig::default()
@@ -182,18 +180,22 @@ impl Decap {
             let _ = tc.take_link(id);
             return Ok(());
         }
-        let id = tc.attach(interface, TcAttachType::Ingress).map_err(attach_err)?;
+        let id = tc
+            .attach(interface, TcAttachType::Ingress)
+            .map_err(attach_err)?;
         let link = tc.take_link(id).map_err(attach_err)?;
         pin_link(link, &path, program_names::DECAP_TC, interface)
     }
 
     /// The counters, summed over CPUs.
     pub fn stats(&self) -> Result<DecapStats> {
-        stats_of(self.ebpf.map(map_names::DECAP_STATS).ok_or(
-            DataplaneError::MapShape {
-                name: map_names::DECAP_STATS,
-            },
-        )?)
+        stats_of(
+            self.ebpf
+                .map(map_names::DECAP_STATS)
+                .ok_or(DataplaneError::MapShape {
+                    name: map_names::DECAP_STATS,
+                })?,
+        )
     }
 
     /// Attaches to `interface` through a link pinned in the pin directory, so that it

@@ -299,7 +299,7 @@ pub fn fingerprint(plan: &ServicePlan, layout: &Layout) -> u64 {
 mod tests {
     use super::*;
     use crate::{
-        model::{Egress, BackendRoute, ServiceConfig},
+        model::{BackendRoute, Egress, ServiceConfig},
         plan::BackendPlan,
     };
 

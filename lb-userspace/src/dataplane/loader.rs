@@ -480,17 +480,16 @@ impl Programs {
     /// link pinned in the pin directory (replaced in one step by a later run), or a
     /// plain one without a pin directory (tests).
     pub fn attach_probe_encap(&mut self, interface: &str, encap: &EncapSettings) -> Result<()> {
-        let mut config: Array<&mut MapData, ProbeConfig> = Array::try_from(
-            self.ebpf
-                .map_mut(map_names::PROBE_CONFIG)
-                .ok_or(DataplaneError::MapShape {
+        let mut config: Array<&mut MapData, ProbeConfig> =
+            Array::try_from(self.ebpf.map_mut(map_names::PROBE_CONFIG).ok_or(
+                DataplaneError::MapShape {
                     name: map_names::PROBE_CONFIG,
-                })?,
-        )
-        .map_err(|source| DataplaneError::Map {
-            name: map_names::PROBE_CONFIG,
-            source,
-        })?;
+                },
+            )?)
+            .map_err(|source| DataplaneError::Map {
+                name: map_names::PROBE_CONFIG,
+                source,
+            })?;
         let c = ProbeConfig {
             source_v4: encap.source_v4.map_or([0; 4], |a| a.octets()),
             gue_port_be: encap.gue_port().to_be(),
@@ -545,7 +544,10 @@ impl Programs {
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(DataplaneError::Options(format!("removing {}: {e}", path.display()))),
+            Err(e) => Err(DataplaneError::Options(format!(
+                "removing {}: {e}",
+                path.display()
+            ))),
         }
     }
 

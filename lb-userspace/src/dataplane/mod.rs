@@ -31,7 +31,7 @@ pub use error::{DataplaneError, Result};
 
 use crate::{
     maglev,
-    model::{Egress, BackendRoute, ServiceKey},
+    model::{BackendRoute, Egress, ServiceKey},
     plan::{Rule, ServicePlan},
 };
 
@@ -304,8 +304,8 @@ pub fn check_fits(
         // Only an encapsulated backend may be of the other family: its outer header
         // is of its own family.
         for (addr, b) in &plan.backends {
-            let encapsulated = plan.config.forward.encapsulates()
-                || b.route.is_some_and(|r| r.encap.is_some());
+            let encapsulated =
+                plan.config.forward.encapsulates() || b.route.is_some_and(|r| r.encap.is_some());
             if addr.is_ipv4() != key.addr.is_ipv4() && !encapsulated {
                 return Err(DataplaneError::FamilyMismatch {
                     service: *key,

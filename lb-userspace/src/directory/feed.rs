@@ -179,7 +179,13 @@ mod tests {
         s.add(names::SPM, &key.to_string());
         s.add(VERDICT_TABLE, &key.to_string());
         s.add(names::AGENTS, "lb1");
-        assert_eq!(s, Scope { all: false, services: [key].into() });
+        assert_eq!(
+            s,
+            Scope {
+                all: false,
+                services: [key].into()
+            }
+        );
         s.add(names::HOST_ROUTES, "host2/0");
         assert!(s.all);
         let mut s = Scope::default();

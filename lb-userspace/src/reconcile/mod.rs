@@ -115,7 +115,8 @@ fn validate_services(
             .filter_map(|k| desired.services.get_key_value(k))
             .collect(),
     };
-    crate::validate::services(judged.iter().copied(), own, encap).map_err(|e| anyhow::anyhow!(e))?;
+    crate::validate::services(judged.iter().copied(), own, encap)
+        .map_err(|e| anyhow::anyhow!(e))?;
     if desired.services.len() > max_services as usize {
         anyhow::bail!(
             "{} services, but the data plane holds {max_services} (dataplane.max_services)",

@@ -330,15 +330,25 @@ fn a_partial_feed_changes_its_services_only_and_keeps_the_others() {
         epochs: BTreeMap::from([(key(80), 3)]),
         ..Feed::default()
     };
-    assert_eq!(r.set_feed_of(&one, part, BTreeMap::new()).unwrap(), vec![key(80)]);
+    assert_eq!(
+        r.set_feed_of(&one, part, BTreeMap::new()).unwrap(),
+        vec![key(80)]
+    );
     let k = r.known();
     assert_eq!(k.directory[&key(80)], dir("198.18.0.52"));
     assert_eq!(k.directory[&key(81)], dir("198.18.0.51"));
     assert_eq!(k.epochs.get(&key(80)), Some(&3));
     // A named service with nothing in the feed has nothing left in the directory.
-    assert_eq!(r.set_feed_of(&one, Feed::default(), BTreeMap::new()).unwrap(), vec![key(80)]);
+    assert_eq!(
+        r.set_feed_of(&one, Feed::default(), BTreeMap::new())
+            .unwrap(),
+        vec![key(80)]
+    );
     assert!(!r.known().directory.contains_key(&key(80)));
     assert_eq!(r.known().directory[&key(81)], dir("198.18.0.51"));
     // The same again changes nothing.
-    assert!(r.set_feed_of(&one, Feed::default(), BTreeMap::new()).unwrap().is_empty());
+    assert!(r
+        .set_feed_of(&one, Feed::default(), BTreeMap::new())
+        .unwrap()
+        .is_empty());
 }

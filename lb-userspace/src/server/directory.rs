@@ -168,7 +168,9 @@ pub(super) async fn register(s: &AppState, req: Registration) -> WriteResult<api
     if req.ttl_ms == 0 {
         return Err(bad("ttl_ms must be positive"));
     }
-    if let Some(why) = crate::validate::backend_refusal(&req.service, req.address, crate::model::Forward::L2) {
+    if let Some(why) =
+        crate::validate::backend_refusal(&req.service, req.address, crate::model::Forward::L2)
+    {
         return Err(bad(why));
     }
     let written = s.directory.register(&req).await.map_err(refused)?;

@@ -403,9 +403,9 @@ impl<D: Dataplane> Daemon<D> {
         if services_too && new.desired != self.from_config {
             let from = new.desired.clone();
             let log = &mut self.log;
-            changes = self
-                .core
-                .apply(new.desired.clone(), false, &mut |d, _| log.save(&from, d, None))?;
+            changes = self.core.apply(new.desired.clone(), false, &mut |d, _| {
+                log.save(&from, d, None)
+            })?;
             self.from_config = new.desired;
         }
         Ok((changes, later))
@@ -416,8 +416,9 @@ impl<D: Dataplane> Daemon<D> {
     pub fn apply(&mut self, new: Desired, dry_run: bool) -> Result<Vec<Change>> {
         let (log, from) = (&mut self.log, &self.from_config);
         // The config is what it was at the last save: only the touched services differ.
-        self.core
-            .apply(new, dry_run, &mut |d, touched| log.save(from, d, Some(touched)))
+        self.core.apply(new, dry_run, &mut |d, touched| {
+            log.save(from, d, Some(touched))
+        })
     }
 
     /// As `apply`, for `new` = what is desired with only service `key` edited: only
@@ -425,9 +426,10 @@ impl<D: Dataplane> Daemon<D> {
     pub fn apply_edit(&mut self, new: Desired, key: ServiceKey) -> Result<Vec<Change>> {
         let (log, from) = (&mut self.log, &self.from_config);
         let keys = BTreeSet::from([key]);
-        self.core.apply_of(new, Some(&keys), false, &mut |d, touched| {
-            log.save(from, d, Some(touched))
-        })
+        self.core
+            .apply_of(new, Some(&keys), false, &mut |d, touched| {
+                log.save(from, d, Some(touched))
+            })
     }
 
     pub fn set_directory(

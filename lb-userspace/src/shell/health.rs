@@ -199,7 +199,9 @@ mod tests {
             }
         });
         let limit = Duration::from_millis(500);
-        probe(addr, &Probe::Tcp, limit, Via::default()).await.unwrap();
+        probe(addr, &Probe::Tcp, limit, Via::default())
+            .await
+            .unwrap();
         probe(
             addr,
             &Probe::Http {
@@ -229,7 +231,9 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        assert!(probe(dead, &Probe::Tcp, limit, Via::default()).await.is_err());
+        assert!(probe(dead, &Probe::Tcp, limit, Via::default())
+            .await
+            .is_err());
 
         let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let uaddr = udp.local_addr().unwrap();

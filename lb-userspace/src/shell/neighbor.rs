@@ -128,7 +128,11 @@ pub fn gateway_of(routes: &[KernelRoute], addr: IpAddr) -> Option<IpAddr> {
         .iter()
         .filter(|(net, len, _)| {
             net.is_ipv4() == addr.is_ipv4() && {
-                let mask = if *len == 0 { 0 } else { u128::MAX << (128 - *len as u32) };
+                let mask = if *len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - *len as u32)
+                };
                 bits(*net) & mask == bits(addr) & mask
             }
         })
@@ -144,7 +148,11 @@ impl NeighborTable {
         for version in [rtnetlink::IpVersion::V4, rtnetlink::IpVersion::V6] {
             let v6 = version == rtnetlink::IpVersion::V6;
             let mut routes = self.handle.route().get(version).execute();
-            while let Some(msg) = routes.try_next().await.context("reading the routing table")? {
+            while let Some(msg) = routes
+                .try_next()
+                .await
+                .context("reading the routing table")?
+            {
                 if msg.header.kind != RouteType::Unicast {
                     continue;
                 }
@@ -153,10 +161,16 @@ impl NeighborTable {
                 for attr in &msg.attributes {
                     match attr {
                         RouteAttribute::Table(t) => table = *t,
-                        RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
-                        RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
+                        RouteAttribute::Destination(RouteAddress::Inet(a)) => {
+                            dst = Some(IpAddr::V4(*a))
+                        }
+                        RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
+                            dst = Some(IpAddr::V6(*a))
+                        }
                         RouteAttribute::Gateway(RouteAddress::Inet(a)) => gw = Some(IpAddr::V4(*a)),
-                        RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gw = Some(IpAddr::V6(*a)),
+                        RouteAttribute::Gateway(RouteAddress::Inet6(a)) => {
+                            gw = Some(IpAddr::V6(*a))
+                        }
                         _ => {}
                     }
                 }
@@ -381,11 +395,24 @@ mod tests {
             (ip("::"), 0, Some(ip("2001:db8::fe"))),
             (ip("2001:db8::"), 64, None),
         ];
-        assert_eq!(gateway_of(&routes, ip("198.18.5.7")), Some(ip("198.18.0.1")));
+        assert_eq!(
+            gateway_of(&routes, ip("198.18.5.7")),
+            Some(ip("198.18.0.1"))
+        );
         assert_eq!(gateway_of(&routes, ip("198.18.0.7")), None, "on the link");
-        assert_eq!(gateway_of(&routes, ip("203.0.113.1")), Some(ip("198.18.0.254")));
-        assert_eq!(gateway_of(&routes, ip("2001:db8:5::1")), Some(ip("2001:db8::fe")));
+        assert_eq!(
+            gateway_of(&routes, ip("203.0.113.1")),
+            Some(ip("198.18.0.254"))
+        );
+        assert_eq!(
+            gateway_of(&routes, ip("2001:db8:5::1")),
+            Some(ip("2001:db8::fe"))
+        );
         assert_eq!(gateway_of(&routes, ip("2001:db8::9")), None);
-        assert_eq!(gateway_of(&routes[1..3], ip("203.0.113.1")), None, "no route");
+        assert_eq!(
+            gateway_of(&routes[1..3], ip("203.0.113.1")),
+            None,
+            "no route"
+        );
     }
 }

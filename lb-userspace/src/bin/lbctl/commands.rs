@@ -379,7 +379,9 @@ async fn backend(client: &Client, out: Output, cmd: BackendCmd) -> Result<(), Fa
                 .await
                 .map_err(|e| Failure::Shown(format!("checking the setup: {e:#}")))?;
             match out {
-                Output::Json => render::json(&serde_json::json!({ "done": done, "problems": left })),
+                Output::Json => {
+                    render::json(&serde_json::json!({ "done": done, "problems": left }))
+                }
                 Output::Human => {
                     for d in &done {
                         println!("{d}");
@@ -761,7 +763,9 @@ async fn spm(client: &Client, out: Output, cmd: SpmCmd) -> Result<(), Failure> {
 }
 
 /// The setup a `backend setup`/`doctor` command line asks for.
-fn backend_setup(host: crate::cli::BackendHost) -> Result<lb_userspace::backend_side::Setup, Failure> {
+fn backend_setup(
+    host: crate::cli::BackendHost,
+) -> Result<lb_userspace::backend_side::Setup, Failure> {
     if host.mode.encapsulates() && host.lb_sources.is_empty() {
         return Err(Failure::Input(format!(
             "--mode {} needs --lb-source: the LB nodes' encap_source_v4/_v6 addresses, whose \

@@ -111,7 +111,9 @@ pub fn status(s: &api::Status) {
 }
 
 pub fn services(services: &[api::ServiceView]) {
-    let mut rows = header(&["SERVICE", "BACKENDS", "FORWARD", "MAGLEV", "PACKETS", "BYTES"]);
+    let mut rows = header(&[
+        "SERVICE", "BACKENDS", "FORWARD", "MAGLEV", "PACKETS", "BYTES",
+    ]);
     for s in services {
         rows.push(vec![
             s.service.clone(),

@@ -17,7 +17,7 @@ use crate::{
         layout::{addr_bytes, Layout, TRAILER_CELLS},
         vip_flags, Dataplane,
     },
-    model::{Egress, BackendRoute, ServiceKey},
+    model::{BackendRoute, Egress, ServiceKey},
     plan::ServicePlan,
 };
 
