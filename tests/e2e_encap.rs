@@ -197,12 +197,7 @@ impl Routed {
     }
 
     fn lbctl_on(&self, lb: usize, args: &[&str]) -> Output {
-        std::process::Command::new(binary("lbctl"))
-            .arg("--socket")
-            .arg(&self.sockets[lb])
-            .args(args)
-            .output()
-            .expect("running lbctl")
+        common::lbctl_at(&self.sockets[lb], args)
     }
 
     /// `lbctl backend <verb>` on backend `tag`, for every VIP, in gue mode (which
@@ -235,8 +230,14 @@ impl Routed {
             .expect("running lbctl in the backend")
     }
 
+    /// lb1's global data-plane counters, by name.
     fn global(&self) -> BTreeMap<String, u64> {
-        let out = self.lbctl(&["-o", "json", "stats"]);
+        self.global_on(0)
+    }
+
+    /// LB node `lb`'s global data-plane counters, by name.
+    fn global_on(&self, lb: usize) -> BTreeMap<String, u64> {
+        let out = self.lbctl_on(lb, &["-o", "json", "stats"]);
         assert!(
             out.status.success(),
             "{}",
@@ -255,13 +256,7 @@ impl Routed {
         &self,
         f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
     ) -> T {
-        self.lab
-            .host("client")
-            .ns
-            .spawn(f)
-            .join()
-            .expect("client thread panicked")
-            .expect("client traffic")
+        common::on_client(&self.lab, f)
     }
 }
 
@@ -674,22 +669,7 @@ fn a_cluster_failover_keeps_established_encapsulated_connections() {
         }
         Ok((convs, homes))
     });
-    let global_of = |lb: usize| -> BTreeMap<String, u64> {
-        let out = env.lbctl_on(lb, &["-o", "json", "stats"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["global"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_u64().unwrap()))
-            .collect()
-    };
-    let (g1, g2) = (global_of(0), global_of(1));
+    let (g1, g2) = (env.global_on(0), env.global_on(1));
     assert!(
         g1["fwd_ipip"] > 0 && g1["fwd_gue"] > 0,
         "lb1 carried them first: {g1:?}"
@@ -717,7 +697,7 @@ fn a_cluster_failover_keeps_established_encapsulated_connections() {
         after, homes,
         "every connection kept its backend across the failover"
     );
-    let g = global_of(1);
+    let g = env.global_on(1);
     assert!(
         g["fwd_ipip"] > 0 && g["fwd_gue"] > 0,
         "lb2 carried them: {g:?}"

@@ -563,6 +563,16 @@ fn decap() -> Decap {
 fn the_backends_decap_gives_the_stack_the_clients_packet_for_every_mode_and_family() {
     let mut lb = load_lb();
     let d = decap();
+    let n = round_trips(&mut lb, &d, false);
+    let s = d.stats().unwrap();
+    assert_eq!((s.ipip, s.gue), (n / 2, n / 2));
+}
+
+/// Every family pair in IPIP and GUE through the balancer, then through the backend
+/// side's XDP program (or with `tc` its tc fallback): what leaves is the client's
+/// packet with the frame's MACs. Returns how many went through.
+fn round_trips(lb: &mut Lb, d: &Decap, tc: bool) -> u64 {
+    let passed = if tc { TC_ACT_OK } else { XDP_PASS };
     let mut n = 0;
     for (vip, client, backend) in [
         (VIP4, CLIENT4, REMOTE4),
@@ -574,20 +584,19 @@ fn the_backends_decap_gives_the_stack_the_clients_packet_for_every_mode_and_fami
             let key = lb.serve(vip, Proto::Tcp, mode, &[backend], 1500);
             let input = Frame::tcp(client, vip, 40000, 80).build();
             let (_, wrapped) = lb.run(&input);
-            let (verdict, out) = decap_run(&d, &wrapped);
-            assert_eq!(verdict, XDP_PASS);
+            let (verdict, out) = decap_through(d, tc, &wrapped);
+            assert_eq!(verdict, passed);
             assert_eq!(
                 out[ETH_LEN - 2..],
                 input[ETH_LEN - 2..],
-                "{mode:?} {client} via {backend}: the client's packet"
+                "{mode:?} {client} via {backend} (tc: {tc}): the client's packet"
             );
             assert_eq!(out[..12], wrapped[..12], "the frame's MACs stay");
             lb.maps.remove_service(key).unwrap();
             n += 1;
         }
     }
-    let s = d.stats().unwrap();
-    assert_eq!((s.ipip, s.gue), (n / 2, n / 2));
+    n
 }
 
 #[test]
@@ -674,29 +683,7 @@ const TC_ACT_SHOT: u32 = 2;
 fn the_tc_fallback_decapsulates_as_the_xdp_program_does() {
     let mut lb = load_lb();
     let d = decap();
-    let mut n = 0;
-    for (vip, client, backend) in [
-        (VIP4, CLIENT4, REMOTE4),
-        (VIP6, CLIENT6, REMOTE6),
-        (VIP4, CLIENT4, REMOTE6),
-        (VIP6, CLIENT6, REMOTE4),
-    ] {
-        for mode in [Forward::Ipip, Forward::Gue] {
-            let key = lb.serve(vip, Proto::Tcp, mode, &[backend], 1500);
-            let input = Frame::tcp(client, vip, 40000, 80).build();
-            let (_, wrapped) = lb.run(&input);
-            let (verdict, out) = decap_tc_run(&d, &wrapped);
-            assert_eq!(verdict, TC_ACT_OK);
-            assert_eq!(
-                out[ETH_LEN - 2..],
-                input[ETH_LEN - 2..],
-                "{mode:?} {client} via {backend}"
-            );
-            assert_eq!(out[..12], wrapped[..12], "the frame's MACs stay");
-            lb.maps.remove_service(key).unwrap();
-            n += 1;
-        }
-    }
+    let n = round_trips(&mut lb, &d, true);
     assert_eq!(d.stats().unwrap().ipip + d.stats().unwrap().gue, n);
     // Foreign senders and plain traffic pass untouched; a CE mark on a packet that
     // does not speak ECN is dropped, as by XDP.

@@ -97,6 +97,29 @@ protocol = "udp"
     )
 }
 
+/// `lbctl --socket SOCKET ARGS...`.
+pub fn lbctl_at(socket: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(binary("lbctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("running lbctl")
+}
+
+/// Runs `f` on a thread in the lab's client namespace; its answer.
+pub fn on_client<T: Send + 'static>(
+    lab: &Lab,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> T {
+    lab.host("client")
+        .ns
+        .spawn(f)
+        .join()
+        .expect("client thread panicked")
+        .expect("client traffic")
+}
+
 pub fn binary(name: &str) -> PathBuf {
     Lab::target_binary(name).expect("workspace binaries are built by cargo test")
 }
@@ -181,12 +204,7 @@ impl Env {
     }
 
     pub fn lbctl(&self, args: &[&str]) -> Output {
-        std::process::Command::new(binary("lbctl"))
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .expect("running lbctl")
+        lbctl_at(&self.socket, args)
     }
 
     pub fn lbctl_ok(&self, args: &[&str]) -> String {
@@ -204,13 +222,7 @@ impl Env {
         &self,
         f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
     ) -> T {
-        self.lab
-            .host("client")
-            .ns
-            .spawn(f)
-            .join()
-            .expect("client thread panicked")
-            .expect("client traffic")
+        on_client(&self.lab, f)
     }
 
     pub fn spread(&self, n: usize) -> BTreeMap<String, usize> {
