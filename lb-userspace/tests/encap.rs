@@ -701,3 +701,22 @@ fn the_tc_fallback_decapsulates_as_the_xdp_program_does() {
     let (verdict, _) = decap_tc_run(&d, &ce);
     assert_eq!(verdict, TC_ACT_SHOT);
 }
+
+#[test]
+fn too_big_answers_to_one_source_are_limited_like_refusals() {
+    let mut lb = load_lb();
+    lb.serve(VIP4, Proto::Tcp, Forward::Ipip, &[REMOTE4], 1500);
+    let mut f = Frame::tcp(CLIENT4, VIP4, 40003, 80).established();
+    f.payload = vec![7; 1441];
+    let input = f.build();
+    let answered = (0..lb_common::REFUSALS_PER_SECOND + 5)
+        .filter(|_| lb.run(&input).0 == XDP_TX)
+        .count() as u64;
+    // Within one second: the source's budget, then drops (never a reflector).
+    assert_eq!(answered, lb_common::REFUSALS_PER_SECOND);
+    let s = lb.maps.global_stats().unwrap();
+    assert_eq!(
+        (s.icmp_too_big, s.drop_too_big),
+        (lb_common::REFUSALS_PER_SECOND, 5)
+    );
+}

@@ -59,6 +59,20 @@ impl Host {
     }
 }
 
+/// Gives a host's `eth0` its MAC and addresses (`v4`, `v6` with their prefixes) and
+/// brings it up.
+fn up_eth0(ns: &Netns, tag: &str, mac: &[u8; 6], v4: &str, v6: &str) -> Result<()> {
+    ns.ip(&format!("link set eth0 address {}", mac_string(mac)))?;
+    ns.ip(&format!("addr add {v4} dev eth0"))?;
+    ns.ip(&format!("-6 addr add {v6} dev eth0 nodad"))?;
+    ns.ip("link set eth0 up")?;
+    // veth hands a socket's packets on with the checksum unfinished; a frame that
+    // XDP forwards keeps it unfinished and the receiver drops it.
+    ns.exec("ethtool", &["-K", "eth0", "tx", "off"])
+        .with_context(|| format!("turning off TX checksum offload in {tag}"))?;
+    Ok(())
+}
+
 /// The bridge and its hosts. Dropping it deletes every namespace it made.
 #[derive(Debug)]
 pub struct Lab {
@@ -148,17 +162,13 @@ impl Lab {
             ns.name()
         ))?;
         self.bridge.ip(&format!("link set {port} master br0 up"))?;
-        ns.ip(&format!("link set eth0 address {}", mac_string(&mac)))?;
-        ns.ip(&format!("addr add {ip}/{SUBNET_PREFIX} dev eth0"))?;
-        ns.ip(&format!(
-            "-6 addr add {}/{SUBNET6_PREFIX} dev eth0 nodad",
-            standard::v6(octet)
-        ))?;
-        ns.ip("link set eth0 up")?;
-        // veth hands a socket's packets on with the checksum unfinished; a frame that
-        // XDP forwards keeps it unfinished and the receiver drops it.
-        ns.exec("ethtool", &["-K", "eth0", "tx", "off"])
-            .with_context(|| format!("turning off TX checksum offload in {tag}"))?;
+        up_eth0(
+            &ns,
+            tag,
+            &mac,
+            &format!("{ip}/{SUBNET_PREFIX}"),
+            &format!("{}/{SUBNET6_PREFIX}", standard::v6(octet)),
+        )?;
         self.hosts.push(Host {
             tag: tag.to_string(),
             ns,
@@ -198,17 +208,15 @@ impl Lab {
             let (k, v) = key.split_once('=').expect("key=value");
             r.ns.sysctl(k, v)?;
         }
-        ns.ip(&format!("link set eth0 address {}", mac_string(&mac)))?;
-        ns.ip(&format!("addr add {ip}/24 dev eth0"))?;
-        ns.ip(&format!(
-            "-6 addr add 2001:db8:{subnet:x}::1/64 dev eth0 nodad"
-        ))?;
-        ns.ip("link set eth0 up")?;
-        ns.ip("link set lo up")?;
+        up_eth0(
+            &ns,
+            tag,
+            &mac,
+            &format!("{ip}/24"),
+            &format!("2001:db8:{subnet:x}::1/64"),
+        )?;
         ns.ip(&format!("route add default via 198.18.{subnet}.254"))?;
         ns.ip(&format!("-6 route add default via 2001:db8:{subnet:x}::fe"))?;
-        ns.exec("ethtool", &["-K", "eth0", "tx", "off"])
-            .with_context(|| format!("turning off TX checksum offload in {tag}"))?;
         self.hosts.push(Host {
             tag: tag.to_string(),
             ns,
