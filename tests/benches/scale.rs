@@ -351,6 +351,21 @@ fn run(lab: &Lab, case: &Case) -> Result<String> {
     })();
     let _ = node.lbctl(&["shutdown", "--detach"]);
     let _ = node.stop();
+    if let Ok(keep) = std::env::var("LB_BENCH_SCALE_LOGS") {
+        // For profiling by hand: lbd's logs of each start are kept there.
+        let _ = std::fs::create_dir_all(&keep);
+        for log in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if log.file_name().to_string_lossy().ends_with(".log") {
+                let to = Path::new(&keep).join(format!(
+                    "{}x{}-{}",
+                    case.services,
+                    case.backends,
+                    log.file_name().to_string_lossy()
+                ));
+                let _ = std::fs::copy(log.path(), to);
+            }
+        }
+    }
     let _ = std::fs::remove_dir_all(&pin);
     let _ = std::fs::remove_dir_all(&dir);
     result

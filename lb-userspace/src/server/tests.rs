@@ -302,6 +302,44 @@ async fn metrics_separate_verdicts_from_lookups_name_the_node_and_build_and_alwa
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_given_up_during_a_long_job_are_not_run_after_it() {
+    let a = api("given-up").await;
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let (started, running) = tokio::sync::oneshot::channel::<()>();
+    let busy = a.daemon.clone();
+    let job = tokio::spawn(async move {
+        busy.call(move |_| {
+            let _ = started.send(());
+            let _ = held.recv_timeout(Duration::from_secs(10));
+        })
+        .await
+    });
+    running.await.unwrap();
+    // Five readers that stop waiting while the job holds the daemon (a scrape does,
+    // after READ_PATIENCE).
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for _ in 0..5 {
+        let ran = ran.clone();
+        let read = a.daemon.read(move |_| {
+            ran.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        assert!(tokio::time::timeout(Duration::from_millis(20), read)
+            .await
+            .is_err());
+    }
+    release.send(()).unwrap();
+    job.await.unwrap();
+    // Jobs run in order: once this one has, every read before it has been taken.
+    let answered = a.daemon.read(|_| 1).await;
+    assert_eq!(answered, 1, "a read still waited for is run");
+    assert_eq!(
+        ran.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "reads nobody waits for were run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_during_a_long_job_is_answered_with_the_last_counters() {
     let a = api("busy").await;
     let first = scrape(&a).await;

@@ -178,9 +178,15 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
     }
 }
 
-/// A job, and whether it may change what is published (reads do not republish: the
-/// snapshot costs in proportion to the node, and reads come often).
-type Job = (Box<dyn FnOnce(&mut dyn Core) + Send>, bool);
+/// A job, whether it may change what is published (reads do not republish: the
+/// snapshot costs in proportion to the node, and reads come often), and who sent it
+/// (named in the log when it holds the daemon long).
+type Job = (Box<dyn FnOnce(&mut dyn Core) + Send>, bool, &'static str);
+
+/// A job that holds the daemon longer than this is logged at debug (any job at
+/// trace), with the snapshot it republishes: what keeps readers waiting on a large
+/// node.
+const SLOW_JOB: Duration = Duration::from_millis(50);
 
 #[derive(Clone)]
 pub struct DaemonHandle {
@@ -226,20 +232,26 @@ impl DaemonHandle {
                         Recv::Timeout => None,
                         Recv::Closed => return,
                     };
-                    match job {
-                        Some((job, changes)) => {
+                    let started = std::time::Instant::now();
+                    let from = match job {
+                        Some((job, changes, from)) => {
                             job(&mut core);
                             if !changes {
+                                slow(from, started, None);
                                 continue;
                             }
+                            from
                         }
                         None => {
                             core.count_connections();
                             core.flush_logs();
                             next = std::time::Instant::now() + housekeeping;
+                            "housekeeping"
                         }
-                    }
+                    };
+                    let ran = started.elapsed();
                     tx.send_replace(Arc::new(core.published()));
+                    slow(from, started, Some(ran));
                 }
             })
             .expect("spawning the daemon thread");
@@ -255,7 +267,8 @@ impl DaemonHandle {
         &self,
         f: impl FnOnce(&mut dyn Core) -> R + Send + 'static,
     ) -> R {
-        self.job(f, true).await
+        let from = std::any::type_name_of_val(&f);
+        self.job(f, true, from).await
     }
 
     /// Runs `f`, which only reads (counters, views), on the daemon; nothing is
@@ -264,20 +277,30 @@ impl DaemonHandle {
         &self,
         f: impl FnOnce(&dyn Core) -> R + Send + 'static,
     ) -> R {
-        self.job(move |core: &mut dyn Core| f(core), false).await
+        let from = std::any::type_name_of_val(&f);
+        self.job(move |core: &mut dyn Core| f(core), false, from)
+            .await
     }
 
     async fn job<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut dyn Core) -> R + Send + 'static,
         changes: bool,
+        from: &'static str,
     ) -> R {
         let (tx, rx) = oneshot::channel();
         let job: Job = (
             Box::new(move |core| {
+                // A read whose caller gave up (a scrape answered from the last
+                // counters) is not run: queued behind a long job, such reads would
+                // hold the daemon one after another once it ends.
+                if !changes && tx.is_closed() {
+                    return;
+                }
                 let _ = tx.send(f(core));
             }),
             changes,
+            from,
         );
         self.jobs
             .send(job)
@@ -324,6 +347,29 @@ impl DaemonHandle {
     /// What the daemon published last.
     pub fn now(&self) -> Arc<Published> {
         self.now.borrow().clone()
+    }
+}
+
+/// Logs how long a job held the daemon (`ran`: the job alone, before its snapshot
+/// was republished): at debug beyond `SLOW_JOB`, else at trace.
+fn slow(from: &str, started: std::time::Instant, ran: Option<Duration>) {
+    let took = started.elapsed();
+    let long = took >= SLOW_JOB;
+    if !long && !tracing::enabled!(tracing::Level::TRACE) {
+        return;
+    }
+    let what = match ran {
+        Some(ran) => format!(
+            "a job from {from} held the daemon {} ms ({} ms to republish)",
+            took.as_millis(),
+            (took - ran).as_millis()
+        ),
+        None => format!("a read from {from} held the daemon {} ms", took.as_millis()),
+    };
+    if long {
+        tracing::debug!("{what}");
+    } else {
+        tracing::trace!("{what}");
     }
 }
 
