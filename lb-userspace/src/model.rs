@@ -44,13 +44,13 @@ pub struct ServiceKey {
 
 impl fmt::Display for ServiceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let port = match self.port {
-            0 => "*".to_string(),
-            p => p.to_string(),
-        };
         match self.addr {
-            IpAddr::V4(a) => write!(f, "{}/{a}:{port}", self.proto),
-            IpAddr::V6(a) => write!(f, "{}/[{a}]:{port}", self.proto),
+            IpAddr::V4(a) => write!(f, "{}/{a}:", self.proto)?,
+            IpAddr::V6(a) => write!(f, "{}/[{a}]:", self.proto)?,
+        }
+        match self.port {
+            0 => f.write_str("*"),
+            p => write!(f, "{p}"),
         }
     }
 }
@@ -262,10 +262,17 @@ pub fn parse_mac(s: &str) -> Option<Mac> {
 
 /// Lower-case hex pairs joined by colons.
 pub fn mac_to_string(mac: &Mac) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    // Written by hand: the views of a node with 100,000 backends format one each.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(17);
+    for (i, b) in mac.iter().enumerate() {
+        if i > 0 {
+            s.push(':');
+        }
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 15) as usize] as char);
+    }
+    s
 }
 
 /// Why a MAC cannot be a frame's destination for one host, if it cannot.

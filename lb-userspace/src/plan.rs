@@ -237,7 +237,9 @@ pub fn resolved(
 /// sees, and only once the directory has spoken). Water marks are not an outage; a
 /// drained backend still serves its connections, so it counts as valid.
 pub fn unavailable(inputs: &Inputs, key: &ServiceKey) -> Option<availability::Record> {
-    if let Some(r) = inputs.availability.get(&key.to_string()) {
+    // The set is keyed by the service's name; most nodes hold few records.
+    let named = || inputs.availability.get(&key.to_string());
+    if let Some(r) = (!inputs.availability.is_empty()).then(named).flatten() {
         if !r.available {
             return Some(r.clone());
         }

@@ -214,7 +214,7 @@ fn one_service_of_ten_thousand_backends_is_served_and_resumed_without_a_rebuild(
         ..ServiceSpec::default()
     };
     let want = Desired {
-        services: BTreeMap::from([(key, spec)]),
+        services: [(key, spec)].into_iter().collect(),
     };
     let (programs, maps) = Programs::load(&options(&dir)).expect("loading the XDP object");
     let mut r = Reconciler::new(maps, known(want.clone()));

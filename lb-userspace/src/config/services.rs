@@ -289,7 +289,9 @@ pub(super) fn services(
             return Err(ctx.err(span, format!("service: {key} is defined twice")));
         }
     }
-    Ok(Desired { services: out })
+    Ok(Desired {
+        services: out.into_iter().collect(),
+    })
 }
 
 /// Parses the services of a file for `lbctl apply`.

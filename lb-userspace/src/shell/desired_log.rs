@@ -252,7 +252,8 @@ mod tests {
         log.save(&config, &config, None).unwrap();
         let snapshot = std::fs::metadata(d.join(SNAPSHOT_FILE)).unwrap().len();
         let mut now = config.clone();
-        now.services.values_mut().next().unwrap().backends.clear();
+        let first = *now.services.keys().next().unwrap();
+        now.services.get_mut(&first).unwrap().backends.clear();
         let gone = *now.services.keys().last().unwrap();
         now.services.remove(&gone);
         log.save(&config, &now, None).unwrap();
@@ -306,12 +307,8 @@ mod tests {
         let mut log = DesiredLog::open(&d);
         log.save(&config, &config, None).unwrap();
         let mut one = config.clone();
-        one.services
-            .values_mut()
-            .next()
-            .unwrap()
-            .config
-            .pass_irregular = true;
+        let first = *one.services.keys().next().unwrap();
+        one.services.get_mut(&first).unwrap().config.pass_irregular = true;
         log.save(&config, &one, None).unwrap();
         // A crash in the middle of appending the next change.
         let mut f = std::fs::OpenOptions::new()
@@ -331,7 +328,8 @@ mod tests {
         log.save(&config, &config, None).unwrap();
         let mut now = config.clone();
         for i in 0..20_000u32 {
-            now.services.values_mut().next().unwrap().config.epoch = i;
+            let first = *now.services.keys().next().unwrap();
+            now.services.get_mut(&first).unwrap().config.epoch = i;
             log.save(&config, &now, None).unwrap();
         }
         let logged = std::fs::metadata(d.join(LOG_FILE)).unwrap().len();
