@@ -68,10 +68,9 @@ impl Known {
 pub struct Reconciler<D: Dataplane> {
     pub dp: D,
     known: Known,
-    /// The plan each service was last written with: what the maps hold.
-    written: BTreeMap<ServiceKey, ServicePlan>,
-    /// The fingerprint of each service's table as written.
-    digests: BTreeMap<ServiceKey, u64>,
+    /// The plan each service was last written with (what the maps hold), and its
+    /// table's fingerprint.
+    written: Written,
     /// Why the maps do not hold the plan of what is known, when a change from outside
     /// the operator (the directory, say) did not fit; retried with every change.
     behind: Option<String>,
@@ -80,10 +79,6 @@ pub struct Reconciler<D: Dataplane> {
     generation: u64,
     /// The generation at which each service last changed.
     touched: BTreeMap<ServiceKey, u64>,
-    /// Bumped whenever `written` may change; keys `counts`.
-    written_changes: u64,
-    /// `backend_counts` as of a `written_changes`.
-    counts: std::cell::Cell<Option<(u64, usize, usize)>>,
 }
 
 /// Checks what the data plane would refuse, and what must never reach it (see
@@ -149,13 +144,10 @@ impl<D: Dataplane> Reconciler<D> {
         Reconciler {
             dp,
             known,
-            written: BTreeMap::new(),
-            digests: BTreeMap::new(),
+            written: Written::default(),
             behind: None,
             generation: 0,
             touched: BTreeMap::new(),
-            written_changes: 0,
-            counts: std::cell::Cell::new(None),
         }
     }
 
@@ -172,24 +164,10 @@ impl<D: Dataplane> Reconciler<D> {
         self.written.get(key)
     }
 
-    /// Why the maps lag what is known, if they do.
     /// Each VIP address's digest: its services' table fingerprints, combined in
     /// key order. Equal on two nodes exactly when they steer that VIP's new flows alike.
     pub fn vip_digests(&self) -> BTreeMap<IpAddr, u64> {
-        let mut out: BTreeMap<IpAddr, u64> = BTreeMap::new();
-        for (key, d) in &self.digests {
-            let h = out.entry(key.addr).or_insert(0xcbf2_9ce4_8422_2325);
-            for b in key
-                .port
-                .to_le_bytes()
-                .into_iter()
-                .chain([key.proto as u8])
-                .chain(d.to_le_bytes())
-            {
-                *h = (*h ^ b as u64).wrapping_mul(0x100_0000_01b3);
-            }
-        }
-        out
+        self.written.vip_digests().clone()
     }
 
     /// VIP addresses with a service this node cannot steer as its table says: a
@@ -197,18 +175,7 @@ impl<D: Dataplane> Reconciler<D> {
     /// a node that resolved it forwards them), or backends but none with a weight.
     /// Such a node should not take the VIP while another can.
     pub fn unable(&self) -> BTreeSet<IpAddr> {
-        self.written
-            .iter()
-            .filter(|(_, p)| {
-                let unrouted = p
-                    .backends
-                    .values()
-                    .any(|b| b.weight > 0 && b.route.is_none());
-                let none = !p.backends.is_empty() && p.backends.values().all(|b| b.weight == 0);
-                unrouted || none
-            })
-            .map(|(k, _)| k.addr)
-            .collect()
+        self.written.unable()
     }
 
     /// See the field: changes whenever a plan is written or the desired state changes.
@@ -234,8 +201,6 @@ impl<D: Dataplane> Reconciler<D> {
         &mut self,
         next: BTreeMap<ServiceKey, Option<ServicePlan>>,
     ) -> Result<Vec<ServiceKey>> {
-        // `written` may change from here on (and in `roll_back`, called from here).
-        self.written_changes += 1;
         let held: BTreeSet<ServiceKey> = self.dp.services().into_iter().collect();
         let next: BTreeMap<ServiceKey, Option<ServicePlan>> = next
             .into_iter()
@@ -265,14 +230,8 @@ impl<D: Dataplane> Reconciler<D> {
             match r {
                 Ok(digest) => {
                     let before = match &next[key] {
-                        Some(p) => {
-                            self.digests.insert(*key, digest);
-                            self.written.insert(*key, p.clone())
-                        }
-                        None => {
-                            self.digests.remove(key);
-                            self.written.remove(key)
-                        }
+                        Some(p) => self.written.insert(*key, p.clone(), digest),
+                        None => self.written.remove(key),
                     };
                     done.push((*key, before));
                 }
@@ -294,22 +253,17 @@ impl<D: Dataplane> Reconciler<D> {
                 None => self.dp.remove_service(key).map(|()| 0),
             };
             match r {
-                Ok(digest) => match before {
-                    Some(p) => {
-                        self.digests.insert(key, digest);
-                        self.written.insert(key, p);
-                    }
-                    None => {
-                        self.digests.remove(&key);
-                        self.written.remove(&key);
-                    }
-                },
+                Ok(digest) => {
+                    match before {
+                        Some(p) => self.written.insert(key, p, digest),
+                        None => self.written.remove(&key),
+                    };
+                }
                 Err(e) => {
                     // Left as the failed change made it; the next change writes the plan
                     // again, which repairs it.
                     warn!(service = %key, "rolling back a failed change: {e}");
                     self.written.remove(&key);
-                    self.digests.remove(&key);
                 }
             }
         }
@@ -326,7 +280,6 @@ impl<D: Dataplane> Reconciler<D> {
             .collect();
         // Nothing is taken as written: each service is compared with what the maps hold.
         self.written.clear();
-        self.written_changes += 1;
         let next = self.plans(&keys);
         self.transition(next)
     }
@@ -844,30 +797,15 @@ impl<D: Dataplane> Reconciler<D> {
         out
     }
 
-    /// Backends in the plans, and how many of them have no route yet.
-    /// Backends written, and those without a route. Counted once per change of what
-    /// is written (every published snapshot asks; a node may hold 100,000 backends).
+    /// Backends written, and those without a route (kept as services are written:
+    /// every published snapshot asks, and a node may hold 100,000 backends).
     pub fn backend_counts(&self) -> (usize, usize) {
-        let version = self.written_version();
-        if let Some((v, all, unrouted)) = self.counts.get() {
-            if v == version {
-                return (all, unrouted);
-            }
-        }
-        let (mut all, mut unrouted) = (0, 0);
-        for p in self.written.values() {
-            all += p.backends.len();
-            unrouted += p.backends.values().filter(|b| b.route.is_none()).count();
-        }
-        self.counts.set(Some((version, all, unrouted)));
-        (all, unrouted)
-    }
-
-    /// Changes whenever `written` does: the generation of what the maps hold.
-    fn written_version(&self) -> u64 {
-        self.written_changes
+        self.written.backend_counts()
     }
 }
 
 #[cfg(test)]
 mod tests;
+mod written;
+
+use written::Written;
