@@ -237,24 +237,40 @@ pub fn resolved(
 /// sees, and only once the directory has spoken). Water marks are not an outage; a
 /// drained backend still serves its connections, so it counts as valid.
 pub fn unavailable(inputs: &Inputs, key: &ServiceKey) -> Option<availability::Record> {
+    match inputs.desired.services.get(key) {
+        Some(spec) => unavailable_with(inputs, key, &merged(spec, inputs.directory.get(key))),
+        // Only an operator's record can say so of a service not desired.
+        None => declared_unavailable(inputs, key),
+    }
+}
+
+fn declared_unavailable(inputs: &Inputs, key: &ServiceKey) -> Option<availability::Record> {
     // The set is keyed by the service's name; most nodes hold few records.
     let named = || inputs.availability.get(&key.to_string());
-    if let Some(r) = (!inputs.availability.is_empty()).then(named).flatten() {
-        if !r.available {
-            return Some(r.clone());
-        }
+    (!inputs.availability.is_empty())
+        .then(named)
+        .flatten()
+        .filter(|r| !r.available)
+        .cloned()
+}
+
+/// As [`unavailable`], with the service's backends already merged (the views have them).
+pub fn unavailable_with(
+    inputs: &Inputs,
+    key: &ServiceKey,
+    merged: &BTreeMap<IpAddr, (BackendSpec, Option<DirBackend>)>,
+) -> Option<availability::Record> {
+    if let Some(r) = declared_unavailable(inputs, key) {
+        return Some(r);
     }
     if !inputs.directory_fed {
         return None;
     }
-    let spec = inputs.desired.services.get(key)?;
-    let valid = merged(spec, inputs.directory.get(key))
-        .iter()
-        .any(|(addr, (b, dir))| {
-            resolved(*addr, b, dir.as_ref(), inputs.neighbors)
-                && !inputs.unhealthy.contains(&(*key, *addr))
-                && (b.weight > 0 || b.drain)
-        });
+    let valid = merged.iter().any(|(addr, (b, dir))| {
+        resolved(*addr, b, dir.as_ref(), inputs.neighbors)
+            && !inputs.unhealthy.contains(&(*key, *addr))
+            && (b.weight > 0 || b.drain)
+    });
     (!valid).then(|| availability::Record {
         created_ms: 0,
         service: key.to_string(),

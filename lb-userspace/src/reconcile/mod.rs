@@ -754,7 +754,9 @@ impl<D: Dataplane> Reconciler<D> {
             let counters = all.remove(key).unwrap_or_default();
             let mut spm = spec.spm.clone();
             let mut backends = Vec::new();
-            for (addr, (b, dir)) in plan::merged(spec, self.known.directory.get(key)) {
+            let merged = plan::merged(spec, self.known.directory.get(key));
+            let unavailable = plan::unavailable_with(&inputs, key, &merged);
+            for (addr, (b, dir)) in merged {
                 let bp = p.backends.get(&addr);
                 let route = bp.and_then(|b| b.route);
                 let source = match (b.mac, route) {
@@ -791,7 +793,7 @@ impl<D: Dataplane> Reconciler<D> {
                 bytes: counters.service.bytes,
                 backends,
                 spm,
-                unavailable: plan::unavailable(&inputs, key),
+                unavailable,
             });
         }
         out

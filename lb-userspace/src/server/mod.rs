@@ -207,7 +207,7 @@ pub fn api_router(state: AppState) -> Router {
 }
 
 async fn metrics(State(s): State<AppState>) -> Result<String, ApiError> {
-    let stats = s.daemon.stats_view().await.map_err(internal)?;
+    let stats = s.daemon.monitored_stats().await.map_err(internal)?;
     let mut status = s.daemon.now().status.clone();
     status.rejected = s.rejects.snapshot();
     let cluster = s.cluster.as_ref().map(|c| c.view());

@@ -25,7 +25,7 @@ pub(super) struct PageData {
 }
 
 pub(super) async fn data(State(s): State<AppState>) -> Result<Json<PageData>, ApiError> {
-    let stats = s.daemon.stats_view().await.map_err(internal)?;
+    let stats = s.daemon.monitored_stats().await.map_err(internal)?;
     let status = s.daemon.now().status.clone();
     let cluster = s.cluster.as_ref().map(|c| c.view());
     let mut events = s

@@ -302,6 +302,58 @@ async fn metrics_separate_verdicts_from_lookups_name_the_node_and_build_and_alwa
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_during_a_long_job_after_a_change_is_answered_with_the_last_counters() {
+    let a = api("busy-after").await;
+    let first = scrape(&a).await;
+    // A change publishes a new generation after the counters were read: the jobs
+    // that follow a large apply (the SPM manager's, the feed's) hold the daemon then.
+    let before = a.daemon.now().generation;
+    let r: api::Applied = a
+        .client
+        .post(
+            "/v1/backends/add",
+            &api::AddBackend {
+                service: key(),
+                backend: ip("198.18.0.12"),
+                spec: with_mac(12),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
+    assert!(a.daemon.now().generation > before);
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let (started, running) = tokio::sync::oneshot::channel::<()>();
+    let busy = a.daemon.clone();
+    let job = tokio::spawn(async move {
+        busy.call(move |_| {
+            let _ = started.send(());
+            let _ = held.recv_timeout(Duration::from_secs(10));
+        })
+        .await
+    });
+    running.await.unwrap();
+    let during = tokio::time::timeout(Duration::from_secs(5), scrape(&a))
+        .await
+        .expect("the scrape waited for the daemon's job");
+    assert!(during.contains("lb_node_info{node=\"t\"} 1"), "{during}");
+    assert_eq!(
+        first
+            .lines()
+            .filter(|l| l.starts_with("lb_backend_"))
+            .count(),
+        during
+            .lines()
+            .filter(|l| l.starts_with("lb_backend_"))
+            .count(),
+        "the last counters read: before the change"
+    );
+    assert!(!job.is_finished(), "the job was still running");
+    release.send(()).unwrap();
+    job.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_given_up_during_a_long_job_are_not_run_after_it() {
     let a = api("given-up").await;
     let (release, held) = std::sync::mpsc::channel::<()>();

@@ -206,6 +206,16 @@ struct LastRead {
     stats: Option<(u64, api::Stats)>,
 }
 
+/// Which last read a reader that stops waiting may be answered with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Since {
+    /// One read while the generation published now stood (a client reads back its
+    /// own change).
+    Published,
+    /// Any (monitors).
+    Any,
+}
+
 /// How long a counters reader waits for the daemon before it is answered with the
 /// last counters read.
 pub const READ_PATIENCE: Duration = Duration::from_millis(100);
@@ -312,21 +322,33 @@ impl DaemonHandle {
     /// The services' views with their counters; if the daemon is busy for longer
     /// than `READ_PATIENCE` (a long apply), the last ones read.
     pub async fn services_view(&self) -> Result<Vec<api::ServiceView>> {
-        self.patiently(|d| d.services(), |l| &mut l.services).await
+        self.patiently(|d| d.services(), |l| &mut l.services, Since::Published)
+            .await
     }
 
     /// The stats; if the daemon is busy for longer than `READ_PATIENCE`, the last
     /// ones read.
     pub async fn stats_view(&self) -> Result<api::Stats> {
-        self.patiently(|d| d.stats(), |l| &mut l.stats).await
+        self.patiently(|d| d.stats(), |l| &mut l.stats, Since::Published)
+            .await
+    }
+
+    /// The stats for a monitor (`/metrics`, the status page); if the daemon is busy
+    /// for longer than `READ_PATIENCE`, the last ones read even if a change was
+    /// published since: a scrape made nothing to read back, and must not wait for
+    /// the jobs that follow a large apply.
+    pub async fn monitored_stats(&self) -> Result<api::Stats> {
+        self.patiently(|d| d.stats(), |l| &mut l.stats, Since::Any)
+            .await
     }
 
     /// `read` on the daemon, or the last result kept in `slot` when the daemon
-    /// takes longer than `READ_PATIENCE` and nothing was published since.
+    /// takes longer than `READ_PATIENCE` and `since` allows it.
     async fn patiently<T: Clone + Send + 'static>(
         &self,
         read: fn(&dyn Core) -> Result<T>,
         slot: fn(&mut LastRead) -> &mut Option<(u64, T)>,
+        since: Since,
     ) -> Result<T> {
         let generation = self.now().generation;
         let fresh = tokio::time::timeout(READ_PATIENCE, self.read(read)).await;
@@ -335,7 +357,9 @@ impl DaemonHandle {
             Err(_) => {
                 let cached = slot(&mut self.last.lock().expect("not poisoned")).clone();
                 match cached {
-                    Some((g, v)) if g == self.now().generation => return Ok(v),
+                    Some((g, v)) if since == Since::Any || g == self.now().generation => {
+                        return Ok(v)
+                    }
                     _ => (self.now().generation, self.read(read).await?),
                 }
             }
