@@ -6,7 +6,8 @@
 //! kernel memory of its maps (each map's own `memlock` in lbd's fdinfo), one change
 //! (`lbctl backend add` to the last service), `service list` / `stats` / `/metrics`
 //! (each the median of five),
-//! and the longest `lbctl status` while a change of every service is applied. lbctl's
+//! and the longest `lbctl status`, `/metrics` and `service list` while a change of
+//! every service is applied. lbctl's
 //! own start-up is in every command figure: its floor is the `lbctl version` line.
 
 use std::{
@@ -329,11 +330,13 @@ fn run(lab: &Lab, case: &Case) -> Result<String> {
                 });
             (t.elapsed(), ok)
         });
-        let (mut worst, mut worst_metrics) = (Duration::ZERO, Duration::ZERO);
+        let (mut worst, mut worst_metrics, mut worst_list) =
+            (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         while !apply.is_finished() {
             let (took, _) = node.lbctl(&["status"])?;
             worst = worst.max(took);
             worst_metrics = worst_metrics.max(node.metrics()?);
+            worst_list = worst_list.max(node.lbctl(&["service", "list"])?.0);
             std::thread::sleep(Duration::from_millis(20));
         }
         let (applied, ok) = apply.join().expect("apply thread");
@@ -345,7 +348,7 @@ fn run(lab: &Lab, case: &Case) -> Result<String> {
         node.stop()?;
         let resume = node.start(case.services)?;
         Ok(format!(
-            "{:>8} x {:<7}{} {:>9.2} {:>9.2} {:>8.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.0} {:>9.1} {:>11.1}",
+            "{:>8} x {:<7}{} {:>9.2} {:>9.2} {:>8.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.0} {:>9.1} {:>11.1} {:>9.1}",
             case.services,
             case.backends,
             if case.services >= 10_000 { " (last: 1,000)" } else { "" },
@@ -361,6 +364,7 @@ fn run(lab: &Lab, case: &Case) -> Result<String> {
             ms(applied),
             ms(worst),
             ms(worst_metrics),
+            ms(worst_list),
         ))
     })();
     let _ = node.lbctl(&["shutdown", "--detach"]);
@@ -392,7 +396,7 @@ fn main() -> Result<()> {
     let lab = Lab::new()?.standard(&std::env::temp_dir())?;
     println!("scale: lbd (release) on one node, backends with their MACs configured; times in s, commands in ms (lbctl's own floor in `lbctl`)");
     println!(
-        "{:>18} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>11}",
+        "{:>18} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>11} {:>9}",
         "services x backends",
         "start s",
         "resume s",
@@ -405,7 +409,8 @@ fn main() -> Result<()> {
         "lbctl",
         "apply all",
         "status max",
-        "metrics max"
+        "metrics max",
+        "list max"
     );
     for case in CASES {
         let only: Option<u32> = std::env::var("LB_BENCH_SCALE_ONLY")
