@@ -9,6 +9,7 @@
 //! It talks to the maps only through the [`Dataplane`] trait, so its tests run on the
 //! in-memory fake; the I/O (neighbour resolution, files, the API) is the daemon's.
 
+use crate::dataplane::ServiceCounters;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -683,28 +684,6 @@ impl<D: Dataplane> Reconciler<D> {
             .collect()
     }
 
-    /// Why a backend is in or out of the new-flow table by the water marks.
-    fn steering_note(&self, key: &ServiceKey, addr: IpAddr) -> Option<String> {
-        let marks = self.known.desired.services.get(key)?.steering?;
-        let v = self
-            .known
-            .verdicts
-            .get(key)?
-            .iter()
-            .find(|v| v.backend == addr)?;
-        Some(if v.in_table {
-            format!(
-                "in: utilization {} (high {}, low {}), headroom {}/16",
-                v.util, marks.high, marks.low, v.headroom
-            )
-        } else {
-            format!(
-                "out: utilization {} weighted {} > high {}; back below low {}",
-                v.util, v.weighted, marks.high, marks.low
-            )
-        })
-    }
-
     /// The services as the API shows them: what is written, with counters.
     pub fn views(&self) -> Vec<api::ServiceView> {
         self.views_with(true)
@@ -725,7 +704,9 @@ impl<D: Dataplane> Reconciler<D> {
             .collect()
     }
 
-    /// The views of the desired services among `keys`.
+    /// The views of the desired services among `keys`. Built on two threads for a
+    /// node of thousands of services (each view is its own; the API's list waits for
+    /// all of them).
     pub fn views_of(
         &self,
         keys: &mut dyn Iterator<Item = ServiceKey>,
@@ -734,69 +715,35 @@ impl<D: Dataplane> Reconciler<D> {
         let keys: Vec<ServiceKey> = keys
             .filter(|k| self.known.desired.services.contains_key(k))
             .collect();
-        let inputs = self.known.inputs();
         let mut all = if counters {
             self.dp.counters_of(&mut keys.iter().copied())
         } else {
             BTreeMap::new()
         };
-        let mut out = Vec::new();
-        for key in &keys {
-            let spec = &self.known.desired.services[key];
-            let planned;
-            let p = match self.written.get(key) {
-                Some(p) => p,
-                None => {
-                    planned = plan::plan_service(&inputs, key, None).unwrap_or_default();
-                    &planned
-                }
-            };
-            let counters = all.remove(key).unwrap_or_default();
-            let mut spm = spec.spm.clone();
-            let mut backends = Vec::new();
-            let merged = plan::merged(spec, self.known.directory.get(key));
-            let unavailable = plan::unavailable_with(&inputs, key, &merged);
-            for (addr, (b, dir)) in merged {
-                let bp = p.backends.get(&addr);
-                let route = bp.and_then(|b| b.route);
-                let source = match (b.mac, route) {
-                    (Some(_), _) => "config",
-                    (None, Some(_)) => "neighbour table",
-                    (None, None) => "unresolved",
-                };
-                let healthy = self.is_healthy(*key, addr);
-                let c = counters.backends.get(&addr).copied().unwrap_or_default();
-                let sphere = bp.and_then(|b| b.sphere.clone());
-                if let Some(s) = &sphere {
-                    spm.spheres.entry(addr).or_insert_with(|| s.clone());
-                }
-                backends.push(api::BackendView {
-                    address: addr,
-                    weight: b.weight,
-                    healthy,
-                    drain: b.drain,
-                    mac: route.map(|r| mac_to_string(&r.dst_mac)),
-                    mac_source: source.to_string(),
-                    packets: c.packets,
-                    bytes: c.bytes,
-                    sphere,
-                    steering: self.steering_note(key, addr),
-                    valid: plan::valid_instance(&b, healthy, route.is_some()),
-                    from_directory: dir.is_some() && !spec.backends.contains_key(&addr),
-                });
-            }
-            out.push(api::ServiceView {
-                service: key.to_string(),
-                key: *key,
-                config: p.config,
-                packets: counters.service.packets,
-                bytes: counters.service.bytes,
-                backends,
-                spm,
-                unavailable,
-            });
+        let work: Vec<(ServiceKey, ServiceCounters)> = keys
+            .into_iter()
+            .map(|k| {
+                let c = all.remove(&k).unwrap_or_default();
+                (k, c)
+            })
+            .collect();
+        let (known, written) = (&self.known, &self.written);
+        let build = |part: &[(ServiceKey, ServiceCounters)]| -> Vec<api::ServiceView> {
+            let inputs = known.inputs();
+            part.iter()
+                .map(|(k, c)| view_of(known, written, &inputs, k, c))
+                .collect()
+        };
+        if work.len() < PARALLEL_VIEWS {
+            return build(&work);
         }
-        out
+        let (first, second) = work.split_at(work.len() / 2);
+        std::thread::scope(|s| {
+            let later = s.spawn(|| build(second));
+            let mut out = build(first);
+            out.extend(later.join().expect("building views does not panic"));
+            out
+        })
     }
 
     /// Backends written, and those without a route (kept as services are written:
@@ -804,6 +751,92 @@ impl<D: Dataplane> Reconciler<D> {
     pub fn backend_counts(&self) -> (usize, usize) {
         self.written.backend_counts()
     }
+}
+
+/// From this many services on, views are built on two threads.
+const PARALLEL_VIEWS: usize = 2048;
+
+/// One service's view: what is written (or would be), its backends and counters.
+fn view_of(
+    known: &Known,
+    written: &Written,
+    inputs: &plan::Inputs,
+    key: &ServiceKey,
+    counters: &ServiceCounters,
+) -> api::ServiceView {
+    let spec = &known.desired.services[key];
+    let planned;
+    let p = match written.get(key) {
+        Some(p) => p,
+        None => {
+            planned = plan::plan_service(inputs, key, None).unwrap_or_default();
+            &planned
+        }
+    };
+    let mut spm = spec.spm.clone();
+    let mut backends = Vec::new();
+    let merged = plan::merged(spec, known.directory.get(key));
+    let unavailable = plan::unavailable_with(inputs, key, &merged);
+    for (addr, (b, dir)) in merged {
+        let bp = p.backends.get(&addr);
+        let route = bp.and_then(|b| b.route);
+        let source = match (b.mac, route) {
+            (Some(_), _) => "config",
+            (None, Some(_)) => "neighbour table",
+            (None, None) => "unresolved",
+        };
+        let healthy = !known.unhealthy.contains(&(*key, addr));
+        let c = counters.backends.get(&addr).copied().unwrap_or_default();
+        let sphere = bp.and_then(|b| b.sphere.clone());
+        if let Some(s) = &sphere {
+            spm.spheres.entry(addr).or_insert_with(|| s.clone());
+        }
+        backends.push(api::BackendView {
+            address: addr,
+            weight: b.weight,
+            healthy,
+            drain: b.drain,
+            mac: route.map(|r| mac_to_string(&r.dst_mac)),
+            mac_source: source.to_string(),
+            packets: c.packets,
+            bytes: c.bytes,
+            sphere,
+            steering: steering_note(known, key, addr),
+            valid: plan::valid_instance(&b, healthy, route.is_some()),
+            from_directory: dir.is_some() && !spec.backends.contains_key(&addr),
+        });
+    }
+    api::ServiceView {
+        service: key.to_string(),
+        key: *key,
+        config: p.config,
+        packets: counters.service.packets,
+        bytes: counters.service.bytes,
+        backends,
+        spm,
+        unavailable,
+    }
+}
+
+/// Why a backend is in or out of the new-flow table by the water marks.
+fn steering_note(known: &Known, key: &ServiceKey, addr: IpAddr) -> Option<String> {
+    let marks = known.desired.services.get(key)?.steering?;
+    let v = known
+        .verdicts
+        .get(key)?
+        .iter()
+        .find(|v| v.backend == addr)?;
+    Some(if v.in_table {
+        format!(
+            "in: utilization {} (high {}, low {}), headroom {}/16",
+            v.util, marks.high, marks.low, v.headroom
+        )
+    } else {
+        format!(
+            "out: utilization {} weighted {} > high {}; back below low {}",
+            v.util, v.weighted, marks.high, marks.low
+        )
+    })
 }
 
 #[cfg(test)]
