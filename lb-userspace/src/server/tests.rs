@@ -301,6 +301,23 @@ async fn metrics_separate_verdicts_from_lookups_name_the_node_and_build_and_alwa
     );
 }
 
+/// A job that holds the daemon (as the apply of 10,000 services does) until
+/// `release` is sent; returned once it runs.
+async fn hold_daemon(a: &Api) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let (started, running) = tokio::sync::oneshot::channel::<()>();
+    let busy = a.daemon.clone();
+    let job = tokio::spawn(async move {
+        busy.call(move |_| {
+            let _ = started.send(());
+            let _ = held.recv_timeout(Duration::from_secs(10));
+        })
+        .await
+    });
+    running.await.unwrap();
+    (release, job)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_during_a_long_job_after_a_change_is_answered_with_the_last_counters() {
     let a = api("busy-after").await;
@@ -322,17 +339,7 @@ async fn a_scrape_during_a_long_job_after_a_change_is_answered_with_the_last_cou
         .unwrap();
     assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
     assert!(a.daemon.now().generation > before);
-    let (release, held) = std::sync::mpsc::channel::<()>();
-    let (started, running) = tokio::sync::oneshot::channel::<()>();
-    let busy = a.daemon.clone();
-    let job = tokio::spawn(async move {
-        busy.call(move |_| {
-            let _ = started.send(());
-            let _ = held.recv_timeout(Duration::from_secs(10));
-        })
-        .await
-    });
-    running.await.unwrap();
+    let (release, job) = hold_daemon(&a).await;
     let during = tokio::time::timeout(Duration::from_secs(5), scrape(&a))
         .await
         .expect("the scrape waited for the daemon's job");
@@ -356,17 +363,7 @@ async fn a_scrape_during_a_long_job_after_a_change_is_answered_with_the_last_cou
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_given_up_during_a_long_job_are_not_run_after_it() {
     let a = api("given-up").await;
-    let (release, held) = std::sync::mpsc::channel::<()>();
-    let (started, running) = tokio::sync::oneshot::channel::<()>();
-    let busy = a.daemon.clone();
-    let job = tokio::spawn(async move {
-        busy.call(move |_| {
-            let _ = started.send(());
-            let _ = held.recv_timeout(Duration::from_secs(10));
-        })
-        .await
-    });
-    running.await.unwrap();
+    let (release, job) = hold_daemon(&a).await;
     // Five readers that stop waiting while the job holds the daemon (a scrape does,
     // after READ_PATIENCE).
     let ran = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -395,18 +392,7 @@ async fn reads_given_up_during_a_long_job_are_not_run_after_it() {
 async fn a_scrape_during_a_long_job_is_answered_with_the_last_counters() {
     let a = api("busy").await;
     let first = scrape(&a).await;
-    // A job that holds the daemon (as the apply of 10,000 services does) until told.
-    let (release, held) = std::sync::mpsc::channel::<()>();
-    let (started, running) = tokio::sync::oneshot::channel::<()>();
-    let busy = a.daemon.clone();
-    let job = tokio::spawn(async move {
-        busy.call(move |_| {
-            let _ = started.send(());
-            let _ = held.recv_timeout(Duration::from_secs(10));
-        })
-        .await
-    });
-    running.await.unwrap();
+    let (release, job) = hold_daemon(&a).await;
     // Answered while the job still holds the daemon: from the last counters read.
     let during = tokio::time::timeout(Duration::from_secs(5), scrape(&a))
         .await
