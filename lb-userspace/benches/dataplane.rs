@@ -70,6 +70,15 @@ impl Line {
             ((self.samples.len() as f64 * q) as usize).min(self.samples.len().saturating_sub(1));
         self.samples.get(i).copied().unwrap_or(0) as f64
     }
+    /// Calls of at least `ns`, per thousand, and their share of the line's time (%).
+    fn slow(&self, ns: u32) -> (f64, f64) {
+        let slow: Vec<u32> = self.samples.iter().copied().filter(|s| *s >= ns).collect();
+        let all: f64 = self.samples.iter().map(|s| *s as f64).sum();
+        (
+            slow.len() as f64 * 1000.0 / self.samples.len().max(1) as f64,
+            slow.iter().map(|s| *s as f64).sum::<f64>() * 100.0 / all.max(1.0),
+        )
+    }
     fn baseline(&self) -> f64 {
         self.baseline_means.iter().sum::<f64>() / self.baseline_means.len().max(1) as f64
     }
@@ -575,8 +584,17 @@ fn main() -> Result<()> {
         rounds(),
     );
     println!(
-        "{:<30} {:>9} {:>10} {:>10} {:>8} {:>12} {:>8} {:>9}",
-        "line", "calls", "mean ns", "median ns", "p99 ns", "baseline ns", "ratio", "med. ratio"
+        "{:<30} {:>9} {:>10} {:>10} {:>8} {:>12} {:>8} {:>9} {:>10} {:>8}",
+        "line",
+        "calls",
+        "mean ns",
+        "median ns",
+        "p99 ns",
+        "baseline ns",
+        "ratio",
+        "med. ratio",
+        ">=10us per",
+        "of time"
     );
     for spec in [
         &mut drop,
@@ -601,8 +619,9 @@ fn main() -> Result<()> {
         let mean = spec.line.mean();
         let median = spec.line.median();
         let p99 = spec.line.quantile(0.99);
+        let (slow, share) = spec.line.slow(10_000);
         println!(
-            "{:<30} {:>9} {:>10.1} {:>10.1} {:>8.0} {:>12.1} {:>8.2} {:>9.2}",
+            "{:<30} {:>9} {:>10.1} {:>10.1} {:>8.0} {:>12.1} {:>8.2} {:>9.2} {:>9.1}\u{2030} {:>7.1}%",
             spec.name,
             spec.line.samples.len(),
             mean,
@@ -610,12 +629,15 @@ fn main() -> Result<()> {
             p99,
             base,
             mean / base,
-            median / base
+            median / base,
+            slow,
+            share
         );
     }
     println!(
         "(ratio = the line's mean over the mean of the baseline chunks beside it; med. ratio = \
-         its median over the same; LRU hits {}, misses {})",
+         its median over the same; >=10us: calls of 10 us or more, per thousand, and their \
+         share of the line's time; LRU hits {}, misses {})",
         stats.lru_hit, stats.lru_miss
     );
 
