@@ -361,8 +361,17 @@ impl<D: Dataplane> Reconciler<D> {
             self.known.desired = old;
             return Err(e).context("saving the desired state; nothing was changed");
         }
-        for c in &changes {
+        // Each change is named up to a point; an apply of 10,000 services says how
+        // many more there are (they are all in the answer and the desired log).
+        for c in changes.iter().take(LOGGED_CHANGES) {
             info!(change = %c, "applying");
+        }
+        if changes.len() > LOGGED_CHANGES {
+            info!(
+                more = changes.len() - LOGGED_CHANGES,
+                services = touched.len(),
+                "applying: and more changes, not named one by one"
+            );
         }
         crate::fault::point("apply.saved");
         if let Err(e) = self.transition(next) {
@@ -752,6 +761,9 @@ impl<D: Dataplane> Reconciler<D> {
         self.written.backend_counts()
     }
 }
+
+/// The changes of one apply named one by one in the log.
+const LOGGED_CHANGES: usize = 100;
 
 /// From this many services on, views are built on two threads.
 const PARALLEL_VIEWS: usize = 2048;
