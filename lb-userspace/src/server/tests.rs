@@ -301,6 +301,35 @@ async fn metrics_separate_verdicts_from_lookups_name_the_node_and_build_and_alwa
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_is_answered_once_the_snapshot_that_holds_it_is_published() {
+    let a = api("read-own").await;
+    // A reader right after its own change must find it published: the patient reads
+    // compare the published generation with their last read's.
+    for i in 0..200u32 {
+        let before = a.daemon.now().generation;
+        let changes = a
+            .daemon
+            .call(move |d| {
+                let mut new = d.desired().clone();
+                let backends = &mut new.services.get_mut(&key()).unwrap().backends;
+                if i % 2 == 0 {
+                    backends.insert(ip("198.18.0.12"), with_mac(12).unwrap());
+                } else {
+                    backends.remove(&ip("198.18.0.12"));
+                }
+                d.apply_edit(new, key())
+            })
+            .await
+            .unwrap();
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert!(
+            a.daemon.now().generation > before,
+            "change {i} was answered before it was published"
+        );
+    }
+}
+
 /// A job that holds the daemon (as the apply of 10,000 services does) until
 /// `release` is sent; returned once it runs.
 async fn hold_daemon(a: &Api) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<()>) {

@@ -1,8 +1,9 @@
 //! How the other shells reach the daemon: the daemon runs on a thread of its own and
 //! is the only owner of the reconciler. Changes and reads that need the maps are
 //! jobs sent to it ([`DaemonHandle::call`]); everything else is read from a snapshot
-//! it publishes after every job ([`DaemonHandle::now`], a `watch`), so a reader
-//! never waits behind a change and state flows one way.
+//! it publishes after every change, before the change is answered
+//! ([`DaemonHandle::now`], a `watch`), so a reader never waits behind a change, a
+//! client reads back its own, and state flows one way.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -24,7 +25,8 @@ use crate::{
     shell::daemon::Daemon,
 };
 
-/// What readers see without asking the daemon: republished after every job.
+/// What readers see without asking the daemon: republished after every job that
+/// may change it, and every second.
 #[derive(Clone, Debug)]
 pub struct Published {
     pub node: String,
@@ -178,10 +180,16 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
     }
 }
 
-/// A job, whether it may change what is published (reads do not republish: the
-/// snapshot costs in proportion to the node, and reads come often), and who sent it
-/// (named in the log when it holds the daemon long).
-type Job = (Box<dyn FnOnce(&mut dyn Core) + Send>, bool, &'static str);
+/// A job (given the daemon and the way to republish: a change is answered only once
+/// the snapshot that holds it is published, so its client reads it back), whether
+/// it may change what is published (reads do not republish: the snapshot costs in
+/// proportion to the node, and reads come often), and who sent it (named in the
+/// log when it holds the daemon long).
+type Job = (
+    Box<dyn FnOnce(&mut dyn Core, &dyn Fn(&dyn Core)) + Send>,
+    bool,
+    &'static str,
+);
 
 /// A job that holds the daemon longer than this is logged at debug (any job at
 /// trace), with the snapshot it republishes: what keeps readers waiting on a large
@@ -243,25 +251,22 @@ impl DaemonHandle {
                         Recv::Closed => return,
                     };
                     let started = std::time::Instant::now();
-                    let from = match job {
+                    let publish = |core: &dyn Core| {
+                        tx.send_replace(Arc::new(core.published()));
+                    };
+                    match job {
                         Some((job, changes, from)) => {
-                            job(&mut core);
-                            if !changes {
-                                slow(from, started, None);
-                                continue;
-                            }
-                            from
+                            job(&mut core, &publish);
+                            slow(if changes { "a job" } else { "a read" }, from, started);
                         }
                         None => {
                             core.count_connections();
                             core.flush_logs();
                             next = std::time::Instant::now() + housekeeping;
-                            "housekeeping"
+                            publish(&core);
+                            slow("a job", "housekeeping", started);
                         }
-                    };
-                    let ran = started.elapsed();
-                    tx.send_replace(Arc::new(core.published()));
-                    slow(from, started, Some(ran));
+                    }
                 }
             })
             .expect("spawning the daemon thread");
@@ -300,14 +305,19 @@ impl DaemonHandle {
     ) -> R {
         let (tx, rx) = oneshot::channel();
         let job: Job = (
-            Box::new(move |core| {
-                // A read whose caller gave up (a scrape answered from the last
-                // counters) is not run: queued behind a long job, such reads would
-                // hold the daemon one after another once it ends.
-                if !changes && tx.is_closed() {
+            Box::new(move |core, publish| {
+                if !changes {
+                    // A read whose caller gave up (a scrape answered from the last
+                    // counters) is not run: queued behind a long job, such reads
+                    // would hold the daemon one after another once it ends.
+                    if !tx.is_closed() {
+                        let _ = tx.send(f(core));
+                    }
                     return;
                 }
-                let _ = tx.send(f(core));
+                let r = f(core);
+                publish(core);
+                let _ = tx.send(r);
             }),
             changes,
             from,
@@ -374,26 +384,18 @@ impl DaemonHandle {
     }
 }
 
-/// Logs how long a job held the daemon (`ran`: the job alone, before its snapshot
-/// was republished): at debug beyond `SLOW_JOB`, else at trace.
-fn slow(from: &str, started: std::time::Instant, ran: Option<Duration>) {
+/// Logs how long a job held the daemon (a change's republish included): at debug
+/// beyond `SLOW_JOB`, else at trace.
+fn slow(what: &str, from: &str, started: std::time::Instant) {
     let took = started.elapsed();
     let long = took >= SLOW_JOB;
     if !long && !tracing::enabled!(tracing::Level::TRACE) {
         return;
     }
-    let what = match ran {
-        Some(ran) => format!(
-            "a job from {from} held the daemon {} ms ({} ms to republish)",
-            took.as_millis(),
-            (took - ran).as_millis()
-        ),
-        None => format!("a read from {from} held the daemon {} ms", took.as_millis()),
-    };
     if long {
-        tracing::debug!("{what}");
+        tracing::debug!("{what} from {from} held the daemon {} ms", took.as_millis());
     } else {
-        tracing::trace!("{what}");
+        tracing::trace!("{what} from {from} held the daemon {} ms", took.as_millis());
     }
 }
 
