@@ -42,7 +42,6 @@ pub struct Daemon<D: Dataplane = MapManager> {
     from_config: Desired,
     /// Where the desired state is saved before the maps change.
     log: DesiredLog,
-    desired_cache: std::sync::Mutex<Option<(u64, std::sync::Arc<Desired>)>>,
     /// Each interface with the mode asked for, how it was attached and the mode the
     /// kernel reports (read back after attaching).
     interfaces: Vec<(LocalInterface, XdpModeName, Attached, String)>,
@@ -321,7 +320,6 @@ impl Daemon<MapManager> {
         Ok(Daemon {
             from_config,
             log,
-            desired_cache: Default::default(),
             config,
             programs: Some(programs),
             core,
@@ -346,7 +344,6 @@ impl<D: Dataplane> Daemon<D> {
         Ok(Daemon {
             from_config: config.desired.clone(),
             log: DesiredLog::open(&config.node.state_dir),
-            desired_cache: Default::default(),
             interfaces: Vec::new(),
             interface_warnings: BTreeMap::new(),
             config,
@@ -592,18 +589,10 @@ impl<D: Dataplane> Daemon<D> {
         self.core.generation()
     }
 
-    /// The desired state for the published snapshot: copied once per generation, not
-    /// after every job (a node of 10,000 services republishes often).
+    /// The desired state for the published snapshot: a copy of a persistent map,
+    /// which shares every service with the reconciler's.
     pub fn shared_desired(&self) -> std::sync::Arc<Desired> {
-        let mut cache = self.desired_cache.lock().expect("not poisoned");
-        match &*cache {
-            Some((g, d)) if *g == self.core.generation() => d.clone(),
-            _ => {
-                let d = std::sync::Arc::new(self.core.desired().clone());
-                *cache = Some((self.core.generation(), d.clone()));
-                d
-            }
-        }
+        std::sync::Arc::new(self.core.desired().clone())
     }
 
     pub fn planned_services(&self, since: Option<u64>) -> (u64, Vec<api::ServiceView>) {

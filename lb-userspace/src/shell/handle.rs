@@ -32,7 +32,7 @@ pub struct Published {
     pub node: String,
     pub state_dir: PathBuf,
     pub status: api::Status,
-    /// Shared with the snapshots before it while it does not change.
+    /// Shares every unchanged service with the reconciler's (a persistent map).
     pub desired: Arc<Desired>,
     /// Every service with a health check, and the backends to check.
     pub checks: Vec<crate::model::ServiceChecks>,
