@@ -244,14 +244,15 @@ pub fn unavailable(inputs: &Inputs, key: &ServiceKey) -> Option<availability::Re
     }
 }
 
+/// An operator's record that says the service is down, if there is one.
 fn declared_unavailable(inputs: &Inputs, key: &ServiceKey) -> Option<availability::Record> {
-    // The set is keyed by the service's name; most nodes hold few records.
-    let named = || inputs.availability.get(&key.to_string());
-    (!inputs.availability.is_empty())
-        .then(named)
-        .flatten()
-        .filter(|r| !r.available)
-        .cloned()
+    // The set is keyed by the service's name: not formatted when the set is empty,
+    // as it is on most nodes.
+    if inputs.availability.is_empty() {
+        return None;
+    }
+    let r = inputs.availability.get(&key.to_string())?;
+    (!r.available).then(|| r.clone())
 }
 
 /// As [`unavailable`], with the service's backends already merged (the views have them).
