@@ -540,15 +540,7 @@ impl Programs {
         let Some(dir) = &self.pin_dir else {
             return Ok(());
         };
-        let path = dir.join(format!("link-{}-{interface}", program_names::PROBE_ENCAP));
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(DataplaneError::Options(format!(
-                "removing {}: {e}",
-                path.display()
-            ))),
-        }
+        remove_pin(&dir.join(format!("link-{}-{interface}", program_names::PROBE_ENCAP)))
     }
 
     /// Removes the pinned link of `program` on `interface`: the program comes off the
@@ -558,14 +550,7 @@ impl Programs {
         if let Some(id) = self.links.remove(&(program, interface.to_string())) {
             let _ = self.program_mut(program).detach(id);
         }
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(DataplaneError::Options(format!(
-                "removing {}: {e}",
-                path.display()
-            ))),
-        }
+        remove_pin(&path)
     }
 
     /// Removes the pinned maps and the pin directory (after `detach_pinned` on every
@@ -595,5 +580,17 @@ impl Programs {
         if let Some(logger) = self.logger.as_mut() {
             logger.flush();
         }
+    }
+}
+
+/// Removes a pinned link's file; one that is not there is already removed.
+fn remove_pin(path: &std::path::Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DataplaneError::Options(format!(
+            "removing {}: {e}",
+            path.display()
+        ))),
     }
 }
