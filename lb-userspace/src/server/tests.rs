@@ -128,36 +128,24 @@ async fn held(a: &Api) -> Vec<IpAddr> {
         .unwrap_or_default()
 }
 
+/// Adds 198.18.0.12 (MAC ending in 0c) to the service through the API.
+async fn add_backend_12(a: &Api) -> api::Applied {
+    let add = api::AddBackend {
+        service: key(),
+        backend: ip("198.18.0.12"),
+        spec: with_mac(12),
+    };
+    a.client.post("/v1/backends/add", &add).await.unwrap()
+}
+
 #[tokio::test]
 async fn an_added_backend_is_answered_as_a_change_and_reaches_the_data_plane() {
     let a = api("add").await;
-    let r: api::Applied = a
-        .client
-        .post(
-            "/v1/backends/add",
-            &api::AddBackend {
-                service: key(),
-                backend: ip("198.18.0.12"),
-                spec: with_mac(12),
-            },
-        )
-        .await
-        .unwrap();
+    let r = add_backend_12(&a).await;
     assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
     assert_eq!(held(&a).await, [ip("198.18.0.11"), ip("198.18.0.12")]);
     // The same again is no change.
-    let r: api::Applied = a
-        .client
-        .post(
-            "/v1/backends/add",
-            &api::AddBackend {
-                service: key(),
-                backend: ip("198.18.0.12"),
-                spec: with_mac(12),
-            },
-        )
-        .await
-        .unwrap();
+    let r = add_backend_12(&a).await;
     assert!(r.changes.is_empty());
 }
 
@@ -354,18 +342,7 @@ async fn a_scrape_during_a_long_job_after_a_change_is_answered_with_the_last_cou
     // A change publishes a new generation after the counters were read: the jobs
     // that follow a large apply (the SPM manager's, the feed's) hold the daemon then.
     let before = a.daemon.now().generation;
-    let r: api::Applied = a
-        .client
-        .post(
-            "/v1/backends/add",
-            &api::AddBackend {
-                service: key(),
-                backend: ip("198.18.0.12"),
-                spec: with_mac(12),
-            },
-        )
-        .await
-        .unwrap();
+    let r = add_backend_12(&a).await;
     assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
     assert!(a.daemon.now().generation > before);
     let (release, job) = hold_daemon(&a).await;

@@ -236,6 +236,12 @@ mod tests {
         Desired { services }
     }
 
+    /// The first service (by key), to change.
+    fn first(d: &mut Desired) -> &mut crate::desired::ServiceSpec {
+        let k = *d.services.keys().next().unwrap();
+        d.services.get_mut(&k).unwrap()
+    }
+
     fn dir(test: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("lb-desired-log-{}-{test}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
@@ -252,8 +258,7 @@ mod tests {
         log.save(&config, &config, None).unwrap();
         let snapshot = std::fs::metadata(d.join(SNAPSHOT_FILE)).unwrap().len();
         let mut now = config.clone();
-        let first = *now.services.keys().next().unwrap();
-        now.services.get_mut(&first).unwrap().backends.clear();
+        first(&mut now).backends.clear();
         let gone = *now.services.keys().last().unwrap();
         now.services.remove(&gone);
         log.save(&config, &now, None).unwrap();
@@ -279,11 +284,11 @@ mod tests {
         let mut log = DesiredLog::open(&d);
         log.save(&config, &config, None).unwrap();
         let mut now = config.clone();
-        let first = *now.services.keys().next().unwrap();
+        let changed = *now.services.keys().next().unwrap();
         let gone = *now.services.keys().last().unwrap();
-        now.services.get_mut(&first).unwrap().backends.clear();
+        first(&mut now).backends.clear();
         now.services.remove(&gone);
-        let touched = BTreeSet::from([first, gone]);
+        let touched = BTreeSet::from([changed, gone]);
         log.save(&config, &now, Some(&touched)).unwrap();
         let text = std::fs::read_to_string(d.join(LOG_FILE)).unwrap();
         assert_eq!(text.lines().count(), 1, "{text}");
@@ -307,8 +312,7 @@ mod tests {
         let mut log = DesiredLog::open(&d);
         log.save(&config, &config, None).unwrap();
         let mut one = config.clone();
-        let first = *one.services.keys().next().unwrap();
-        one.services.get_mut(&first).unwrap().config.pass_irregular = true;
+        first(&mut one).config.pass_irregular = true;
         log.save(&config, &one, None).unwrap();
         // A crash in the middle of appending the next change.
         let mut f = std::fs::OpenOptions::new()
@@ -328,8 +332,7 @@ mod tests {
         log.save(&config, &config, None).unwrap();
         let mut now = config.clone();
         for i in 0..20_000u32 {
-            let first = *now.services.keys().next().unwrap();
-            now.services.get_mut(&first).unwrap().config.epoch = i;
+            first(&mut now).config.epoch = i;
             log.save(&config, &now, None).unwrap();
         }
         let logged = std::fs::metadata(d.join(LOG_FILE)).unwrap().len();
