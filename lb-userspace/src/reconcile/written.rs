@@ -107,20 +107,23 @@ impl Written {
             self.by_vip.remove(&vip);
             return;
         }
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
-        for (key, d) in services {
-            for b in key
-                .port
-                .to_le_bytes()
-                .into_iter()
-                .chain([key.proto as u8])
-                .chain(d.to_le_bytes())
-            {
-                h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
-            }
-        }
+        let h = services.fold(VIP_DIGEST_START, |h, (key, d)| mix(h, key, *d));
         self.by_vip.insert(vip, h);
     }
+}
+
+/// A VIP's digest before its first service (64-bit FNV-1a's offset basis).
+const VIP_DIGEST_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// A VIP's digest `h` taking in one of its services (in key order) and its table's
+/// fingerprint.
+fn mix(h: u64, key: &ServiceKey, digest: u64) -> u64 {
+    key.port
+        .to_le_bytes()
+        .into_iter()
+        .chain([key.proto as u8])
+        .chain(digest.to_le_bytes())
+        .fold(h, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
 }
 
 fn is_unable(p: &ServicePlan) -> bool {
@@ -186,16 +189,8 @@ mod tests {
             if is_unable(p) {
                 unable.insert(k.addr);
             }
-            let h = vips.entry(k.addr).or_insert(0xcbf2_9ce4_8422_2325);
-            for b in k
-                .port
-                .to_le_bytes()
-                .into_iter()
-                .chain([k.proto as u8])
-                .chain(d.to_le_bytes())
-            {
-                *h = (*h ^ b as u64).wrapping_mul(0x100_0000_01b3);
-            }
+            let h = vips.entry(k.addr).or_insert(VIP_DIGEST_START);
+            *h = mix(*h, k, *d);
         }
         (counts, unable, vips)
     }
