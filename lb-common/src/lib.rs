@@ -8,6 +8,7 @@
 #![no_std]
 
 pub mod hash;
+pub mod idle;
 
 /// Address family tags used in keys. Our own values, not the kernel's `AF_*`, so the
 /// key layout does not depend on the platform's headers.
@@ -297,7 +298,7 @@ pub const GUE_PORT_DEFAULT: u16 = 6080;
 /// dynamic range), 14 bits of the flow hash below it.
 pub const GUE_SPORT_BASE: u16 = 0xc000;
 
-/// Key of the connection table `CONNS` (LRU hash shared by every CPU). Aligned to 8
+/// Key of the connection table `CONNS` (a preallocated hash shared by every CPU). Aligned to 8
 /// so that the program zeroes and compares it in words, not bytes.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -319,6 +320,9 @@ pub struct ConnEntry {
     pub backend_gen: u32,
     /// The service's epoch when the connection began.
     pub epoch: u32,
+    /// When a packet of the flow was last seen, in [`idle::tick`]s: lbd's sweeper
+    /// removes flows idle beyond their protocol's timeout.
+    pub seen: u32,
 }
 
 /// Packets and bytes (whole frames), per CPU, in `VIP_STATS` and `BACKEND_STATS`.
@@ -407,6 +411,10 @@ pub struct GlobalStats {
     pub icmp_steered: u64,
     /// The frame could not be grown for the outer header (no headroom): dropped.
     pub drop_encap_failed: u64,
+    /// A flow proved real (its first non-SYN packet) while the connection table was
+    /// full: not entered, it goes on where its service's Maglev table sends it
+    /// (which moves it only if that table changes). Counted per packet that tried.
+    pub conn_table_full: u64,
 }
 
 /// The socket mark of lbd's health probes of an encapsulating service:
@@ -489,7 +497,7 @@ macro_rules! global_stats_fields {
             }
 
             /// The value of each field, in the order of [`Self::FIELDS`].
-            pub fn values(&self) -> [u64; 32] {
+            pub fn values(&self) -> [u64; 33] {
                 [$(self.$field),*]
             }
         }
@@ -528,6 +536,7 @@ global_stats_fields!(
     drop_too_big,
     icmp_steered,
     drop_encap_failed,
+    conn_table_full,
 );
 
 #[cfg(feature = "user")]
@@ -583,9 +592,9 @@ assert_layout!(VipMeta, 20, 4);
 assert_layout!(Backend, 32, 4);
 assert_layout!(Route, 40, 4);
 assert_layout!(FlowKey, 40, 8);
-assert_layout!(ConnEntry, 12, 4);
+assert_layout!(ConnEntry, 16, 4);
 assert_layout!(Counter, 16, 8);
-assert_layout!(GlobalStats, 32 * 8, 8);
+assert_layout!(GlobalStats, 33 * 8, 8);
 assert_layout!(Control, 8, 8);
 assert_layout!(RefuseBucket, 16, 8);
 assert_layout!(SphereKey, 20, 4);

@@ -1,10 +1,10 @@
 //! Which service, which backend: the connection table first, the Maglev table second.
 
-use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::XdpContext};
 use aya_log_ebpf::error;
 use lb_common::{
     hash::{flow_hash, vip_filter_bit},
-    AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, GlobalStats, SphereKey, VipKey, VipMeta,
+    idle, AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, GlobalStats, SphereKey, VipKey, VipMeta,
     BACKEND_F_ACTIVE, FAMILY_V4, RING_EMPTY, VIP_F_EPOCH_RESTEER, VIP_F_SRC_PARTITION,
     VIP_F_TOPOLOGY,
 };
@@ -78,6 +78,27 @@ pub fn vip(flow: &FlowKey) -> Result<VipMeta, Exit> {
     unsafe { VIPS.get(&key.0) }.copied().ok_or(Exit::NoService)
 }
 
+/// Enters a flow; not 0 if the table refused it (full). Not inlined: the entry
+/// then lives in a stack frame of its own, and the main program's frame stays
+/// within what its deepest call chain leaves of BPF's 512 bytes.
+#[inline(never)]
+fn enter_apart(flow: &FlowKey, backend_id: u32, backend_gen: u32, epoch: u32) -> u64 {
+    let entry = ConnEntry {
+        backend_id,
+        backend_gen,
+        epoch,
+        seen: now_tick(),
+    };
+    CONNS.insert(flow, &entry, 0).is_err() as u64
+}
+
+/// The connection clock's tick now (`lb_common::idle`).
+#[inline(always)]
+fn now_tick() -> u32 {
+    // SAFETY: a helper without arguments.
+    idle::tick(unsafe { bpf_ktime_get_coarse_ns() })
+}
+
 #[inline(always)]
 fn live_backend(id: u32, gen: u32) -> Option<Backend> {
     let b = BACKENDS.get(id)?;
@@ -112,8 +133,29 @@ pub fn backend(
     enter: bool,
     g: &mut GlobalStats,
 ) -> Result<(u32, Backend), Exit> {
-    // SAFETY: a hash map value, copied out at once (an update swaps it whole).
-    if let Some(conn) = unsafe { CONNS.get(flow) }.copied() {
+    if let Some(p) = CONNS.get_ptr_mut(flow) {
+        // SAFETY: a hash map value; an update swaps it whole. Read field by field
+        // into registers: a copy of the whole entry would cost stack the program
+        // does not have.
+        let conn = unsafe {
+            ConnEntry {
+                backend_id: (*p).backend_id,
+                backend_gen: (*p).backend_gen,
+                epoch: (*p).epoch,
+                seen: (*p).seen,
+            }
+        };
+        // A packet of the flow was seen, whatever is decided of its entry below.
+        // Written only when the tick moved on: a flow's packets on several CPUs then
+        // share its entry's cache line instead of bouncing it. Here, before the
+        // decision, so that the pointer is not kept across it (that would take a
+        // stack slot the program does not have).
+        let now = now_tick();
+        if conn.seen != now {
+            // SAFETY: the entry's own memory; a racing sweep that removed it at
+            // worst gives the element's next flow a fresher stamp.
+            unsafe { (*p).seen = now };
+        }
         let resteer = conn.epoch != vip.epoch && vip.flags & VIP_F_EPOCH_RESTEER != 0;
         if resteer {
             // The service moved on to a new epoch and wants its old connections
@@ -180,16 +222,11 @@ pub fn backend(
         return Err(Exit::NoBackend);
     };
     // Entered only once the flow proves real (`parse::l4`); until then it is steered
-    // by the table alone. A full LRU evicts its oldest entry; an insert only fails
-    // on a kernel error, and then the flow still goes to the right backend for this
-    // packet.
-    if enter {
-        let entry = ConnEntry {
-            backend_id: id,
-            backend_gen: b.gen,
-            epoch: vip.epoch,
-        };
-        let _ = CONNS.insert(flow, &entry, 0);
+    // by the table alone. A full table takes no one's place (lbd's sweeper frees
+    // the entries of idle flows): the insert fails, is counted, and the flow goes on
+    // where the Maglev table sends it.
+    if enter && enter_apart(flow, id, b.gen, vip.epoch) != 0 {
+        stats::count_conn_table_full(g);
     }
     Ok((id, b))
 }

@@ -122,6 +122,11 @@ pub fn count_lru_miss(g: &mut GlobalStats) {
 }
 
 #[inline(always)]
+pub fn count_conn_table_full(g: &mut GlobalStats) {
+    g.conn_table_full += 1;
+}
+
+#[inline(always)]
 pub fn count_lru_stale(g: &mut GlobalStats) {
     g.lru_stale += 1;
 }

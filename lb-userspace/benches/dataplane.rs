@@ -117,9 +117,12 @@ fn chunk(
     Ok(samples)
 }
 
-/// Writes a distinct source (address, port) for flow `n` into a built IPv4 frame.
+/// Writes a distinct source (address, port) for flow `n` into a built IPv4 frame:
+/// 32 bits of flows (198.19.0.0/16 x ports), so each line's range starts at its own
+/// power of two below 2^32 (higher bits would alias another line's flows).
 /// Checksums are left stale: the program does not read them.
 fn set_flow(frame: &mut [u8], n: u64) {
+    debug_assert!(n < 1 << 32, "flow {n} aliases flow {}", n as u32);
     let src = Ipv4Addr::new(
         198,
         19,
@@ -422,7 +425,7 @@ fn main() -> Result<()> {
 
     // A used table: filled to capacity by the program, then emptied.
     let started = Instant::now();
-    fill(&dp, &ack, 1 << 40, capacity as u64)?;
+    fill(&dp, &ack, 1 << 27, capacity as u64)?;
     let emptied = maps.clear_connections()?;
     eprintln!(
         "table filled with {capacity} flows and emptied ({emptied}) in {:?}",
@@ -434,10 +437,10 @@ fn main() -> Result<()> {
         set_flow(f, n)
     }
     fn new_udp(f: &mut [u8], n: u64) {
-        set_flow(f, (1 << 36) + n)
+        set_flow(f, (1 << 26) + n)
     }
     fn cold(f: &mut [u8], n: u64) {
-        set_flow(f, (1 << 38) + n % COLD_FLOWS)
+        set_flow(f, (1 << 28) + n % COLD_FLOWS)
     }
     fn refused(f: &mut [u8], n: u64) {
         let src = 0xc613_0000u32.wrapping_add(n as u32);
@@ -468,7 +471,7 @@ fn main() -> Result<()> {
         "new SYN (steered, not entered)",
         Program::Balancer,
         XDP_TX,
-        Gen::new(syn.clone(), |f, n| set_flow(f, (1 << 35) + n)),
+        Gen::new(syn.clone(), |f, n| set_flow(f, (1 << 25) + n)),
     );
     let mut tcp_new = Spec::new(
         "new flow's 1st ACK, not full",
@@ -529,27 +532,33 @@ fn main() -> Result<()> {
         ],
     )?;
 
-    // A full table: every insert evicts. The cold flows go in last, so that they are
-    // the most recent of a full table.
-    let present = rounds() as u64 * CHUNK * 2 + 1;
+    // A full table: every insert is refused (counted; the flow goes on by its Maglev
+    // table). The cold flows go in first, while there is room, then the table is
+    // filled to its last entry.
+    fill(&dp, &ack, 1 << 28, COLD_FLOWS)?;
+    let present = maps.count_connections_now() as u64;
     fill(
         &dp,
         &ack,
-        1 << 41,
-        (capacity as u64).saturating_sub(present + COLD_FLOWS),
+        1 << 29,
+        (capacity as u64).saturating_sub(present),
     )?;
-    fill(&dp, &ack, 1 << 38, COLD_FLOWS)?;
+    let held = maps.count_connections_now();
+    ensure!(
+        held == capacity as usize,
+        "the table holds {held} of {capacity} entries after the fill"
+    );
     let mut full_new = Spec::new(
-        "new flow's 1st ACK, full",
+        "new flow's 1st ACK, full (refused)",
         Program::Balancer,
         XDP_TX,
-        Gen::new(ack.clone(), |f, n| set_flow(f, (1 << 42) + n)),
+        Gen::new(ack.clone(), |f, n| set_flow(f, (1 << 30) + n)),
     );
     let mut full_syn = Spec::new(
         "SYN flood, table full",
         Program::Balancer,
         XDP_TX,
-        Gen::new(syn.clone(), |f, n| set_flow(f, (1 << 43) + n)),
+        Gen::new(syn.clone(), |f, n| set_flow(f, (1 << 31) + n)),
     );
     let mut cold_est = Spec::new(
         "established, 1M flows, cold",
@@ -637,8 +646,8 @@ fn main() -> Result<()> {
     println!(
         "(ratio = the line's mean over the mean of the baseline chunks beside it; med. ratio = \
          its median over the same; >=10us: calls of 10 us or more, per thousand, and their \
-         share of the line's time; LRU hits {}, misses {})",
-        stats.lru_hit, stats.lru_miss
+         share of the line's time; connection-table hits {}, misses {}, refused as full {})",
+        stats.lru_hit, stats.lru_miss, stats.conn_table_full
     );
 
     if selected("live frames") {

@@ -98,8 +98,14 @@ pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> 
             escape(reason)
         );
     }
-    // One packet is one verdict; the connection-table lookups and epoch decisions
-    // are counted besides (their sums are not packet counts).
+    // One packet is one verdict; the connection-table lookups, epoch decisions,
+    // forwarding modes (a forwarded packet is also a tx or a redirect) and flows a
+    // full table did not enter are counted besides (their sums are not packet counts).
+    let besides = |name: &str| {
+        ["lru_", "epoch_", "fwd_", "conn_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+    };
     family(
         &mut out,
         "lb_dataplane_packets_total",
@@ -107,7 +113,7 @@ pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> 
         "Packets by the data plane's verdict (pass_*, drop_*, tx, redirect, refuse_*): the sum is every packet seen.",
     );
     for (name, v) in &stats.global {
-        if !name.starts_with("lru_") && !name.starts_with("epoch_") {
+        if !besides(name) {
             let _ = writeln!(out, "lb_dataplane_packets_total{{outcome=\"{name}\"}} {v}");
         }
     }
@@ -123,6 +129,28 @@ pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> 
                 out,
                 "lb_dataplane_conn_lookups_total{{result=\"{result}\"}} {v}"
             );
+        }
+    }
+    family(
+        &mut out,
+        "lb_dataplane_forwarded_total",
+        "counter",
+        "Packets forwarded to a backend, by mode (each also counted as a tx or redirect verdict).",
+    );
+    for (name, v) in &stats.global {
+        if let Some(mode) = name.strip_prefix("fwd_") {
+            let _ = writeln!(out, "lb_dataplane_forwarded_total{{mode=\"{mode}\"}} {v}");
+        }
+    }
+    family(
+        &mut out,
+        "lb_dataplane_conn_table_full_total",
+        "counter",
+        "Packets of flows proved real that the full connection table did not enter: steered by their Maglev table alone (raise conn_table_size, or lower the idle timeouts).",
+    );
+    for (name, v) in &stats.global {
+        if name == "conn_table_full" {
+            let _ = writeln!(out, "lb_dataplane_conn_table_full_total {v}");
         }
     }
     family(

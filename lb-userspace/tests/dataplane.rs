@@ -451,6 +451,192 @@ fn a_flood_of_a_million_spoofed_syns_leaves_established_flows_on_their_backends(
     );
 }
 
+/// A table of this many entries in the tests that fill it.
+const SMALL_TABLE: u32 = 2048;
+
+fn load_lb_with_table(entries: u32) -> Lb {
+    pin_to_cpu0();
+    let options = LoadOptions {
+        max_services: 8,
+        conn_table_size: entries,
+        ..LoadOptions::default()
+    };
+    let (dp, maps) = Programs::load(&options).expect("loading the XDP object");
+    Lb::new(dp, maps)
+}
+
+#[test]
+fn a_full_connection_table_keeps_its_flows_and_still_steers_new_ones() {
+    const NEW: u32 = 500;
+    assert!(is_root(), "the data-plane tests must run as root");
+    let mut lb = load_lb_with_table(SMALL_TABLE);
+    let key = service(VIP4, 80, Proto::Tcp);
+    lb.add(key, &backends4(3));
+    let all = flows(SMALL_TABLE + NEW, 80);
+    let (old, new) = all.split_at(SMALL_TABLE as usize);
+    let before: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+    assert_eq!(lb.maps.count_connections_now(), SMALL_TABLE as usize);
+
+    // Flows that prove real once the table is full: each goes where its SYN went
+    // (the Maglev table), and none takes the place of a flow already entered.
+    for f in new {
+        let mut syn = f.clone();
+        syn.tcp_flags = pnet::packet::tcp::TcpFlags::SYN;
+        let to = lb.forward(&syn);
+        assert_eq!(
+            lb.forward(f),
+            to,
+            "{f:?}: its ACK went elsewhere than its SYN"
+        );
+    }
+    assert_eq!(lb.maps.count_connections_now(), SMALL_TABLE as usize);
+    assert_eq!(lb.stats().conn_table_full, NEW as u64);
+
+    // The table changes: the flows entered before it was full stay where they were,
+    // which only their entries can do.
+    lb.set_backends(key, &backends4(6));
+    let after: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+    let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+    assert_eq!(
+        moved, 0,
+        "{moved} of {SMALL_TABLE} entered flows changed backend"
+    );
+}
+
+/// The connection-table key of a frame (as the program builds it).
+fn flow_key(f: &Frame) -> lb_common::FlowKey {
+    let (src, family) = addr16(f.src);
+    let (dst, _) = addr16(f.dst);
+    lb_common::FlowKey {
+        src,
+        dst,
+        sport_be: f.sport.to_be(),
+        dport_be: f.dport.to_be(),
+        proto: match f.l4 {
+            L4::Udp => lb_common::PROTO_UDP,
+            _ => lb_common::PROTO_TCP,
+        },
+        family,
+        _pad: [0; 2],
+    }
+}
+
+fn addr16(a: IpAddr) -> ([u8; 16], u8) {
+    let mut out = [0u8; 16];
+    match a {
+        IpAddr::V4(v4) => {
+            out[..4].copy_from_slice(&v4.octets());
+            (out, lb_common::FAMILY_V4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), lb_common::FAMILY_V6),
+    }
+}
+
+#[test]
+fn idle_flows_are_swept_by_their_protocols_timeout_and_live_ones_kept() {
+    assert!(is_root(), "the data-plane tests must run as root");
+    pin_to_cpu0();
+    let options = LoadOptions {
+        max_services: 8,
+        conn_table_size: 1 << 12,
+        tcp_idle_timeout_s: 900,
+        udp_idle_timeout_s: 60,
+        ..LoadOptions::default()
+    };
+    let (dp, maps) = Programs::load(&options).expect("loading the XDP object");
+    let mut lb = Lb::new(dp, maps);
+    lb.add(service(VIP4, 80, Proto::Tcp), &backends4(3));
+    lb.add(service(VIP4, 53, Proto::Udp), &backends4(3));
+    let tcp = Frame::tcp(CLIENT4, VIP4, 40000, 80).established();
+    let udp = Frame::udp(CLIENT4, VIP4, 40001, 53);
+    let (tcp_to, udp_to) = (lb.forward(&tcp), lb.forward(&udp));
+    let now = lb_userspace::dataplane::maps::sweep::now_tick();
+    let entered = |lb: &Lb, f: &Frame| lb.maps.connection(&flow_key(f));
+    let stamped = entered(&lb, &tcp).expect("the ACK entered its flow").seen;
+    assert!(stamped.abs_diff(now) <= 1, "stamped {stamped}, now {now}");
+    assert!(
+        entered(&lb, &udp).is_some(),
+        "the datagram entered its flow"
+    );
+
+    // A sweep before either timeout keeps both.
+    let swept = lb.maps.sweep_connections_at(now + 10).unwrap();
+    assert_eq!((swept.kept, swept.expired), (2, 0));
+    // 60 s idle: the UDP flow goes, the TCP one (900 s) stays.
+    let udp_ticks = lb_common::idle::ticks_of(60);
+    let swept = lb
+        .maps
+        .sweep_connections_at(stamped + udp_ticks + 2)
+        .unwrap();
+    assert_eq!((swept.kept, swept.expired), (1, 1));
+    assert!(entered(&lb, &udp).is_none(), "the idle UDP flow was kept");
+    assert!(
+        entered(&lb, &tcp).is_some(),
+        "the TCP flow was swept before its timeout"
+    );
+    // An idle flow that comes back is steered by the table and entered again.
+    assert_eq!(lb.forward(&udp), udp_to);
+    assert!(entered(&lb, &udp).is_some());
+
+    // A packet of a flow refreshes its stamp: an entry written as seen long ago,
+    // then one packet, and the sweep after its timeout keeps it.
+    let key = flow_key(&tcp);
+    let mut old = entered(&lb, &tcp).unwrap();
+    old.seen = now - 5_000;
+    lb.maps.set_connection(key, old).unwrap();
+    assert_eq!(lb.forward(&tcp), tcp_to);
+    let seen = entered(&lb, &tcp).unwrap().seen;
+    assert!(
+        seen.abs_diff(now) <= 2,
+        "the packet did not refresh its entry: {seen}"
+    );
+    let tcp_ticks = lb_common::idle::ticks_of(900);
+    lb.maps.sweep_connections_at(now + tcp_ticks - 2).unwrap();
+    assert!(
+        entered(&lb, &tcp).is_some(),
+        "a flow seen just now was swept"
+    );
+    // Without packets it goes once its timeout has passed.
+    lb.maps.sweep_connections_at(seen + tcp_ticks + 1).unwrap();
+    assert!(entered(&lb, &tcp).is_none());
+    assert_eq!(lb.maps.count_connections_now(), 0);
+}
+
+#[test]
+fn a_sweep_of_a_large_table_removes_every_idle_entry_once() {
+    // Removals during a walk must not restart it or skip entries: half of 20,000
+    // flows stamped long ago, half now.
+    const FLOWS: u32 = 20_000;
+    assert!(is_root(), "the data-plane tests must run as root");
+    let mut lb = load_lb();
+    let key = service(VIP4, 80, Proto::Tcp);
+    lb.add(key, &backends4(3));
+    let all = flows(FLOWS, 80);
+    for f in &all {
+        lb.forward(f);
+    }
+    let now = lb_userspace::dataplane::maps::sweep::now_tick();
+    for f in all.iter().step_by(2) {
+        let k = flow_key(f);
+        let mut e = lb.maps.connection(&k).unwrap();
+        e.seen = now - 10_000;
+        lb.maps.set_connection(k, e).unwrap();
+    }
+    let swept = lb.maps.sweep_connections_at(now).unwrap();
+    assert_eq!(
+        (swept.kept, swept.expired),
+        (FLOWS as u64 / 2, FLOWS as u64 / 2)
+    );
+    assert_eq!(lb.maps.count_connections_now(), FLOWS as usize / 2);
+    for (i, f) in all.iter().enumerate() {
+        assert_eq!(
+            lb.maps.connection(&flow_key(f)).is_some(),
+            i % 2 == 1,
+            "flow {i}"
+        );
+    }
+}
+
 #[test]
 fn a_removed_backend_gets_no_packet_even_from_its_old_flows() {
     let mut lb = load_lb();
@@ -1555,4 +1741,41 @@ fn the_connection_table_is_counted_apart_and_the_count_follows_the_table() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert_eq!(lb.maps.count_connections_now(), 100);
+}
+
+#[test]
+fn the_managers_sweeper_removes_flows_idle_beyond_their_timeout() {
+    use lb_userspace::dataplane::Dataplane;
+    assert!(is_root(), "the data-plane tests must run as root");
+    pin_to_cpu0();
+    let options = LoadOptions {
+        max_services: 8,
+        conn_table_size: 1 << 12,
+        udp_idle_timeout_s: 1,
+        ..LoadOptions::default()
+    };
+    let (dp, maps) = Programs::load(&options).expect("loading the XDP object");
+    let mut lb = Lb::new(dp, maps);
+    lb.add(service(VIP4, 53, Proto::Udp), &backends4(2));
+    lb.add(service(VIP4, 80, Proto::Tcp), &backends4(2));
+    let tcp = Frame::tcp(CLIENT4, VIP4, 40000, 80).established();
+    lb.forward(&tcp);
+    for i in 0..50 {
+        lb.forward(&Frame::udp(CLIENT4, VIP4, 41000 + i, 53));
+    }
+    assert_eq!(lb.maps.count_connections_now(), 51);
+    // Idle for a second (a tick or two of the connection clock), the datagrams'
+    // flows go by the manager's own sweeper, and its count follows; the TCP flow
+    // (900 s) stays.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lb.maps.count_connections_now() != 1 || lb.maps.conn_count() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "10 s on, the table holds {} entries (counted {})",
+            lb.maps.count_connections_now(),
+            lb.maps.conn_count()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(lb.maps.connection(&flow_key(&tcp)).is_some());
 }

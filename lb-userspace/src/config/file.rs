@@ -107,6 +107,8 @@ pub(super) struct DataplaneSection {
     pub(super) maglev_min_size: Option<Spanned<u32>>,
     pub(super) maglev_max_size: Option<Spanned<u32>>,
     pub(super) conn_table_size: Option<Spanned<u32>>,
+    pub(super) tcp_idle_timeout_s: Option<Spanned<u32>>,
+    pub(super) udp_idle_timeout_s: Option<Spanned<u32>>,
     /// Encapsulation (services with `forward = "ipip"` or `"gue"`): this node's
     /// outer source per family, the backends' GUE port, the paths' MTU.
     pub(super) encap_source_v4: Option<Spanned<std::net::Ipv4Addr>>,

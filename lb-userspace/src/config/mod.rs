@@ -22,7 +22,8 @@ pub use services::parse_services;
 
 use crate::{
     dataplane::loader::{
-        LoadOptions, CONN_TABLE_LIMIT, MAX_BACKENDS_LIMIT, MAX_SERVICES_LIMIT, RING_CELLS_LIMIT,
+        LoadOptions, CONN_TABLE_LIMIT, IDLE_TIMEOUT_LIMIT, MAX_BACKENDS_LIMIT, MAX_SERVICES_LIMIT,
+        RING_CELLS_LIMIT,
     },
     desired::Desired,
     maglev::is_prime,
@@ -299,6 +300,20 @@ impl Config {
                             "entries; each costs about 112 bytes of kernel memory",
                         ),
                     )?,
+                    tcp_idle_timeout_s: sized(
+                        &ctx,
+                        dp.tcp_idle_timeout_s,
+                        defaults.tcp_idle_timeout_s,
+                        "tcp_idle_timeout_s",
+                        range(IDLE_TIMEOUT_LIMIT, "seconds"),
+                    )?,
+                    udp_idle_timeout_s: sized(
+                        &ctx,
+                        dp.udp_idle_timeout_s,
+                        defaults.udp_idle_timeout_s,
+                        "udp_idle_timeout_s",
+                        range(IDLE_TIMEOUT_LIMIT, "seconds"),
+                    )?,
                     pin_dir: None,
                 };
                 if let Some(why) = sizes.refusal() {
@@ -486,6 +501,37 @@ drain = true
         );
         let e = error_of(&format!("{head}encap_source_v4 = \"127.0.0.1\"\n"));
         assert!(e.message.contains("dataplane.encap_source_v4: 127.0.0.1 cannot be an outer source: it is a loopback address"), "{e}");
+    }
+
+    #[test]
+    fn idle_timeouts_are_read_and_refused_out_of_range_at_their_line() {
+        let c = parse(&GOOD.replace(
+            "conn_table_size = 4096",
+            "conn_table_size = 4096\ntcp_idle_timeout_s = 3600\nudp_idle_timeout_s = 30",
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.sizes.tcp_idle_timeout_s, c.sizes.udp_idle_timeout_s),
+            (3600, 30)
+        );
+        let d = parse(GOOD).unwrap();
+        assert_eq!(
+            (d.sizes.tcp_idle_timeout_s, d.sizes.udp_idle_timeout_s),
+            (900, 300)
+        );
+        for (field, v) in [("tcp_idle_timeout_s", 0), ("udp_idle_timeout_s", 604_801)] {
+            let e = error_of(&GOOD.replace(
+                "conn_table_size = 4096",
+                &format!("conn_table_size = 4096\n{field} = {v}"),
+            ));
+            assert_eq!(e.line, 8, "{e}");
+            assert!(
+                e.message.contains(&format!(
+                    "dataplane.{field}: {v} must be 1..=604800 (seconds)"
+                )),
+                "{e}"
+            );
+        }
     }
 
     #[test]

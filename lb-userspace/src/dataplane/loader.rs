@@ -79,8 +79,11 @@ pub struct LoadOptions {
     /// Bounds of an automatically sized table (primes).
     pub maglev_min_size: u32,
     pub maglev_max_size: u32,
-    /// Entries of the connection table (LRU hash shared by every CPU).
+    /// Entries of the connection table (a preallocated hash shared by every CPU).
     pub conn_table_size: u32,
+    /// Seconds a flow may be idle before the sweeper removes its entry, by protocol.
+    pub tcp_idle_timeout_s: u32,
+    pub udp_idle_timeout_s: u32,
     /// A bpffs directory to pin the maps in. A later load with the same directory
     /// reuses them, contents and all: what a restarting daemon needs.
     pub pin_dir: Option<PathBuf>,
@@ -92,6 +95,8 @@ pub const MAX_SERVICES_LIMIT: u32 = 65_536;
 pub const MAX_BACKENDS_LIMIT: u32 = 1 << 20;
 pub const RING_CELLS_LIMIT: u32 = 1 << 28;
 pub const CONN_TABLE_LIMIT: u32 = 16 << 20;
+/// A week: a longer idle timeout keeps the entries of flows long gone.
+pub const IDLE_TIMEOUT_LIMIT: u32 = 7 * 86_400;
 
 impl Default for LoadOptions {
     fn default() -> Self {
@@ -105,6 +110,9 @@ impl Default for LoadOptions {
             maglev_min_size: 1021,
             maglev_max_size: 16_777_213,
             conn_table_size: 1 << 18,
+            // IPVS's established TCP and UDP timeouts, which operators know.
+            tcp_idle_timeout_s: 900,
+            udp_idle_timeout_s: 300,
             pin_dir: None,
         }
     }
@@ -120,6 +128,20 @@ impl LoadOptions {
             .or_else(|| range("max_backends", self.max_backends, MAX_BACKENDS_LIMIT))
             .or_else(|| range("ring_cells", self.ring_cells, RING_CELLS_LIMIT))
             .or_else(|| range("conn_table_size", self.conn_table_size, CONN_TABLE_LIMIT))
+            .or_else(|| {
+                range(
+                    "tcp_idle_timeout_s",
+                    self.tcp_idle_timeout_s,
+                    IDLE_TIMEOUT_LIMIT,
+                )
+            })
+            .or_else(|| {
+                range(
+                    "udp_idle_timeout_s",
+                    self.udp_idle_timeout_s,
+                    IDLE_TIMEOUT_LIMIT,
+                )
+            })
             .or_else(|| {
                 (!is_prime(self.maglev_min_size)).then(|| {
                     format!(
@@ -223,11 +245,11 @@ fn check_pinned_layouts(dir: &Path) -> Result<()> {
         }
         let info =
             MapInfo::from_pin(&path).map_err(|source| DataplaneError::Map { name, source })?;
-        // The connection table's kind changed too (per-CPU values before): same
-        // sizes, another map.
+        // The connection table's kind changed too (per-CPU values, then an LRU,
+        // before): same sizes, another map.
         // And the ring became mappable.
         let kind_differs = (name == map_names::CONNS
-            && !matches!(info.map_type(), Ok(MapType::LruHash)))
+            && !matches!(info.map_type(), Ok(MapType::Hash)))
             || ((name == map_names::MAGLEV_RING || name == map_names::BACKENDS)
                 && info.map_flags() & lb_common::BPF_F_MMAPABLE == 0);
         if kind_differs || info.key_size() as usize != key || info.value_size() as usize != value {

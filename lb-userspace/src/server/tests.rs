@@ -266,6 +266,21 @@ async fn metrics_separate_verdicts_from_lookups_name_the_node_and_build_and_alwa
             .all(|l| !l.contains("\"lru_") && !l.contains("\"epoch_")),
         "{outcomes:?}"
     );
+    // Nor are the forwarding modes (a forwarded packet is also a tx or a redirect)
+    // or the flows a full connection table did not enter.
+    assert!(
+        outcomes
+            .iter()
+            .all(|l| !l.contains("\"fwd_") && !l.contains("\"conn_")),
+        "{outcomes:?}"
+    );
+    for mode in ["l2", "ipip", "gue"] {
+        assert!(
+            m.contains(&format!("lb_dataplane_forwarded_total{{mode=\"{mode}\"}}")),
+            "{m}"
+        );
+    }
+    assert!(m.contains("\nlb_dataplane_conn_table_full_total "), "{m}");
     for result in ["hit", "miss", "stale"] {
         assert!(
             m.contains(&format!(

@@ -51,6 +51,7 @@ use crate::{
 mod batch;
 mod restore;
 mod ring;
+pub mod sweep;
 mod write;
 
 use ring::{Extent, Extents, Mapped, Ring};
@@ -120,8 +121,9 @@ pub struct MapManager {
     routes: Array<MapData, Route>,
     tx_ports: DevMap<MapData>,
     conns: HashMap<MapData, FlowKey, ConnEntry>,
-    /// Entries in `CONNS`, as last counted by the counting thread.
+    /// Entries in `CONNS`, as last counted by the sweeping thread.
     conn_entries: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    idle_timeouts: sweep::IdleTimeouts,
     vip_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
     global_stats: PerCpuArray<MapData, GlobalStats>,
@@ -237,6 +239,7 @@ impl MapManager {
             tx_ports: take(ebpf, map_names::TX_PORTS)?,
             conns: take(ebpf, map_names::CONNS)?,
             conn_entries: Default::default(),
+            idle_timeouts: sweep::IdleTimeouts::of(options),
             vip_stats: take(ebpf, map_names::VIP_STATS)?,
             backend_stats: take(ebpf, map_names::BACKEND_STATS)?,
             global_stats: take(ebpf, map_names::GLOBAL_STATS)?,
@@ -259,7 +262,7 @@ impl MapManager {
             crash_after: None,
             tables_built: 0,
         };
-        m.count_connections_apart()?;
+        m.sweep_apart()?;
         // Pinned `VIP_ADDRS` from a build without the filter, or a filter left behind
         // by a crash between the two writes: make it say what the table holds.
         m.sync_vip_filter()?;
@@ -302,13 +305,8 @@ impl MapManager {
         self.conns.keys().filter(|k| k.is_ok()).count()
     }
 
-    /// Counts the connection table on a thread of its own, through a second handle
-    /// on the map: a walk of 16M entries takes seconds, which must not hold up the
-    /// daemon (nor anything waiting for it). It walks, publishes the count, and
-    /// rests at least as long as the walk took (at least a second); it ends once
-    /// the manager is gone.
-    fn count_connections_apart(&self) -> Result<()> {
-        use std::sync::{atomic::Ordering, Arc};
+    /// A second handle on `CONNS`, for a walk that removes as it goes.
+    fn conns_handle(&self) -> Result<HashMap<MapData, FlowKey, ConnEntry>> {
         let fd = self
             .conns
             .map()
@@ -317,16 +315,37 @@ impl MapManager {
             .try_clone_to_owned()
             .map_err(|e| DataplaneError::Options(format!("duplicating CONNS' descriptor: {e}")))?;
         let data = MapData::from_fd(fd).map_ctx(map_names::CONNS)?;
-        let conns: HashMap<MapData, FlowKey, ConnEntry> =
-            HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_ctx(map_names::CONNS)?;
+        HashMap::try_from(aya::maps::Map::HashMap(data)).map_ctx(map_names::CONNS)
+    }
+
+    /// Sweeps the connection table on a thread of its own, through handles of its
+    /// own: a walk of 16M entries takes seconds, which must not hold up the daemon
+    /// (nor anything waiting for it). It walks, removes idle entries, publishes the
+    /// count left, and rests at least as long as the walk took (at least a second);
+    /// it ends once the manager is gone.
+    fn sweep_apart(&self) -> Result<()> {
+        use std::sync::{atomic::Ordering, Arc};
+        let walker = self.conns_handle()?;
+        let mut remover = self.conns_handle()?;
+        let timeouts = self.idle_timeouts;
+        let cpus = aya::util::online_cpus().unwrap_or_default();
         let count = Arc::clone(&self.conn_entries);
         std::thread::Builder::new()
-            .name("lbd-conn-count".into())
+            .name("lbd-conn-sweep".into())
             .spawn(move || {
                 while Arc::strong_count(&count) > 1 {
                     let t = std::time::Instant::now();
-                    let n = conns.keys().filter(|k| k.is_ok()).count();
-                    count.store(n as u64, Ordering::Relaxed);
+                    let swept =
+                        sweep::sweep(&walker, &mut remover, sweep::now_tick(), &timeouts, &cpus);
+                    count.store(swept.kept, Ordering::Relaxed);
+                    if swept.expired > 0 {
+                        tracing::debug!(
+                            expired = swept.expired,
+                            kept = swept.kept,
+                            took = ?t.elapsed(),
+                            "connection table swept"
+                        );
+                    }
                     let rest = t.elapsed().max(std::time::Duration::from_secs(1));
                     let until = std::time::Instant::now() + rest;
                     // In short steps, so that it ends soon after the manager.
@@ -336,9 +355,35 @@ impl MapManager {
                 }
             })
             .map_err(|e| {
-                DataplaneError::Options(format!("starting the connection counter: {e}"))
+                DataplaneError::Options(format!("starting the connection sweeper: {e}"))
             })?;
         Ok(())
+    }
+
+    /// One sweep of the connection table as if the connection clock read `now`
+    /// (tests: the daemon's sweeper reads the clock itself).
+    #[doc(hidden)]
+    pub fn sweep_connections_at(&mut self, now: u32) -> Result<sweep::Swept> {
+        let mut remover = self.conns_handle()?;
+        Ok(sweep::sweep(
+            &self.conns,
+            &mut remover,
+            now,
+            &self.idle_timeouts,
+            &[],
+        ))
+    }
+
+    /// A flow's entry in the connection table (tests and tools).
+    #[doc(hidden)]
+    pub fn connection(&self, flow: &FlowKey) -> Option<ConnEntry> {
+        self.conns.get(flow, 0).ok()
+    }
+
+    /// Writes a flow's entry (tests: an entry stamped at another time).
+    #[doc(hidden)]
+    pub fn set_connection(&mut self, flow: FlowKey, entry: ConnEntry) -> Result<()> {
+        self.conns.insert(flow, entry, 0).map_ctx(map_names::CONNS)
     }
 
     /// Sets the filter bit of an address just added to `VIP_ADDRS`.
@@ -372,8 +417,6 @@ impl MapManager {
         Ok(())
     }
 
-    /// Test hook: the `n`+1-th map write from now on fails, and so does every one
-    /// after it, with nothing undone: what a process killed at that point leaves.
     /// Benchmark hook: empties the connection table (a used table, as a node that
     /// has run for a while has it, is filled and emptied once before timing).
     #[doc(hidden)]
@@ -391,6 +434,8 @@ impl MapManager {
         self.tables_built
     }
 
+    /// Test hook: the `n`+1-th map write from now on fails, and so does every one
+    /// after it, with nothing undone: what a process killed at that point leaves.
     #[doc(hidden)]
     pub fn crash_after_writes(&mut self, n: u64) {
         self.crash_after = Some(n);

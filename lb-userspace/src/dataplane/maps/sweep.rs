@@ -1,0 +1,183 @@
+//! The connection table's sweeper: the table is a preallocated hash that never
+//! evicts, so lbd removes the entries of flows idle beyond their protocol's timeout
+//! (`lb_common::idle`). One walk also counts what is left: the count `stats` and
+//! `/metrics` report without walking the table themselves.
+
+use aya::maps::{HashMap, MapData};
+use lb_common::{idle, ConnEntry, FlowKey, PROTO_UDP};
+
+use super::LoadOptions;
+
+/// Idle timeouts in connection-clock ticks, by protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdleTimeouts {
+    pub tcp: u32,
+    pub udp: u32,
+}
+
+impl IdleTimeouts {
+    pub fn of(options: &LoadOptions) -> Self {
+        Self {
+            tcp: idle::ticks_of(options.tcp_idle_timeout_s),
+            udp: idle::ticks_of(options.udp_idle_timeout_s),
+        }
+    }
+
+    fn of_proto(&self, proto: u8) -> u32 {
+        if proto == PROTO_UDP {
+            self.udp
+        } else {
+            self.tcp
+        }
+    }
+
+    /// Whether a flow's entry is idle beyond its protocol's timeout at tick `now`.
+    pub fn expired(&self, key: &FlowKey, entry: &ConnEntry, now: u32) -> bool {
+        idle::expired(entry.seen, now, self.of_proto(key.proto))
+    }
+}
+
+/// What one walk of the table found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Entries left in the table.
+    pub kept: u64,
+    /// Entries removed as idle.
+    pub expired: u64,
+}
+
+/// Deletions between moves of the sweeping thread to the next CPU.
+const SPREAD_EVERY: u64 = 1024;
+
+/// Walks the table once through `walker` and removes through `remover` (two handles
+/// on the same map: the walk borrows one) every entry idle at tick `now`.
+///
+/// An entry is removed only once the walk has moved past it: the kernel continues a
+/// walk from the last key it returned, and a walk whose key was removed starts over
+/// from the first bucket.
+///
+/// A removed element goes back to the free list of the CPU that removes it, and a CPU
+/// whose own list is empty takes its next element by looking at the other CPUs' lists
+/// in turn: with one sweeping CPU, every other CPU would come to look through up to
+/// all of them for each new flow. So the sweep moves itself over `cpus` as it removes,
+/// handing each CPU back its share.
+pub fn sweep(
+    walker: &HashMap<MapData, FlowKey, ConnEntry>,
+    remover: &mut HashMap<MapData, FlowKey, ConnEntry>,
+    now: u32,
+    timeouts: &IdleTimeouts,
+    cpus: &[u32],
+) -> Swept {
+    let mut swept = Swept::default();
+    let mut pending: Option<FlowKey> = None;
+    let mut mover = CpuMover::new(cpus);
+    let mut remove = |key: &FlowKey, swept: &mut Swept| {
+        // An entry already gone (removed meanwhile) is not counted twice.
+        if remover.remove(key).is_ok() {
+            swept.expired += 1;
+            if swept.expired % SPREAD_EVERY == 0 {
+                mover.next();
+            }
+        }
+    };
+    for item in walker.iter() {
+        let Ok((key, entry)) = item else {
+            continue;
+        };
+        if let Some(p) = pending.take() {
+            remove(&p, &mut swept);
+        }
+        if timeouts.expired(&key, &entry, now) {
+            pending = Some(key);
+        } else {
+            swept.kept += 1;
+        }
+    }
+    if let Some(p) = pending.take() {
+        remove(&p, &mut swept);
+    }
+    mover.restore();
+    swept
+}
+
+/// The connection clock's tick now, as the data plane reads it.
+pub fn now_tick() -> u32 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("CLOCK_MONOTONIC_COARSE is always there");
+    idle::tick(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+}
+
+/// Moves the calling thread from CPU to CPU, and back to the CPUs it was allowed at
+/// first. A CPU it may not run on (a cpuset) is skipped: the spread is a help, not a
+/// condition.
+struct CpuMover<'a> {
+    cpus: &'a [u32],
+    at: usize,
+    allowed: Option<nix::sched::CpuSet>,
+}
+
+impl<'a> CpuMover<'a> {
+    fn new(cpus: &'a [u32]) -> Self {
+        Self {
+            cpus,
+            at: 0,
+            allowed: None,
+        }
+    }
+
+    fn next(&mut self) {
+        if self.cpus.len() < 2 {
+            return;
+        }
+        let me = nix::unistd::Pid::from_raw(0);
+        if self.allowed.is_none() {
+            self.allowed = nix::sched::sched_getaffinity(me).ok();
+        }
+        self.at = (self.at + 1) % self.cpus.len();
+        let mut set = nix::sched::CpuSet::new();
+        if set.set(self.cpus[self.at] as usize).is_ok() {
+            let _ = nix::sched::sched_setaffinity(me, &set);
+        }
+    }
+
+    fn restore(&mut self) {
+        if let Some(allowed) = self.allowed.take() {
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &allowed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::PROTO_TCP;
+
+    fn key(proto: u8) -> FlowKey {
+        FlowKey {
+            proto,
+            ..FlowKey::default()
+        }
+    }
+
+    fn seen(seen: u32) -> ConnEntry {
+        ConnEntry {
+            seen,
+            ..ConnEntry::default()
+        }
+    }
+
+    #[test]
+    fn each_protocol_has_its_own_timeout() {
+        let t = IdleTimeouts::of(&LoadOptions {
+            tcp_idle_timeout_s: 900,
+            udp_idle_timeout_s: 30,
+            ..LoadOptions::default()
+        });
+        assert_eq!((t.tcp, t.udp), (839, 28));
+        let now = 10_000;
+        assert!(!t.expired(&key(PROTO_TCP), &seen(now - 839), now));
+        assert!(t.expired(&key(PROTO_TCP), &seen(now - 840), now));
+        assert!(!t.expired(&key(PROTO_UDP), &seen(now - 28), now));
+        assert!(t.expired(&key(PROTO_UDP), &seen(now - 29), now));
+    }
+}
