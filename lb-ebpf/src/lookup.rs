@@ -1,6 +1,6 @@
 //! Which service, which backend: the connection table first, the Maglev table second.
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::XdpContext};
+use aya_ebpf::{helpers::bpf_jiffies64, maps::lpm_trie::Key, programs::XdpContext};
 use aya_log_ebpf::error;
 use lb_common::{
     hash::{flow_hash, vip_filter_bit},
@@ -96,7 +96,7 @@ fn enter_apart(flow: &FlowKey, backend_id: u32, backend_gen: u32, epoch: u32) ->
 #[inline(always)]
 fn now_tick() -> u32 {
     // SAFETY: a helper without arguments.
-    idle::tick(unsafe { bpf_ktime_get_coarse_ns() })
+    idle::tick(unsafe { bpf_jiffies64() })
 }
 
 #[inline(always)]

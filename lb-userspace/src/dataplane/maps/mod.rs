@@ -239,7 +239,7 @@ impl MapManager {
             tx_ports: take(ebpf, map_names::TX_PORTS)?,
             conns: take(ebpf, map_names::CONNS)?,
             conn_entries: Default::default(),
-            idle_timeouts: sweep::IdleTimeouts::of(options),
+            idle_timeouts: sweep::IdleTimeouts::of(options, sweep::hz()),
             vip_stats: take(ebpf, map_names::VIP_STATS)?,
             backend_stats: take(ebpf, map_names::BACKEND_STATS)?,
             global_stats: take(ebpf, map_names::GLOBAL_STATS)?,
@@ -333,10 +333,11 @@ impl MapManager {
         std::thread::Builder::new()
             .name("lbd-conn-sweep".into())
             .spawn(move || {
+                let mut clock = None;
                 while Arc::strong_count(&count) > 1 {
                     let t = std::time::Instant::now();
-                    let swept =
-                        sweep::sweep(&walker, &mut remover, sweep::now_tick(), &timeouts, &cpus);
+                    let swept = sweep::sweep(&walker, &mut remover, clock, &timeouts, &cpus);
+                    clock = swept.newest;
                     count.store(swept.kept, Ordering::Relaxed);
                     if swept.expired > 0 {
                         tracing::debug!(
@@ -360,15 +361,15 @@ impl MapManager {
         Ok(())
     }
 
-    /// One sweep of the connection table as if the connection clock read `now`
-    /// (tests: the daemon's sweeper reads the clock itself).
+    /// One sweep of the connection table with its clock at least `now` (tests: the
+    /// daemon's sweeper keeps its clock from walk to walk).
     #[doc(hidden)]
     pub fn sweep_connections_at(&mut self, now: u32) -> Result<sweep::Swept> {
         let mut remover = self.conns_handle()?;
         Ok(sweep::sweep(
             &self.conns,
             &mut remover,
-            now,
+            Some(now),
             &self.idle_timeouts,
             &[],
         ))

@@ -2,6 +2,12 @@
 //! evicts, so lbd removes the entries of flows idle beyond their protocol's timeout
 //! (`lb_common::idle`). One walk also counts what is left: the count `stats` and
 //! `/metrics` report without walking the table themselves.
+//!
+//! Its clock is the table itself: the data plane stamps entries in jiffies, which
+//! userspace cannot read, and the newest stamp in the table is "now" to within a
+//! tick whenever traffic flows. When none flows, the newest stamp stays where the
+//! traffic stopped and nothing more expires until it comes back: an entry is never
+//! removed early, only sometimes late.
 
 use aya::maps::{HashMap, MapData};
 use lb_common::{idle, ConnEntry, FlowKey, PROTO_UDP};
@@ -16,10 +22,10 @@ pub struct IdleTimeouts {
 }
 
 impl IdleTimeouts {
-    pub fn of(options: &LoadOptions) -> Self {
+    pub fn of(options: &LoadOptions, hz: u32) -> Self {
         Self {
-            tcp: idle::ticks_of(options.tcp_idle_timeout_s),
-            udp: idle::ticks_of(options.udp_idle_timeout_s),
+            tcp: idle::ticks_of(options.tcp_idle_timeout_s, hz),
+            udp: idle::ticks_of(options.udp_idle_timeout_s, hz),
         }
     }
 
@@ -44,13 +50,18 @@ pub struct Swept {
     pub kept: u64,
     /// Entries removed as idle.
     pub expired: u64,
+    /// The newest stamp seen (or the clock the walk began with, if later): the next
+    /// walk's clock.
+    pub newest: Option<u32>,
 }
 
 /// Deletions between moves of the sweeping thread to the next CPU.
 const SPREAD_EVERY: u64 = 1024;
 
 /// Walks the table once through `walker` and removes through `remover` (two handles
-/// on the same map: the walk borrows one) every entry idle at tick `now`.
+/// on the same map: the walk borrows one) every entry idle by the clock: the later
+/// of `clock` (the last walk's newest stamp) and the newest stamp met so far in this
+/// walk, so that the clock only ever lags.
 ///
 /// An entry is removed only once the walk has moved past it: the kernel continues a
 /// walk from the last key it returned, and a walk whose key was removed starts over
@@ -64,11 +75,12 @@ const SPREAD_EVERY: u64 = 1024;
 pub fn sweep(
     walker: &HashMap<MapData, FlowKey, ConnEntry>,
     remover: &mut HashMap<MapData, FlowKey, ConnEntry>,
-    now: u32,
+    clock: Option<u32>,
     timeouts: &IdleTimeouts,
     cpus: &[u32],
 ) -> Swept {
     let mut swept = Swept::default();
+    let mut now = clock;
     let mut pending: Option<FlowKey> = None;
     let mut mover = CpuMover::new(cpus);
     let mut remove = |key: &FlowKey, swept: &mut Swept| {
@@ -87,7 +99,9 @@ pub fn sweep(
         if let Some(p) = pending.take() {
             remove(&p, &mut swept);
         }
-        if timeouts.expired(&key, &entry, now) {
+        let clock = now.map_or(entry.seen, |n| idle::later(n, entry.seen));
+        now = Some(clock);
+        if timeouts.expired(&key, &entry, clock) {
             pending = Some(key);
         } else {
             swept.kept += 1;
@@ -97,14 +111,19 @@ pub fn sweep(
         remove(&p, &mut swept);
     }
     mover.restore();
+    swept.newest = now;
     swept
 }
 
-/// The connection clock's tick now, as the data plane reads it.
-pub fn now_tick() -> u32 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-        .expect("CLOCK_MONOTONIC_COARSE is always there");
-    idle::tick(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+/// The kernel's jiffies a second: the coarse clocks' resolution is one jiffy. If it
+/// cannot be read, 1000 (the highest usual HZ: timeouts come out longer, never
+/// shorter).
+pub fn hz() -> u32 {
+    nix::time::clock_getres(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .ok()
+        .map(|r| r.tv_sec() as u64 * 1_000_000_000 + r.tv_nsec() as u64)
+        .filter(|ns| (1_000_000..=100_000_000).contains(ns))
+        .map_or(1000, |ns| (1_000_000_000 + ns / 2) as u32 / ns as u32)
 }
 
 /// Moves the calling thread from CPU to CPU, and back to the CPUs it was allowed at
@@ -168,16 +187,25 @@ mod tests {
 
     #[test]
     fn each_protocol_has_its_own_timeout() {
-        let t = IdleTimeouts::of(&LoadOptions {
-            tcp_idle_timeout_s: 900,
-            udp_idle_timeout_s: 30,
-            ..LoadOptions::default()
-        });
-        assert_eq!((t.tcp, t.udp), (839, 28));
+        let t = IdleTimeouts::of(
+            &LoadOptions {
+                tcp_idle_timeout_s: 900,
+                udp_idle_timeout_s: 30,
+                ..LoadOptions::default()
+            },
+            1000,
+        );
+        // 900,000 and 30,000 jiffies in ticks of 256.
+        assert_eq!((t.tcp, t.udp), (3516, 118));
         let now = 10_000;
-        assert!(!t.expired(&key(PROTO_TCP), &seen(now - 839), now));
-        assert!(t.expired(&key(PROTO_TCP), &seen(now - 840), now));
-        assert!(!t.expired(&key(PROTO_UDP), &seen(now - 28), now));
-        assert!(t.expired(&key(PROTO_UDP), &seen(now - 29), now));
+        assert!(!t.expired(&key(PROTO_TCP), &seen(now - 3516), now));
+        assert!(t.expired(&key(PROTO_TCP), &seen(now - 3517), now));
+        assert!(!t.expired(&key(PROTO_UDP), &seen(now - 118), now));
+        assert!(t.expired(&key(PROTO_UDP), &seen(now - 119), now));
+    }
+
+    #[test]
+    fn hz_is_the_coarse_clocks_resolution() {
+        assert!([100, 250, 300, 1000].contains(&hz()), "{}", hz());
     }
 }
