@@ -297,7 +297,7 @@ impl Config {
                         "conn_table_size",
                         range(
                             CONN_TABLE_LIMIT,
-                            "entries; each costs about 112 bytes of kernel memory",
+                            "entries; each costs about 120 bytes of kernel memory",
                         ),
                     )?,
                     tcp_idle_timeout_s: sized(
