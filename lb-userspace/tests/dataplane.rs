@@ -103,12 +103,16 @@ fn load_lb() -> Lb {
         is_root(),
         "the data-plane tests load XDP programs and must run as root (sudo cargo xtask test)"
     );
-    pin_to_cpu0();
-    let options = LoadOptions {
+    load_lb_with(LoadOptions {
         max_services: 8,
         conn_table_size: 1 << 15,
         ..LoadOptions::default()
-    };
+    })
+}
+
+/// The balancer on CPU 0 with these sizes and timeouts.
+fn load_lb_with(options: LoadOptions) -> Lb {
+    pin_to_cpu0();
     let (dp, maps) = Programs::load(&options).expect("loading the XDP object");
     Lb::new(dp, maps)
 }
@@ -454,22 +458,15 @@ fn a_flood_of_a_million_spoofed_syns_leaves_established_flows_on_their_backends(
 /// A table of this many entries in the tests that fill it.
 const SMALL_TABLE: u32 = 2048;
 
-fn load_lb_with_table(entries: u32) -> Lb {
-    pin_to_cpu0();
-    let options = LoadOptions {
-        max_services: 8,
-        conn_table_size: entries,
-        ..LoadOptions::default()
-    };
-    let (dp, maps) = Programs::load(&options).expect("loading the XDP object");
-    Lb::new(dp, maps)
-}
-
 #[test]
 fn a_full_connection_table_keeps_its_flows_and_still_steers_new_ones() {
     const NEW: u32 = 500;
     assert!(is_root(), "the data-plane tests must run as root");
-    let mut lb = load_lb_with_table(SMALL_TABLE);
+    let mut lb = load_lb_with(LoadOptions {
+        max_services: 8,
+        conn_table_size: SMALL_TABLE,
+        ..LoadOptions::default()
+    });
     let key = service(VIP4, 80, Proto::Tcp);
     lb.add(key, &backends4(3));
     let all = flows(SMALL_TABLE + NEW, 80);
@@ -505,8 +502,8 @@ fn a_full_connection_table_keeps_its_flows_and_still_steers_new_ones() {
 
 /// The connection-table key of a frame (as the program builds it).
 fn flow_key(f: &Frame) -> lb_common::FlowKey {
-    let (src, family) = addr16(f.src);
-    let (dst, _) = addr16(f.dst);
+    let (src, family) = lb_userspace::dataplane::layout::addr_bytes(f.src);
+    let (dst, _) = lb_userspace::dataplane::layout::addr_bytes(f.dst);
     lb_common::FlowKey {
         src,
         dst,
@@ -521,30 +518,16 @@ fn flow_key(f: &Frame) -> lb_common::FlowKey {
     }
 }
 
-fn addr16(a: IpAddr) -> ([u8; 16], u8) {
-    let mut out = [0u8; 16];
-    match a {
-        IpAddr::V4(v4) => {
-            out[..4].copy_from_slice(&v4.octets());
-            (out, lb_common::FAMILY_V4)
-        }
-        IpAddr::V6(v6) => (v6.octets(), lb_common::FAMILY_V6),
-    }
-}
-
 #[test]
 fn idle_flows_are_swept_by_their_protocols_timeout_and_live_ones_kept() {
     assert!(is_root(), "the data-plane tests must run as root");
-    pin_to_cpu0();
-    let options = LoadOptions {
+    let mut lb = load_lb_with(LoadOptions {
         max_services: 8,
         conn_table_size: 1 << 12,
         tcp_idle_timeout_s: 900,
         udp_idle_timeout_s: 60,
         ..LoadOptions::default()
-    };
-    let (dp, maps) = Programs::load(&options).expect("loading the XDP object");
-    let mut lb = Lb::new(dp, maps);
+    });
     lb.add(service(VIP4, 80, Proto::Tcp), &backends4(3));
     lb.add(service(VIP4, 53, Proto::Udp), &backends4(3));
     let tcp = Frame::tcp(CLIENT4, VIP4, 40000, 80).established();
@@ -1747,15 +1730,12 @@ fn the_connection_table_is_counted_apart_and_the_count_follows_the_table() {
 fn the_managers_sweeper_removes_flows_idle_beyond_their_timeout() {
     use lb_userspace::dataplane::Dataplane;
     assert!(is_root(), "the data-plane tests must run as root");
-    pin_to_cpu0();
-    let options = LoadOptions {
+    let mut lb = load_lb_with(LoadOptions {
         max_services: 8,
         conn_table_size: 1 << 12,
         udp_idle_timeout_s: 1,
         ..LoadOptions::default()
-    };
-    let (dp, maps) = Programs::load(&options).expect("loading the XDP object");
-    let mut lb = Lb::new(dp, maps);
+    });
     lb.add(service(VIP4, 53, Proto::Udp), &backends4(2));
     lb.add(service(VIP4, 80, Proto::Tcp), &backends4(2));
     let tcp = Frame::tcp(CLIENT4, VIP4, 40000, 80).established();
