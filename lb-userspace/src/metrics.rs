@@ -98,14 +98,29 @@ pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> 
             escape(reason)
         );
     }
-    // One packet is one verdict; the connection-table lookups, epoch decisions,
-    // forwarding modes (a forwarded packet is also a tx or a redirect) and flows a
-    // full table did not enter are counted besides (their sums are not packet counts).
-    let besides = |name: &str| {
-        ["lru_", "epoch_", "fwd_", "conn_"]
-            .iter()
-            .any(|p| name.starts_with(p))
-    };
+    // Counted besides the verdicts, a family each (their sums are not packet counts):
+    // global-counter prefix, family, label, help.
+    const BESIDES: [(&str, &str, &str, &str); 3] = [
+        (
+            "lru_",
+            "lb_dataplane_conn_lookups_total",
+            "result",
+            "Connection-table lookups of packets to a service: hit, miss (steered by the Maglev table), stale (its backend gone).",
+        ),
+        (
+            "fwd_",
+            "lb_dataplane_forwarded_total",
+            "mode",
+            "Packets forwarded to a backend, by mode (each also counted as a tx or redirect verdict).",
+        ),
+        (
+            "epoch_",
+            "lb_dataplane_epoch_decisions_total",
+            "decision",
+            "Packets of connections from an older epoch of their service: kept on their backend or re-steered.",
+        ),
+    ];
+    const TABLE_FULL: &str = "conn_table_full";
     family(
         &mut out,
         "lb_dataplane_packets_total",
@@ -113,33 +128,16 @@ pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> 
         "Packets by the data plane's verdict (pass_*, drop_*, tx, redirect, refuse_*): the sum is every packet seen.",
     );
     for (name, v) in &stats.global {
-        if !besides(name) {
+        if name != TABLE_FULL && !BESIDES.iter().any(|b| name.starts_with(b.0)) {
             let _ = writeln!(out, "lb_dataplane_packets_total{{outcome=\"{name}\"}} {v}");
         }
     }
-    family(
-        &mut out,
-        "lb_dataplane_conn_lookups_total",
-        "counter",
-        "Connection-table lookups of packets to a service: hit, miss (steered by the Maglev table), stale (its backend gone).",
-    );
-    for (name, v) in &stats.global {
-        if let Some(result) = name.strip_prefix("lru_") {
-            let _ = writeln!(
-                out,
-                "lb_dataplane_conn_lookups_total{{result=\"{result}\"}} {v}"
-            );
-        }
-    }
-    family(
-        &mut out,
-        "lb_dataplane_forwarded_total",
-        "counter",
-        "Packets forwarded to a backend, by mode (each also counted as a tx or redirect verdict).",
-    );
-    for (name, v) in &stats.global {
-        if let Some(mode) = name.strip_prefix("fwd_") {
-            let _ = writeln!(out, "lb_dataplane_forwarded_total{{mode=\"{mode}\"}} {v}");
+    for (prefix, metric, label, help) in BESIDES {
+        family(&mut out, metric, "counter", help);
+        for (name, v) in &stats.global {
+            if let Some(value) = name.strip_prefix(prefix) {
+                let _ = writeln!(out, "{metric}{{{label}=\"{value}\"}} {v}");
+            }
         }
     }
     family(
@@ -148,24 +146,8 @@ pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> 
         "counter",
         "Packets of flows proved real that the full connection table did not enter: steered by their Maglev table alone (raise conn_table_size, or lower the idle timeouts).",
     );
-    for (name, v) in &stats.global {
-        if name == "conn_table_full" {
-            let _ = writeln!(out, "lb_dataplane_conn_table_full_total {v}");
-        }
-    }
-    family(
-        &mut out,
-        "lb_dataplane_epoch_decisions_total",
-        "counter",
-        "Packets of connections from an older epoch of their service: kept on their backend or re-steered.",
-    );
-    for (name, v) in &stats.global {
-        if let Some(decision) = name.strip_prefix("epoch_") {
-            let _ = writeln!(
-                out,
-                "lb_dataplane_epoch_decisions_total{{decision=\"{decision}\"}} {v}"
-            );
-        }
+    if let Some((_, v)) = stats.global.iter().find(|(name, _)| name == TABLE_FULL) {
+        let _ = writeln!(out, "lb_dataplane_conn_table_full_total {v}");
     }
     family(
         &mut out,
