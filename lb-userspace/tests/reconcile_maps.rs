@@ -112,6 +112,10 @@ fn assert_holds_the_plan(r: &Reconciler<MapManager>, when: &str) {
     held.sort();
     let wanted: Vec<ServiceKey> = r.desired().services.keys().copied().collect();
     assert_eq!(held, wanted, "{when}: services");
+    assert!(
+        r.dp.tally_holds(),
+        "{when}: the usage kept is the usage summed"
+    );
     for k in wanted {
         let p = plan::plan_service(&inputs, &k, r.written(&k)).unwrap();
         let expected = Contents::expected(&p, options(&PathBuf::new()).tables()).unwrap();

@@ -160,6 +160,7 @@ impl MapManager {
             self.deactivate(id, b)?;
             collected += 1;
         }
+        self.tally = self.tally_afresh();
         Ok(collected)
     }
 
