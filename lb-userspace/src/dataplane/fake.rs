@@ -23,6 +23,10 @@ pub struct FakeDataplane {
     pub calls: u64,
     /// The call with this number (1-based) fails without changing anything.
     pub fail_call: Option<u64>,
+    /// How long each call takes (a slow kernel, or a large table), and the calls so
+    /// far as seen from other threads (the daemon's tests watch an apply progress).
+    pub pause: std::time::Duration,
+    pub seen: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FakeDataplane {
@@ -33,6 +37,8 @@ impl FakeDataplane {
             served: None,
             calls: 0,
             fail_call: None,
+            pause: std::time::Duration::ZERO,
+            seen: Default::default(),
         }
     }
 
@@ -42,7 +48,11 @@ impl FakeDataplane {
     }
 
     fn call(&mut self) -> Result<()> {
+        if !self.pause.is_zero() {
+            std::thread::sleep(self.pause);
+        }
         self.calls += 1;
+        self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if self.fail_call == Some(self.calls) {
             return Err(DataplaneError::Options(format!(
                 "injected failure of call {}",

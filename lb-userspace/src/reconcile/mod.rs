@@ -80,6 +80,36 @@ pub struct Reconciler<D: Dataplane> {
     generation: u64,
     /// The generation at which each service last changed.
     touched: BTreeMap<ServiceKey, u64>,
+    /// An apply whose intent is saved and whose services are being written, a batch
+    /// at a time ([`Self::write_some`]), so that its owner can answer reads between
+    /// batches.
+    writing: Option<Writing>,
+}
+
+/// A move of the maps to new plans, under way: `order[..at]` are written, and `done`
+/// holds what each of them held before (for the roll-back).
+struct Transition {
+    next: BTreeMap<ServiceKey, Option<ServicePlan>>,
+    order: Vec<ServiceKey>,
+    at: usize,
+    done: Vec<(ServiceKey, Option<ServicePlan>)>,
+}
+
+/// An apply being written: first its intent is saved and its transition started (one
+/// step), then its services are written; and what to go back to if a step fails.
+struct Writing {
+    step: Step,
+    old: Desired,
+    touched: BTreeSet<ServiceKey>,
+    /// The changes named in the log as it starts (the first few), and how many more.
+    named: Vec<String>,
+    more: usize,
+}
+
+enum Step {
+    /// The plans to move to, once the intent is saved.
+    Save(BTreeMap<ServiceKey, Option<ServicePlan>>),
+    Write(Transition),
 }
 
 /// Checks what the data plane would refuse, and what must never reach it (see
@@ -149,6 +179,7 @@ impl<D: Dataplane> Reconciler<D> {
             behind: None,
             generation: 0,
             touched: BTreeMap::new(),
+            writing: None,
         }
     }
 
@@ -202,6 +233,17 @@ impl<D: Dataplane> Reconciler<D> {
         &mut self,
         next: BTreeMap<ServiceKey, Option<ServicePlan>>,
     ) -> Result<Vec<ServiceKey>> {
+        let mut t = self.start_transition(next)?;
+        self.advance(&mut t, &mut || true)?;
+        Ok(t.order)
+    }
+
+    /// The transition to `next` (only what differs from what is written), checked to
+    /// fit as a whole before anything is written; nothing is written yet.
+    fn start_transition(
+        &mut self,
+        next: BTreeMap<ServiceKey, Option<ServicePlan>>,
+    ) -> Result<Transition> {
         let held: BTreeSet<ServiceKey> = self.dp.services().into_iter().collect();
         let next: BTreeMap<ServiceKey, Option<ServicePlan>> = next
             .into_iter()
@@ -210,40 +252,57 @@ impl<D: Dataplane> Reconciler<D> {
                 Some(p) => self.written.get(k) != Some(p) || !held.contains(k),
             })
             .collect();
-        if next.is_empty() {
-            return Ok(Vec::new());
+        let mut t = Transition {
+            next,
+            order: Vec::new(),
+            at: 0,
+            done: Vec::new(),
+        };
+        if t.next.is_empty() {
+            return Ok(t);
         }
         self.generation += 1;
-        for k in next.keys() {
+        for k in t.next.keys() {
             self.touched.insert(*k, self.generation);
         }
-        let order = check_fits(
+        t.order = check_fits(
             &self.dp.limits(),
-            &self.dp.usage(&mut next.keys().copied()),
-            &next,
+            &self.dp.usage(&mut t.next.keys().copied()),
+            &t.next,
         )?;
-        let mut done: Vec<(ServiceKey, Option<ServicePlan>)> = Vec::new();
-        for key in &order {
-            let r = match &next[key] {
-                Some(p) => self.dp.write_service(*key, p),
-                None => self.dp.remove_service(*key).map(|()| 0),
+        Ok(t)
+    }
+
+    /// Writes the next services of `t`, at least one, while `more()` says so.
+    /// `Ok(true)`: all are written. If a write fails, what was written goes back to
+    /// what it held and the error is returned.
+    fn advance(&mut self, t: &mut Transition, more: &mut dyn FnMut() -> bool) -> Result<bool> {
+        while t.at < t.order.len() {
+            let key = t.order[t.at];
+            let r = match &t.next[&key] {
+                Some(p) => self.dp.write_service(key, p),
+                None => self.dp.remove_service(key).map(|()| 0),
             };
             match r {
                 Ok(digest) => {
-                    let before = match &next[key] {
-                        Some(p) => self.written.insert(*key, p.clone(), digest),
-                        None => self.written.remove(key),
+                    let before = match &t.next[&key] {
+                        Some(p) => self.written.insert(key, p.clone(), digest),
+                        None => self.written.remove(&key),
                     };
-                    done.push((*key, before));
+                    t.done.push((key, before));
                 }
                 Err(e) => {
                     let why = format!("writing {key}: {e}");
-                    self.roll_back(done);
+                    self.roll_back(std::mem::take(&mut t.done));
                     return Err(anyhow::anyhow!(why));
                 }
             }
+            t.at += 1;
+            if t.at < t.order.len() && !more() {
+                return Ok(false);
+            }
         }
-        Ok(order)
+        Ok(true)
     }
 
     /// Writes back what the services in `done` held before (in reverse order).
@@ -330,6 +389,29 @@ impl<D: Dataplane> Reconciler<D> {
         dry_run: bool,
         save: &mut dyn FnMut(&Desired, &BTreeSet<ServiceKey>) -> Result<()>,
     ) -> Result<Vec<Change>> {
+        let changes = self.begin_apply_of(new, keys, dry_run)?;
+        if let Some(r) = self.write_some(&mut || true, save) {
+            r?;
+        }
+        Ok(changes)
+    }
+
+    /// As [`Self::apply_of`], up to saving it: validated, checked and made the
+    /// desired state, with the save and the map writes left to [`Self::write_some`]
+    /// (`Ok`: the changes it makes once written). A refusal is decided here and
+    /// changes nothing (a failure to save or write, later, changes nothing either). Meanwhile the views show the new desired state over the maps
+    /// as they are written; nothing else may change until it is written.
+    pub fn begin_apply_of(
+        &mut self,
+        new: Desired,
+        keys: Option<&BTreeSet<ServiceKey>>,
+        dry_run: bool,
+    ) -> Result<Vec<Change>> {
+        if self.writing.is_some() {
+            anyhow::bail!(
+                "another change is being written to the maps; send this one when it is answered"
+            );
+        }
         let limits = self.dp.limits();
         validate_services(
             &new,
@@ -357,38 +439,103 @@ impl<D: Dataplane> Reconciler<D> {
             self.known.desired = old;
             return Ok(changes);
         }
-        if let Err(e) = save(&self.known.desired, &touched) {
-            self.known.desired = old;
-            return Err(e).context("saving the desired state; nothing was changed");
-        }
-        // Each change is named up to a point; an apply of 10,000 services says how
-        // many more there are (they are all in the answer and the desired log).
-        for c in changes.iter().take(LOGGED_CHANGES) {
-            info!(change = %c, "applying");
-        }
-        if changes.len() > LOGGED_CHANGES {
-            info!(
-                more = changes.len() - LOGGED_CHANGES,
-                services = touched.len(),
-                "applying: and more changes, not named one by one"
-            );
-        }
-        crate::fault::point("apply.saved");
-        if let Err(e) = self.transition(next) {
-            let new = std::mem::replace(&mut self.known.desired, old);
-            if let Err(s) = save(&self.known.desired, &touched) {
-                warn!("restoring the saved desired state after a failed change: {s:#}");
-                // The file says `new`: the next start applies it.
-                let _ = new;
-            }
-            return Err(e);
-        }
-        crate::fault::point("apply.maps-written");
-        self.generation += 1;
-        for k in &touched {
-            self.touched.insert(*k, self.generation);
-        }
+        self.writing = Some(Writing {
+            step: Step::Save(next),
+            old,
+            touched,
+            named: changes
+                .iter()
+                .take(LOGGED_CHANGES)
+                .map(|c| c.to_string())
+                .collect(),
+            more: changes.len().saturating_sub(LOGGED_CHANGES),
+        });
         Ok(changes)
+    }
+
+    /// Whether an apply is being written ([`Self::begin_apply_of`]).
+    pub fn writing(&self) -> bool {
+        self.writing.is_some()
+    }
+
+    /// Writes the next services of the apply under way, at least one, while `more()`
+    /// says so. `None`: none under way, or not all written yet; `Some`: it ended, in
+    /// the maps and the views. If a write failed, the maps, the desired state and
+    /// (through `save`) the saved intent are back to what they were before it.
+    pub fn write_some(
+        &mut self,
+        more: &mut dyn FnMut() -> bool,
+        save: &mut dyn FnMut(&Desired, &BTreeSet<ServiceKey>) -> Result<()>,
+    ) -> Option<Result<()>> {
+        let mut w = self.writing.take()?;
+        if let Step::Save(next) = &mut w.step {
+            let next = std::mem::take(next);
+            if let Err(e) = save(&self.known.desired, &w.touched) {
+                self.known.desired = w.old;
+                return Some(Err(e).context("saving the desired state; nothing was changed"));
+            }
+            // Each change is named up to a point; an apply of 10,000 services says how
+            // many more there are (they are all in the answer and the desired log).
+            for c in &w.named {
+                info!(change = %c, "applying");
+            }
+            if w.more > 0 {
+                info!(
+                    more = w.more,
+                    services = w.touched.len(),
+                    "applying: and more changes, not named one by one"
+                );
+            }
+            crate::fault::point("apply.saved");
+            match self.start_transition(next) {
+                Ok(t) => w.step = Step::Write(t),
+                Err(e) => {
+                    self.give_up(w.old, &w.touched, save);
+                    return Some(Err(e));
+                }
+            }
+            // Saving 10,000 services is a batch's worth on its own.
+            if !more() {
+                self.writing = Some(w);
+                return None;
+            }
+        }
+        let Step::Write(t) = &mut w.step else {
+            unreachable!("saved above")
+        };
+        match self.advance(t, more) {
+            Ok(false) => {
+                self.writing = Some(w);
+                None
+            }
+            Ok(true) => {
+                crate::fault::point("apply.maps-written");
+                self.generation += 1;
+                for k in &w.touched {
+                    self.touched.insert(*k, self.generation);
+                }
+                Some(Ok(()))
+            }
+            Err(e) => {
+                self.give_up(w.old, &w.touched, save);
+                Some(Err(e))
+            }
+        }
+    }
+
+    /// After a failed write: `old` is desired again, and saved again.
+    fn give_up(
+        &mut self,
+        old: Desired,
+        touched: &BTreeSet<ServiceKey>,
+        save: &mut dyn FnMut(&Desired, &BTreeSet<ServiceKey>) -> Result<()>,
+    ) {
+        let new = std::mem::replace(&mut self.known.desired, old);
+        if let Err(s) = save(&self.known.desired, touched) {
+            warn!("restoring the saved desired state after a failed change: {s:#}");
+            // The file says `new`: the next start applies it.
+            let _ = new;
+        }
     }
 
     /// The configured services whose entry differs between `old` and `new`.

@@ -152,6 +152,111 @@ fn a_write_that_fails_is_rolled_back_with_the_saved_intent() {
 }
 
 #[test]
+fn an_apply_written_a_service_at_a_time_ends_as_one_written_at_once() {
+    let mut r = started(desired(&[(80, 3, 1)]));
+    let next = desired(&[(80, 2, 1), (81, 3, 10), (82, 3, 20), (83, 1, 30)]);
+    let calls_before = r.dp.calls;
+    let changes = r.begin_apply_of(next.clone(), None, false).unwrap();
+    assert!(!changes.is_empty());
+    assert!(r.writing());
+    assert_eq!(r.desired(), &next, "the views show what is being applied");
+    let generation = r.generation();
+    // The first batch saves the intent; each of the others writes one service.
+    let mut saves = 0;
+    let mut save = |_: &Desired, _: &BTreeSet<ServiceKey>| {
+        saves += 1;
+        Ok(())
+    };
+    assert!(r.write_some(&mut || false, &mut save).is_none());
+    assert_eq!(r.dp.calls, calls_before, "nothing written while saving");
+    let mut batches = 0;
+    let ended = loop {
+        batches += 1;
+        assert!(batches <= 4, "four services, one per batch");
+        let calls = r.dp.calls;
+        let r1 = r.write_some(&mut || false, &mut save);
+        assert_eq!(r.dp.calls, calls + 1, "one service per batch");
+        if let Some(r1) = r1 {
+            break r1;
+        }
+        assert!(r.writing());
+        assert!(
+            r.begin_apply_of(desired(&[(80, 1, 1)]), None, false)
+                .is_err(),
+            "no other change starts while one is written"
+        );
+    };
+    ended.unwrap();
+    assert_eq!(batches, 4);
+    assert_eq!(saves, 1);
+    assert!(!r.writing());
+    assert!(
+        r.generation() > generation,
+        "the end of the write is a new generation"
+    );
+    assert!(r.write_some(&mut || true, &mut never_saved()).is_none());
+
+    let mut at_once = started(desired(&[(80, 3, 1)]));
+    at_once.apply(next, false, &mut never_saved()).unwrap();
+    for k in at_once.desired().services.keys() {
+        assert_eq!(r.dp.held(*k), at_once.dp.held(*k), "{k}");
+    }
+    assert_holds_the_plan(&r);
+}
+
+#[test]
+fn a_write_that_fails_after_some_batches_is_rolled_back_with_the_saved_intent() {
+    let mut r = started(desired(&[(80, 3, 1)]));
+    let before = r.dp.held(key(80)).cloned();
+    // Four services change; the third write fails, two batches after the first.
+    r.dp.fail_call = Some(r.dp.calls + 3);
+    let mut saves: Vec<Desired> = Vec::new();
+    let mut save = |d: &Desired, _: &BTreeSet<ServiceKey>| {
+        saves.push(d.clone());
+        Ok(())
+    };
+    r.begin_apply_of(
+        desired(&[(80, 2, 1), (81, 3, 10), (82, 3, 20), (83, 1, 30)]),
+        None,
+        false,
+    )
+    .unwrap();
+    // The save, then two services, then the failure.
+    for _ in 0..3 {
+        assert!(r.write_some(&mut || false, &mut save).is_none());
+    }
+    let e = r.write_some(&mut || false, &mut save).unwrap().unwrap_err();
+    assert!(format!("{e:#}").contains("injected"), "{e:#}");
+    assert!(!r.writing());
+    assert_eq!(
+        saves.len(),
+        2,
+        "saved before the first batch, and back after the failure"
+    );
+    assert_eq!(saves[1], desired(&[(80, 3, 1)]));
+    assert_eq!(r.desired(), &desired(&[(80, 3, 1)]));
+    assert_eq!(r.dp.held(key(80)).cloned(), before);
+    assert_holds_the_plan(&r);
+}
+
+#[test]
+fn an_apply_that_cannot_be_saved_changes_nothing() {
+    let mut r = started(desired(&[(80, 3, 1)]));
+    let calls = r.dp.calls;
+    let e = r
+        .apply(desired(&[(80, 2, 1), (81, 3, 10)]), false, &mut |_, _| {
+            anyhow::bail!("disk full")
+        })
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("saving the desired state"), "{e:#}");
+    assert!(format!("{e:#}").contains("disk full"), "{e:#}");
+    assert_eq!(r.dp.calls, calls, "nothing written");
+    assert!(!r.writing());
+    assert_eq!(r.desired(), &desired(&[(80, 3, 1)]));
+    assert_holds_the_plan(&r);
+}
+
+#[test]
 fn a_restart_on_maps_a_crash_left_holds_the_saved_intent() {
     // The intent is saved before the maps are written; a process that dies after
     // writing one of two services leaves maps that match neither state.

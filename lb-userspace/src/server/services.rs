@@ -139,11 +139,13 @@ pub(super) async fn apply(
     if s.cluster.is_some() && !dry_run {
         return through_cluster(&s, req.desired).await;
     }
-    let changes = s
-        .daemon
-        .call(move |d| d.apply(req.desired, dry_run))
-        .await
-        .map_err(|e| bad(format!("{e:#}")))?;
+    let changes = if dry_run {
+        s.daemon.call(move |d| d.apply(req.desired, true)).await
+    } else {
+        // In batches: a large apply does not hold the reads sent meanwhile.
+        s.daemon.apply(req.desired).await
+    }
+    .map_err(|e| bad(format!("{e:#}")))?;
     Ok(Json(Applied {
         changes,
         dry_run: req.dry_run,

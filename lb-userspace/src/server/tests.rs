@@ -47,15 +47,21 @@ fn limits() -> Limits {
 }
 
 async fn api(test: &str) -> Api {
+    api_over(test, FakeDataplane::new(limits())).await
+}
+
+/// As `api`, over `fake` (`max_services` set to its limit).
+async fn api_over(test: &str, fake: FakeDataplane) -> Api {
     let dir = std::env::temp_dir().join(format!("lb-api-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let text = format!(
         "[node]\nname = \"t\"\nstate_dir = \"{d}/state\"\napi_socket = \"{d}/api.sock\"\n\n\
-         [dataplane]\ninterfaces = [{{ name = \"eth0\" }}]\nmax_services = 4\nmaglev_max_size = 4093\n\n\
+         [dataplane]\ninterfaces = [{{ name = \"eth0\" }}]\nmax_services = {max}\nmaglev_max_size = 4093\n\n\
          [[service]]\nvip = \"198.18.0.100\"\nport = 80\nprotocol = \"tcp\"\nmaglev_size = 4093\n\n\
          [[service.backend]]\naddress = \"198.18.0.11\"\nmac = \"02:00:00:00:00:0b\"\n",
-        d = dir.display()
+        d = dir.display(),
+        max = fake.limits.services,
     );
     let config = Config::parse(&dir.join("lbd.toml"), &text).unwrap();
     std::fs::create_dir_all(&config.node.state_dir).unwrap();
@@ -72,7 +78,7 @@ async fn api(test: &str) -> Api {
     };
     let socket = config.node.api_socket.clone();
     let state_dir = config.node.state_dir.clone();
-    let daemon = Daemon::with_dataplane(config, FakeDataplane::new(limits()), known).unwrap();
+    let daemon = Daemon::with_dataplane(config, fake, known).unwrap();
     let daemon = DaemonHandle::spawn(daemon, Duration::from_secs(1));
     let neighbors = std::sync::Arc::new(NeighborTable::new().unwrap());
     let directory = dird::start(daemon.clone(), neighbors.clone(), None);
@@ -432,4 +438,80 @@ async fn a_scrape_during_a_long_job_is_answered_with_the_last_counters() {
     assert!(!job.is_finished(), "the job was still running");
     release.send(()).unwrap();
     job.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_during_a_large_apply_are_answered_between_its_batches_and_changes_after_it() {
+    // 40 services at 25 ms each: an apply that holds the maps for a second, as
+    // 10,000 real ones do.
+    let mut fake = FakeDataplane::new(Limits {
+        services: 64,
+        backends: 128,
+        ..limits()
+    });
+    fake.pause = Duration::from_millis(25);
+    let seen = fake.seen.clone();
+    let a = api_over("batches", fake).await;
+    let calls = || seen.load(std::sync::atomic::Ordering::SeqCst);
+    let service = |port: u16| -> ServiceKey { format!("tcp/198.18.0.100:{port}").parse().unwrap() };
+    // A list read before: what a reader that stops waiting would be answered with.
+    let views: Vec<api::ServiceView> = a.client.get("/v1/services").await.unwrap();
+    assert_eq!(views.len(), 1);
+    let mut big = (*a.daemon.now().desired).clone();
+    let one = big.services[&key()].clone();
+    for port in 1000..1040u16 {
+        big.services.insert(service(port), one.clone());
+    }
+    let before = calls();
+    let client = a.client.clone();
+    let apply = tokio::spawn(async move {
+        client
+            .post::<_, api::Applied>(
+                "/v1/apply",
+                &api::Apply {
+                    desired: big,
+                    dry_run: false,
+                },
+            )
+            .await
+    });
+    for _ in 0..400 {
+        if calls() > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(calls() > before, "the apply began writing");
+
+    // A read: answered between two batches, fresh (the services being applied).
+    let views: Vec<api::ServiceView> = a.client.get("/v1/services").await.unwrap();
+    let written = calls() - before;
+    assert!(
+        written < 40 && !apply.is_finished(),
+        "the list waited for the apply ({written} of 40 services written)"
+    );
+    assert_eq!(views.len(), 41, "the list shows the services being applied");
+    let generation = a.daemon.now().generation;
+
+    // A change: answered after the apply, and both hold.
+    let add = api::AddBackend {
+        service: service(1039),
+        backend: ip("198.18.0.12"),
+        spec: with_mac(12),
+    };
+    let r: api::Applied = a.client.post("/v1/backends/add", &add).await.unwrap();
+    assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
+    assert!(
+        apply.is_finished(),
+        "the change was answered before the apply"
+    );
+    let applied = apply.await.unwrap().unwrap();
+    let named: std::collections::BTreeSet<ServiceKey> =
+        applied.changes.iter().map(|c| c.service()).collect();
+    assert_eq!(named.len(), 40, "{:?}", applied.changes);
+    assert!(a.daemon.now().generation > generation);
+    let views: Vec<api::ServiceView> = a.client.get("/v1/services").await.unwrap();
+    assert_eq!(views.len(), 41);
+    let last = views.iter().find(|v| v.key == service(1039)).unwrap();
+    assert_eq!(last.backends.len(), 2, "{last:?}");
 }

@@ -418,6 +418,28 @@ impl<D: Dataplane> Daemon<D> {
         })
     }
 
+    /// As `apply`, with the save and the maps left to [`Self::write_some`]: what is
+    /// refused is refused here.
+    pub fn begin_apply(&mut self, new: Desired) -> Result<Vec<Change>> {
+        self.core.begin_apply_of(new, None, false)
+    }
+
+    /// Whether an apply begun is still being written.
+    pub fn writing(&self) -> bool {
+        self.core.writing()
+    }
+
+    /// Writes the next services of the apply begun for about `budget` (at least one).
+    /// `Some`: it ended (see [`Reconciler::write_some`]).
+    pub fn write_some(&mut self, budget: Duration) -> Option<Result<()>> {
+        let (log, from) = (&mut self.log, &self.from_config);
+        let until = Instant::now() + budget;
+        self.core
+            .write_some(&mut || Instant::now() < until, &mut |d, touched| {
+                log.save(from, d, Some(touched))
+            })
+    }
+
     /// As `apply`, for `new` = what is desired with only service `key` edited: only
     /// that service is compared and judged (an API change costs its service).
     pub fn apply_edit(&mut self, new: Desired, key: ServiceKey) -> Result<Vec<Change>> {

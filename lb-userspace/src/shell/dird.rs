@@ -530,12 +530,15 @@ async fn feeder(h: DirHandle, neighbors: Arc<NeighborTable>) {
         let round = *wanted.borrow_and_update();
         // The cluster's desired services first: the feed below is for them.
         match h.with_tables(crate::directory::feed::desired) {
-            Some(Ok(d)) if d != *h.daemon.now().desired => {
-                match h.daemon.call(move |daemon| daemon.apply(d, false)).await {
-                    Ok(changes) => info!(changes = changes.len(), "applied the cluster's desired services"),
-                    Err(e) => warn!("applying the cluster's desired services (this node keeps what it has): {e:#}"),
-                }
-            }
+            Some(Ok(d)) if d != *h.daemon.now().desired => match h.daemon.apply(d).await {
+                Ok(changes) => info!(
+                    changes = changes.len(),
+                    "applied the cluster's desired services"
+                ),
+                Err(e) => warn!(
+                    "applying the cluster's desired services (this node keeps what it has): {e:#}"
+                ),
+            },
             Some(Err(e)) => warn!("the cluster's desired services do not parse: {e}"),
             _ => {}
         }

@@ -60,6 +60,10 @@ pub trait Core: Send {
     fn apply(&mut self, new: Desired, dry_run: bool) -> Result<Vec<Change>>;
     /// As `apply`, for an edit of the one service `key` (nothing else differs).
     fn apply_edit(&mut self, new: Desired, key: ServiceKey) -> Result<Vec<Change>>;
+    /// An apply whose maps are then written a batch at a time (`write_some`).
+    fn begin_apply(&mut self, new: Desired) -> Result<Vec<Change>>;
+    fn writing(&self) -> bool;
+    fn write_some(&mut self, budget: Duration) -> Option<Result<()>>;
     /// A re-read config file: what changed, and the sections that wait for a restart.
     fn reload(
         &mut self,
@@ -105,6 +109,15 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
     }
     fn apply_edit(&mut self, new: Desired, key: ServiceKey) -> Result<Vec<Change>> {
         Daemon::apply_edit(self, new, key)
+    }
+    fn begin_apply(&mut self, new: Desired) -> Result<Vec<Change>> {
+        Daemon::begin_apply(self, new)
+    }
+    fn writing(&self) -> bool {
+        Daemon::writing(self)
+    }
+    fn write_some(&mut self, budget: Duration) -> Option<Result<()>> {
+        Daemon::write_some(self, budget)
     }
     fn reload(
         &mut self,
@@ -184,12 +197,21 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
 /// the snapshot that holds it is published, so its client reads it back), whether
 /// it may change what is published (reads do not republish: the snapshot costs in
 /// proportion to the node, and reads come often), and who sent it (named in the
-/// log when it holds the daemon long).
+/// log when it holds the daemon long). A job that begins an apply whose maps are
+/// written in batches returns what ends it.
 type Job = (
-    Box<dyn FnOnce(&mut dyn Core, &dyn Fn(&dyn Core)) + Send>,
+    Box<dyn FnOnce(&mut dyn Core, &dyn Fn(&dyn Core)) -> Option<Finish> + Send>,
     bool,
     &'static str,
 );
+
+/// Run with an apply's outcome once its last batch is written: republishes, then
+/// answers its client.
+type Finish = Box<dyn FnOnce(&mut dyn Core, Result<()>, &dyn Fn(&dyn Core)) + Send>;
+
+/// How long one batch of an apply's map writes holds the daemon before the reads
+/// that came meanwhile are answered (10,000 services take most of a second).
+pub const WRITE_BATCH: Duration = Duration::from_millis(20);
 
 /// A job that holds the daemon longer than this is logged at debug (any job at
 /// trace), with the snapshot it republishes: what keeps readers waiting on a large
@@ -243,7 +265,40 @@ impl DaemonHandle {
                     .build()
                     .expect("the daemon thread's runtime");
                 let mut next = std::time::Instant::now() + housekeeping;
+                // The apply being written, if any, and the changes sent meanwhile (run
+                // in order once it is written; reads are answered between batches).
+                let mut writing: Option<Finish> = None;
+                let mut parked: std::collections::VecDeque<Job> = Default::default();
+                let publish = |core: &dyn Core| {
+                    tx.send_replace(Arc::new(core.published()));
+                };
                 loop {
+                    let started = std::time::Instant::now();
+                    if let Some(finish) = writing.take() {
+                        match core.write_some(WRITE_BATCH) {
+                            Some(r) => {
+                                finish(&mut core, r, &publish);
+                                slow("a job", "the end of an apply", started);
+                            }
+                            None => writing = Some(finish),
+                        }
+                        while let Ok(job) = rx.try_recv() {
+                            if job.1 {
+                                parked.push_back(job);
+                            } else {
+                                let started = std::time::Instant::now();
+                                let (job, _, from) = job;
+                                let _ = job(&mut core, &publish);
+                                slow("a read", from, started);
+                            }
+                        }
+                        continue;
+                    }
+                    if let Some((job, _, from)) = parked.pop_front() {
+                        writing = job(&mut core, &publish);
+                        slow("a job", from, started);
+                        continue;
+                    }
                     let wait = next.saturating_duration_since(std::time::Instant::now());
                     let job = match recv_timeout(&rt, &mut rx, wait) {
                         Recv::Job(j) => Some(j),
@@ -251,12 +306,9 @@ impl DaemonHandle {
                         Recv::Closed => return,
                     };
                     let started = std::time::Instant::now();
-                    let publish = |core: &dyn Core| {
-                        tx.send_replace(Arc::new(core.published()));
-                    };
                     match job {
                         Some((job, changes, from)) => {
-                            job(&mut core, &publish);
+                            writing = job(&mut core, &publish);
                             slow(if changes { "a job" } else { "a read" }, from, started);
                         }
                         None => {
@@ -313,11 +365,12 @@ impl DaemonHandle {
                     if !tx.is_closed() {
                         let _ = tx.send(f(core));
                     }
-                    return;
+                    return None;
                 }
                 let r = f(core);
                 publish(core);
                 let _ = tx.send(r);
+                None
             }),
             changes,
             from,
@@ -327,6 +380,36 @@ impl DaemonHandle {
             .await
             .expect("the daemon thread outlives every handle");
         rx.await.expect("the daemon runs every job it takes")
+    }
+
+    /// Makes `new` the desired state, as [`Daemon::apply`]; its maps are written in
+    /// batches of about `WRITE_BATCH`, with the reads sent meanwhile answered between
+    /// them (changes sent meanwhile wait until it is written). Answered once written
+    /// and republished, or refused (changing nothing), or failed and undone.
+    pub async fn apply(&self, new: Desired) -> Result<Vec<Change>> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = (
+            Box::new(move |core, publish| match core.begin_apply(new) {
+                Ok(changes) if core.writing() => Some(Box::new(
+                    move |core: &mut dyn Core, r: Result<()>, publish: &dyn Fn(&dyn Core)| {
+                        publish(core);
+                        let _ = tx.send(r.map(|()| changes));
+                    },
+                )),
+                r => {
+                    publish(core);
+                    let _ = tx.send(r);
+                    None
+                }
+            }),
+            true,
+            "an apply",
+        );
+        self.jobs
+            .send(job)
+            .await
+            .expect("the daemon thread outlives every handle");
+        rx.await.expect("the daemon answers every apply it takes")
     }
 
     /// The services' views with their counters; if the daemon is busy for longer
