@@ -115,6 +115,10 @@ impl Dataplane for FakeDataplane {
         self.services.keys().copied().collect()
     }
 
+    fn holds(&self, key: ServiceKey) -> bool {
+        self.services.contains_key(&key)
+    }
+
     fn counters(&self, key: ServiceKey) -> Option<ServiceCounters> {
         let p = self.services.get(&key)?;
         Some(ServiceCounters {

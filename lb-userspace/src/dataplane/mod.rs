@@ -204,6 +204,8 @@ pub trait Dataplane {
     fn set_served(&mut self, served: Option<BTreeSet<IpAddr>>) -> Result<()>;
     /// The services the maps hold.
     fn services(&self) -> Vec<ServiceKey>;
+    /// Whether the maps hold `key` (a change of one service asks this, not `services`).
+    fn holds(&self, key: ServiceKey) -> bool;
     fn counters(&self, key: ServiceKey) -> Option<ServiceCounters>;
     /// The counters of every service in `keys` the maps hold (an implementation reads
     /// each counter map once, not once per service).

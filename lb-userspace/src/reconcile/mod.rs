@@ -244,12 +244,11 @@ impl<D: Dataplane> Reconciler<D> {
         &mut self,
         next: BTreeMap<ServiceKey, Option<ServicePlan>>,
     ) -> Result<Transition> {
-        let held: BTreeSet<ServiceKey> = self.dp.services().into_iter().collect();
         let next: BTreeMap<ServiceKey, Option<ServicePlan>> = next
             .into_iter()
             .filter(|(k, p)| match p {
-                None => held.contains(k),
-                Some(p) => self.written.get(k) != Some(p) || !held.contains(k),
+                None => self.dp.holds(*k),
+                Some(p) => self.written.get(k) != Some(p) || !self.dp.holds(*k),
             })
             .collect();
         let mut t = Transition {

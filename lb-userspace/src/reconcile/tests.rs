@@ -248,7 +248,10 @@ fn an_apply_that_cannot_be_saved_changes_nothing() {
             anyhow::bail!("disk full")
         })
         .unwrap_err();
-    assert!(format!("{e:#}").contains("saving the desired state"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("saving the desired state"),
+        "{e:#}"
+    );
     assert!(format!("{e:#}").contains("disk full"), "{e:#}");
     assert_eq!(r.dp.calls, calls, "nothing written");
     assert!(!r.writing());

@@ -785,6 +785,10 @@ impl Dataplane for MapManager {
         self.services.keys().copied().collect()
     }
 
+    fn holds(&self, key: ServiceKey) -> bool {
+        self.services.contains_key(&key)
+    }
+
     fn counters(&self, key: ServiceKey) -> Option<ServiceCounters> {
         let s = self.services.get(&key)?;
         let service = self
