@@ -27,15 +27,11 @@ pub async fn reload(s: &AppState) -> Result<api::Reloaded, ApiError> {
         .with_tables(crate::directory::feed::desired)
         .is_some();
     let file_differs = new.desired != *s.daemon.now().desired;
-    let (changes, later) = s
-        .daemon
-        .call(move |d| d.reload(new, !cluster_owned))
-        .await
-        .map_err(|e| {
-            bad(format!(
-                "the file's services were refused, nothing changed: {e:#}"
-            ))
-        })?;
+    let (changes, later) = s.daemon.reload(new, !cluster_owned).await.map_err(|e| {
+        bad(format!(
+            "the file's services were refused, nothing changed: {e:#}"
+        ))
+    })?;
     Ok(api::Reloaded {
         file: path.display().to_string(),
         changes,

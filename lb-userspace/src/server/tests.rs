@@ -63,6 +63,8 @@ async fn api_over(test: &str, fake: FakeDataplane) -> Api {
         d = dir.display(),
         max = fake.limits.services,
     );
+    // Written, for the tests that reload it.
+    std::fs::write(dir.join("lbd.toml"), &text).unwrap();
     let config = Config::parse(&dir.join("lbd.toml"), &text).unwrap();
     std::fs::create_dir_all(&config.node.state_dir).unwrap();
     let known = Known {
@@ -514,4 +516,59 @@ async fn reads_during_a_large_apply_are_answered_between_its_batches_and_changes
     assert_eq!(views.len(), 41);
     let last = views.iter().find(|v| v.key == service(1039)).unwrap();
     assert_eq!(last.backends.len(), 2, "{last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_reload_is_written_in_batches_and_becomes_the_files_services() {
+    let mut fake = FakeDataplane::new(Limits {
+        services: 64,
+        backends: 128,
+        ..limits()
+    });
+    fake.pause = Duration::from_millis(25);
+    let seen = fake.seen.clone();
+    let a = api_over("reload-batches", fake).await;
+    let calls = || seen.load(std::sync::atomic::Ordering::SeqCst);
+    let file = a.dir.join("lbd.toml");
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    for port in 1000..1040u16 {
+        text.push_str(&format!(
+            "\n[[service]]\nvip = \"198.18.0.100\"\nport = {port}\nprotocol = \"tcp\"\nmaglev_size = 4093\n\n\
+             [[service.backend]]\naddress = \"198.18.0.11\"\nmac = \"02:00:00:00:00:0b\"\n"
+        ));
+    }
+    std::fs::write(&file, text).unwrap();
+    let before = calls();
+    let client = a.client.clone();
+    let reload = tokio::spawn(async move {
+        client
+            .post::<_, api::Reloaded>("/v1/reload", &serde_json::json!({}))
+            .await
+    });
+    for _ in 0..400 {
+        if calls() > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(calls() > before, "the reload began writing");
+    let views: Vec<api::ServiceView> = a.client.get("/v1/services").await.unwrap();
+    let written = calls() - before;
+    assert!(
+        written < 40 && !reload.is_finished(),
+        "the list waited for the reload ({written} of 40 services written)"
+    );
+    assert_eq!(views.len(), 41);
+    let r = reload.await.unwrap().unwrap();
+    assert!(r.services_applied);
+    let named: std::collections::BTreeSet<ServiceKey> =
+        r.changes.iter().map(|c| c.service()).collect();
+    assert_eq!(named.len(), 40, "{:?}", r.changes);
+    // The file's services are now the config's: the same file again changes nothing.
+    let again: api::Reloaded = a
+        .client
+        .post("/v1/reload", &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert!(again.changes.is_empty(), "{:?}", again.changes);
 }

@@ -40,6 +40,8 @@ pub struct Daemon<D: Dataplane = MapManager> {
     programs: Option<Programs>,
     core: Reconciler<D>,
     from_config: Desired,
+    /// The file's services of a reload being written: `from_config` once it is.
+    reloaded: Option<Desired>,
     /// Where the desired state is saved before the maps change.
     log: DesiredLog,
     /// Each interface with the mode asked for, how it was attached and the mode the
@@ -319,6 +321,7 @@ impl Daemon<MapManager> {
         }
         Ok(Daemon {
             from_config,
+            reloaded: None,
             log,
             config,
             programs: Some(programs),
@@ -343,6 +346,7 @@ impl<D: Dataplane> Daemon<D> {
         core.reconcile_all()?;
         Ok(Daemon {
             from_config: config.desired.clone(),
+            reloaded: None,
             log: DesiredLog::open(&config.node.state_dir),
             interfaces: Vec::new(),
             interface_warnings: BTreeMap::new(),
@@ -388,9 +392,10 @@ impl<D: Dataplane> Daemon<D> {
 
     /// A re-read config file (SIGHUP). Its services, if they differ from the file's
     /// last ones, replace the desired state, runtime changes included (as a restart
-    /// with a changed file does); a refusal changes nothing. Returns what changed, and
-    /// the sections whose changes wait for the next restart.
-    pub fn reload(
+    /// with a changed file does); a refusal changes nothing. Returns what changes, and
+    /// the sections whose changes wait for the next restart. As `begin_apply`, the
+    /// save and the maps are left to [`Self::write_some`].
+    pub fn begin_reload(
         &mut self,
         new: Config,
         services_too: bool,
@@ -398,12 +403,12 @@ impl<D: Dataplane> Daemon<D> {
         let later = self.config.restart_needed(&new);
         let mut changes = Vec::new();
         if services_too && new.desired != self.from_config {
-            let from = new.desired.clone();
-            let log = &mut self.log;
-            changes = self.core.apply(new.desired.clone(), false, &mut |d, _| {
-                log.save(&from, d, None)
-            })?;
-            self.from_config = new.desired;
+            changes = self.core.begin_apply_of(new.desired.clone(), None, false)?;
+            if self.core.writing() {
+                self.reloaded = Some(new.desired);
+            } else {
+                self.from_config = new.desired;
+            }
         }
         Ok((changes, later))
     }
@@ -434,10 +439,27 @@ impl<D: Dataplane> Daemon<D> {
     pub fn write_some(&mut self, budget: Duration) -> Option<Result<()>> {
         let (log, from) = (&mut self.log, &self.from_config);
         let until = Instant::now() + budget;
-        self.core
-            .write_some(&mut || Instant::now() < until, &mut |d, touched| {
-                log.save(from, d, Some(touched))
-            })
+        let r = match &self.reloaded {
+            // A reload's services come from another file: compared in full.
+            Some(file) => self
+                .core
+                .write_some(&mut || Instant::now() < until, &mut |d, _| {
+                    log.save(file, d, None)
+                }),
+            None => self
+                .core
+                .write_some(&mut || Instant::now() < until, &mut |d, touched| {
+                    log.save(from, d, Some(touched))
+                }),
+        };
+        if let Some(done) = &r {
+            if let Some(file) = self.reloaded.take() {
+                if done.is_ok() {
+                    self.from_config = file;
+                }
+            }
+        }
+        r
     }
 
     /// As `apply`, for `new` = what is desired with only service `key` edited: only

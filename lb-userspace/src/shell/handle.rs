@@ -65,7 +65,8 @@ pub trait Core: Send {
     fn writing(&self) -> bool;
     fn write_some(&mut self, budget: Duration) -> Option<Result<()>>;
     /// A re-read config file: what changed, and the sections that wait for a restart.
-    fn reload(
+    /// A reload whose maps are then written a batch at a time (`write_some`).
+    fn begin_reload(
         &mut self,
         new: crate::config::Config,
         services_too: bool,
@@ -119,12 +120,12 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
     fn write_some(&mut self, budget: Duration) -> Option<Result<()>> {
         Daemon::write_some(self, budget)
     }
-    fn reload(
+    fn begin_reload(
         &mut self,
         new: crate::config::Config,
         services_too: bool,
     ) -> Result<(Vec<Change>, Vec<&'static str>)> {
-        Daemon::reload(self, new, services_too)
+        Daemon::begin_reload(self, new, services_too)
     }
     fn set_feed(
         &mut self,
@@ -387,13 +388,34 @@ impl DaemonHandle {
     /// them (changes sent meanwhile wait until it is written). Answered once written
     /// and republished, or refused (changing nothing), or failed and undone.
     pub async fn apply(&self, new: Desired) -> Result<Vec<Change>> {
+        self.in_batches(move |core| core.begin_apply(new), "an apply")
+            .await
+    }
+
+    /// The config file re-read ([`Daemon::begin_reload`]), written as `apply` is.
+    pub async fn reload(
+        &self,
+        new: crate::config::Config,
+        services_too: bool,
+    ) -> Result<(Vec<Change>, Vec<&'static str>)> {
+        self.in_batches(move |core| core.begin_reload(new, services_too), "a reload")
+            .await
+    }
+
+    /// Runs `begin` on the daemon, then the write it leaves a batch at a time; answers
+    /// with `begin`'s result once that write has ended and been published.
+    async fn in_batches<R: Send + 'static>(
+        &self,
+        begin: impl FnOnce(&mut dyn Core) -> Result<R> + Send + 'static,
+        from: &'static str,
+    ) -> Result<R> {
         let (tx, rx) = oneshot::channel();
         let job: Job = (
-            Box::new(move |core, publish| match core.begin_apply(new) {
-                Ok(changes) if core.writing() => Some(Box::new(
+            Box::new(move |core, publish| match begin(core) {
+                Ok(v) if core.writing() => Some(Box::new(
                     move |core: &mut dyn Core, r: Result<()>, publish: &dyn Fn(&dyn Core)| {
                         publish(core);
-                        let _ = tx.send(r.map(|()| changes));
+                        let _ = tx.send(r.map(|()| v));
                     },
                 )),
                 r => {
@@ -403,13 +425,13 @@ impl DaemonHandle {
                 }
             }),
             true,
-            "an apply",
+            from,
         );
         self.jobs
             .send(job)
             .await
             .expect("the daemon thread outlives every handle");
-        rx.await.expect("the daemon answers every apply it takes")
+        rx.await.expect("the daemon answers every job it takes")
     }
 
     /// The services' views with their counters; if the daemon is busy for longer
