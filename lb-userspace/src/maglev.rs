@@ -155,29 +155,91 @@ pub fn build(
             (offset, skip)
         })
         .collect();
+    // The backends still short of their share, in the order they claim in.
+    let mut short: Vec<usize> = (0..live.len()).filter(|&i| count[i] < target[i]).collect();
+    // Once few cells are free (fewer than sqrt(m)), probing costs m / free loads per
+    // claim (a backend added to a full table of 10M cells took seconds); the claim is
+    // then found from the free cells instead: the one nearest along the claimant's
+    // permutation, at distance (cell - place) / skip mod m. The same cell either way.
+    let mut free: Option<Vec<u32>> = None;
+    let mut inverses: Vec<u64> = vec![0; live.len()];
+    // Which cells are taken, a bit each: what probing reads, so that a table of 12M
+    // cells (48 MB) is probed in 1.5 MB of cache instead of a miss per probe.
+    let mut taken_bits: Vec<u64> = vec![0; (size as usize).div_ceil(64)];
+    for (c, &id) in table.iter().enumerate() {
+        if id != RING_EMPTY {
+            taken_bits[c / 64] |= 1 << (c % 64);
+        }
+    }
     while filled < size {
-        for i in 0..live.len() {
-            if count[i] >= target[i] {
-                continue;
+        let mut still = Vec::with_capacity(short.len());
+        for &i in &short {
+            let left = (size - filled) as u64;
+            if free.is_none() && left * left <= m {
+                free = Some(
+                    (0..size)
+                        .filter(|&c| table[c as usize] == RING_EMPTY)
+                        .collect(),
+                );
             }
-            let (cell, skip) = &mut at[i];
-            // The permutation visits every cell once and one is free: this ends.
-            let taken = loop {
-                let c = *cell as usize;
-                *cell += *skip;
-                if *cell >= m {
-                    *cell -= m;
+            let (place, skip) = &mut at[i];
+            let taken = match &mut free {
+                None => {
+                    // The permutation visits every cell once and one is free: this ends.
+                    loop {
+                        let c = *place as usize;
+                        *place += *skip;
+                        if *place >= m {
+                            *place -= m;
+                        }
+                        if taken_bits[c / 64] & (1 << (c % 64)) == 0 {
+                            break c;
+                        }
+                    }
                 }
-                if table[c] == RING_EMPTY {
-                    break c;
+                Some(cells) => {
+                    if inverses[i] == 0 {
+                        inverses[i] = inverse_mod(*skip, m);
+                    }
+                    let inverse = inverses[i];
+                    let (pos, _) = cells
+                        .iter()
+                        .enumerate()
+                        .map(|(pos, &c)| {
+                            let ahead = (c as u64 + m - *place) % m;
+                            (pos, ahead * inverse % m)
+                        })
+                        .min_by_key(|&(_, steps)| steps)
+                        .expect("a backend short of its share means a free cell");
+                    let c = cells.swap_remove(pos) as u64;
+                    *place = (c + *skip) % m;
+                    c as usize
                 }
             };
             table[taken] = live[i].id;
+            taken_bits[taken / 64] |= 1 << (taken % 64);
             count[i] += 1;
             filled += 1;
+            if count[i] < target[i] {
+                still.push(i);
+            }
         }
+        short = still;
     }
     Ok(table)
+}
+
+/// `a`'s inverse modulo the prime `m` (Fermat: a^(m-2)); `a` in 1..m.
+fn inverse_mod(a: u64, m: u64) -> u64 {
+    let (mut base, mut exp, mut acc) = (a % m, m - 2, 1u64);
+    while exp > 0 {
+        if exp & 1 == 1 {
+            acc = acc * base % m;
+        }
+        base = base * base % m;
+        exp >>= 1;
+    }
+    acc
 }
 
 /// The cells that differ between two tables of the same size: what has to be written.
@@ -294,6 +356,30 @@ mod tests {
             let second = build(&after, size, Some(&first)).unwrap();
             prop_assert_eq!(second, reference_build(&after, size, Some(&first)));
         }
+    }
+
+    /// A backend added to a full table: the claims are found among a few free cells
+    /// from the first (what a service of 100,000 backends does on every change).
+    #[test]
+    fn a_backend_added_to_a_large_table_gets_the_reference_cells() {
+        let size = 65537;
+        let mut set: Vec<MaglevBackend> = (0..600u32)
+            .map(|id| MaglevBackend {
+                id,
+                key: 0x9000 + id as u64 * 7919,
+                weight: 1 + id % 3,
+            })
+            .collect();
+        let first = build(&set, size, None).unwrap();
+        assert_eq!(first, reference_build(&set, size, None));
+        set.push(MaglevBackend {
+            id: 600,
+            key: 0x77,
+            weight: 2,
+        });
+        set.remove(17);
+        let second = build(&set, size, Some(&first)).unwrap();
+        assert_eq!(second, reference_build(&set, size, Some(&first)));
     }
 
     fn backends(weights: &[u32]) -> Vec<MaglevBackend> {
