@@ -235,6 +235,10 @@ pub fn plan_digest(plan: &ServicePlan, bounds: TableBounds) -> u64 {
             h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
         }
     };
+    // Which `fingerprint` the trailer's was computed with: a table whose trailer
+    // holds another kind is built again once (after an upgrade), so that every table
+    // of a node (and of a cluster) has its fingerprint computed alike.
+    eat(FINGERPRINT_KIND);
     eat(&table_size(plan.config.maglev_size, plan.backends.len(), bounds).to_le_bytes());
     match &plan.rule {
         Rule::Hash => eat(&[0]),
@@ -266,31 +270,46 @@ pub fn plan_digest(plan: &ServicePlan, bounds: TableBounds) -> u64 {
     h
 }
 
+/// The kind of [`fingerprint`] (see `plan_digest`). 2: a word per cell.
+const FINGERPRINT_KIND: &[u8] = b"fp2";
+
 /// A digest of what a layout steers where (cells by backend address, the subnet rules
-/// and the table size), equal on every node that holds the same table. 64-bit FNV-1a.
+/// and the table size), equal on every node that holds the same table. Each backend's
+/// address is hashed once (64-bit FNV-1a) and each cell mixes in its backend's word:
+/// a table of 12M cells costs a multiply a cell, not one per byte of an address.
 pub fn fingerprint(plan: &ServicePlan, layout: &Layout) -> u64 {
-    let addrs: Vec<([u8; 16], u8)> = plan.backends.keys().map(|a| addr_bytes(*a)).collect();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
-        }
+    const PRIME: u64 = 0x100_0000_01b3;
+    let fnv = |h: u64, bytes: &[u8]| {
+        bytes
+            .iter()
+            .fold(h, |h, b| (h ^ *b as u64).wrapping_mul(PRIME))
     };
-    eat(&layout.table_size.to_le_bytes());
+    const BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    let words: Vec<u64> = plan
+        .backends
+        .keys()
+        .map(|a| {
+            let (bytes, family) = addr_bytes(*a);
+            fnv(fnv(BASIS, &[family]), &bytes)
+        })
+        .collect();
+    // What an empty cell (or one naming no backend) mixes in: no address hashes to it
+    // but by chance.
+    let empty = fnv(BASIS, &[0xff]);
+    let mut h = fnv(BASIS, &layout.table_size.to_le_bytes());
     for &c in &layout.cells {
-        match addrs.get(c as usize) {
-            Some((a, f)) if c != RING_EMPTY => {
-                eat(&[*f]);
-                eat(a);
-            }
-            _ => eat(&[0xff]),
-        }
+        let w = match words.get(c as usize) {
+            Some(w) if c != RING_EMPTY => *w,
+            _ => empty,
+        };
+        // A word at a time; the rotation keeps a word's high bits in play.
+        h = (h ^ w).wrapping_mul(PRIME).rotate_left(29);
     }
     for (net, prefix, offset, size) in &layout.subnets {
-        eat(&addr_bytes(*net).0);
-        eat(&[*prefix]);
-        eat(&offset.to_le_bytes());
-        eat(&size.to_le_bytes());
+        h = fnv(h, &addr_bytes(*net).0);
+        h = fnv(h, &[*prefix]);
+        h = fnv(h, &offset.to_le_bytes());
+        h = fnv(h, &size.to_le_bytes());
     }
     h
 }
@@ -322,6 +341,36 @@ mod tests {
             },
             addrs.iter().map(|(a, w)| (a.parse().unwrap(), *w, route)),
         )
+    }
+
+    #[test]
+    fn the_fingerprint_follows_every_cell() {
+        let a = plan(
+            &[("198.18.0.11", 1), ("198.18.0.12", 2), ("198.18.0.13", 1)],
+            4093,
+        );
+        let la = layout(&a, B).unwrap();
+        let whole = fingerprint(&a, &la);
+        // Two cells of two backends swapped: the same shares, another table.
+        let (i, j) = (0..la.cells.len())
+            .flat_map(|i| (i + 1..la.cells.len()).map(move |j| (i, j)))
+            .find(|&(i, j)| la.cells[i] != la.cells[j])
+            .unwrap();
+        let mut swapped = la.clone();
+        swapped.cells.swap(i, j);
+        assert_ne!(fingerprint(&a, &swapped), whole);
+        // The last cell emptied.
+        let mut emptied = la.clone();
+        *emptied.cells.last_mut().unwrap() = RING_EMPTY;
+        assert_ne!(fingerprint(&a, &emptied), whole);
+        // Another address for the same index.
+        let mut moved = a.clone();
+        let b = moved
+            .backends
+            .remove(&"198.18.0.13".parse().unwrap())
+            .unwrap();
+        moved.backends.insert("198.18.0.14".parse().unwrap(), b);
+        assert_ne!(fingerprint(&moved, &la), whole);
     }
 
     #[test]
