@@ -88,13 +88,22 @@ impl Dataplane for FakeDataplane {
     }
 
     fn write_service(&mut self, key: ServiceKey, plan: &ServicePlan) -> Result<u64> {
+        let laid = super::layout::Laid::of(plan, self.limits.tables)?;
+        self.write_service_laid(key, plan, laid)
+    }
+
+    fn write_service_laid(
+        &mut self,
+        key: ServiceKey,
+        plan: &ServicePlan,
+        laid: super::layout::Laid,
+    ) -> Result<u64> {
         // The same refusals as the maps, checked before anything changes.
         let next = BTreeMap::from([(key, Some(plan.clone()))]);
         super::check_fits(&self.limits, &self.usage(&mut std::iter::once(key)), &next)?;
-        let l = super::layout::layout(plan, self.limits.tables)?;
         self.call()?;
         self.services.insert(key, plan.clone());
-        Ok(super::layout::fingerprint(plan, &l))
+        Ok(laid.fingerprint)
     }
 
     fn remove_service(&mut self, key: ServiceKey) -> Result<()> {

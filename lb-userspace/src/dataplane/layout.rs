@@ -154,6 +154,24 @@ pub fn masked(addr: IpAddr, prefix: u8) -> IpAddr {
     }
 }
 
+/// A plan's layout and its fingerprint, made before its write.
+#[derive(Clone, Debug)]
+pub struct Laid {
+    pub layout: Layout,
+    pub fingerprint: u64,
+}
+
+impl Laid {
+    pub fn of(plan: &ServicePlan, bounds: TableBounds) -> Result<Laid, MaglevError> {
+        let layout = layout(plan, bounds)?;
+        let fingerprint = fingerprint(plan, &layout);
+        Ok(Laid {
+            layout,
+            fingerprint,
+        })
+    }
+}
+
 /// The slot's contents for `plan`, its table sized by [`table_size`].
 pub fn layout(plan: &ServicePlan, bounds: TableBounds) -> Result<Layout, MaglevError> {
     let size = table_size(plan.config.maglev_size, plan.backends.len(), bounds);

@@ -197,6 +197,17 @@ pub trait Dataplane {
     /// nothing; writes only what differs from what the maps hold. Returns the
     /// fingerprint of the table written (`layout::fingerprint`).
     fn write_service(&mut self, key: ServiceKey, plan: &ServicePlan) -> Result<u64>;
+    /// As `write_service`, with the layout of `plan` already made (on another thread:
+    /// a table of millions of cells takes a second to build).
+    fn write_service_laid(
+        &mut self,
+        key: ServiceKey,
+        plan: &ServicePlan,
+        laid: layout::Laid,
+    ) -> Result<u64> {
+        let _ = laid;
+        self.write_service(key, plan)
+    }
     /// Removes a service and its backends (their connections end with it).
     fn remove_service(&mut self, key: ServiceKey) -> Result<()>;
     /// In a cluster, the addresses this node serves (only those are in `VIP_ADDRS`);

@@ -20,7 +20,11 @@ use tracing::{info, warn};
 
 use crate::{
     api, availability,
-    dataplane::{check_fits, Dataplane},
+    dataplane::{
+        check_fits,
+        layout::{self, Laid},
+        Dataplane,
+    },
     desired::{diff, Change, Desired},
     model::{
         mac_to_string, DirBackend, EncapSettings, LocalInterface, Neighbor, ServiceChecks,
@@ -84,6 +88,8 @@ pub struct Reconciler<D: Dataplane> {
     /// at a time ([`Self::write_some`]), so that its owner can answer reads between
     /// batches.
     writing: Option<Writing>,
+    /// See `LAID_APART`.
+    laid_apart: u64,
 }
 
 /// A move of the maps to new plans, under way: `order[..at]` are written, and `done`
@@ -93,7 +99,17 @@ struct Transition {
     order: Vec<ServiceKey>,
     at: usize,
     done: Vec<(ServiceKey, Option<ServicePlan>)>,
+    /// The layout of `order[at]` being made on a thread of its own (a large table,
+    /// written in the background: see `LAID_APART`).
+    laying: Option<Laying>,
 }
+
+type Laying = std::thread::JoinHandle<std::result::Result<Laid, crate::maglev::MaglevError>>;
+
+/// A table slot of at least this many cells is laid out on a thread of its own when
+/// an apply is written in the background, so that the daemon answers reads meanwhile
+/// (a service of 100,000 backends has a table of 11.9M cells: about a second).
+pub const LAID_APART: u64 = 1 << 20;
 
 /// An apply being written: first its intent is saved and its transition started (one
 /// step), then its services are written; and what to go back to if a step fails.
@@ -180,6 +196,7 @@ impl<D: Dataplane> Reconciler<D> {
             generation: 0,
             touched: BTreeMap::new(),
             writing: None,
+            laid_apart: LAID_APART,
         }
     }
 
@@ -234,7 +251,7 @@ impl<D: Dataplane> Reconciler<D> {
         next: BTreeMap<ServiceKey, Option<ServicePlan>>,
     ) -> Result<Vec<ServiceKey>> {
         let mut t = self.start_transition(next)?;
-        self.advance(&mut t, &mut || true)?;
+        self.advance(&mut t, &mut || true, false)?;
         Ok(t.order)
     }
 
@@ -256,6 +273,7 @@ impl<D: Dataplane> Reconciler<D> {
             order: Vec::new(),
             at: 0,
             done: Vec::new(),
+            laying: None,
         };
         if t.next.is_empty() {
             return Ok(t);
@@ -275,10 +293,40 @@ impl<D: Dataplane> Reconciler<D> {
     /// Writes the next services of `t`, at least one, while `more()` says so.
     /// `Ok(true)`: all are written. If a write fails, what was written goes back to
     /// what it held and the error is returned.
-    fn advance(&mut self, t: &mut Transition, more: &mut dyn FnMut() -> bool) -> Result<bool> {
+    /// In the `background`, a large table is laid out on a thread of its own first:
+    /// `Ok(false)` until it is made ([`Self::laying`]).
+    fn advance(
+        &mut self,
+        t: &mut Transition,
+        more: &mut dyn FnMut() -> bool,
+        background: bool,
+    ) -> Result<bool> {
         while t.at < t.order.len() {
             let key = t.order[t.at];
+            let bounds = self.dp.limits().tables;
             let r = match &t.next[&key] {
+                Some(p) if background && layout::slot_max(p, bounds) >= self.laid_apart => {
+                    match t.laying.take() {
+                        None => {
+                            let plan = p.clone();
+                            t.laying = Some(
+                                std::thread::Builder::new()
+                                    .name("lbd-layout".into())
+                                    .spawn(move || Laid::of(&plan, bounds))
+                                    .context("starting a thread to lay out a table")?,
+                            );
+                            return Ok(false);
+                        }
+                        Some(h) if !h.is_finished() => {
+                            t.laying = Some(h);
+                            return Ok(false);
+                        }
+                        Some(h) => match h.join().expect("laying out a table does not panic") {
+                            Ok(laid) => self.dp.write_service_laid(key, p, laid),
+                            Err(e) => Err(e.into()),
+                        },
+                    }
+                }
                 Some(p) => self.dp.write_service(key, p),
                 None => self.dp.remove_service(key).map(|()| 0),
             };
@@ -466,6 +514,37 @@ impl<D: Dataplane> Reconciler<D> {
         more: &mut dyn FnMut() -> bool,
         save: &mut dyn FnMut(&Desired, &BTreeSet<ServiceKey>) -> Result<()>,
     ) -> Option<Result<()>> {
+        self.write_some_of(more, save, false)
+    }
+
+    /// As `write_some`, for a writer that answers reads between steps: a table of
+    /// `laid_apart` cells or more is laid out on a thread of its own, and the steps
+    /// meanwhile write nothing ([`Self::laying`] says so, for the writer to wait on
+    /// its reads rather than spin).
+    pub fn write_some_in_background(
+        &mut self,
+        more: &mut dyn FnMut() -> bool,
+        save: &mut dyn FnMut(&Desired, &BTreeSet<ServiceKey>) -> Result<()>,
+    ) -> Option<Result<()>> {
+        self.write_some_of(more, save, true)
+    }
+
+    /// Whether the apply under way waits for a table being laid out.
+    pub fn laying(&self) -> bool {
+        matches!(&self.writing, Some(Writing { step: Step::Write(t), .. }) if t.laying.is_some())
+    }
+
+    /// Tables from this many cells up are laid out apart (`LAID_APART`; tests lower it).
+    pub fn set_laid_apart(&mut self, cells: u64) {
+        self.laid_apart = cells;
+    }
+
+    fn write_some_of(
+        &mut self,
+        more: &mut dyn FnMut() -> bool,
+        save: &mut dyn FnMut(&Desired, &BTreeSet<ServiceKey>) -> Result<()>,
+        background: bool,
+    ) -> Option<Result<()>> {
         let mut w = self.writing.take()?;
         if let Step::Save(next) = &mut w.step {
             let next = std::mem::take(next);
@@ -502,7 +581,7 @@ impl<D: Dataplane> Reconciler<D> {
         let Step::Write(t) = &mut w.step else {
             unreachable!("saved above")
         };
-        match self.advance(t, more) {
+        match self.advance(t, more, background) {
             Ok(false) => {
                 self.writing = Some(w);
                 None

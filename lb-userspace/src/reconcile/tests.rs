@@ -205,6 +205,44 @@ fn an_apply_written_a_service_at_a_time_ends_as_one_written_at_once() {
 }
 
 #[test]
+fn in_the_background_large_tables_are_laid_out_apart_and_written_as_at_once() {
+    let mut r = started(desired(&[(80, 3, 1)]));
+    // Every table counts as large here.
+    r.set_laid_apart(0);
+    let next = desired(&[(80, 2, 1), (81, 3, 10), (82, 3, 20)]);
+    r.begin_apply_of(next.clone(), None, false).unwrap();
+    let (mut steps, mut laying_seen) = (0, 0);
+    let ended = loop {
+        steps += 1;
+        assert!(steps < 20_000, "the write did not end");
+        let calls = r.dp.calls;
+        if let Some(done) = r.write_some_in_background(&mut || false, &mut never_saved()) {
+            break done;
+        }
+        if r.laying() {
+            laying_seen += 1;
+            assert_eq!(
+                r.dp.calls, calls,
+                "nothing written while a table is laid out"
+            );
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    };
+    ended.unwrap();
+    assert!(
+        laying_seen >= 3,
+        "each of the three tables was laid out apart"
+    );
+    assert!(!r.laying());
+    let mut at_once = started(desired(&[(80, 3, 1)]));
+    at_once.apply(next, false, &mut never_saved()).unwrap();
+    for k in at_once.desired().services.keys() {
+        assert_eq!(r.dp.held(*k), at_once.dp.held(*k), "{k}");
+    }
+    assert_holds_the_plan(&r);
+}
+
+#[test]
 fn a_write_that_fails_after_some_batches_is_rolled_back_with_the_saved_intent() {
     let mut r = started(desired(&[(80, 3, 1)]));
     let before = r.dp.held(key(80)).cloned();

@@ -184,14 +184,13 @@ pub(super) async fn change(
             .await?;
         return through_cluster(state, new).await;
     }
+    // In batches, as an apply: a service of 100,000 backends takes a second to lay
+    // out, which the reads sent meanwhile do not wait for.
     let changes = state
         .daemon
-        .call(move |d| {
-            let mut new = d.desired().clone();
-            edit(&mut new)?;
-            d.apply_edit(new, key).map_err(|e| bad(format!("{e:#}")))
-        })
-        .await?;
+        .apply_edit(key, edit)
+        .await
+        .map_err(|e| bad(format!("{e:#}")))??;
     Ok(Json(Applied {
         changes,
         dry_run: false,

@@ -572,3 +572,64 @@ async fn a_large_reload_is_written_in_batches_and_becomes_the_files_services() {
         .unwrap();
     assert!(again.changes.is_empty(), "{:?}", again.changes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_during_a_change_to_a_service_of_a_large_table_are_answered_while_it_is_laid_out() {
+    // 20,000 backends: a table of 2,097,169 cells, laid out apart (`LAID_APART`).
+    let mut fake = FakeDataplane::new(Limits {
+        services: 4,
+        backends: 20_100,
+        tables: crate::dataplane::layout::TableBounds {
+            min: 251,
+            max: 4_194_319,
+        },
+        ring_cells: 1 << 24,
+        ..limits()
+    });
+    fake.pause = Duration::ZERO;
+    let a = api_over("laid-apart", fake).await;
+    let mut big = (*a.daemon.now().desired).clone();
+    let svc = big.services.get_mut(&key()).unwrap();
+    svc.config.maglev_size = 0;
+    for i in 0..20_000u32 {
+        let addr = IpAddr::from([198, 19, (i >> 8) as u8, i as u8]);
+        svc.backends.insert(addr, with_mac(11).unwrap());
+    }
+    a.daemon.apply(big).await.unwrap();
+
+    // One backend more: its table is laid out again while the reads go on.
+    let client = a.client.clone();
+    let add = tokio::spawn(async move {
+        let add = api::AddBackend {
+            service: key(),
+            backend: ip("198.18.0.12"),
+            spec: with_mac(12),
+        };
+        client
+            .post::<_, api::Applied>("/v1/backends/add", &add)
+            .await
+    });
+    let (mut reads, mut during) = (0, 0);
+    while !add.is_finished() && reads < 2_000 {
+        reads += 1;
+        let views: Vec<api::ServiceView> = a.client.get("/v1/services").await.unwrap();
+        let shown = views[0]
+            .backends
+            .iter()
+            .any(|b| b.address == ip("198.18.0.12"));
+        if shown && !add.is_finished() {
+            during += 1;
+        }
+    }
+    let r = add.await.unwrap().unwrap();
+    assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
+    assert!(
+        during > 0,
+        "no read was answered while the change was written ({reads} reads)"
+    );
+    assert_eq!(
+        held(&a).await.len(),
+        20_002,
+        "198.18.0.11, 20,000 and the one added"
+    );
+}

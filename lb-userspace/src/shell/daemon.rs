@@ -434,6 +434,18 @@ impl<D: Dataplane> Daemon<D> {
         self.core.writing()
     }
 
+    /// Whether that write waits for a table laid out apart.
+    pub fn laying(&self) -> bool {
+        self.core.laying()
+    }
+
+    /// As `begin_apply`, for `new` = what is desired with only service `key` edited
+    /// (as `apply_edit`).
+    pub fn begin_apply_edit(&mut self, new: Desired, key: ServiceKey) -> Result<Vec<Change>> {
+        self.core
+            .begin_apply_of(new, Some(&BTreeSet::from([key])), false)
+    }
+
     /// Writes the next services of the apply begun for about `budget` (at least one).
     /// `Some`: it ended (see [`Reconciler::write_some`]).
     pub fn write_some(&mut self, budget: Duration) -> Option<Result<()>> {
@@ -443,12 +455,12 @@ impl<D: Dataplane> Daemon<D> {
             // A reload's services come from another file: compared in full.
             Some(file) => self
                 .core
-                .write_some(&mut || Instant::now() < until, &mut |d, _| {
+                .write_some_in_background(&mut || Instant::now() < until, &mut |d, _| {
                     log.save(file, d, None)
                 }),
             None => self
                 .core
-                .write_some(&mut || Instant::now() < until, &mut |d, touched| {
+                .write_some_in_background(&mut || Instant::now() < until, &mut |d, touched| {
                     log.save(from, d, Some(touched))
                 }),
         };

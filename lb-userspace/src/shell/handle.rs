@@ -62,8 +62,11 @@ pub trait Core: Send {
     fn apply_edit(&mut self, new: Desired, key: ServiceKey) -> Result<Vec<Change>>;
     /// An apply whose maps are then written a batch at a time (`write_some`).
     fn begin_apply(&mut self, new: Desired) -> Result<Vec<Change>>;
+    fn begin_apply_edit(&mut self, new: Desired, key: ServiceKey) -> Result<Vec<Change>>;
     fn writing(&self) -> bool;
     fn write_some(&mut self, budget: Duration) -> Option<Result<()>>;
+    /// Whether the write waits for a table laid out on a thread of its own.
+    fn laying(&self) -> bool;
     /// A re-read config file: what changed, and the sections that wait for a restart.
     /// A reload whose maps are then written a batch at a time (`write_some`).
     fn begin_reload(
@@ -114,11 +117,17 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
     fn begin_apply(&mut self, new: Desired) -> Result<Vec<Change>> {
         Daemon::begin_apply(self, new)
     }
+    fn begin_apply_edit(&mut self, new: Desired, key: ServiceKey) -> Result<Vec<Change>> {
+        Daemon::begin_apply_edit(self, new, key)
+    }
     fn writing(&self) -> bool {
         Daemon::writing(self)
     }
     fn write_some(&mut self, budget: Duration) -> Option<Result<()>> {
         Daemon::write_some(self, budget)
+    }
+    fn laying(&self) -> bool {
+        Daemon::laying(self)
     }
     fn begin_reload(
         &mut self,
@@ -283,15 +292,27 @@ impl DaemonHandle {
                             }
                             None => writing = Some(finish),
                         }
-                        while let Ok(job) = rx.try_recv() {
+                        let mut meanwhile = |job: Job, core: &mut dyn Core| {
                             if job.1 {
                                 parked.push_back(job);
                             } else {
                                 let started = std::time::Instant::now();
                                 let (job, _, from) = job;
-                                let _ = job(&mut core, &publish);
+                                let _ = job(core, &publish);
                                 slow("a read", from, started);
                             }
+                        };
+                        if writing.is_some() && core.laying() {
+                            // Nothing to write until a table is laid out on its own
+                            // thread: wait for a read rather than spin.
+                            if let Recv::Job(job) =
+                                recv_timeout(&rt, &mut rx, Duration::from_millis(2))
+                            {
+                                meanwhile(job, &mut core);
+                            }
+                        }
+                        while let Ok(job) = rx.try_recv() {
+                            meanwhile(job, &mut core);
                         }
                         continue;
                     }
@@ -390,6 +411,27 @@ impl DaemonHandle {
     pub async fn apply(&self, new: Desired) -> Result<Vec<Change>> {
         self.in_batches(move |core| core.begin_apply(new), "an apply")
             .await
+    }
+
+    /// An edit of service `key`: `edit` makes the new desired state from the one now,
+    /// in the job that applies it (no other change comes between); written as
+    /// `apply` is. `Ok(Err)`: the edit refused itself, and nothing changed.
+    pub async fn apply_edit<E: Send + 'static>(
+        &self,
+        key: ServiceKey,
+        edit: impl FnOnce(&mut Desired) -> std::result::Result<(), E> + Send + 'static,
+    ) -> Result<std::result::Result<Vec<Change>, E>> {
+        self.in_batches(
+            move |core| {
+                let mut new = core.desired().clone();
+                match edit(&mut new) {
+                    Err(e) => Ok(Err(e)),
+                    Ok(()) => core.begin_apply_edit(new, key).map(Ok),
+                }
+            },
+            "an edit",
+        )
+        .await
     }
 
     /// The config file re-read ([`Daemon::begin_reload`]), written as `apply` is.

@@ -39,7 +39,7 @@ use lb_common::{
 
 use super::{
     error::{DataplaneError, MapResultExt, Result},
-    layout::{addr_bytes, layout},
+    layout::addr_bytes,
     loader::LoadOptions,
     Contents, Dataplane, Held, Limits, ServiceCounters, Usage,
 };
@@ -666,7 +666,12 @@ impl MapManager {
             })
     }
 
-    fn write_service_tallied(&mut self, key: ServiceKey, plan: &ServicePlan) -> Result<u64> {
+    fn write_service_tallied(
+        &mut self,
+        key: ServiceKey,
+        plan: &ServicePlan,
+        laid: Option<super::layout::Laid>,
+    ) -> Result<u64> {
         self.check(key, plan)?;
         let digest = super::layout::plan_digest(plan, self.limits.tables);
         if let Some(fingerprint) = self.unchanged(key, plan, digest) {
@@ -675,9 +680,14 @@ impl MapManager {
             self.write_addr(key.addr)?;
             return Ok(fingerprint);
         }
-        let l = layout(plan, self.limits.tables)?;
+        let super::layout::Laid {
+            layout: l,
+            fingerprint,
+        } = match laid {
+            Some(laid) => laid,
+            None => super::layout::Laid::of(plan, self.limits.tables)?,
+        };
         self.tables_built += 1;
-        let fingerprint = super::layout::fingerprint(plan, &l);
         let mut undo = Undo::default();
         match self.write(key, plan, &l, trailer_cells(digest, fingerprint), &mut undo) {
             Ok(()) => Ok(fingerprint),
@@ -754,7 +764,19 @@ impl Dataplane for MapManager {
 
     fn write_service(&mut self, key: ServiceKey, plan: &ServicePlan) -> Result<u64> {
         let before = self.held_by(key);
-        let r = self.write_service_tallied(key, plan);
+        let r = self.write_service_tallied(key, plan, None);
+        self.retally(key, before);
+        r
+    }
+
+    fn write_service_laid(
+        &mut self,
+        key: ServiceKey,
+        plan: &ServicePlan,
+        laid: super::layout::Laid,
+    ) -> Result<u64> {
+        let before = self.held_by(key);
+        let r = self.write_service_tallied(key, plan, Some(laid));
         self.retally(key, before);
         r
     }
