@@ -313,10 +313,14 @@ impl DirNode {
                         }
                     }
                     let from_master = from == self.agent.master;
-                    let snapshot = matches!(msg, Msg::Snapshot { .. });
+                    // The master answers a sync with a snapshot, or with the log
+                    // after what the agent applied: either way it is in sync then (an
+                    // agent that applied the first pushes before its sync was answered
+                    // only ever gets logs).
+                    let answer = matches!(msg, Msg::Snapshot { .. } | Msg::Log { .. });
                     let diverged = self.agent.diverged;
                     let (changes, outs) = self.agent.handle(msg);
-                    if snapshot && from_master {
+                    if answer && from_master {
                         self.synced = true;
                     }
                     if self.agent.diverged > diverged {
@@ -501,5 +505,69 @@ mod tests {
         }
         assert!(agent.tables().get("svc.x", "b").is_some());
         assert!(master.tables().get("svc.x", "b").is_some());
+    }
+
+    /// An agent that has applied the master's first pushes before any answer to its
+    /// sync (its first one went to a node not yet master, and was dropped) is answered
+    /// with a log, not a snapshot: it is in sync then too.
+    #[test]
+    fn an_agent_answered_with_a_log_is_synced() {
+        let t0 = Instant::now();
+        let mut master = DirNode::new(1, false);
+        let mut agent = DirNode::new(2, false);
+        let peers = |p: NodeId| BTreeSet::from([p]);
+        // The agent hears of the master first; its sync is lost.
+        let lost = agent.handle(
+            t0,
+            Input::Roles {
+                master: 1,
+                backup: None,
+                peers: peers(1),
+            },
+        );
+        drop(lost);
+        master.handle(
+            t0,
+            Input::Roles {
+                master: 1,
+                backup: None,
+                peers: peers(2),
+            },
+        );
+        // The master's first change reaches the agent as a push.
+        let mut wire: Vec<(NodeId, NodeId, Msg)> = master
+            .handle(t0, Input::Submit(vec![put("svc.x", "b", "198.18.0.12:80")]))
+            .send
+            .into_iter()
+            .map(|(to, m)| (1, to, m))
+            .collect();
+        // Then the agent's timer: a sync after what it applied.
+        for _ in 0..10 {
+            let mut next = Vec::new();
+            for (from, to, msg) in wire.drain(..) {
+                let node = if to == 1 { &mut master } else { &mut agent };
+                next.extend(
+                    node.handle(t0, Input::Receive { from, msg })
+                        .send
+                        .into_iter()
+                        .map(|(t, m)| (to, t, m)),
+                );
+            }
+            if next.is_empty() && !agent.synced() {
+                next.extend(
+                    agent
+                        .handle(t0, Input::Tick)
+                        .send
+                        .into_iter()
+                        .map(|(t, m)| (2, t, m)),
+                );
+            }
+            wire = next;
+        }
+        assert!(agent.tables().get("svc.x", "b").is_some());
+        assert!(
+            agent.synced(),
+            "answered with a log, the agent never counted as synced"
+        );
     }
 }
