@@ -442,10 +442,9 @@ async fn a_scrape_during_a_long_job_is_answered_with_the_last_counters() {
     job.await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reads_during_a_large_apply_are_answered_between_its_batches_and_changes_after_it() {
-    // 40 services at 25 ms each: an apply that holds the maps for a second, as
-    // 10,000 real ones do.
+/// Room for 64 services, at 25 ms a write: 40 services hold the maps for a second,
+/// as 10,000 real ones do; and the count of writes, seen from the test.
+fn paced() -> (FakeDataplane, std::sync::Arc<std::sync::atomic::AtomicU64>) {
     let mut fake = FakeDataplane::new(Limits {
         services: 64,
         backends: 128,
@@ -453,6 +452,23 @@ async fn reads_during_a_large_apply_are_answered_between_its_batches_and_changes
     });
     fake.pause = Duration::from_millis(25);
     let seen = fake.seen.clone();
+    (fake, seen)
+}
+
+/// Waits (2 s at most) until the data plane has been written past `before`.
+async fn began_writing(calls: &impl Fn() -> u64, before: u64) {
+    for _ in 0..400 {
+        if calls() > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(calls() > before, "the write began");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_during_a_large_apply_are_answered_between_its_batches_and_changes_after_it() {
+    let (fake, seen) = paced();
     let a = api_over("batches", fake).await;
     let calls = || seen.load(std::sync::atomic::Ordering::SeqCst);
     let service = |port: u16| -> ServiceKey { format!("tcp/198.18.0.100:{port}").parse().unwrap() };
@@ -477,13 +493,7 @@ async fn reads_during_a_large_apply_are_answered_between_its_batches_and_changes
             )
             .await
     });
-    for _ in 0..400 {
-        if calls() > before {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert!(calls() > before, "the apply began writing");
+    began_writing(&calls, before).await;
 
     // A read: answered between two batches, fresh (the services being applied).
     let views: Vec<api::ServiceView> = a.client.get("/v1/services").await.unwrap();
@@ -520,13 +530,7 @@ async fn reads_during_a_large_apply_are_answered_between_its_batches_and_changes
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_reload_is_written_in_batches_and_becomes_the_files_services() {
-    let mut fake = FakeDataplane::new(Limits {
-        services: 64,
-        backends: 128,
-        ..limits()
-    });
-    fake.pause = Duration::from_millis(25);
-    let seen = fake.seen.clone();
+    let (fake, seen) = paced();
     let a = api_over("reload-batches", fake).await;
     let calls = || seen.load(std::sync::atomic::Ordering::SeqCst);
     let file = a.dir.join("lbd.toml");
@@ -545,13 +549,7 @@ async fn a_large_reload_is_written_in_batches_and_becomes_the_files_services() {
             .post::<_, api::Reloaded>("/v1/reload", &serde_json::json!({}))
             .await
     });
-    for _ in 0..400 {
-        if calls() > before {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert!(calls() > before, "the reload began writing");
+    began_writing(&calls, before).await;
     let views: Vec<api::ServiceView> = a.client.get("/v1/services").await.unwrap();
     let written = calls() - before;
     assert!(
