@@ -111,6 +111,32 @@ type Laying = std::thread::JoinHandle<std::result::Result<Laid, crate::maglev::M
 /// (a service of 100,000 backends has a table of 11.9M cells: about a second).
 pub const LAID_APART: u64 = 1 << 20;
 
+/// `plan`'s layout from the thread in `laying`, once it is made; `None` until then
+/// (the first call starts the thread).
+fn lay_apart(
+    laying: &mut Option<Laying>,
+    plan: &ServicePlan,
+    bounds: layout::TableBounds,
+) -> Result<Option<std::result::Result<Laid, crate::maglev::MaglevError>>> {
+    match laying.take() {
+        None => {
+            let plan = plan.clone();
+            *laying = Some(
+                std::thread::Builder::new()
+                    .name("lbd-layout".into())
+                    .spawn(move || Laid::of(&plan, bounds))
+                    .context("starting a thread to lay out a table")?,
+            );
+            Ok(None)
+        }
+        Some(h) if !h.is_finished() => {
+            *laying = Some(h);
+            Ok(None)
+        }
+        Some(h) => Ok(Some(h.join().expect("laying out a table does not panic"))),
+    }
+}
+
 /// An apply being written: first its intent is saved and its transition started (one
 /// step), then its services are written; and what to go back to if a step fails.
 struct Writing {
@@ -306,25 +332,10 @@ impl<D: Dataplane> Reconciler<D> {
             let bounds = self.dp.limits().tables;
             let r = match &t.next[&key] {
                 Some(p) if background && layout::slot_max(p, bounds) >= self.laid_apart => {
-                    match t.laying.take() {
-                        None => {
-                            let plan = p.clone();
-                            t.laying = Some(
-                                std::thread::Builder::new()
-                                    .name("lbd-layout".into())
-                                    .spawn(move || Laid::of(&plan, bounds))
-                                    .context("starting a thread to lay out a table")?,
-                            );
-                            return Ok(false);
-                        }
-                        Some(h) if !h.is_finished() => {
-                            t.laying = Some(h);
-                            return Ok(false);
-                        }
-                        Some(h) => match h.join().expect("laying out a table does not panic") {
-                            Ok(laid) => self.dp.write_service_laid(key, p, laid),
-                            Err(e) => Err(e.into()),
-                        },
+                    match lay_apart(&mut t.laying, p, bounds)? {
+                        None => return Ok(false),
+                        Some(Ok(laid)) => self.dp.write_service_laid(key, p, laid),
+                        Some(Err(e)) => Err(e.into()),
                     }
                 }
                 Some(p) => self.dp.write_service(key, p),
@@ -446,8 +457,9 @@ impl<D: Dataplane> Reconciler<D> {
     /// As [`Self::apply_of`], up to saving it: validated, checked and made the
     /// desired state, with the save and the map writes left to [`Self::write_some`]
     /// (`Ok`: the changes it makes once written). A refusal is decided here and
-    /// changes nothing (a failure to save or write, later, changes nothing either). Meanwhile the views show the new desired state over the maps
-    /// as they are written; nothing else may change until it is written.
+    /// changes nothing (a failure to save or write, later, changes nothing either).
+    /// Meanwhile the views show the new desired state over the maps as they are
+    /// written; nothing else may change until it is written.
     pub fn begin_apply_of(
         &mut self,
         new: Desired,

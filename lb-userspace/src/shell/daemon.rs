@@ -449,21 +449,18 @@ impl<D: Dataplane> Daemon<D> {
     /// Writes the next services of the apply begun for about `budget` (at least one).
     /// `Some`: it ended (see [`Reconciler::write_some`]).
     pub fn write_some(&mut self, budget: Duration) -> Option<Result<()>> {
-        let (log, from) = (&mut self.log, &self.from_config);
-        let until = Instant::now() + budget;
-        let r = match &self.reloaded {
-            // A reload's services come from another file: compared in full.
-            Some(file) => self
-                .core
-                .write_some_in_background(&mut || Instant::now() < until, &mut |d, _| {
-                    log.save(file, d, None)
-                }),
-            None => self
-                .core
-                .write_some_in_background(&mut || Instant::now() < until, &mut |d, touched| {
-                    log.save(from, d, Some(touched))
-                }),
+        // A reload's services come from another file: compared in full.
+        let (from, touched_only) = match &self.reloaded {
+            Some(file) => (file, false),
+            None => (&self.from_config, true),
         };
+        let log = &mut self.log;
+        let until = Instant::now() + budget;
+        let r = self
+            .core
+            .write_some_in_background(&mut || Instant::now() < until, &mut |d, touched| {
+                log.save(from, d, touched_only.then_some(touched))
+            });
         if let Some(done) = &r {
             if let Some(file) = self.reloaded.take() {
                 if done.is_ok() {

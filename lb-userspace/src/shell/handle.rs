@@ -397,11 +397,7 @@ impl DaemonHandle {
             changes,
             from,
         );
-        self.jobs
-            .send(job)
-            .await
-            .expect("the daemon thread outlives every handle");
-        rx.await.expect("the daemon runs every job it takes")
+        self.send(job, rx).await
     }
 
     /// Makes `new` the desired state, as [`Daemon::apply`]; its maps are written in
@@ -469,6 +465,11 @@ impl DaemonHandle {
             true,
             from,
         );
+        self.send(job, rx).await
+    }
+
+    /// Sends `job` to the daemon and waits for the answer it gives on `rx`.
+    async fn send<R>(&self, job: Job, rx: oneshot::Receiver<R>) -> R {
         self.jobs
             .send(job)
             .await

@@ -646,12 +646,16 @@ impl MapManager {
         self.services.get(&key).map(Tally::of).unwrap_or_default()
     }
 
-    /// Replaces what `key` held before a write (`before`) by what it holds now.
-    fn retally(&mut self, key: ServiceKey, before: Tally) {
+    /// Runs `f`, which changes `key` only, and replaces what `key` held in the tally
+    /// by what it holds after `f`, whatever `f`'s outcome.
+    fn tallied<R>(&mut self, key: ServiceKey, f: impl FnOnce(&mut Self) -> R) -> R {
+        let before = self.held_by(key);
+        let r = f(self);
         let after = self.held_by(key);
         self.tally.backends = self.tally.backends - before.backends + after.backends;
         self.tally.rules = self.tally.rules - before.rules + after.rules;
         self.tally.ring_cells = self.tally.ring_cells - before.ring_cells + after.ring_cells;
+        r
     }
 
     /// The tally summed over every service (after a restore, and to check the one kept).
@@ -763,10 +767,7 @@ impl Dataplane for MapManager {
     }
 
     fn write_service(&mut self, key: ServiceKey, plan: &ServicePlan) -> Result<u64> {
-        let before = self.held_by(key);
-        let r = self.write_service_tallied(key, plan, None);
-        self.retally(key, before);
-        r
+        self.tallied(key, |m| m.write_service_tallied(key, plan, None))
     }
 
     fn write_service_laid(
@@ -775,17 +776,11 @@ impl Dataplane for MapManager {
         plan: &ServicePlan,
         laid: super::layout::Laid,
     ) -> Result<u64> {
-        let before = self.held_by(key);
-        let r = self.write_service_tallied(key, plan, Some(laid));
-        self.retally(key, before);
-        r
+        self.tallied(key, |m| m.write_service_tallied(key, plan, Some(laid)))
     }
 
     fn remove_service(&mut self, key: ServiceKey) -> Result<()> {
-        let before = self.held_by(key);
-        let r = self.remove_service_tallied(key);
-        self.retally(key, before);
-        r
+        self.tallied(key, |m| m.remove_service_tallied(key))
     }
 
     fn set_served(&mut self, served: Option<BTreeSet<IpAddr>>) -> Result<()> {
