@@ -254,6 +254,7 @@ mod tests {
             serving: serving.iter().map(|(a, s)| (ip(a), *s)).collect(),
             addresses: vec![],
             dir_master: false,
+            dir_backup_of: None,
             dir_version: 0,
             dir_digest: 0,
             ready: true,

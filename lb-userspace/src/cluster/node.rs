@@ -173,6 +173,7 @@ pub enum Input {
     /// This node's directory role and replica version, to advertise.
     Directory {
         master: bool,
+        backup_of: Option<IpAddr>,
         version: u64,
         digest: u64,
     },
@@ -225,6 +226,7 @@ pub struct Node {
     /// does not know who else is alive, and would assign to the wrong hosts.
     started: Option<Instant>,
     dir_master: bool,
+    dir_backup_of: Option<IpAddr>,
     dir_version: u64,
     dir_digest: u64,
     /// Start-up sync done (directory and availability): until then, no VIP.
@@ -263,6 +265,7 @@ impl Node {
             rejected: BTreeMap::new(),
             started: None,
             dir_master: false,
+            dir_backup_of: None,
             dir_version: 0,
             dir_digest: 0,
             ready: true,
@@ -332,6 +335,7 @@ impl Node {
             serving: self.serving.clone(),
             addresses: self.config.addresses.clone(),
             dir_master: self.dir_master,
+            dir_backup_of: self.dir_backup_of,
             dir_version: self.dir_version,
             dir_digest: self.dir_digest,
             ready: self.ready,
@@ -389,11 +393,13 @@ impl Node {
             }
             Input::Directory {
                 master,
+                backup_of,
                 version,
                 digest,
             } => {
                 self.dir_digest = digest;
                 self.dir_master = master;
+                self.dir_backup_of = backup_of;
                 self.dir_version = version;
             }
             Input::DataPlane { digests, unable } => {

@@ -53,6 +53,12 @@ pub struct HostInfo {
     /// This host is the directory's master (sticky: it stays master while alive).
     #[serde(default)]
     pub dir_master: bool,
+    /// This host is the directory's backup, of that master: it stored every change
+    /// the master acknowledged, so it takes over when the master dies (a claim as
+    /// sticky as the master's, so that stale versions in heartbeats cannot pick
+    /// another node; naming the master tells a new master's backup from the old one).
+    #[serde(default)]
+    pub dir_backup_of: Option<IpAddr>,
     /// The version of this host's directory replica ...
     #[serde(default)]
     pub dir_version: u64,
@@ -353,6 +359,7 @@ mod tests {
                 serving: BTreeMap::from([("198.18.0.100".parse().unwrap(), AddrState::Online)]),
                 addresses: vec!["198.18.0.100".parse().unwrap()],
                 dir_master: false,
+                dir_backup_of: None,
                 dir_version: 0,
                 dir_digest: 0,
                 ready: true,

@@ -30,7 +30,8 @@ pub enum Input {
     Submit(Vec<Change>),
     /// A message from another node.
     Receive { from: NodeId, msg: Msg },
-    /// The roles the cluster decided, and the other nodes (by id).
+    /// The roles the cluster decided, and the other nodes (by id). No backup while
+    /// there are other nodes: a master holds its changes until one is named.
     Roles {
         master: NodeId,
         backup: Option<NodeId>,
@@ -159,6 +160,11 @@ impl DirNode {
         self.master.is_some()
     }
 
+    /// The master this node is the backup of.
+    pub fn backing(&self) -> Option<NodeId> {
+        self.backup.as_ref().map(|_| self.agent.master)
+    }
+
     pub fn role(&self) -> &'static str {
         if self.master.is_some() {
             "master"
@@ -220,8 +226,9 @@ impl DirNode {
                 self.peers = peers;
                 self.read_only = false;
                 let me = self.me;
+                let alone = self.peers.is_empty();
                 if master == me && self.master.is_none() {
-                    let m = match self.backup.take() {
+                    let mut m = match self.backup.take() {
                         Some(b) => Master::promote(b, backup),
                         None => Master::seeded(
                             me,
@@ -230,6 +237,8 @@ impl DirNode {
                             self.agent.version(),
                         ),
                     };
+                    let outs = m.set_backup(backup, alone);
+                    queue.extend(self.local(outs));
                     out.became_master = Some(m.version());
                     self.master = Some(m);
                     self.synced = true;
@@ -238,16 +247,23 @@ impl DirNode {
                 }
                 if let Some(m) = self.master.as_mut() {
                     if m.backup != backup {
-                        let outs = m.backup_lost(backup);
+                        let outs = m.set_backup(backup, alone);
                         queue.extend(self.local(outs));
                     }
                 }
                 if backup == Some(me) && self.backup.is_none() && master != me {
-                    self.backup = Some(Backup::seeded(
-                        me,
-                        self.agent.tables().clone(),
-                        self.agent.version(),
-                    ));
+                    let b = Backup::seeded(me, self.agent.tables().clone(), self.agent.version());
+                    // Tells the master at once how far it is, rather than at the
+                    // master's next resend: until then, what the master acknowledged
+                    // is on the master alone.
+                    let hello = Out::To(
+                        master,
+                        Msg::Stored {
+                            version: b.stored(),
+                        },
+                    );
+                    queue.extend(self.local(vec![hello]));
+                    self.backup = Some(b);
                 } else if backup != Some(me) {
                     self.backup = None;
                 }
@@ -296,16 +312,21 @@ impl DirNode {
                 continue;
             }
             let outs = match &msg {
-                Msg::Submit { .. } | Msg::Stored { .. } | Msg::Sync { .. } => {
+                Msg::Submit { .. }
+                | Msg::Stored { .. }
+                | Msg::Sync { .. }
+                | Msg::Recovered { .. } => {
                     match self.master.as_mut() {
-                        Some(m) => m.handle(msg),
+                        Some(m) => m.handle(from, msg),
                         None => Vec::new(), // Not the master (any more): the sender resends.
                     }
                 }
-                Msg::Replicate { .. } | Msg::Seed { .. } => match self.backup.as_mut() {
-                    Some(b) => b.handle(from, msg),
-                    None => Vec::new(),
-                },
+                Msg::Replicate { .. } | Msg::Seed { .. } | Msg::Recover { .. } => {
+                    match self.backup.as_mut() {
+                        Some(b) => b.handle(from, msg),
+                        None => Vec::new(),
+                    }
+                }
                 Msg::Push { .. } | Msg::Ack { .. } | Msg::Log { .. } | Msg::Snapshot { .. } => {
                     if let Msg::Ack { req, version } = &msg {
                         if self.agent.is_pending(*req) {
@@ -376,25 +397,51 @@ impl DirNode {
     }
 }
 
-/// Who is the directory's master and backup, from the cluster's hosts (id, claims to
-/// be master, replica version). Mastership sticks: a claimed master stays while alive
-/// (two claims after a partition: the lower id). Without one, the host with the most
-/// recent replica takes over (the backup, which stores every change before it is
-/// acknowledged, has it), ties to the lower id, so a node that restarts with an empty
-/// replica never becomes master over nodes that have the directory.
-pub fn directory_roles(hosts: &[(IpAddr, bool, u64)]) -> Option<(IpAddr, Option<IpAddr>)> {
-    let best = |candidates: &mut dyn Iterator<Item = &(IpAddr, bool, u64)>| {
+/// What the cluster view says of one host, for the directory's roles: the role it
+/// claims in its heartbeats (master, or backup of which master) and the version of
+/// its replica (as of its last heartbeat: stale by up to a round, so versions alone
+/// cannot tell which replica is newest while changes flow).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub id: IpAddr,
+    pub master: bool,
+    pub backup_of: Option<IpAddr>,
+    pub version: u64,
+}
+
+/// Who is the directory's master and backup, from the cluster's hosts. Both roles
+/// stick while their holder is alive: a claimed master stays (two claims after a
+/// partition: the lower id), and so does a host that an alive host claims to back
+/// up (it was named master; its own claim is on its way). Without either, a claimed
+/// backup takes over, because it stored every change its master acknowledged (the
+/// heartbeats' versions lag the stream of changes, and an agent whose heartbeat left
+/// after the backup's can show a higher one). Only without any claim does the host
+/// with the most recent replica take the role, ties to the lower id, so a node that
+/// restarts with an empty replica never becomes master over nodes that have the
+/// directory. The master's backup sticks the same way.
+pub fn directory_roles(hosts: &[Candidate]) -> Option<(IpAddr, Option<IpAddr>)> {
+    let best = |candidates: &mut dyn Iterator<Item = &Candidate>| {
         candidates
-            .max_by(|a, b| a.2.cmp(&b.2).then(b.0.cmp(&a.0)))
-            .map(|h| h.0)
+            .max_by(|a, b| a.version.cmp(&b.version).then(b.id.cmp(&a.id)))
+            .map(|h| h.id)
     };
+    let alive = |id: IpAddr| hosts.iter().any(|h| h.id == id);
     let master = hosts
         .iter()
-        .filter(|h| h.1)
-        .map(|h| h.0)
+        .filter(|h| h.master)
+        .map(|h| h.id)
         .min()
+        .or_else(|| {
+            hosts
+                .iter()
+                .filter_map(|h| h.backup_of)
+                .filter(|m| alive(*m))
+                .min()
+        })
+        .or_else(|| best(&mut hosts.iter().filter(|h| h.backup_of.is_some())))
         .or_else(|| best(&mut hosts.iter()))?;
-    let backup = best(&mut hosts.iter().filter(|h| h.0 != master));
+    let backup = best(&mut hosts.iter().filter(|h| h.backup_of == Some(master)))
+        .or_else(|| best(&mut hosts.iter().filter(|h| h.id != master)));
     Some((master, backup))
 }
 
@@ -414,27 +461,61 @@ mod tests {
     }
 
     #[test]
-    fn directory_mastership_sticks_and_passes_to_the_most_recent_replica() {
+    fn directory_mastership_sticks_and_passes_to_the_backup_else_the_most_recent_replica() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let (a, b, c) = (ip("198.18.0.2"), ip("198.18.0.3"), ip("198.18.0.4"));
+        let host = |id, master, backup_of, version| Candidate {
+            id,
+            master,
+            backup_of,
+            version,
+        };
         // Nobody claims, all empty: the lowest id.
         assert_eq!(
-            directory_roles(&[(a, false, 0), (b, false, 0), (c, false, 0)]),
+            directory_roles(&[
+                host(a, false, None, 0),
+                host(b, false, None, 0),
+                host(c, false, None, 0)
+            ]),
             Some((a, Some(b)))
         );
         // b is master; a comes back empty: b stays.
         assert_eq!(
-            directory_roles(&[(a, false, 0), (b, true, 40), (c, false, 40)]),
+            directory_roles(&[
+                host(a, false, None, 0),
+                host(b, true, None, 40),
+                host(c, false, None, 40)
+            ]),
             Some((b, Some(c)))
         );
-        // The master died: the most recent replica (the backup) takes over.
+        // The backup's claim sticks, even when an agent's heartbeat shows more.
         assert_eq!(
-            directory_roles(&[(a, false, 0), (c, false, 41)]),
+            directory_roles(&[
+                host(a, true, None, 50),
+                host(b, false, None, 50),
+                host(c, false, Some(a), 48)
+            ]),
+            Some((a, Some(c)))
+        );
+        // The master died: its backup takes over, whatever the (stale) versions say.
+        assert_eq!(
+            directory_roles(&[host(b, false, None, 57), host(c, false, Some(a), 55)]),
+            Some((c, Some(b)))
+        );
+        // The new master's backup claims before the new master does: the old
+        // backup's claim (of the dead master) does not make the new one master.
+        assert_eq!(
+            directory_roles(&[host(b, false, Some(c), 58), host(c, false, Some(a), 55)]),
+            Some((c, Some(b)))
+        );
+        // Without a backup's claim, the most recent replica.
+        assert_eq!(
+            directory_roles(&[host(a, false, None, 0), host(c, false, None, 41)]),
             Some((c, Some(a)))
         );
         // Two claims after a partition: the lower id.
         assert_eq!(
-            directory_roles(&[(b, true, 9), (c, true, 12)]),
+            directory_roles(&[host(b, true, None, 9), host(c, true, None, 12)]),
             Some((b, Some(c)))
         );
         assert_eq!(directory_roles(&[]), None);
@@ -472,27 +553,31 @@ mod tests {
         let mut master = DirNode::new(1, false);
         let mut agent = DirNode::new(2, false);
         let peers = |p: NodeId| BTreeSet::from([p]);
-        master.handle(
-            t0,
-            Input::Roles {
-                master: 1,
-                backup: None,
-                peers: peers(2),
-            },
-        );
+        // The master first asks its backup (the agent's node) what it stored.
+        let asked = master
+            .handle(
+                t0,
+                Input::Roles {
+                    master: 1,
+                    backup: Some(2),
+                    peers: peers(2),
+                },
+            )
+            .send;
         agent.handle(
             t0,
             Input::Roles {
                 master: 1,
-                backup: None,
+                backup: Some(2),
                 peers: peers(1),
             },
         );
         assert!(master.is_master() && !agent.is_master());
-        let mut wire = agent
+        let submitted = agent
             .handle(t0, Input::Submit(vec![put("svc.x", "b", "198.18.0.12:80")]))
             .send;
-        assert!(wire.iter().all(|(to, _)| *to == 1));
+        assert!(submitted.iter().all(|(to, _)| *to == 1));
+        let mut wire: Vec<(NodeId, Msg)> = asked.into_iter().chain(submitted).collect();
         // Deliver until quiet.
         for _ in 0..10 {
             let mut next = Vec::new();
@@ -521,24 +606,29 @@ mod tests {
             t0,
             Input::Roles {
                 master: 1,
-                backup: None,
+                backup: Some(2),
                 peers: peers(1),
             },
         );
         drop(lost);
-        master.handle(
-            t0,
-            Input::Roles {
-                master: 1,
-                backup: None,
-                peers: peers(2),
-            },
-        );
+        let asked = master
+            .handle(
+                t0,
+                Input::Roles {
+                    master: 1,
+                    backup: Some(2),
+                    peers: peers(2),
+                },
+            )
+            .send;
         // The master's first change reaches the agent as a push.
-        let mut wire: Vec<(NodeId, NodeId, Msg)> = master
-            .handle(t0, Input::Submit(vec![put("svc.x", "b", "198.18.0.12:80")]))
-            .send
+        let mut wire: Vec<(NodeId, NodeId, Msg)> = asked
             .into_iter()
+            .chain(
+                master
+                    .handle(t0, Input::Submit(vec![put("svc.x", "b", "198.18.0.12:80")]))
+                    .send,
+            )
             .map(|(to, m)| (1, to, m))
             .collect();
         // Then the agent's timer: a sync after what it applied.

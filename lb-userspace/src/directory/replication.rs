@@ -6,7 +6,11 @@
 //!
 //! Guarantee: a change is acknowledged to its submitter only after the backup holds
 //! it, so when the master is lost and the backup takes over, no acknowledged change
-//! is lost. Pure state machines: messages in, messages out; the caller moves them
+//! is lost. A master that gets a backup first asks it what it stored (`Recover`)
+//! and takes what it lacks as committed before it numbers a change of its own: a
+//! master that did not come from the backup (the roles were decided on stale
+//! heartbeats, or both died) would otherwise take the backup's answers about
+//! versions it stored for an earlier master as acknowledgements of its own. Pure state machines: messages in, messages out; the caller moves them
 //! (over UDP/TCP in lbd, through a lossy simulated network in the tests).
 
 use std::collections::BTreeMap;
@@ -35,6 +39,18 @@ pub enum Msg {
     },
     /// Backup → master: stored up to here.
     Stored { version: Version },
+    /// A master that just got this backup → the backup: what did you store after
+    /// `after` (the master's committed version)?
+    Recover { after: Version },
+    /// Backup → master: what it stored after the asked version, up to `version`:
+    /// the log (`entries`), or when its log does not reach back that far, every row
+    /// (`rows`); with what each request became.
+    Recovered {
+        version: Version,
+        entries: Vec<(Version, Change)>,
+        rows: Option<Vec<Change>>,
+        done: Vec<((NodeId, u64), Version)>,
+    },
     /// Master → agents: committed change.
     Push { version: Version, change: Change },
     /// Master → submitter: your change is committed (and held by the backup).
@@ -74,6 +90,19 @@ pub enum Out {
 pub struct Master {
     pub id: NodeId,
     pub backup: Option<NodeId>,
+    /// No other node: without a backup, commit at once. With other nodes but no
+    /// backup named yet (the roles settle a round after a failover), changes wait
+    /// for one: committed alone, they would be lost with this master.
+    alone: bool,
+    /// Asked the backup what it stored (`Recover`) and not answered yet: changes
+    /// wait, unnumbered for the backup, until this master has what it stored.
+    recovering: bool,
+    /// The most the backup said it stored ...
+    backup_stored: Version,
+    /// ... and how far the committed log was sent to bring it up since the last
+    /// tick: each `Stored` behind would otherwise send the whole rest again, and
+    /// each of those is answered with a `Stored`.
+    replayed_to: Version,
     tables: Tables,
     /// Committed changes, by version (kept from `log_start`).
     log: BTreeMap<Version, Change>,
@@ -94,6 +123,10 @@ impl Master {
         Self {
             id,
             backup,
+            alone: backup.is_none(),
+            recovering: false,
+            backup_stored: 0,
+            replayed_to: 0,
             tables: Tables::default(),
             log: BTreeMap::new(),
             log_start: 1,
@@ -182,16 +215,43 @@ impl Master {
 
     /// A change made on the master's own node.
     pub fn submit_local(&mut self, req: u64, change: Change) -> Vec<Out> {
-        self.handle(Msg::Submit {
-            from: self.id,
-            req,
-            change,
-        })
+        self.handle(
+            self.id,
+            Msg::Submit {
+                from: self.id,
+                req,
+                change,
+            },
+        )
     }
 
-    pub fn handle(&mut self, msg: Msg) -> Vec<Out> {
+    /// What the backup sent, or what agents sent; a backup's message from a node
+    /// that is not this master's backup (the one before it, still answering) is
+    /// ignored, and a `Stored` before the backup answered `Recover` asks again.
+    pub fn handle(&mut self, from: NodeId, msg: Msg) -> Vec<Out> {
         let mut out = Vec::new();
+        let from_backup = self.backup == Some(from);
         match msg {
+            Msg::Stored { .. } | Msg::Recovered { .. } if !from_backup => {}
+            // A backup that just took the role says how far it is: ask it what
+            // it stored.
+            Msg::Stored { .. } if self.recovering => out.extend(self.tick()),
+            Msg::Recovered { .. } if !self.recovering => {}
+            Msg::Recovered {
+                version,
+                entries,
+                rows,
+                done,
+            } => {
+                self.recovering = false;
+                if version > self.committed {
+                    self.adopt(version, entries, rows, done, &mut out);
+                }
+                // A backup behind is brought up from the log; then what waits goes
+                // to it (numbered after what it stored).
+                self.backup_stored = version;
+                out.extend(self.tick());
+            }
             Msg::Submit { from, req, change } => {
                 if let Some(version) = self.done.get(&(from, req)) {
                     out.push(Out::To(
@@ -209,6 +269,18 @@ impl Master {
                 let version = self.next;
                 self.next += 1;
                 match self.backup {
+                    // Asked again with every change, as a backup is asked with every
+                    // change to store: what this master acknowledged stays on it
+                    // alone until the backup has answered.
+                    Some(b) if self.recovering => {
+                        self.waiting.insert(version, (change, (from, req)));
+                        out.push(Out::To(
+                            b,
+                            Msg::Recover {
+                                after: self.committed,
+                            },
+                        ));
+                    }
                     Some(b) => {
                         self.waiting.insert(version, (change.clone(), (from, req)));
                         out.push(Out::To(
@@ -221,50 +293,14 @@ impl Master {
                         ));
                     }
                     // Alone, the master commits at once (and says so in its status).
-                    None => self.commit(version, change, (from, req), &mut out),
-                }
-            }
-            Msg::Stored { version } => {
-                // A backup behind what is committed (it joined after changes were
-                // committed without it) stores in order, so it would wait forever
-                // for those: send them from the log, whether or not changes wait.
-                if version < self.committed {
-                    if let Some(b) = self.backup {
-                        if version + 1 < self.log_start {
-                            // The log does not reach back that far: seed it whole.
-                            out.push(Out::To(
-                                b,
-                                Msg::Seed {
-                                    version: self.committed,
-                                    rows: self.tables.snapshot(),
-                                    done: self.done.iter().map(|(o, v)| (*o, *v)).collect(),
-                                },
-                            ));
-                            out.extend(self.tick());
-                            return out;
-                        }
-                        let from = version + 1;
-                        for (v, c) in self.log.range(from..) {
-                            out.push(Out::To(
-                                b,
-                                Msg::Replicate {
-                                    version: *v,
-                                    origin: (self.id, 0),
-                                    change: c.clone(),
-                                },
-                            ));
-                        }
+                    None if self.alone => self.commit(version, change, (from, req), &mut out),
+                    // The backup is yet to be named: sent to it then (`tick`).
+                    None => {
+                        self.waiting.insert(version, (change, (from, req)));
                     }
                 }
-                // The backup stores in order: everything up to `version` is safe.
-                while let Some((&v, _)) = self.waiting.first_key_value() {
-                    if v > version {
-                        break;
-                    }
-                    let (change, origin) = self.waiting.remove(&v).expect("present");
-                    self.commit(v, change, origin, &mut out);
-                }
             }
+            Msg::Stored { version } => out.extend(self.stored(version)),
             Msg::Sync {
                 from,
                 after,
@@ -297,19 +333,121 @@ impl Master {
         out
     }
 
-    /// Resends what the backup has not confirmed (the caller calls this on a timer).
-    pub fn tick(&mut self) -> Vec<Out> {
+    /// The backup's changes after this master's committed version: they may have been
+    /// acknowledged (by the master it stored them for), so they are committed here
+    /// too, and what waits is numbered after them.
+    fn adopt(
+        &mut self,
+        version: Version,
+        entries: Vec<(Version, Change)>,
+        rows: Option<Vec<Change>>,
+        done: Vec<((NodeId, u64), Version)>,
+        out: &mut Vec<Out>,
+    ) {
+        match rows {
+            Some(rows) => {
+                // Agents find the gap at their next sync and get a snapshot.
+                let mut fresh = Tables::default();
+                for r in &rows {
+                    fresh.apply(r);
+                }
+                self.tables = fresh;
+                self.log.clear();
+                self.log_start = version + 1;
+            }
+            None => {
+                for (v, change) in entries {
+                    if v <= self.committed {
+                        continue;
+                    }
+                    self.tables.apply(&change);
+                    self.log.insert(v, change.clone());
+                    out.push(Out::All(Msg::Push { version: v, change }));
+                }
+                while self.log.len() > self.log_limit {
+                    let (v, _) = self.log.pop_first().expect("non-empty");
+                    self.log_start = v + 1;
+                }
+            }
+        }
+        self.committed = version;
+        self.done.extend(done);
+        self.next = version + 1;
+        for (_, (change, origin)) in std::mem::take(&mut self.waiting) {
+            if let Some(v) = self.done.get(&origin) {
+                // The backup had it already: it is committed.
+                out.push(Out::To(
+                    origin.0,
+                    Msg::Ack {
+                        req: origin.1,
+                        version: *v,
+                    },
+                ));
+                continue;
+            }
+            self.waiting.insert(self.next, (change, origin));
+            self.next += 1;
+        }
+    }
+
+    /// The backup stored up to `version`.
+    fn stored(&mut self, version: Version) -> Vec<Out> {
+        let mut out = Vec::new();
+        self.backup_stored = self.backup_stored.max(version);
+        // A backup behind what is committed (it joined after changes were committed
+        // without it) stores in order, so it would wait forever for those: send them
+        // from the log, whether or not changes wait.
+        if version < self.committed && self.replayed_to < self.committed {
+            out.extend(self.replay(version));
+        } else if let (Some(b), Some(change)) = (self.backup, self.log.get(&(version + 1))) {
+            // Sent, but the backup is still short of it: lost, or on its way. One
+            // message for one answer, so that a lost one costs a round trip, not a
+            // tick, and a burst of answers does not send the whole rest again.
+            out.push(Out::To(
+                b,
+                Msg::Replicate {
+                    version: version + 1,
+                    origin: (self.id, 0),
+                    change: change.clone(),
+                },
+            ));
+        }
+        // The backup stores in order: everything up to `version` is safe.
+        while let Some((&v, _)) = self.waiting.first_key_value() {
+            if v > version {
+                break;
+            }
+            let (change, origin) = self.waiting.remove(&v).expect("present");
+            self.commit(v, change, origin, &mut out);
+        }
+        out
+    }
+
+    /// The committed changes after `after` to the backup: from the log, or when it
+    /// does not reach back that far, the whole state (`Seed`).
+    fn replay(&mut self, after: Version) -> Vec<Out> {
         let Some(b) = self.backup else {
             return Vec::new();
         };
-        self.waiting
-            .iter()
-            .map(|(v, (c, o))| {
+        self.replayed_to = self.committed;
+        if after + 1 < self.log_start {
+            return vec![Out::To(
+                b,
+                Msg::Seed {
+                    version: self.committed,
+                    rows: self.tables.snapshot(),
+                    done: self.done.iter().map(|(o, v)| (*o, *v)).collect(),
+                },
+            )];
+        }
+        self.log
+            .range(after + 1..)
+            .map(|(v, c)| {
                 Out::To(
                     b,
                     Msg::Replicate {
                         version: *v,
-                        origin: *o,
+                        origin: (self.id, 0),
                         change: c.clone(),
                     },
                 )
@@ -317,18 +455,62 @@ impl Master {
             .collect()
     }
 
-    /// The backup is gone: commit what waited for it, and go on alone (or with a new one).
-    pub fn backup_lost(&mut self, new_backup: Option<NodeId>) -> Vec<Out> {
+    /// Resends what the backup has not confirmed (the caller calls this on a timer).
+    pub fn tick(&mut self) -> Vec<Out> {
+        let Some(b) = self.backup else {
+            return Vec::new();
+        };
+        if self.recovering {
+            return vec![Out::To(
+                b,
+                Msg::Recover {
+                    after: self.committed,
+                },
+            )];
+        }
+        // Once a tick, what was sent to bring the backup up is sent again (it may
+        // have been lost).
+        self.replayed_to = 0;
+        let mut out = if self.backup_stored < self.committed {
+            self.replay(self.backup_stored)
+        } else {
+            Vec::new()
+        };
+        out.extend(self.waiting.iter().map(|(v, (c, o))| {
+            Out::To(
+                b,
+                Msg::Replicate {
+                    version: *v,
+                    origin: *o,
+                    change: c.clone(),
+                },
+            )
+        }));
+        out
+    }
+
+    /// The backup changed (or is gone): what waited is sent to the new one; without
+    /// one, it keeps waiting for one to be named, unless this master is `alone`
+    /// (no other node), when it commits.
+    pub fn set_backup(&mut self, new_backup: Option<NodeId>, alone: bool) -> Vec<Out> {
         self.backup = new_backup;
+        self.alone = alone;
+        self.backup_stored = 0;
+        self.replayed_to = 0;
         let mut out = Vec::new();
         match new_backup {
-            None => {
+            None if alone => {
                 let waiting = std::mem::take(&mut self.waiting);
                 for (v, (c, o)) in waiting {
                     self.commit(v, c, o, &mut out);
                 }
             }
-            Some(_) => out.extend(self.tick()),
+            None => {}
+            // First what it stored (`Recover`), then what waits.
+            Some(_) => {
+                self.recovering = true;
+                out.extend(self.tick());
+            }
         }
         out
     }
@@ -338,6 +520,10 @@ impl Master {
 #[derive(Clone, Debug)]
 pub struct Backup {
     pub id: NodeId,
+    /// The master this backup answered `Recover` for: from then on it stores only
+    /// that master's changes (an earlier master's, still in flight, were never
+    /// committed and would take versions the new master numbers otherwise).
+    serves: Option<NodeId>,
     tables: Tables,
     log: BTreeMap<Version, Change>,
     pending: BTreeMap<Version, (Change, (NodeId, u64))>,
@@ -349,6 +535,7 @@ impl Backup {
     pub fn new(id: NodeId) -> Self {
         Self {
             id,
+            serves: None,
             tables: Tables::default(),
             log: BTreeMap::new(),
             pending: BTreeMap::new(),
@@ -370,6 +557,16 @@ impl Backup {
     }
 
     pub fn handle(&mut self, master: NodeId, msg: Msg) -> Vec<Out> {
+        if let Msg::Recover { after } = msg {
+            if self.serves != Some(master) {
+                self.serves = Some(master);
+                self.pending.clear();
+            }
+            return vec![Out::To(master, self.recovered(after))];
+        }
+        if self.serves.is_some_and(|m| m != master) {
+            return Vec::new();
+        }
         if let Msg::Seed {
             version,
             rows,
@@ -401,6 +598,39 @@ impl Backup {
             return self.store_in_order(master);
         }
         Vec::new()
+    }
+
+    /// What this backup stored after `after`: its log when that reaches back, else
+    /// every row.
+    fn recovered(&self, after: Version) -> Msg {
+        let from_log =
+            after >= self.stored || (after + 1..=self.stored).all(|v| self.log.contains_key(&v));
+        let done = |all: bool| {
+            self.done
+                .iter()
+                .filter(|(_, v)| all || **v > after)
+                .map(|(o, v)| (*o, *v))
+                .collect()
+        };
+        if from_log {
+            Msg::Recovered {
+                version: self.stored,
+                entries: self
+                    .log
+                    .range(after + 1..)
+                    .map(|(v, c)| (*v, c.clone()))
+                    .collect(),
+                rows: None,
+                done: done(false),
+            }
+        } else {
+            Msg::Recovered {
+                version: self.stored,
+                entries: Vec::new(),
+                rows: Some(self.tables.snapshot()),
+                done: done(true),
+            }
+        }
     }
 
     /// Stores the pending changes that follow what is stored, in version order, and

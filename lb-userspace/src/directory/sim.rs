@@ -127,7 +127,7 @@ impl World {
                 continue;
             }
             if to == self.master.id {
-                let outs = self.master.handle(msg);
+                let outs = self.master.handle(from, msg);
                 self.route(to, outs);
             } else if self.backup.as_ref().is_some_and(|b| b.id == to) {
                 let outs = self.backup.as_mut().unwrap().handle(from, msg);
@@ -272,7 +272,7 @@ fn a_backup_that_joins_behind_committed_changes_catches_up_and_new_changes_commi
     // A backup arrives that has none of them, and a change waits for it.
     let mut b = Backup::new(2);
     let mut to_backup: Vec<Msg> = m
-        .backup_lost(Some(2))
+        .set_backup(Some(2), false)
         .into_iter()
         .chain(m.submit_local(4, change("d")))
         .filter_map(|o| match o {
@@ -288,7 +288,7 @@ fn a_backup_that_joins_behind_committed_changes_catches_up_and_new_changes_commi
         }
         for o in to_master {
             if let Out::To(1, msg) = o {
-                for o in m.handle(msg) {
+                for o in m.handle(2, msg) {
                     if let Out::To(2, msg) = o {
                         to_backup.push(msg);
                     }

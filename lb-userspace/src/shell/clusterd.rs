@@ -95,11 +95,18 @@ impl ClusterHandle {
     }
 
     /// Advertises this node's directory role and replica version.
-    pub async fn set_directory(&self, master: bool, version: u64, digest: u64) {
+    pub async fn set_directory(
+        &self,
+        master: bool,
+        backup_of: Option<IpAddr>,
+        version: u64,
+        digest: u64,
+    ) {
         let _ = self
             .commands
             .send(Input::Directory {
                 master,
+                backup_of,
                 version,
                 digest,
             })

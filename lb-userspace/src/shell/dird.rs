@@ -23,7 +23,7 @@ use crate::{
     config::ClusterConfig,
     directory::{
         feed::{feed, shapes_dataplane},
-        node::{directory_roles, lease_key, DirNode, Input, Outputs},
+        node::{directory_roles, lease_key, Candidate, DirNode, Input, Outputs},
         replication::{Msg, NodeId},
         store::{DirectoryStore, ReadOnly, Written},
         subscriptions::{Event, SubId, Subscriptions},
@@ -634,16 +634,21 @@ fn roles(
 ) -> Option<(NodeId, Option<NodeId>, BTreeMap<NodeId, SocketAddr>)> {
     let view = cluster.view();
     view.leader?;
-    let hosts: Vec<(IpAddr, bool, u64)> = view
+    let hosts: Vec<Candidate> = view
         .hosts
         .iter()
-        .map(|h| (h.info.id, h.info.dir_master, h.info.dir_version))
+        .map(|h| Candidate {
+            id: h.info.id,
+            master: h.info.dir_master,
+            backup_of: h.info.dir_backup_of,
+            version: h.info.dir_version,
+        })
         .collect();
     let (master, backup) = directory_roles(&hosts)?;
     let peers = hosts
         .iter()
-        .filter(|(a, _, _)| peer::node_id(*a) != me)
-        .map(|(a, _, _)| (peer::node_id(*a), peer::endpoint(*a, cfg.port)))
+        .filter(|h| peer::node_id(h.id) != me)
+        .map(|h| (peer::node_id(h.id), peer::endpoint(h.id, cfg.port)))
         .collect();
     Some((peer::node_id(master), backup.map(peer::node_id), peers))
 }
@@ -715,11 +720,23 @@ pub fn start(
                     h.step(Input::Tick);
                 }
                 // Advertise this node's directory role and version in its heartbeats.
-                let (master, version, digest) = {
+                let (master, backing, version, digest) = {
                     let node = h.node.lock().expect("not poisoned");
-                    (node.is_master(), node.version(), node.digest())
+                    (
+                        node.is_master(),
+                        node.backing(),
+                        node.version(),
+                        node.digest(),
+                    )
                 };
-                c.set_directory(master, version, digest).await;
+                let backup_of = backing.and_then(|m| {
+                    c.view()
+                        .hosts
+                        .iter()
+                        .map(|h| h.info.id)
+                        .find(|a| peer::node_id(*a) == m)
+                });
+                c.set_directory(master, backup_of, version, digest).await;
             } else {
                 h.step(Input::Tick);
             }

@@ -316,7 +316,11 @@ pub fn cluster(c: &ClusterView) {
             // Equal versions with different digests would be replicas that diverged.
             format!(
                 "{}v{} #{:04x}",
-                if h.info.dir_master { "master " } else { "" },
+                match (h.info.dir_master, h.info.dir_backup_of) {
+                    (true, _) => "master ".to_string(),
+                    (false, Some(of)) => format!("backup of {of} "),
+                    (false, None) => String::new(),
+                },
                 h.info.dir_version,
                 h.info.dir_digest & 0xffff
             ),
