@@ -281,6 +281,7 @@ fn forged_and_replayed_control_messages_change_nothing_and_are_counted() {
             .into(),
             addresses: vec![],
             dir_master: false,
+            dir_backup_of: None,
             dir_version: 0,
             dir_digest: 0,
             ready: true,
