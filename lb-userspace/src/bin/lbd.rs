@@ -318,7 +318,7 @@ async fn serve(
                     nudge(*addr);
                     missing = true;
                 }
-                if let Err(e) = daemon.call(move |d| d.update_neighbors(found)).await {
+                if let Err(e) = daemon.change(move |d| d.update_neighbors(found)).await {
                     warn!("applying new backend MACs: {e:#}");
                 }
             }

@@ -90,6 +90,9 @@ pub struct Reconciler<D: Dataplane> {
     writing: Option<Writing>,
     /// See `LAID_APART`.
     laid_apart: u64,
+    /// A change of the inputs (health, directory, availability, neighbours) leaves
+    /// its write to `write_some` as an apply does ([`Self::set_deferred`]).
+    deferred: bool,
 }
 
 /// A move of the maps to new plans, under way: `order[..at]` are written, and `done`
@@ -141,7 +144,10 @@ fn lay_apart(
 /// step), then its services are written; and what to go back to if a step fails.
 struct Writing {
     step: Step,
-    old: Desired,
+    /// What was desired before an apply, put back if its write fails; `None` for a
+    /// change of the inputs, which saved nothing (its failure leaves the node
+    /// `behind`, as a synchronous one does).
+    old: Option<Desired>,
     touched: BTreeSet<ServiceKey>,
     /// The changes named in the log as it starts (the first few), and how many more.
     named: Vec<String>,
@@ -223,6 +229,7 @@ impl<D: Dataplane> Reconciler<D> {
             touched: BTreeMap::new(),
             writing: None,
             laid_apart: LAID_APART,
+            deferred: false,
         }
     }
 
@@ -411,6 +418,33 @@ impl<D: Dataplane> Reconciler<D> {
         if touched.is_empty() {
             return Ok(Vec::new());
         }
+        if self.deferred {
+            // One write staged at a time: an earlier change of the inputs (in the
+            // same job) is written out first, so that this one's plans are the newer.
+            // An apply's is never under way here: its owner runs no change meanwhile.
+            anyhow::ensure!(
+                self.writing.as_ref().is_none_or(|w| w.old.is_none()),
+                "an apply is being written to the maps; this change of the inputs waits for it"
+            );
+            if let Some(Err(e)) = self.write_some(&mut || true, &mut |_, _| Ok(())) {
+                warn!("writing an earlier change of the inputs: {e:#}");
+            }
+            let next = self.plans(&touched);
+            let t = self.start_transition(next).inspect_err(|e| {
+                self.behind = Some(format!("{e:#}"));
+            })?;
+            let order = t.order.clone();
+            if !order.is_empty() {
+                self.writing = Some(Writing {
+                    touched: t.next.keys().copied().collect(),
+                    step: Step::Write(t),
+                    old: None,
+                    named: Vec::new(),
+                    more: 0,
+                });
+            }
+            return Ok(order);
+        }
         let next = self.plans(&touched);
         match self.transition(next) {
             Ok(written) => {
@@ -500,7 +534,7 @@ impl<D: Dataplane> Reconciler<D> {
         }
         self.writing = Some(Writing {
             step: Step::Save(next),
-            old,
+            old: Some(old),
             touched,
             named: changes
                 .iter()
@@ -515,6 +549,16 @@ impl<D: Dataplane> Reconciler<D> {
     /// Whether an apply is being written ([`Self::begin_apply_of`]).
     pub fn writing(&self) -> bool {
         self.writing.is_some()
+    }
+
+    /// While on, a change of the inputs (`set_health`, `set_feed`...) checks, plans
+    /// and stages its write, and returns the services it will write; the write is
+    /// left to [`Self::write_some`], in batches, as an apply's. Its owner then
+    /// answers reads between batches instead of holding them for the whole write (a
+    /// health verdict on a backend of a 100,000-backend service writes a table of
+    /// 12M cells).
+    pub fn set_deferred(&mut self, on: bool) {
+        self.deferred = on;
     }
 
     /// Writes the next services of the apply under way, at least one, while `more()`
@@ -561,7 +605,9 @@ impl<D: Dataplane> Reconciler<D> {
         if let Step::Save(next) = &mut w.step {
             let next = std::mem::take(next);
             if let Err(e) = save(&self.known.desired, &w.touched) {
-                self.known.desired = w.old;
+                if let Some(old) = w.old {
+                    self.known.desired = old;
+                }
                 return Some(Err(e).context("saving the desired state; nothing was changed"));
             }
             // Each change is named up to a point; an apply of 10,000 services says how
@@ -580,7 +626,7 @@ impl<D: Dataplane> Reconciler<D> {
             match self.start_transition(next) {
                 Ok(t) => w.step = Step::Write(t),
                 Err(e) => {
-                    self.give_up(w.old, &w.touched, save);
+                    self.give_up(w.old, &w.touched, &e, save);
                     return Some(Err(e));
                 }
             }
@@ -604,22 +650,31 @@ impl<D: Dataplane> Reconciler<D> {
                 for k in &w.touched {
                     self.touched.insert(*k, self.generation);
                 }
+                if w.old.is_none() {
+                    self.behind = None;
+                }
                 Some(Ok(()))
             }
             Err(e) => {
-                self.give_up(w.old, &w.touched, save);
+                self.give_up(w.old, &w.touched, &e, save);
                 Some(Err(e))
             }
         }
     }
 
-    /// After a failed write: `old` is desired again, and saved again.
+    /// After a failed write: `old` is desired again, and saved again; a change of the
+    /// inputs (no `old`) leaves the node behind them, retried with the next change.
     fn give_up(
         &mut self,
-        old: Desired,
+        old: Option<Desired>,
         touched: &BTreeSet<ServiceKey>,
+        e: &anyhow::Error,
         save: &mut dyn FnMut(&Desired, &BTreeSet<ServiceKey>) -> Result<()>,
     ) {
+        let Some(old) = old else {
+            self.behind = Some(format!("{e:#}"));
+            return;
+        };
         let new = std::mem::replace(&mut self.known.desired, old);
         if let Err(s) = save(&self.known.desired, touched) {
             warn!("restoring the saved desired state after a failed change: {s:#}");

@@ -499,3 +499,93 @@ fn a_partial_feed_changes_its_services_only_and_keeps_the_others() {
         .unwrap()
         .is_empty());
 }
+
+/// Three services, each with 198.18.0.50 from the directory.
+fn directory_for_all() -> BTreeMap<ServiceKey, BTreeMap<IpAddr, DirBackend>> {
+    let via: IpAddr = "198.18.0.50".parse().unwrap();
+    [80, 81, 82]
+        .into_iter()
+        .map(|p| {
+            (
+                key(p),
+                BTreeMap::from([(
+                    via,
+                    DirBackend {
+                        weight: 1,
+                        via,
+                        sphere: None,
+                    },
+                )]),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_deferred_change_of_the_inputs_is_written_in_batches_as_at_once() {
+    let services = desired(&[(80, 2, 1), (81, 2, 10), (82, 2, 20)]);
+    let mut at_once = started(services.clone());
+    at_once.set_directory(directory_for_all()).unwrap();
+
+    let mut r = started(services);
+    let calls = r.dp.calls;
+    r.set_deferred(true);
+    let staged = r.set_directory(directory_for_all()).unwrap();
+    r.set_deferred(false);
+    assert_eq!(staged.len(), 3, "the services it will write");
+    assert_eq!(r.dp.calls, calls, "nothing written yet");
+    assert!(r.writing());
+    let mut batches = 0;
+    let ended = loop {
+        batches += 1;
+        assert!(batches <= 3, "three services, one per batch");
+        if let Some(done) = r.write_some(&mut || false, &mut never_saved()) {
+            break done;
+        }
+        assert!(
+            r.begin_apply_of(desired(&[(80, 1, 1)]), None, false)
+                .is_err(),
+            "no other change starts while one is written"
+        );
+    };
+    ended.unwrap();
+    assert_eq!(batches, 3);
+    for k in [80, 81, 82] {
+        assert_eq!(r.dp.held(key(k)), at_once.dp.held(key(k)), "{k}");
+    }
+    assert_holds_the_plan(&r);
+}
+
+#[test]
+fn a_deferred_change_whose_write_fails_leaves_the_maps_as_they_were_and_is_retried() {
+    let mut r = started(desired(&[(80, 2, 1), (81, 2, 10), (82, 2, 20)]));
+    let before: Vec<_> = [80, 81, 82].map(|k| r.dp.held(key(k)).cloned()).into();
+    // The second service's write fails.
+    r.dp.fail_call = Some(r.dp.calls + 2);
+    r.set_deferred(true);
+    r.set_directory(directory_for_all()).unwrap();
+    r.set_deferred(false);
+    let failed = loop {
+        if let Some(done) = r.write_some(&mut || false, &mut never_saved()) {
+            break done;
+        }
+    };
+    assert!(failed.is_err());
+    let after: Vec<_> = [80, 81, 82].map(|k| r.dp.held(key(k)).cloned()).into();
+    assert_eq!(after, before, "the first service's write was rolled back");
+    assert!(
+        r.behind().is_some(),
+        "the node says it is behind its inputs"
+    );
+    // The next change of the inputs writes everything known.
+    r.set_health(key(80), "198.18.0.1".parse().unwrap(), false)
+        .unwrap();
+    assert!(r.behind().is_none());
+    assert!(r
+        .dp
+        .held(key(82))
+        .unwrap()
+        .backends
+        .contains_key(&"198.18.0.50".parse().unwrap()));
+    assert_holds_the_plan(&r);
+}

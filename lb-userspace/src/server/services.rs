@@ -277,7 +277,11 @@ pub(super) async fn prefetch(state: &AppState, addrs: Vec<IpAddr>) {
         .resolve_all(&wanted, &routed, Duration::from_millis(1500))
         .await;
     if !found.is_empty() {
-        if let Err(e) = state.daemon.call(move |d| d.update_neighbors(found)).await {
+        if let Err(e) = state
+            .daemon
+            .change(move |d| d.update_neighbors(found))
+            .await
+        {
             tracing::warn!("applying resolved MACs: {e:#}");
         }
     }

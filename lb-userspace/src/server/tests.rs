@@ -631,3 +631,60 @@ async fn reads_during_a_change_to_a_service_of_a_large_table_are_answered_while_
         "198.18.0.11, 20,000 and the one added"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_during_a_health_verdict_on_a_large_service_are_answered_while_its_table_is_laid_out()
+{
+    // As the health checker sends a verdict: a backend of a service of 20,000
+    // backends fails its check, and the service's table (2,097,169 cells) is made
+    // again without it.
+    let mut fake = FakeDataplane::new(Limits {
+        services: 4,
+        backends: 20_100,
+        tables: crate::dataplane::layout::TableBounds {
+            min: 251,
+            max: 4_194_319,
+        },
+        ring_cells: 1 << 24,
+        ..limits()
+    });
+    fake.pause = Duration::ZERO;
+    let a = api_over("verdict-laid-apart", fake).await;
+    let mut big = (*a.daemon.now().desired).clone();
+    let svc = big.services.get_mut(&key()).unwrap();
+    svc.config.maglev_size = 0;
+    for i in 0..20_000u32 {
+        let addr = IpAddr::from([198, 19, (i >> 8) as u8, i as u8]);
+        svc.backends.insert(addr, with_mac(11).unwrap());
+    }
+    a.daemon.apply(big).await.unwrap();
+    let sick = ip("198.19.0.7");
+    let vip = key().addr;
+    let before = a.daemon.now().digests[&vip];
+
+    let daemon = a.daemon.clone();
+    let verdict = tokio::spawn(async move {
+        daemon
+            .change(move |d| d.set_health(key(), sick, false))
+            .await
+    });
+    let (mut reads, mut during) = (0, 0);
+    while !verdict.is_finished() && reads < 2_000 {
+        reads += 1;
+        let views: Vec<api::ServiceView> = a.client.get("/v1/services").await.unwrap();
+        let shown = views[0]
+            .backends
+            .iter()
+            .any(|b| b.address == sick && !b.healthy);
+        if shown && !verdict.is_finished() {
+            during += 1;
+        }
+    }
+    verdict.await.unwrap().unwrap();
+    assert!(
+        during > 0,
+        "no read was answered while the verdict was written ({reads} reads)"
+    );
+    // The table written is another one (without the failed backend).
+    assert_ne!(a.daemon.now().digests[&vip], before);
+}

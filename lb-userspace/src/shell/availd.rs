@@ -115,7 +115,7 @@ impl AvailHandle {
                 }
             }
             save(&self.path, &set)?;
-            self.daemon.call(move |d| d.set_availability(set)).await?;
+            self.daemon.change(move |d| d.set_availability(set)).await?;
         }
         Ok(fresh)
     }

@@ -434,6 +434,11 @@ impl<D: Dataplane> Daemon<D> {
         self.core.writing()
     }
 
+    /// See `Reconciler::set_deferred`.
+    pub fn defer_writes(&mut self, on: bool) {
+        self.core.set_deferred(on);
+    }
+
     /// Whether that write waits for a table laid out apart.
     pub fn laying(&self) -> bool {
         self.core.laying()

@@ -592,7 +592,7 @@ async fn feeder(h: DirHandle, neighbors: Arc<NeighborTable>) {
         let keys = partial.then(|| scope.services.clone());
         let result = h
             .daemon
-            .call(move |d| match &keys {
+            .change(move |d| match &keys {
                 Some(keys) => d.set_feed_of(keys, f, found),
                 None => d.set_feed(f, found),
             })

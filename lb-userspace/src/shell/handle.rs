@@ -64,6 +64,8 @@ pub trait Core: Send {
     fn begin_apply(&mut self, new: Desired) -> Result<Vec<Change>>;
     fn begin_apply_edit(&mut self, new: Desired, key: ServiceKey) -> Result<Vec<Change>>;
     fn writing(&self) -> bool;
+    /// See `Reconciler::set_deferred`.
+    fn defer_writes(&mut self, on: bool);
     fn write_some(&mut self, budget: Duration) -> Option<Result<()>>;
     /// Whether the write waits for a table laid out on a thread of its own.
     fn laying(&self) -> bool;
@@ -122,6 +124,9 @@ impl<D: Dataplane + Send> Core for Daemon<D> {
     }
     fn writing(&self) -> bool {
         Daemon::writing(self)
+    }
+    fn defer_writes(&mut self, on: bool) {
+        Daemon::defer_writes(self, on)
     }
     fn write_some(&mut self, budget: Duration) -> Option<Result<()>> {
         Daemon::write_some(self, budget)
@@ -426,6 +431,27 @@ impl DaemonHandle {
                 }
             },
             "an edit",
+        )
+        .await
+    }
+
+    /// Runs `f`, a change of the daemon's inputs (a health verdict, a directory feed,
+    /// availability, neighbours), with the map writes it leads to done as `apply`
+    /// does them: in batches, with reads answered between them and a large table laid
+    /// out on a thread of its own. Answered once written and published.
+    pub async fn change<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Core) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let from = std::any::type_name_of_val(&f);
+        self.in_batches(
+            move |core| {
+                core.defer_writes(true);
+                let r = f(core);
+                core.defer_writes(false);
+                r
+            },
+            from,
         )
         .await
     }

@@ -159,13 +159,13 @@ pub async fn run_checks(daemon: crate::shell::handle::DaemonHandle) {
                 let gone: Vec<_> = states.keys().filter(|k| !wanted.contains(k)).copied().collect();
                 for k in gone {
                     states.remove(&k);
-                    let _ = daemon.call(move |d| d.set_health(k.0, k.1, true)).await;
+                    let _ = daemon.change(move |d| d.set_health(k.0, k.1, true)).await;
                 }
             }
             Some((key, addr, ok, rise, fall)) = rx.recv() => {
                 if let Some((h, _)) = states.get_mut(&(key, addr)) {
                     if let Some(healthy) = h.record(ok, rise, fall) {
-                        if let Err(e) = daemon.call(move |d| d.set_health(key, addr, healthy)).await {
+                        if let Err(e) = daemon.change(move |d| d.set_health(key, addr, healthy)).await {
                             tracing::warn!("applying a health verdict: {e:#}");
                         }
                     }
