@@ -117,6 +117,23 @@ fn healthy_default() -> bool {
     true
 }
 
+/// `GET /v1/services` and `/v1/stats`: `?summary=true` leaves each service's backends
+/// out (their count stays): a table of services needs no more, and on a node of
+/// 10,000 services it is a fifth of the document to make, send and read.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    pub summary: bool,
+}
+
+impl ServiceView {
+    /// Without its backends (their count stays).
+    pub fn summary(mut self) -> ServiceView {
+        self.backends = Vec::new();
+        self
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ServiceView {
     pub service: String,
@@ -126,7 +143,11 @@ pub struct ServiceView {
     pub config: ServiceConfig,
     pub packets: u64,
     pub bytes: u64,
+    /// Every backend; empty in a summary (`?summary=true`), which has only ...
     pub backends: Vec<BackendView>,
+    /// ... how many there are.
+    #[serde(default)]
+    pub backend_count: usize,
     #[serde(default)]
     pub spm: crate::spm::Settings,
     /// Why the service is refused, when it is (operator record or automatic).

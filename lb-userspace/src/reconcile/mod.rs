@@ -1116,6 +1116,7 @@ fn view_of(
         config: p.config,
         packets: counters.service.packets,
         bytes: counters.service.bytes,
+        backend_count: backends.len(),
         backends,
         spm,
         unavailable,

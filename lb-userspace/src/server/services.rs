@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use axum::{extract::State, Json};
 
-use super::{bad, internal, not_found, ApiError, ApiJson, ApiResult, AppState};
+use super::{bad, internal, not_found, ApiError, ApiJson, ApiQuery, ApiResult, AppState};
 use crate::{
     api::{
         self, AddBackend, AddService, Applied, BackendRef, DrainBackend, ServiceRef, SetWeight,
@@ -24,12 +24,31 @@ pub(super) async fn status(State(s): State<AppState>) -> ApiResult<api::Status> 
     Ok(Json(status))
 }
 
-pub(super) async fn services(State(s): State<AppState>) -> ApiResult<Vec<api::ServiceView>> {
-    s.daemon.services_view().await.map(Json).map_err(internal)
+pub(super) async fn services(
+    State(s): State<AppState>,
+    ApiQuery(q): ApiQuery<api::ListQuery>,
+) -> ApiResult<Vec<api::ServiceView>> {
+    let views = s.daemon.services_view().await.map_err(internal)?;
+    Ok(Json(if q.summary {
+        views.into_iter().map(api::ServiceView::summary).collect()
+    } else {
+        views
+    }))
 }
 
-pub(super) async fn stats(State(s): State<AppState>) -> ApiResult<api::Stats> {
-    s.daemon.stats_view().await.map(Json).map_err(internal)
+pub(super) async fn stats(
+    State(s): State<AppState>,
+    ApiQuery(q): ApiQuery<api::ListQuery>,
+) -> ApiResult<api::Stats> {
+    let mut stats = s.daemon.stats_view().await.map_err(internal)?;
+    if q.summary {
+        stats.services = stats
+            .services
+            .into_iter()
+            .map(api::ServiceView::summary)
+            .collect();
+    }
+    Ok(Json(stats))
 }
 
 pub(super) async fn desired(State(s): State<AppState>) -> ApiResult<Desired> {

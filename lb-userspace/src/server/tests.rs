@@ -688,3 +688,28 @@ async fn reads_during_a_health_verdict_on_a_large_service_are_answered_while_its
     // The table written is another one (without the failed backend).
     assert_ne!(a.daemon.now().digests[&vip], before);
 }
+
+#[tokio::test]
+async fn a_summary_of_the_services_counts_their_backends_without_listing_them() {
+    let a = api("summary").await;
+    add_backend_12(&a).await;
+    let full: Vec<api::ServiceView> = a.client.get("/v1/services").await.unwrap();
+    assert_eq!(full[0].backends.len(), 2);
+    assert_eq!(full[0].backend_count, 2);
+    let summary: Vec<api::ServiceView> = a.client.get("/v1/services?summary=true").await.unwrap();
+    assert_eq!(summary.len(), full.len());
+    assert!(summary[0].backends.is_empty());
+    assert_eq!(summary[0].backend_count, 2);
+    assert_eq!(summary[0].service, full[0].service);
+    let stats: api::Stats = a.client.get("/v1/stats?summary=true").await.unwrap();
+    assert!(stats.services[0].backends.is_empty());
+    assert_eq!(stats.services[0].backend_count, 2);
+    let stats: api::Stats = a.client.get("/v1/stats").await.unwrap();
+    assert_eq!(stats.services[0].backends.len(), 2);
+    // A bad query is refused with the API's JSON error.
+    let bad = a
+        .client
+        .get::<Vec<api::ServiceView>>("/v1/services?summary=maybe")
+        .await;
+    assert!(bad.is_err(), "{bad:?}");
+}

@@ -261,7 +261,13 @@ async fn service(client: &Client, out: Output, cmd: ServiceCmd) -> Result<(), Fa
             show(out, &r, render::applied);
         }
         ServiceCmd::List => {
-            let all: Vec<api::ServiceView> = client.get("/v1/services").await?;
+            // The table shows each service's backend count only: a summary is enough
+            // (JSON keeps the whole document).
+            let path = match out {
+                Output::Human => "/v1/services?summary=true",
+                Output::Json => "/v1/services",
+            };
+            let all: Vec<api::ServiceView> = client.get(path).await?;
             show(out, &all, |a| render::services(a));
         }
         ServiceCmd::Show {
@@ -467,7 +473,12 @@ async fn stats(client: &Client, out: Output, watch: bool, interval: u64) -> Resu
     // With --watch a human sees the counters once, then rates over each interval.
     let mut last: Option<(api::Stats, std::time::Instant)> = None;
     loop {
-        let s: api::Stats = client.get("/v1/stats").await?;
+        let s: api::Stats = client
+            .get(match out {
+                Output::Human => "/v1/stats?summary=true",
+                Output::Json => "/v1/stats",
+            })
+            .await?;
         let taken = std::time::Instant::now();
         match (out, &last) {
             (Output::Json, _) => println!("{}", serde_json::to_string(&s).expect("serializes")),

@@ -117,7 +117,7 @@ pub fn services(services: &[api::ServiceView]) {
     for s in services {
         rows.push(vec![
             s.service.clone(),
-            s.backends.len().to_string(),
+            s.backend_count.max(s.backends.len()).to_string(),
             s.config.forward.to_string(),
             s.config.maglev_size.to_string(),
             s.packets.to_string(),
@@ -212,11 +212,17 @@ pub fn stats(s: &api::Stats) {
 /// (lbd restarted without its maps) counts from zero.
 pub fn stats_rates(prev: &api::Stats, now: &api::Stats, secs: f64) -> Rates {
     let per_second = |a: u64, b: u64| (b.checked_sub(a).unwrap_or(b)) as f64 / secs.max(1e-3);
+    // By key, not a search per service: 10,000 services would be 10^8 comparisons.
+    let before: std::collections::HashMap<&str, &api::ServiceView> = prev
+        .services
+        .iter()
+        .map(|p| (p.service.as_str(), p))
+        .collect();
     let services = now
         .services
         .iter()
         .map(|s| {
-            let before = prev.services.iter().find(|p| p.service == s.service);
+            let before = before.get(s.service.as_str());
             (
                 s.service.clone(),
                 per_second(before.map_or(0, |p| p.packets), s.packets),
