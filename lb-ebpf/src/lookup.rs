@@ -10,7 +10,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, CONNS, MAGLEV_RING, SPHERES, VIPS, VIP_ADDRS, VIP_FILTER},
+    maps::{BACKENDS, CONNS, CONN_FULL, MAGLEV_RING, SPHERES, VIPS, VIP_ADDRS, VIP_FILTER},
     stats::{self, Exit},
 };
 
@@ -78,18 +78,41 @@ pub fn vip(flow: &FlowKey) -> Result<VipMeta, Exit> {
     unsafe { VIPS.get(&key.0) }.copied().ok_or(Exit::NoService)
 }
 
-/// Enters a flow; not 0 if the table refused it (full). Not inlined: the entry
-/// then lives in a stack frame of its own, and the main program's frame stays
-/// within what its deepest call chain leaves of BPF's 512 bytes.
+/// `-E2BIG`: the hash map has no free element.
+const E2BIG: i32 = 7;
+
+/// Enters a flow; not 0 if the table refused it (full), or refused another in this
+/// tick on this CPU (`CONN_FULL`). Not inlined: the entry then lives in a stack
+/// frame of its own, and the main program's frame stays within what its deepest
+/// call chain leaves of BPF's 512 bytes.
 #[inline(never)]
 fn enter_apart(flow: &FlowKey, backend_id: u32, backend_gen: u32, epoch: u32) -> u64 {
+    let now = now_tick();
+    let full = CONN_FULL.get_ptr_mut(0);
+    if let Some(p) = full {
+        // SAFETY: this CPU's own element of a per-CPU array.
+        if unsafe { *p } == now.wrapping_add(1) {
+            return 1;
+        }
+    }
     let entry = ConnEntry {
         backend_id,
         backend_gen,
         epoch,
-        seen: now_tick(),
+        seen: now,
     };
-    CONNS.insert(flow, &entry, 0).is_err() as u64
+    match CONNS.insert(flow, &entry, 0) {
+        Ok(()) => 0,
+        Err(e) => {
+            // Only "full" holds the inserts off; another failure (a bucket busy in a
+            // nested run) says nothing of the next flow.
+            if let (true, Some(p)) = (e == -E2BIG, full) {
+                // SAFETY: as above.
+                unsafe { *p = now.wrapping_add(1) };
+            }
+            1
+        }
+    }
 }
 
 /// The connection clock's tick now (`lb_common::idle`).

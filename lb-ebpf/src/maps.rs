@@ -55,6 +55,14 @@ pub static TX_PORTS: DevMap = DevMap::with_max_entries(MAX_TX_PORTS, 0);
 #[map]
 pub static CONNS: HashMap<FlowKey, ConnEntry> = HashMap::with_max_entries(1, 0);
 
+/// Per CPU: the connection clock's tick (plus one; 0: never) in which an insert into
+/// `CONNS` was last refused as full. Until the tick moves on, this CPU tries no other
+/// insert: each would be refused too (the sweeper frees entries once a second), and a
+/// refused insert costs a bucket lock and a look at every CPU's free list. Not
+/// pinned: a restart may forget it.
+#[map]
+pub static CONN_FULL: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 /// Client subnet → sphere sub-table, for services with `VIP_F_TOPOLOGY`.
 #[map]
 // BPF_F_NO_PREALLOC (1): required for LPM tries.

@@ -440,7 +440,9 @@ fn main() -> Result<()> {
         set_flow(f, (1 << 26) + n)
     }
     fn cold(f: &mut [u8], n: u64) {
-        set_flow(f, (1 << 28) + n % COLD_FLOWS)
+        // Over all of the cold flows, not the first of them in the order entered:
+        // an odd stride visits each of the 2^20 once per 2^20 calls.
+        set_flow(f, (1 << 28) + n.wrapping_mul(0x9e37_79b1) % COLD_FLOWS)
     }
     fn refused(f: &mut [u8], n: u64) {
         let src = 0xc613_0000u32.wrapping_add(n as u32);
@@ -533,10 +535,16 @@ fn main() -> Result<()> {
     )?;
 
     // A full table: every insert is refused (counted; the flow goes on by its Maglev
-    // table). The cold flows go in first, while there is room, then the table is
-    // filled to its last entry.
+    // table). Emptied of the lines' new flows first (they may fill most of it: 4
+    // rounds of 4 lines of 100,000), so that every cold flow goes in, then the table
+    // is filled to its last entry.
+    maps.clear_connections()?;
     fill(&dp, &ack, 1 << 28, COLD_FLOWS)?;
     let present = maps.count_connections_now() as u64;
+    ensure!(
+        present == COLD_FLOWS,
+        "the table holds {present} of the {COLD_FLOWS} cold flows"
+    );
     fill(
         &dp,
         &ack,

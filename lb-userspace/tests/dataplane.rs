@@ -6,6 +6,7 @@ mod support;
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
+    time::{Duration, Instant},
 };
 
 use aya::programs::{TestRun, TestRunOptions};
@@ -498,6 +499,21 @@ fn a_full_connection_table_keeps_its_flows_and_still_steers_new_ones() {
         moved, 0,
         "{moved} of {SMALL_TABLE} entered flows changed backend"
     );
+
+    // Entries freed (the sweeper's work): a new flow is entered again, at the latest
+    // once the connection clock has moved on (a CPU whose insert was refused as full
+    // tries none for the rest of that tick).
+    lb.maps.clear_connections().unwrap();
+    let fresh = Frame::tcp(CLIENT4, VIP4, 50000, 80).established();
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while lb.maps.connection(&flow_key(&fresh)).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "a new flow was still not entered 6 s after the table emptied"
+        );
+        lb.forward(&fresh);
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The connection-table key of a frame (as the program builds it).
