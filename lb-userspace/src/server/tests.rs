@@ -571,9 +571,13 @@ async fn a_large_reload_is_written_in_batches_and_becomes_the_files_services() {
     assert!(again.changes.is_empty(), "{:?}", again.changes);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reads_during_a_change_to_a_service_of_a_large_table_are_answered_while_it_is_laid_out() {
-    // 20,000 backends: a table of 2,097,169 cells, laid out apart (`LAID_APART`).
+/// The tests of a 20,000-backend service take both cores of a small machine, and a
+/// read's timing is what they judge: one at a time.
+static LARGE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// An API whose service has 20,000 backends: a table of 2,097,169 cells, laid out
+/// apart (`LAID_APART`).
+async fn with_a_large_service(test: &str) -> Api {
     let mut fake = FakeDataplane::new(Limits {
         services: 4,
         backends: 20_100,
@@ -585,7 +589,7 @@ async fn reads_during_a_change_to_a_service_of_a_large_table_are_answered_while_
         ..limits()
     });
     fake.pause = Duration::ZERO;
-    let a = api_over("laid-apart", fake).await;
+    let a = api_over(test, fake).await;
     let mut big = (*a.daemon.now().desired).clone();
     let svc = big.services.get_mut(&key()).unwrap();
     svc.config.maglev_size = 0;
@@ -594,7 +598,32 @@ async fn reads_during_a_change_to_a_service_of_a_large_table_are_answered_while_
         svc.backends.insert(addr, with_mac(11).unwrap());
     }
     a.daemon.apply(big).await.unwrap();
+    a
+}
 
+/// Reads the services until `change` is answered: how many reads, and how many of
+/// them were answered before it and already `show` it (fresh, not the views kept
+/// from before it); then `change`'s answer.
+async fn reads_while<T>(
+    a: &Api,
+    change: tokio::task::JoinHandle<T>,
+    show: impl Fn(&api::ServiceView) -> bool,
+) -> (usize, usize, T) {
+    let (mut reads, mut during) = (0, 0);
+    while !change.is_finished() && reads < 2_000 {
+        reads += 1;
+        let views: Vec<api::ServiceView> = a.client.get("/v1/services").await.unwrap();
+        if show(&views[0]) && !change.is_finished() {
+            during += 1;
+        }
+    }
+    (reads, during, change.await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_during_a_change_to_a_service_of_a_large_table_are_answered_while_it_is_laid_out() {
+    let _one = LARGE.lock().await;
+    let a = with_a_large_service("laid-apart").await;
     // One backend more: its table is laid out again while the reads go on.
     let client = a.client.clone();
     let add = tokio::spawn(async move {
@@ -607,19 +636,11 @@ async fn reads_during_a_change_to_a_service_of_a_large_table_are_answered_while_
             .post::<_, api::Applied>("/v1/backends/add", &add)
             .await
     });
-    let (mut reads, mut during) = (0, 0);
-    while !add.is_finished() && reads < 2_000 {
-        reads += 1;
-        let views: Vec<api::ServiceView> = a.client.get("/v1/services").await.unwrap();
-        let shown = views[0]
-            .backends
-            .iter()
-            .any(|b| b.address == ip("198.18.0.12"));
-        if shown && !add.is_finished() {
-            during += 1;
-        }
-    }
-    let r = add.await.unwrap().unwrap();
+    let (reads, during, r) = reads_while(&a, add, |v| {
+        v.backends.iter().any(|b| b.address == ip("198.18.0.12"))
+    })
+    .await;
+    let r = r.unwrap();
     assert_eq!(r.changes.len(), 1, "{:?}", r.changes);
     assert!(
         during > 0,
@@ -635,52 +656,24 @@ async fn reads_during_a_change_to_a_service_of_a_large_table_are_answered_while_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_during_a_health_verdict_on_a_large_service_are_answered_while_its_table_is_laid_out()
 {
-    // As the health checker sends a verdict: a backend of a service of 20,000
-    // backends fails its check, and the service's table (2,097,169 cells) is made
-    // again without it.
-    let mut fake = FakeDataplane::new(Limits {
-        services: 4,
-        backends: 20_100,
-        tables: crate::dataplane::layout::TableBounds {
-            min: 251,
-            max: 4_194_319,
-        },
-        ring_cells: 1 << 24,
-        ..limits()
-    });
-    fake.pause = Duration::ZERO;
-    let a = api_over("verdict-laid-apart", fake).await;
-    let mut big = (*a.daemon.now().desired).clone();
-    let svc = big.services.get_mut(&key()).unwrap();
-    svc.config.maglev_size = 0;
-    for i in 0..20_000u32 {
-        let addr = IpAddr::from([198, 19, (i >> 8) as u8, i as u8]);
-        svc.backends.insert(addr, with_mac(11).unwrap());
-    }
-    a.daemon.apply(big).await.unwrap();
+    let _one = LARGE.lock().await;
+    // As the health checker sends a verdict: a backend of the service fails its
+    // check, and its table is made again without it.
+    let a = with_a_large_service("verdict-laid-apart").await;
     let sick = ip("198.19.0.7");
     let vip = key().addr;
     let before = a.daemon.now().digests[&vip];
-
     let daemon = a.daemon.clone();
     let verdict = tokio::spawn(async move {
         daemon
             .change(move |d| d.set_health(key(), sick, false))
             .await
     });
-    let (mut reads, mut during) = (0, 0);
-    while !verdict.is_finished() && reads < 2_000 {
-        reads += 1;
-        let views: Vec<api::ServiceView> = a.client.get("/v1/services").await.unwrap();
-        let shown = views[0]
-            .backends
-            .iter()
-            .any(|b| b.address == sick && !b.healthy);
-        if shown && !verdict.is_finished() {
-            during += 1;
-        }
-    }
-    verdict.await.unwrap().unwrap();
+    let (reads, during, r) = reads_while(&a, verdict, |v| {
+        v.backends.iter().any(|b| b.address == sick && !b.healthy)
+    })
+    .await;
+    r.unwrap();
     assert!(
         during > 0,
         "no read was answered while the verdict was written ({reads} reads)"
