@@ -547,32 +547,27 @@ mod tests {
             .is_none());
     }
 
+    /// Node 1 master, node 2 its backup (and an agent), as the cluster names them;
+    /// what node 2 sends on it is lost; what node 1 sends (it asks its backup what
+    /// it stored) is returned.
+    fn master_and_backup(t0: Instant) -> (DirNode, DirNode, Vec<(NodeId, Msg)>) {
+        let mut master = DirNode::new(1, false);
+        let mut agent = DirNode::new(2, false);
+        let roles = |peer: NodeId| Input::Roles {
+            master: 1,
+            backup: Some(2),
+            peers: BTreeSet::from([peer]),
+        };
+        drop(agent.handle(t0, roles(1)));
+        let asked = master.handle(t0, roles(2)).send;
+        assert!(master.is_master() && !agent.is_master());
+        (master, agent, asked)
+    }
+
     #[test]
     fn an_agent_sends_its_changes_to_the_master_and_applies_them_when_pushed() {
         let t0 = Instant::now();
-        let mut master = DirNode::new(1, false);
-        let mut agent = DirNode::new(2, false);
-        let peers = |p: NodeId| BTreeSet::from([p]);
-        // The master first asks its backup (the agent's node) what it stored.
-        let asked = master
-            .handle(
-                t0,
-                Input::Roles {
-                    master: 1,
-                    backup: Some(2),
-                    peers: peers(2),
-                },
-            )
-            .send;
-        agent.handle(
-            t0,
-            Input::Roles {
-                master: 1,
-                backup: Some(2),
-                peers: peers(1),
-            },
-        );
-        assert!(master.is_master() && !agent.is_master());
+        let (mut master, mut agent, asked) = master_and_backup(t0);
         let submitted = agent
             .handle(t0, Input::Submit(vec![put("svc.x", "b", "198.18.0.12:80")]))
             .send;
@@ -598,29 +593,8 @@ mod tests {
     #[test]
     fn an_agent_answered_with_a_log_is_synced() {
         let t0 = Instant::now();
-        let mut master = DirNode::new(1, false);
-        let mut agent = DirNode::new(2, false);
-        let peers = |p: NodeId| BTreeSet::from([p]);
         // The agent hears of the master first; its sync is lost.
-        let lost = agent.handle(
-            t0,
-            Input::Roles {
-                master: 1,
-                backup: Some(2),
-                peers: peers(1),
-            },
-        );
-        drop(lost);
-        let asked = master
-            .handle(
-                t0,
-                Input::Roles {
-                    master: 1,
-                    backup: Some(2),
-                    peers: peers(2),
-                },
-            )
-            .send;
+        let (mut master, mut agent, asked) = master_and_backup(t0);
         // The master's first change reaches the agent as a push.
         let mut wire: Vec<(NodeId, NodeId, Msg)> = asked
             .into_iter()

@@ -10,8 +10,10 @@
 //! and takes what it lacks as committed before it numbers a change of its own: a
 //! master that did not come from the backup (the roles were decided on stale
 //! heartbeats, or both died) would otherwise take the backup's answers about
-//! versions it stored for an earlier master as acknowledgements of its own. Pure state machines: messages in, messages out; the caller moves them
-//! (over UDP/TCP in lbd, through a lossy simulated network in the tests).
+//! versions it stored for an earlier master as acknowledgements of its own.
+//!
+//! Pure state machines: messages in, messages out; the caller moves them (over
+//! UDP/TCP in lbd, through a lossy simulated network in the tests).
 
 use std::collections::BTreeMap;
 
@@ -83,6 +85,17 @@ pub enum Out {
     To(NodeId, Msg),
     /// To every agent (the master's pushes).
     All(Msg),
+}
+
+/// The `Ack` of request `origin` (its node, its number), committed at `version`.
+fn ack(origin: (NodeId, u64), version: Version) -> Out {
+    Out::To(
+        origin.0,
+        Msg::Ack {
+            req: origin.1,
+            version,
+        },
+    )
 }
 
 /// The master (or the backup, which is a master in waiting).
@@ -194,23 +207,23 @@ impl Master {
         origin: (NodeId, u64),
         out: &mut Vec<Out>,
     ) {
-        self.tables.apply(&change);
+        self.apply_committed(version, change, out);
         self.committed = version;
+        self.done.insert(origin, version);
+        // The master's own node's agent is acked too, or it would resend forever.
+        out.push(ack(origin, version));
+    }
+
+    /// `change`, committed at `version`: into the tables and the log (kept to
+    /// `log_limit`), and pushed to every agent.
+    fn apply_committed(&mut self, version: Version, change: Change, out: &mut Vec<Out>) {
+        self.tables.apply(&change);
         self.log.insert(version, change.clone());
         while self.log.len() > self.log_limit {
             let (v, _) = self.log.pop_first().expect("non-empty");
             self.log_start = v + 1;
         }
-        self.done.insert(origin, version);
         out.push(Out::All(Msg::Push { version, change }));
-        // The master's own node's agent is acked too, or it would resend forever.
-        out.push(Out::To(
-            origin.0,
-            Msg::Ack {
-                req: origin.1,
-                version,
-            },
-        ));
     }
 
     /// A change made on the master's own node.
@@ -254,13 +267,7 @@ impl Master {
             }
             Msg::Submit { from, req, change } => {
                 if let Some(version) = self.done.get(&(from, req)) {
-                    out.push(Out::To(
-                        from,
-                        Msg::Ack {
-                            req,
-                            version: *version,
-                        },
-                    ));
+                    out.push(ack((from, req), *version));
                     return out;
                 }
                 if self.waiting.values().any(|(_, o)| *o == (from, req)) {
@@ -347,26 +354,14 @@ impl Master {
         match rows {
             Some(rows) => {
                 // Agents find the gap at their next sync and get a snapshot.
-                let mut fresh = Tables::default();
-                for r in &rows {
-                    fresh.apply(r);
-                }
-                self.tables = fresh;
+                self.tables = Tables::from_snapshot(&rows);
                 self.log.clear();
                 self.log_start = version + 1;
             }
             None => {
-                for (v, change) in entries {
-                    if v <= self.committed {
-                        continue;
-                    }
-                    self.tables.apply(&change);
-                    self.log.insert(v, change.clone());
-                    out.push(Out::All(Msg::Push { version: v, change }));
-                }
-                while self.log.len() > self.log_limit {
-                    let (v, _) = self.log.pop_first().expect("non-empty");
-                    self.log_start = v + 1;
+                let committed = self.committed;
+                for (v, change) in entries.into_iter().filter(|(v, _)| *v > committed) {
+                    self.apply_committed(v, change, out);
                 }
             }
         }
@@ -376,13 +371,7 @@ impl Master {
         for (_, (change, origin)) in std::mem::take(&mut self.waiting) {
             if let Some(v) = self.done.get(&origin) {
                 // The backup had it already: it is committed.
-                out.push(Out::To(
-                    origin.0,
-                    Msg::Ack {
-                        req: origin.1,
-                        version: *v,
-                    },
-                ));
+                out.push(ack(origin, *v));
                 continue;
             }
             self.waiting.insert(self.next, (change, origin));
@@ -574,11 +563,7 @@ impl Backup {
         } = msg
         {
             if version > self.stored {
-                let mut fresh = Tables::default();
-                for r in &rows {
-                    fresh.apply(r);
-                }
-                self.tables = fresh;
+                self.tables = Tables::from_snapshot(&rows);
                 self.stored = version;
                 self.log.clear();
                 self.pending.retain(|v, _| *v > version);
@@ -605,31 +590,22 @@ impl Backup {
     fn recovered(&self, after: Version) -> Msg {
         let from_log =
             after >= self.stored || (after + 1..=self.stored).all(|v| self.log.contains_key(&v));
-        let done = |all: bool| {
-            self.done
-                .iter()
-                .filter(|(_, v)| all || **v > after)
-                .map(|(o, v)| (*o, *v))
-                .collect()
-        };
-        if from_log {
-            Msg::Recovered {
-                version: self.stored,
-                entries: self
-                    .log
-                    .range(after + 1..)
-                    .map(|(v, c)| (*v, c.clone()))
-                    .collect(),
-                rows: None,
-                done: done(false),
-            }
+        let (entries, rows) = if from_log {
+            let entries = self.log.range(after + 1..);
+            (entries.map(|(v, c)| (*v, c.clone())).collect(), None)
         } else {
-            Msg::Recovered {
-                version: self.stored,
-                entries: Vec::new(),
-                rows: Some(self.tables.snapshot()),
-                done: done(true),
-            }
+            (Vec::new(), Some(self.tables.snapshot()))
+        };
+        Msg::Recovered {
+            version: self.stored,
+            entries,
+            rows,
+            done: self
+                .done
+                .iter()
+                .filter(|(_, v)| !from_log || **v > after)
+                .map(|(o, v)| (*o, *v))
+                .collect(),
         }
     }
 
@@ -750,10 +726,7 @@ impl Agent {
                 self.drain_ahead(&mut applied);
             }
             Msg::Snapshot { version, rows } if version >= self.applied => {
-                let mut fresh = Tables::default();
-                for r in &rows {
-                    fresh.apply(r);
-                }
+                let fresh = Tables::from_snapshot(&rows);
                 // Report the difference as changes, so consumers stay incremental.
                 let diff = diff_tables(&self.tables, &fresh);
                 let not_behind =

@@ -343,6 +343,15 @@ impl Tables {
             })
     }
 
+    /// The tables a snapshot holds (`snapshot`'s inverse).
+    pub fn from_snapshot(rows: &[Change]) -> Tables {
+        let mut t = Tables::default();
+        for r in rows {
+            t.apply(r);
+        }
+        t
+    }
+
     /// Every row as changes: the snapshot an agent resyncs from.
     pub fn snapshot(&self) -> Vec<Change> {
         let mut out = Vec::new();
