@@ -418,44 +418,41 @@ impl<D: Dataplane> Reconciler<D> {
         if touched.is_empty() {
             return Ok(Vec::new());
         }
-        if self.deferred {
-            // One write staged at a time: an earlier change of the inputs (in the
-            // same job) is written out first, so that this one's plans are the newer.
-            // An apply's is never under way here: its owner runs no change meanwhile.
-            anyhow::ensure!(
-                self.writing.as_ref().is_none_or(|w| w.old.is_none()),
-                "an apply is being written to the maps; this change of the inputs waits for it"
-            );
-            if let Some(Err(e)) = self.write_some(&mut || true, &mut |_, _| Ok(())) {
-                warn!("writing an earlier change of the inputs: {e:#}");
-            }
-            let next = self.plans(&touched);
-            let t = self.start_transition(next).inspect_err(|e| {
-                self.behind = Some(format!("{e:#}"));
-            })?;
-            let order = t.order.clone();
-            if !order.is_empty() {
-                self.writing = Some(Writing {
-                    touched: t.next.keys().copied().collect(),
-                    step: Step::Write(t),
-                    old: None,
-                    named: Vec::new(),
-                    more: 0,
-                });
-            }
-            return Ok(order);
+        // One write staged at a time: an earlier change of the inputs (in the same
+        // job, deferred) is written out first, so that this one's plans are the
+        // newer. An apply's is never under way here: its owner runs no change
+        // meanwhile.
+        anyhow::ensure!(
+            self.writing.as_ref().is_none_or(|w| w.old.is_none()),
+            "an apply is being written to the maps; this change of the inputs waits for it"
+        );
+        if let Some(Err(e)) = self.write_some(&mut || true, &mut |_, _| Ok(())) {
+            warn!("writing an earlier change of the inputs: {e:#}");
         }
         let next = self.plans(&touched);
-        match self.transition(next) {
-            Ok(written) => {
-                self.behind = None;
-                Ok(written)
-            }
-            Err(e) => {
-                self.behind = Some(format!("{e:#}"));
-                Err(e)
+        let t = self
+            .start_transition(next)
+            .inspect_err(|e| self.behind = Some(format!("{e:#}")))?;
+        let order = t.order.clone();
+        if order.is_empty() {
+            self.behind = None;
+            return Ok(order);
+        }
+        // Staged as an apply's write is (nothing to save first); its end says whether
+        // the node is still behind its inputs (`write_some_of`, `give_up`).
+        self.writing = Some(Writing {
+            touched: t.next.keys().copied().collect(),
+            step: Step::Write(t),
+            old: None,
+            named: Vec::new(),
+            more: 0,
+        });
+        if !self.deferred {
+            if let Some(r) = self.write_some(&mut || true, &mut |_, _| Ok(())) {
+                r?;
             }
         }
+        Ok(order)
     }
 
     /// Makes `new` the desired state; returns what changed. Validated and checked in
