@@ -112,6 +112,33 @@ fn never_saved() -> impl FnMut(&Desired, &BTreeSet<ServiceKey>) -> Result<()> {
     |_, _| Ok(())
 }
 
+/// Writes the write under way a batch at a time, at most `max` batches, each of one
+/// service (unless it fails: the roll-back writes more); no other change may start
+/// meanwhile. Returns the batches taken and how the write ended.
+fn write_in_batches(
+    r: &mut Reconciler<FakeDataplane>,
+    max: usize,
+    save: &mut dyn FnMut(&Desired, &BTreeSet<ServiceKey>) -> Result<()>,
+) -> (usize, Result<()>) {
+    for batches in 1..=max {
+        let calls = r.dp.calls;
+        let step = r.write_some(&mut || false, save);
+        if step.as_ref().is_none_or(|ended| ended.is_ok()) {
+            assert_eq!(r.dp.calls, calls + 1, "one service per batch");
+        }
+        if let Some(ended) = step {
+            return (batches, ended);
+        }
+        assert!(r.writing());
+        assert!(
+            r.begin_apply_of(desired(&[(80, 1, 1)]), None, false)
+                .is_err(),
+            "no other change starts while one is written"
+        );
+    }
+    panic!("{max} services, one per batch: the write did not end in {max} batches");
+}
+
 #[test]
 fn a_change_that_does_not_fit_changes_nothing() {
     let mut r = started(desired(&[(80, 3, 1)]));
@@ -180,23 +207,7 @@ fn an_apply_written_a_service_at_a_time_ends_as_one_written_at_once() {
     };
     assert!(r.write_some(&mut || false, &mut save).is_none());
     assert_eq!(r.dp.calls, calls_before, "nothing written while saving");
-    let mut batches = 0;
-    let ended = loop {
-        batches += 1;
-        assert!(batches <= 4, "four services, one per batch");
-        let calls = r.dp.calls;
-        let r1 = r.write_some(&mut || false, &mut save);
-        assert_eq!(r.dp.calls, calls + 1, "one service per batch");
-        if let Some(r1) = r1 {
-            break r1;
-        }
-        assert!(r.writing());
-        assert!(
-            r.begin_apply_of(desired(&[(80, 1, 1)]), None, false)
-                .is_err(),
-            "no other change starts while one is written"
-        );
-    };
+    let (batches, ended) = write_in_batches(&mut r, 4, &mut save);
     ended.unwrap();
     assert_eq!(batches, 4);
     assert_eq!(saves, 1);
@@ -535,19 +546,7 @@ fn a_deferred_change_of_the_inputs_is_written_in_batches_as_at_once() {
     assert_eq!(staged.len(), 3, "the services it will write");
     assert_eq!(r.dp.calls, calls, "nothing written yet");
     assert!(r.writing());
-    let mut batches = 0;
-    let ended = loop {
-        batches += 1;
-        assert!(batches <= 3, "three services, one per batch");
-        if let Some(done) = r.write_some(&mut || false, &mut never_saved()) {
-            break done;
-        }
-        assert!(
-            r.begin_apply_of(desired(&[(80, 1, 1)]), None, false)
-                .is_err(),
-            "no other change starts while one is written"
-        );
-    };
+    let (batches, ended) = write_in_batches(&mut r, 3, &mut never_saved());
     ended.unwrap();
     assert_eq!(batches, 3);
     for k in [80, 81, 82] {
@@ -565,11 +564,8 @@ fn a_deferred_change_whose_write_fails_leaves_the_maps_as_they_were_and_is_retri
     r.set_deferred(true);
     r.set_directory(directory_for_all()).unwrap();
     r.set_deferred(false);
-    let failed = loop {
-        if let Some(done) = r.write_some(&mut || false, &mut never_saved()) {
-            break done;
-        }
-    };
+    let (batches, failed) = write_in_batches(&mut r, 3, &mut never_saved());
+    assert_eq!(batches, 2, "the second write failed");
     assert!(failed.is_err());
     let after: Vec<_> = [80, 81, 82].map(|k| r.dp.held(key(k)).cloned()).into();
     assert_eq!(after, before, "the first service's write was rolled back");
