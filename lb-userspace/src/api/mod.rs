@@ -126,11 +126,15 @@ pub struct ListQuery {
     pub summary: bool,
 }
 
-impl ServiceView {
-    /// Without its backends (their count stays).
-    pub fn summary(mut self) -> ServiceView {
-        self.backends = Vec::new();
-        self
+impl ListQuery {
+    /// `views` as asked: without their backends in a summary.
+    pub fn shape(self, mut views: Vec<ServiceView>) -> Vec<ServiceView> {
+        if self.summary {
+            for v in &mut views {
+                v.backends = Vec::new();
+            }
+        }
+        views
     }
 }
 

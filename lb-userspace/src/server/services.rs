@@ -29,11 +29,7 @@ pub(super) async fn services(
     ApiQuery(q): ApiQuery<api::ListQuery>,
 ) -> ApiResult<Vec<api::ServiceView>> {
     let views = s.daemon.services_view().await.map_err(internal)?;
-    Ok(Json(if q.summary {
-        views.into_iter().map(api::ServiceView::summary).collect()
-    } else {
-        views
-    }))
+    Ok(Json(q.shape(views)))
 }
 
 pub(super) async fn stats(
@@ -41,13 +37,7 @@ pub(super) async fn stats(
     ApiQuery(q): ApiQuery<api::ListQuery>,
 ) -> ApiResult<api::Stats> {
     let mut stats = s.daemon.stats_view().await.map_err(internal)?;
-    if q.summary {
-        stats.services = stats
-            .services
-            .into_iter()
-            .map(api::ServiceView::summary)
-            .collect();
-    }
+    stats.services = q.shape(stats.services);
     Ok(Json(stats))
 }
 

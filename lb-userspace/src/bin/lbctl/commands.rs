@@ -261,13 +261,7 @@ async fn service(client: &Client, out: Output, cmd: ServiceCmd) -> Result<(), Fa
             show(out, &r, render::applied);
         }
         ServiceCmd::List => {
-            // The table shows each service's backend count only: a summary is enough
-            // (JSON keeps the whole document).
-            let path = match out {
-                Output::Human => "/v1/services?summary=true",
-                Output::Json => "/v1/services",
-            };
-            let all: Vec<api::ServiceView> = client.get(path).await?;
+            let all: Vec<api::ServiceView> = client.get(&listing(out, "/v1/services")).await?;
             show(out, &all, |a| render::services(a));
         }
         ServiceCmd::Show {
@@ -469,16 +463,20 @@ fn registry_client(r: &crate::cli::Registry) -> Result<Option<Client>, Failure> 
     Ok(Some(Client::registry(addr, key)))
 }
 
+/// A list of services for `out`: a table shows each service's backend count only, so
+/// a human's asks for a summary; JSON gets the whole document.
+fn listing(out: Output, path: &str) -> String {
+    match out {
+        Output::Human => format!("{path}?summary=true"),
+        Output::Json => path.to_string(),
+    }
+}
+
 async fn stats(client: &Client, out: Output, watch: bool, interval: u64) -> Result<(), Failure> {
     // With --watch a human sees the counters once, then rates over each interval.
     let mut last: Option<(api::Stats, std::time::Instant)> = None;
     loop {
-        let s: api::Stats = client
-            .get(match out {
-                Output::Human => "/v1/stats?summary=true",
-                Output::Json => "/v1/stats",
-            })
-            .await?;
+        let s: api::Stats = client.get(&listing(out, "/v1/stats")).await?;
         let taken = std::time::Instant::now();
         match (out, &last) {
             (Output::Json, _) => println!("{}", serde_json::to_string(&s).expect("serializes")),
