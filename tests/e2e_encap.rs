@@ -394,8 +394,13 @@ fn remote_backends_serve_tcp_and_udp_over_ipv4_and_ipv6_vips_via_ipip_and_gue() 
         ok(&["backend", "add", svc, &backend_addr(subnet, false)]);
     }
     let list = ok(&["service", "list"]);
+    // SERVICE BACKENDS FORWARD ...: the count comes with the summary lbctl asks for.
+    let count = BACKENDS.len().to_string();
     assert!(
-        list.lines().any(|l| l.contains(svc) && l.contains("gue")),
+        list.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.first() == Some(&svc) && f.get(1) == Some(&count.as_str()) && f.get(2) == Some(&"gue")
+        }),
         "{list}"
     );
     let before = env.global()["fwd_gue"];
