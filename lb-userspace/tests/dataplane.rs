@@ -516,6 +516,64 @@ fn a_full_connection_table_keeps_its_flows_and_still_steers_new_ones() {
     }
 }
 
+/// The connection clock's tick now (`lb_common::idle`), from the kernel's jiffies.
+fn tick_now() -> u32 {
+    let text = std::fs::read_to_string("/proc/timer_list").expect("/proc/timer_list");
+    let jiffies = text
+        .lines()
+        .find_map(|l| l.strip_prefix("jiffies: "))
+        .expect("a jiffies line")
+        .trim()
+        .parse()
+        .expect("jiffies");
+    lb_common::idle::tick(jiffies)
+}
+
+#[test]
+fn a_cpu_whose_insert_a_full_table_refused_tries_none_for_the_rest_of_the_tick() {
+    assert!(is_root(), "the data-plane tests must run as root");
+    // The hold is per CPU: every run on the CPU that was refused.
+    let mut cpu = nix::sched::CpuSet::new();
+    cpu.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).unwrap();
+    let mut lb = load_lb_with(LoadOptions {
+        max_services: 8,
+        conn_table_size: SMALL_TABLE,
+        ..LoadOptions::default()
+    });
+    lb.add(service(VIP4, 80, Proto::Tcp), &backends4(3));
+    const TRIES: u32 = 10;
+    let all = flows((SMALL_TABLE + 2) * TRIES, 80);
+    let mut next = all.iter();
+    for _ in 0..TRIES {
+        let have = lb.maps.count_connections_now() as u32;
+        for _ in have..SMALL_TABLE {
+            lb.forward(next.next().unwrap());
+        }
+        let tick = tick_now();
+        let full_before = lb.stats().conn_table_full;
+        lb.forward(next.next().unwrap());
+        // Room again (the sweeper's work), within the tick of the refusal.
+        lb.maps.clear_connections().unwrap();
+        let fresh = next.next().unwrap();
+        lb.forward(fresh);
+        if tick_now() != tick {
+            continue; // The tick moved on meanwhile: the hold may have ended.
+        }
+        assert!(
+            lb.maps.connection(&flow_key(fresh)).is_none(),
+            "a flow was entered in the tick its CPU's insert was refused"
+        );
+        assert_eq!(
+            lb.stats().conn_table_full,
+            full_before + 2,
+            "the refused flow and the one held off"
+        );
+        return;
+    }
+    panic!("the tick moved on during each of {TRIES} tries");
+}
+
 /// The connection-table key of a frame (as the program builds it).
 fn flow_key(f: &Frame) -> lb_common::FlowKey {
     let (src, family) = lb_userspace::dataplane::layout::addr_bytes(f.src);
