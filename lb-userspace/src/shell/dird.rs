@@ -730,11 +730,8 @@ pub fn start(
                     )
                 };
                 let backup_of = backing.and_then(|m| {
-                    c.view()
-                        .hosts
-                        .iter()
-                        .map(|h| h.info.id)
-                        .find(|a| peer::node_id(*a) == m)
+                    let peers = h.peers.lock().expect("not poisoned");
+                    peers.get(&m).map(|a| a.ip())
                 });
                 c.set_directory(master, backup_of, version, digest).await;
             } else {
