@@ -52,6 +52,7 @@ pub mod map_names {
     pub const REFUSALS: &str = "REFUSALS";
     pub const CONTROL: &str = "CONTROL";
     pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub const VIP_STATE: &str = "VIP_STATE";
     /// The backend side's decapsulation (`lb_decap`); not the balancer's, not pinned
     /// with its maps.
     pub const DECAP_SOURCES: &str = "DECAP_SOURCES";
@@ -60,7 +61,7 @@ pub mod map_names {
     /// `lb_probe_encap`'s settings (written at every start, not pinned).
     pub const PROBE_CONFIG: &str = "PROBE_CONFIG";
     /// The balancer's maps.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         VIP_ADDRS,
         VIPS,
         MAGLEV_RING,
@@ -75,6 +76,7 @@ pub mod map_names {
         REFUSALS,
         CONTROL,
         VIP_FILTER,
+        VIP_STATE,
     ];
 }
 
@@ -193,6 +195,20 @@ pub struct SphereMeta {
 /// from the XDP program itself, within `REFUSALS_PER_SECOND` per source; every other
 /// packet of the service is dropped.
 pub const VIP_F_UNAVAILABLE: u32 = 1 << 4;
+
+/// Bit of a `VIP_STATE` word's flags that no `VIP_F_*` flag uses: the word was
+/// written for a live service (a zero word is "not known").
+pub const VIP_STATE_LIVE: u32 = 1 << 31;
+
+/// The `VIP_STATE` word of a service (indexed by `VipMeta::vip_id`): what a packet
+/// of an established flow needs of its service, its flags (low half, with
+/// [`VIP_STATE_LIVE`]) and epoch (high half), in one word that lbd stores at once.
+/// Such a packet reaches its backend from the connection table, and its service
+/// from the backend's `vip_id`, without the `VIPS` lookup (a hash of the address,
+/// port and protocol). A word without `VIP_STATE_LIVE` sends it the `VIPS` way.
+pub fn vip_state(meta: &VipMeta) -> u64 {
+    (meta.epoch as u64) << 32 | (meta.flags | VIP_STATE_LIVE) as u64
+}
 
 /// Refusals sent to one source address per second, at most; beyond, dropped (a
 /// refusal must not become a reflection amplifier).
@@ -602,3 +618,10 @@ assert_layout!(SphereMeta, 8, 4);
 assert_layout!(DecapConfig, 8, 4);
 assert_layout!(ProbeConfig, 24, 2);
 assert_layout!(DecapStats, 48, 8);
+
+// The live bit of a `VIP_STATE` word is no service flag.
+const _: () = assert!(
+    (VIP_F_EPOCH_RESTEER | VIP_F_SRC_PARTITION | VIP_F_TOPOLOGY | VIP_F_UNAVAILABLE)
+        & VIP_STATE_LIVE
+        == 0
+);

@@ -49,7 +49,8 @@ pub fn steer(
         return Err(Exit::NotL4);
     }
     // Never entered: an error proves nothing about the flow.
-    let (_, backend) = lookup::backend(ctx, flow, &vip, false, g).map_err(|_| Exit::NotL4)?;
+    let (_, backend) =
+        lookup::backend(ctx, flow, &vip, false, false, g).map_err(|_| Exit::NotL4)?;
     let action = forward::send(ctx, &backend, flow, l3.ip_end - l3.l3_off, g)?;
     stats::count_icmp_steered(g);
     Ok(action)

@@ -6,11 +6,13 @@ use lb_common::{
     hash::{flow_hash, vip_filter_bit},
     idle, AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, GlobalStats, SphereKey, VipKey, VipMeta,
     BACKEND_F_ACTIVE, FAMILY_V4, RING_EMPTY, VIP_F_EPOCH_RESTEER, VIP_F_SRC_PARTITION,
-    VIP_F_TOPOLOGY,
+    VIP_F_TOPOLOGY, VIP_F_UNAVAILABLE, VIP_STATE_LIVE,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNS, CONN_FULL, MAGLEV_RING, SPHERES, VIPS, VIP_ADDRS, VIP_FILTER},
+    maps::{
+        BACKENDS, CONNS, CONN_FULL, MAGLEV_RING, SPHERES, VIPS, VIP_ADDRS, VIP_FILTER, VIP_STATE,
+    },
     stats::{self, Exit},
 };
 
@@ -128,6 +130,63 @@ fn live_backend(id: u32, gen: u32) -> Option<Backend> {
     (b.flags & BACKEND_F_ACTIVE != 0 && b.gen == gen).then_some(*b)
 }
 
+/// What the connection table decides of a packet before its service is looked up.
+pub enum Established {
+    /// Its flow's backend (id, entry), live, of a service that keeps the flow there.
+    Forward(u32, Backend),
+    /// Its flow's service (this id) is unavailable: the packet is refused.
+    Refuse(u32),
+    /// No entry: a new flow, steered by its service's table.
+    New,
+    /// An entry that only the service's `VIPS` entry decides: its backend is gone,
+    /// its epoch is past in a service that re-steers, or its service's state word
+    /// is not written.
+    Undecided,
+}
+
+/// The packet's flow in the connection table, and, if its backend is live, the
+/// service that backend belongs to (`VIP_STATE` by the backend's `vip_id`): an
+/// established flow's packets skip the `VIPS` lookup. The backend's service is the
+/// flow's: removing a service clears its state word before its `VIPS` entry and
+/// deactivates its backends after; an id is given anew only after both.
+#[inline(always)]
+pub fn established(flow: &FlowKey, g: &mut GlobalStats) -> Established {
+    let Some(p) = CONNS.get_ptr_mut(flow) else {
+        return Established::New;
+    };
+    // SAFETY: as in `backend`: read field by field, an update swaps the entry whole.
+    let (id, gen, epoch, seen) =
+        unsafe { ((*p).backend_id, (*p).backend_gen, (*p).epoch, (*p).seen) };
+    let now = now_tick();
+    if seen != now {
+        // SAFETY: as in `backend`.
+        unsafe { (*p).seen = now };
+    }
+    let Some(b) = live_backend(id, gen) else {
+        return Established::Undecided;
+    };
+    let Some(word) = VIP_STATE.get_ptr(b.vip_id) else {
+        return Established::Undecided;
+    };
+    // SAFETY: an array element; lbd stores the word whole, read here in one load.
+    let state = unsafe { core::ptr::read_volatile(word) };
+    let flags = state as u32;
+    if flags & VIP_STATE_LIVE == 0 {
+        return Established::Undecided;
+    }
+    if flags & VIP_F_UNAVAILABLE != 0 {
+        return Established::Refuse(b.vip_id);
+    }
+    if epoch != (state >> 32) as u32 {
+        if flags & VIP_F_EPOCH_RESTEER != 0 {
+            return Established::Undecided;
+        }
+        stats::count_epoch_keep(g);
+    }
+    stats::count_lru_hit(g);
+    Established::Forward(id, b)
+}
+
 /// The table a new flow is steered by: its sphere's, when the service partitions by
 /// topology and the client's subnet has one; the whole service's otherwise.
 #[inline(always)]
@@ -148,15 +207,20 @@ fn table(flow: &FlowKey, vip: &VipMeta) -> (u32, u32) {
     (vip.ring_offset, vip.ring_size)
 }
 
+/// The flow's backend once its service is known: its entry's, if that stands for
+/// this service; else its service's table's. `new`: `established` found no entry
+/// (the table is not asked again).
 #[inline(always)]
 pub fn backend(
     ctx: &XdpContext,
     flow: &FlowKey,
     vip: &VipMeta,
     enter: bool,
+    new: bool,
     g: &mut GlobalStats,
 ) -> Result<(u32, Backend), Exit> {
-    if let Some(p) = CONNS.get_ptr_mut(flow) {
+    let found = if new { None } else { CONNS.get_ptr_mut(flow) };
+    if let Some(p) = found {
         // SAFETY: a hash map value; an update swaps it whole. Read field by field
         // into registers: a copy of the whole entry would cost stack the program
         // does not have.

@@ -24,6 +24,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{FlowKey, GlobalStats, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_UNAVAILABLE};
+use lookup::Established;
 use network_types::eth::EthHdr;
 use parse::Irregular;
 use stats::Exit;
@@ -84,13 +85,28 @@ fn balance(ctx: &XdpContext, g: &mut GlobalStats) -> Result<u32, Exit> {
         Ok(enter) => enter,
         Err(e) => return Err(foreign(e, flow)),
     };
-    let vip = lookup::vip(flow).map_err(|e| foreign(e, flow))?;
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
-    stats::count_vip(vip.vip_id, frame_len);
-    if vip.flags & VIP_F_UNAVAILABLE != 0 {
-        return refuse::refuse(ctx, flow, g);
-    }
-    let (backend_id, backend) = lookup::backend(ctx, flow, &vip, enter, g)?;
+    // An established flow's packet finds its service through its backend; the
+    // others look their service up by address, port and protocol.
+    let (backend_id, backend) = match lookup::established(flow, g) {
+        Established::Forward(id, b) => {
+            stats::count_vip(b.vip_id, frame_len);
+            (id, b)
+        }
+        Established::Refuse(vip_id) => {
+            stats::count_vip(vip_id, frame_len);
+            return refuse::refuse(ctx, flow, g);
+        }
+        known => {
+            let vip = lookup::vip(flow).map_err(|e| foreign(e, flow))?;
+            stats::count_vip(vip.vip_id, frame_len);
+            if vip.flags & VIP_F_UNAVAILABLE != 0 {
+                return refuse::refuse(ctx, flow, g);
+            }
+            let new = matches!(known, Established::New);
+            lookup::backend(ctx, flow, &vip, enter, new, g)?
+        }
+    };
     let action = forward::send(ctx, &backend, flow, l3.ip_end - l3.l3_off, g)?;
     stats::count_backend(backend_id, frame_len);
     Ok(action)

@@ -35,6 +35,13 @@ pub static MAGLEV_RING: Array<u64> = Array::with_max_entries(1, lb_common::BPF_F
 
 /// Mappable, so that lbd reads all of it (a restart, a read-back) as memory; it
 /// still writes entries with map updates.
+/// Each service's flags and epoch in one word (`lb_common::vip_state`), by
+/// `VipMeta::vip_id`: a packet of an established flow finds its service through its
+/// backend's `vip_id` here rather than by a `VIPS` lookup. Mappable: lbd stores each
+/// word at once (a map update copies bytes, and a packet could read half of one).
+#[map]
+pub static VIP_STATE: Array<u64> = Array::with_max_entries(MAX_VIPS, lb_common::BPF_F_MMAPABLE);
+
 #[map]
 pub static BACKENDS: Array<Backend> =
     Array::with_max_entries(MAX_BACKENDS, lb_common::BPF_F_MMAPABLE);

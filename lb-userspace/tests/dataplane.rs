@@ -1302,6 +1302,136 @@ fn unavailable(lb: &mut Lb, key: ServiceKey, unavailable: bool) {
     );
 }
 
+/// An established flow's packet finds its service by its backend (`VIP_STATE`), not
+/// by a `VIPS` lookup: whatever the service becomes must reach those packets too.
+#[test]
+fn established_flows_follow_their_services_availability_epoch_and_removal() {
+    let mut lb = load_lb();
+    let key = service(VIP4, 80, Proto::Tcp);
+    // Another service on the address: after the first is removed, its packets still
+    // pass the address filter and must be passed on by the service lookup.
+    lb.add(service(VIP4, 443, Proto::Tcp), &backends4(1));
+    lb.add(key, &backends4(3));
+    let old = flows(300, 80);
+    let before: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+    let (_, word) = lb.maps.state_word(key).unwrap();
+    assert_ne!(
+        word & lb_common::VIP_STATE_LIVE as u64,
+        0,
+        "no state word written"
+    );
+
+    unavailable(&mut lb, key, true);
+    let s0 = lb.stats();
+    for f in &old {
+        assert_eq!(
+            lb.run(&f.build()).0,
+            XDP_DROP,
+            "a packet of an unavailable service was not dropped"
+        );
+    }
+    let s1 = lb.stats();
+    assert_eq!(s1.drop_unavailable - s0.drop_unavailable, 300);
+    assert_eq!(
+        s1.lru_hit, s0.lru_hit,
+        "an unavailable service's packet counted as forwarded"
+    );
+
+    unavailable(&mut lb, key, false);
+    let back: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+    assert_eq!(back, before, "flows moved when their service came back");
+
+    // A new epoch in a service that re-steers its old connections.
+    let config = ServiceConfig {
+        epoch: 7,
+        epoch_resteer: true,
+        ..ServiceConfig::default()
+    };
+    lb.set_config(key, config);
+    let s2 = lb.stats();
+    for f in &old {
+        lb.forward(f);
+    }
+    assert_eq!(lb.stats().epoch_resteer - s2.epoch_resteer, 300);
+    assert_eq!(
+        lb.maps.state_word(key).unwrap().1 >> 32,
+        7,
+        "the word kept the old epoch"
+    );
+
+    lb.remove(key);
+    let s3 = lb.stats();
+    for f in &old {
+        assert_untouched(&lb, &f.build(), XDP_PASS, "pass_no_service");
+    }
+    assert_eq!(lb.stats().lru_hit, s3.lru_hit);
+    assert!(lb.maps.state_word(key).is_none());
+}
+
+/// A word not written (a crash between it and `VIPS`, an older build's pinned maps)
+/// or one that disagrees with `VIPS` before a restore: the packet takes the `VIPS`
+/// way, and a restore writes every word again.
+#[test]
+fn a_service_state_word_left_unwritten_or_stale_is_never_obeyed_after_a_restore() {
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/lbtest-{}-state-word",
+        std::process::id()
+    ));
+    struct Unpin(std::path::PathBuf);
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Unpin(dir.clone());
+    assert!(is_root(), "must run as root");
+    pin_to_cpu0();
+    let options = LoadOptions {
+        max_services: 8,
+        conn_table_size: 1 << 15,
+        pin_dir: Some(dir.clone()),
+        ..LoadOptions::default()
+    };
+    let key = service(VIP4, 80, Proto::Tcp);
+    let old = flows(500, 80);
+    let (before, given, id) = {
+        let (dp, maps) = Programs::load(&options).expect("first load");
+        let mut lb = Lb::new(dp, maps);
+        lb.add(key, &backends4(3));
+        let before: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+        let (id, _) = lb.maps.state_word(key).unwrap();
+        // Unwritten: the flows still reach their backends, by the service lookup.
+        lb.maps.set_state_word(id, 0);
+        let hits = lb.stats().lru_hit;
+        let unwritten: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+        assert_eq!(
+            unwritten, before,
+            "flows moved when their service's word was 0"
+        );
+        assert_eq!(lb.stats().lru_hit - hits, 500);
+        // Stale: says the service is unavailable, which `VIPS` does not.
+        lb.maps.set_state_word(
+            id,
+            (lb_common::VIP_STATE_LIVE | lb_common::VIP_F_UNAVAILABLE) as u64,
+        );
+        (before, lb.given.clone(), id)
+    };
+    let (dp, mut maps) = Programs::load(&options).expect("second load on the pinned maps");
+    maps.restore().unwrap();
+    let mut lb = Lb::new(dp, maps);
+    lb.given = given;
+    let (restored_id, word) = lb.maps.state_word(key).unwrap();
+    assert_eq!(restored_id, id);
+    assert_eq!(
+        word as u32 & lb_common::VIP_F_UNAVAILABLE,
+        0,
+        "the restore kept a stale word"
+    );
+    let after: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
+    assert_eq!(after, before, "flows changed backend across the reload");
+    lb.dp.unpin_maps().unwrap();
+}
+
 #[test]
 fn a_syn_to_an_unavailable_service_gets_a_well_formed_rst() {
     use pnet::packet::{

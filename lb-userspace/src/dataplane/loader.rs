@@ -199,7 +199,7 @@ pub enum Attached {
 /// A pinned map made with other sizes would be reused as it is, silently ignoring the
 /// new options: refuse instead.
 /// Key and value sizes of every map, as this build's types have them.
-fn layouts() -> [(&'static str, usize, usize); 14] {
+fn layouts() -> [(&'static str, usize, usize); 15] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -210,6 +210,7 @@ fn layouts() -> [(&'static str, usize, usize); 14] {
         ),
         (map_names::VIPS, size_of::<VipKey>(), size_of::<VipMeta>()),
         (map_names::VIP_FILTER, 4, 8),
+        (map_names::VIP_STATE, 4, 8),
         // Two cells per element.
         (map_names::MAGLEV_RING, 4, 8),
         (map_names::BACKENDS, 4, size_of::<Backend>()),
@@ -248,10 +249,14 @@ fn check_pinned_layouts(dir: &Path) -> Result<()> {
         // The connection table's kind changed too (per-CPU values, then an LRU,
         // before): same sizes, another map.
         // And the ring became mappable.
+        let mappable = [
+            map_names::MAGLEV_RING,
+            map_names::BACKENDS,
+            map_names::VIP_STATE,
+        ];
         let kind_differs = (name == map_names::CONNS
             && !matches!(info.map_type(), Ok(MapType::Hash)))
-            || ((name == map_names::MAGLEV_RING || name == map_names::BACKENDS)
-                && info.map_flags() & lb_common::BPF_F_MMAPABLE == 0);
+            || (mappable.contains(&name) && info.map_flags() & lb_common::BPF_F_MMAPABLE == 0);
         if kind_differs || info.key_size() as usize != key || info.value_size() as usize != value {
             return Err(DataplaneError::Options(format!(
                 "the pinned map {} was made by another build (key {} / value {} bytes, this build uses {key} / {value}); \
@@ -340,6 +345,7 @@ impl Programs {
             (map_names::VIP_ADDRS, options.max_services, "max_services"),
             (map_names::VIPS, options.max_services, "max_services"),
             (map_names::VIP_STATS, options.max_services, "max_services"),
+            (map_names::VIP_STATE, options.max_services, "max_services"),
             (map_names::BACKENDS, options.max_backends, "max_backends"),
             (map_names::ROUTES, options.max_backends, "max_backends"),
             (

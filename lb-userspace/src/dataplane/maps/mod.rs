@@ -51,10 +51,12 @@ use crate::{
 mod batch;
 mod restore;
 mod ring;
+mod state;
 pub mod sweep;
 mod write;
 
 use ring::{Extent, Extents, Mapped, Ring};
+use state::StateWords;
 
 #[derive(Clone, Debug)]
 struct BackendState {
@@ -112,6 +114,8 @@ pub struct MapManager {
     vip_addrs: HashMap<MapData, AddrKey, AddrMeta>,
     vip_filter: Array<MapData, u64>,
     vips: HashMap<MapData, VipKey, VipMeta>,
+    /// Each service's flags and epoch, repeated from `VIPS` for established flows.
+    vip_state: StateWords,
     ring: Ring,
     /// The ring's cells that no slot holds.
     extents: Extents,
@@ -241,6 +245,14 @@ impl MapManager {
                 })
             }
         };
+        let vip_state = match ebpf.take_map(map_names::VIP_STATE) {
+            Some(aya::maps::Map::Array(data)) => StateWords::new(data)?,
+            _ => {
+                return Err(DataplaneError::MapShape {
+                    name: map_names::VIP_STATE,
+                })
+            }
+        };
         let max_services = options.max_services;
         let max_backends = options.max_backends;
         let backends: Array<MapData, Backend> = take(ebpf, map_names::BACKENDS)?;
@@ -253,6 +265,7 @@ impl MapManager {
             vip_addrs: take(ebpf, map_names::VIP_ADDRS)?,
             vip_filter: take(ebpf, map_names::VIP_FILTER)?,
             vips: take(ebpf, map_names::VIPS)?,
+            vip_state,
             extents: Extents::new(ring.cells()),
             ring,
             backends,
@@ -396,6 +409,21 @@ impl MapManager {
             &self.idle_timeouts,
             &[],
         ))
+    }
+
+    /// The `VIP_STATE` word of `key`'s service (0: none), and the id it is at
+    /// (tests and tools).
+    #[doc(hidden)]
+    pub fn state_word(&self, key: ServiceKey) -> Option<(u32, u64)> {
+        let id = self.services.get(&key)?.vip_id;
+        Some((id, self.vip_state.get(id)))
+    }
+
+    /// Sets `VIP_STATE` word `id` to `word`, as a crash or an older build might
+    /// have left it (tests).
+    #[doc(hidden)]
+    pub fn set_state_word(&mut self, id: u32, word: u64) {
+        self.vip_state.put(id, word);
     }
 
     /// A flow's entry in the connection table (tests and tools).
@@ -710,6 +738,9 @@ impl MapManager {
             .cloned()
             .ok_or(DataplaneError::UnknownService(key))?;
         self.writing()?;
+        // Before the entry: until the backends are deactivated, their flows' packets
+        // must not find the service by its word.
+        self.vip_state.clear(state.vip_id);
         match self.vips.remove(&vip_key(&key)) {
             Ok(()) => {}
             Err(e) if is_missing(&e) => {}

@@ -160,6 +160,9 @@ impl MapManager {
             self.deactivate(id, b)?;
             collected += 1;
         }
+        // Whatever an earlier run (or an older build, without the words) left.
+        self.vip_state
+            .set_all(self.services.values().filter_map(|s| s.meta));
         self.tally = self.tally_afresh();
         Ok(collected)
     }

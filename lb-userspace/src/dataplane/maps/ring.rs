@@ -88,6 +88,11 @@ impl Mapped {
         self.entries
     }
 
+    /// The mapping's first byte (page-aligned).
+    pub(super) fn base(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
     /// Element `i` as a `T` (read whole; the program never writes these maps).
     pub(super) fn get<T: Copy>(&self, i: u32) -> T {
         assert!(i < self.entries && std::mem::size_of::<T>() <= self.elem);

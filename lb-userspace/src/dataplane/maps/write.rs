@@ -207,9 +207,7 @@ impl MapManager {
             };
             if s.meta != Some(meta) {
                 self.writing()?;
-                self.vips
-                    .insert(vip_key(&key), meta, 0)
-                    .map_ctx(map_names::VIPS)?;
+                self.write_vip(key, meta)?;
                 self.services.get_mut(&key).expect("exists").meta = Some(meta);
             }
             // Same cells, maybe from a plan of another digest (a weight that moved
@@ -279,9 +277,7 @@ impl MapManager {
                 epoch: plan.config.epoch,
             };
             self.writing()?;
-            self.vips
-                .insert(vip_key(&key), meta, 0)
-                .map_ctx(map_names::VIPS)?;
+            self.write_vip(key, meta)?;
             // The commit point: from here on the service is at its new plan.
             *undo = Undo::default();
             let s = self.services.get_mut(&key).expect("exists");
@@ -351,6 +347,23 @@ impl MapManager {
 
     /// Keeps `VIP_ADDRS` equal to the set of served service addresses, with the OR
     /// of their fragment policies.
+    /// The service's `VIPS` entry becomes `meta`; its state word is cleared around
+    /// the update and then says what the entry holds (`state`).
+    fn write_vip(&mut self, key: ServiceKey, meta: VipMeta) -> Result<()> {
+        let held = self.services.get(&key).and_then(|s| s.meta);
+        self.vip_state.clear(meta.vip_id);
+        let written = self
+            .vips
+            .insert(vip_key(&key), meta, 0)
+            .map_ctx(map_names::VIPS);
+        match (&written, held) {
+            (Ok(()), _) => self.vip_state.set(meta.vip_id, &meta),
+            (Err(_), Some(old)) => self.vip_state.set(old.vip_id, &old),
+            (Err(_), None) => {}
+        }
+        written
+    }
+
     pub(super) fn write_addr(&mut self, addr: IpAddr) -> Result<()> {
         let (bytes, family) = addr_bytes(addr);
         let key = AddrKey {
