@@ -98,6 +98,10 @@ fn ack(origin: (NodeId, u64), version: Version) -> Out {
     )
 }
 
+/// Committed changes a master (and its backup) keep for agents and backups that
+/// fall behind; further back, they are sent every row.
+pub const LOG_LIMIT: usize = 10_000;
+
 /// The master (or the backup, which is a master in waiting).
 #[derive(Clone, Debug)]
 pub struct Master {
@@ -147,7 +151,7 @@ impl Master {
             waiting: BTreeMap::new(),
             next: 1,
             done: BTreeMap::new(),
-            log_limit: 10_000,
+            log_limit: LOG_LIMIT,
             diverged: Vec::new(),
         }
     }
@@ -514,7 +518,10 @@ pub struct Backup {
     /// committed and would take versions the new master numbers otherwise).
     serves: Option<NodeId>,
     tables: Tables,
+    /// The last changes stored, kept to `log_limit` (as the master's): a master
+    /// recovering from further back gets every row instead.
     log: BTreeMap<Version, Change>,
+    log_limit: usize,
     pending: BTreeMap<Version, (Change, (NodeId, u64))>,
     stored: Version,
     done: BTreeMap<(NodeId, u64), Version>,
@@ -527,6 +534,7 @@ impl Backup {
             serves: None,
             tables: Tables::default(),
             log: BTreeMap::new(),
+            log_limit: LOG_LIMIT,
             pending: BTreeMap::new(),
             stored: 0,
             done: BTreeMap::new(),
@@ -543,6 +551,16 @@ impl Backup {
 
     pub fn stored(&self) -> Version {
         self.stored
+    }
+
+    /// Changes held in the log (tests).
+    pub fn log_len(&self) -> usize {
+        self.log.len()
+    }
+
+    /// Limits the log, as the master's (`Master::set_log_limit`).
+    pub fn set_log_limit(&mut self, limit: usize) {
+        self.log_limit = limit.max(1);
     }
 
     pub fn handle(&mut self, master: NodeId, msg: Msg) -> Vec<Out> {
@@ -617,6 +635,9 @@ impl Backup {
             self.tables.apply(&change);
             self.log.insert(self.stored, change);
             self.done.insert(origin, self.stored);
+        }
+        while self.log.len() > self.log_limit {
+            self.log.pop_first();
         }
         vec![Out::To(
             master,

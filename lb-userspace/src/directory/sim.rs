@@ -302,3 +302,61 @@ fn a_backup_that_joins_behind_committed_changes_catches_up_and_new_changes_commi
     }
     assert_eq!(m.version(), 4, "the waiting change committed");
 }
+
+/// A long-running backup stores every change the master commits (lease renewals
+/// included): its log is kept to the master's limit, and a master recovering from it
+/// beyond the log gets every row instead.
+#[test]
+fn a_backup_keeps_its_log_to_the_limit_and_answers_from_rows_beyond_it() {
+    let change = |k: &str| Change {
+        table: "t".into(),
+        key: k.into(),
+        op: Op::Put {
+            value: "v".into(),
+            valid: true,
+        },
+    };
+    let mut b = Backup::new(BACKUP);
+    b.set_log_limit(10);
+    for v in 1..=100u64 {
+        b.handle(
+            MASTER,
+            Msg::Replicate {
+                version: v,
+                origin: (MASTER, v),
+                change: change(&format!("k{v}")),
+            },
+        );
+    }
+    assert_eq!(b.stored(), 100);
+    assert!(
+        b.log_len() <= 10,
+        "the backup's log holds {} changes",
+        b.log_len()
+    );
+    let recovered = |b: &mut Backup, after| match b.handle(MASTER, Msg::Recover { after }).pop() {
+        Some(Out::To(
+            MASTER,
+            Msg::Recovered {
+                version,
+                entries,
+                rows,
+                ..
+            },
+        )) => (version, entries.len(), rows.is_some()),
+        other => panic!("no Recovered for the master: {other:?}"),
+    };
+    assert_eq!(
+        recovered(&mut b, 95),
+        (100, 5, false),
+        "within the log: its entries"
+    );
+    assert_eq!(
+        recovered(&mut b, 50),
+        (100, 0, true),
+        "beyond the log: the rows"
+    );
+    // Promoted, it is a master whose log starts where its own did.
+    let m = Master::promote(b, None);
+    assert_eq!(m.version(), 100);
+}
