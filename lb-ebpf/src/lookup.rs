@@ -130,6 +130,33 @@ fn live_backend(id: u32, gen: u32) -> Option<Backend> {
     (b.flags & BACKEND_F_ACTIVE != 0 && b.gen == gen).then_some(*b)
 }
 
+/// The entry at `p` (a flow's, just found), its `seen` stamped with this tick: a
+/// packet of the flow was seen, whatever is decided of the entry. Written only when
+/// the tick moved on: a flow's packets on several CPUs then share its entry's cache
+/// line instead of bouncing it. Stamped here, before any decision, so that callers
+/// need not keep the pointer across one (that would take a stack slot the program
+/// does not have).
+#[inline(always)]
+fn stamped(p: *mut ConnEntry) -> ConnEntry {
+    // SAFETY: a hash map value; an update swaps it whole. Read field by field into
+    // registers: a copy of the whole entry would cost stack the program does not have.
+    let conn = unsafe {
+        ConnEntry {
+            backend_id: (*p).backend_id,
+            backend_gen: (*p).backend_gen,
+            epoch: (*p).epoch,
+            seen: (*p).seen,
+        }
+    };
+    let now = now_tick();
+    if conn.seen != now {
+        // SAFETY: the entry's own memory; a racing sweep that removed it at worst
+        // gives the element's next flow a fresher stamp.
+        unsafe { (*p).seen = now };
+    }
+    conn
+}
+
 /// What the connection table decides of a packet before its service is looked up.
 pub enum Established {
     /// Its flow's backend (id, entry), live, of a service that keeps the flow there.
@@ -154,14 +181,12 @@ pub fn established(flow: &FlowKey, g: &mut GlobalStats) -> Established {
     let Some(p) = CONNS.get_ptr_mut(flow) else {
         return Established::New;
     };
-    // SAFETY: as in `backend`: read field by field, an update swaps the entry whole.
-    let (id, gen, epoch, seen) =
-        unsafe { ((*p).backend_id, (*p).backend_gen, (*p).epoch, (*p).seen) };
-    let now = now_tick();
-    if seen != now {
-        // SAFETY: as in `backend`.
-        unsafe { (*p).seen = now };
-    }
+    let ConnEntry {
+        backend_id: id,
+        backend_gen: gen,
+        epoch,
+        ..
+    } = stamped(p);
     let Some(b) = live_backend(id, gen) else {
         return Established::Undecided;
     };
@@ -221,28 +246,7 @@ pub fn backend(
 ) -> Result<(u32, Backend), Exit> {
     let found = if new { None } else { CONNS.get_ptr_mut(flow) };
     if let Some(p) = found {
-        // SAFETY: a hash map value; an update swaps it whole. Read field by field
-        // into registers: a copy of the whole entry would cost stack the program
-        // does not have.
-        let conn = unsafe {
-            ConnEntry {
-                backend_id: (*p).backend_id,
-                backend_gen: (*p).backend_gen,
-                epoch: (*p).epoch,
-                seen: (*p).seen,
-            }
-        };
-        // A packet of the flow was seen, whatever is decided of its entry below.
-        // Written only when the tick moved on: a flow's packets on several CPUs then
-        // share its entry's cache line instead of bouncing it. Here, before the
-        // decision, so that the pointer is not kept across it (that would take a
-        // stack slot the program does not have).
-        let now = now_tick();
-        if conn.seen != now {
-            // SAFETY: the entry's own memory; a racing sweep that removed it at
-            // worst gives the element's next flow a fresher stamp.
-            unsafe { (*p).seen = now };
-        }
+        let conn = stamped(p);
         let resteer = conn.epoch != vip.epoch && vip.flags & VIP_F_EPOCH_RESTEER != 0;
         if resteer {
             // The service moved on to a new epoch and wants its old connections
