@@ -1010,17 +1010,19 @@ fn the_baseline_program_swaps_macs() {
     assert_eq!(macs(&out), (CLIENT_MAC, LB_MAC));
 }
 
-#[test]
-fn a_reload_on_pinned_maps_carries_on_where_the_last_run_stopped() {
-    let dir =
-        std::path::PathBuf::from(format!("/sys/fs/bpf/lbtest-{}-restore", std::process::id()));
-    struct Unpin(std::path::PathBuf);
-    impl Drop for Unpin {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
+/// A pin directory of the test's own, removed when dropped (even by a failing test).
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
-    let _cleanup = Unpin(dir.clone());
+}
+
+/// Load options that pin a small balancer's maps in a directory named for the test
+/// (`name`), for a second load to take over as a restarted daemon does.
+fn pinned(name: &str) -> (PinDir, LoadOptions) {
+    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/lbtest-{}-{name}", std::process::id()));
     assert!(is_root(), "must run as root");
     pin_to_cpu0();
     let options = LoadOptions {
@@ -1029,6 +1031,12 @@ fn a_reload_on_pinned_maps_carries_on_where_the_last_run_stopped() {
         pin_dir: Some(dir.clone()),
         ..LoadOptions::default()
     };
+    (PinDir(dir), options)
+}
+
+#[test]
+fn a_reload_on_pinned_maps_carries_on_where_the_last_run_stopped() {
+    let (_pins, options) = pinned("restore");
     let key = service(VIP4, 80, Proto::Tcp);
     let old = flows(2000, 80);
 
@@ -1314,7 +1322,7 @@ fn established_flows_follow_their_services_availability_epoch_and_removal() {
     lb.add(key, &backends4(3));
     let old = flows(300, 80);
     let before: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
-    let (_, word) = lb.maps.state_word(key).unwrap();
+    let (id, word) = lb.maps.state_word(key).unwrap();
     assert_ne!(
         word & lb_common::VIP_STATE_LIVE as u64,
         0,
@@ -1366,6 +1374,11 @@ fn established_flows_follow_their_services_availability_epoch_and_removal() {
     }
     assert_eq!(lb.stats().lru_hit, s3.lru_hit);
     assert!(lb.maps.state_word(key).is_none());
+    assert_eq!(
+        lb.maps.state_word_at(id),
+        0,
+        "the removed service's word still names it"
+    );
 }
 
 /// A word not written (a crash between it and `VIPS`, an older build's pinned maps)
@@ -1373,25 +1386,7 @@ fn established_flows_follow_their_services_availability_epoch_and_removal() {
 /// way, and a restore writes every word again.
 #[test]
 fn a_service_state_word_left_unwritten_or_stale_is_never_obeyed_after_a_restore() {
-    let dir = std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/lbtest-{}-state-word",
-        std::process::id()
-    ));
-    struct Unpin(std::path::PathBuf);
-    impl Drop for Unpin {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Unpin(dir.clone());
-    assert!(is_root(), "must run as root");
-    pin_to_cpu0();
-    let options = LoadOptions {
-        max_services: 8,
-        conn_table_size: 1 << 15,
-        pin_dir: Some(dir.clone()),
-        ..LoadOptions::default()
-    };
+    let (_pins, options) = pinned("state-word");
     let key = service(VIP4, 80, Proto::Tcp);
     let old = flows(500, 80);
     let (before, given, id) = {
@@ -1600,23 +1595,7 @@ fn refusals_to_one_source_are_limited() {
 /// of the removed one follows the newcomer, even into another service.
 #[test]
 fn a_removed_backends_identity_is_never_reissued_after_a_restart() {
-    let dir =
-        std::path::PathBuf::from(format!("/sys/fs/bpf/lbtest-{}-reissue", std::process::id()));
-    struct Unpin(std::path::PathBuf);
-    impl Drop for Unpin {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Unpin(dir.clone());
-    assert!(is_root(), "must run as root");
-    pin_to_cpu0();
-    let options = LoadOptions {
-        max_services: 8,
-        conn_table_size: 1 << 15,
-        pin_dir: Some(dir.clone()),
-        ..LoadOptions::default()
-    };
+    let (_pins, options) = pinned("reissue");
     let s1 = service(VIP4, 80, Proto::Tcp);
     let s2 = service(VIP4, 81, Proto::Tcp);
     let f = Frame::tcp(CLIENT4, VIP4, 40000, 80);

@@ -416,7 +416,13 @@ impl MapManager {
     #[doc(hidden)]
     pub fn state_word(&self, key: ServiceKey) -> Option<(u32, u64)> {
         let id = self.services.get(&key)?.vip_id;
-        Some((id, self.vip_state.get(id)))
+        Some((id, self.state_word_at(id)))
+    }
+
+    /// `VIP_STATE` word `id`, whoever holds the id (tests and tools).
+    #[doc(hidden)]
+    pub fn state_word_at(&self, id: u32) -> u64 {
+        self.vip_state.get(id)
     }
 
     /// Sets `VIP_STATE` word `id` to `word`, as a crash or an older build might
