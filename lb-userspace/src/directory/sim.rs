@@ -252,21 +252,24 @@ fn a_master_failover_loses_no_acknowledged_change() {
     }
 }
 
-#[test]
-fn a_backup_that_joins_behind_committed_changes_catches_up_and_new_changes_commit() {
-    use crate::directory::tables::{Change, Op};
-    let change = |k: &str| Change {
+/// A change that sets key `k` of table "t".
+fn put(k: &str) -> Change {
+    Change {
         table: "t".into(),
         key: k.into(),
         op: Op::Put {
             value: "v".into(),
             valid: true,
         },
-    };
+    }
+}
+
+#[test]
+fn a_backup_that_joins_behind_committed_changes_catches_up_and_new_changes_commit() {
     // Alone, the master commits v1..v3 at once.
     let mut m = Master::new(1, None);
     for (i, k) in ["a", "b", "c"].iter().enumerate() {
-        m.submit_local(i as u64 + 1, change(k));
+        m.submit_local(i as u64 + 1, put(k));
     }
     assert_eq!(m.version(), 3);
     // A backup arrives that has none of them, and a change waits for it.
@@ -274,7 +277,7 @@ fn a_backup_that_joins_behind_committed_changes_catches_up_and_new_changes_commi
     let mut to_backup: Vec<Msg> = m
         .set_backup(Some(2), false)
         .into_iter()
-        .chain(m.submit_local(4, change("d")))
+        .chain(m.submit_local(4, put("d")))
         .filter_map(|o| match o {
             Out::To(2, msg) => Some(msg),
             _ => None,
@@ -308,14 +311,6 @@ fn a_backup_that_joins_behind_committed_changes_catches_up_and_new_changes_commi
 /// beyond the log gets every row instead.
 #[test]
 fn a_backup_keeps_its_log_to_the_limit_and_answers_from_rows_beyond_it() {
-    let change = |k: &str| Change {
-        table: "t".into(),
-        key: k.into(),
-        op: Op::Put {
-            value: "v".into(),
-            valid: true,
-        },
-    };
     let mut b = Backup::new(BACKUP);
     b.set_log_limit(10);
     for v in 1..=100u64 {
@@ -324,7 +319,7 @@ fn a_backup_keeps_its_log_to_the_limit_and_answers_from_rows_beyond_it() {
             Msg::Replicate {
                 version: v,
                 origin: (MASTER, v),
-                change: change(&format!("k{v}")),
+                change: put(&format!("k{v}")),
             },
         );
     }

@@ -80,6 +80,12 @@ fn started(d: Desired) -> Reconciler<FakeDataplane> {
     r
 }
 
+/// Whether the maps hold backend `addr` for service `key`.
+fn holds_backend(r: &Reconciler<FakeDataplane>, key: ServiceKey, addr: &str) -> bool {
+    r.dp.held(key)
+        .is_some_and(|h| h.backends.contains_key(&addr.parse().unwrap()))
+}
+
 /// The maps (read back) hold exactly the plan of what is known.
 fn assert_holds_the_plan(r: &Reconciler<FakeDataplane>) {
     let inputs = r.known.inputs();
@@ -366,12 +372,7 @@ fn inputs_from_outside_reach_the_maps_and_a_refused_one_is_retried() {
         )]),
     )]);
     assert_eq!(r.set_directory(dir).unwrap(), vec![key(80)]);
-    assert!(r
-        .dp
-        .held(key(80))
-        .unwrap()
-        .backends
-        .contains_key(&"198.18.0.50".parse().unwrap()));
+    assert!(holds_backend(&r, key(80), "198.18.0.50"));
     assert_holds_the_plan(&r);
     // Health takes one out of the table; the view says why.
     r.set_health(key(80), "198.18.0.1".parse().unwrap(), false)
@@ -577,11 +578,6 @@ fn a_deferred_change_whose_write_fails_leaves_the_maps_as_they_were_and_is_retri
     r.set_health(key(80), "198.18.0.1".parse().unwrap(), false)
         .unwrap();
     assert!(r.behind().is_none());
-    assert!(r
-        .dp
-        .held(key(82))
-        .unwrap()
-        .backends
-        .contains_key(&"198.18.0.50".parse().unwrap()));
+    assert!(holds_backend(&r, key(82), "198.18.0.50"));
     assert_holds_the_plan(&r);
 }
