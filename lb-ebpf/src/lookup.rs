@@ -4,14 +4,15 @@ use aya_ebpf::{helpers::bpf_jiffies64, maps::lpm_trie::Key, programs::XdpContext
 use aya_log_ebpf::error;
 use lb_common::{
     hash::{flow_hash, vip_filter_bit},
-    idle, AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, GlobalStats, SphereKey, VipKey, VipMeta,
-    BACKEND_F_ACTIVE, FAMILY_V4, RING_EMPTY, VIP_F_EPOCH_RESTEER, VIP_F_SRC_PARTITION,
-    VIP_F_TOPOLOGY, VIP_F_UNAVAILABLE, VIP_STATE_LIVE,
+    idle, AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, FlowKeyV4, GlobalStats, SphereKey,
+    VipKey, VipMeta, BACKEND_F_ACTIVE, FAMILY_V4, RING_EMPTY, VIP_F_EPOCH_RESTEER,
+    VIP_F_SRC_PARTITION, VIP_F_TOPOLOGY, VIP_F_UNAVAILABLE, VIP_STATE_LIVE,
 };
 
 use crate::{
     maps::{
-        BACKENDS, CONNS, CONN_FULL, MAGLEV_RING, SPHERES, VIPS, VIP_ADDRS, VIP_FILTER, VIP_STATE,
+        BACKENDS, CONNS_V4, CONNS_V6, CONN_FULL, MAGLEV_RING, SPHERES, VIPS, VIP_ADDRS, VIP_FILTER,
+        VIP_STATE,
     },
     stats::{self, Exit},
 };
@@ -80,6 +81,35 @@ pub fn vip(flow: &FlowKey) -> Result<VipMeta, Exit> {
     unsafe { VIPS.get(&key.0) }.copied().ok_or(Exit::NoService)
 }
 
+/// An IPv4 flow's `CONNS_V4` key: `FlowKey`'s first source word, first destination
+/// word and last 8 bytes, as three word copies (no zeroing, no byte loop).
+#[inline(always)]
+fn key_v4(flow: &FlowKey) -> FlowKeyV4 {
+    let mut key = core::mem::MaybeUninit::<FlowKeyV4>::uninit();
+    let from = flow as *const FlowKey as *const u32;
+    let to = key.as_mut_ptr() as *mut u32;
+    // SAFETY: FlowKey (40 bytes) and FlowKeyV4 (16) are 8-aligned plain data: source
+    // word at 0 and 0, destination word at 16 and 4, the tail (ports, protocol,
+    // family, padding; offsets checked in lb_common) at 32 and 8. Every byte of the
+    // key is written.
+    unsafe {
+        *to = *from;
+        *to.add(1) = *from.add(4);
+        *(to as *mut u64).add(1) = *(from as *const u64).add(4);
+        key.assume_init()
+    }
+}
+
+/// The flow's entry in its family's connection table.
+#[inline(always)]
+fn conn(flow: &FlowKey) -> Option<*mut ConnEntry> {
+    if flow.family == FAMILY_V4 {
+        CONNS_V4.get_ptr_mut(&key_v4(flow))
+    } else {
+        CONNS_V6.get_ptr_mut(flow)
+    }
+}
+
 /// `-E2BIG`: the hash map has no free element.
 const E2BIG: i32 = 7;
 
@@ -90,7 +120,8 @@ const E2BIG: i32 = 7;
 #[inline(never)]
 fn enter_apart(flow: &FlowKey, backend_id: u32, backend_gen: u32, epoch: u32) -> u64 {
     let now = now_tick();
-    let full = CONN_FULL.get_ptr_mut(0);
+    let v4 = flow.family == FAMILY_V4;
+    let full = CONN_FULL.get_ptr_mut(if v4 { 0 } else { 1 });
     if let Some(p) = full {
         // SAFETY: this CPU's own element of a per-CPU array.
         if unsafe { *p } == now.wrapping_add(1) {
@@ -103,7 +134,12 @@ fn enter_apart(flow: &FlowKey, backend_id: u32, backend_gen: u32, epoch: u32) ->
         epoch,
         seen: now,
     };
-    match CONNS.insert(flow, &entry, 0) {
+    let entered = if v4 {
+        CONNS_V4.insert(&key_v4(flow), &entry, 0)
+    } else {
+        CONNS_V6.insert(flow, &entry, 0)
+    };
+    match entered {
         Ok(()) => 0,
         Err(e) => {
             // Only "full" holds the inserts off; another failure (a bucket busy in a
@@ -178,7 +214,7 @@ pub enum Established {
 /// deactivates its backends after; an id is given anew only after both.
 #[inline(always)]
 pub fn established(flow: &FlowKey, g: &mut GlobalStats) -> Established {
-    let Some(p) = CONNS.get_ptr_mut(flow) else {
+    let Some(p) = conn(flow) else {
         return Established::New;
     };
     let ConnEntry {
@@ -244,7 +280,7 @@ pub fn backend(
     new: bool,
     g: &mut GlobalStats,
 ) -> Result<(u32, Backend), Exit> {
-    let found = if new { None } else { CONNS.get_ptr_mut(flow) };
+    let found = if new { None } else { conn(flow) };
     if let Some(p) = found {
         let conn = stamped(p);
         let resteer = conn.epoch != vip.epoch && vip.flags & VIP_F_EPOCH_RESTEER != 0;

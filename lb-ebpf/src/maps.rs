@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, AddrMeta, Backend, ConnEntry, Control, Counter, DecapConfig, DecapStats, FlowKey,
-    GlobalStats, ProbeConfig, RefuseBucket, Route, SphereKey, SphereMeta, VipKey, VipMeta,
-    MAX_BACKENDS, MAX_DECAP_SOURCES, MAX_REFUSING_SOURCES, MAX_SPHERE_RULES, MAX_TX_PORTS,
+    FlowKeyV4, GlobalStats, ProbeConfig, RefuseBucket, Route, SphereKey, SphereMeta, VipKey,
+    VipMeta, MAX_BACKENDS, MAX_DECAP_SOURCES, MAX_REFUSING_SOURCES, MAX_SPHERE_RULES, MAX_TX_PORTS,
     MAX_VIPS, MAX_VIP_ADDRS,
 };
 
@@ -52,23 +52,35 @@ pub static ROUTES: Array<Route> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 pub static TX_PORTS: DevMap = DevMap::with_max_entries(MAX_TX_PORTS, 0);
 
-/// The connection table: one entry per flow, shared by every CPU (a flow that moves
-/// between queues keeps its backend), the value beside its key. A preallocated hash,
-/// not an LRU: an insert takes one element from its CPU's free list, where an LRU
-/// refills its CPU's list 128 elements at a time (each a cache miss in a table that
-/// has been used), a stall of tens of microseconds once per ~128 new flows. Idle
-/// entries are removed by lbd's sweeper (`ConnEntry::seen`); a full table refuses an
-/// insert (`conn_table_full`) instead of evicting.
+/// The connection table of IPv4 flows: one entry per flow, shared by every CPU (a
+/// flow that moves between queues keeps its backend), the value beside its key. A
+/// preallocated hash, not an LRU: an insert takes one element from its CPU's free
+/// list, where an LRU refills its CPU's list 128 elements at a time (each a cache
+/// miss in a table that has been used), a stall of tens of microseconds once per
+/// ~128 new flows. Idle entries are removed by lbd's sweeper (`ConnEntry::seen`); a
+/// full table refuses an insert (`conn_table_full`) instead of evicting. Keyed by
+/// 16 bytes, not the 40 of an IPv6 flow: the smaller element is what makes a lookup
+/// in a big, cold table and an insert cheaper.
 #[map]
-pub static CONNS: HashMap<FlowKey, ConnEntry> = HashMap::with_max_entries(1, 0);
+pub static CONNS_V4: HashMap<FlowKeyV4, ConnEntry> = HashMap::with_max_entries(1, 0);
 
-/// Per CPU: the connection clock's tick (plus one; 0: never) in which an insert into
-/// `CONNS` was last refused as full. Until the tick moves on, this CPU tries no other
-/// insert: each would be refused too (the sweeper frees entries once a second), and a
-/// refused insert costs a bucket lock and a look at every CPU's free list. Not
-/// pinned: a restart may forget it.
+/// The connection table of IPv6 flows, by the whole 5-tuple (a shorter key made by
+/// hashing the addresses would let crafted flows collide). Allocated as flows
+/// come, not in advance: a node pays memory for the IPv6 flows it has, not for a
+/// second table of the IPv4 table's size; an insert takes an element from its CPU's
+/// cache of the kernel's BPF allocator.
 #[map]
-pub static CONN_FULL: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+pub static CONNS_V6: HashMap<FlowKey, ConnEntry> =
+    HashMap::with_max_entries(1, lb_common::BPF_F_NO_PREALLOC);
+
+/// Per CPU, per table (0: `CONNS_V4`, 1: `CONNS_V6`): the connection clock's tick
+/// (plus one; 0: never) in which an insert into the table was last refused as full.
+/// Until the tick moves on, this CPU tries no other insert into it: each would be
+/// refused too (the sweeper frees entries once a second), and a refused insert costs
+/// a bucket lock and a look at every CPU's free list. Not pinned: a restart may
+/// forget it.
+#[map]
+pub static CONN_FULL: PerCpuArray<u32> = PerCpuArray::with_max_entries(2, 0);
 
 /// Client subnet → sphere sub-table, for services with `VIP_F_TOPOLOGY`.
 #[map]

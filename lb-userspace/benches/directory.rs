@@ -35,25 +35,27 @@ fn run(agents: u32, n: u64) -> f64 {
     for i in 0..n {
         let a = (i % agents.len() as u64) as usize;
         let (_, outs) = agents[a].submit(change(i));
-        let mut queue: Vec<(u32, Msg)> = outs
+        let from = agents[a].id;
+        // (from, to, message): the master hears its backup's messages only from it.
+        let mut queue: Vec<(u32, u32, Msg)> = outs
             .into_iter()
             .filter_map(|o| match o {
-                Out::To(to, m) => Some((to, m)),
+                Out::To(to, m) => Some((from, to, m)),
                 Out::All(_) => None,
             })
             .collect();
-        while let Some((to, msg)) = queue.pop() {
+        while let Some((from, to, msg)) = queue.pop() {
             let outs = match to {
-                0 => master.handle(msg),
-                1 => backup.handle(0, msg),
+                0 => master.handle(from, msg),
+                1 => backup.handle(from, msg),
                 id => agents[(id - 10) as usize].handle(msg).1,
             };
             for o in outs {
                 match o {
-                    Out::To(to, m) => queue.push((to, m)),
+                    Out::To(next, m) => queue.push((to, next, m)),
                     Out::All(m) => {
                         for ag in agents.iter() {
-                            queue.push((ag.id, m.clone()));
+                            queue.push((to, ag.id, m.clone()));
                         }
                     }
                 }

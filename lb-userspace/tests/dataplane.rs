@@ -694,6 +694,100 @@ fn a_sweep_of_a_large_table_removes_every_idle_entry_once() {
     }
 }
 
+/// Established IPv6 flows that differ only in their source address's last bytes
+/// (an IPv4 flow's key keeps 4 bytes of each address; an IPv6 flow's must keep 16).
+fn flows6(n: u32, first: u32) -> Vec<Frame> {
+    (first..first + n)
+        .map(|i| {
+            let src = format!("2001:db8:1::{:x}:{:x}", i >> 16, i & 0xffff);
+            Frame::new(
+                src.parse().unwrap(),
+                VIP6.parse().unwrap(),
+                L4::Tcp,
+                40000,
+                80,
+            )
+            .established()
+        })
+        .collect()
+}
+
+#[test]
+fn ipv4_and_ipv6_flows_are_each_entered_whole_and_kept_swept_and_refused_apart() {
+    assert!(is_root(), "the data-plane tests must run as root");
+    let mut lb = load_lb_with(LoadOptions {
+        max_services: 8,
+        conn_table_size: SMALL_TABLE,
+        ..LoadOptions::default()
+    });
+    let (k4, k6) = (service(VIP4, 80, Proto::Tcp), service(VIP6, 80, Proto::Tcp));
+    lb.add(k4, &backends4(3));
+    lb.add(k6, &backends6(3));
+    let v4 = flows(1000, 80);
+    let v6 = flows6(1000, 1);
+    let before4: Vec<u8> = v4.iter().map(|f| lb.forward(f)).collect();
+    let before6: Vec<u8> = v6.iter().map(|f| lb.forward(f)).collect();
+    assert_eq!(
+        lb.maps.count_connections_now(),
+        2000,
+        "every flow of both families has an entry of its own"
+    );
+    for f in v4.iter().chain(&v6) {
+        assert!(
+            lb.maps.connection(&flow_key(f)).is_some(),
+            "{f:?} not entered"
+        );
+    }
+
+    // Their tables change: every flow of both families stays where it was, which only
+    // its entry can do.
+    lb.set_backends(k4, &backends4(6));
+    lb.set_backends(k6, &backends6(6));
+    let hits = lb.stats().lru_hit;
+    let after4: Vec<u8> = v4.iter().map(|f| lb.forward(f)).collect();
+    let after6: Vec<u8> = v6.iter().map(|f| lb.forward(f)).collect();
+    assert_eq!(after4, before4, "an IPv4 flow changed backend");
+    assert_eq!(after6, before6, "an IPv6 flow changed backend");
+    assert_eq!(lb.stats().lru_hit - hits, 2000);
+
+    // Idle IPv6 flows are swept as IPv4 ones are: half of each stamped long ago.
+    let now = lb.maps.connection(&flow_key(&v6[0])).unwrap().seen;
+    for f in v4.iter().chain(&v6).step_by(2) {
+        let k = flow_key(f);
+        let mut e = lb.maps.connection(&k).unwrap();
+        e.seen = now - 10_000;
+        lb.maps.set_connection(k, e).unwrap();
+    }
+    let swept = lb.maps.sweep_connections_at(now).unwrap();
+    assert_eq!((swept.kept, swept.expired), (1000, 1000));
+    for (i, f) in v4.iter().chain(&v6).enumerate() {
+        assert_eq!(
+            lb.maps.connection(&flow_key(f)).is_some(),
+            i % 2 == 1,
+            "flow {i} ({f:?})"
+        );
+    }
+
+    // The IPv6 table full (the swept flows back): the flows beyond it are refused
+    // and counted, and the IPv4 table, which is not, still enters its new flows in
+    // the same tick.
+    for f in v4.iter().chain(&v6) {
+        lb.forward(f);
+    }
+    let more6 = flows6(SMALL_TABLE - 1000 + 100, 1001);
+    for f in &more6 {
+        lb.forward(f);
+    }
+    assert_eq!(lb.maps.count_connections_now(), 1000 + SMALL_TABLE as usize);
+    assert_eq!(lb.stats().conn_table_full, 100);
+    let new4 = Frame::tcp(CLIENT4, VIP4, 50000, 80).established();
+    lb.forward(&new4);
+    assert!(
+        lb.maps.connection(&flow_key(&new4)).is_some(),
+        "the IPv4 flow was not entered while the IPv6 table was full"
+    );
+}
+
 #[test]
 fn a_removed_backend_gets_no_packet_even_from_its_old_flows() {
     let mut lb = load_lb();
@@ -1090,6 +1184,34 @@ fn a_reload_on_pinned_maps_carries_on_where_the_last_run_stopped() {
         "only {fresh} new flows reached backends 3 and 4"
     );
     lb.dp.unpin_maps().unwrap();
+}
+
+#[test]
+fn an_older_builds_connection_table_is_unpinned_when_this_build_loads() {
+    // Builds before the split kept both families in one table, pinned as `CONNS`:
+    // left pinned, its memory (up to 1.7 GB) would stay taken for good.
+    let (pins, options) = pinned("retired");
+    std::fs::create_dir_all(&pins.0).unwrap();
+    let old = pins.0.join(lb_common::map_names::CONNS_RETIRED);
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&old)
+        .args([
+            "type", "hash", "key", "40", "value", "16", "entries", "1024",
+        ])
+        .args(["name", "CONNS"])
+        .status()
+        .expect("running bpftool (scripts/install-toolchain.sh installs it)");
+    assert!(made.success() && old.exists(), "bpftool made no pinned map");
+    let (dp, _maps) = Programs::load(&options).expect("load beside an older build's pins");
+    assert!(
+        !old.exists(),
+        "the older build's connection table is still pinned"
+    );
+    for name in lb_common::map_names::ALL {
+        assert!(pins.0.join(name).exists(), "{name} is not pinned");
+    }
+    dp.unpin_maps().unwrap();
 }
 
 #[test]

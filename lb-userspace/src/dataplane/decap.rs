@@ -35,7 +35,7 @@ pub const MAPS: [&str; 3] = [
 ];
 
 /// The balancer's maps that dominate its memory, at their least size here.
-const LEAST: [&str; 8] = [
+const LEAST: [&str; 9] = [
     map_names::VIP_ADDRS,
     map_names::VIPS,
     map_names::VIP_STATS,
@@ -43,7 +43,8 @@ const LEAST: [&str; 8] = [
     map_names::ROUTES,
     map_names::BACKEND_STATS,
     map_names::MAGLEV_RING,
-    map_names::CONNS,
+    map_names::CONNS_V4,
+    map_names::CONNS_V6,
 ];
 
 /// What the decapsulation takes: packets from these outer sources (the LB nodes'

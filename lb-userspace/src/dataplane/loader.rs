@@ -199,7 +199,7 @@ pub enum Attached {
 /// A pinned map made with other sizes would be reused as it is, silently ignoring the
 /// new options: refuse instead.
 /// Key and value sizes of every map, as this build's types have them.
-fn layouts() -> [(&'static str, usize, usize); 15] {
+fn layouts() -> [(&'static str, usize, usize); 16] {
     use lb_common::*;
     use std::mem::size_of;
     [
@@ -218,7 +218,12 @@ fn layouts() -> [(&'static str, usize, usize); 15] {
         // A devmap value is `struct bpf_devmap_val`: ifindex and program fd.
         (map_names::TX_PORTS, 4, 8),
         (
-            map_names::CONNS,
+            map_names::CONNS_V4,
+            size_of::<FlowKeyV4>(),
+            size_of::<ConnEntry>(),
+        ),
+        (
+            map_names::CONNS_V6,
             size_of::<FlowKey>(),
             size_of::<ConnEntry>(),
         ),
@@ -254,8 +259,8 @@ fn check_pinned_layouts(dir: &Path) -> Result<()> {
             map_names::BACKENDS,
             map_names::VIP_STATE,
         ];
-        let kind_differs = (name == map_names::CONNS
-            && !matches!(info.map_type(), Ok(MapType::Hash)))
+        let conns = [map_names::CONNS_V4, map_names::CONNS_V6];
+        let kind_differs = (conns.contains(&name) && !matches!(info.map_type(), Ok(MapType::Hash)))
             || (mappable.contains(&name) && info.map_flags() & lb_common::BPF_F_MMAPABLE == 0);
         if kind_differs || info.key_size() as usize != key || info.value_size() as usize != value {
             return Err(DataplaneError::Options(format!(
@@ -269,6 +274,25 @@ fn check_pinned_layouts(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Unpins the maps of older builds that this one no longer uses (the one connection
+/// table of both families): the old program, while still attached, keeps its map;
+/// once it is replaced the map's memory is freed instead of staying pinned for good.
+/// Its flows are re-steered by their services' tables, as after a restart that
+/// lost them.
+fn unpin_retired(dir: &Path) {
+    let path = dir.join(map_names::CONNS_RETIRED);
+    if path.exists() {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "unpinned an older build's connection table")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not unpin an older build's connection table; remove it by hand")
+            }
+        }
+    }
 }
 
 fn check_pinned_size(dir: &Path, name: &str, expected: u32, option: &str) -> Result<()> {
@@ -358,7 +382,16 @@ impl Programs {
                 options.ring_cells.div_ceil(2),
                 "ring_cells",
             ),
-            (map_names::CONNS, options.conn_table_size, "conn_table_size"),
+            (
+                map_names::CONNS_V4,
+                options.conn_table_size,
+                "conn_table_size",
+            ),
+            (
+                map_names::CONNS_V6,
+                options.conn_table_size,
+                "conn_table_size",
+            ),
         ];
         for (name, entries, _) in sizes {
             loader.map_max_entries(name, entries);
@@ -404,6 +437,9 @@ impl Programs {
             source,
         })?;
         let maps = MapManager::new(&mut ebpf, options)?;
+        if let Some(dir) = &options.pin_dir {
+            unpin_retired(dir);
+        }
         let dataplane = Programs {
             ebpf,
             logger,

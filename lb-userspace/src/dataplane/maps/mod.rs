@@ -31,8 +31,8 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    map_names, AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, Route,
-    SphereKey, SphereMeta, VipKey, VipMeta, BACKEND_F_ACTIVE, FAMILY_V4, FAMILY_V6,
+    map_names, AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, FlowKeyV4, GlobalStats,
+    Route, SphereKey, SphereMeta, VipKey, VipMeta, BACKEND_F_ACTIVE, FAMILY_V4, FAMILY_V6,
     MAX_SPHERE_RULES, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, ROUTE_MODE_GUE, ROUTE_MODE_IPIP,
     ROUTE_MODE_L2_DSR, ROUTE_MODE_NONE,
 };
@@ -124,8 +124,9 @@ pub struct MapManager {
     backends_view: Mapped,
     routes: Array<MapData, Route>,
     tx_ports: DevMap<MapData>,
-    conns: HashMap<MapData, FlowKey, ConnEntry>,
-    /// Entries in `CONNS`, as last counted by the sweeping thread.
+    conns_v4: HashMap<MapData, FlowKeyV4, ConnEntry>,
+    conns_v6: HashMap<MapData, FlowKey, ConnEntry>,
+    /// Entries in `CONNS_V4` and `CONNS_V6`, as last counted by the sweeping thread.
     conn_entries: std::sync::Arc<std::sync::atomic::AtomicU64>,
     idle_timeouts: sweep::IdleTimeouts,
     vip_stats: PerCpuArray<MapData, Counter>,
@@ -186,6 +187,20 @@ where
     ebpf.take_map(name)
         .and_then(|m| T::try_from(m).ok())
         .ok_or(DataplaneError::MapShape { name })
+}
+
+/// A second handle on a connection table, for a walk that removes as it goes (the
+/// walk borrows the first).
+fn handle<K: aya::Pod>(
+    map: &HashMap<MapData, K, ConnEntry>,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, ConnEntry>> {
+    let fd =
+        map.map().fd().as_fd().try_clone_to_owned().map_err(|e| {
+            DataplaneError::Options(format!("duplicating {name}'s descriptor: {e}"))
+        })?;
+    let data = MapData::from_fd(fd).map_ctx(name)?;
+    HashMap::try_from(aya::maps::Map::HashMap(data)).map_ctx(name)
 }
 
 /// Deleting a key that is not there: aya reports it as KeyNotFound or as the
@@ -272,7 +287,8 @@ impl MapManager {
             backends_view,
             routes: take(ebpf, map_names::ROUTES)?,
             tx_ports: take(ebpf, map_names::TX_PORTS)?,
-            conns: take(ebpf, map_names::CONNS)?,
+            conns_v4: take(ebpf, map_names::CONNS_V4)?,
+            conns_v6: take(ebpf, map_names::CONNS_V6)?,
             conn_entries: Default::default(),
             idle_timeouts: sweep::IdleTimeouts::of(options, sweep::hz()),
             vip_stats: take(ebpf, map_names::VIP_STATS)?,
@@ -335,23 +351,11 @@ impl MapManager {
         Some(fingerprint)
     }
 
-    /// Walks the connection table now (tests and benchmarks: the daemon reads the
+    /// Walks the connection tables now (tests and benchmarks: the daemon reads the
     /// count the counting thread keeps).
     pub fn count_connections_now(&self) -> usize {
-        self.conns.keys().filter(|k| k.is_ok()).count()
-    }
-
-    /// A second handle on `CONNS`, for a walk that removes as it goes.
-    fn conns_handle(&self) -> Result<HashMap<MapData, FlowKey, ConnEntry>> {
-        let fd = self
-            .conns
-            .map()
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| DataplaneError::Options(format!("duplicating CONNS' descriptor: {e}")))?;
-        let data = MapData::from_fd(fd).map_ctx(map_names::CONNS)?;
-        HashMap::try_from(aya::maps::Map::HashMap(data)).map_ctx(map_names::CONNS)
+        self.conns_v4.keys().filter(|k| k.is_ok()).count()
+            + self.conns_v6.keys().filter(|k| k.is_ok()).count()
     }
 
     /// Sweeps the connection table on a thread of its own, through handles of its
@@ -361,8 +365,10 @@ impl MapManager {
     /// it ends once the manager is gone.
     fn sweep_apart(&self) -> Result<()> {
         use std::sync::{atomic::Ordering, Arc};
-        let walker = self.conns_handle()?;
-        let mut remover = self.conns_handle()?;
+        let walker_v4 = handle(&self.conns_v4, map_names::CONNS_V4)?;
+        let mut remover_v4 = handle(&self.conns_v4, map_names::CONNS_V4)?;
+        let walker_v6 = handle(&self.conns_v6, map_names::CONNS_V6)?;
+        let mut remover_v6 = handle(&self.conns_v6, map_names::CONNS_V6)?;
         let timeouts = self.idle_timeouts;
         let cpus = aya::util::online_cpus().unwrap_or_default();
         let count = Arc::clone(&self.conn_entries);
@@ -372,7 +378,10 @@ impl MapManager {
                 let mut clock = None;
                 while Arc::strong_count(&count) > 1 {
                     let t = std::time::Instant::now();
-                    let swept = sweep::sweep(&walker, &mut remover, clock, &timeouts, &cpus);
+                    // One clock for both tables: the data plane stamps them alike.
+                    let v4 = sweep::sweep(&walker_v4, &mut remover_v4, clock, &timeouts, &cpus);
+                    let v6 = sweep::sweep(&walker_v6, &mut remover_v6, v4.newest, &timeouts, &cpus);
+                    let swept = v4.and(v6);
                     clock = swept.newest;
                     count.store(swept.kept, Ordering::Relaxed);
                     if swept.expired > 0 {
@@ -401,14 +410,23 @@ impl MapManager {
     /// daemon's sweeper keeps its clock from walk to walk).
     #[doc(hidden)]
     pub fn sweep_connections_at(&mut self, now: u32) -> Result<sweep::Swept> {
-        let mut remover = self.conns_handle()?;
-        Ok(sweep::sweep(
-            &self.conns,
+        let mut remover = handle(&self.conns_v4, map_names::CONNS_V4)?;
+        let v4 = sweep::sweep(
+            &self.conns_v4,
             &mut remover,
             Some(now),
             &self.idle_timeouts,
             &[],
-        ))
+        );
+        let mut remover = handle(&self.conns_v6, map_names::CONNS_V6)?;
+        let v6 = sweep::sweep(
+            &self.conns_v6,
+            &mut remover,
+            v4.newest,
+            &self.idle_timeouts,
+            &[],
+        );
+        Ok(v4.and(v6))
     }
 
     /// The `VIP_STATE` word of `key`'s service (0: none), and the id it is at
@@ -435,13 +453,25 @@ impl MapManager {
     /// A flow's entry in the connection table (tests and tools).
     #[doc(hidden)]
     pub fn connection(&self, flow: &FlowKey) -> Option<ConnEntry> {
-        self.conns.get(flow, 0).ok()
+        if flow.family == lb_common::FAMILY_V4 {
+            self.conns_v4.get(&FlowKeyV4::of(flow), 0).ok()
+        } else {
+            self.conns_v6.get(flow, 0).ok()
+        }
     }
 
     /// Writes a flow's entry (tests: an entry stamped at another time).
     #[doc(hidden)]
     pub fn set_connection(&mut self, flow: FlowKey, entry: ConnEntry) -> Result<()> {
-        self.conns.insert(flow, entry, 0).map_ctx(map_names::CONNS)
+        if flow.family == lb_common::FAMILY_V4 {
+            self.conns_v4
+                .insert(FlowKeyV4::of(&flow), entry, 0)
+                .map_ctx(map_names::CONNS_V4)
+        } else {
+            self.conns_v6
+                .insert(flow, entry, 0)
+                .map_ctx(map_names::CONNS_V6)
+        }
     }
 
     /// Sets the filter bit of an address just added to `VIP_ADDRS`.
@@ -479,11 +509,15 @@ impl MapManager {
     /// has run for a while has it, is filled and emptied once before timing).
     #[doc(hidden)]
     pub fn clear_connections(&mut self) -> Result<usize> {
-        let keys: Vec<FlowKey> = self.conns.keys().filter_map(|k| k.ok()).collect();
-        for k in &keys {
-            let _ = self.conns.remove(k);
+        let v4: Vec<FlowKeyV4> = self.conns_v4.keys().filter_map(|k| k.ok()).collect();
+        for k in &v4 {
+            let _ = self.conns_v4.remove(k);
         }
-        Ok(keys.len())
+        let v6: Vec<FlowKey> = self.conns_v6.keys().filter_map(|k| k.ok()).collect();
+        for k in &v6 {
+            let _ = self.conns_v6.remove(k);
+        }
+        Ok(v4.len() + v6.len())
     }
 
     /// How many tables this manager has built (a resume of unchanged services

@@ -10,9 +10,26 @@
 //! removed early, only sometimes late.
 
 use aya::maps::{HashMap, MapData};
-use lb_common::{idle, ConnEntry, FlowKey, PROTO_UDP};
+use lb_common::{idle, ConnEntry, FlowKey, FlowKeyV4, PROTO_UDP};
 
 use super::LoadOptions;
+
+/// A key of a connection table (`CONNS_V4`, `CONNS_V6`): what the sweep reads of it.
+pub trait ConnKey: aya::Pod {
+    fn proto(&self) -> u8;
+}
+
+impl ConnKey for FlowKey {
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+}
+
+impl ConnKey for FlowKeyV4 {
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+}
 
 /// Idle timeouts in connection-clock ticks, by protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,8 +55,8 @@ impl IdleTimeouts {
     }
 
     /// Whether a flow's entry is idle beyond its protocol's timeout at tick `now`.
-    pub fn expired(&self, key: &FlowKey, entry: &ConnEntry, now: u32) -> bool {
-        idle::expired(entry.seen, now, self.of_proto(key.proto))
+    pub fn expired(&self, key: &impl ConnKey, entry: &ConnEntry, now: u32) -> bool {
+        idle::expired(entry.seen, now, self.of_proto(key.proto()))
     }
 }
 
@@ -53,6 +70,18 @@ pub struct Swept {
     /// The newest stamp seen (or the clock the walk began with, if later): the next
     /// walk's clock.
     pub newest: Option<u32>,
+}
+
+impl Swept {
+    /// What walks of two tables found together (the second walked with the first's
+    /// clock).
+    pub fn and(self, other: Swept) -> Swept {
+        Swept {
+            kept: self.kept + other.kept,
+            expired: self.expired + other.expired,
+            newest: other.newest.or(self.newest),
+        }
+    }
 }
 
 /// Deletions between moves of the sweeping thread to the next CPU.
@@ -72,18 +101,18 @@ const SPREAD_EVERY: u64 = 1024;
 /// in turn: with one sweeping CPU, every other CPU would come to look through up to
 /// all of them for each new flow. So the sweep moves itself over `cpus` as it removes,
 /// handing each CPU back its share.
-pub fn sweep(
-    walker: &HashMap<MapData, FlowKey, ConnEntry>,
-    remover: &mut HashMap<MapData, FlowKey, ConnEntry>,
+pub fn sweep<K: ConnKey>(
+    walker: &HashMap<MapData, K, ConnEntry>,
+    remover: &mut HashMap<MapData, K, ConnEntry>,
     clock: Option<u32>,
     timeouts: &IdleTimeouts,
     cpus: &[u32],
 ) -> Swept {
     let mut swept = Swept::default();
     let mut now = clock;
-    let mut pending: Option<FlowKey> = None;
+    let mut pending: Option<K> = None;
     let mut mover = CpuMover::new(cpus);
-    let mut remove = |key: &FlowKey, swept: &mut Swept| {
+    let mut remove = |key: &K, swept: &mut Swept| {
         // An entry already gone (removed meanwhile) is not counted twice.
         if remover.remove(key).is_ok() {
             swept.expired += 1;
