@@ -22,9 +22,6 @@ pub const PROTO_UDP: u8 = 17;
 /// The kernel's `BPF_F_MMAPABLE` map flag: the ring array is written by lbd through
 /// a shared mapping.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
-/// The kernel's `BPF_F_NO_PREALLOC` map flag: a hash whose elements are allocated as
-/// they are inserted.
-pub const BPF_F_NO_PREALLOC: u32 = 1;
 /// Marks a ring entry that has no backend (a service with no usable backend).
 pub const RING_EMPTY: u32 = u32::MAX;
 

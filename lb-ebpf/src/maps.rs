@@ -65,13 +65,12 @@ pub static TX_PORTS: DevMap = DevMap::with_max_entries(MAX_TX_PORTS, 0);
 pub static CONNS_V4: HashMap<FlowKeyV4, ConnEntry> = HashMap::with_max_entries(1, 0);
 
 /// The connection table of IPv6 flows, by the whole 5-tuple (a shorter key made by
-/// hashing the addresses would let crafted flows collide). Allocated as flows
-/// come, not in advance: a node pays memory for the IPv6 flows it has, not for a
-/// second table of the IPv4 table's size; an insert takes an element from its CPU's
-/// cache of the kernel's BPF allocator.
+/// hashing the addresses would let crafted flows collide); otherwise as `CONNS_V4`.
+/// Preallocated too: a table that allocates as flows come refills each CPU's cache
+/// of elements in batches, and one new flow in fifty then stalled for 10 µs or
+/// more (half of a new flow's mean cost).
 #[map]
-pub static CONNS_V6: HashMap<FlowKey, ConnEntry> =
-    HashMap::with_max_entries(1, lb_common::BPF_F_NO_PREALLOC);
+pub static CONNS_V6: HashMap<FlowKey, ConnEntry> = HashMap::with_max_entries(1, 0);
 
 /// Per CPU, per table (0: `CONNS_V4`, 1: `CONNS_V6`): the connection clock's tick
 /// (plus one; 0: never) in which an insert into the table was last refused as full.

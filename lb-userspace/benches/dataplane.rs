@@ -33,6 +33,8 @@ const VIP: &str = "198.18.0.100";
 /// Services whose backends are behind a router: IPIP on one, GUE on the other.
 const VIP_IPIP: &str = "198.18.0.101";
 const VIP_GUE: &str = "198.18.0.102";
+/// An IPv6 service: its flows live in the IPv6 connection table.
+const VIP6: &str = "2001:db8::100";
 const BACKENDS: u8 = 16;
 const ROUNDS: usize = 4;
 const CHUNK: u64 = 100_000;
@@ -44,6 +46,8 @@ const XDP_TX: u32 = 3;
 const XDP_PASS: u32 = 2;
 /// The TCP flags byte of a built IPv4 frame.
 const TCP_FLAGS: usize = ETH_LEN + 20 + 13;
+/// The TCP flags byte of a built IPv6 frame.
+const TCP_FLAGS6: usize = ETH_LEN + 40 + 13;
 
 /// Per-call kernel times of a line, over all its chunks, and the baseline's means of
 /// the chunks run beside it.
@@ -133,6 +137,12 @@ fn set_flow(frame: &mut [u8], n: u64) {
     frame[ETH_LEN + 20..ETH_LEN + 22].copy_from_slice(&(n as u16).to_be_bytes());
 }
 
+/// Writes a distinct source address for flow `n` into a built IPv6 frame (its last
+/// 32 bits).
+fn set_flow6(frame: &mut [u8], n: u64) {
+    frame[ETH_LEN + 20..ETH_LEN + 24].copy_from_slice(&(n as u32).to_be_bytes());
+}
+
 /// A source of frames for one line: a template and how call `n` changes it.
 struct Gen {
     template: Vec<u8>,
@@ -218,15 +228,26 @@ fn rounds() -> usize {
         .unwrap_or(ROUNDS)
 }
 
-/// Runs `n` new flows (sources from `first`) through the balancer: fills the table
-/// (`template` an ACK: a SYN does not enter its flow).
+/// Runs `n` new IPv4 flows (sources from `first`) through the balancer: fills the
+/// table (`template` an ACK: a SYN does not enter its flow).
 fn fill(dp: &Programs, template: &[u8], first: u64, n: u64) -> Result<()> {
+    fill_by(dp, template, first, n, set_flow)
+}
+
+/// As `fill`, with the flows' sources written by `step`.
+fn fill_by(
+    dp: &Programs,
+    template: &[u8],
+    first: u64,
+    n: u64,
+    step: fn(&mut [u8], u64),
+) -> Result<()> {
     let mut i = first;
     chunk(dp, "fill", Program::Balancer, XDP_TX, n, &mut |f| {
         if f.is_empty() {
             *f = template.to_vec();
         }
-        set_flow(f, i);
+        step(f, i);
         i += 1;
     })
     .map(drop)
@@ -411,6 +432,36 @@ fn main() -> Result<()> {
         maps.write_service(k, &remote_plan)?;
     }
 
+    // The same backends' worth for the IPv6 service, on the same link.
+    let local6: Vec<_> = (1..=BACKENDS)
+        .map(|i| {
+            (
+                format!("2001:db8:5::{i}").parse().expect("address"),
+                1,
+                BackendRoute {
+                    dst_mac: backend_mac(i),
+                    src_mac: LB_MAC,
+                    egress: Egress::Ingress,
+                    encap: None,
+                },
+            )
+        })
+        .collect();
+    let plan6 = ServicePlan::with_backends(
+        ServiceConfig {
+            maglev_size: MAGLEV_SIZE,
+            ..ServiceConfig::default()
+        },
+        local6,
+    );
+    maps.write_service(
+        ServiceKey {
+            addr: VIP6.parse()?,
+            ..key
+        },
+        &plan6,
+    )?;
+
     let syn = Frame::tcp("198.19.0.1", VIP, 40000, 80).build();
     let mut ack = syn.clone();
     ack[TCP_FLAGS] = 0x10;
@@ -422,13 +473,16 @@ fn main() -> Result<()> {
         f
     };
     let (ack_ipip, ack_gue) = (ack_to(VIP_IPIP), ack_to(VIP_GUE));
+    let mut ack6 = Frame::tcp("2001:db8:19::1", VIP6, 40000, 80).build();
+    ack6[TCP_FLAGS6] = 0x10;
 
-    // A used table: filled to capacity by the program, then emptied.
+    // Used tables: filled to capacity by the program, then emptied.
     let started = Instant::now();
     fill(&dp, &ack, 1 << 27, capacity as u64)?;
+    fill_by(&dp, &ack6, 1 << 27, capacity as u64, set_flow6)?;
     let emptied = maps.clear_connections()?;
     eprintln!(
-        "table filled with {capacity} flows and emptied ({emptied}) in {:?}",
+        "tables filled with {capacity} flows each and emptied ({emptied}) in {:?}",
         started.elapsed()
     );
 
@@ -511,8 +565,20 @@ fn main() -> Result<()> {
         XDP_TX,
         Gen::new(ack_gue.clone(), new_flow),
     );
+    let mut v6_est = Spec::new(
+        "IPv6 established TCP ACK",
+        Program::Balancer,
+        XDP_TX,
+        Gen::new(ack6.clone(), same),
+    );
+    let mut v6_new = Spec::new(
+        "IPv6 new flow's 1st ACK",
+        Program::Balancer,
+        XDP_TX,
+        Gen::new(ack6.clone(), |f, n| set_flow6(f, (1 << 24) + n)),
+    );
     // The established flows first, so that their lines are hits from the first call.
-    for warm in [&ack, &ack_ipip, &ack_gue] {
+    for warm in [&ack, &ack_ipip, &ack_gue, &ack6] {
         chunk(&dp, "warm", Program::Balancer, XDP_TX, 1, &mut |f| {
             *f = warm.clone()
         })?;
@@ -531,6 +597,8 @@ fn main() -> Result<()> {
             &mut ipip_new,
             &mut gue_est,
             &mut gue_new,
+            &mut v6_est,
+            &mut v6_new,
         ],
     )?;
 
@@ -594,8 +662,8 @@ fn main() -> Result<()> {
 
     let stats = maps.global_stats()?;
     println!(
-        "data plane, {BACKENDS} backends, Maglev table {}, connection table of {capacity} entries \
-         ({cpus} possible CPUs x 1,048,576; filled and emptied before timing); pinned to CPU 0; \
+        "data plane, {BACKENDS} backends, Maglev table {}, connection tables of {capacity} entries \
+         ({cpus} possible CPUs x 1,048,576; each filled and emptied before timing); pinned to CPU 0; \
          {} rounds of {CHUNK} calls per line, each beside a baseline chunk",
         MAGLEV_SIZE,
         rounds(),
@@ -627,6 +695,8 @@ fn main() -> Result<()> {
         &mut ipip_new,
         &mut gue_est,
         &mut gue_new,
+        &mut v6_est,
+        &mut v6_new,
         &mut refusal,
     ] {
         if spec.line.samples.is_empty() {

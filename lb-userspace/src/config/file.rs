@@ -107,6 +107,7 @@ pub(super) struct DataplaneSection {
     pub(super) maglev_min_size: Option<Spanned<u32>>,
     pub(super) maglev_max_size: Option<Spanned<u32>>,
     pub(super) conn_table_size: Option<Spanned<u32>>,
+    pub(super) conn_table_size_v6: Option<Spanned<u32>>,
     pub(super) tcp_idle_timeout_s: Option<Spanned<u32>>,
     pub(super) udp_idle_timeout_s: Option<Spanned<u32>>,
     /// Encapsulation (services with `forward = "ipip"` or `"gue"`): this node's

@@ -297,9 +297,24 @@ impl Config {
                         "conn_table_size",
                         range(
                             CONN_TABLE_LIMIT,
-                            "entries; each costs about 120 bytes of kernel memory",
+                            "IPv4 flows; each costs about 96 bytes of kernel memory",
                         ),
                     )?,
+                    conn_table_size_v6: dp
+                        .conn_table_size_v6
+                        .map(|v| {
+                            sized(
+                                &ctx,
+                                Some(v),
+                                0,
+                                "conn_table_size_v6",
+                                range(
+                                    CONN_TABLE_LIMIT,
+                                    "IPv6 flows; each costs about 120 bytes of kernel memory",
+                                ),
+                            )
+                        })
+                        .transpose()?,
                     tcp_idle_timeout_s: sized(
                         &ctx,
                         dp.tcp_idle_timeout_s,
@@ -532,6 +547,31 @@ drain = true
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn the_ipv6_connection_table_is_sized_like_the_ipv4_one_unless_set() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.sizes.v6_conn_table_size(), 4096);
+        let c = parse(&GOOD.replace(
+            "conn_table_size = 4096",
+            "conn_table_size = 4096\nconn_table_size_v6 = 1024",
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.sizes.conn_table_size, c.sizes.v6_conn_table_size()),
+            (4096, 1024)
+        );
+        let e = error_of(&GOOD.replace(
+            "conn_table_size = 4096",
+            "conn_table_size = 4096\nconn_table_size_v6 = 0",
+        ));
+        assert_eq!(e.line, 8, "{e}");
+        assert!(
+            e.message
+                .contains("dataplane.conn_table_size_v6: 0 must be 1..=16777216"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -79,8 +79,10 @@ pub struct LoadOptions {
     /// Bounds of an automatically sized table (primes).
     pub maglev_min_size: u32,
     pub maglev_max_size: u32,
-    /// Entries of the connection table (a preallocated hash shared by every CPU).
+    /// Entries of the IPv4 connection table (a preallocated hash shared by every CPU).
     pub conn_table_size: u32,
+    /// Entries of the IPv6 one; `None`: as many as the IPv4 one.
+    pub conn_table_size_v6: Option<u32>,
     /// Seconds a flow may be idle before the sweeper removes its entry, by protocol.
     pub tcp_idle_timeout_s: u32,
     pub udp_idle_timeout_s: u32,
@@ -110,6 +112,7 @@ impl Default for LoadOptions {
             maglev_min_size: 1021,
             maglev_max_size: 16_777_213,
             conn_table_size: 1 << 18,
+            conn_table_size_v6: None,
             // IPVS's established TCP and UDP timeouts, which operators know.
             tcp_idle_timeout_s: 900,
             udp_idle_timeout_s: 300,
@@ -119,6 +122,11 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
+    /// Entries of the IPv6 connection table.
+    pub fn v6_conn_table_size(&self) -> u32 {
+        self.conn_table_size_v6.unwrap_or(self.conn_table_size)
+    }
+
     /// The first option out of its range, named as in `[dataplane]`.
     pub fn refusal(&self) -> Option<String> {
         let range = |name: &str, v: u32, max: u32| {
@@ -128,6 +136,13 @@ impl LoadOptions {
             .or_else(|| range("max_backends", self.max_backends, MAX_BACKENDS_LIMIT))
             .or_else(|| range("ring_cells", self.ring_cells, RING_CELLS_LIMIT))
             .or_else(|| range("conn_table_size", self.conn_table_size, CONN_TABLE_LIMIT))
+            .or_else(|| {
+                range(
+                    "conn_table_size_v6",
+                    self.v6_conn_table_size(),
+                    CONN_TABLE_LIMIT,
+                )
+            })
             .or_else(|| {
                 range(
                     "tcp_idle_timeout_s",
@@ -389,8 +404,8 @@ impl Programs {
             ),
             (
                 map_names::CONNS_V6,
-                options.conn_table_size,
-                "conn_table_size",
+                options.v6_conn_table_size(),
+                "conn_table_size_v6",
             ),
         ];
         for (name, entries, _) in sizes {
