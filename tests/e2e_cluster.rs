@@ -607,6 +607,47 @@ fn wait_all(
     start.elapsed()
 }
 
+#[test]
+fn a_change_made_on_a_node_after_its_restart_is_applied_not_taken_for_an_earlier_one() {
+    // A node's directory requests are numbered; the master remembers what each
+    // number became, so that a resent request is acknowledged, not applied twice.
+    // A restarted lbd must not number its requests as its last run did: the master
+    // would acknowledge them as the old ones and apply nothing.
+    let mut c = Cluster::new("dsdrestart");
+    c.settle(Duration::from_secs(5));
+    let leader = c.agreed_leader().expect("a leader");
+    let lb = ["lb2", "lb3"]
+        .into_iter()
+        .find(|lb| *lb != leader)
+        .expect("a node that is not the directory master");
+    let svc = format!("tcp/{}:{}", standard::VIP, standard::SERVICE_PORT);
+    let table = format!("svc.{svc}");
+    let add = |c: &Cluster, key: &str| {
+        let out = c.lbctl(lb, &["dir", "add", &table, key, "198.18.0.13:8080"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let has = |key: &'static str| {
+        move |rows: &serde_json::Value| {
+            rows.as_array()
+                .is_some_and(|r| r.iter().any(|e| e["key"] == key))
+        }
+    };
+    add(&c, "before");
+    wait_all(&c, &table, Duration::from_secs(5), has("before"));
+
+    c.lbds.get(lb).unwrap().signal(Signal::SIGKILL).unwrap();
+    c.lbds.remove(lb);
+    c.start(lb);
+    c.wait_ready(lb, Duration::from_secs(10));
+    add(&c, "after");
+    let took = wait_all(&c, &table, Duration::from_secs(5), has("after"));
+    eprintln!("a change on {lb} after its restart reached every node within {took:?}");
+}
+
 /// `lbctl backend register` of b3 (198.18.0.13:8080, ttl 1 s) on lb3, renewing until
 /// killed.
 fn register_b3_on_lb3(c: &Cluster, svc: &str) -> std::process::Child {

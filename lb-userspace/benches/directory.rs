@@ -30,7 +30,7 @@ fn change(i: u64) -> Change {
 fn run(agents: u32, n: u64) -> f64 {
     let mut master = Master::new(0, Some(1));
     let mut backup = Backup::new(1);
-    let mut agents: Vec<Agent> = (0..agents).map(|i| Agent::new(10 + i, 0)).collect();
+    let mut agents: Vec<Agent> = (0..agents).map(|i| Agent::new(10 + i, 0, 1)).collect();
     let start = Instant::now();
     for i in 0..n {
         let a = (i % agents.len() as u64) as usize;

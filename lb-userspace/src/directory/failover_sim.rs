@@ -76,7 +76,7 @@ impl Sim {
             t0: Instant::now(),
             now_ms: 0,
             seq: 0,
-            nodes: (0..n).map(|i| DirNode::new(i, false)).collect(),
+            nodes: (0..n).map(|i| DirNode::new(i, false, 1)).collect(),
             dead: BTreeSet::new(),
             cut: BTreeSet::new(),
             queue: BTreeMap::new(),
@@ -342,7 +342,9 @@ fn a_burst_through_a_new_master_survives_its_death_too() {
         s.dead.insert(second);
         s.waiting.retain(|(n, _), _| *n != second);
         s.dead.remove(&first);
-        s.nodes[first as usize] = DirNode::new(first, false);
+        // Numbering its requests after its last run's, as the daemon does from
+        // the clock.
+        s.nodes[first as usize] = DirNode::new(first, false, 1 + (s.now_ms << 20));
         s.advertised[first as usize] = (false, None, 0);
         s.heard[first as usize] = (false, None, 0);
         s.settle(30_000);

@@ -91,11 +91,12 @@ pub struct DirNode {
 
 impl DirNode {
     /// A node whose master is `master` (itself when standalone: then it is the
-    /// master from the start, with no backup).
-    pub fn new(me: NodeId, standalone: bool) -> DirNode {
+    /// master from the start, with no backup). `first_req`: its first request's
+    /// number, beyond any its earlier runs sent (`Agent::new`).
+    pub fn new(me: NodeId, standalone: bool, first_req: u64) -> DirNode {
         DirNode {
             me,
-            agent: Agent::new(me, me),
+            agent: Agent::new(me, me, first_req),
             master: standalone.then(|| Master::new(me, None)),
             backup: None,
             heartbeats: Heartbeats::default(),
@@ -524,7 +525,7 @@ mod tests {
     #[test]
     fn a_standalone_node_applies_its_own_changes_at_once_and_expires_leases() {
         let t0 = Instant::now();
-        let mut n = DirNode::new(0, true);
+        let mut n = DirNode::new(0, true, 1);
         let out = n.handle(t0, Input::Submit(vec![put("svc.x", "a", "198.18.0.11:80")]));
         assert_eq!(out.applied.len(), 1);
         assert!(out.send.is_empty());
@@ -551,8 +552,8 @@ mod tests {
     /// what node 2 sends on it is lost; what node 1 sends (it asks its backup what
     /// it stored) is returned.
     fn master_and_backup(t0: Instant) -> (DirNode, DirNode, Vec<(NodeId, Msg)>) {
-        let mut master = DirNode::new(1, false);
-        let mut agent = DirNode::new(2, false);
+        let mut master = DirNode::new(1, false, 1);
+        let mut agent = DirNode::new(2, false, 1);
         let roles = |peer: NodeId| Input::Roles {
             master: 1,
             backup: Some(2),

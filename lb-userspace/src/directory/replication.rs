@@ -669,7 +669,11 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(id: NodeId, master: NodeId) -> Self {
+    /// `first_req`: the number of this agent's first request. The master takes a
+    /// request it has seen from `id` for a resend (acknowledged, not applied): a
+    /// restarted node's agent must number after everything its last run sent (the
+    /// daemon counts from the wall clock in microseconds).
+    pub fn new(id: NodeId, master: NodeId, first_req: u64) -> Self {
         Self {
             id,
             master,
@@ -677,7 +681,7 @@ impl Agent {
             applied: 0,
             ahead: BTreeMap::new(),
             unacked: BTreeMap::new(),
-            next_req: 1,
+            next_req: first_req.max(1),
             diverged: 0,
             before_change: None,
         }

@@ -60,7 +60,7 @@ impl World {
             },
             master: Master::new(MASTER, Some(BACKUP)),
             backup: Some(Backup::new(BACKUP)),
-            agents: (0..agents).map(|i| Agent::new(10 + i, MASTER)).collect(),
+            agents: (0..agents).map(|i| Agent::new(10 + i, MASTER, 1)).collect(),
             acked: vec![],
             requests: BTreeMap::new(),
         }

@@ -653,6 +653,16 @@ fn roles(
     Some((peer::node_id(master), backup.map(peer::node_id), peers))
 }
 
+/// The number of this run's first directory request: microseconds since the epoch,
+/// so that it follows every request an earlier run of this node sent (one a
+/// microsecond at most), which the master would otherwise take for resends of those
+/// and acknowledge without applying.
+fn first_request() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
+}
+
 /// Starts the directory: lease countdowns every 50 ms; resends, resyncs and (in a
 /// cluster) role changes every 200 ms; this node in the agents table every second;
 /// the feeder. Without a cluster this node is its own master. The managers that run
@@ -664,7 +674,11 @@ pub fn start(
 ) -> DirHandle {
     let me = cluster.as_ref().map_or(0, |(_, c)| peer::node_id(c.id));
     let handle = DirHandle {
-        node: Arc::new(std::sync::Mutex::new(DirNode::new(me, cluster.is_none()))),
+        node: Arc::new(std::sync::Mutex::new(DirNode::new(
+            me,
+            cluster.is_none(),
+            first_request(),
+        ))),
         daemon,
         key: Arc::new(
             cluster
