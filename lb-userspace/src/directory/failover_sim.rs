@@ -342,9 +342,8 @@ fn a_burst_through_a_new_master_survives_its_death_too() {
         s.dead.insert(second);
         s.waiting.retain(|(n, _), _| *n != second);
         s.dead.remove(&first);
-        // Numbering its requests after its last run's, as the daemon does from
-        // the clock.
-        s.nodes[first as usize] = DirNode::new(first, false, 1 + (s.now_ms << 20));
+        // A run of its own for its requests, as the daemon picks one at start.
+        s.nodes[first as usize] = DirNode::new(first, false, (1 << 32) | 1);
         s.advertised[first as usize] = (false, None, 0);
         s.heard[first as usize] = (false, None, 0);
         s.settle(30_000);

@@ -92,7 +92,7 @@ pub struct DirNode {
 impl DirNode {
     /// A node whose master is `master` (itself when standalone: then it is the
     /// master from the start, with no backup). `first_req`: its first request's
-    /// number, beyond any its earlier runs sent (`Agent::new`).
+    /// number, in a run none of its earlier runs used (`Agent::new`).
     pub fn new(me: NodeId, standalone: bool, first_req: u64) -> DirNode {
         DirNode {
             me,

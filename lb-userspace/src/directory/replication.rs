@@ -102,6 +102,83 @@ fn ack(origin: (NodeId, u64), version: Version) -> Out {
 /// fall behind; further back, they are sent every row.
 pub const LOG_LIMIT: usize = 10_000;
 
+/// A request's run: the high 32 bits of its number. A node starts each run at a
+/// random one (`DirNode::new`'s `first_req`), so no run's numbers are another's.
+fn run_of(req: u64) -> u64 {
+    req >> 32
+}
+
+/// What each submitter's request became, so that a resent request is acknowledged,
+/// not applied twice; kept for the versions of the last `limit` changes (as the
+/// log), and beyond that summed up per run of a node as the highest request
+/// forgotten (`forgotten`). A node numbers its requests upward within a run and
+/// resends an unacknowledged one every 200 ms, so a request at or below that mark
+/// is an old one, committed long ago; a new one is always above it.
+#[derive(Clone, Debug, Default)]
+pub struct Done {
+    by_origin: BTreeMap<(NodeId, u64), Version>,
+    forgotten: BTreeMap<(NodeId, u64), u64>,
+}
+
+impl Done {
+    /// The version request `origin` became, if it is committed; a forgotten one
+    /// answers `committed` (it is at or below it).
+    fn get(&self, origin: (NodeId, u64), committed: Version) -> Option<Version> {
+        if let Some(v) = self.by_origin.get(&origin) {
+            return Some(*v);
+        }
+        let (node, req) = origin;
+        self.forgotten
+            .get(&(node, run_of(req)))
+            .is_some_and(|top| req <= *top)
+            .then_some(committed)
+    }
+
+    fn insert(&mut self, origin: (NodeId, u64), version: Version) {
+        self.by_origin.insert(origin, version);
+    }
+
+    fn extend(&mut self, entries: impl IntoIterator<Item = ((NodeId, u64), Version)>) {
+        self.by_origin.extend(entries);
+    }
+
+    /// Forgets the requests that became versions `limit` or more behind `committed`,
+    /// once there are twice as many as `limit` (one pass per `limit` changes).
+    fn trim(&mut self, committed: Version, limit: usize) {
+        if self.by_origin.len() <= 2 * limit {
+            return;
+        }
+        let keep_from = committed.saturating_sub(limit as Version) + 1;
+        let forgotten = &mut self.forgotten;
+        self.by_origin.retain(|(node, req), v| {
+            if *v >= keep_from {
+                return true;
+            }
+            let top = forgotten.entry((*node, run_of(*req))).or_insert(0);
+            *top = (*top).max(*req);
+            false
+        });
+    }
+
+    /// Requests remembered one by one (tests).
+    pub fn len(&self) -> usize {
+        self.by_origin.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_origin.is_empty()
+    }
+
+    /// The remembered requests committed after `after`.
+    fn after(&self, after: Version) -> Vec<((NodeId, u64), Version)> {
+        self.by_origin
+            .iter()
+            .filter(|(_, v)| **v > after)
+            .map(|(o, v)| (*o, *v))
+            .collect()
+    }
+}
+
 /// The master (or the backup, which is a master in waiting).
 #[derive(Clone, Debug)]
 pub struct Master {
@@ -129,7 +206,7 @@ pub struct Master {
     waiting: BTreeMap<Version, (Change, (NodeId, u64))>,
     next: Version,
     /// What each origin's request became, so a resent Submit is acked, not re-applied.
-    done: BTreeMap<(NodeId, u64), Version>,
+    done: Done,
     log_limit: usize,
     /// Agents found at this master's version with other content (sent a snapshot).
     diverged: Vec<NodeId>,
@@ -150,7 +227,7 @@ impl Master {
             committed: 0,
             waiting: BTreeMap::new(),
             next: 1,
-            done: BTreeMap::new(),
+            done: Done::default(),
             log_limit: LOG_LIMIT,
             diverged: Vec::new(),
         }
@@ -188,9 +265,14 @@ impl Master {
         self.committed
     }
 
+    /// Requests remembered one by one (tests: bounded by twice the log's limit).
+    pub fn requests_remembered(&self) -> usize {
+        self.done.len()
+    }
+
     /// Whether a submitter's request is committed here.
     pub fn has_committed(&self, origin: (NodeId, u64)) -> bool {
-        self.done.contains_key(&origin)
+        self.done.get(origin, self.committed).is_some()
     }
 
     /// The agents whose replicas were found to differ at this master's version since
@@ -214,6 +296,7 @@ impl Master {
         self.apply_committed(version, change, out);
         self.committed = version;
         self.done.insert(origin, version);
+        self.done.trim(version, self.log_limit);
         // The master's own node's agent is acked too, or it would resend forever.
         out.push(ack(origin, version));
     }
@@ -270,8 +353,8 @@ impl Master {
                 out.extend(self.tick());
             }
             Msg::Submit { from, req, change } => {
-                if let Some(version) = self.done.get(&(from, req)) {
-                    out.push(ack((from, req), *version));
+                if let Some(version) = self.done.get((from, req), self.committed) {
+                    out.push(ack((from, req), version));
                     return out;
                 }
                 if self.waiting.values().any(|(_, o)| *o == (from, req)) {
@@ -373,9 +456,9 @@ impl Master {
         self.done.extend(done);
         self.next = version + 1;
         for (_, (change, origin)) in std::mem::take(&mut self.waiting) {
-            if let Some(v) = self.done.get(&origin) {
+            if let Some(v) = self.done.get(origin, self.committed) {
                 // The backup had it already: it is committed.
-                out.push(ack(origin, *v));
+                out.push(ack(origin, v));
                 continue;
             }
             self.waiting.insert(self.next, (change, origin));
@@ -429,7 +512,7 @@ impl Master {
                 Msg::Seed {
                     version: self.committed,
                     rows: self.tables.snapshot(),
-                    done: self.done.iter().map(|(o, v)| (*o, *v)).collect(),
+                    done: self.done.after(0),
                 },
             )];
         }
@@ -524,7 +607,7 @@ pub struct Backup {
     log_limit: usize,
     pending: BTreeMap<Version, (Change, (NodeId, u64))>,
     stored: Version,
-    done: BTreeMap<(NodeId, u64), Version>,
+    done: Done,
 }
 
 impl Backup {
@@ -537,7 +620,7 @@ impl Backup {
             log_limit: LOG_LIMIT,
             pending: BTreeMap::new(),
             stored: 0,
-            done: BTreeMap::new(),
+            done: Done::default(),
         }
     }
 
@@ -556,6 +639,11 @@ impl Backup {
     /// Changes held in the log (tests).
     pub fn log_len(&self) -> usize {
         self.log.len()
+    }
+
+    /// Requests remembered one by one (tests: bounded by twice the log's limit).
+    pub fn requests_remembered(&self) -> usize {
+        self.done.len()
     }
 
     /// Limits the log, as the master's (`Master::set_log_limit`).
@@ -618,12 +706,7 @@ impl Backup {
             version: self.stored,
             entries,
             rows,
-            done: self
-                .done
-                .iter()
-                .filter(|(_, v)| !from_log || **v > after)
-                .map(|(o, v)| (*o, *v))
-                .collect(),
+            done: self.done.after(if from_log { after } else { 0 }),
         }
     }
 
@@ -636,6 +719,7 @@ impl Backup {
             self.log.insert(self.stored, change);
             self.done.insert(origin, self.stored);
         }
+        self.done.trim(self.stored, self.log_limit);
         while self.log.len() > self.log_limit {
             self.log.pop_first();
         }
@@ -670,9 +754,9 @@ pub struct Agent {
 
 impl Agent {
     /// `first_req`: the number of this agent's first request. The master takes a
-    /// request it has seen from `id` for a resend (acknowledged, not applied): a
-    /// restarted node's agent must number after everything its last run sent (the
-    /// daemon counts from the wall clock in microseconds).
+    /// request it has seen from `id` for a resend (acknowledged, not applied): each
+    /// run of a node numbers its requests in a run of its own (the high 32 bits,
+    /// random in the daemon; `Done`).
     pub fn new(id: NodeId, master: NodeId, first_req: u64) -> Self {
         Self {
             id,

@@ -355,3 +355,54 @@ fn a_backup_keeps_its_log_to_the_limit_and_answers_from_rows_beyond_it() {
     let m = Master::promote(b, None);
     assert_eq!(m.version(), 100);
 }
+
+#[test]
+fn master_and_backup_forget_old_requests_yet_acknowledge_a_late_resend_without_applying_it() {
+    // Every node renews its agent lease each second: remembered for ever, what each
+    // request became grew without end on master and backup (and went whole into a
+    // seed).
+    let mut w = World::new(21, 2, 0.0);
+    w.master.set_log_limit(10);
+    w.backup.as_mut().unwrap().set_log_limit(10);
+    for _ in 0..100 {
+        w.submit_random();
+        w.run_until_settled(10_000);
+    }
+    assert_eq!(w.master.version(), 100);
+    let (master, backup) = (
+        w.master.requests_remembered(),
+        w.backup.as_ref().unwrap().requests_remembered(),
+    );
+    assert!(
+        master <= 20 && backup <= 20,
+        "100 requests remembered one by one: master {master}, backup {backup}"
+    );
+
+    // The first request, resent long after (its ack lost, say): acknowledged with
+    // what is committed, and not applied again.
+    let (&(from, req), change) = w.requests.first_key_value().expect("a request");
+    let digest = w.master.tables().digest();
+    let outs = w.master.handle(
+        from,
+        Msg::Submit {
+            from,
+            req,
+            change: change.clone(),
+        },
+    );
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Out::To(to, Msg::Ack { req: r, .. }) if *to == from && *r == req)),
+        "the late resend was not acknowledged: {outs:?}"
+    );
+    assert_eq!(w.master.version(), 100, "the late resend was applied again");
+    assert_eq!(w.master.tables().digest(), digest);
+
+    // A new request of the same run is applied.
+    let i = w.agents.iter().position(|a| a.id == from).unwrap();
+    let (new_req, outs) = w.agents[i].submit(put("fresh"));
+    assert!(new_req > req);
+    w.route(from, outs);
+    w.run_until_settled(10_000);
+    assert_eq!(w.master.version(), 101);
+}

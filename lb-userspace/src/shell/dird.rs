@@ -653,14 +653,12 @@ fn roles(
     Some((peer::node_id(master), backup.map(peer::node_id), peers))
 }
 
-/// The number of this run's first directory request: microseconds since the epoch,
-/// so that it follows every request an earlier run of this node sent (one a
-/// microsecond at most), which the master would otherwise take for resends of those
-/// and acknowledge without applying.
+/// The number of this run's first directory request: a random run in the high 32
+/// bits, counting from 1 below them (`replication::Done`). The master would take a
+/// request numbered as one of an earlier run's for a resend of it, and acknowledge
+/// it without applying it; a random run needs no clock that never steps back.
 fn first_request() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_micros() as u64)
+    (u64::from(rand::random::<u32>()) << 32) | 1
 }
 
 /// Starts the directory: lease countdowns every 50 ms; resends, resyncs and (in a
