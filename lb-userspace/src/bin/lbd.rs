@@ -171,7 +171,11 @@ async fn serve(
     let registry_key = config.node.registry_key.clone().map(Arc::new);
     let rejects: Arc<Rejects> = Arc::default();
     let cluster_config = config.cluster.clone();
-    let conn_capacity = config.sizes.conn_table_size;
+    // The load advertised counts the flows of both families' tables.
+    let conn_capacity = config
+        .sizes
+        .conn_table_size
+        .saturating_add(config.sizes.v6_conn_table_size());
     let pin_dir = config.node.pin_dir.clone();
     let first_interface = config.interfaces.first().map(|i| i.name.clone());
     let saved_availability = lb_userspace::shell::availd::load(&config.node.state_dir)?;

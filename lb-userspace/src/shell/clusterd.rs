@@ -195,7 +195,7 @@ async fn self_test(
 }
 
 /// Starts the cluster task; returns the handle the API uses.
-/// `conn_capacity`: the connection table's size, the capacity this node advertises.
+/// `conn_capacity`: the connection tables' sizes together, the capacity this node advertises.
 pub async fn start(
     cfg: ClusterConfig,
     daemon: DaemonHandle,
