@@ -144,7 +144,7 @@ pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> 
         &mut out,
         "lb_dataplane_conn_table_full_total",
         "counter",
-        "Packets of flows proved real that the full connection table did not enter: steered by their Maglev table alone (raise conn_table_size, or lower the idle timeouts).",
+        "Packets of flows proved real that their family's full connection table did not enter: steered by their Maglev table alone (raise conn_table_size or conn_table_size_v6, or lower the idle timeouts).",
     );
     if let Some((_, v)) = stats.global.iter().find(|(name, _)| name == TABLE_FULL) {
         let _ = writeln!(out, "lb_dataplane_conn_table_full_total {v}");
