@@ -206,6 +206,11 @@ pub const VIP_F_UNAVAILABLE: u32 = 1 << 4;
 /// Bit of a `VIP_STATE` word's flags that no `VIP_F_*` flag uses: the word was
 /// written for a live service (a zero word is "not known").
 pub const VIP_STATE_LIVE: u32 = 1 << 31;
+/// Bit of a `VIP_STATE` word: the service's address is not one this node serves (in
+/// a cluster, another node owns it), so its packets are passed to the stack like any
+/// other address's. Its `VIPS` entry stays (a takeover writes only the address), and
+/// its address may share a served one's `VIP_FILTER` bit.
+pub const VIP_STATE_UNSERVED: u32 = 1 << 30;
 
 /// The `VIP_STATE` word of a service (indexed by `VipMeta::vip_id`): what a packet
 /// of an established flow needs of its service, its flags (low half, with
@@ -213,8 +218,9 @@ pub const VIP_STATE_LIVE: u32 = 1 << 31;
 /// Such a packet reaches its backend from the connection table, and its service
 /// from the backend's `vip_id`, without the `VIPS` lookup (a hash of the address,
 /// port and protocol). A word without `VIP_STATE_LIVE` sends it the `VIPS` way.
-pub fn vip_state(meta: &VipMeta) -> u64 {
-    (meta.epoch as u64) << 32 | (meta.flags | VIP_STATE_LIVE) as u64
+pub fn vip_state(meta: &VipMeta, served: bool) -> u64 {
+    let unserved = if served { 0 } else { VIP_STATE_UNSERVED };
+    (meta.epoch as u64) << 32 | (meta.flags | VIP_STATE_LIVE | unserved) as u64
 }
 
 /// Refusals sent to one source address per second, at most; beyond, dropped (a
@@ -684,6 +690,6 @@ assert_layout!(DecapStats, 48, 8);
 // The live bit of a `VIP_STATE` word is no service flag.
 const _: () = assert!(
     (VIP_F_EPOCH_RESTEER | VIP_F_SRC_PARTITION | VIP_F_TOPOLOGY | VIP_F_UNAVAILABLE)
-        & VIP_STATE_LIVE
+        & (VIP_STATE_LIVE | VIP_STATE_UNSERVED)
         == 0
 );

@@ -6,7 +6,7 @@ use lb_common::{
     hash::{flow_hash, vip_filter_bit},
     idle, AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, FlowKeyV4, GlobalStats, SphereKey,
     VipKey, VipMeta, BACKEND_F_ACTIVE, FAMILY_V4, RING_EMPTY, VIP_F_EPOCH_RESTEER,
-    VIP_F_SRC_PARTITION, VIP_F_TOPOLOGY, VIP_F_UNAVAILABLE, VIP_STATE_LIVE,
+    VIP_F_SRC_PARTITION, VIP_F_TOPOLOGY, VIP_F_UNAVAILABLE, VIP_STATE_LIVE, VIP_STATE_UNSERVED,
 };
 
 use crate::{
@@ -108,6 +108,21 @@ fn conn(flow: &FlowKey) -> Option<*mut ConnEntry> {
     } else {
         CONNS_V6.get_ptr_mut(flow)
     }
+}
+
+/// Whether this node serves the address of service `vip_id` (the flow's
+/// destination): its state word says, in one load; a word being written (0) leaves
+/// it to the address table.
+#[inline(always)]
+pub fn served(vip_id: u32, flow: &FlowKey) -> bool {
+    if let Some(word) = VIP_STATE.get_ptr(vip_id) {
+        // SAFETY: an array element; lbd stores the word whole, read in one load.
+        let flags = unsafe { core::ptr::read_volatile(word) } as u32;
+        if flags & VIP_STATE_LIVE != 0 {
+            return flags & VIP_STATE_UNSERVED == 0;
+        }
+    }
+    vip_addr(flow).is_ok()
 }
 
 /// `-E2BIG`: the hash map has no free element.
@@ -232,7 +247,7 @@ pub fn established(flow: &FlowKey, g: &mut GlobalStats) -> Established {
     // SAFETY: an array element; lbd stores the word whole, read here in one load.
     let state = unsafe { core::ptr::read_volatile(word) };
     let flags = state as u32;
-    if flags & VIP_STATE_LIVE == 0 {
+    if flags & VIP_STATE_LIVE == 0 || flags & VIP_STATE_UNSERVED != 0 {
         return Established::Undecided;
     }
     if flags & VIP_F_UNAVAILABLE != 0 {

@@ -99,6 +99,12 @@ fn balance(ctx: &XdpContext, g: &mut GlobalStats) -> Result<u32, Exit> {
         }
         known => {
             let vip = lookup::vip(flow).map_err(|e| foreign(e, flow))?;
+            // Past the filter on the fast path, the address may be one this node
+            // does not serve (it shares a served one's bit) and still have its
+            // services in `VIPS`: the service's state word says.
+            if fast && !lookup::served(vip.vip_id, flow) {
+                return Err(Exit::NotVip);
+            }
             stats::count_vip(vip.vip_id, frame_len);
             if vip.flags & VIP_F_UNAVAILABLE != 0 {
                 return refuse::refuse(ctx, flow, g);

@@ -1253,6 +1253,59 @@ fn in_a_cluster_only_owned_vips_are_balanced() {
     assert_untouched(&lb, &frame, XDP_PASS, "pass_not_vip");
 }
 
+/// Two addresses in 198.18.0.0/16 whose `VIP_FILTER` bits are the same.
+fn colliding_addresses() -> (std::net::Ipv4Addr, std::net::Ipv4Addr) {
+    use lb_common::hash::vip_filter_bit;
+    let mut seen = std::collections::HashMap::new();
+    for n in 1..=u16::MAX {
+        let a = std::net::Ipv4Addr::new(198, 18, (n >> 8) as u8, n as u8);
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&a.octets());
+        if let Some(first) = seen.insert(vip_filter_bit(&b, lb_common::FAMILY_V4), a) {
+            return (first, a);
+        }
+    }
+    panic!("no two addresses of 198.18.0.0/16 share a filter bit");
+}
+
+#[test]
+fn an_address_this_node_does_not_serve_is_passed_whatever_filter_bit_it_shares() {
+    // The filter is only a first look: an address that shares its bit with a served
+    // one must be passed as any unserved address is, new flows and flows entered
+    // while it was served alike.
+    let (served, other) = colliding_addresses();
+    let mut lb = load_lb();
+    let (ka, kb) = (
+        service(&served.to_string(), 80, Proto::Tcp),
+        service(&other.to_string(), 80, Proto::Tcp),
+    );
+    lb.add(ka, &backends4(2));
+    lb.add(kb, &backends4(2));
+    let to = |addr: std::net::Ipv4Addr, port: u16| {
+        Frame::tcp(CLIENT4, &addr.to_string(), port, 80).established()
+    };
+    // Entered while both are served.
+    let old_b = lb.forward(&to(other, 1000));
+    lb.forward(&to(served, 1000));
+
+    lb.maps
+        .set_served(Some([IpAddr::V4(served)].into()))
+        .unwrap();
+    assert_untouched(&lb, &to(other, 1001).build(), XDP_PASS, "pass_not_vip");
+    assert_untouched(&lb, &to(other, 1000).build(), XDP_PASS, "pass_not_vip");
+    let mut syn = to(other, 1002);
+    syn.tcp_flags = pnet::packet::tcp::TcpFlags::SYN;
+    assert_untouched(&lb, &syn.build(), XDP_PASS, "pass_not_vip");
+    lb.forward(&to(served, 1000));
+    lb.forward(&to(served, 1001));
+
+    // Served again: its flow is where it was.
+    lb.maps
+        .set_served(Some([IpAddr::V4(served), IpAddr::V4(other)].into()))
+        .unwrap();
+    assert_eq!(lb.forward(&to(other, 1000)), old_b);
+}
+
 #[test]
 fn after_an_epoch_change_old_connections_are_kept_or_resteered_as_the_service_says() {
     for resteer in [false, true] {

@@ -161,8 +161,12 @@ impl MapManager {
             collected += 1;
         }
         // Whatever an earlier run (or an older build, without the words) left.
-        self.vip_state
-            .set_all(self.services.values().filter_map(|s| s.meta));
+        let words: Vec<(VipMeta, bool)> = self
+            .services
+            .iter()
+            .filter_map(|(k, s)| Some((s.meta?, self.serves(k.addr))))
+            .collect();
+        self.vip_state.set_all(words.into_iter());
         self.tally = self.tally_afresh();
         Ok(collected)
     }

@@ -43,9 +43,9 @@ impl StateWords {
         }
     }
 
-    /// The word of service `id` says `meta`.
-    pub(super) fn set(&self, id: u32, meta: &VipMeta) {
-        self.put(id, vip_state(meta));
+    /// The word of service `id` says `meta`, and whether its address is served.
+    pub(super) fn set(&self, id: u32, meta: &VipMeta, served: bool) {
+        self.put(id, vip_state(meta, served));
     }
 
     /// The word of service `id` says nothing: its packets take the `VIPS` way.
@@ -59,16 +59,16 @@ impl StateWords {
 
     /// Every word says what `metas` (each service's `VIPS` entry) say, the others
     /// nothing: after a restore, whatever an earlier run left.
-    pub(super) fn set_all(&self, metas: impl IntoIterator<Item = VipMeta>) {
+    pub(super) fn set_all(&self, metas: impl IntoIterator<Item = (VipMeta, bool)>) {
         let mut held = vec![None; self.map.entries() as usize];
-        for m in metas {
+        for (m, served) in metas {
             if let Some(slot) = held.get_mut(m.vip_id as usize) {
-                *slot = Some(m);
+                *slot = Some((m, served));
             }
         }
         for (id, meta) in held.iter().enumerate() {
             match meta {
-                Some(m) => self.set(id as u32, m),
+                Some((m, served)) => self.set(id as u32, m, *served),
                 None => self.clear(id as u32),
             }
         }

@@ -356,9 +356,10 @@ impl MapManager {
             .vips
             .insert(vip_key(&key), meta, 0)
             .map_ctx(map_names::VIPS);
+        let served = self.serves(key.addr);
         match (&written, held) {
-            (Ok(()), _) => self.vip_state.set(meta.vip_id, &meta),
-            (Err(_), Some(old)) => self.vip_state.set(old.vip_id, &old),
+            (Ok(()), _) => self.vip_state.set(meta.vip_id, &meta, served),
+            (Err(_), Some(old)) => self.vip_state.set(old.vip_id, &old, served),
             (Err(_), None) => {}
         }
         written
@@ -382,14 +383,19 @@ impl MapManager {
             port: u16::MAX,
             proto: crate::model::Proto::Udp,
         };
-        let on_addr: Vec<u32> = self
+        let on_addr: Vec<VipMeta> = self
             .services
             .range(first..=last)
-            .filter_map(|(_, s)| s.meta.map(|m| m.flags))
+            .filter_map(|(_, s)| s.meta)
             .collect();
-        let served = self.served.as_ref().is_none_or(|o| o.contains(&addr));
+        let served = self.serves(addr);
         let current = self.vip_addrs.get(&key, 0).ok();
         if on_addr.is_empty() || !served {
+            // Its services' words say so before the address goes: their packets are
+            // passed, also where the address shares a served one's filter bit.
+            for m in &on_addr {
+                self.vip_state.set(m.vip_id, m, false);
+            }
             if current.is_none() {
                 return Ok(());
             }
@@ -407,17 +413,26 @@ impl MapManager {
             // After the table: until then the filter still lets its packets look.
             return self.sync_vip_filter();
         }
-        let pass = on_addr.iter().any(|f| f & VIP_F_PASS_IRREGULAR != 0);
+        let pass = on_addr.iter().any(|m| m.flags & VIP_F_PASS_IRREGULAR != 0);
         let meta = AddrMeta {
             flags: if pass { ADDR_F_PASS_IRREGULAR } else { 0 },
         };
-        if current == Some(meta) {
-            return Ok(());
+        if current != Some(meta) {
+            self.writing()?;
+            self.vip_addrs
+                .insert(key, meta, 0)
+                .map_ctx(map_names::VIP_ADDRS)?;
+            self.set_vip_filter_bit(&key)?;
         }
-        self.writing()?;
-        self.vip_addrs
-            .insert(key, meta, 0)
-            .map_ctx(map_names::VIP_ADDRS)?;
-        self.set_vip_filter_bit(&key)
+        // Served (again): its services' words, after the address.
+        for m in &on_addr {
+            self.vip_state.set(m.vip_id, m, true);
+        }
+        Ok(())
+    }
+
+    /// Whether this node serves `addr` (in a cluster: owns it).
+    pub(super) fn serves(&self, addr: IpAddr) -> bool {
+        self.served.as_ref().is_none_or(|o| o.contains(&addr))
     }
 }
