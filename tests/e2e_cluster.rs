@@ -58,13 +58,14 @@ fn each_vip_is_served_by_its_preferred_node_and_clients_reach_both() {
         })
     });
     // Each node advertises its load (connection-table entries, with traffic just
-    // sent there are some) against its capacity (the table's size) in its heartbeats.
+    // sent there are some) against its capacity (its IPv4 and IPv6 tables' sizes,
+    // 16384 each) in its heartbeats.
     let start = Instant::now();
     loop {
         let v = c.view("lb3");
         let hosts = v["hosts"].as_array().unwrap();
         let ok = hosts.len() == 3
-            && hosts.iter().all(|h| h["info"]["capacity"] == 16384)
+            && hosts.iter().all(|h| h["info"]["capacity"] == 2 * 16384)
             && hosts
                 .iter()
                 .filter(|h| {
