@@ -82,6 +82,19 @@ pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> 
         "Entries in the connection table.",
     );
     let _ = writeln!(out, "lb_conn_table_entries {}", stats.conn_table_entries);
+    family(
+        &mut out,
+        "lb_conn_table_family_entries",
+        "gauge",
+        "Entries in each family's connection table (sized by conn_table_size and conn_table_size_v6).",
+    );
+    let v6 = stats.conn_table_entries_v6;
+    let _ = writeln!(
+        out,
+        "lb_conn_table_family_entries{{family=\"ipv4\"}} {}",
+        stats.conn_table_entries.saturating_sub(v6)
+    );
+    let _ = writeln!(out, "lb_conn_table_family_entries{{family=\"ipv6\"}} {v6}");
 
     family(
         &mut out,
@@ -362,4 +375,34 @@ pub fn render(status: &Status, stats: &Stats, cluster: Option<&ClusterView>) -> 
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_familys_connection_table_has_its_own_count() {
+        let status: Status = serde_json::from_value(serde_json::json!({
+            "node": "lb1", "version": "0", "api": "1", "uptime_seconds": 1,
+            "interfaces": [], "services": 0, "backends": 0, "unresolved_backends": 0,
+            "conn_table_entries": 130, "conn_table_entries_v6": 30,
+            "resumed": false, "metrics": "",
+        }))
+        .unwrap();
+        let stats = Stats {
+            services: Vec::new(),
+            global: Vec::new(),
+            conn_table_entries: 130,
+            conn_table_entries_v6: 30,
+        };
+        let text = render(&status, &stats, None);
+        for line in [
+            "lb_conn_table_entries 130",
+            "lb_conn_table_family_entries{family=\"ipv4\"} 100",
+            "lb_conn_table_family_entries{family=\"ipv6\"} 30",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+    }
 }

@@ -2064,24 +2064,30 @@ fn the_vip_filter_passes_other_addresses_and_never_hides_a_vip() {
 
 #[test]
 fn the_connection_table_is_counted_apart_and_the_count_follows_the_table() {
-    use lb_userspace::dataplane::Dataplane;
+    use lb_userspace::dataplane::{ConnCounts, Dataplane};
     let mut lb = load_lb();
     lb.add(service(VIP4, 80, Proto::Tcp), &backends4(2));
-    for f in flows(100, 80) {
-        lb.forward(&f);
+    lb.add(service(VIP6, 80, Proto::Tcp), &backends6(2));
+    for f in flows(100, 80).iter().chain(&flows6(30, 1)) {
+        lb.forward(f);
     }
     // Counted by the manager's own thread (a walk of a large table must not hold
-    // up the daemon): it shows within a couple of seconds, without a walk here.
+    // up the daemon): it shows within a couple of seconds, without a walk here;
+    // by family, as each table is sized on its own.
+    let want = ConnCounts {
+        ipv4: 100,
+        ipv6: 30,
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while lb.maps.conn_count() != 100 {
+    while lb.maps.conn_counts() != want {
         assert!(
             std::time::Instant::now() < deadline,
-            "the count stayed at {}",
-            lb.maps.conn_count()
+            "the count stayed at {:?}",
+            lb.maps.conn_counts()
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    assert_eq!(lb.maps.count_connections_now(), 100);
+    assert_eq!(lb.maps.count_connections_now(), 130);
 }
 
 #[test]
@@ -2106,12 +2112,12 @@ fn the_managers_sweeper_removes_flows_idle_beyond_their_timeout() {
     // datagrams' flows go by the manager's own sweeper, and its count follows; the
     // TCP flow (900 s), which goes on sending, stays.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while lb.maps.count_connections_now() != 1 || lb.maps.conn_count() != 1 {
+    while lb.maps.count_connections_now() != 1 || lb.maps.conn_counts().total() != 1 {
         assert!(
             std::time::Instant::now() < deadline,
-            "20 s on, the table holds {} entries (counted {})",
+            "20 s on, the table holds {} entries (counted {:?})",
             lb.maps.count_connections_now(),
-            lb.maps.conn_count()
+            lb.maps.conn_counts()
         );
         lb.forward(&tcp);
         std::thread::sleep(std::time::Duration::from_millis(100));

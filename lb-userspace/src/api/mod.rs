@@ -45,7 +45,11 @@ pub struct Status {
     pub services: usize,
     pub backends: usize,
     pub unresolved_backends: usize,
+    /// Entries in both connection tables ...
     pub conn_table_entries: usize,
+    /// ... of which IPv6 (each family's table has its own size).
+    #[serde(default)]
+    pub conn_table_entries_v6: usize,
     /// The data plane's maps came from a previous run (hitless restart).
     pub resumed: bool,
     pub metrics: String,
@@ -196,7 +200,10 @@ pub struct Stats {
     pub services: Vec<ServiceView>,
     /// The data plane's global counters by name (passes, drops by reason, LRU).
     pub global: Vec<(String, u64)>,
+    /// Entries in both connection tables, and of which IPv6.
     pub conn_table_entries: usize,
+    #[serde(default)]
+    pub conn_table_entries_v6: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

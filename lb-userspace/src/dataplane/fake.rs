@@ -144,8 +144,8 @@ impl Dataplane for FakeDataplane {
         Ok(GlobalStats::default())
     }
 
-    fn conn_count(&self) -> usize {
-        0
+    fn conn_counts(&self) -> super::ConnCounts {
+        super::ConnCounts::default()
     }
 
     fn read_back(&self, key: ServiceKey) -> Result<Option<Contents>> {

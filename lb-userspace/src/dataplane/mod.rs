@@ -188,6 +188,20 @@ impl Contents {
     }
 }
 
+/// Entries in the connection tables, by family (each sized on its own:
+/// `conn_table_size`, `conn_table_size_v6`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnCounts {
+    pub ipv4: usize,
+    pub ipv6: usize,
+}
+
+impl ConnCounts {
+    pub fn total(&self) -> usize {
+        self.ipv4 + self.ipv6
+    }
+}
+
 /// The data plane, in the verbs the reconciler needs.
 pub trait Dataplane {
     fn limits(&self) -> Limits;
@@ -227,9 +241,9 @@ pub trait Dataplane {
         keys.filter_map(|k| Some((k, self.counters(k)?))).collect()
     }
     fn global_stats(&self) -> Result<GlobalStats>;
-    /// Entries in the connection table, as last counted (the real maps count on a
+    /// Entries in the connection tables, as last counted (the real maps count on a
     /// thread of their own, every second or as often as a walk allows).
-    fn conn_count(&self) -> usize;
+    fn conn_counts(&self) -> ConnCounts;
     /// What the maps hold for `key`, read back from them.
     fn read_back(&self, key: ServiceKey) -> Result<Option<Contents>>;
     /// Whether the service's address is in `VIP_ADDRS` (balanced by this node).

@@ -56,7 +56,7 @@ pub struct Daemon<D: Dataplane = MapManager> {
     /// Cluster mode: the addresses this node serves (`None`: standalone, all).
     owned: Option<BTreeSet<IpAddr>>,
     /// Entries in the connection table, as last counted (counting walks the table).
-    conn_entries: usize,
+    conn_entries: crate::dataplane::ConnCounts,
     /// Each interface's dropped XDP transmits as last read from its driver (three
     /// ioctls: read once a second with the count, not on every status).
     xdp_tx_errors: BTreeMap<String, u64>,
@@ -332,7 +332,7 @@ impl Daemon<MapManager> {
             resumed,
             adopted,
             owned,
-            conn_entries: 0,
+            conn_entries: Default::default(),
             xdp_tx_errors: BTreeMap::new(),
         })
     }
@@ -357,7 +357,7 @@ impl<D: Dataplane> Daemon<D> {
             resumed: false,
             adopted: BTreeSet::new(),
             owned: None,
-            conn_entries: 0,
+            conn_entries: Default::default(),
             xdp_tx_errors: BTreeMap::new(),
         })
     }
@@ -601,7 +601,7 @@ impl<D: Dataplane> Daemon<D> {
     /// Counts the connection table again (it walks the table: not on every read) and
     /// reads the interfaces' driver counters.
     pub fn count_connections(&mut self) {
-        self.conn_entries = self.core.dp.conn_count();
+        self.conn_entries = self.core.dp.conn_counts();
         self.xdp_tx_errors = self
             .interfaces
             .iter()
@@ -630,7 +630,8 @@ impl<D: Dataplane> Daemon<D> {
             services: self.core.desired().services.len(),
             backends,
             unresolved_backends: unresolved,
-            conn_table_entries: self.conn_entries,
+            conn_table_entries: self.conn_entries.total(),
+            conn_table_entries_v6: self.conn_entries.ipv6,
             resumed: self.resumed,
             metrics: format!("http://{}/metrics", self.config.node.metrics_listen),
             rejected: Default::default(),
@@ -672,7 +673,8 @@ impl<D: Dataplane> Daemon<D> {
                 .zip(global.values())
                 .map(|(n, v)| (n.to_string(), v))
                 .collect(),
-            conn_table_entries: self.conn_entries,
+            conn_table_entries: self.conn_entries.total(),
+            conn_table_entries_v6: self.conn_entries.ipv6,
         })
     }
 

@@ -94,7 +94,10 @@ pub fn status(s: &api::Status) {
         "backends    {} ({} unresolved)",
         s.backends, s.unresolved_backends
     );
-    println!("connections {}", s.conn_table_entries);
+    println!(
+        "connections {} (IPv6 {})",
+        s.conn_table_entries, s.conn_table_entries_v6
+    );
     println!("metrics     {}", s.metrics);
     if s.ready {
         println!("ready       yes");
@@ -204,7 +207,10 @@ pub fn stats(s: &api::Stats) {
             nonzero.join(", ")
         }
     );
-    println!("connections: {}", s.conn_table_entries);
+    println!(
+        "connections: {} (IPv6 {})",
+        s.conn_table_entries, s.conn_table_entries_v6
+    );
 }
 
 /// Per-second rates between two snapshots taken `secs` apart: each service's packets
@@ -457,6 +463,7 @@ mod tests {
             services: Vec::new(),
             global: global.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
             conn_table_entries: 0,
+            conn_table_entries_v6: 0,
         }
     }
 

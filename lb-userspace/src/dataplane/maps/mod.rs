@@ -127,7 +127,7 @@ pub struct MapManager {
     conns_v4: HashMap<MapData, FlowKeyV4, ConnEntry>,
     conns_v6: HashMap<MapData, FlowKey, ConnEntry>,
     /// Entries in `CONNS_V4` and `CONNS_V6`, as last counted by the sweeping thread.
-    conn_entries: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    conn_entries: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
     idle_timeouts: sweep::IdleTimeouts,
     vip_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
@@ -383,7 +383,8 @@ impl MapManager {
                     let v6 = sweep::sweep(&walker_v6, &mut remover_v6, v4.newest, &timeouts, &cpus);
                     let swept = v4.and(v6);
                     clock = swept.newest;
-                    count.store(swept.kept, Ordering::Relaxed);
+                    count[0].store(v4.kept, Ordering::Relaxed);
+                    count[1].store(v6.kept, Ordering::Relaxed);
                     if swept.expired > 0 {
                         tracing::debug!(
                             expired = swept.expired,
@@ -949,8 +950,12 @@ impl Dataplane for MapManager {
         MapManager::global_stats(self)
     }
 
-    fn conn_count(&self) -> usize {
-        self.conn_entries.load(std::sync::atomic::Ordering::Relaxed) as usize
+    fn conn_counts(&self) -> super::ConnCounts {
+        let n = |i: usize| self.conn_entries[i].load(std::sync::atomic::Ordering::Relaxed) as usize;
+        super::ConnCounts {
+            ipv4: n(0),
+            ipv6: n(1),
+        }
     }
 
     fn read_back(&self, key: ServiceKey) -> Result<Option<Contents>> {
