@@ -186,16 +186,30 @@ fn after_a_full_partition_heals_every_replica_holds_the_same_rows() {
         .into_iter()
         .filter(|lb| *lb != master)
         .collect();
+    let mut before = BTreeSet::new();
     for i in 0..5 {
-        let out = c.lbctl(
-            master,
-            &["dir", "add", TABLE, &format!("before{i}"), "x:80"],
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // Just after the roles settle the master's backup may still be recovering,
+        // and on a loaded machine a write can outlast lbctl's wait: it answers
+        // "pending", and sending it again is what it says to do (a resend is
+        // acknowledged, not applied twice). Every row is checked on every replica
+        // at the end.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = c.lbctl(
+                master,
+                &["dir", "add", TABLE, &format!("before{i}"), "x:80"],
+            );
+            let err = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() {
+                before.insert(format!("before{i}"));
+                break;
+            }
+            assert!(
+                err.contains("pending") && Instant::now() < deadline,
+                "{err}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
     // The master is cut off (cluster and peer ports, both ways).
     c.isolate(master, true);
@@ -246,7 +260,10 @@ fn after_a_full_partition_heals_every_replica_holds_the_same_rows() {
             .iter()
             .map(|lb| keys(&c, lb, TABLE))
             .collect();
-        if sets.windows(2).all(|w| w[0] == w[1]) && acked.is_subset(&sets[0]) {
+        if sets.windows(2).all(|w| w[0] == w[1])
+            && acked.is_subset(&sets[0])
+            && before.is_subset(&sets[0])
+        {
             assert!(
                 sets[0].iter().all(|k| !k.starts_with("minority")),
                 "{sets:?}"
