@@ -370,29 +370,33 @@ fn main() -> Result<()> {
         proto: Proto::Udp,
         ..key
     };
-    let backends: Vec<_> = (1..=BACKENDS)
-        .map(|i| {
-            (
-                format!("198.18.0.{i}").parse().expect("address"),
-                1,
-                BackendRoute {
-                    dst_mac: backend_mac(i),
-                    src_mac: LB_MAC,
-                    egress: Egress::Ingress,
-                    encap: None,
-                },
-            )
-        })
-        .collect();
+    // BACKENDS backends on this link, addressed by `address(i)`, in a table of
     // Katran's ring size (the comparison), pinned: an automatic table of 16
     // backends would be 2,053 cells, kinder to the cache than what is compared.
-    let mut plan = ServicePlan::with_backends(
-        ServiceConfig {
-            maglev_size: MAGLEV_SIZE,
-            ..ServiceConfig::default()
-        },
-        backends,
-    );
+    let local_plan = |address: &dyn Fn(u8) -> String| {
+        let backends: Vec<_> = (1..=BACKENDS)
+            .map(|i| {
+                (
+                    address(i).parse().expect("address"),
+                    1,
+                    BackendRoute {
+                        dst_mac: backend_mac(i),
+                        src_mac: LB_MAC,
+                        egress: Egress::Ingress,
+                        encap: None,
+                    },
+                )
+            })
+            .collect();
+        ServicePlan::with_backends(
+            ServiceConfig {
+                maglev_size: MAGLEV_SIZE,
+                ..ServiceConfig::default()
+            },
+            backends,
+        )
+    };
+    let mut plan = local_plan(&|i| format!("198.18.0.{i}"));
     maps.write_service(key, &plan)?;
     maps.write_service(udp_key, &plan)?;
     // The same 16 backends' worth of remote ones, wrapped (outer IPv4 header to the
@@ -433,27 +437,7 @@ fn main() -> Result<()> {
     }
 
     // The same backends' worth for the IPv6 service, on the same link.
-    let local6: Vec<_> = (1..=BACKENDS)
-        .map(|i| {
-            (
-                format!("2001:db8:5::{i}").parse().expect("address"),
-                1,
-                BackendRoute {
-                    dst_mac: backend_mac(i),
-                    src_mac: LB_MAC,
-                    egress: Egress::Ingress,
-                    encap: None,
-                },
-            )
-        })
-        .collect();
-    let plan6 = ServicePlan::with_backends(
-        ServiceConfig {
-            maglev_size: MAGLEV_SIZE,
-            ..ServiceConfig::default()
-        },
-        local6,
-    );
+    let plan6 = local_plan(&|i| format!("2001:db8:5::{i}"));
     maps.write_service(
         ServiceKey {
             addr: VIP6.parse()?,
