@@ -138,8 +138,16 @@ impl Done {
         self.by_origin.insert(origin, version);
     }
 
+    /// Takes what another holder sent (`after`): requests, and marks as version 0.
     fn extend(&mut self, entries: impl IntoIterator<Item = ((NodeId, u64), Version)>) {
-        self.by_origin.extend(entries);
+        for ((node, req), v) in entries {
+            if v == 0 {
+                let top = self.forgotten.entry((node, run_of(req))).or_insert(0);
+                *top = (*top).max(req);
+            } else {
+                self.by_origin.insert((node, req), v);
+            }
+        }
     }
 
     /// Forgets the requests that became versions `limit` or more behind `committed`,
@@ -169,12 +177,20 @@ impl Done {
         self.by_origin.is_empty()
     }
 
-    /// The remembered requests committed after `after`.
+    /// What to send another holder (a seeded or recovering node): the requests
+    /// committed after `after`, and every mark, as (node, highest request) at
+    /// version 0 (no version is 0; an older node keeps a mark as a request of its
+    /// own, acknowledged at once if resent).
     fn after(&self, after: Version) -> Vec<((NodeId, u64), Version)> {
         self.by_origin
             .iter()
             .filter(|(_, v)| **v > after)
             .map(|(o, v)| (*o, *v))
+            .chain(
+                self.forgotten
+                    .iter()
+                    .map(|((node, _), top)| ((*node, *top), 0)),
+            )
             .collect()
     }
 }

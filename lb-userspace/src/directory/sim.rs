@@ -406,3 +406,62 @@ fn master_and_backup_forget_old_requests_yet_acknowledge_a_late_resend_without_a
     w.run_until_settled(10_000);
     assert_eq!(w.master.version(), 101);
 }
+
+#[test]
+fn a_backup_seeded_after_requests_were_forgotten_still_knows_them_once_promoted() {
+    // Alone, the master commits 100 changes and forgets most of its requests
+    // (log and requests kept to 10).
+    let mut m = Master::new(1, None);
+    m.set_log_limit(10);
+    for i in 1..=100u64 {
+        m.submit_local(i, put(&format!("k{i}")));
+    }
+    assert_eq!(m.version(), 100);
+    // A backup arrives with nothing: the log does not reach back, so it is seeded.
+    let mut b = Backup::new(2);
+    let mut to_backup: Vec<Msg> = m
+        .set_backup(Some(2), false)
+        .into_iter()
+        .filter_map(|o| match o {
+            Out::To(2, msg) => Some(msg),
+            _ => None,
+        })
+        .collect();
+    for _ in 0..10 {
+        let mut to_master = Vec::new();
+        for msg in to_backup.drain(..) {
+            to_master.extend(b.handle(1, msg));
+        }
+        for o in to_master {
+            if let Out::To(1, msg) = o {
+                for o in m.handle(2, msg) {
+                    if let Out::To(2, msg) = o {
+                        to_backup.push(msg);
+                    }
+                }
+            }
+        }
+        to_backup.extend(m.tick().into_iter().filter_map(|o| match o {
+            Out::To(2, msg) => Some(msg),
+            _ => None,
+        }));
+    }
+    assert_eq!(b.stored(), 100, "the backup was seeded");
+    // The master dies; the backup takes over. The first request, resent late, is
+    // one it was seeded past: acknowledged, not applied again.
+    let mut promoted = Master::promote(b, None);
+    let outs = promoted.handle(
+        1,
+        Msg::Submit {
+            from: 1,
+            req: 1,
+            change: put("k1"),
+        },
+    );
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Out::To(1, Msg::Ack { req: 1, .. }))),
+        "the late resend was not acknowledged: {outs:?}"
+    );
+    assert_eq!(promoted.version(), 100, "the late resend was applied again");
+}
