@@ -264,6 +264,33 @@ fn put(k: &str) -> Change {
     }
 }
 
+/// Delivers `first` (the master's, id 1) to its backup (id 2) and every answer back
+/// and forth, with a master tick a round, until quiet (ten rounds): the master's
+/// answers to `Stored` go back to the backup.
+fn deliver_between(m: &mut Master, b: &mut Backup, first: Vec<Out>) {
+    let to_backup = |outs: Vec<Out>| -> Vec<Msg> {
+        outs.into_iter()
+            .filter_map(|o| match o {
+                Out::To(2, msg) => Some(msg),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut pending = to_backup(first);
+    for _ in 0..10 {
+        let mut to_master = Vec::new();
+        for msg in pending.drain(..) {
+            to_master.extend(b.handle(1, msg));
+        }
+        for o in to_master {
+            if let Out::To(1, msg) = o {
+                pending.extend(to_backup(m.handle(2, msg)));
+            }
+        }
+        pending.extend(to_backup(m.tick()));
+    }
+}
+
 #[test]
 fn a_backup_that_joins_behind_committed_changes_catches_up_and_new_changes_commit() {
     // Alone, the master commits v1..v3 at once.
@@ -274,35 +301,9 @@ fn a_backup_that_joins_behind_committed_changes_catches_up_and_new_changes_commi
     assert_eq!(m.version(), 3);
     // A backup arrives that has none of them, and a change waits for it.
     let mut b = Backup::new(2);
-    let mut to_backup: Vec<Msg> = m
-        .set_backup(Some(2), false)
-        .into_iter()
-        .chain(m.submit_local(4, put("d")))
-        .filter_map(|o| match o {
-            Out::To(2, msg) => Some(msg),
-            _ => None,
-        })
-        .collect();
-    // Deliver until quiet: the master's answers to Stored go back to the backup.
-    for _ in 0..10 {
-        let mut to_master = Vec::new();
-        for msg in to_backup.drain(..) {
-            to_master.extend(b.handle(1, msg));
-        }
-        for o in to_master {
-            if let Out::To(1, msg) = o {
-                for o in m.handle(2, msg) {
-                    if let Out::To(2, msg) = o {
-                        to_backup.push(msg);
-                    }
-                }
-            }
-        }
-        to_backup.extend(m.tick().into_iter().filter_map(|o| match o {
-            Out::To(2, msg) => Some(msg),
-            _ => None,
-        }));
-    }
+    let mut first = m.set_backup(Some(2), false);
+    first.extend(m.submit_local(4, put("d")));
+    deliver_between(&mut m, &mut b, first);
     assert_eq!(m.version(), 4, "the waiting change committed");
 }
 
@@ -419,33 +420,8 @@ fn a_backup_seeded_after_requests_were_forgotten_still_knows_them_once_promoted(
     assert_eq!(m.version(), 100);
     // A backup arrives with nothing: the log does not reach back, so it is seeded.
     let mut b = Backup::new(2);
-    let mut to_backup: Vec<Msg> = m
-        .set_backup(Some(2), false)
-        .into_iter()
-        .filter_map(|o| match o {
-            Out::To(2, msg) => Some(msg),
-            _ => None,
-        })
-        .collect();
-    for _ in 0..10 {
-        let mut to_master = Vec::new();
-        for msg in to_backup.drain(..) {
-            to_master.extend(b.handle(1, msg));
-        }
-        for o in to_master {
-            if let Out::To(1, msg) = o {
-                for o in m.handle(2, msg) {
-                    if let Out::To(2, msg) = o {
-                        to_backup.push(msg);
-                    }
-                }
-            }
-        }
-        to_backup.extend(m.tick().into_iter().filter_map(|o| match o {
-            Out::To(2, msg) => Some(msg),
-            _ => None,
-        }));
-    }
+    let first = m.set_backup(Some(2), false);
+    deliver_between(&mut m, &mut b, first);
     assert_eq!(b.stored(), 100, "the backup was seeded");
     // The master dies; the backup takes over. The first request, resent late, is
     // one it was seeded past: acknowledged, not applied again.
