@@ -7,6 +7,7 @@
 //! compile time so a change that would silently break the other side does not build.
 #![no_std]
 
+pub mod conn_sets;
 pub mod hash;
 pub mod idle;
 
@@ -44,13 +45,14 @@ pub mod map_names {
     pub const BACKENDS: &str = "BACKENDS";
     pub const ROUTES: &str = "ROUTES";
     pub const TX_PORTS: &str = "TX_PORTS";
-    /// The connection tables: IPv4 flows by a 16-byte key, IPv6 flows by the whole
-    /// `FlowKey`.
-    pub const CONNS_V4: &str = "CONNS_V4";
+    /// The connection tables: IPv4 flows in sets of slots (`conn_sets`), IPv6 flows
+    /// in a hash by the whole `FlowKey`.
+    pub const CONN_SETS_V4: &str = "CONN_SETS_V4";
     pub const CONNS_V6: &str = "CONNS_V6";
-    /// The one connection table of builds before the split (both families by
-    /// `FlowKey`): unpinned at load, so that its memory goes with the old program.
-    pub const CONNS_RETIRED: &str = "CONNS";
+    /// Connection tables of older builds: the one table of both families, then the
+    /// IPv4 hash by a 16-byte key. Unpinned at load, so that their memory goes with
+    /// the old program.
+    pub const CONNS_RETIRED: [&str; 2] = ["CONNS", "CONNS_V4"];
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
@@ -74,7 +76,7 @@ pub mod map_names {
         BACKENDS,
         ROUTES,
         TX_PORTS,
-        CONNS_V4,
+        CONN_SETS_V4,
         CONNS_V6,
         VIP_STATS,
         BACKEND_STATS,
@@ -343,11 +345,9 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// Key of the IPv4 connection table `CONNS_V4`: the words of a `FlowKey` that an IPv4
-/// flow uses, in the same order (its tail is `FlowKey`'s last 8 bytes as they are).
-/// A smaller key is a smaller element (80 bytes in the kernel's hash against 104):
-/// a table of a million flows touches a fifth less memory, which is what a lookup
-/// in a cold table and an insert cost.
+/// Key of the IPv4 connection table `CONN_SETS_V4`: the words of a `FlowKey` that an
+/// IPv4 flow uses, in the same order (its tail is `FlowKey`'s last 8 bytes as they
+/// are): 16 bytes, so four slots' keys fill one cache line.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKeyV4 {
@@ -390,7 +390,7 @@ impl FlowKeyV4 {
     }
 }
 
-/// Value of `CONNS_V4` and `CONNS_V6`.
+/// A flow's entry in `CONN_SETS_V4` and `CONNS_V6`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ConnEntry {
@@ -642,6 +642,10 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for ConnEntry {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for conn_sets::ConnSet {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for conn_sets::SetsMeta {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Counter {}
     // SAFETY: as above.
     unsafe impl aya::Pod for GlobalStats {}
@@ -677,6 +681,10 @@ assert_layout!(FlowKeyV4, 16, 8);
 const _: () = assert!(core::mem::offset_of!(FlowKey, sport_be) == 32);
 const _: () = assert!(core::mem::offset_of!(FlowKeyV4, sport_be) == 8);
 assert_layout!(ConnEntry, 16, 4);
+assert_layout!(conn_sets::ConnSet, 128, 8);
+assert_layout!(conn_sets::SetsMeta, 128, 8);
+const _: () =
+    assert!(core::mem::offset_of!(conn_sets::ConnSet, entries) == conn_sets::ENTRY_OFFSET);
 assert_layout!(Counter, 16, 8);
 assert_layout!(GlobalStats, 33 * 8, 8);
 assert_layout!(Control, 8, 8);

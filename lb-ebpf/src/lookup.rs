@@ -4,16 +4,16 @@ use aya_ebpf::{helpers::bpf_jiffies64, maps::lpm_trie::Key, programs::XdpContext
 use aya_log_ebpf::error;
 use lb_common::{
     hash::{flow_hash, vip_filter_bit},
-    idle, AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, FlowKeyV4, GlobalStats, SphereKey,
-    VipKey, VipMeta, BACKEND_F_ACTIVE, FAMILY_V4, RING_EMPTY, VIP_F_EPOCH_RESTEER,
-    VIP_F_SRC_PARTITION, VIP_F_TOPOLOGY, VIP_F_UNAVAILABLE, VIP_STATE_LIVE, VIP_STATE_UNSERVED,
+    idle, AddrKey, AddrMeta, Backend, ConnEntry, FlowKey, GlobalStats, SphereKey, VipKey, VipMeta,
+    BACKEND_F_ACTIVE, FAMILY_V4, RING_EMPTY, VIP_F_EPOCH_RESTEER, VIP_F_SRC_PARTITION,
+    VIP_F_TOPOLOGY, VIP_F_UNAVAILABLE, VIP_STATE_LIVE, VIP_STATE_UNSERVED,
 };
 
 use crate::{
     maps::{
-        BACKENDS, CONNS_V4, CONNS_V6, CONN_FULL, MAGLEV_RING, SPHERES, VIPS, VIP_ADDRS, VIP_FILTER,
-        VIP_STATE,
+        BACKENDS, CONNS_V6, CONN_FULL, MAGLEV_RING, SPHERES, VIPS, VIP_ADDRS, VIP_FILTER, VIP_STATE,
     },
+    sets,
     stats::{self, Exit},
 };
 
@@ -81,35 +81,6 @@ pub fn vip(flow: &FlowKey) -> Result<VipMeta, Exit> {
     unsafe { VIPS.get(&key.0) }.copied().ok_or(Exit::NoService)
 }
 
-/// An IPv4 flow's `CONNS_V4` key: `FlowKey`'s first source word, first destination
-/// word and last 8 bytes, as three word copies (no zeroing, no byte loop).
-#[inline(always)]
-fn key_v4(flow: &FlowKey) -> FlowKeyV4 {
-    let mut key = core::mem::MaybeUninit::<FlowKeyV4>::uninit();
-    let from = flow as *const FlowKey as *const u32;
-    let to = key.as_mut_ptr() as *mut u32;
-    // SAFETY: FlowKey (40 bytes) and FlowKeyV4 (16) are 8-aligned plain data: source
-    // word at 0 and 0, destination word at 16 and 4, the tail (ports, protocol,
-    // family, padding; offsets checked in lb_common) at 32 and 8. Every byte of the
-    // key is written.
-    unsafe {
-        *to = *from;
-        *to.add(1) = *from.add(4);
-        *(to as *mut u64).add(1) = *(from as *const u64).add(4);
-        key.assume_init()
-    }
-}
-
-/// The flow's entry in its family's connection table.
-#[inline(always)]
-fn conn(flow: &FlowKey) -> Option<*mut ConnEntry> {
-    if flow.family == FAMILY_V4 {
-        CONNS_V4.get_ptr_mut(&key_v4(flow))
-    } else {
-        CONNS_V6.get_ptr_mut(flow)
-    }
-}
-
 /// Whether this node serves the address of service `vip_id` (the flow's
 /// destination): its state word says, in one load; a word being written (0) leaves
 /// it to the address table.
@@ -128,33 +99,33 @@ pub fn served(vip_id: u32, flow: &FlowKey) -> bool {
 /// `-E2BIG`: the hash map has no free element.
 const E2BIG: i32 = 7;
 
-/// Enters a flow; not 0 if the table refused it (full), or refused another in this
-/// tick on this CPU (`CONN_FULL`). Not inlined: the entry then lives in a stack
-/// frame of its own, and the main program's frame stays within what its deepest
-/// call chain leaves of BPF's 512 bytes.
+/// Enters a flow (or changes its entry); not 0 if it was refused: its two sets full
+/// (IPv4), the table full or another insert into it refused in this tick on this
+/// CPU (IPv6, `CONN_FULL`). Not inlined: the entry then lives in a stack frame of
+/// its own, and the main program's frame stays within what its deepest call chain
+/// leaves of BPF's 512 bytes.
 #[inline(never)]
 fn enter_apart(flow: &FlowKey, backend_id: u32, backend_gen: u32, epoch: u32) -> u64 {
     let now = now_tick();
-    let v4 = flow.family == FAMILY_V4;
-    let full = CONN_FULL.get_ptr_mut(if v4 { 0 } else { 1 });
-    if let Some(p) = full {
-        // SAFETY: this CPU's own element of a per-CPU array.
-        if unsafe { *p } == now.wrapping_add(1) {
-            return 1;
-        }
-    }
     let entry = ConnEntry {
         backend_id,
         backend_gen,
         epoch,
         seen: now,
     };
-    let entered = if v4 {
-        CONNS_V4.insert(&key_v4(flow), &entry, 0)
-    } else {
-        CONNS_V6.insert(flow, &entry, 0)
-    };
-    match entered {
+    if flow.family == FAMILY_V4 {
+        // A refusal here says nothing of the next flow's sets, and cost no more
+        // than the lookup before it: no hold.
+        return !sets::enter(flow, &entry) as u64;
+    }
+    let full = CONN_FULL.get_ptr_mut(0);
+    if let Some(p) = full {
+        // SAFETY: this CPU's own element of a per-CPU array.
+        if unsafe { *p } == now.wrapping_add(1) {
+            return 1;
+        }
+    }
+    match CONNS_V6.insert(flow, &entry, 0) {
         Ok(()) => 0,
         Err(e) => {
             // Only "full" holds the inserts off; another failure (a bucket busy in a
@@ -181,28 +152,59 @@ fn live_backend(id: u32, gen: u32) -> Option<Backend> {
     (b.flags & BACKEND_F_ACTIVE != 0 && b.gen == gen).then_some(*b)
 }
 
-/// The entry at `p` (a flow's, just found), its `seen` stamped with this tick: a
-/// packet of the flow was seen, whatever is decided of the entry. Written only when
-/// the tick moved on: a flow's packets on several CPUs then share its entry's cache
-/// line instead of bouncing it. Stamped here, before any decision, so that callers
-/// need not keep the pointer across one (that would take a stack slot the program
-/// does not have).
+/// The flow's entry in its family's connection table, its `seen` stamped with this
+/// tick: a packet of the flow was seen, whatever is decided of the entry. Stamped
+/// here, before any decision, so that callers need not keep the pointer across one
+/// (that would take a stack slot the program does not have). An IPv4 flow's slot
+/// is asked again once its entry is read: if it no longer holds the flow (freed and
+/// reused, or being changed, meanwhile) the flow is taken as having none. One test
+/// of the family, each table on a path of its own: the verifier does not know that
+/// a second test of the same byte answers as the first.
 #[inline(always)]
-fn stamped(p: *mut ConnEntry) -> ConnEntry {
-    // SAFETY: a hash map value; an update swaps it whole. Read field by field into
-    // registers: a copy of the whole entry would cost stack the program does not have.
-    let conn = unsafe {
-        ConnEntry {
-            backend_id: (*p).backend_id,
-            backend_gen: (*p).backend_gen,
-            epoch: (*p).epoch,
-            seen: (*p).seen,
+fn conn(flow: &FlowKey) -> Option<ConnEntry> {
+    if flow.family == FAMILY_V4 {
+        let p = sets::find(flow)?;
+        let (w0, w1) = read_entry(p);
+        if !sets::holds(p, flow) {
+            return None;
         }
+        Some(stamp(p, w0, w1))
+    } else {
+        let p = CONNS_V6.get_ptr_mut(flow)?;
+        let (w0, w1) = read_entry(p);
+        Some(stamp(p, w0, w1))
+    }
+}
+
+/// An entry's two words, read into registers (a copy of the whole entry would cost
+/// stack the program does not have).
+#[inline(always)]
+fn read_entry(p: *mut ConnEntry) -> (u64, u64) {
+    let w = p as *const u64;
+    // SAFETY: an 8-aligned 16-byte map value; every writer writes each word whole.
+    unsafe {
+        (
+            core::ptr::read_volatile(w),
+            core::ptr::read_volatile(w.add(1)),
+        )
+    }
+}
+
+/// The entry read as (w0, w1) from `p`, its stamp moved to this tick if it was
+/// older: written only when the tick moved on, so that a flow's packets on several
+/// CPUs share its entry's cache line instead of bouncing it.
+#[inline(always)]
+fn stamp(p: *mut ConnEntry, w0: u64, w1: u64) -> ConnEntry {
+    let conn = ConnEntry {
+        backend_id: w0 as u32,
+        backend_gen: (w0 >> 32) as u32,
+        epoch: w1 as u32,
+        seen: (w1 >> 32) as u32,
     };
     let now = now_tick();
     if conn.seen != now {
-        // SAFETY: the entry's own memory; a racing sweep that removed it at worst
-        // gives the element's next flow a fresher stamp.
+        // SAFETY: the entry's own memory; a racing sweep that freed it at worst
+        // gives the slot's next flow a fresher stamp.
         unsafe { (*p).seen = now };
     }
     conn
@@ -229,15 +231,15 @@ pub enum Established {
 /// deactivates its backends after; an id is given anew only after both.
 #[inline(always)]
 pub fn established(flow: &FlowKey, g: &mut GlobalStats) -> Established {
-    let Some(p) = conn(flow) else {
-        return Established::New;
-    };
-    let ConnEntry {
+    let Some(ConnEntry {
         backend_id: id,
         backend_gen: gen,
         epoch,
         ..
-    } = stamped(p);
+    }) = conn(flow)
+    else {
+        return Established::New;
+    };
     let Some(b) = live_backend(id, gen) else {
         return Established::Undecided;
     };
@@ -296,8 +298,7 @@ pub fn backend(
     g: &mut GlobalStats,
 ) -> Result<(u32, Backend), Exit> {
     let found = if new { None } else { conn(flow) };
-    if let Some(p) = found {
-        let conn = stamped(p);
+    if let Some(conn) = found {
         let resteer = conn.epoch != vip.epoch && vip.flags & VIP_F_EPOCH_RESTEER != 0;
         if resteer {
             // The service moved on to a new epoch and wants its old connections

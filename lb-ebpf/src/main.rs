@@ -4,6 +4,10 @@
 //! Each stage returns `Result<_, Exit>`; an `Exit` carries the reason, and the reason
 //! decides both the verdict and the counter, in one place (`stats::count_exit`).
 #![no_std]
+// `core::intrinsics::atomic_cxchg`: core's atomics have no compare-exchange on
+// bpfel-unknown-none, the intrinsic emits BPF_CMPXCHG (the build sets RUSTC_BOOTSTRAP).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 #![no_main]
 
 mod decap;
@@ -16,6 +20,7 @@ mod maps;
 mod parse;
 mod probe;
 mod refuse;
+mod sets;
 mod stats;
 
 use aya_ebpf::{

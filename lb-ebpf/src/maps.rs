@@ -6,10 +6,10 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, AddrMeta, Backend, ConnEntry, Control, Counter, DecapConfig, DecapStats, FlowKey,
-    FlowKeyV4, GlobalStats, ProbeConfig, RefuseBucket, Route, SphereKey, SphereMeta, VipKey,
-    VipMeta, MAX_BACKENDS, MAX_DECAP_SOURCES, MAX_REFUSING_SOURCES, MAX_SPHERE_RULES, MAX_TX_PORTS,
-    MAX_VIPS, MAX_VIP_ADDRS,
+    conn_sets::ConnSet, AddrKey, AddrMeta, Backend, ConnEntry, Control, Counter, DecapConfig,
+    DecapStats, FlowKey, GlobalStats, ProbeConfig, RefuseBucket, Route, SphereKey, SphereMeta,
+    VipKey, VipMeta, MAX_BACKENDS, MAX_DECAP_SOURCES, MAX_REFUSING_SOURCES, MAX_SPHERE_RULES,
+    MAX_TX_PORTS, MAX_VIPS, MAX_VIP_ADDRS,
 };
 
 #[map]
@@ -52,34 +52,41 @@ pub static ROUTES: Array<Route> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 pub static TX_PORTS: DevMap = DevMap::with_max_entries(MAX_TX_PORTS, 0);
 
-/// The connection table of IPv4 flows: one entry per flow, shared by every CPU (a
-/// flow that moves between queues keeps its backend), the value beside its key. A
-/// preallocated hash, not an LRU: an insert takes one element from its CPU's free
-/// list, where an LRU refills its CPU's list 128 elements at a time (each a cache
-/// miss in a table that has been used), a stall of tens of microseconds once per
-/// ~128 new flows. Idle entries are removed by lbd's sweeper (`ConnEntry::seen`); a
-/// full table refuses an insert (`conn_table_full`) instead of evicting. Keyed by
-/// 16 bytes, not the 40 of an IPv6 flow: the smaller element is what makes a lookup
-/// in a big, cold table and an insert cheaper.
+/// The connection table of IPv4 flows: sets of four slots, a flow in one of two sets
+/// (`lb_common::conn_sets`, the program's side in `sets`). One entry per flow,
+/// shared by every CPU (a flow that moves between queues keeps its backend). The
+/// loader sizes it (sets for `conn_table_size`, plus one element after the last set
+/// that records the hash key for the next load). Mappable: the sets start on a page,
+/// so each is two whole cache lines, and lbd's sweeper reads and frees slots as
+/// memory. Idle entries are removed by the sweeper (`ConnEntry::seen`); a flow whose
+/// two sets are full is refused (`conn_table_full`), evicting no one.
 #[map]
-pub static CONNS_V4: HashMap<FlowKeyV4, ConnEntry> = HashMap::with_max_entries(1, 0);
+pub static CONN_SETS_V4: Array<ConnSet> = Array::with_max_entries(2, lb_common::BPF_F_MMAPABLE);
+
+/// The hash key of `CONN_SETS_V4`'s sets and their count less one, written by the
+/// loader into the program's read-only data (the verifier then knows them).
+#[no_mangle]
+pub static CONN_SETS_SEED: u64 = 0;
+#[no_mangle]
+pub static CONN_SETS_MASK: u32 = 0;
 
 /// The connection table of IPv6 flows, by the whole 5-tuple (a shorter key made by
-/// hashing the addresses would let crafted flows collide); otherwise as `CONNS_V4`.
-/// Preallocated too: a table that allocates as flows come refills each CPU's cache
-/// of elements in batches, and one new flow in fifty then stalled for 10 µs or
-/// more (half of a new flow's mean cost).
+/// hashing the addresses would let crafted flows collide). A preallocated hash,
+/// not an LRU: an insert takes one element from its CPU's free list, where an LRU
+/// refills its CPU's list 128 elements at a time. Preallocated: a table that
+/// allocates as flows come refills each CPU's cache of elements in batches, and one
+/// new flow in fifty then stalled for 10 µs or more (half of a new flow's mean cost).
 #[map]
 pub static CONNS_V6: HashMap<FlowKey, ConnEntry> = HashMap::with_max_entries(1, 0);
 
-/// Per CPU, per table (0: `CONNS_V4`, 1: `CONNS_V6`): the connection clock's tick
-/// (plus one; 0: never) in which an insert into the table was last refused as full.
+/// Per CPU: the connection clock's tick (plus one; 0: never) in which an insert into
+/// `CONNS_V6` was last refused as full.
 /// Until the tick moves on, this CPU tries no other insert into it: each would be
 /// refused too (the sweeper frees entries once a second), and a refused insert costs
 /// a bucket lock and a look at every CPU's free list. Not pinned: a restart may
 /// forget it.
 #[map]
-pub static CONN_FULL: PerCpuArray<u32> = PerCpuArray::with_max_entries(2, 0);
+pub static CONN_FULL: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// Client subnet → sphere sub-table, for services with `VIP_F_TOPOLOGY`.
 #[map]

@@ -43,7 +43,7 @@ const LEAST: [&str; 9] = [
     map_names::ROUTES,
     map_names::BACKEND_STATS,
     map_names::MAGLEV_RING,
-    map_names::CONNS_V4,
+    map_names::CONN_SETS_V4,
     map_names::CONNS_V6,
 ];
 

@@ -16,7 +16,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
-use lb_common::{map_names, program_names, ProbeConfig};
+use lb_common::{conn_sets, map_names, program_names, ProbeConfig};
 
 use super::{
     error::{DataplaneError, Result},
@@ -232,11 +232,7 @@ fn layouts() -> [(&'static str, usize, usize); 16] {
         (map_names::ROUTES, 4, size_of::<Route>()),
         // A devmap value is `struct bpf_devmap_val`: ifindex and program fd.
         (map_names::TX_PORTS, 4, 8),
-        (
-            map_names::CONNS_V4,
-            size_of::<FlowKeyV4>(),
-            size_of::<ConnEntry>(),
-        ),
+        (map_names::CONN_SETS_V4, 4, size_of::<conn_sets::ConnSet>()),
         (
             map_names::CONNS_V6,
             size_of::<FlowKey>(),
@@ -273,9 +269,10 @@ fn check_pinned_layouts(dir: &Path) -> Result<()> {
             map_names::MAGLEV_RING,
             map_names::BACKENDS,
             map_names::VIP_STATE,
+            map_names::CONN_SETS_V4,
         ];
-        let conns = [map_names::CONNS_V4, map_names::CONNS_V6];
-        let kind_differs = (conns.contains(&name) && !matches!(info.map_type(), Ok(MapType::Hash)))
+        let kind_differs = (name == map_names::CONNS_V6
+            && !matches!(info.map_type(), Ok(MapType::Hash)))
             || (mappable.contains(&name) && info.map_flags() & lb_common::BPF_F_MMAPABLE == 0);
         if kind_differs || info.key_size() as usize != key || info.value_size() as usize != value {
             return Err(DataplaneError::Options(format!(
@@ -291,14 +288,15 @@ fn check_pinned_layouts(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Unpins the maps of older builds that this one no longer uses (the one connection
-/// table of both families): the old program, while still attached, keeps its map;
-/// once it is replaced the map's memory is freed instead of staying pinned for good.
-/// Its flows are re-steered by their services' tables, as after a restart that
-/// lost them.
+/// Unpins the maps of older builds that this one no longer uses (their connection
+/// tables): the old program, while still attached, keeps its map; once it is
+/// replaced the map's memory is freed instead of staying pinned for good. Its flows
+/// are re-steered by their services' tables, as after a restart that lost them.
 fn unpin_retired(dir: &Path) {
-    let path = dir.join(map_names::CONNS_RETIRED);
-    if path.exists() {
+    for path in map_names::CONNS_RETIRED.map(|name| dir.join(name)) {
+        if !path.exists() {
+            continue;
+        }
         match std::fs::remove_file(&path) {
             Ok(()) => {
                 tracing::info!(path = %path.display(), "unpinned an older build's connection table")
@@ -325,7 +323,7 @@ fn check_pinned_size(dir: &Path, name: &str, expected: u32, option: &str) -> Res
     })?;
     if info.max_entries() != expected {
         return Err(DataplaneError::Options(format!(
-            "the pinned map {} has {} entries but {option} now asks for {expected}; \
+            "the pinned map {} has {} entries but {option} now makes it {expected}; \
              detach the balancer (lbctl shutdown --detach) to apply new sizes",
             path.display(),
             info.max_entries()
@@ -398,8 +396,9 @@ impl Programs {
                 "ring_cells",
             ),
             (
-                map_names::CONNS_V4,
-                options.conn_table_size,
+                map_names::CONN_SETS_V4,
+                // The sets, and the element after them that records their hash key.
+                conn_sets::sets_for(options.conn_table_size) + 1,
                 "conn_table_size",
             ),
             (
@@ -426,7 +425,26 @@ impl Programs {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
+        // The IPv4 table's hash key: the one its pinned sets were filled by, else new.
+        let pinned_seed = match &options.pin_dir {
+            Some(dir) => super::maps::sets::pinned_seed(&dir.join(map_names::CONN_SETS_V4))?,
+            None => None,
+        };
+        let seed = pinned_seed.unwrap_or_else(rand::random::<u64>);
+        let mask = conn_sets::sets_for(options.conn_table_size) - 1;
+        loader.override_global("CONN_SETS_SEED", &seed, true);
+        loader.override_global("CONN_SETS_MASK", &mask, true);
         let mut ebpf = loader.load(OBJECT)?;
+        let sets = ebpf
+            .map(map_names::CONN_SETS_V4)
+            .and_then(|m| match m {
+                aya::maps::Map::Array(data) => Some(data),
+                _ => None,
+            })
+            .ok_or(DataplaneError::MapShape {
+                name: map_names::CONN_SETS_V4,
+            })?;
+        super::maps::sets::write_meta(sets, seed)?;
         // The program logs only on control-plane inconsistencies; no log map means none.
         let logger = EbpfLogger::init(&mut ebpf).ok();
         for program in Program::ALL {

@@ -31,8 +31,8 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    map_names, AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, FlowKeyV4, GlobalStats,
-    Route, SphereKey, SphereMeta, VipKey, VipMeta, BACKEND_F_ACTIVE, FAMILY_V4, FAMILY_V6,
+    map_names, AddrKey, AddrMeta, Backend, ConnEntry, Counter, FlowKey, GlobalStats, Route,
+    SphereKey, SphereMeta, VipKey, VipMeta, BACKEND_F_ACTIVE, FAMILY_V4, FAMILY_V6,
     MAX_SPHERE_RULES, MAX_TX_PORTS, PROTO_TCP, PROTO_UDP, ROUTE_MODE_GUE, ROUTE_MODE_IPIP,
     ROUTE_MODE_L2_DSR, ROUTE_MODE_NONE,
 };
@@ -51,11 +51,13 @@ use crate::{
 mod batch;
 mod restore;
 mod ring;
+pub(super) mod sets;
 mod state;
 pub mod sweep;
 mod write;
 
 use ring::{Extent, Extents, Mapped, Ring};
+use sets::ConnSets;
 use state::StateWords;
 
 #[derive(Clone, Debug)]
@@ -124,9 +126,9 @@ pub struct MapManager {
     backends_view: Mapped,
     routes: Array<MapData, Route>,
     tx_ports: DevMap<MapData>,
-    conns_v4: HashMap<MapData, FlowKeyV4, ConnEntry>,
+    conns_v4: ConnSets,
     conns_v6: HashMap<MapData, FlowKey, ConnEntry>,
-    /// Entries in `CONNS_V4` and `CONNS_V6`, as last counted by the sweeping thread.
+    /// Entries in `CONN_SETS_V4` and `CONNS_V6`, as last counted by the sweeping thread.
     conn_entries: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
     idle_timeouts: sweep::IdleTimeouts,
     vip_stats: PerCpuArray<MapData, Counter>,
@@ -287,7 +289,16 @@ impl MapManager {
             backends_view,
             routes: take(ebpf, map_names::ROUTES)?,
             tx_ports: take(ebpf, map_names::TX_PORTS)?,
-            conns_v4: take(ebpf, map_names::CONNS_V4)?,
+            conns_v4: ConnSets::new(
+                ebpf.take_map(map_names::CONN_SETS_V4)
+                    .and_then(|m| match m {
+                        aya::maps::Map::Array(data) => Some(data),
+                        _ => None,
+                    })
+                    .ok_or(DataplaneError::MapShape {
+                        name: map_names::CONN_SETS_V4,
+                    })?,
+            )?,
             conns_v6: take(ebpf, map_names::CONNS_V6)?,
             conn_entries: Default::default(),
             idle_timeouts: sweep::IdleTimeouts::of(options, sweep::hz()),
@@ -354,8 +365,7 @@ impl MapManager {
     /// Walks the connection tables now (tests and benchmarks: the daemon reads the
     /// count the counting thread keeps).
     pub fn count_connections_now(&self) -> usize {
-        self.conns_v4.keys().filter(|k| k.is_ok()).count()
-            + self.conns_v6.keys().filter(|k| k.is_ok()).count()
+        self.conns_v4.count() + self.conns_v6.keys().filter(|k| k.is_ok()).count()
     }
 
     /// Sweeps the connection table on a thread of its own, through handles of its
@@ -365,8 +375,7 @@ impl MapManager {
     /// it ends once the manager is gone.
     fn sweep_apart(&self) -> Result<()> {
         use std::sync::{atomic::Ordering, Arc};
-        let walker_v4 = handle(&self.conns_v4, map_names::CONNS_V4)?;
-        let mut remover_v4 = handle(&self.conns_v4, map_names::CONNS_V4)?;
+        let sets_v4 = self.conns_v4.view()?;
         let walker_v6 = handle(&self.conns_v6, map_names::CONNS_V6)?;
         let mut remover_v6 = handle(&self.conns_v6, map_names::CONNS_V6)?;
         let timeouts = self.idle_timeouts;
@@ -379,7 +388,7 @@ impl MapManager {
                 while Arc::strong_count(&count) > 1 {
                     let t = std::time::Instant::now();
                     // One clock for both tables: the data plane stamps them alike.
-                    let v4 = sweep::sweep(&walker_v4, &mut remover_v4, clock, &timeouts, &cpus);
+                    let v4 = sets_v4.sweep(clock, &timeouts);
                     let v6 = sweep::sweep(&walker_v6, &mut remover_v6, v4.newest, &timeouts, &cpus);
                     let swept = v4.and(v6);
                     clock = swept.newest;
@@ -411,14 +420,7 @@ impl MapManager {
     /// daemon's sweeper keeps its clock from walk to walk).
     #[doc(hidden)]
     pub fn sweep_connections_at(&mut self, now: u32) -> Result<sweep::Swept> {
-        let mut remover = handle(&self.conns_v4, map_names::CONNS_V4)?;
-        let v4 = sweep::sweep(
-            &self.conns_v4,
-            &mut remover,
-            Some(now),
-            &self.idle_timeouts,
-            &[],
-        );
+        let v4 = self.conns_v4.sweep(Some(now), &self.idle_timeouts);
         let mut remover = handle(&self.conns_v6, map_names::CONNS_V6)?;
         let v6 = sweep::sweep(
             &self.conns_v6,
@@ -455,7 +457,7 @@ impl MapManager {
     #[doc(hidden)]
     pub fn connection(&self, flow: &FlowKey) -> Option<ConnEntry> {
         if flow.family == lb_common::FAMILY_V4 {
-            self.conns_v4.get(&FlowKeyV4::of(flow), 0).ok()
+            self.conns_v4.get(flow)
         } else {
             self.conns_v6.get(flow, 0).ok()
         }
@@ -465,9 +467,7 @@ impl MapManager {
     #[doc(hidden)]
     pub fn set_connection(&mut self, flow: FlowKey, entry: ConnEntry) -> Result<()> {
         if flow.family == lb_common::FAMILY_V4 {
-            self.conns_v4
-                .insert(FlowKeyV4::of(&flow), entry, 0)
-                .map_ctx(map_names::CONNS_V4)
+            self.conns_v4.set(&flow, &entry)
         } else {
             self.conns_v6
                 .insert(flow, entry, 0)
@@ -510,15 +510,12 @@ impl MapManager {
     /// has run for a while has it, is filled and emptied once before timing).
     #[doc(hidden)]
     pub fn clear_connections(&mut self) -> Result<usize> {
-        let v4: Vec<FlowKeyV4> = self.conns_v4.keys().filter_map(|k| k.ok()).collect();
-        for k in &v4 {
-            let _ = self.conns_v4.remove(k);
-        }
+        let v4 = self.conns_v4.clear();
         let v6: Vec<FlowKey> = self.conns_v6.keys().filter_map(|k| k.ok()).collect();
         for k in &v6 {
             let _ = self.conns_v6.remove(k);
         }
-        Ok(v4.len() + v6.len())
+        Ok(v4 + v6.len())
     }
 
     /// How many tables this manager has built (a resume of unchanged services

@@ -84,6 +84,11 @@ impl Mapped {
         Mapped::new(dup, name, value_size)
     }
 
+    /// Another mapping of the same map (a duplicated descriptor).
+    pub(super) fn view_again(&self, name: &'static str, value_size: usize) -> Result<Mapped> {
+        Mapped::view(&self._map, name, value_size)
+    }
+
     pub(super) fn entries(&self) -> u32 {
         self.entries
     }
