@@ -559,6 +559,29 @@ fn tick_now() -> u32 {
 }
 
 #[test]
+fn each_ipv4_connection_table_draws_its_own_hash_key_and_a_reload_keeps_it() {
+    // Where a flow may live is keyed: flows picked to crowd one set of one table
+    // are spread over another's. Two tables made apart have different keys...
+    let (pins, options) = pinned("seed");
+    let apart = LoadOptions {
+        pin_dir: None,
+        ..options.clone()
+    };
+    let (_a, first) = Programs::load(&apart).expect("load");
+    let (_b, second) = Programs::load(&apart).expect("load");
+    assert_ne!(first.conn_sets_seed(), second.conn_sets_seed());
+    // ...and a load on a pinned table takes the key it was filled with.
+    let (dp, maps) = Programs::load(&options).expect("first load");
+    let seed = maps.conn_sets_seed();
+    drop((dp, maps));
+    let (dp, maps) = Programs::load(&options).expect("load on the pins");
+    assert_eq!(maps.conn_sets_seed(), seed, "the reload drew another key");
+    drop(maps);
+    dp.unpin_maps().unwrap();
+    drop(pins);
+}
+
+#[test]
 fn a_cpu_whose_insert_a_full_ipv6_table_refused_tries_none_for_the_rest_of_the_tick() {
     assert!(is_root(), "the data-plane tests must run as root");
     // The hold is per CPU: every run on the CPU that was refused.

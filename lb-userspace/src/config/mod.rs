@@ -297,7 +297,7 @@ impl Config {
                         "conn_table_size",
                         range(
                             CONN_TABLE_LIMIT,
-                            "IPv4 flows; each costs about 96 bytes of kernel memory",
+                            "IPv4 flows; each costs 64 to 128 bytes of kernel memory",
                         ),
                     )?,
                     conn_table_size_v6: dp

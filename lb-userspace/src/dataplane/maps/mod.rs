@@ -453,6 +453,12 @@ impl MapManager {
         self.vip_state.put(id, word);
     }
 
+    /// The IPv4 connection table's hash key (tests: each table draws its own).
+    #[doc(hidden)]
+    pub fn conn_sets_seed(&self) -> u64 {
+        self.conns_v4.seed()
+    }
+
     /// A flow's entry in the connection table (tests and tools).
     #[doc(hidden)]
     pub fn connection(&self, flow: &FlowKey) -> Option<ConnEntry> {

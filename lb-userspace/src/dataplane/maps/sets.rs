@@ -62,6 +62,10 @@ impl ConnSets {
         })
     }
 
+    pub(super) fn seed(&self) -> u64 {
+        self.seed
+    }
+
     fn sets(&self) -> u32 {
         self.mask + 1
     }

@@ -1,7 +1,9 @@
-//! The connection table's sweeper: the table is a preallocated hash that never
-//! evicts, so lbd removes the entries of flows idle beyond their protocol's timeout
-//! (`lb_common::idle`). One walk also counts what is left: the count `stats` and
-//! `/metrics` report without walking the table themselves.
+//! The connection tables' sweeping: neither table evicts, so lbd removes the entries
+//! of flows idle beyond their protocol's timeout (`lb_common::idle`). Here the walk
+//! of the IPv6 table (a preallocated hash) and what both tables' sweeps share (the
+//! IPv4 table's pass over its sets is `sets::ConnSets::sweep`). One walk also counts
+//! what is left: the count `stats` and `/metrics` report without walking the table
+//! themselves.
 //!
 //! Its clock is the table itself: the data plane stamps entries in jiffies, which
 //! userspace cannot read, and the newest stamp in the table is "now" to within a
@@ -14,7 +16,7 @@ use lb_common::{idle, ConnEntry, FlowKey, FlowKeyV4, PROTO_UDP};
 
 use super::LoadOptions;
 
-/// A key of a connection table (`CONNS_V4`, `CONNS_V6`): what the sweep reads of it.
+/// A key of a connection table (`FlowKeyV4`, `FlowKey`): what the sweep reads of it.
 pub trait ConnKey: aya::Pod {
     fn proto(&self) -> u8;
 }
