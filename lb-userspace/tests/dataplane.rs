@@ -6,7 +6,6 @@ mod support;
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
-    time::{Duration, Instant},
 };
 
 use aya::programs::{TestRun, TestRunOptions};
