@@ -248,7 +248,8 @@ pub(crate) fn pinned_seed(path: &Path) -> Result<Option<u64>> {
 }
 
 /// Records `seed` after the last set of the table just loaded (before any program
-/// runs on it), unless it is recorded there already.
+/// runs on it), unless it is recorded there already; then it must be that one (the
+/// program was given `seed`, and lbd reads the table's sets by the record).
 pub(crate) fn write_meta(map: &MapData, seed: u64) -> Result<()> {
     let dup =
         map.fd().as_fd().try_clone_to_owned().map_err(|e| {
@@ -259,6 +260,12 @@ pub(crate) fn write_meta(map: &MapData, seed: u64) -> Result<()> {
     let last = mapped.entries().saturating_sub(1);
     let meta: SetsMeta = mapped.get(last);
     if meta.magic == META_MAGIC {
+        if meta.seed != seed {
+            return Err(DataplaneError::Options(format!(
+                "{NAME} records another hash key than the program was given; \
+                 detach the data plane (lbctl shutdown --detach) and start again"
+            )));
+        }
         return Ok(());
     }
     // SAFETY: element `last` of the mapping, 128 bytes, 8-aligned; the program never
