@@ -521,15 +521,7 @@ fn a_backend_registers_itself_from_its_own_host_signed_and_unsigned_requests_are
         code == "400" || code == "401",
         "an unsigned registration answered {code}"
     );
-    let status: serde_json::Value =
-        serde_json::from_str(&env.lbctl_ok(&["-o", "json", "status"])).unwrap();
-    let refused: u64 = status["rejected"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.starts_with("registry/"))
-        .map(|(_, n)| n.as_u64().unwrap())
-        .sum();
+    let (refused, status) = env.rejected_on("registry");
     assert_eq!(refused, 1, "{status}");
     let rows = env.lbctl_ok(&["-o", "json", "dir", "search", &format!("svc.{SVC}")]);
     assert!(

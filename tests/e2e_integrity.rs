@@ -451,15 +451,7 @@ fn unauthenticated_peer_bodies_are_not_buffered() {
             "answered {c}"
         );
     }
-    let status: serde_json::Value =
-        serde_json::from_str(&env.lbctl_ok(&["-o", "json", "status"])).unwrap();
-    let refused: u64 = status["rejected"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.starts_with("dsd/"))
-        .map(|(_, n)| n.as_u64().unwrap())
-        .sum();
+    let (refused, status) = env.rejected_on("dsd");
     assert_eq!(
         refused,
         codes.len() as u64,

@@ -217,6 +217,21 @@ impl Env {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Requests lbd refused on one port (`lbctl status`'s `rejected`, keys
+    /// "port/reason"), summed over the reasons; and the status it read them from.
+    pub fn rejected_on(&self, port: &str) -> (u64, serde_json::Value) {
+        let status: serde_json::Value =
+            serde_json::from_str(&self.lbctl_ok(&["-o", "json", "status"])).unwrap();
+        let n = status["rejected"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{port}/")))
+            .map(|(_, n)| n.as_u64().unwrap())
+            .sum();
+        (n, status)
+    }
+
     /// Runs `f` on a thread in the client namespace.
     pub fn client<T: Send + 'static>(
         &self,
