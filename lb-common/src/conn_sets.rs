@@ -1,15 +1,19 @@
-//! The IPv4 connection table's layout: an array of sets (`CONN_SETS_V4`), each two
-//! cache lines: the keys of its four slots in the first, their entries in the second.
-//! A flow may live in either of two sets chosen by a keyed hash of its key, and is
-//! entered into the emptier one. Why not the kernel's hash map: a lookup there reads
+//! The connection tables' layout: arrays of sets of four slots. IPv4
+//! (`CONN_SETS_V4`): each set two cache lines, the keys of its slots in the first,
+//! their entries in the second. IPv6 (`CONN_SETS_V6`): four lines, the slots' state
+//! words and a keyed tag of their addresses in the first, the addresses in the next
+//! two, the entries in the last (exact keys: a flow is never taken for another whose
+//! tag is the same). A flow may live in either of two sets chosen by a keyed hash
+//! of its key, and is entered into the emptier one. Why not the kernel's hash map: a lookup there reads
 //! a bucket and then an element elsewhere (two to three cache and TLB misses in a
 //! large table), an insert pops a cold element from a free list besides; here a
 //! lookup that hits reads one set's two adjacent lines, a miss the key lines of two
 //! sets, and an insert writes into lines the lookup just read.
 //!
-//! Who writes a slot owns it first: the second word of a slot's key is its state
-//! (0: empty, [`CLAIMED`]: being written, anything else: the key's own word, which
-//! for a real IPv4 key is never 0 nor `CLAIMED`: its family byte is `FAMILY_V4`).
+//! Who writes a slot owns it first: the word of a key that holds the ports,
+//! protocol and family is the slot's state (0: empty, [`CLAIMED`]: being written,
+//! anything else: the key's own word, which for a real key is never 0 nor
+//! `CLAIMED`: its family byte is `FAMILY_V4` or `FAMILY_V6`).
 //! A writer claims a slot by compare-and-exchange of that word (from 0 to insert,
 //! from the key's word to change an entry), writes the rest, and publishes by
 //! storing the key's word last. A reader compares the key, reads the entry and
@@ -47,6 +51,34 @@ pub struct SetsMeta {
     pub _rest: [u64; 14],
 }
 
+/// One set of the IPv6 table: 256 bytes, four lines (the array's elements start on
+/// a page).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConnSet6 {
+    /// Each way's state: its key's last word (`FlowKey`'s ports, protocol, family).
+    pub states: [u64; WAYS],
+    /// Each way's `tag6` of its addresses: most lookups that miss stop here.
+    pub tags: [u64; WAYS],
+    /// Each way's source and destination address, as `FlowKey` has them.
+    pub addrs: [[u64; 4]; WAYS],
+    pub entries: [ConnEntry; WAYS],
+}
+
+/// Word indices in a `ConnSet6` of way `w`'s state, tag, first address word, entry.
+pub const fn state6(w: usize) -> usize {
+    w
+}
+pub const fn tag6_at(w: usize) -> usize {
+    WAYS + w
+}
+pub const fn addrs6(w: usize) -> usize {
+    2 * WAYS + 4 * w
+}
+pub const fn entry6(w: usize) -> usize {
+    6 * WAYS + 2 * w
+}
+
 /// `SetsMeta::magic` once written.
 pub const META_MAGIC: u64 = 0x4c42_5345_5453_0001; // "LBSETS", layout 1
 
@@ -82,6 +114,57 @@ pub fn key_words(key: &FlowKeyV4) -> (u64, u64) {
     (k0, k1)
 }
 
+/// An IPv6 flow's key as a slot holds it: its four address words (source, then
+/// destination, as `FlowKey` has them in memory) and its last word (the state).
+#[inline(always)]
+pub fn key_words6(flow: &crate::FlowKey) -> ([u64; 4], u64) {
+    let w = |b: &[u8; 16], i: usize| {
+        u64::from_le_bytes([
+            b[i],
+            b[i + 1],
+            b[i + 2],
+            b[i + 3],
+            b[i + 4],
+            b[i + 5],
+            b[i + 6],
+            b[i + 7],
+        ])
+    };
+    let s = flow.sport_be.to_ne_bytes();
+    let d = flow.dport_be.to_ne_bytes();
+    let tail = u64::from_le_bytes([
+        s[0],
+        s[1],
+        d[0],
+        d[1],
+        flow.proto,
+        flow.family,
+        flow._pad[0],
+        flow._pad[1],
+    ]);
+    (
+        [
+            w(&flow.src, 0),
+            w(&flow.src, 8),
+            w(&flow.dst, 0),
+            w(&flow.dst, 8),
+        ],
+        tail,
+    )
+}
+
+/// The tag of an IPv6 flow's addresses, keyed by the table's seed.
+#[inline(always)]
+pub fn tag6(a: &[u64; 4], seed: u64) -> u64 {
+    fmix(fmix(fmix(fmix(a[0] ^ seed) ^ a[1]) ^ a[2]) ^ a[3])
+}
+
+/// The two sets an IPv6 key may live in: by its tag (keyed already) and its state.
+#[inline(always)]
+pub fn sets6_of(tag: u64, tail: u64, mask: u32) -> (u32, u32) {
+    sets_of(tag, tail, 0, mask)
+}
+
 /// Whether `k1` (a slot's state word) is a published key.
 #[inline(always)]
 pub fn is_key(k1: u64) -> bool {
@@ -111,8 +194,12 @@ pub fn sets_of(k0: u64, k1: u64, seed: u64, mask: u32) -> (u32, u32) {
     (first, second)
 }
 
-/// An IPv4 key's family byte, which makes its state word a key.
+/// A key's family byte, which makes its state word a key.
 const _: () = assert!(FAMILY_V4 != 0 && FAMILY_V4 != 0xff);
+const _: () = assert!(crate::FAMILY_V6 != 0 && crate::FAMILY_V6 != 0xff);
+const _: () = assert!(core::mem::offset_of!(ConnSet6, tags) == 8 * tag6_at(0));
+const _: () = assert!(core::mem::offset_of!(ConnSet6, addrs) == 8 * addrs6(0));
+const _: () = assert!(core::mem::offset_of!(ConnSet6, entries) == 8 * entry6(0));
 
 #[cfg(test)]
 mod tests {
@@ -140,6 +227,28 @@ mod tests {
             is_key(mem[1]),
             "a real key's second word is neither 0 nor CLAIMED"
         );
+    }
+
+    #[test]
+    fn an_ipv6_keys_words_are_its_memory_and_its_tag_is_keyed() {
+        let flow = crate::FlowKey {
+            src: [0x20, 1, 0xd, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10],
+            dst: [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+            sport_be: 40000u16.to_be(),
+            dport_be: 80u16.to_be(),
+            proto: crate::PROTO_TCP,
+            family: crate::FAMILY_V6,
+            _pad: [0; 2],
+        };
+        // SAFETY: FlowKey is 40 bytes of plain data, 8-aligned.
+        let mem: [u64; 5] = unsafe { core::mem::transmute(flow) };
+        let (a, tail) = key_words6(&flow);
+        assert_eq!((a, tail), ([mem[0], mem[1], mem[2], mem[3]], mem[4]));
+        assert!(is_key(tail));
+        assert_ne!(tag6(&a, 1), tag6(&a, 2));
+        let mut b = a;
+        b[1] ^= 1;
+        assert_ne!(tag6(&a, 1), tag6(&b, 1));
     }
 
     #[test]

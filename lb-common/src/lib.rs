@@ -45,14 +45,13 @@ pub mod map_names {
     pub const BACKENDS: &str = "BACKENDS";
     pub const ROUTES: &str = "ROUTES";
     pub const TX_PORTS: &str = "TX_PORTS";
-    /// The connection tables: IPv4 flows in sets of slots (`conn_sets`), IPv6 flows
-    /// in a hash by the whole `FlowKey`.
+    /// The connection tables, one per family, in sets of slots (`conn_sets`).
     pub const CONN_SETS_V4: &str = "CONN_SETS_V4";
-    pub const CONNS_V6: &str = "CONNS_V6";
+    pub const CONN_SETS_V6: &str = "CONN_SETS_V6";
     /// Connection tables of older builds: the one table of both families, then the
-    /// IPv4 hash by a 16-byte key. Unpinned at load, so that their memory goes with
-    /// the old program.
-    pub const CONNS_RETIRED: [&str; 2] = ["CONNS", "CONNS_V4"];
+    /// hashes of each family. Unpinned at load, so that their memory goes with the
+    /// old program.
+    pub const CONNS_RETIRED: [&str; 3] = ["CONNS", "CONNS_V4", "CONNS_V6"];
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
@@ -77,7 +76,7 @@ pub mod map_names {
         ROUTES,
         TX_PORTS,
         CONN_SETS_V4,
-        CONNS_V6,
+        CONN_SETS_V6,
         VIP_STATS,
         BACKEND_STATS,
         GLOBAL_STATS,
@@ -329,8 +328,8 @@ pub const GUE_PORT_DEFAULT: u16 = 6080;
 /// dynamic range), 14 bits of the flow hash below it.
 pub const GUE_SPORT_BASE: u16 = 0xc000;
 
-/// A flow's 5-tuple, either family, as the parser reads it; the key of the IPv6
-/// connection table `CONNS_V6`. Aligned to 8 so that the program zeroes and compares
+/// A flow's 5-tuple, either family, as the parser reads it; an IPv6 flow's slots in
+/// `CONN_SETS_V6` hold its words. Aligned to 8 so that the program zeroes and compares
 /// it in words, not bytes. An IPv4 address fills the first 4 bytes of its field, the
 /// rest zero.
 #[repr(C, align(8))]
@@ -390,7 +389,7 @@ impl FlowKeyV4 {
     }
 }
 
-/// A flow's entry in `CONN_SETS_V4` and `CONNS_V6`.
+/// A flow's entry in `CONN_SETS_V4` and `CONN_SETS_V6`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ConnEntry {
@@ -646,6 +645,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for conn_sets::SetsMeta {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for conn_sets::ConnSet6 {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Counter {}
     // SAFETY: as above.
     unsafe impl aya::Pod for GlobalStats {}
@@ -683,6 +684,7 @@ const _: () = assert!(core::mem::offset_of!(FlowKeyV4, sport_be) == 8);
 assert_layout!(ConnEntry, 16, 4);
 assert_layout!(conn_sets::ConnSet, 128, 8);
 assert_layout!(conn_sets::SetsMeta, 128, 8);
+assert_layout!(conn_sets::ConnSet6, 256, 8);
 const _: () =
     assert!(core::mem::offset_of!(conn_sets::ConnSet, entries) == conn_sets::ENTRY_OFFSET);
 assert_layout!(Counter, 16, 8);

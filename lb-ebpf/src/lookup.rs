@@ -10,9 +10,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{
-        BACKENDS, CONNS_V6, CONN_FULL, MAGLEV_RING, SPHERES, VIPS, VIP_ADDRS, VIP_FILTER, VIP_STATE,
-    },
+    maps::{BACKENDS, MAGLEV_RING, SPHERES, VIPS, VIP_ADDRS, VIP_FILTER, VIP_STATE},
     sets,
     stats::{self, Exit},
 };
@@ -96,47 +94,26 @@ pub fn served(vip_id: u32, flow: &FlowKey) -> bool {
     vip_addr(flow).is_ok()
 }
 
-/// `-E2BIG`: the hash map has no free element.
-const E2BIG: i32 = 7;
-
-/// Enters a flow (or changes its entry); not 0 if it was refused: its two sets full
-/// (IPv4), the table full or another insert into it refused in this tick on this
-/// CPU (IPv6, `CONN_FULL`). Not inlined: the entry then lives in a stack frame of
-/// its own, and the main program's frame stays within what its deepest call chain
-/// leaves of BPF's 512 bytes.
+/// Enters a flow (or changes its entry); not 0 if it was refused: both of its sets
+/// are full (nothing is evicted). A refusal says nothing of the next flow's sets
+/// and cost no more than the lookup before it, so it holds off nothing. Not
+/// inlined: the entry then lives in a stack frame of its own, and the main
+/// program's frame stays within what its deepest call chain leaves of BPF's 512
+/// bytes.
 #[inline(never)]
 fn enter_apart(flow: &FlowKey, backend_id: u32, backend_gen: u32, epoch: u32) -> u64 {
-    let now = now_tick();
     let entry = ConnEntry {
         backend_id,
         backend_gen,
         epoch,
-        seen: now,
+        seen: now_tick(),
     };
-    if flow.family == FAMILY_V4 {
-        // A refusal here says nothing of the next flow's sets, and cost no more
-        // than the lookup before it: no hold.
-        return !sets::enter(flow, &entry) as u64;
-    }
-    let full = CONN_FULL.get_ptr_mut(0);
-    if let Some(p) = full {
-        // SAFETY: this CPU's own element of a per-CPU array.
-        if unsafe { *p } == now.wrapping_add(1) {
-            return 1;
-        }
-    }
-    match CONNS_V6.insert(flow, &entry, 0) {
-        Ok(()) => 0,
-        Err(e) => {
-            // Only "full" holds the inserts off; another failure (a bucket busy in a
-            // nested run) says nothing of the next flow.
-            if let (true, Some(p)) = (e == -E2BIG, full) {
-                // SAFETY: as above.
-                unsafe { *p = now.wrapping_add(1) };
-            }
-            1
-        }
-    }
+    let entered = if flow.family == FAMILY_V4 {
+        sets::enter(flow, &entry)
+    } else {
+        sets::enter6(flow, &entry)
+    };
+    !entered as u64
 }
 
 /// The connection clock's tick now (`lb_common::idle`).
@@ -170,8 +147,12 @@ fn conn(flow: &FlowKey) -> Option<ConnEntry> {
         }
         Some(stamp(p, w0, w1))
     } else {
-        let p = CONNS_V6.get_ptr_mut(flow)?;
+        let (s, w) = sets::find6(flow)?;
+        let p = sets::entry6_of(s, w);
         let (w0, w1) = read_entry(p);
+        if !sets::holds6(s, w, flow) {
+            return None;
+        }
         Some(stamp(p, w0, w1))
     }
 }

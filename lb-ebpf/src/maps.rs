@@ -6,10 +6,11 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    conn_sets::ConnSet, AddrKey, AddrMeta, Backend, ConnEntry, Control, Counter, DecapConfig,
-    DecapStats, FlowKey, GlobalStats, ProbeConfig, RefuseBucket, Route, SphereKey, SphereMeta,
-    VipKey, VipMeta, MAX_BACKENDS, MAX_DECAP_SOURCES, MAX_REFUSING_SOURCES, MAX_SPHERE_RULES,
-    MAX_TX_PORTS, MAX_VIPS, MAX_VIP_ADDRS,
+    conn_sets::{ConnSet, ConnSet6},
+    AddrKey, AddrMeta, Backend, Control, Counter, DecapConfig, DecapStats, GlobalStats,
+    ProbeConfig, RefuseBucket, Route, SphereKey, SphereMeta, VipKey, VipMeta, MAX_BACKENDS,
+    MAX_DECAP_SOURCES, MAX_REFUSING_SOURCES, MAX_SPHERE_RULES, MAX_TX_PORTS, MAX_VIPS,
+    MAX_VIP_ADDRS,
 };
 
 #[map]
@@ -70,23 +71,17 @@ pub static CONN_SETS_SEED: u64 = 0;
 #[no_mangle]
 pub static CONN_SETS_MASK: u32 = 0;
 
-/// The connection table of IPv6 flows, by the whole 5-tuple (a shorter key made by
-/// hashing the addresses would let crafted flows collide). A preallocated hash,
-/// not an LRU: an insert takes one element from its CPU's free list, where an LRU
-/// refills its CPU's list 128 elements at a time. Preallocated: a table that
-/// allocates as flows come refills each CPU's cache of elements in batches, and one
-/// new flow in fifty then stalled for 10 µs or more (half of a new flow's mean cost).
+/// The connection table of IPv6 flows: as `CONN_SETS_V4`, in sets of 256 bytes
+/// (`lb_common::conn_sets::ConnSet6`) that keep each flow's whole 5-tuple (a shorter
+/// key made by hashing the addresses would let flows collide).
 #[map]
-pub static CONNS_V6: HashMap<FlowKey, ConnEntry> = HashMap::with_max_entries(1, 0);
+pub static CONN_SETS_V6: Array<ConnSet6> = Array::with_max_entries(2, lb_common::BPF_F_MMAPABLE);
 
-/// Per CPU: the connection clock's tick (plus one; 0: never) in which an insert into
-/// `CONNS_V6` was last refused as full.
-/// Until the tick moves on, this CPU tries no other insert into it: each would be
-/// refused too (the sweeper frees entries once a second), and a refused insert costs
-/// a bucket lock and a look at every CPU's free list. Not pinned: a restart may
-/// forget it.
-#[map]
-pub static CONN_FULL: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+/// As `CONN_SETS_SEED`, `CONN_SETS_MASK`, for `CONN_SETS_V6`.
+#[no_mangle]
+pub static CONN_SETS_V6_SEED: u64 = 0;
+#[no_mangle]
+pub static CONN_SETS_V6_MASK: u32 = 0;
 
 /// Client subnet → sphere sub-table, for services with `VIP_F_TOPOLOGY`.
 #[map]

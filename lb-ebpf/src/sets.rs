@@ -1,6 +1,6 @@
-//! The IPv4 connection table, the program's side: find a flow's slot, read its entry
-//! so that a slot reused meanwhile is noticed, enter or change a flow's entry. The
-//! layout and the protocol between writers are `lb_common::conn_sets`'s.
+//! The connection tables, the program's side: find a flow's slot, read its entry so
+//! that a slot reused meanwhile is noticed, enter or change a flow's entry. The
+//! layouts and the protocol between writers are `lb_common::conn_sets`'s.
 //!
 //! A set is read as sixteen words: the state word of way `w` (its key's second word)
 //! is word `2w + 1`, the key's first word `2w`, its entry words `8 + 2w` and `9 + 2w`.
@@ -13,11 +13,16 @@ use core::{
 };
 
 use lb_common::{
-    conn_sets::{sets_of, CLAIMED, ENTRY_OFFSET, WAYS},
+    conn_sets::{
+        addrs6, entry6, sets6_of, sets_of, state6, tag6, tag6_at, CLAIMED, ENTRY_OFFSET, WAYS,
+    },
     ConnEntry, FlowKey,
 };
 
-use crate::maps::{CONN_SETS_MASK, CONN_SETS_SEED, CONN_SETS_V4};
+use crate::maps::{
+    CONN_SETS_MASK, CONN_SETS_SEED, CONN_SETS_V4, CONN_SETS_V6, CONN_SETS_V6_MASK,
+    CONN_SETS_V6_SEED,
+};
 
 /// An IPv4 flow's key as the two words a slot holds: source and destination address
 /// (the first words of `FlowKey`'s address fields), then ports, protocol, family and
@@ -178,4 +183,156 @@ pub fn enter(flow: &FlowKey, entry: &ConnEntry) -> bool {
     // both of its sets are full.
     let (first, second) = if free(b) > free(a) { (b, a) } else { (a, b) };
     claim(first, k0, k1, e0, e1) || claim(second, k0, k1, e0, e1)
+}
+
+// ---- IPv6: sets of 32 words (`ConnSet6`): states, tags, addresses, entries ----
+
+/// An IPv6 flow's key as a slot holds it: its four address words and its last word
+/// (the state), as `lb_common::conn_sets::key_words6` makes them.
+#[inline(always)]
+fn words6(flow: &FlowKey) -> ([u64; 4], u64) {
+    let w = flow as *const FlowKey as *const u64;
+    // SAFETY: FlowKey is 40 bytes, 8-aligned: five words.
+    unsafe { ([*w, *w.add(1), *w.add(2), *w.add(3)], *w.add(4)) }
+}
+
+#[inline(always)]
+fn sets6(tag: u64, tail: u64) -> Option<(*mut u64, *mut u64)> {
+    // SAFETY: read-only data the loader wrote.
+    let mask = unsafe { read_volatile(&CONN_SETS_V6_MASK) };
+    let (a, b) = sets6_of(tag, tail, mask);
+    let a = CONN_SETS_V6.get_ptr_mut(a)? as *mut u64;
+    let b = CONN_SETS_V6.get_ptr_mut(b)? as *mut u64;
+    Some((a, b))
+}
+
+#[inline(always)]
+fn seed6() -> u64 {
+    // SAFETY: read-only data the loader wrote.
+    unsafe { read_volatile(&CONN_SETS_V6_SEED) }
+}
+
+/// Whether way `w` of set `s` holds the addresses `a` (its state and tag matched).
+#[inline(always)]
+fn addrs_are(s: *mut u64, w: usize, a: &[u64; 4]) -> bool {
+    // SAFETY: words of one 256-byte map value.
+    unsafe {
+        let p = s.add(addrs6(w));
+        read_volatile(p) == a[0]
+            && read_volatile(p.add(1)) == a[1]
+            && read_volatile(p.add(2)) == a[2]
+            && read_volatile(p.add(3)) == a[3]
+    }
+}
+
+/// The way of set `s` that holds the key (tail, tag, addresses).
+#[inline(always)]
+fn in_set6(s: *mut u64, a: &[u64; 4], tag: u64, tail: u64) -> Option<usize> {
+    for w in 0..WAYS {
+        // SAFETY: words of one map value.
+        let hit = unsafe {
+            read_volatile(s.add(state6(w))) == tail && read_volatile(s.add(tag6_at(w))) == tag
+        };
+        if hit && addrs_are(s, w, a) {
+            return Some(w);
+        }
+    }
+    None
+}
+
+/// The flow's set and way, if it has an entry.
+#[inline(always)]
+pub fn find6(flow: &FlowKey) -> Option<(*mut u64, usize)> {
+    let (a, tail) = words6(flow);
+    let tag = tag6(&a, seed6());
+    let (s1, s2) = sets6(tag, tail)?;
+    if let Some(w) = in_set6(s1, &a, tag, tail) {
+        return Some((s1, w));
+    }
+    in_set6(s2, &a, tag, tail).map(|w| (s2, w))
+}
+
+/// The entry of way `w` of set `s`.
+#[inline(always)]
+pub fn entry6_of(s: *mut u64, w: usize) -> *mut ConnEntry {
+    // SAFETY: way `w` (< WAYS) of one map value.
+    unsafe { s.add(entry6(w)) as *mut ConnEntry }
+}
+
+/// As `holds`, for way `w` of IPv6 set `s`: asked after the entry was read.
+#[inline(always)]
+pub fn holds6(s: *mut u64, w: usize, flow: &FlowKey) -> bool {
+    let (a, tail) = words6(flow);
+    // SAFETY: words of one map value.
+    // SAFETY: a word of one map value.
+    let state = unsafe { read_volatile(s.add(state6(w))) };
+    state == tail && addrs_are(s, w, &a)
+}
+
+/// Writes way `w` (owned) and publishes its state last.
+#[inline(always)]
+fn publish6(s: *mut u64, w: usize, a: &[u64; 4], tag: u64, tail: u64, e0: u64, e1: u64) {
+    // SAFETY: words of one map value; the way is this writer's (claimed).
+    unsafe {
+        write_volatile(s.add(tag6_at(w)), tag);
+        let p = s.add(addrs6(w));
+        write_volatile(p, a[0]);
+        write_volatile(p.add(1), a[1]);
+        write_volatile(p.add(2), a[2]);
+        write_volatile(p.add(3), a[3]);
+        write_volatile(s.add(entry6(w)), e0);
+        write_volatile(s.add(entry6(w) + 1), e1);
+        atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(s.add(state6(w)), tail);
+    }
+}
+
+/// Enters an IPv6 flow or changes its entry; false if both its sets are full.
+#[inline(always)]
+pub fn enter6(flow: &FlowKey, entry: &ConnEntry) -> bool {
+    let (a, tail) = words6(flow);
+    let tag = tag6(&a, seed6());
+    let Some((s1, s2)) = sets6(tag, tail) else {
+        return false;
+    };
+    let e0 = entry.backend_id as u64 | (entry.backend_gen as u64) << 32;
+    let e1 = entry.epoch as u64 | (entry.seen as u64) << 32;
+    for s in [s1, s2] {
+        if let Some(w) = in_set6(s, &a, tag, tail) {
+            // SAFETY: a word of one map value.
+            let state = unsafe { s.add(state6(w)) };
+            if cas(state, tail, CLAIMED) {
+                if addrs_are(s, w, &a) {
+                    publish6(s, w, &a, tag, tail, e0, e1);
+                    return true;
+                }
+                // SAFETY: as above.
+                unsafe { atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(state, tail) };
+            }
+        }
+    }
+    let free6 = |s: *mut u64| {
+        let mut n = 0u32;
+        for w in 0..WAYS {
+            // SAFETY: a word of one map value.
+            n += (unsafe { read_volatile(s.add(state6(w))) } == 0) as u32;
+        }
+        n
+    };
+    let (first, second) = if free6(s2) > free6(s1) {
+        (s2, s1)
+    } else {
+        (s1, s2)
+    };
+    for s in [first, second] {
+        for w in 0..WAYS {
+            // SAFETY: a word of one map value.
+            let state = unsafe { s.add(state6(w)) };
+            // SAFETY: as above.
+            if unsafe { read_volatile(state) } == 0 && cas(state, 0, CLAIMED) {
+                publish6(s, w, &a, tag, tail, e0, e1);
+                return true;
+            }
+        }
+    }
+    false
 }

@@ -459,7 +459,16 @@ fn a_flood_of_a_million_spoofed_syns_leaves_established_flows_on_their_backends(
 const SMALL_TABLE: u32 = 2048;
 
 #[test]
-fn a_full_connection_table_keeps_its_flows_and_still_steers_new_ones() {
+fn a_full_ipv4_connection_table_keeps_its_flows_and_still_steers_new_ones() {
+    a_full_connection_table_keeps_its_flows_and_still_steers_new_ones(false);
+}
+
+#[test]
+fn a_full_ipv6_connection_table_keeps_its_flows_and_still_steers_new_ones() {
+    a_full_connection_table_keeps_its_flows_and_still_steers_new_ones(true);
+}
+
+fn a_full_connection_table_keeps_its_flows_and_still_steers_new_ones(v6: bool) {
     const NEW: u64 = 500;
     assert!(is_root(), "the data-plane tests must run as root");
     let mut lb = load_lb_with(LoadOptions {
@@ -467,11 +476,16 @@ fn a_full_connection_table_keeps_its_flows_and_still_steers_new_ones() {
         conn_table_size: SMALL_TABLE,
         ..LoadOptions::default()
     });
-    let key = service(VIP4, 80, Proto::Tcp);
-    lb.add(key, &backends4(3));
+    let (key, backends, client, vip) = if v6 {
+        (service(VIP6, 80, Proto::Tcp), backends6(3), CLIENT6, VIP6)
+    } else {
+        (service(VIP4, 80, Proto::Tcp), backends4(3), CLIENT4, VIP4)
+    };
+    lb.add(key, &backends);
     // Sized for SMALL_TABLE flows, it holds them: twice the slots, a flow in the
     // emptier of two sets (one in ~30,000 finds both full at this load).
-    let all = flows(4 * SMALL_TABLE + 2 * NEW as u32, 80);
+    let n = 4 * SMALL_TABLE + 2 * NEW as u32;
+    let all = if v6 { flows6(n, 1) } else { flows(n, 80) };
     let (sized, beyond) = all.split_at(SMALL_TABLE as usize);
     for f in sized {
         lb.forward(f);
@@ -523,7 +537,7 @@ fn a_full_connection_table_keeps_its_flows_and_still_steers_new_ones() {
 
     // The table changes: the flows entered stay where they were, which only their
     // entries can do.
-    lb.set_backends(key, &backends4(6));
+    lb.set_backends(key, &if v6 { backends6(6) } else { backends4(6) });
     let after: Vec<u8> = old.iter().map(|f| lb.forward(f)).collect();
     let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
     assert_eq!(
@@ -536,7 +550,7 @@ fn a_full_connection_table_keeps_its_flows_and_still_steers_new_ones() {
     // Slots freed (the sweeper's work): a new flow is entered at once; a refusal
     // (both of one flow's sets full) holds off no other flow.
     lb.maps.clear_connections().unwrap();
-    let fresh = Frame::tcp(CLIENT4, VIP4, 50000, 80).established();
+    let fresh = Frame::tcp(client, vip, 50000, 80).established();
     lb.forward(&fresh);
     assert!(
         lb.maps.connection(&flow_key(&fresh)).is_some(),
@@ -544,21 +558,8 @@ fn a_full_connection_table_keeps_its_flows_and_still_steers_new_ones() {
     );
 }
 
-/// The connection clock's tick now (`lb_common::idle`), from the kernel's jiffies.
-fn tick_now() -> u32 {
-    let text = std::fs::read_to_string("/proc/timer_list").expect("/proc/timer_list");
-    let jiffies = text
-        .lines()
-        .find_map(|l| l.strip_prefix("jiffies: "))
-        .expect("a jiffies line")
-        .trim()
-        .parse()
-        .expect("jiffies");
-    lb_common::idle::tick(jiffies)
-}
-
 #[test]
-fn each_ipv4_connection_table_draws_its_own_hash_key_and_a_reload_keeps_it() {
+fn each_connection_table_draws_its_own_hash_key_and_a_reload_keeps_it() {
     // Where a flow may live is keyed: flows picked to crowd one set of one table
     // are spread over another's. Two tables made apart have different keys...
     let (pins, options) = pinned("seed");
@@ -568,61 +569,19 @@ fn each_ipv4_connection_table_draws_its_own_hash_key_and_a_reload_keeps_it() {
     };
     let (_a, first) = Programs::load(&apart).expect("load");
     let (_b, second) = Programs::load(&apart).expect("load");
-    assert_ne!(first.conn_sets_seed(), second.conn_sets_seed());
+    let (first, second) = (first.conn_sets_seeds(), second.conn_sets_seeds());
+    assert_ne!(first.0, second.0, "two IPv4 tables drew one key");
+    assert_ne!(first.1, second.1, "two IPv6 tables drew one key");
+    assert_ne!(first.0, first.1, "a load's two tables drew one key");
     // ...and a load on a pinned table takes the key it was filled with.
     let (dp, maps) = Programs::load(&options).expect("first load");
-    let seed = maps.conn_sets_seed();
+    let seed = maps.conn_sets_seeds();
     drop((dp, maps));
     let (dp, maps) = Programs::load(&options).expect("load on the pins");
-    assert_eq!(maps.conn_sets_seed(), seed, "the reload drew another key");
+    assert_eq!(maps.conn_sets_seeds(), seed, "the reload drew another key");
     drop(maps);
     dp.unpin_maps().unwrap();
     drop(pins);
-}
-
-#[test]
-fn a_cpu_whose_insert_a_full_ipv6_table_refused_tries_none_for_the_rest_of_the_tick() {
-    assert!(is_root(), "the data-plane tests must run as root");
-    // The hold is per CPU: every run on the CPU that was refused.
-    let mut cpu = nix::sched::CpuSet::new();
-    cpu.set(0).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).unwrap();
-    let mut lb = load_lb_with(LoadOptions {
-        max_services: 8,
-        conn_table_size: SMALL_TABLE,
-        ..LoadOptions::default()
-    });
-    lb.add(service(VIP6, 80, Proto::Tcp), &backends6(3));
-    const TRIES: u32 = 10;
-    let all = flows6((SMALL_TABLE + 2) * TRIES, 1);
-    let mut next = all.iter();
-    for _ in 0..TRIES {
-        let have = lb.maps.count_connections_now() as u32;
-        for _ in have..SMALL_TABLE {
-            lb.forward(next.next().unwrap());
-        }
-        let tick = tick_now();
-        let full_before = lb.stats().conn_table_full;
-        lb.forward(next.next().unwrap());
-        // Room again (the sweeper's work), within the tick of the refusal.
-        lb.maps.clear_connections().unwrap();
-        let fresh = next.next().unwrap();
-        lb.forward(fresh);
-        if tick_now() != tick {
-            continue; // The tick moved on meanwhile: the hold may have ended.
-        }
-        assert!(
-            lb.maps.connection(&flow_key(fresh)).is_none(),
-            "a flow was entered in the tick its CPU's insert was refused"
-        );
-        assert_eq!(
-            lb.stats().conn_table_full,
-            full_before + 2,
-            "the refused flow and the one held off"
-        );
-        return;
-    }
-    panic!("the tick moved on during each of {TRIES} tries");
 }
 
 /// The connection-table key of a frame (as the program builds it).
@@ -819,18 +778,24 @@ fn ipv4_and_ipv6_flows_are_each_entered_whole_and_kept_swept_and_refused_apart()
         );
     }
 
-    // The IPv6 table full (the swept flows back): the flows beyond it are refused
-    // and counted, and the IPv4 table, which is not, still enters its new flows in
-    // the same tick.
+    // The IPv6 table full (the swept flows back, then new ones until 100 were
+    // refused): the refused flows are counted, no IPv4 flow lost its entry, and
+    // the IPv4 table, which is not full, still enters its new flows.
     for f in v4.iter().chain(&v6) {
         lb.forward(f);
     }
-    let more6 = flows6(SMALL_TABLE - 1000 + 100, 1001);
-    for f in &more6 {
-        lb.forward(f);
+    let more6 = flows6(4 * SMALL_TABLE, 1001);
+    let mut more = more6.iter();
+    while lb.stats().conn_table_full < 100 {
+        lb.forward(more.next().expect("the IPv6 table refused no flow"));
     }
-    assert_eq!(lb.maps.count_connections_now(), 1000 + SMALL_TABLE as usize);
     assert_eq!(lb.stats().conn_table_full, 100);
+    for f in &v4 {
+        assert!(
+            lb.maps.connection(&flow_key(f)).is_some(),
+            "{f:?} lost its entry"
+        );
+    }
     let new4 = Frame::tcp(CLIENT4, VIP4, 50000, 80).established();
     lb.forward(&new4);
     assert!(

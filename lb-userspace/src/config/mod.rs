@@ -310,7 +310,7 @@ impl Config {
                                 "conn_table_size_v6",
                                 range(
                                     CONN_TABLE_LIMIT,
-                                    "IPv6 flows; each costs about 120 bytes of kernel memory",
+                                    "IPv6 flows; each costs 128 to 256 bytes of kernel memory",
                                 ),
                             )
                         })

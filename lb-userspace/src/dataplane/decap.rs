@@ -44,7 +44,7 @@ const LEAST: [&str; 9] = [
     map_names::BACKEND_STATS,
     map_names::MAGLEV_RING,
     map_names::CONN_SETS_V4,
-    map_names::CONNS_V6,
+    map_names::CONN_SETS_V6,
 ];
 
 /// What the decapsulation takes: packets from these outer sources (the LB nodes'

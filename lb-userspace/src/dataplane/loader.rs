@@ -6,7 +6,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, MapData, MapInfo, MapType},
+    maps::{Array, MapData, MapInfo},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachType},
@@ -17,6 +17,8 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use lb_common::{conn_sets, map_names, program_names, ProbeConfig};
+
+use super::maps::sets::{self, Family};
 
 use super::{
     error::{DataplaneError, Result},
@@ -233,11 +235,7 @@ fn layouts() -> [(&'static str, usize, usize); 16] {
         // A devmap value is `struct bpf_devmap_val`: ifindex and program fd.
         (map_names::TX_PORTS, 4, 8),
         (map_names::CONN_SETS_V4, 4, size_of::<conn_sets::ConnSet>()),
-        (
-            map_names::CONNS_V6,
-            size_of::<FlowKey>(),
-            size_of::<ConnEntry>(),
-        ),
+        (map_names::CONN_SETS_V6, 4, size_of::<conn_sets::ConnSet6>()),
         (map_names::VIP_STATS, 4, size_of::<Counter>()),
         (map_names::BACKEND_STATS, 4, size_of::<Counter>()),
         (map_names::GLOBAL_STATS, 4, size_of::<GlobalStats>()),
@@ -270,10 +268,10 @@ fn check_pinned_layouts(dir: &Path) -> Result<()> {
             map_names::BACKENDS,
             map_names::VIP_STATE,
             map_names::CONN_SETS_V4,
+            map_names::CONN_SETS_V6,
         ];
-        let kind_differs = (name == map_names::CONNS_V6
-            && !matches!(info.map_type(), Ok(MapType::Hash)))
-            || (mappable.contains(&name) && info.map_flags() & lb_common::BPF_F_MMAPABLE == 0);
+        let kind_differs =
+            mappable.contains(&name) && info.map_flags() & lb_common::BPF_F_MMAPABLE == 0;
         if kind_differs || info.key_size() as usize != key || info.value_size() as usize != value {
             return Err(DataplaneError::Options(format!(
                 "the pinned map {} was made by another build (key {} / value {} bytes, this build uses {key} / {value}); \
@@ -402,8 +400,8 @@ impl Programs {
                 "conn_table_size",
             ),
             (
-                map_names::CONNS_V6,
-                options.v6_conn_table_size(),
+                map_names::CONN_SETS_V6,
+                conn_sets::sets_for(options.v6_conn_table_size()) + 1,
                 "conn_table_size_v6",
             ),
         ];
@@ -425,26 +423,39 @@ impl Programs {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
-        // The IPv4 table's hash key: the one its pinned sets were filled by, else new.
-        let pinned_seed = match &options.pin_dir {
-            Some(dir) => super::maps::sets::pinned_seed(&dir.join(map_names::CONN_SETS_V4))?,
-            None => None,
-        };
-        let seed = pinned_seed.unwrap_or_else(rand::random::<u64>);
-        let mask = conn_sets::sets_for(options.conn_table_size) - 1;
-        loader.override_global("CONN_SETS_SEED", &seed, true);
-        loader.override_global("CONN_SETS_MASK", &mask, true);
+        // Each connection table's hash key: the one its pinned sets were filled by,
+        // else new; and its sets' mask.
+        let families = [
+            (Family::V4, options.conn_table_size),
+            (Family::V6, options.v6_conn_table_size()),
+        ];
+        let mut keys = [(0u64, 0u32); 2];
+        for (i, (family, size)) in families.into_iter().enumerate() {
+            let pinned = match &options.pin_dir {
+                Some(dir) => sets::pinned_seed(family, &dir.join(family.name()))?,
+                None => None,
+            };
+            keys[i] = (
+                pinned.unwrap_or_else(rand::random::<u64>),
+                conn_sets::sets_for(size) - 1,
+            );
+        }
+        loader.override_global("CONN_SETS_SEED", &keys[0].0, true);
+        loader.override_global("CONN_SETS_MASK", &keys[0].1, true);
+        loader.override_global("CONN_SETS_V6_SEED", &keys[1].0, true);
+        loader.override_global("CONN_SETS_V6_MASK", &keys[1].1, true);
         let mut ebpf = loader.load(OBJECT)?;
-        let sets = ebpf
-            .map(map_names::CONN_SETS_V4)
-            .and_then(|m| match m {
-                aya::maps::Map::Array(data) => Some(data),
-                _ => None,
-            })
-            .ok_or(DataplaneError::MapShape {
-                name: map_names::CONN_SETS_V4,
-            })?;
-        super::maps::sets::write_meta(sets, seed)?;
+        for (i, (family, _)) in families.into_iter().enumerate() {
+            let name = family.name();
+            let data = ebpf
+                .map(name)
+                .and_then(|m| match m {
+                    aya::maps::Map::Array(data) => Some(data),
+                    _ => None,
+                })
+                .ok_or(DataplaneError::MapShape { name })?;
+            sets::write_meta(family, data, keys[i].0)?;
+        }
         // The program logs only on control-plane inconsistencies; no log map means none.
         let logger = EbpfLogger::init(&mut ebpf).ok();
         for program in Program::ALL {

@@ -20,7 +20,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    os::fd::AsFd,
 };
 
 use aya::{
@@ -57,7 +56,7 @@ pub mod sweep;
 mod write;
 
 use ring::{Extent, Extents, Mapped, Ring};
-use sets::ConnSets;
+use sets::{ConnSets, Family};
 use state::StateWords;
 
 #[derive(Clone, Debug)]
@@ -127,8 +126,9 @@ pub struct MapManager {
     routes: Array<MapData, Route>,
     tx_ports: DevMap<MapData>,
     conns_v4: ConnSets,
-    conns_v6: HashMap<MapData, FlowKey, ConnEntry>,
-    /// Entries in `CONN_SETS_V4` and `CONNS_V6`, as last counted by the sweeping thread.
+    conns_v6: ConnSets,
+    /// Entries in `CONN_SETS_V4` and `CONN_SETS_V6`, as last counted by the sweeping
+    /// thread.
     conn_entries: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
     idle_timeouts: sweep::IdleTimeouts,
     vip_stats: PerCpuArray<MapData, Counter>,
@@ -191,18 +191,17 @@ where
         .ok_or(DataplaneError::MapShape { name })
 }
 
-/// A second handle on a connection table, for a walk that removes as it goes (the
-/// walk borrows the first).
-fn handle<K: aya::Pod>(
-    map: &HashMap<MapData, K, ConnEntry>,
-    name: &'static str,
-) -> Result<HashMap<MapData, K, ConnEntry>> {
-    let fd =
-        map.map().fd().as_fd().try_clone_to_owned().map_err(|e| {
-            DataplaneError::Options(format!("duplicating {name}'s descriptor: {e}"))
-        })?;
-    let data = MapData::from_fd(fd).map_ctx(name)?;
-    HashMap::try_from(aya::maps::Map::HashMap(data)).map_ctx(name)
+/// A connection table's array, taken from the loaded object.
+fn conn_sets(ebpf: &mut Ebpf, family: Family) -> Result<ConnSets> {
+    let name = family.name();
+    let data = ebpf
+        .take_map(name)
+        .and_then(|m| match m {
+            aya::maps::Map::Array(data) => Some(data),
+            _ => None,
+        })
+        .ok_or(DataplaneError::MapShape { name })?;
+    ConnSets::new(family, data)
 }
 
 /// Deleting a key that is not there: aya reports it as KeyNotFound or as the
@@ -289,17 +288,8 @@ impl MapManager {
             backends_view,
             routes: take(ebpf, map_names::ROUTES)?,
             tx_ports: take(ebpf, map_names::TX_PORTS)?,
-            conns_v4: ConnSets::new(
-                ebpf.take_map(map_names::CONN_SETS_V4)
-                    .and_then(|m| match m {
-                        aya::maps::Map::Array(data) => Some(data),
-                        _ => None,
-                    })
-                    .ok_or(DataplaneError::MapShape {
-                        name: map_names::CONN_SETS_V4,
-                    })?,
-            )?,
-            conns_v6: take(ebpf, map_names::CONNS_V6)?,
+            conns_v4: conn_sets(ebpf, Family::V4)?,
+            conns_v6: conn_sets(ebpf, Family::V6)?,
             conn_entries: Default::default(),
             idle_timeouts: sweep::IdleTimeouts::of(options, sweep::hz()),
             vip_stats: take(ebpf, map_names::VIP_STATS)?,
@@ -365,21 +355,19 @@ impl MapManager {
     /// Walks the connection tables now (tests and benchmarks: the daemon reads the
     /// count the counting thread keeps).
     pub fn count_connections_now(&self) -> usize {
-        self.conns_v4.count() + self.conns_v6.keys().filter(|k| k.is_ok()).count()
+        self.conns_v4.count() + self.conns_v6.count()
     }
 
-    /// Sweeps the connection table on a thread of its own, through handles of its
-    /// own: a walk of 16M entries takes seconds, which must not hold up the daemon
-    /// (nor anything waiting for it). It walks, removes idle entries, publishes the
-    /// count left, and rests at least as long as the walk took (at least a second);
-    /// it ends once the manager is gone.
+    /// Sweeps the connection tables on a thread of its own, through mappings of its
+    /// own: a pass over 16M slots takes a while, which must not hold up the daemon
+    /// (nor anything waiting for it). It frees idle slots, publishes the count left,
+    /// and rests at least as long as the pass took (at least a second); it ends once
+    /// the manager is gone.
     fn sweep_apart(&self) -> Result<()> {
         use std::sync::{atomic::Ordering, Arc};
         let sets_v4 = self.conns_v4.view()?;
-        let walker_v6 = handle(&self.conns_v6, map_names::CONNS_V6)?;
-        let mut remover_v6 = handle(&self.conns_v6, map_names::CONNS_V6)?;
+        let sets_v6 = self.conns_v6.view()?;
         let timeouts = self.idle_timeouts;
-        let cpus = aya::util::online_cpus().unwrap_or_default();
         let count = Arc::clone(&self.conn_entries);
         std::thread::Builder::new()
             .name("lbd-conn-sweep".into())
@@ -389,7 +377,7 @@ impl MapManager {
                     let t = std::time::Instant::now();
                     // One clock for both tables: the data plane stamps them alike.
                     let v4 = sets_v4.sweep(clock, &timeouts);
-                    let v6 = sweep::sweep(&walker_v6, &mut remover_v6, v4.newest, &timeouts, &cpus);
+                    let v6 = sets_v6.sweep(v4.newest, &timeouts);
                     let swept = v4.and(v6);
                     clock = swept.newest;
                     count[0].store(v4.kept, Ordering::Relaxed);
@@ -421,14 +409,7 @@ impl MapManager {
     #[doc(hidden)]
     pub fn sweep_connections_at(&mut self, now: u32) -> Result<sweep::Swept> {
         let v4 = self.conns_v4.sweep(Some(now), &self.idle_timeouts);
-        let mut remover = handle(&self.conns_v6, map_names::CONNS_V6)?;
-        let v6 = sweep::sweep(
-            &self.conns_v6,
-            &mut remover,
-            v4.newest,
-            &self.idle_timeouts,
-            &[],
-        );
+        let v6 = self.conns_v6.sweep(v4.newest, &self.idle_timeouts);
         Ok(v4.and(v6))
     }
 
@@ -453,10 +434,11 @@ impl MapManager {
         self.vip_state.put(id, word);
     }
 
-    /// The IPv4 connection table's hash key (tests: each table draws its own).
+    /// The connection tables' hash keys, IPv4 and IPv6 (tests: each table draws its
+    /// own).
     #[doc(hidden)]
-    pub fn conn_sets_seed(&self) -> u64 {
-        self.conns_v4.seed()
+    pub fn conn_sets_seeds(&self) -> (u64, u64) {
+        (self.conns_v4.seed(), self.conns_v6.seed())
     }
 
     /// A flow's entry in the connection table (tests and tools).
@@ -465,7 +447,7 @@ impl MapManager {
         if flow.family == lb_common::FAMILY_V4 {
             self.conns_v4.get(flow)
         } else {
-            self.conns_v6.get(flow, 0).ok()
+            self.conns_v6.get(flow)
         }
     }
 
@@ -475,9 +457,7 @@ impl MapManager {
         if flow.family == lb_common::FAMILY_V4 {
             self.conns_v4.set(&flow, &entry)
         } else {
-            self.conns_v6
-                .insert(flow, entry, 0)
-                .map_ctx(map_names::CONNS_V6)
+            self.conns_v6.set(&flow, &entry)
         }
     }
 
@@ -516,12 +496,7 @@ impl MapManager {
     /// has run for a while has it, is filled and emptied once before timing).
     #[doc(hidden)]
     pub fn clear_connections(&mut self) -> Result<usize> {
-        let v4 = self.conns_v4.clear();
-        let v6: Vec<FlowKey> = self.conns_v6.keys().filter_map(|k| k.ok()).collect();
-        for k in &v6 {
-            let _ = self.conns_v6.remove(k);
-        }
-        Ok(v4 + v6.len())
+        Ok(self.conns_v4.clear() + self.conns_v6.clear())
     }
 
     /// How many tables this manager has built (a resume of unchanged services

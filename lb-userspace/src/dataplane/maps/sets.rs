@@ -1,8 +1,9 @@
-//! The IPv4 connection table (`CONN_SETS_V4`) as lbd holds it: the array mapped as
-//! memory, read and written by the protocol of `lb_common::conn_sets` (the program
-//! follows the same one, in `lb-ebpf/src/sets.rs`). Here: the sweep that frees the
-//! slots of idle flows and counts the rest, a flow's entry for tests and tools, and
-//! the hash key that the next load must reuse.
+//! The connection tables (`CONN_SETS_V4`, `CONN_SETS_V6`) as lbd holds them: each
+//! array mapped as memory, read and written by the protocol of
+//! `lb_common::conn_sets` (the program follows the same one, in
+//! `lb-ebpf/src/sets.rs`). Here: the sweep that frees the slots of idle flows and
+//! counts the rest, a flow's entry for tests and tools, and the hash key that the
+//! next load must reuse.
 
 use std::{
     os::fd::AsFd,
@@ -12,7 +13,10 @@ use std::{
 
 use aya::maps::MapData;
 use lb_common::{
-    conn_sets::{is_key, key_words, sets_of, ConnSet, SetsMeta, CLAIMED, META_MAGIC, WAYS},
+    conn_sets::{
+        addrs6, entry6, is_key, key_words, key_words6, sets6_of, sets_of, state6, tag6, tag6_at,
+        ConnSet, ConnSet6, SetsMeta, CLAIMED, META_MAGIC, WAYS,
+    },
     idle, map_names, ConnEntry, FlowKey, FlowKeyV4,
 };
 
@@ -22,11 +26,68 @@ use super::{
 };
 use crate::dataplane::error::{DataplaneError, MapResultExt, Result};
 
-const NAME: &str = map_names::CONN_SETS_V4;
-const SET_WORDS: usize = std::mem::size_of::<ConnSet>() / 8;
+/// Which table, and so which layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Family {
+    V4,
+    V6,
+}
 
-/// `CONN_SETS_V4`, mapped.
+impl Family {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Family::V4 => map_names::CONN_SETS_V4,
+            Family::V6 => map_names::CONN_SETS_V6,
+        }
+    }
+
+    /// Bytes of a set (an array element).
+    pub(crate) fn set_bytes(self) -> usize {
+        match self {
+            Family::V4 => std::mem::size_of::<ConnSet>(),
+            Family::V6 => std::mem::size_of::<ConnSet6>(),
+        }
+    }
+
+    /// Word of way `w`'s state.
+    fn state(self, w: usize) -> usize {
+        match self {
+            Family::V4 => 2 * w + 1,
+            Family::V6 => state6(w),
+        }
+    }
+
+    /// Word of way `w`'s entry (two words).
+    fn entry(self, w: usize) -> usize {
+        match self {
+            Family::V4 => 8 + 2 * w,
+            Family::V6 => entry6(w),
+        }
+    }
+
+    /// The words of way `w`'s key besides its state, in `Key::rest`'s order.
+    fn rest(self, w: usize) -> Vec<usize> {
+        match self {
+            Family::V4 => vec![2 * w],
+            Family::V6 => {
+                let a = addrs6(w);
+                vec![tag6_at(w), a, a + 1, a + 2, a + 3]
+            }
+        }
+    }
+}
+
+/// A flow's key as a slot holds it (its state word, and the rest in `Family::rest`'s
+/// order), and its two sets.
+struct Key {
+    state: u64,
+    rest: Vec<u64>,
+    sets: (u32, u32),
+}
+
+/// One connection table, mapped.
 pub(super) struct ConnSets {
+    family: Family,
     map: Mapped,
     seed: u64,
     mask: u32,
@@ -35,27 +96,33 @@ pub(super) struct ConnSets {
 impl ConnSets {
     /// The table of a load: its hash key from the element after the last set, which
     /// the loader wrote (`write_meta`) before the program could run.
-    pub(super) fn new(map: MapData) -> Result<ConnSets> {
-        let map = Mapped::new(map, NAME, std::mem::size_of::<ConnSet>())?;
-        Self::of(map)
+    pub(super) fn new(family: Family, map: MapData) -> Result<ConnSets> {
+        let map = Mapped::new(map, family.name(), family.set_bytes())?;
+        Self::of(family, map)
     }
 
     /// A second mapping of the same table (the sweeping thread's).
     pub(super) fn view(&self) -> Result<ConnSets> {
-        Self::of(self.map.view_again(NAME, std::mem::size_of::<ConnSet>())?)
+        let family = self.family;
+        Self::of(
+            family,
+            self.map.view_again(family.name(), family.set_bytes())?,
+        )
     }
 
-    fn of(map: Mapped) -> Result<ConnSets> {
+    fn of(family: Family, map: Mapped) -> Result<ConnSets> {
         let sets = map.entries().saturating_sub(1);
         let meta: SetsMeta = map.get(sets);
         if !sets.is_power_of_two() || meta.magic != META_MAGIC {
             return Err(DataplaneError::Options(format!(
-                "{NAME} ({} elements) has no hash key recorded after its sets; \
+                "{} ({} elements) has no hash key recorded after its sets; \
                  detach the data plane (lbctl shutdown --detach) and start again",
+                family.name(),
                 map.entries()
             )));
         }
         Ok(ConnSets {
+            family,
             map,
             seed: meta.seed,
             mask: sets - 1,
@@ -70,26 +137,63 @@ impl ConnSets {
         self.mask + 1
     }
 
-    /// Word `i` of set `s`.
-    fn word(&self, s: u32, i: usize) -> &AtomicU64 {
-        assert!(s <= self.mask && i < SET_WORDS);
-        // SAFETY: inside the mapping (set `s` of `sets()`, each SET_WORDS words), which
-        // lives as long as `self`; 8-aligned (the mapping is page-aligned, sets are 128
-        // bytes). The program changes these words concurrently: atomics only.
-        unsafe { &*(self.map.base() as *const AtomicU64).add(s as usize * SET_WORDS + i) }
+    fn key(&self, flow: &FlowKey) -> Key {
+        match self.family {
+            Family::V4 => {
+                let (k0, k1) = key_words(&FlowKeyV4::of(flow));
+                Key {
+                    state: k1,
+                    rest: vec![k0],
+                    sets: sets_of(k0, k1, self.seed, self.mask),
+                }
+            }
+            Family::V6 => {
+                let (a, tail) = key_words6(flow);
+                let tag = tag6(&a, self.seed);
+                Key {
+                    state: tail,
+                    rest: vec![tag, a[0], a[1], a[2], a[3]],
+                    sets: sets6_of(tag, tail, self.mask),
+                }
+            }
+        }
     }
 
-    /// The way of set `s` holding (k0, k1).
-    fn way_of(&self, s: u32, k0: u64, k1: u64) -> Option<usize> {
+    /// Word `i` of set `s`.
+    fn word(&self, s: u32, i: usize) -> &AtomicU64 {
+        let set_words = self.family.set_bytes() / 8;
+        assert!(s <= self.mask && i < set_words);
+        // SAFETY: inside the mapping (set `s` of `sets()`, each `set_words` words),
+        // which lives as long as `self`; 8-aligned (the mapping is page-aligned, sets
+        // are 128 or 256 bytes). The program changes these words concurrently:
+        // atomics only.
+        unsafe { &*(self.map.base() as *const AtomicU64).add(s as usize * set_words + i) }
+    }
+
+    fn state(&self, s: u32, w: usize) -> &AtomicU64 {
+        self.word(s, self.family.state(w))
+    }
+
+    /// Whether way `w` of set `s` holds `key`'s words besides the state.
+    fn rest_is(&self, s: u32, w: usize, key: &Key) -> bool {
+        self.family
+            .rest(w)
+            .iter()
+            .zip(&key.rest)
+            .all(|(&i, &v)| self.word(s, i).load(Ordering::Acquire) == v)
+    }
+
+    /// The way of set `s` holding `key`.
+    fn way_of(&self, s: u32, key: &Key) -> Option<usize> {
         (0..WAYS).find(|&w| {
-            self.word(s, 2 * w + 1).load(Ordering::Acquire) == k1
-                && self.word(s, 2 * w).load(Ordering::Acquire) == k0
+            self.state(s, w).load(Ordering::Acquire) == key.state && self.rest_is(s, w, key)
         })
     }
 
     fn entry_at(&self, s: u32, w: usize) -> ConnEntry {
-        let e0 = self.word(s, 8 + 2 * w).load(Ordering::Acquire);
-        let e1 = self.word(s, 9 + 2 * w).load(Ordering::Acquire);
+        let e = self.family.entry(w);
+        let e0 = self.word(s, e).load(Ordering::Acquire);
+        let e1 = self.word(s, e + 1).load(Ordering::Acquire);
         ConnEntry {
             backend_id: e0 as u32,
             backend_gen: (e0 >> 32) as u32,
@@ -98,91 +202,95 @@ impl ConnSets {
         }
     }
 
-    /// An IPv4 flow's entry, read as the program reads it (the key compared again
-    /// after the entry).
+    /// A flow's entry, read as the program reads it (the key compared again after
+    /// the entry).
     pub(super) fn get(&self, flow: &FlowKey) -> Option<ConnEntry> {
-        let (k0, k1) = key_words(&FlowKeyV4::of(flow));
-        let (a, b) = sets_of(k0, k1, self.seed, self.mask);
-        [a, b].into_iter().find_map(|s| {
-            let w = self.way_of(s, k0, k1)?;
+        let key = self.key(flow);
+        [key.sets.0, key.sets.1].into_iter().find_map(|s| {
+            let w = self.way_of(s, &key)?;
             let e = self.entry_at(s, w);
-            (self.way_of(s, k0, k1) == Some(w)).then_some(e)
+            (self.way_of(s, &key) == Some(w)).then_some(e)
         })
     }
 
-    fn publish(&self, s: u32, w: usize, k0: u64, k1: u64, entry: &ConnEntry) {
-        self.word(s, 2 * w).store(k0, Ordering::Release);
-        self.word(s, 8 + 2 * w).store(
+    /// Writes way `w` (owned) and publishes its state last.
+    fn publish(&self, s: u32, w: usize, key: &Key, entry: &ConnEntry) {
+        for (&i, &v) in self.family.rest(w).iter().zip(&key.rest) {
+            self.word(s, i).store(v, Ordering::Release);
+        }
+        let e = self.family.entry(w);
+        self.word(s, e).store(
             entry.backend_id as u64 | (entry.backend_gen as u64) << 32,
             Ordering::Release,
         );
-        self.word(s, 9 + 2 * w).store(
+        self.word(s, e + 1).store(
             entry.epoch as u64 | (entry.seen as u64) << 32,
             Ordering::Release,
         );
-        self.word(s, 2 * w + 1).swap(k1, Ordering::SeqCst);
+        self.state(s, w).swap(key.state, Ordering::SeqCst);
     }
 
-    /// Enters an IPv4 flow with `entry` or changes its entry, as the program does
-    /// (tests: an entry stamped at another time).
+    /// Enters a flow with `entry` or changes its entry, as the program does (tests:
+    /// an entry stamped at another time).
     pub(super) fn set(&self, flow: &FlowKey, entry: &ConnEntry) -> Result<()> {
-        let (k0, k1) = key_words(&FlowKeyV4::of(flow));
-        let (a, b) = sets_of(k0, k1, self.seed, self.mask);
+        let key = self.key(flow);
+        let (a, b) = key.sets;
         for s in [a, b] {
-            if let Some(w) = self.way_of(s, k0, k1) {
-                let state = self.word(s, 2 * w + 1);
+            if let Some(w) = self.way_of(s, &key) {
+                let state = self.state(s, w);
                 if state
-                    .compare_exchange(k1, CLAIMED, Ordering::SeqCst, Ordering::SeqCst)
+                    .compare_exchange(key.state, CLAIMED, Ordering::SeqCst, Ordering::SeqCst)
                     .is_ok()
                 {
-                    if self.word(s, 2 * w).load(Ordering::Acquire) == k0 {
-                        self.publish(s, w, k0, k1, entry);
+                    if self.rest_is(s, w, &key) {
+                        self.publish(s, w, &key, entry);
                         return Ok(());
                     }
-                    state.swap(k1, Ordering::SeqCst);
+                    state.swap(key.state, Ordering::SeqCst);
                 }
             }
         }
         let free = |s: u32| {
             (0..WAYS)
-                .filter(|&w| self.word(s, 2 * w + 1).load(Ordering::Acquire) == 0)
+                .filter(|&w| self.state(s, w).load(Ordering::Acquire) == 0)
                 .count()
         };
         let order = if free(b) > free(a) { [b, a] } else { [a, b] };
         for s in order {
             for w in 0..WAYS {
                 if self
-                    .word(s, 2 * w + 1)
+                    .state(s, w)
                     .compare_exchange(0, CLAIMED, Ordering::SeqCst, Ordering::SeqCst)
                     .is_ok()
                 {
-                    self.publish(s, w, k0, k1, entry);
+                    self.publish(s, w, &key, entry);
                     return Ok(());
                 }
             }
         }
         Err(DataplaneError::Options(format!(
-            "{NAME}: both sets of the flow are full"
+            "{}: both sets of the flow are full",
+            self.family.name()
         )))
     }
 
     /// Frees way `w` of set `s` if it still holds the key whose state word is `k1`.
     fn free_way(&self, s: u32, w: usize, k1: u64) -> bool {
-        self.word(s, 2 * w + 1)
+        self.state(s, w)
             .compare_exchange(k1, 0, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
     }
 
     /// One pass over every slot: frees those of flows idle by the clock (the later of
-    /// `clock` and the newest stamp met so far, as the hash tables' sweep), counts
-    /// the rest. A slot is freed only if its key is still the one read (a flow
-    /// entered or changed meanwhile is kept).
+    /// `clock` and the newest stamp met so far), counts the rest. A slot is freed
+    /// only if its key is still the one read (a flow entered or changed meanwhile is
+    /// kept).
     pub(super) fn sweep(&self, clock: Option<u32>, timeouts: &IdleTimeouts) -> Swept {
         let mut swept = Swept::default();
         let mut now = clock;
         for s in 0..self.sets() {
             for w in 0..WAYS {
-                let k1 = self.word(s, 2 * w + 1).load(Ordering::Acquire);
+                let k1 = self.state(s, w).load(Ordering::Acquire);
                 if k1 == CLAIMED {
                     swept.kept += 1;
                     continue;
@@ -193,12 +301,9 @@ impl ConnSets {
                 let entry = self.entry_at(s, w);
                 let clock = now.map_or(entry.seen, |n| idle::later(n, entry.seen));
                 now = Some(clock);
+                // The state word's fifth byte is the protocol, in both layouts.
                 let proto = (k1 >> 32) as u8;
-                let key = FlowKeyV4 {
-                    proto,
-                    ..FlowKeyV4::default()
-                };
-                if timeouts.expired(&key, &entry, clock) && self.free_way(s, w, k1) {
+                if timeouts.expired(proto, &entry, clock) && self.free_way(s, w, k1) {
                     swept.expired += 1;
                 } else {
                     swept.kept += 1;
@@ -214,7 +319,7 @@ impl ConnSets {
         (0..self.sets())
             .map(|s| {
                 (0..WAYS)
-                    .filter(|&w| self.word(s, 2 * w + 1).load(Ordering::Acquire) != 0)
+                    .filter(|&w| self.state(s, w).load(Ordering::Acquire) != 0)
                     .count()
             })
             .sum()
@@ -225,7 +330,7 @@ impl ConnSets {
         let mut n = 0;
         for s in 0..self.sets() {
             for w in 0..WAYS {
-                let k1 = self.word(s, 2 * w + 1).load(Ordering::Acquire);
+                let k1 = self.state(s, w).load(Ordering::Acquire);
                 if is_key(k1) && self.free_way(s, w, k1) {
                     n += 1;
                 }
@@ -237,12 +342,13 @@ impl ConnSets {
 
 /// The hash key recorded in the table pinned at `path` by an earlier load, if one is
 /// there and has it: the flows it holds stay where the key put them.
-pub(crate) fn pinned_seed(path: &Path) -> Result<Option<u64>> {
+pub(crate) fn pinned_seed(family: Family, path: &Path) -> Result<Option<u64>> {
     if !path.exists() {
         return Ok(None);
     }
-    let data = MapData::from_pin(path).map_ctx(NAME)?;
-    let map = Mapped::new(data, NAME, std::mem::size_of::<ConnSet>())?;
+    let name = family.name();
+    let data = MapData::from_pin(path).map_ctx(name)?;
+    let map = Mapped::new(data, name, family.set_bytes())?;
     let meta: SetsMeta = map.get(map.entries().saturating_sub(1));
     Ok((meta.magic == META_MAGIC).then_some(meta.seed))
 }
@@ -250,30 +356,29 @@ pub(crate) fn pinned_seed(path: &Path) -> Result<Option<u64>> {
 /// Records `seed` after the last set of the table just loaded (before any program
 /// runs on it), unless it is recorded there already; then it must be that one (the
 /// program was given `seed`, and lbd reads the table's sets by the record).
-pub(crate) fn write_meta(map: &MapData, seed: u64) -> Result<()> {
+pub(crate) fn write_meta(family: Family, map: &MapData, seed: u64) -> Result<()> {
+    let name = family.name();
     let dup =
         map.fd().as_fd().try_clone_to_owned().map_err(|e| {
-            DataplaneError::Options(format!("duplicating {NAME}'s descriptor: {e}"))
+            DataplaneError::Options(format!("duplicating {name}'s descriptor: {e}"))
         })?;
-    let data = MapData::from_fd(dup).map_ctx(NAME)?;
-    let mapped = Mapped::new(data, NAME, std::mem::size_of::<ConnSet>())?;
+    let data = MapData::from_fd(dup).map_ctx(name)?;
+    let mapped = Mapped::new(data, name, family.set_bytes())?;
     let last = mapped.entries().saturating_sub(1);
     let meta: SetsMeta = mapped.get(last);
     if meta.magic == META_MAGIC {
         if meta.seed != seed {
             return Err(DataplaneError::Options(format!(
-                "{NAME} records another hash key than the program was given; \
+                "{name} records another hash key than the program was given; \
                  detach the data plane (lbctl shutdown --detach) and start again"
             )));
         }
         return Ok(());
     }
-    // SAFETY: element `last` of the mapping, 128 bytes, 8-aligned; the program never
-    // reads it (it indexes sets by the mask, below it).
+    // SAFETY: element `last` of the mapping, a whole set's bytes, 8-aligned; the
+    // program never reads it (it indexes sets by the mask, below it).
     unsafe {
-        let p = mapped
-            .base()
-            .add(last as usize * std::mem::size_of::<ConnSet>()) as *mut u64;
+        let p = mapped.base().add(last as usize * family.set_bytes()) as *mut u64;
         std::ptr::write_volatile(p.add(1), seed);
         std::ptr::write_volatile(p, META_MAGIC);
     }
