@@ -1,9 +1,9 @@
 //! The connection tables' layout: arrays of sets of four slots. IPv4
 //! (`CONN_SETS_V4`): each set two cache lines, the keys of its slots in the first,
 //! their entries in the second. IPv6 (`CONN_SETS_V6`): four lines, the slots' state
-//! words and a keyed tag of their addresses in the first, the addresses in the next
-//! two, the entries in the last (exact keys: a flow is never taken for another whose
-//! tag is the same). A flow may live in either of two sets chosen by a keyed hash
+//! words and a keyed tag of their addresses in the first, then each slot's addresses
+//! and entry side by side (exact keys: a flow is never taken for another whose tag
+//! is the same). A flow may live in either of two sets chosen by a keyed hash
 //! of its key, and is entered into the emptier one. Why not the kernel's hash map: a lookup there reads
 //! a bucket and then an element elsewhere (two to three cache and TLB misses in a
 //! large table), an insert pops a cold element from a free list besides; here a
@@ -60,9 +60,17 @@ pub struct ConnSet6 {
     pub states: [u64; WAYS],
     /// Each way's `tag6` of its addresses: most lookups that miss stop here.
     pub tags: [u64; WAYS],
-    /// Each way's source and destination address, as `FlowKey` has them.
-    pub addrs: [[u64; 4]; WAYS],
-    pub entries: [ConnEntry; WAYS],
+    /// Each way's addresses and entry, side by side: an insert writes one or two
+    /// lines, a hit reads one or two (apart, three: the addresses, then the entry).
+    pub ways: [Way6; WAYS],
+}
+
+/// An IPv6 way's source and destination address (as `FlowKey` has them) and entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Way6 {
+    pub addrs: [u64; 4],
+    pub entry: ConnEntry,
 }
 
 /// Word indices in a `ConnSet6` of way `w`'s state, tag, first address word, entry.
@@ -73,10 +81,10 @@ pub const fn tag6_at(w: usize) -> usize {
     WAYS + w
 }
 pub const fn addrs6(w: usize) -> usize {
-    2 * WAYS + 4 * w
+    2 * WAYS + 6 * w
 }
 pub const fn entry6(w: usize) -> usize {
-    6 * WAYS + 2 * w
+    addrs6(w) + 4
 }
 
 /// `SetsMeta::magic` once written.
@@ -198,8 +206,9 @@ pub fn sets_of(k0: u64, k1: u64, seed: u64, mask: u32) -> (u32, u32) {
 const _: () = assert!(FAMILY_V4 != 0 && FAMILY_V4 != 0xff);
 const _: () = assert!(crate::FAMILY_V6 != 0 && crate::FAMILY_V6 != 0xff);
 const _: () = assert!(core::mem::offset_of!(ConnSet6, tags) == 8 * tag6_at(0));
-const _: () = assert!(core::mem::offset_of!(ConnSet6, addrs) == 8 * addrs6(0));
-const _: () = assert!(core::mem::offset_of!(ConnSet6, entries) == 8 * entry6(0));
+const _: () = assert!(core::mem::offset_of!(ConnSet6, ways) == 8 * addrs6(0));
+const _: () = assert!(core::mem::offset_of!(Way6, entry) == 8 * (entry6(0) - addrs6(0)));
+const _: () = assert!(core::mem::size_of::<Way6>() == 8 * (addrs6(1) - addrs6(0)));
 
 #[cfg(test)]
 mod tests {
