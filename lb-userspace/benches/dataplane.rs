@@ -6,9 +6,11 @@
 //! would become an established one from the second repetition. The figures are the
 //! kernel's own run time per call (it excludes the syscall): mean and median.
 //!
-//! Honest conditions: the connection table has 1,048,576 entries per possible CPU
-//! (one shared table), is filled and emptied once before anything is timed (a used
-//! table hands out memory in another order than a fresh one), and every line runs
+//! Honest conditions: each connection table is sized for 1,048,576 flows per
+//! possible CPU (one shared table a family), is filled and emptied once before
+//! anything is timed (a used table's slots are scattered, as a long-running node's
+//! are), the full line runs on a table filled until 99% of new flows are refused,
+//! and every line runs
 //! in chunks interleaved with chunks of the baseline, each line's ratio taken against
 //! the baseline chunks around it, over several rounds.
 

@@ -81,9 +81,10 @@ pub struct LoadOptions {
     /// Bounds of an automatically sized table (primes).
     pub maglev_min_size: u32,
     pub maglev_max_size: u32,
-    /// Entries of the IPv4 connection table (a preallocated hash shared by every CPU).
+    /// Flows the IPv4 connection table is sized for (shared by every CPU; twice as
+    /// many slots, `lb_common::conn_sets::sets_for`).
     pub conn_table_size: u32,
-    /// Entries of the IPv6 one; `None`: as many as the IPv4 one.
+    /// Flows the IPv6 one is sized for; `None`: as many as the IPv4 one.
     pub conn_table_size_v6: Option<u32>,
     /// Seconds a flow may be idle before the sweeper removes its entry, by protocol.
     pub tcp_idle_timeout_s: u32,
