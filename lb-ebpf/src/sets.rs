@@ -2,10 +2,11 @@
 //! that a slot reused meanwhile is noticed, enter or change a flow's entry. The
 //! layouts and the protocol between writers are `lb_common::conn_sets`'s.
 //!
-//! A set is read as sixteen words: the state word of way `w` (its key's second word)
-//! is word `2w + 1`, the key's first word `2w`, its entry words `8 + 2w` and `9 + 2w`.
-//! Every access is volatile: the compiler must neither merge the second compare of
-//! a key into the first nor move an entry's read past it.
+//! An IPv4 set is read as sixteen words: the state word of way `w` (its key's second
+//! word) is word `2w + 1`, the key's first word `2w`, its entry words `8 + 2w` and
+//! `9 + 2w`. An IPv6 set is 32 words, placed by `conn_sets::{state6, tag6_at,
+//! addrs6, entry6}`. Every access is volatile: the compiler must neither merge the
+//! second compare of a key into the first nor move an entry's read past it.
 
 use core::{
     intrinsics::{atomic_cxchg, atomic_xchg, AtomicOrdering},

@@ -88,9 +88,27 @@ struct Key {
 /// One connection table, mapped.
 pub(super) struct ConnSets {
     family: Family,
-    map: Mapped,
+    map: Backing,
     seed: u64,
     mask: u32,
+}
+
+/// Where a table's words are: the kernel's array, mapped; or, in the unit tests of
+/// the protocol, memory of the process.
+enum Backing {
+    Map(Mapped),
+    #[cfg(test)]
+    Memory(std::sync::Arc<Vec<AtomicU64>>),
+}
+
+impl Backing {
+    fn base(&self) -> *const AtomicU64 {
+        match self {
+            Backing::Map(m) => m.base() as *const AtomicU64,
+            #[cfg(test)]
+            Backing::Memory(words) => words.as_ptr(),
+        }
+    }
 }
 
 impl ConnSets {
@@ -104,10 +122,31 @@ impl ConnSets {
     /// A second mapping of the same table (the sweeping thread's).
     pub(super) fn view(&self) -> Result<ConnSets> {
         let family = self.family;
-        Self::of(
+        let map = match &self.map {
+            Backing::Map(m) => m,
+            #[cfg(test)]
+            Backing::Memory(words) => {
+                return Ok(ConnSets {
+                    map: Backing::Memory(std::sync::Arc::clone(words)),
+                    ..*self
+                })
+            }
+        };
+        Self::of(family, map.view_again(family.name(), family.set_bytes())?)
+    }
+
+    /// A table of `sets` sets in memory (the protocol's unit tests).
+    #[cfg(test)]
+    fn in_memory(family: Family, sets: u32, seed: u64) -> ConnSets {
+        let words = sets as usize * family.set_bytes() / 8;
+        ConnSets {
             family,
-            self.map.view_again(family.name(), family.set_bytes())?,
-        )
+            map: Backing::Memory(std::sync::Arc::new(
+                (0..words).map(|_| AtomicU64::new(0)).collect(),
+            )),
+            seed,
+            mask: sets - 1,
+        }
     }
 
     fn of(family: Family, map: Mapped) -> Result<ConnSets> {
@@ -123,7 +162,7 @@ impl ConnSets {
         }
         Ok(ConnSets {
             family,
-            map,
+            map: Backing::Map(map),
             seed: meta.seed,
             mask: sets - 1,
         })
@@ -167,7 +206,7 @@ impl ConnSets {
         // which lives as long as `self`; 8-aligned (the mapping is page-aligned, sets
         // are 128 or 256 bytes). The program changes these words concurrently:
         // atomics only.
-        unsafe { &*(self.map.base() as *const AtomicU64).add(s as usize * set_words + i) }
+        unsafe { &*self.map.base().add(s as usize * set_words + i) }
     }
 
     fn state(&self, s: u32, w: usize) -> &AtomicU64 {
@@ -383,4 +422,116 @@ pub(crate) fn write_meta(family: Family, map: &MapData, seed: u64) -> Result<()>
         std::ptr::write_volatile(p, META_MAGIC);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Flow `i` of a family: its own source address, the same ports.
+    fn flow(family: Family, i: u32) -> FlowKey {
+        let mut f = FlowKey {
+            sport_be: 40000u16.to_be(),
+            dport_be: 80u16.to_be(),
+            proto: lb_common::PROTO_TCP,
+            ..FlowKey::default()
+        };
+        match family {
+            Family::V4 => {
+                f.family = lb_common::FAMILY_V4;
+                f.src[..4].copy_from_slice(&(0xc612_0100 + i).to_be_bytes());
+                f.dst[..4].copy_from_slice(&[198, 18, 0, 100]);
+            }
+            Family::V6 => {
+                f.family = lb_common::FAMILY_V6;
+                f.src = [0x20, 1, 0xd, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, i as u8];
+                f.dst = [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+            }
+        }
+        f
+    }
+
+    /// The entry flow `i` is always given: a reader that ever gets another means it
+    /// took a slot's entry for its own while the slot held, or was being written
+    /// for, another flow.
+    fn entry_of(i: u32, round: u32) -> ConnEntry {
+        ConnEntry {
+            backend_id: i + 1,
+            backend_gen: !(i + 1),
+            epoch: round,
+            seen: round,
+        }
+    }
+
+    fn race(family: Family) {
+        // Six flows in one set of four ways, entered, read and freed from two
+        // threads at once (each also frees every slot now and then): ways change
+        // hands all the time.
+        const FLOWS: u32 = 6;
+        const ROUNDS: u32 = 1_000_000;
+        let table = ConnSets::in_memory(family, 1, 0x5eed);
+        let wrong = std::sync::atomic::AtomicU64::new(0);
+        let found = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            for t in 0..2u32 {
+                let table = table.view().unwrap();
+                let (wrong, found) = (&wrong, &found);
+                scope.spawn(move || {
+                    for round in 0..ROUNDS {
+                        let i = (round.wrapping_mul(7) + t * 3) % FLOWS;
+                        let f = flow(family, i);
+                        let _ = table.set(&f, &entry_of(i, round));
+                        let j = (round.wrapping_mul(5) + t) % FLOWS;
+                        if let Some(e) = table.get(&flow(family, j)) {
+                            found.fetch_add(1, Ordering::Relaxed);
+                            if (e.backend_id, e.backend_gen) != (j + 1, !(j + 1)) {
+                                wrong.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        if round % 64 == t {
+                            table.clear();
+                        }
+                    }
+                });
+            }
+        });
+        let (wrong, found) = (wrong.into_inner(), found.into_inner());
+        assert!(found > 10_000, "only {found} reads found their flow");
+        assert_eq!(
+            wrong, 0,
+            "{wrong} of {found} reads found another flow's entry"
+        );
+    }
+
+    #[test]
+    fn ipv4_writers_readers_and_freers_at_once_never_give_a_flow_anothers_entry() {
+        race(Family::V4);
+    }
+
+    #[test]
+    fn ipv6_writers_readers_and_freers_at_once_never_give_a_flow_anothers_entry() {
+        race(Family::V6);
+    }
+
+    #[test]
+    fn a_flow_is_refused_only_when_both_its_sets_are_full() {
+        for family in [Family::V4, Family::V6] {
+            let table = ConnSets::in_memory(family, 2, 1);
+            let mut entered = 0;
+            for i in 0..9 {
+                if table.set(&flow(family, i), &entry_of(i, 0)).is_ok() {
+                    entered += 1;
+                }
+            }
+            assert_eq!(entered, 8, "{family:?}: two sets of four ways");
+            assert_eq!(table.count(), 8);
+            for i in 0..9 {
+                if let Some(e) = table.get(&flow(family, i)) {
+                    assert_eq!(e, entry_of(i, 0));
+                }
+            }
+            assert_eq!(table.clear(), 8);
+            assert_eq!(table.count(), 0);
+        }
+    }
 }
