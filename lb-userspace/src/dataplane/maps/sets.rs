@@ -102,6 +102,17 @@ enum Backing {
 }
 
 impl Backing {
+    /// Another handle on the same words.
+    fn view(&self, family: Family) -> Result<Backing> {
+        match self {
+            Backing::Map(m) => Ok(Backing::Map(
+                m.view_again(family.name(), family.set_bytes())?,
+            )),
+            #[cfg(test)]
+            Backing::Memory(words) => Ok(Backing::Memory(std::sync::Arc::clone(words))),
+        }
+    }
+
     fn base(&self) -> *const AtomicU64 {
         match self {
             Backing::Map(m) => m.base() as *const AtomicU64,
@@ -121,18 +132,10 @@ impl ConnSets {
 
     /// A second mapping of the same table (the sweeping thread's).
     pub(super) fn view(&self) -> Result<ConnSets> {
-        let family = self.family;
-        let map = match &self.map {
-            Backing::Map(m) => m,
-            #[cfg(test)]
-            Backing::Memory(words) => {
-                return Ok(ConnSets {
-                    map: Backing::Memory(std::sync::Arc::clone(words)),
-                    ..*self
-                })
-            }
-        };
-        Self::of(family, map.view_again(family.name(), family.set_bytes())?)
+        Ok(ConnSets {
+            map: self.map.view(self.family)?,
+            ..*self
+        })
     }
 
     /// A table of `sets` sets in memory (the protocol's unit tests).
