@@ -446,17 +446,6 @@ impl Programs {
         loader.override_global("CONN_SETS_V6_SEED", &keys[1].0, true);
         loader.override_global("CONN_SETS_V6_MASK", &keys[1].1, true);
         let mut ebpf = loader.load(OBJECT)?;
-        for (i, (family, _)) in families.into_iter().enumerate() {
-            let name = family.name();
-            let data = ebpf
-                .map(name)
-                .and_then(|m| match m {
-                    aya::maps::Map::Array(data) => Some(data),
-                    _ => None,
-                })
-                .ok_or(DataplaneError::MapShape { name })?;
-            sets::write_meta(family, data, keys[i].0)?;
-        }
         // The program logs only on control-plane inconsistencies; no log map means none.
         let logger = EbpfLogger::init(&mut ebpf).ok();
         for program in Program::ALL {
@@ -481,7 +470,8 @@ impl Programs {
             name: program_names::PROBE_ENCAP,
             source,
         })?;
-        let maps = MapManager::new(&mut ebpf, options)?;
+        // Before any program is attached: a new table records its key here.
+        let maps = MapManager::new(&mut ebpf, options, keys.map(|(seed, _)| seed))?;
         if let Some(dir) = &options.pin_dir {
             unpin_retired(dir);
         }

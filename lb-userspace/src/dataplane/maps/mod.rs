@@ -192,7 +192,7 @@ where
 }
 
 /// A connection table's array, taken from the loaded object.
-fn conn_sets(ebpf: &mut Ebpf, family: Family) -> Result<ConnSets> {
+fn conn_sets(ebpf: &mut Ebpf, family: Family, seed: u64) -> Result<ConnSets> {
     let name = family.name();
     let data = ebpf
         .take_map(name)
@@ -201,7 +201,7 @@ fn conn_sets(ebpf: &mut Ebpf, family: Family) -> Result<ConnSets> {
             _ => None,
         })
         .ok_or(DataplaneError::MapShape { name })?;
-    ConnSets::new(family, data)
+    ConnSets::new(family, data, seed)
 }
 
 /// Deleting a key that is not there: aya reports it as KeyNotFound or as the
@@ -250,7 +250,9 @@ fn vip_key(key: &ServiceKey) -> VipKey {
 
 impl MapManager {
     /// The maps of a loaded object, sized as `options` say.
-    pub(crate) fn new(ebpf: &mut Ebpf, options: &LoadOptions) -> Result<Self> {
+    /// The maps of a load whose program was given `seeds` as the connection tables'
+    /// hash keys (IPv4, IPv6).
+    pub(crate) fn new(ebpf: &mut Ebpf, options: &LoadOptions, seeds: [u64; 2]) -> Result<Self> {
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| DataplaneError::Options(format!("reading {what}: {e}")))?;
         let ring = match ebpf.take_map(map_names::MAGLEV_RING) {
@@ -288,8 +290,8 @@ impl MapManager {
             backends_view,
             routes: take(ebpf, map_names::ROUTES)?,
             tx_ports: take(ebpf, map_names::TX_PORTS)?,
-            conns_v4: conn_sets(ebpf, Family::V4)?,
-            conns_v6: conn_sets(ebpf, Family::V6)?,
+            conns_v4: conn_sets(ebpf, Family::V4, seeds[0])?,
+            conns_v6: conn_sets(ebpf, Family::V6, seeds[1])?,
             conn_entries: Default::default(),
             idle_timeouts: sweep::IdleTimeouts::of(options, sweep::hz()),
             vip_stats: take(ebpf, map_names::VIP_STATS)?,

@@ -6,7 +6,6 @@
 //! next load must reuse.
 
 use std::{
-    os::fd::AsFd,
     path::Path,
     sync::atomic::{AtomicU64, Ordering},
 };
@@ -123,11 +122,42 @@ impl Backing {
 }
 
 impl ConnSets {
-    /// The table of a load: its hash key from the element after the last set, which
-    /// the loader wrote (`write_meta`) before the program could run.
-    pub(super) fn new(family: Family, map: MapData) -> Result<ConnSets> {
-        let map = Mapped::new(map, family.name(), family.set_bytes())?;
-        Self::of(family, map)
+    /// The table of a load, whose program was given `seed`: recorded after the last
+    /// set of a new table (before any program runs on it); a table pinned by an
+    /// earlier load must have it recorded already (`pinned_seed` read it), for lbd
+    /// reads the sets by the record.
+    pub(super) fn new(family: Family, map: MapData, seed: u64) -> Result<ConnSets> {
+        let name = family.name();
+        let map = Mapped::new(map, name, family.set_bytes())?;
+        let sets = map.entries().saturating_sub(1);
+        if !sets.is_power_of_two() {
+            return Err(DataplaneError::Options(format!(
+                "{name} has {} elements, not a power of two of sets and one more; \
+                 detach the data plane (lbctl shutdown --detach) and start again",
+                map.entries()
+            )));
+        }
+        let meta: SetsMeta = map.get(sets);
+        if meta.magic != META_MAGIC {
+            // SAFETY: element `sets` of the mapping, a whole set's bytes, 8-aligned;
+            // the program never reads it (it indexes sets by the mask, below it).
+            unsafe {
+                let p = map.base().add(sets as usize * family.set_bytes()) as *mut u64;
+                std::ptr::write_volatile(p.add(1), seed);
+                std::ptr::write_volatile(p, META_MAGIC);
+            }
+        } else if meta.seed != seed {
+            return Err(DataplaneError::Options(format!(
+                "{name} records another hash key than the program was given; \
+                 detach the data plane (lbctl shutdown --detach) and start again"
+            )));
+        }
+        Ok(ConnSets {
+            family,
+            map: Backing::Map(map),
+            seed,
+            mask: sets - 1,
+        })
     }
 
     /// A second mapping of the same table (the sweeping thread's).
@@ -150,25 +180,6 @@ impl ConnSets {
             seed,
             mask: sets - 1,
         }
-    }
-
-    fn of(family: Family, map: Mapped) -> Result<ConnSets> {
-        let sets = map.entries().saturating_sub(1);
-        let meta: SetsMeta = map.get(sets);
-        if !sets.is_power_of_two() || meta.magic != META_MAGIC {
-            return Err(DataplaneError::Options(format!(
-                "{} ({} elements) has no hash key recorded after its sets; \
-                 detach the data plane (lbctl shutdown --detach) and start again",
-                family.name(),
-                map.entries()
-            )));
-        }
-        Ok(ConnSets {
-            family,
-            map: Backing::Map(map),
-            seed: meta.seed,
-            mask: sets - 1,
-        })
     }
 
     pub(super) fn seed(&self) -> u64 {
@@ -393,38 +404,6 @@ pub(crate) fn pinned_seed(family: Family, path: &Path) -> Result<Option<u64>> {
     let map = Mapped::new(data, name, family.set_bytes())?;
     let meta: SetsMeta = map.get(map.entries().saturating_sub(1));
     Ok((meta.magic == META_MAGIC).then_some(meta.seed))
-}
-
-/// Records `seed` after the last set of the table just loaded (before any program
-/// runs on it), unless it is recorded there already; then it must be that one (the
-/// program was given `seed`, and lbd reads the table's sets by the record).
-pub(crate) fn write_meta(family: Family, map: &MapData, seed: u64) -> Result<()> {
-    let name = family.name();
-    let dup =
-        map.fd().as_fd().try_clone_to_owned().map_err(|e| {
-            DataplaneError::Options(format!("duplicating {name}'s descriptor: {e}"))
-        })?;
-    let data = MapData::from_fd(dup).map_ctx(name)?;
-    let mapped = Mapped::new(data, name, family.set_bytes())?;
-    let last = mapped.entries().saturating_sub(1);
-    let meta: SetsMeta = mapped.get(last);
-    if meta.magic == META_MAGIC {
-        if meta.seed != seed {
-            return Err(DataplaneError::Options(format!(
-                "{name} records another hash key than the program was given; \
-                 detach the data plane (lbctl shutdown --detach) and start again"
-            )));
-        }
-        return Ok(());
-    }
-    // SAFETY: element `last` of the mapping, a whole set's bytes, 8-aligned; the
-    // program never reads it (it indexes sets by the mask, below it).
-    unsafe {
-        let p = mapped.base().add(last as usize * family.set_bytes()) as *mut u64;
-        std::ptr::write_volatile(p.add(1), seed);
-        std::ptr::write_volatile(p, META_MAGIC);
-    }
-    Ok(())
 }
 
 #[cfg(test)]
