@@ -100,64 +100,48 @@ pub const fn sets_for(capacity: u32) -> u32 {
     sets.next_power_of_two() as u32
 }
 
-/// The two words of a key, as the program reads them from memory (little-endian).
+/// A key's last word, as the program reads it from memory (little-endian): ports,
+/// protocol, family and padding, laid out alike in `FlowKey` and `FlowKeyV4`. The
+/// slot's state word.
+#[inline(always)]
+fn tail_word(sport_be: u16, dport_be: u16, proto: u8, family: u8, pad: [u8; 2]) -> u64 {
+    let (s, d) = (sport_be.to_ne_bytes(), dport_be.to_ne_bytes());
+    u64::from_le_bytes([s[0], s[1], d[0], d[1], proto, family, pad[0], pad[1]])
+}
+
+/// The two words of a key, as the program reads them from memory.
 #[inline(always)]
 pub fn key_words(key: &FlowKeyV4) -> (u64, u64) {
-    let k0 = u64::from_le_bytes([
-        key.src[0], key.src[1], key.src[2], key.src[3], key.dst[0], key.dst[1], key.dst[2],
-        key.dst[3],
-    ]);
-    let s = key.sport_be.to_ne_bytes();
-    let d = key.dport_be.to_ne_bytes();
-    let k1 = u64::from_le_bytes([
-        s[0],
-        s[1],
-        d[0],
-        d[1],
-        key.proto,
-        key.family,
-        key._pad[0],
-        key._pad[1],
-    ]);
-    (k0, k1)
+    let (src, dst) = (u32::from_le_bytes(key.src), u32::from_le_bytes(key.dst));
+    (
+        src as u64 | (dst as u64) << 32,
+        tail_word(key.sport_be, key.dport_be, key.proto, key.family, key._pad),
+    )
 }
 
 /// An IPv6 flow's key as a slot holds it: its four address words (source, then
 /// destination, as `FlowKey` has them in memory) and its last word (the state).
 #[inline(always)]
 pub fn key_words6(flow: &crate::FlowKey) -> ([u64; 4], u64) {
-    let w = |b: &[u8; 16], i: usize| {
-        u64::from_le_bytes([
-            b[i],
-            b[i + 1],
-            b[i + 2],
-            b[i + 3],
-            b[i + 4],
-            b[i + 5],
-            b[i + 6],
-            b[i + 7],
-        ])
+    let half = |b: &[u8; 16], i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[i..i + 8]);
+        u64::from_le_bytes(w)
     };
-    let s = flow.sport_be.to_ne_bytes();
-    let d = flow.dport_be.to_ne_bytes();
-    let tail = u64::from_le_bytes([
-        s[0],
-        s[1],
-        d[0],
-        d[1],
-        flow.proto,
-        flow.family,
-        flow._pad[0],
-        flow._pad[1],
-    ]);
     (
         [
-            w(&flow.src, 0),
-            w(&flow.src, 8),
-            w(&flow.dst, 0),
-            w(&flow.dst, 8),
+            half(&flow.src, 0),
+            half(&flow.src, 8),
+            half(&flow.dst, 0),
+            half(&flow.dst, 8),
         ],
-        tail,
+        tail_word(
+            flow.sport_be,
+            flow.dport_be,
+            flow.proto,
+            flow.family,
+            flow._pad,
+        ),
     )
 }
 
