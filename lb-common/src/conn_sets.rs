@@ -38,8 +38,17 @@ pub struct ConnSet {
     pub entries: [ConnEntry; WAYS],
 }
 
-/// Byte offset from a slot's key to its entry.
-pub const ENTRY_OFFSET: usize = 64;
+/// Word indices in a `ConnSet` of way `w`'s state (its key's second word), its
+/// key's first word, its entry (two words).
+pub const fn state4(w: usize) -> usize {
+    2 * w + 1
+}
+pub const fn key4(w: usize) -> usize {
+    2 * w
+}
+pub const fn entry4(w: usize) -> usize {
+    2 * WAYS + 2 * w
+}
 
 /// The element after the last set: what the next load must know to find the flows
 /// already entered (the sets' hash key), and a mark that it was written.
@@ -189,6 +198,8 @@ pub fn sets_of(k0: u64, k1: u64, seed: u64, mask: u32) -> (u32, u32) {
 /// A key's family byte, which makes its state word a key.
 const _: () = assert!(FAMILY_V4 != 0 && FAMILY_V4 != 0xff);
 const _: () = assert!(crate::FAMILY_V6 != 0 && crate::FAMILY_V6 != 0xff);
+const _: () = assert!(core::mem::offset_of!(ConnSet, entries) == 8 * entry4(0));
+const _: () = assert!(8 * state4(0) == 8 + core::mem::offset_of!(ConnSet, keys));
 const _: () = assert!(core::mem::offset_of!(ConnSet6, tags) == 8 * tag6_at(0));
 const _: () = assert!(core::mem::offset_of!(ConnSet6, ways) == 8 * addrs6(0));
 const _: () = assert!(core::mem::offset_of!(Way6, entry) == 8 * (entry6(0) - addrs6(0)));

@@ -685,8 +685,6 @@ assert_layout!(ConnEntry, 16, 4);
 assert_layout!(conn_sets::ConnSet, 128, 8);
 assert_layout!(conn_sets::SetsMeta, 128, 8);
 assert_layout!(conn_sets::ConnSet6, 256, 8);
-const _: () =
-    assert!(core::mem::offset_of!(conn_sets::ConnSet, entries) == conn_sets::ENTRY_OFFSET);
 assert_layout!(Counter, 16, 8);
 assert_layout!(GlobalStats, 33 * 8, 8);
 assert_layout!(Control, 8, 8);

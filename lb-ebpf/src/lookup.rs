@@ -109,9 +109,9 @@ fn enter_apart(flow: &FlowKey, backend_id: u32, backend_gen: u32, epoch: u32) ->
         seen: now_tick(),
     };
     let entered = if flow.family == FAMILY_V4 {
-        sets::enter(flow, &entry)
+        sets::enter(&sets::V4::of(flow), &entry)
     } else {
-        sets::enter6(flow, &entry)
+        sets::enter(&sets::V6::of(flow), &entry)
     };
     !entered as u64
 }
@@ -132,43 +132,39 @@ fn live_backend(id: u32, gen: u32) -> Option<Backend> {
 /// The flow's entry in its family's connection table, its `seen` stamped with this
 /// tick: a packet of the flow was seen, whatever is decided of the entry. Stamped
 /// here, before any decision, so that callers need not keep the pointer across one
-/// (that would take a stack slot the program does not have). An IPv4 flow's slot
-/// is asked again once its entry is read: if it no longer holds the flow (freed and
+/// (that would take a stack slot the program does not have). The flow's slot is
+/// asked again once its entry is read: if it no longer holds the flow (freed and
 /// reused, or being changed, meanwhile) the flow is taken as having none. One test
 /// of the family, each table on a path of its own: the verifier does not know that
 /// a second test of the same byte answers as the first.
 #[inline(always)]
 fn conn(flow: &FlowKey) -> Option<ConnEntry> {
     if flow.family == FAMILY_V4 {
-        let p = sets::find(flow)?;
-        let (w0, w1) = read_entry(p);
-        if !sets::holds(p, flow) {
-            return None;
-        }
-        Some(stamp(p, w0, w1))
+        conn_by(&sets::V4::of(flow))
     } else {
-        let (s, w) = sets::find6(flow)?;
-        let p = sets::entry6_of(s, w);
-        let (w0, w1) = read_entry(p);
-        if !sets::holds6(s, w, flow) {
-            return None;
-        }
-        Some(stamp(p, w0, w1))
+        conn_by(&sets::V6::of(flow))
     }
 }
 
-/// An entry's two words, read into registers (a copy of the whole entry would cost
-/// stack the program does not have).
+/// `conn` in one family's table: the entry's two words read into registers (a copy
+/// of the whole entry would cost stack the program does not have), then the slot
+/// asked again.
 #[inline(always)]
-fn read_entry(p: *mut ConnEntry) -> (u64, u64) {
-    let w = p as *const u64;
+fn conn_by<K: sets::Key>(k: &K) -> Option<ConnEntry> {
+    let (s, w) = sets::find(k)?;
+    let p = sets::entry_of::<K>(s, w);
+    let e = p as *const u64;
     // SAFETY: an 8-aligned 16-byte map value; every writer writes each word whole.
-    unsafe {
+    let (w0, w1) = unsafe {
         (
-            core::ptr::read_volatile(w),
-            core::ptr::read_volatile(w.add(1)),
+            core::ptr::read_volatile(e),
+            core::ptr::read_volatile(e.add(1)),
         )
+    };
+    if !sets::holds(k, s, w) {
+        return None;
     }
+    Some(stamp(p, w0, w1))
 }
 
 /// The entry read as (w0, w1) from `p`, its stamp moved to this tick if it was

@@ -1,12 +1,10 @@
 //! The connection tables, the program's side: find a flow's slot, read its entry so
 //! that a slot reused meanwhile is noticed, enter or change a flow's entry. The
-//! layouts and the protocol between writers are `lb_common::conn_sets`'s.
+//! layouts and the protocol between writers are `lb_common::conn_sets`'s; one body
+//! serves both families, each family's key (`V4`, `V6`) saying where its words lie.
 //!
-//! An IPv4 set is read as sixteen words: the state word of way `w` (its key's second
-//! word) is word `2w + 1`, the key's first word `2w`, its entry words `8 + 2w` and
-//! `9 + 2w`. An IPv6 set is 32 words, placed by `conn_sets::{state6, tag6_at,
-//! addrs6, entry6}`. Every access is volatile: the compiler must neither merge the
-//! second compare of a key into the first nor move an entry's read past it.
+//! Every access is volatile: the compiler must neither merge the second compare of
+//! a key into the first nor move an entry's read past it.
 
 use core::{
     intrinsics::{atomic_cxchg, atomic_xchg, AtomicOrdering},
@@ -15,7 +13,8 @@ use core::{
 
 use lb_common::{
     conn_sets::{
-        addrs6, entry6, sets6_of, sets_of, state6, tag6, tag6_at, CLAIMED, ENTRY_OFFSET, WAYS,
+        addrs6, entry4, entry6, key4, sets6_of, sets_of, state4, state6, tag6, tag6_at, CLAIMED,
+        WAYS,
     },
     ConnEntry, FlowKey,
 };
@@ -25,73 +24,214 @@ use crate::maps::{
     CONN_SETS_V6_SEED,
 };
 
-/// An IPv4 flow's key as the two words a slot holds: source and destination address
-/// (the first words of `FlowKey`'s address fields), then ports, protocol, family and
-/// padding (`FlowKey`'s last word) — what `lb_common::conn_sets::key_words` makes of
-/// its `FlowKeyV4`.
-#[inline(always)]
-pub fn words(flow: &FlowKey) -> (u64, u64) {
-    let w = flow as *const FlowKey as *const u32;
-    // SAFETY: FlowKey is 40 bytes, 8-aligned: source word at 0, destination word at
-    // 16, the tail word at 32 (offsets checked in lb_common).
-    unsafe {
-        let src = *w as u64;
-        let dst = *w.add(4) as u64;
-        (src | dst << 32, *(w as *const u64).add(4))
-    }
+/// A flow's key as its family's table holds it. A set is a map value read as words
+/// (`s`); way `w`'s words are where the family's layout puts them.
+pub trait Key {
+    /// Word of way `w`'s state.
+    fn state_at(w: usize) -> usize;
+    /// First of way `w`'s two entry words.
+    fn entry_at(w: usize) -> usize;
+    /// The key's state word.
+    fn state(&self) -> u64;
+    /// The flow's two sets, as word pointers (`None` only if the loader sized the
+    /// array below the mask, which it does not).
+    fn sets(&self) -> Option<(*mut u64, *mut u64)>;
+    /// Whether way `w` of set `s` holds the key's words besides the state, first
+    /// those in the set's first line (a way that does not hold it is mostly told by
+    /// them).
+    fn rest_is(&self, s: *mut u64, w: usize) -> bool;
+    /// Writes the key's words besides the state into way `w` (owned).
+    fn write_rest(&self, s: *mut u64, w: usize);
 }
 
-/// The flow's two sets, as word pointers (`None` only if the loader sized the array
-/// below the mask, which it does not).
-#[inline(always)]
-fn sets(k0: u64, k1: u64) -> Option<(*mut u64, *mut u64)> {
-    // SAFETY: read-only data the loader wrote.
-    let (seed, mask) = unsafe {
-        (
-            read_volatile(&CONN_SETS_SEED),
-            read_volatile(&CONN_SETS_MASK),
-        )
-    };
-    let (a, b) = sets_of(k0, k1, seed, mask);
-    let a = CONN_SETS_V4.get_ptr_mut(a)? as *mut u64;
-    let b = CONN_SETS_V4.get_ptr_mut(b)? as *mut u64;
-    Some((a, b))
+/// An IPv4 flow's key: source and destination address (the first words of
+/// `FlowKey`'s address fields), then ports, protocol, family and padding
+/// (`FlowKey`'s last word, the state), as `lb_common::conn_sets::key_words` makes
+/// them of its `FlowKeyV4`.
+pub struct V4 {
+    k0: u64,
+    k1: u64,
 }
 
-/// The entry of the way of set `s` that holds (k0, k1).
-#[inline(always)]
-fn in_set(s: *mut u64, k0: u64, k1: u64) -> Option<*mut ConnEntry> {
-    for w in 0..WAYS {
-        // SAFETY: words of one 128-byte map value.
+impl V4 {
+    #[inline(always)]
+    pub fn of(flow: &FlowKey) -> V4 {
+        let w = flow as *const FlowKey as *const u32;
+        // SAFETY: FlowKey is 40 bytes, 8-aligned: source word at 0, destination word
+        // at 16, the tail word at 32 (offsets checked in lb_common).
         unsafe {
-            if read_volatile(s.add(2 * w + 1)) == k1 && read_volatile(s.add(2 * w)) == k0 {
-                return Some(s.add(8 + 2 * w) as *mut ConnEntry);
+            let (src, dst) = (*w as u64, *w.add(4) as u64);
+            V4 {
+                k0: src | dst << 32,
+                k1: *(w as *const u64).add(4),
             }
         }
     }
-    None
 }
 
-/// The flow's entry, if it has one.
-#[inline(always)]
-pub fn find(flow: &FlowKey) -> Option<*mut ConnEntry> {
-    let (k0, k1) = words(flow);
-    let (a, b) = sets(k0, k1)?;
-    in_set(a, k0, k1).or_else(|| in_set(b, k0, k1))
-}
-
-/// Whether the slot of entry `p` (found by `find` for `flow`) still holds the flow:
-/// asked after its entry was read, so that an entry read while its slot was freed and
-/// given to another flow, or while it was being changed, is not taken.
-#[inline(always)]
-pub fn holds(p: *mut ConnEntry, flow: &FlowKey) -> bool {
-    let (k0, k1) = words(flow);
-    // SAFETY: `p` is a slot's entry; its key lies ENTRY_OFFSET bytes before it, in
-    // the same set.
-    unsafe {
-        let key = (p as *mut u8).sub(ENTRY_OFFSET) as *const u64;
-        read_volatile(key.add(1)) == k1 && read_volatile(key) == k0
+impl Key for V4 {
+    #[inline(always)]
+    fn state_at(w: usize) -> usize {
+        state4(w)
     }
+
+    #[inline(always)]
+    fn entry_at(w: usize) -> usize {
+        entry4(w)
+    }
+
+    #[inline(always)]
+    fn state(&self) -> u64 {
+        self.k1
+    }
+
+    #[inline(always)]
+    fn sets(&self) -> Option<(*mut u64, *mut u64)> {
+        // SAFETY: read-only data the loader wrote.
+        let (seed, mask) = unsafe {
+            (
+                read_volatile(&CONN_SETS_SEED),
+                read_volatile(&CONN_SETS_MASK),
+            )
+        };
+        let (a, b) = sets_of(self.k0, self.k1, seed, mask);
+        let a = CONN_SETS_V4.get_ptr_mut(a)? as *mut u64;
+        let b = CONN_SETS_V4.get_ptr_mut(b)? as *mut u64;
+        Some((a, b))
+    }
+
+    #[inline(always)]
+    fn rest_is(&self, s: *mut u64, w: usize) -> bool {
+        // SAFETY: a word of one 128-byte map value.
+        unsafe { read_volatile(s.add(key4(w))) == self.k0 }
+    }
+
+    #[inline(always)]
+    fn write_rest(&self, s: *mut u64, w: usize) {
+        // SAFETY: as above.
+        unsafe { write_volatile(s.add(key4(w)), self.k0) }
+    }
+}
+
+/// An IPv6 flow's key: its four address words, their keyed tag, and its last word
+/// (the state), as `lb_common::conn_sets::{key_words6, tag6}` make them.
+pub struct V6 {
+    a: [u64; 4],
+    tag: u64,
+    tail: u64,
+}
+
+impl V6 {
+    #[inline(always)]
+    pub fn of(flow: &FlowKey) -> V6 {
+        let w = flow as *const FlowKey as *const u64;
+        // SAFETY: FlowKey is 40 bytes, 8-aligned: five words; and read-only data
+        // the loader wrote.
+        let (a, tail, seed) = unsafe {
+            (
+                [*w, *w.add(1), *w.add(2), *w.add(3)],
+                *w.add(4),
+                read_volatile(&CONN_SETS_V6_SEED),
+            )
+        };
+        V6 {
+            tag: tag6(&a, seed),
+            a,
+            tail,
+        }
+    }
+}
+
+impl Key for V6 {
+    #[inline(always)]
+    fn state_at(w: usize) -> usize {
+        state6(w)
+    }
+
+    #[inline(always)]
+    fn entry_at(w: usize) -> usize {
+        entry6(w)
+    }
+
+    #[inline(always)]
+    fn state(&self) -> u64 {
+        self.tail
+    }
+
+    #[inline(always)]
+    fn sets(&self) -> Option<(*mut u64, *mut u64)> {
+        // SAFETY: read-only data the loader wrote.
+        let mask = unsafe { read_volatile(&CONN_SETS_V6_MASK) };
+        let (a, b) = sets6_of(self.tag, self.tail, mask);
+        let a = CONN_SETS_V6.get_ptr_mut(a)? as *mut u64;
+        let b = CONN_SETS_V6.get_ptr_mut(b)? as *mut u64;
+        Some((a, b))
+    }
+
+    #[inline(always)]
+    fn rest_is(&self, s: *mut u64, w: usize) -> bool {
+        // SAFETY: words of one 256-byte map value.
+        unsafe {
+            let p = s.add(addrs6(w));
+            read_volatile(s.add(tag6_at(w))) == self.tag
+                && read_volatile(p) == self.a[0]
+                && read_volatile(p.add(1)) == self.a[1]
+                && read_volatile(p.add(2)) == self.a[2]
+                && read_volatile(p.add(3)) == self.a[3]
+        }
+    }
+
+    #[inline(always)]
+    fn write_rest(&self, s: *mut u64, w: usize) {
+        // SAFETY: as above.
+        unsafe {
+            write_volatile(s.add(tag6_at(w)), self.tag);
+            let p = s.add(addrs6(w));
+            write_volatile(p, self.a[0]);
+            write_volatile(p.add(1), self.a[1]);
+            write_volatile(p.add(2), self.a[2]);
+            write_volatile(p.add(3), self.a[3]);
+        }
+    }
+}
+
+/// Whether way `w` of set `s` holds key `k`.
+#[inline(always)]
+fn holds_at<K: Key>(k: &K, s: *mut u64, w: usize) -> bool {
+    // SAFETY: a word of one map value.
+    let state = unsafe { read_volatile(s.add(K::state_at(w))) };
+    state == k.state() && k.rest_is(s, w)
+}
+
+/// The way of set `s` that holds `k`.
+#[inline(always)]
+fn way_of<K: Key>(k: &K, s: *mut u64) -> Option<usize> {
+    (0..WAYS).find(|&w| holds_at(k, s, w))
+}
+
+/// The flow's set and way, if it has an entry.
+#[inline(always)]
+pub fn find<K: Key>(k: &K) -> Option<(*mut u64, usize)> {
+    let (a, b) = k.sets()?;
+    if let Some(w) = way_of(k, a) {
+        return Some((a, w));
+    }
+    way_of(k, b).map(|w| (b, w))
+}
+
+/// The entry of way `w` of set `s`.
+#[inline(always)]
+pub fn entry_of<K: Key>(s: *mut u64, w: usize) -> *mut ConnEntry {
+    // SAFETY: way `w` (< WAYS) of one map value.
+    unsafe { s.add(K::entry_at(w)) as *mut ConnEntry }
+}
+
+/// Whether way `w` of set `s` (found by `find`) still holds the flow: asked after
+/// its entry was read, so that an entry read while its slot was freed and given to
+/// another flow, or while it was being changed, is not taken.
+#[inline(always)]
+pub fn holds<K: Key>(k: &K, s: *mut u64, w: usize) -> bool {
+    holds_at(k, s, w)
 }
 
 /// Compare-and-exchange of a state word; whether it held `from`.
@@ -104,38 +244,40 @@ fn cas(word: *mut u64, from: u64, to: u64) -> bool {
     }
 }
 
-/// Writes the entry of way `w` (owned) and publishes its key: the state word last,
-/// by an exchange, so that no store before it is seen after it.
+/// Stores a state word by an exchange: no store before it is seen after it.
 #[inline(always)]
-fn publish(s: *mut u64, w: usize, k0: u64, k1: u64, e0: u64, e1: u64) {
+fn publish_state(word: *mut u64, state: u64) {
+    // SAFETY: an 8-aligned word of a map value; BPF_XCHG.
+    unsafe { atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(word, state) };
+}
+
+/// Writes way `w` (owned) and publishes its state last.
+#[inline(always)]
+fn publish<K: Key>(k: &K, s: *mut u64, w: usize, e0: u64, e1: u64) {
+    k.write_rest(s, w);
     // SAFETY: words of one map value; the way is this writer's (claimed).
     unsafe {
-        write_volatile(s.add(2 * w), k0);
-        write_volatile(s.add(8 + 2 * w), e0);
-        write_volatile(s.add(9 + 2 * w), e1);
-        atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(s.add(2 * w + 1), k1);
+        write_volatile(s.add(K::entry_at(w)), e0);
+        write_volatile(s.add(K::entry_at(w) + 1), e1);
     }
+    // SAFETY: as above.
+    publish_state(unsafe { s.add(K::state_at(w)) }, k.state());
 }
 
 /// Changes the entry of the flow's way in set `s`, if it has one there.
 #[inline(always)]
-fn change(s: *mut u64, k0: u64, k1: u64, e0: u64, e1: u64) -> bool {
+fn change<K: Key>(k: &K, s: *mut u64, e0: u64, e1: u64) -> bool {
     for w in 0..WAYS {
-        // SAFETY: words of one map value.
-        unsafe {
-            let state = s.add(2 * w + 1);
-            if read_volatile(state) == k1
-                && read_volatile(s.add(2 * w)) == k0
-                && cas(state, k1, CLAIMED)
-            {
-                if read_volatile(s.add(2 * w)) == k0 {
-                    publish(s, w, k0, k1, e0, e1);
-                    return true;
-                }
-                // Freed and given to another flow with the same ports meanwhile: its
-                // key again, untouched.
-                atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(state, k1);
+        // SAFETY: a word of one map value.
+        let state = unsafe { s.add(K::state_at(w)) };
+        if holds_at(k, s, w) && cas(state, k.state(), CLAIMED) {
+            if k.rest_is(s, w) {
+                publish(k, s, w, e0, e1);
+                return true;
             }
+            // Freed and given to another flow with the same ports meanwhile: its
+            // key again, untouched.
+            publish_state(state, k.state());
         }
     }
     false
@@ -143,24 +285,24 @@ fn change(s: *mut u64, k0: u64, k1: u64, e0: u64, e1: u64) -> bool {
 
 /// Free ways of set `s`.
 #[inline(always)]
-fn free(s: *mut u64) -> u32 {
+fn free<K: Key>(s: *mut u64) -> u32 {
     let mut n = 0;
     for w in 0..WAYS {
         // SAFETY: a word of one map value.
-        n += (unsafe { read_volatile(s.add(2 * w + 1)) } == 0) as u32;
+        n += (unsafe { read_volatile(s.add(K::state_at(w))) } == 0) as u32;
     }
     n
 }
 
 /// Claims a free way of set `s` and enters the flow there.
 #[inline(always)]
-fn claim(s: *mut u64, k0: u64, k1: u64, e0: u64, e1: u64) -> bool {
+fn claim<K: Key>(k: &K, s: *mut u64, e0: u64, e1: u64) -> bool {
     for w in 0..WAYS {
         // SAFETY: a word of one map value.
-        let state = unsafe { s.add(2 * w + 1) };
+        let state = unsafe { s.add(K::state_at(w)) };
         // SAFETY: as above.
         if unsafe { read_volatile(state) } == 0 && cas(state, 0, CLAIMED) {
-            publish(s, w, k0, k1, e0, e1);
+            publish(k, s, w, e0, e1);
             return true;
         }
     }
@@ -170,170 +312,21 @@ fn claim(s: *mut u64, k0: u64, k1: u64, e0: u64, e1: u64) -> bool {
 /// Enters the flow with `entry`, or changes the entry it has; false if both its sets
 /// are full (nothing is evicted).
 #[inline(always)]
-pub fn enter(flow: &FlowKey, entry: &ConnEntry) -> bool {
-    let (k0, k1) = words(flow);
-    let Some((a, b)) = sets(k0, k1) else {
+pub fn enter<K: Key>(k: &K, entry: &ConnEntry) -> bool {
+    let Some((a, b)) = k.sets() else {
         return false;
     };
     let e0 = entry.backend_id as u64 | (entry.backend_gen as u64) << 32;
     let e1 = entry.epoch as u64 | (entry.seen as u64) << 32;
-    if change(a, k0, k1, e0, e1) || change(b, k0, k1, e0, e1) {
+    if change(k, a, e0, e1) || change(k, b, e0, e1) {
         return true;
     }
     // The emptier set first: sets fill evenly, and a flow is refused only when
     // both of its sets are full.
-    let (first, second) = if free(b) > free(a) { (b, a) } else { (a, b) };
-    claim(first, k0, k1, e0, e1) || claim(second, k0, k1, e0, e1)
-}
-
-// ---- IPv6: sets of 32 words (`ConnSet6`): states, tags, addresses, entries ----
-
-/// An IPv6 flow's key as a slot holds it: its four address words and its last word
-/// (the state), as `lb_common::conn_sets::key_words6` makes them.
-#[inline(always)]
-fn words6(flow: &FlowKey) -> ([u64; 4], u64) {
-    let w = flow as *const FlowKey as *const u64;
-    // SAFETY: FlowKey is 40 bytes, 8-aligned: five words.
-    unsafe { ([*w, *w.add(1), *w.add(2), *w.add(3)], *w.add(4)) }
-}
-
-#[inline(always)]
-fn sets6(tag: u64, tail: u64) -> Option<(*mut u64, *mut u64)> {
-    // SAFETY: read-only data the loader wrote.
-    let mask = unsafe { read_volatile(&CONN_SETS_V6_MASK) };
-    let (a, b) = sets6_of(tag, tail, mask);
-    let a = CONN_SETS_V6.get_ptr_mut(a)? as *mut u64;
-    let b = CONN_SETS_V6.get_ptr_mut(b)? as *mut u64;
-    Some((a, b))
-}
-
-#[inline(always)]
-fn seed6() -> u64 {
-    // SAFETY: read-only data the loader wrote.
-    unsafe { read_volatile(&CONN_SETS_V6_SEED) }
-}
-
-/// Whether way `w` of set `s` holds the addresses `a` (its state and tag matched).
-#[inline(always)]
-fn addrs_are(s: *mut u64, w: usize, a: &[u64; 4]) -> bool {
-    // SAFETY: words of one 256-byte map value.
-    unsafe {
-        let p = s.add(addrs6(w));
-        read_volatile(p) == a[0]
-            && read_volatile(p.add(1)) == a[1]
-            && read_volatile(p.add(2)) == a[2]
-            && read_volatile(p.add(3)) == a[3]
-    }
-}
-
-/// The way of set `s` that holds the key (tail, tag, addresses).
-#[inline(always)]
-fn in_set6(s: *mut u64, a: &[u64; 4], tag: u64, tail: u64) -> Option<usize> {
-    for w in 0..WAYS {
-        // SAFETY: words of one map value.
-        let hit = unsafe {
-            read_volatile(s.add(state6(w))) == tail && read_volatile(s.add(tag6_at(w))) == tag
-        };
-        if hit && addrs_are(s, w, a) {
-            return Some(w);
-        }
-    }
-    None
-}
-
-/// The flow's set and way, if it has an entry.
-#[inline(always)]
-pub fn find6(flow: &FlowKey) -> Option<(*mut u64, usize)> {
-    let (a, tail) = words6(flow);
-    let tag = tag6(&a, seed6());
-    let (s1, s2) = sets6(tag, tail)?;
-    if let Some(w) = in_set6(s1, &a, tag, tail) {
-        return Some((s1, w));
-    }
-    in_set6(s2, &a, tag, tail).map(|w| (s2, w))
-}
-
-/// The entry of way `w` of set `s`.
-#[inline(always)]
-pub fn entry6_of(s: *mut u64, w: usize) -> *mut ConnEntry {
-    // SAFETY: way `w` (< WAYS) of one map value.
-    unsafe { s.add(entry6(w)) as *mut ConnEntry }
-}
-
-/// As `holds`, for way `w` of IPv6 set `s`: asked after the entry was read.
-#[inline(always)]
-pub fn holds6(s: *mut u64, w: usize, flow: &FlowKey) -> bool {
-    let (a, tail) = words6(flow);
-    // SAFETY: words of one map value.
-    // SAFETY: a word of one map value.
-    let state = unsafe { read_volatile(s.add(state6(w))) };
-    state == tail && addrs_are(s, w, &a)
-}
-
-/// Writes way `w` (owned) and publishes its state last.
-#[inline(always)]
-fn publish6(s: *mut u64, w: usize, a: &[u64; 4], tag: u64, tail: u64, e0: u64, e1: u64) {
-    // SAFETY: words of one map value; the way is this writer's (claimed).
-    unsafe {
-        write_volatile(s.add(tag6_at(w)), tag);
-        let p = s.add(addrs6(w));
-        write_volatile(p, a[0]);
-        write_volatile(p.add(1), a[1]);
-        write_volatile(p.add(2), a[2]);
-        write_volatile(p.add(3), a[3]);
-        write_volatile(s.add(entry6(w)), e0);
-        write_volatile(s.add(entry6(w) + 1), e1);
-        atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(s.add(state6(w)), tail);
-    }
-}
-
-/// Enters an IPv6 flow or changes its entry; false if both its sets are full.
-#[inline(always)]
-pub fn enter6(flow: &FlowKey, entry: &ConnEntry) -> bool {
-    let (a, tail) = words6(flow);
-    let tag = tag6(&a, seed6());
-    let Some((s1, s2)) = sets6(tag, tail) else {
-        return false;
-    };
-    let e0 = entry.backend_id as u64 | (entry.backend_gen as u64) << 32;
-    let e1 = entry.epoch as u64 | (entry.seen as u64) << 32;
-    for s in [s1, s2] {
-        if let Some(w) = in_set6(s, &a, tag, tail) {
-            // SAFETY: a word of one map value.
-            let state = unsafe { s.add(state6(w)) };
-            if cas(state, tail, CLAIMED) {
-                if addrs_are(s, w, &a) {
-                    publish6(s, w, &a, tag, tail, e0, e1);
-                    return true;
-                }
-                // SAFETY: as above.
-                unsafe { atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(state, tail) };
-            }
-        }
-    }
-    let free6 = |s: *mut u64| {
-        let mut n = 0u32;
-        for w in 0..WAYS {
-            // SAFETY: a word of one map value.
-            n += (unsafe { read_volatile(s.add(state6(w))) } == 0) as u32;
-        }
-        n
-    };
-    let (first, second) = if free6(s2) > free6(s1) {
-        (s2, s1)
+    let (first, second) = if free::<K>(b) > free::<K>(a) {
+        (b, a)
     } else {
-        (s1, s2)
+        (a, b)
     };
-    for s in [first, second] {
-        for w in 0..WAYS {
-            // SAFETY: a word of one map value.
-            let state = unsafe { s.add(state6(w)) };
-            // SAFETY: as above.
-            if unsafe { read_volatile(state) } == 0 && cas(state, 0, CLAIMED) {
-                publish6(s, w, &a, tag, tail, e0, e1);
-                return true;
-            }
-        }
-    }
-    false
+    claim(k, first, e0, e1) || claim(k, second, e0, e1)
 }

@@ -13,8 +13,8 @@ use std::{
 use aya::maps::MapData;
 use lb_common::{
     conn_sets::{
-        addrs6, entry6, is_key, key_words, key_words6, sets6_of, sets_of, state6, tag6, tag6_at,
-        ConnSet, ConnSet6, SetsMeta, CLAIMED, META_MAGIC, WAYS,
+        addrs6, entry4, entry6, is_key, key4, key_words, key_words6, sets6_of, sets_of, state4,
+        state6, tag6, tag6_at, ConnSet, ConnSet6, SetsMeta, CLAIMED, META_MAGIC, WAYS,
     },
     idle, map_names, ConnEntry, FlowKey, FlowKeyV4,
 };
@@ -51,7 +51,7 @@ impl Family {
     /// Word of way `w`'s state.
     fn state(self, w: usize) -> usize {
         match self {
-            Family::V4 => 2 * w + 1,
+            Family::V4 => state4(w),
             Family::V6 => state6(w),
         }
     }
@@ -59,7 +59,7 @@ impl Family {
     /// Word of way `w`'s entry (two words).
     fn entry(self, w: usize) -> usize {
         match self {
-            Family::V4 => 8 + 2 * w,
+            Family::V4 => entry4(w),
             Family::V6 => entry6(w),
         }
     }
@@ -67,7 +67,7 @@ impl Family {
     /// The words of way `w`'s key besides its state, in `Key::rest`'s order.
     fn rest(self, w: usize) -> Vec<usize> {
         match self {
-            Family::V4 => vec![2 * w],
+            Family::V4 => vec![key4(w)],
             Family::V6 => {
                 let a = addrs6(w);
                 vec![tag6_at(w), a, a + 1, a + 2, a + 3]
