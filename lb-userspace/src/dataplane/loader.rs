@@ -426,21 +426,20 @@ impl Programs {
         }
         // Each connection table's hash key: the one its pinned sets were filled by,
         // else new; and its sets' mask.
-        let families = [
-            (Family::V4, options.conn_table_size),
-            (Family::V6, options.v6_conn_table_size()),
-        ];
-        let mut keys = [(0u64, 0u32); 2];
-        for (i, (family, size)) in families.into_iter().enumerate() {
+        let key = |family: Family, size: u32| -> Result<(u64, u32)> {
             let pinned = match &options.pin_dir {
                 Some(dir) => sets::pinned_seed(family, &dir.join(family.name()))?,
                 None => None,
             };
-            keys[i] = (
+            Ok((
                 pinned.unwrap_or_else(rand::random::<u64>),
                 conn_sets::sets_for(size) - 1,
-            );
-        }
+            ))
+        };
+        let keys = [
+            key(Family::V4, options.conn_table_size)?,
+            key(Family::V6, options.v6_conn_table_size())?,
+        ];
         loader.override_global("CONN_SETS_SEED", &keys[0].0, true);
         loader.override_global("CONN_SETS_MASK", &keys[0].1, true);
         loader.override_global("CONN_SETS_V6_SEED", &keys[1].0, true);

@@ -191,17 +191,13 @@ where
         .ok_or(DataplaneError::MapShape { name })
 }
 
-/// A connection table's array, taken from the loaded object.
-fn conn_sets(ebpf: &mut Ebpf, family: Family, seed: u64) -> Result<ConnSets> {
-    let name = family.name();
-    let data = ebpf
-        .take_map(name)
-        .and_then(|m| match m {
-            aya::maps::Map::Array(data) => Some(data),
-            _ => None,
-        })
-        .ok_or(DataplaneError::MapShape { name })?;
-    ConnSets::new(family, data, seed)
+/// An array map's data, taken from the loaded object (for the ones lbd maps as
+/// memory).
+fn take_array(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData> {
+    match ebpf.take_map(name) {
+        Some(aya::maps::Map::Array(data)) => Ok(data),
+        _ => Err(DataplaneError::MapShape { name }),
+    }
 }
 
 /// Deleting a key that is not there: aya reports it as KeyNotFound or as the
@@ -249,28 +245,13 @@ fn vip_key(key: &ServiceKey) -> VipKey {
 }
 
 impl MapManager {
-    /// The maps of a loaded object, sized as `options` say.
-    /// The maps of a load whose program was given `seeds` as the connection tables'
-    /// hash keys (IPv4, IPv6).
+    /// The maps of a loaded object, sized as `options` say, whose program was given
+    /// `seeds` as the connection tables' hash keys (IPv4, IPv6).
     pub(crate) fn new(ebpf: &mut Ebpf, options: &LoadOptions, seeds: [u64; 2]) -> Result<Self> {
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| DataplaneError::Options(format!("reading {what}: {e}")))?;
-        let ring = match ebpf.take_map(map_names::MAGLEV_RING) {
-            Some(aya::maps::Map::Array(data)) => Ring::new(data)?,
-            _ => {
-                return Err(DataplaneError::MapShape {
-                    name: map_names::MAGLEV_RING,
-                })
-            }
-        };
-        let vip_state = match ebpf.take_map(map_names::VIP_STATE) {
-            Some(aya::maps::Map::Array(data)) => StateWords::new(data)?,
-            _ => {
-                return Err(DataplaneError::MapShape {
-                    name: map_names::VIP_STATE,
-                })
-            }
-        };
+        let ring = Ring::new(take_array(ebpf, map_names::MAGLEV_RING)?)?;
+        let vip_state = StateWords::new(take_array(ebpf, map_names::VIP_STATE)?)?;
         let max_services = options.max_services;
         let max_backends = options.max_backends;
         let backends: Array<MapData, Backend> = take(ebpf, map_names::BACKENDS)?;
@@ -290,8 +271,8 @@ impl MapManager {
             backends_view,
             routes: take(ebpf, map_names::ROUTES)?,
             tx_ports: take(ebpf, map_names::TX_PORTS)?,
-            conns_v4: conn_sets(ebpf, Family::V4, seeds[0])?,
-            conns_v6: conn_sets(ebpf, Family::V6, seeds[1])?,
+            conns_v4: ConnSets::new(Family::V4, take_array(ebpf, Family::V4.name())?, seeds[0])?,
+            conns_v6: ConnSets::new(Family::V6, take_array(ebpf, Family::V6.name())?, seeds[1])?,
             conn_entries: Default::default(),
             idle_timeouts: sweep::IdleTimeouts::of(options, sweep::hz()),
             vip_stats: take(ebpf, map_names::VIP_STATS)?,
